@@ -1,0 +1,52 @@
+"""What one batched step hands every layer: which tokens belong to which sequence, and their caches.
+
+T = total new tokens of the step (flattened over sequences). A sequence may bring a prefill chunk or
+one decode token; its state lives in its own `SequenceCache`, never padded into another's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from model.cache import SequenceCache
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    seq_lens: tuple[int, ...]
+    """New tokens per sequence in this step."""
+    caches: tuple[SequenceCache, ...]
+    positions: Tensor
+    """[T] int64 absolute position of every new token."""
+    starts: tuple[int, ...]
+    """Offset of each sequence's first token in the flattened T."""
+
+    @classmethod
+    def build(cls, seq_lens: list[int], caches: list[SequenceCache], device: torch.device) -> "ForwardBatch":
+        if len(seq_lens) != len(caches):
+            raise ValueError(f"{len(seq_lens)} sequence lengths for {len(caches)} caches")
+        if any(n < 1 for n in seq_lens):
+            raise ValueError(f"every sequence must bring >= 1 new token, got {seq_lens}")
+        starts, pos, offset = [], [], 0
+        for n, cache in zip(seq_lens, caches):
+            starts.append(offset)
+            pos.append(torch.arange(cache.num_tokens, cache.num_tokens + n, dtype=torch.int64))
+            offset += n
+        positions = torch.cat(pos).to(device) if pos else torch.zeros(0, dtype=torch.int64, device=device)
+        return cls(tuple(seq_lens), tuple(caches), positions, tuple(starts))
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.seq_lens)
+
+    def spans(self) -> list[tuple[int, int, int]]:
+        """(sequence index, start, end) of each sequence's tokens in the flattened T."""
+        return [(i, s, s + n) for i, (s, n) in enumerate(zip(self.starts, self.seq_lens))]
+
+    def last_token_index(self) -> Tensor:
+        """[B] index of each sequence's last new token in the flattened T."""
+        return torch.tensor([s + n - 1 for s, n in zip(self.starts, self.seq_lens)], dtype=torch.int64,
+                            device=self.positions.device)

@@ -1,0 +1,65 @@
+"""Gated full attention, MODEL.md §5: q/k RMSNorm, partial RoPE, GQA, sigmoid output gate, KV cache.
+
+Letters: T = tokens in the step, H = hidden, nh/nkv = query/kv heads, hd = head dim, L = cached length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.cache import KVCache
+from model.forward_batch import ForwardBatch
+from model.layers.norm import RMSNorm
+from model.layers.rope import apply_partial_rope
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 eps: float, bias: bool, layer_idx: int) -> None:
+        super().__init__()
+        self.nh, self.nkv, self.hd = num_heads, num_kv_heads, head_dim
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim * 2, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+        self.q_norm = RMSNorm(head_dim, eps)
+        self.k_norm = RMSNorm(head_dim, eps)
+
+    def _attend(self, q: Tensor, cache: KVCache) -> Tensor:
+        """q [t, nh, hd] against the cache's [nkv, L, hd] (which already holds these t) -> [t, nh·hd]."""
+        t, L = q.shape[0], cache.key.shape[1]
+        rep = self.nh // self.nkv
+        k = cache.key.repeat_interleave(rep, dim=0)[None]  # [1, nh, L, hd]
+        v = cache.value.repeat_interleave(rep, dim=0)[None]
+        qh = q.transpose(0, 1)[None]  # [1, nh, t, hd]
+        if t == 1:
+            o = F.scaled_dot_product_attention(qh, k, v, scale=self.hd ** -0.5)
+        elif t == L:
+            o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=self.hd ** -0.5)
+        else:  # a chunk continuing a cached prefix: query i sees keys <= L - t + i
+            mask = torch.ones(t, L, dtype=torch.bool, device=q.device).tril(L - t)
+            o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=self.hd ** -0.5)
+        return o[0].transpose(0, 1).reshape(t, self.nh * self.hd)
+
+    def forward(self, x: Tensor, batch: ForwardBatch, cos: Tensor, sin: Tensor) -> Tensor:  # [T, H] -> [T, H]
+        T = x.shape[0]
+        q, gate = torch.chunk(self.q_proj(x).view(T, self.nh, 2 * self.hd), 2, dim=-1)
+        q = apply_partial_rope(self.q_norm(q), cos, sin)  # [T, nh, hd]
+        k = apply_partial_rope(self.k_norm(self.k_proj(x).view(T, self.nkv, self.hd)), cos, sin)
+        v = self.v_proj(x).view(T, self.nkv, self.hd)
+        out = x.new_empty(T, self.nh * self.hd)
+        for i, s, e in batch.spans():
+            cache = batch.caches[i]
+            entry = cache.layers[self.layer_idx]
+            k_new, v_new = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)  # [nkv, t, hd]
+            if entry is None:
+                entry = KVCache(key=k_new.contiguous(), value=v_new.contiguous())
+            else:
+                entry = KVCache(key=torch.cat((entry.key, k_new), 1), value=torch.cat((entry.value, v_new), 1))
+            cache.layers[self.layer_idx] = entry
+            out[s:e] = self._attend(q[s:e], entry)
+        out = out * torch.sigmoid(gate.reshape(T, self.nh * self.hd))
+        return self.o_proj(out)

@@ -1,0 +1,102 @@
+"""Gated DeltaNet (linear attention) mixer, MODEL.md §4, over a flattened batch of sequences.
+
+Letters: T = tokens in the step, B = sequences, H = hidden, nk/nv = key/value heads, dk/dv = head
+dims, r = nv // nk, C = conv channels (2·nk·dk + nv·dv, [Q | K | V] order), K = conv kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.cache import DeltaNetState
+from model.forward_batch import ForwardBatch
+from model.kernels.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from model.layers.norm import GatedRMSNorm
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, hidden_size: int, num_k_heads: int, num_v_heads: int, head_k_dim: int,
+                 head_v_dim: int, conv_kernel: int, eps: float, layer_idx: int) -> None:
+        super().__init__()
+        self.nk, self.nv, self.dk, self.dv = num_k_heads, num_v_heads, head_k_dim, head_v_dim
+        self.r = num_v_heads // num_k_heads
+        self.key_dim, self.value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.kernel = conv_kernel
+        self.layer_idx = layer_idx
+        self.in_proj_qkvz = nn.Linear(hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+        self.in_proj_ba = nn.Linear(hidden_size, 2 * num_v_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(num_v_heads))
+        self.A_log = nn.Parameter(torch.zeros(num_v_heads))
+        self.norm = GatedRMSNorm(head_v_dim, eps)
+        self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x [T, H] -> mixed [T, C], z [T, nv, dv], b [T, nv], a [T, nv] (per-key-head layout undone)."""
+        T = x.shape[0]
+        qkvz = self.in_proj_qkvz(x).view(T, self.nk, 2 * self.dk + 2 * self.r * self.dv)
+        q, k, v, z = torch.split(qkvz, [self.dk, self.dk, self.r * self.dv, self.r * self.dv], dim=-1)
+        ba = self.in_proj_ba(x).view(T, self.nk, 2 * self.r)
+        b, a = torch.split(ba, [self.r, self.r], dim=-1)
+        mixed = torch.cat((q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)), dim=-1)
+        return mixed, z.reshape(T, self.nv, self.dv), b.reshape(T, self.nv), a.reshape(T, self.nv)
+
+    def _conv(self, mixed: Tensor, conv_state: Tensor) -> tuple[Tensor, Tensor]:
+        """mixed [B, C, t], conv_state [B, C, K] -> (silu(conv) [B, C, t], new state [B, C, K])."""
+        t = mixed.shape[-1]
+        full = torch.cat((conv_state, mixed), dim=-1).to(self.conv1d.weight.dtype)
+        out = F.conv1d(full, self.conv1d.weight, groups=self.conv_dim)[..., -t:]
+        return F.silu(out).to(mixed.dtype), full[..., -self.kernel:]
+
+    def _split_heads(self, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """c [B, t, C] -> q, k [B, t, nv, dk] (key heads repeated per value head), v [B, t, nv, dv]."""
+        B, t, _ = c.shape
+        q, k, v = torch.split(c, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.reshape(B, t, self.nk, self.dk).repeat_interleave(self.r, dim=2)
+        k = k.reshape(B, t, self.nk, self.dk).repeat_interleave(self.r, dim=2)
+        return q, k, v.reshape(B, t, self.nv, self.dv)
+
+    def _run_decode(self, mixed: Tensor, beta: Tensor, g: Tensor, states: list[DeltaNetState]) -> Tensor:
+        """One token for each of B sequences with a state. mixed [B, C]; beta, g [B, nv] -> [B, nv, dv]."""
+        conv_state = torch.stack([s.conv for s in states])
+        c, conv_state = self._conv(mixed[:, :, None], conv_state)
+        q, k, v = self._split_heads(c.transpose(1, 2))
+        rec = torch.stack([s.recurrent for s in states])
+        o, rec = recurrent_gated_delta_rule(q, k, v, g[:, None], beta[:, None], rec)
+        for i, s in enumerate(states):
+            s.conv, s.recurrent = conv_state[i], rec[i]
+        return o[:, 0]
+
+    def _run_chunk(self, mixed: Tensor, beta: Tensor, g: Tensor, state: DeltaNetState | None) -> tuple[Tensor, DeltaNetState]:
+        """t tokens of one sequence. mixed [t, C]; beta, g [t, nv] -> ([t, nv, dv], new state)."""
+        conv0 = (state.conv if state is not None else
+                 mixed.new_zeros(self.conv_dim, self.kernel))
+        c, conv = self._conv(mixed.t()[None], conv0[None])
+        q, k, v = self._split_heads(c.transpose(1, 2))
+        o, rec = chunk_gated_delta_rule(q, k, v, g[None], beta[None],
+                                        state.recurrent[None] if state is not None else None)
+        return o[0], DeltaNetState(conv=conv[0], recurrent=rec[0])
+
+    def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:  # [T, H] -> [T, H]
+        mixed, z, b, a = self._project(x)
+        beta = b.sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+        out = x.new_empty(x.shape[0], self.nv, self.dv)
+        decode = [(i, s) for i, s, e in batch.spans()
+                  if e - s == 1 and batch.caches[i].layers[self.layer_idx] is not None]
+        if decode:
+            rows = torch.tensor([s for _, s in decode], device=x.device)
+            states = [batch.caches[i].layers[self.layer_idx] for i, _ in decode]
+            out[rows] = self._run_decode(mixed[rows], beta[rows], g[rows], states)
+        decoded = {i for i, _ in decode}
+        for i, s, e in batch.spans():
+            if i in decoded:
+                continue
+            cache = batch.caches[i]
+            out[s:e], cache.layers[self.layer_idx] = self._run_chunk(
+                mixed[s:e], beta[s:e], g[s:e], cache.layers[self.layer_idx])
+        y = self.norm(out, z)
+        return self.out_proj(y.reshape(x.shape[0], self.value_dim))

@@ -1,0 +1,104 @@
+"""The Qwen3-Next head model: everything but the routed experts.
+
+embed -> for each layer: x += mixer(input_norm(x)); x += ffn(post_norm(x)) -> final norm -> lm_head.
+The mixer is a Gated DeltaNet or gated attention (by `layer_types`); the FFN is the MoE block's
+head side (router gate, shared expert and its sigmoid gate) with the routed experts delegated to an
+`ExpertBackend`, or a dense MLP for `mlp_only_layers`. Parameter names mirror the checkpoint's, so
+the loader maps tensors by name. Letters: T = tokens in the step, H = hidden, V = vocab, k = top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from model.config import LayerType, Qwen3NextConfig
+from model.expert_backend import ExpertBackend
+from model.forward_batch import ForwardBatch
+from model.layers.attention import GatedAttention
+from model.layers.deltanet import GatedDeltaNet
+from model.layers.mlp import SwiGLUMLP
+from model.layers.moe_gate import MoEGate
+from model.layers.norm import RMSNorm
+from model.layers.rope import PartialRotaryEmbedding
+
+
+class SparseMoEHead(nn.Module):
+    """Head side of the sparse MoE block; the routed experts run in the backend."""
+
+    def __init__(self, config: Qwen3NextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.gate = MoEGate(config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                            config.norm_topk_prob)
+        self.shared_expert = SwiGLUMLP(config.hidden_size, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, x: Tensor, experts: ExpertBackend) -> Tensor:  # [T, H] -> [T, H]
+        ids, weights = self.gate(x)
+        routed = experts.submit(self.layer_idx, x, ids, weights)
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return routed.result() + shared
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen3NextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        H, eps = config.hidden_size, config.rms_norm_eps
+        if self.layer_type is LayerType.LINEAR_ATTENTION:
+            self.linear_attn = GatedDeltaNet(H, config.linear_num_key_heads, config.linear_num_value_heads,
+                                             config.linear_key_head_dim, config.linear_value_head_dim,
+                                             config.linear_conv_kernel_dim, eps, layer_idx)
+        elif self.layer_type is LayerType.FULL_ATTENTION:
+            self.self_attn = GatedAttention(H, config.num_attention_heads, config.num_key_value_heads,
+                                            config.head_dim, eps, config.attention_bias, layer_idx)
+        else:
+            raise ValueError(f"Invalid layer_type {self.layer_type!r} for layer {layer_idx}")
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = SparseMoEHead(config, layer_idx) if self.is_moe else SwiGLUMLP(H, config.intermediate_size)
+        self.input_layernorm = RMSNorm(H, eps)
+        self.post_attention_layernorm = RMSNorm(H, eps)
+
+    def forward(self, x: Tensor, batch: ForwardBatch, cos: Tensor, sin: Tensor, experts: ExpertBackend) -> Tensor:
+        h = self.input_layernorm(x)
+        if self.layer_type is LayerType.LINEAR_ATTENTION:
+            x = x + self.linear_attn(h, batch)
+        else:
+            x = x + self.self_attn(h, batch, cos, sin)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, experts) if self.is_moe else self.mlp(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: Qwen3NextConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class HeadModel(nn.Module):
+    """Qwen3NextForCausalLM minus the routed experts. Holds no routed-expert weight."""
+
+    def __init__(self, config: Qwen3NextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = PartialRotaryEmbedding(config.rotary_dim, config.rope_theta)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Tensor, batch: ForwardBatch, experts: ExpertBackend,
+                all_logits: bool = False) -> Tensor:
+        """input_ids [T] (flattened over the batch's sequences) -> logits [B, V] of each sequence's
+        last new token, or [T, V] with all_logits. Advances every sequence's cache by its tokens."""
+        x = self.model.embed_tokens(input_ids)  # [T, H]
+        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, batch, cos, sin, experts)
+        if not all_logits:
+            x = x[batch.last_token_index()]
+        for cache, n in zip(batch.caches, batch.seq_lens):
+            cache.num_tokens += n
+        return self.lm_head(self.model.norm(x))
