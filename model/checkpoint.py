@@ -31,8 +31,8 @@ INDEX_FILE = "model.safetensors.index.json"
 EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 FUSED_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 IGNORED_KEY = re.compile(r"^mtp\.")
-PROGRESS_MIN_TENSORS = 64
-"""Loads of at least this many tensors show a progress bar (a tiny model's head is ~150)."""
+PROGRESS_MIN_TENSORS = 2000
+"""Loads of at least this many tensors show a progress bar (the tiny model has ~1,600 tensors, the real one ~75,000)."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

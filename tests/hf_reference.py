@@ -16,7 +16,7 @@ SMALL: dict[str, Any] = dict(
     linear_key_head_dim=16, linear_value_head_dim=8, linear_conv_kernel_dim=4, num_experts=16,
     num_experts_per_tok=4, moe_intermediate_size=32, shared_expert_intermediate_size=48,
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-    max_position_embeddings=512, eos_token_id=2, pad_token_id=0, bos_token_id=1,
+    max_position_embeddings=512, eos_token_id=2, pad_token_id=0, bos_token_id=1, initializer_range=0.08,
 )
 
 # Awkward sizes: full attention every 3rd layer, 13 experts (not a power of two), head dims 20/24,
@@ -29,6 +29,7 @@ AWKWARD: dict[str, Any] = dict(
     layer_types=["linear_attention", "linear_attention", "full_attention"] * 2, mlp_only_layers=[4],
     rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 0.4},
     max_position_embeddings=512, eos_token_id=2, pad_token_id=0, bos_token_id=1, norm_topk_prob=True,
+    initializer_range=0.08,
 )
 
 
@@ -46,6 +47,9 @@ def build_reference(overrides: dict[str, Any], seed: int = 0, dtype: torch.dtype
                 p.add_(torch.randn_like(p) * 0.3)
             elif name.endswith("mlp.gate.weight"):
                 p.normal_(0.0, 0.3)  # spread the router so top-k is not a near tie
+    # generate() runs to max_new_tokens (no EOS stop), like nextserve's ignore_eos; min_new_tokens
+    # would instead mask EOS out of the argmax and change the tokens.
+    model.generation_config.eos_token_id = None
     return model
 
 

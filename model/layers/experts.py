@@ -30,28 +30,47 @@ class Assignments:
         return cls(token=token, expert=ids.reshape(-1), weight=weights.reshape(-1))
 
 
+def _swiglu_grouped(x_sorted: Tensor, counts: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    """x_sorted [A, H] grouped by expert, counts [E] -> [A, H]: one grouped GEMM per projection."""
+    inter = down.shape[-1]
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    gu = F.grouped_mm(x_sorted, gate_up.transpose(1, 2), offs=offs)  # [A, 2I]
+    return F.grouped_mm(F.silu(gu[:, :inter]) * gu[:, inter:], down.transpose(1, 2), offs=offs)
+
+
+def _swiglu_per_expert(x_sorted: Tensor, counts: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    """Same contract as `_swiglu_grouped`: one gate_up and one down matmul per active expert."""
+    inter = down.shape[-1]
+    y_sorted = torch.empty_like(x_sorted)
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            gu = F.linear(x_sorted[start:start + n], gate_up[e])  # [n, 2I]
+            y_sorted[start:start + n] = F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], down[e])
+            start += n
+    return y_sorted
+
+
+def _has_grouped_gemm(x: Tensor) -> bool:
+    # torch's grouped GEMM runs on CPU in any float dtype; on CUDA it needs bfloat16 (Hopper kernels).
+    return hasattr(F, "grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+
+
 def experts_forward(hidden: Tensor, assign: Assignments, gate_up: Tensor, down: Tensor) -> Tensor:
     """hidden [T, H]; gate_up [E, 2I, H] (gate rows first); down [E, H, I] -> [T, H].
 
-    out[t] = Σ_{a: token[a]=t} weight[a] · down_e(silu(gate_e x_t) · up_e x_t). Assignments are grouped
-    by expert (one gate_up and one down matmul per active expert) and scatter-added per token; the
-    order of the adds is fixed by the stable sort, so a result is reproducible.
+    out[t] = Σ_{a: token[a]=t} weight[a] · down_e(silu(gate_e x_t) · up_e x_t). Assignments are sorted
+    by expert (stable), run as a grouped GEMM (the two give bitwise-equal results on CPU), weighted, and
+    scatter-added per token in that fixed order, so a result is reproducible.
     """
     out = torch.zeros_like(hidden)
     if assign.token.numel() == 0:
         return out
-    inter = down.shape[-1]
     order = torch.argsort(assign.expert, stable=True)
-    experts_sorted = assign.expert[order]
-    counts = torch.bincount(experts_sorted, minlength=gate_up.shape[0]).tolist()
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        sel = order[start:start + n]
-        start += n
-        tok = assign.token[sel]
-        gu = F.linear(hidden[tok], gate_up[e])  # [n, 2I]
-        y = F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], down[e])  # [n, H]
-        out.index_add_(0, tok, y * assign.weight[sel, None])
+    tok_sorted = assign.token[order]
+    x_sorted = hidden[tok_sorted]  # [A, H]
+    counts = torch.bincount(assign.expert, minlength=gate_up.shape[0])  # [E]
+    swiglu = _swiglu_grouped if _has_grouped_gemm(hidden) else _swiglu_per_expert
+    y_sorted = swiglu(x_sorted, counts, gate_up, down)
+    out.index_add_(0, tok_sorted, y_sorted * assign.weight[order, None])
     return out

@@ -1,0 +1,180 @@
+"""`nextserve bench dispatch`: one MoE layer's dispatch round against W local expert workers, and the
+floor, a raw gRPC echo of the same request and reply bytes to the same servers.
+
+Flow: write a random-weight checkpoint of the tiny model's expert shapes (or use --model DIR) ->
+start W `python -m experts.server` subprocesses with a balanced placement -> random top-k routing
+for T tokens -> alternate dispatch rounds and echo rounds (same channels, same event-loop thread,
+same bytes per worker) -> medians, ratio, bytes per token.
+
+Run:  python -m bench.dispatch --workers 4 --tokens 64 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from model.config import Qwen3NextConfig
+from proto import expert_pb2
+from router.dispatcher import RemoteExpertBackend
+from router.placement import Placement, build_placement
+from router.plan import Pairs, choose_workers, plan_batches, replica_table
+from router.wire import encode_request
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_SHAPES = dict(hidden_size=256, num_experts=64, num_experts_per_tok=4, moe_intermediate_size=128)
+"""The tiny model's expert shapes (random weights: dispatch cost does not depend on their values)."""
+
+
+def write_random_experts(path: Path, hidden_size: int, num_experts: int, num_experts_per_tok: int,
+                         moe_intermediate_size: int, seed: int = 0) -> Path:
+    """A one-layer checkpoint dir holding only routed experts (all a worker reads)."""
+    config = Qwen3NextConfig(num_hidden_layers=1, hidden_size=hidden_size, num_experts=num_experts,
+                             num_experts_per_tok=num_experts_per_tok, moe_intermediate_size=moe_intermediate_size,
+                             vocab_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                             torch_dtype="float32")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    g = torch.Generator().manual_seed(seed)
+    H, I = hidden_size, moe_intermediate_size
+    tensors = {}
+    for e in range(num_experts):
+        prefix = f"model.layers.0.mlp.experts.{e}"
+        tensors[f"{prefix}.gate_proj.weight"] = torch.randn(I, H, generator=g) * H ** -0.5
+        tensors[f"{prefix}.up_proj.weight"] = torch.randn(I, H, generator=g) * H ** -0.5
+        tensors[f"{prefix}.down_proj.weight"] = torch.randn(H, I, generator=g) * I ** -0.5
+    save_file(tensors, str(path / "model.safetensors"))
+    return path
+
+
+def start_worker_processes(model_dir: Path, placement: Placement, dtype: str) -> tuple[list[subprocess.Popen], list[str]]:
+    procs, addresses = [], []
+    for w in range(placement.num_workers):
+        spec = ";".join(f"{layer}:{e}" for layer, e in placement.experts_of(w))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "experts.server", "--model", str(model_dir), "--port", "0", "--dtype", dtype,
+             "--experts", spec, "--torch-threads", "1", "--epoch", str(placement.epoch)],
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+    for proc in procs:
+        ready = json.loads(proc.stdout.readline() or "{}")
+        if ready.get("event") != "ready":
+            raise RuntimeError(f"expert worker pid {proc.pid} did not start (exit code {proc.poll()})")
+        addresses.append(f"127.0.0.1:{ready['port']}")
+    return procs, addresses
+
+
+def echo_requests(backend: RemoteExpertBackend, layer: int, hidden: torch.Tensor, ids: torch.Tensor,
+                  weights: torch.Tensor) -> tuple[list[tuple[int, expert_pb2.EchoRequest]], float]:
+    """Per worker, an Echo of its Dispatch's exact request/reply sizes; and the min bytes per token."""
+    pairs = Pairs.from_topk(ids, weights.to(backend.dtype))
+    alive = torch.ones(backend.placement.num_workers, dtype=torch.bool)
+    expert_to_worker = choose_workers(replica_table(backend.placement, layer), alive)
+    batches = plan_batches(pairs, torch.arange(pairs.token.numel()), expert_to_worker)
+    H, size = hidden.shape[1], backend.dtype.itemsize
+    out = []
+    for b in batches:
+        request = encode_request(layer, backend.placement.epoch, hidden.to(backend.dtype), b, backend.dtype)
+        reply_size = expert_pb2.DispatchReply(num_tokens=b.tokens.numel(), hidden_size=H, dtype=request.dtype,
+                                              partial=bytes(b.tokens.numel() * H * size)).ByteSize()
+        out.append((b.worker, expert_pb2.EchoRequest(payload=bytes(request.ByteSize()), reply_bytes=reply_size)))
+    per_token = [len(set(row)) for row in expert_to_worker[ids].tolist()]  # distinct workers per token
+    return out, statistics.fmean(per_token) * H * size * 2
+
+
+def time_rounds(fn: Callable[[], object], rounds: int) -> list[float]:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def measure(backend: RemoteExpertBackend, tokens: int, top_k: int, num_experts: int, hidden_size: int,
+            rounds: int, seed: int = 0) -> dict[str, float]:
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, hidden_size, generator=g)
+    ids = torch.rand(tokens, num_experts, generator=g).topk(top_k, dim=1).indices
+    weights = torch.rand(tokens, top_k, generator=g).softmax(dim=1)
+    layer = backend.placement.layers[0]
+    echoes, min_bytes = echo_requests(backend, layer, hidden, ids, weights)
+    stubs = backend.channels.stubs
+
+    async def echo_round() -> None:
+        await asyncio.gather(*(stubs[w].Echo(req, timeout=backend.deadline_s) for w, req in echoes))
+
+    dispatch = lambda: backend.submit(layer, hidden, ids, weights).result()  # noqa: E731
+    echo = lambda: backend.channels.run(echo_round()).result()  # noqa: E731
+    for _ in range(20):  # warm up channels, allocators, caches
+        dispatch(), echo()
+    before = (backend.stats.request_bytes, backend.stats.reply_bytes)
+    dispatch()
+    sent = backend.stats.request_bytes - before[0] + backend.stats.reply_bytes - before[1]
+    d_ms, e_ms = [], []
+    for _ in range(rounds // 10):  # interleave so drift hits both alike
+        d_ms += time_rounds(dispatch, 10)
+        e_ms += time_rounds(echo, 10)
+    d50, e50 = statistics.median(d_ms), statistics.median(e_ms)
+    return {"dispatch_ms_p50": round(d50, 4), "echo_ms_p50": round(e50, 4), "ratio_to_echo": round(d50 / e50, 3),
+            "bytes_per_token": round(sent / max(tokens, 1), 1), "min_bytes_per_token": round(min_bytes, 1)}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("dispatch", help="time one MoE layer's dispatch round against its echo floor")
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=200, help="timed rounds of each kind (median reported)")
+    p.add_argument("--model", type=Path, help="checkpoint dir (default: random tiny-shaped experts)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+
+
+def run(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="nextserve-bench-") as tmp:
+        model_dir = args.model or write_random_experts(Path(tmp) / "experts", **TINY_SHAPES)
+        config = Qwen3NextConfig.from_json(model_dir)
+        placement = build_placement(config.moe_layers[:1], config.num_experts, args.workers, 1)
+        procs, addresses = start_worker_processes(Path(model_dir), placement, args.dtype)
+        try:
+            with RemoteExpertBackend(addresses, placement, getattr(torch, args.dtype), deadline_s=10.0) as backend:
+                result = measure(backend, args.tokens, config.num_experts_per_tok, config.num_experts,
+                                 config.hidden_size, args.rounds)
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(timeout=10)
+    result = {"workers": args.workers, "tokens": args.tokens, "dtype": args.dtype, **result}
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        sys.stdout.write("  ".join(f"{k}={v}" for k, v in result.items()) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="nextserve bench dispatch", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
