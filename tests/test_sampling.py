@@ -1,0 +1,43 @@
+"""Sampling: seeded reproducibility, top-k / top-p support, parameter validation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from model.generate import generate
+from model.loader import load_head, load_local_backend
+from model.sampling import SamplingError, SamplingParams, make_generator, sample
+
+
+def test_top_k_and_top_p_restrict_the_support() -> None:
+    logits = torch.tensor([5.0, 4.0, 3.0, 0.0, -1.0])
+    seen_k = {sample(logits, SamplingParams(temperature=1.0, top_k=2), g)
+              for g in [make_generator(SamplingParams(temperature=1.0, seed=s)) for s in range(200)]}
+    assert seen_k == {0, 1}
+    # probs ~ [.66, .24, .09, ...]: top_p=0.8 keeps {0, 1}
+    seen_p = {sample(logits, SamplingParams(temperature=1.0, top_p=0.8), g)
+              for g in [make_generator(SamplingParams(temperature=1.0, seed=s)) for s in range(200)]}
+    assert seen_p == {0, 1}
+    assert sample(logits, SamplingParams(), None) == 0
+
+
+@pytest.mark.parametrize("kwargs, field", [({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"),
+                                           ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k")])
+def test_bad_params_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(SamplingError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_same_seed_same_tokens(reference: dict) -> None:
+    _, path = reference["small"]
+    head, experts = load_head(path), load_local_backend(path)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, top_k=50, seed=7, ignore_eos=True)
+    a = generate(head, experts, prompts, params)
+    b = generate(head, experts, prompts, params)
+    c = generate(head, experts, prompts, dataclasses.replace(params, seed=8))
+    assert a == b
+    assert a != c
