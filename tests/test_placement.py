@@ -8,7 +8,7 @@ import pytest
 
 from router.placement import Placement, PlacementError, build_placement
 
-CASES = [(1, 1), (2, 1), (2, 2), (3, 1), (3, 2), (5, 1), (5, 2), (7, 3), (8, 8), (16, 2)]
+CASES = [(1, 1), (2, 1), (2, 2), (3, 1), (3, 2), (5, 1), (5, 2), (7, 3), (8, 4), (16, 2), (16, 4)]
 
 
 @pytest.mark.parametrize("num_workers,replication", CASES)

@@ -1,0 +1,162 @@
+"""The expert worker process: holds some (layer, expert) weights and serves ExpertService over gRPC.
+
+Flow: parse args -> load the worker's experts from the checkpoint (only those tensors are read) ->
+start a grpc.aio server (+ the standard health service) on host:port -> print one ready line
+`{"event": "ready", "port": P, ...}` on stdout -> serve until SIGINT/SIGTERM.
+
+Run:
+    python -m experts.server --model DIR --port 0 --experts '0:0,1,2;1:5'
+    python -m experts.server --model DIR --port 0 @args.txt      # arguments read from a file
+
+The controller (cluster/) turns a router.placement.Placement into each worker's --experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from experts.service import ExpertServicer
+from experts.store import ExpertStore
+from proto import expert_pb2, expert_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+"""Both directions. A Qwen3-Next prefill batch of 16384 tokens is 16384 x 2048 x 4 B = 128 MiB of
+float32 hidden states (64 MiB in bfloat16) plus ~50 B/token of expert ids and weights; 256 MiB leaves
+2x headroom. gRPC's default (4 MiB receive) would cap a bf16 batch at ~1000 tokens."""
+SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),  # port 0 must give this server a port of its own
+]
+
+
+@dataclass
+class Worker:
+    server: grpc.aio.Server
+    port: int
+    store: ExpertStore
+    servicer: ExpertServicer
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        await self.server.stop(grace_s)
+        self.servicer.executor.shutdown(wait=False)
+
+
+async def start_worker(model_dir: str | Path, pairs: Iterable[tuple[int, int]], dtype: str = "float32",
+                       host: str = "127.0.0.1", port: int = 0, epoch: int = 0,
+                       compute_threads: int = 4) -> Worker:
+    """Load `pairs` from the checkpoint and serve them; port 0 lets the OS pick (see Worker.port)."""
+    store = ExpertStore(model_dir, dtype)
+    executor = ThreadPoolExecutor(compute_threads, thread_name_prefix="expert-compute")
+    await asyncio.get_running_loop().run_in_executor(executor, store.load, list(pairs), epoch)
+    servicer = ExpertServicer(store, executor)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    expert_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind an expert worker to {host}:{port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("expert worker on %s:%d holds %d experts (%s)", host, bound, len(store.pairs()), store.dtype)
+    return Worker(server, bound, store, servicer)
+
+
+class BackgroundWorkers:
+    """Workers served from one event-loop thread of this process (tests, benchmarks, notebooks)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="expert-workers", daemon=True)
+        self._thread.start()
+        self.workers: list[Worker] = []
+
+    def start(self, model_dir: str | Path, pairs: Iterable[tuple[int, int]], dtype: str = "float32",
+              epoch: int = 0) -> Worker:
+        coro = start_worker(model_dir, list(pairs), dtype, epoch=epoch)
+        worker = asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        self.workers.append(worker)
+        return worker
+
+    def stop(self, worker: Worker) -> None:
+        asyncio.run_coroutine_threadsafe(worker.stop(None), self.loop).result()
+
+    def close(self) -> None:
+        for worker in self.workers:
+            self.stop(worker)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+def parse_experts(spec: str) -> list[tuple[int, int]]:
+    """'0:1,2;3:4' -> [(0, 1), (0, 2), (3, 4)]."""
+    pairs = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        layer, _, experts = part.partition(":")
+        try:
+            pairs += [(int(layer), int(e)) for e in experts.split(",") if e.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad --experts entry {part!r}; expected 'layer:e1,e2'") from None
+    return pairs
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experts.server", description=__doc__.split("\n")[0],
+                                fromfile_prefix_chars="@")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 lets the OS pick; the ready line reports it")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--experts", type=parse_experts, required=True, help="'layer:e1,e2;layer:e3' pairs to hold")
+    p.add_argument("--epoch", type=int, default=0, help="placement epoch these experts belong to")
+    p.add_argument("--compute-threads", type=int, default=4)
+    p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    worker = await start_worker(args.model, args.experts, args.dtype, args.host, args.port, args.epoch,
+                                args.compute_threads)
+    # The ready line is the subprocess protocol (stdout); logs go to stderr.
+    sys.stdout.write(json.dumps({"event": "ready", "host": args.host, "port": worker.port,
+                                 "num_experts_held": len(worker.store.pairs()), "epoch": args.epoch}) + "\n")
+    sys.stdout.flush()
+    stopped = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stopped.set)
+    await stopped.wait()
+    await worker.stop(grace_s=2.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The ExpertService servicer: gRPC calls in, `experts.compute` and `experts.store` do the work.
+
+Decoding and compute of large requests run in a thread pool (torch releases the GIL in its kernels),
+so the asyncio loop keeps accepting calls from several heads while others compute; small requests
+are computed inline (see INLINE_MAX_PAIRS); weight tables are copy-on-write
+snapshots (experts/store.py), so concurrent Dispatch, LoadExperts and DropExperts are safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from experts.compute import (TORCH_TO_DTYPE, InvalidDispatch, compute_partial, decode_dispatch,
+                             tensor_bytes)
+from experts.store import ExpertStore
+from model.checkpoint import CheckpointError
+from proto import expert_pb2, expert_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+INLINE_MAX_PAIRS = 1024
+"""Requests with at most this many (token, expert) pairs are computed on the event loop itself: a
+thread-pool hop costs ~0.5-2 ms under GIL contention (measured on 2 CPU cores, T = 64 x top-4 over 4
+workers: 5.6-7.0 ms per round through the pool, 4.3-4.6 ms inline), more than such a batch's compute
+(~0.5 ms), and it only delays other calls by about that much. Larger batches go to the pool."""
+
+
+class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
+    def __init__(self, store: ExpertStore, executor: ThreadPoolExecutor) -> None:
+        self.store = store
+        self.executor = executor
+        self._stats_lock = threading.Lock()
+        self._calls = self._request_bytes = self._reply_bytes = self._hidden_bytes = 0
+        self._inflight = 0
+        self._echo_cache: dict[int, bytes] = {}
+
+    async def Dispatch(self, request: expert_pb2.DispatchRequest,
+                       context: grpc.aio.ServicerContext) -> expert_pb2.DispatchReply:
+        loop = asyncio.get_running_loop()
+        self._inflight += 1  # only touched on the loop thread
+        try:
+            if len(request.expert_ids) <= INLINE_MAX_PAIRS:
+                reply = self._serve(request)
+            else:
+                reply = await loop.run_in_executor(self.executor, self._serve, request)
+        except InvalidDispatch as exc:
+            log.info("rejected Dispatch: %s", exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        finally:
+            self._inflight -= 1
+        return reply
+
+    def _serve(self, request: expert_pb2.DispatchRequest) -> expert_pb2.DispatchReply:
+        """Runs on a pool thread: decode, validate, compute, encode, count."""
+        store, config = self.store, self.store.config
+        batch = decode_dispatch(request, store.snapshot(), store.dtype, config.hidden_size, config.num_experts)
+        partial = compute_partial(batch)  # [t, H]
+        store.record(batch.layer, batch.table, batch.rows)
+        reply = expert_pb2.DispatchReply(num_tokens=request.num_tokens, hidden_size=request.hidden_size,
+                                         dtype=request.dtype, partial=tensor_bytes(partial))
+        with self._stats_lock:
+            self._calls += 1
+            self._request_bytes += request.ByteSize()
+            self._reply_bytes += reply.ByteSize()
+            self._hidden_bytes += len(request.hidden)
+        return reply
+
+    async def Info(self, request: expert_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> expert_pb2.InfoReply:
+        return self.info()
+
+    def info(self) -> expert_pb2.InfoReply:
+        served = self.store.tokens_served()
+        with self._stats_lock:
+            return expert_pb2.InfoReply(
+                experts=[expert_pb2.ExpertLoad(layer=l, expert=e, tokens_served=served.get((l, e), 0))
+                         for l, e in self.store.pairs()],
+                dtype=TORCH_TO_DTYPE[self.store.dtype], epoch=self.store.epoch,
+                hidden_size=self.store.config.hidden_size, dispatch_calls=self._calls,
+                request_bytes=self._request_bytes, reply_bytes=self._reply_bytes,
+                hidden_bytes=self._hidden_bytes, inflight=self._inflight)
+
+    async def LoadExperts(self, request: expert_pb2.LoadExpertsRequest,
+                          context: grpc.aio.ServicerContext) -> expert_pb2.InfoReply:
+        pairs = [(k.layer, k.expert) for k in request.experts]
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.store.load, pairs, request.epoch)
+        except CheckpointError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        log.info("loaded %d experts, epoch %d", len(pairs), request.epoch)
+        return self.info()
+
+    async def DropExperts(self, request: expert_pb2.DropExpertsRequest,
+                          context: grpc.aio.ServicerContext) -> expert_pb2.InfoReply:
+        pairs = [(k.layer, k.expert) for k in request.experts]
+        await asyncio.get_running_loop().run_in_executor(self.executor, self.store.drop, pairs, request.epoch)
+        log.info("dropped %d experts, epoch %d", len(pairs), request.epoch)
+        return self.info()
+
+    async def Echo(self, request: expert_pb2.EchoRequest, context: grpc.aio.ServicerContext) -> expert_pb2.EchoReply:
+        size = request.reply_bytes
+        payload = self._echo_cache.get(size)
+        if payload is None:
+            payload = self._echo_cache.setdefault(size, bytes(size))
+        return expert_pb2.EchoReply(payload=payload)

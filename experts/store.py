@@ -1,0 +1,122 @@
+"""The expert weights a worker holds, stacked per layer, and their load counters.
+
+Tables are copy-on-write: LoadExperts/DropExperts build a new `layer -> LayerTable` dict and swap it
+in under a writer lock, so a Dispatch that took a snapshot keeps computing on consistent weights and
+readers never lock. Letters: n = experts held in a layer, E = routed experts per layer (global),
+I = moe intermediate, H = hidden, P = (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from model.checkpoint import parse_dtype
+from model.config import Qwen3NextConfig
+from model.loader import load_experts
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """One layer's held experts: global id -> row of the stacked weights."""
+    expert_ids: tuple[int, ...]  # [n] global id of each row, ascending
+    global_to_row: Tensor        # [E] int64, -1 where the expert is not held
+    gate_up: Tensor              # [n, 2I, H]
+    down: Tensor                 # [n, H, I]
+
+
+def _table(num_experts: int, expert_ids: list[int], gate_up: Tensor, down: Tensor) -> LayerTable:
+    order = sorted(range(len(expert_ids)), key=lambda i: expert_ids[i])
+    ids = [expert_ids[i] for i in order]
+    global_to_row = torch.full((num_experts,), -1, dtype=torch.int64)
+    global_to_row[torch.tensor(ids, dtype=torch.int64)] = torch.arange(len(ids))
+    index = torch.tensor(order, dtype=torch.int64)
+    return LayerTable(tuple(ids), global_to_row, gate_up[index].contiguous(), down[index].contiguous())
+
+
+class ExpertStore:
+    def __init__(self, model_dir: str | Path, dtype: str | torch.dtype = "float32") -> None:
+        self.model_dir = Path(model_dir)
+        self.config = Qwen3NextConfig.from_json(self.model_dir)
+        self.dtype = parse_dtype(dtype)
+        self.epoch = 0
+        self._tables: dict[int, LayerTable] = {}
+        self._write_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._tokens_served: dict[tuple[int, int], int] = {}
+
+    def snapshot(self) -> dict[int, LayerTable]:
+        """The current tables; never mutated after publication, safe to use without a lock."""
+        return self._tables
+
+    def pairs(self) -> list[tuple[int, int]]:
+        return [(layer, e) for layer, table in sorted(self._tables.items()) for e in table.expert_ids]
+
+    def load(self, pairs: Iterable[tuple[int, int]], epoch: int | None = None) -> None:
+        """Read the (layer, expert) pairs not yet held from the checkpoint and publish new tables."""
+        with self._write_lock:
+            tables = dict(self._tables)
+            missing = sorted((layer, e) for layer, e in set(pairs) if not self._holds(tables, layer, e))
+            for layer, loaded in load_experts(self.model_dir, missing, self.dtype).items():
+                old = tables.get(layer)
+                ids = list(loaded.expert_ids)
+                gate_up, down = loaded.gate_up, loaded.down
+                if old is not None:
+                    ids = list(old.expert_ids) + ids
+                    gate_up, down = torch.cat((old.gate_up, gate_up)), torch.cat((old.down, down))
+                tables[layer] = _table(self.config.num_experts, ids, gate_up, down)
+            with self._count_lock:
+                for pair in missing:
+                    self._tokens_served[pair] = 0
+            self._publish(tables, epoch)
+
+    def _holds(self, tables: dict[int, LayerTable], layer: int, expert: int) -> bool:
+        table = tables.get(layer)
+        return table is not None and 0 <= expert < self.config.num_experts and int(table.global_to_row[expert]) >= 0
+
+    def drop(self, pairs: Iterable[tuple[int, int]], epoch: int | None = None) -> None:
+        with self._write_lock:
+            tables = dict(self._tables)
+            by_layer: dict[int, set[int]] = defaultdict(set)
+            for layer, e in pairs:
+                by_layer[layer].add(e)
+            for layer, gone in by_layer.items():
+                old = tables.get(layer)
+                if old is None:
+                    continue
+                keep = [i for i, e in enumerate(old.expert_ids) if e not in gone]
+                if not keep:
+                    del tables[layer]
+                    continue
+                index = torch.tensor(keep, dtype=torch.int64)
+                tables[layer] = _table(self.config.num_experts, [old.expert_ids[i] for i in keep],
+                                       old.gate_up[index], old.down[index])
+            with self._count_lock:
+                for layer, gone in by_layer.items():
+                    for e in gone:
+                        self._tokens_served.pop((layer, e), None)
+            self._publish(tables, epoch)
+
+    def _publish(self, tables: dict[int, LayerTable], epoch: int | None) -> None:
+        self._tables = tables
+        if epoch is not None:
+            self.epoch = epoch
+
+    def record(self, layer: int, table: LayerTable, rows: Tensor) -> None:
+        """Count served tokens per expert; rows [P] int64 rows of `table`."""
+        per_row = torch.bincount(rows, minlength=len(table.expert_ids)).tolist()
+        with self._count_lock:
+            for row, n in enumerate(per_row):
+                key = (layer, table.expert_ids[row])
+                if n and key in self._tokens_served:
+                    self._tokens_served[key] += n
+
+    def tokens_served(self) -> dict[tuple[int, int], int]:
+        with self._count_lock:
+            return dict(self._tokens_served)

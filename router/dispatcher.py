@@ -1,0 +1,167 @@
+"""The remote expert backend: one MoE layer's routed experts over gRPC, with replica failover.
+
+    [Router: ids, weights]  ->  [Plan: pairs -> first alive replica -> one batch per worker]
+    ->  [Dispatch: concurrent Dispatch calls, each token once per worker, raw-byte tensors]
+    ->  [Combine: partials index-added in (worker, round) order]  ->  [T, H]
+
+A failed call (deadline, unavailable) marks its worker dead; only that worker's pairs are planned
+again onto the remaining replicas. With none left, `ExpertsUnavailableError` names the experts.
+Partials are summed in a fixed order, so a result depends on which replica served only by rounding.
+Letters: T = tokens, H = hidden, k = experts per token, t = tokens sent to one worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+from torch import Tensor
+
+from proto import expert_pb2
+from router.channels import WorkerChannels
+from router.placement import Placement
+from router.plan import (Pairs, WorkerBatch, choose_workers, plan_batches, replica_table,
+                         unavailable_experts)
+from router.wire import TORCH_TO_DTYPE, decode_partial, encode_request
+
+log = logging.getLogger(__name__)
+
+FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
+"""Codes that mean "this worker, not this request": the pairs go to another replica."""
+
+
+class ExpertsUnavailableError(RuntimeError):
+    """No live worker holds some experts a batch needs."""
+
+    def __init__(self, layer: int, experts: list[int], dead_workers: list[int]) -> None:
+        self.pairs = [(layer, e) for e in experts]
+        super().__init__(f"experts unavailable: layer {layer} experts {experts} have no live replica "
+                         f"(dead workers {dead_workers}); restart those workers or raise replication")
+
+
+class DispatchError(RuntimeError):
+    """A worker rejected a request (a bug or a placement mismatch, not a worker failure)."""
+
+
+@dataclass
+class DispatchStats:
+    """Bytes of serialized messages actually sent and received, for benchmarks and tests."""
+    calls: int = 0
+    request_bytes: int = 0
+    reply_bytes: int = 0
+    hidden_bytes: int = 0
+    per_worker_hidden_bytes: dict[int, int] = field(default_factory=dict)
+
+
+class RemoteExpertBackend:
+    """`model.expert_backend.ExpertBackend` over gRPC expert workers (addresses[i] is worker i)."""
+
+    def __init__(self, addresses: Sequence[str], placement: Placement, dtype: torch.dtype = torch.float32,
+                 deadline_s: float = 5.0, retry_dead_after_s: float = 10.0) -> None:
+        if len(addresses) != placement.num_workers:
+            raise ValueError(f"{len(addresses)} addresses for a placement of {placement.num_workers} workers")
+        if dtype not in TORCH_TO_DTYPE:
+            raise ValueError(f"dtype {dtype} is not supported; use one of {sorted(map(str, TORCH_TO_DTYPE))}")
+        self.placement = placement
+        self.dtype = dtype
+        self.deadline_s = deadline_s
+        self.retry_dead_after_s = retry_dead_after_s
+        self.channels = WorkerChannels(addresses)
+        self.stats = DispatchStats()
+        self._replicas = {layer: replica_table(placement, layer) for layer in placement.layers}
+        self._dead_since: dict[int, float] = {}  # worker -> monotonic time; loop thread only
+        self._choice: dict[tuple[int, tuple[int, ...]], Tensor] = {}
+
+    def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> "Future[Tensor]":
+        """hidden [T, H], ids/weights [T, k] -> Future of the routed-expert output [T, H]."""
+        return self.channels.run(self.dispatch(layer, hidden.detach(), ids, weights.to(self.dtype)))
+
+    def close(self) -> None:
+        self.channels.close()
+
+    def __enter__(self) -> "RemoteExpertBackend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def dispatch(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+        if layer not in self._replicas:
+            raise ValueError(f"layer {layer} is not in the placement (layers {list(self._replicas)})")
+        out = torch.zeros(hidden.shape, dtype=self.dtype)  # [T, H]
+        if hidden.shape[0] == 0:
+            return out
+        hidden = hidden.to(self.dtype).contiguous()
+        pairs = Pairs.from_topk(ids, weights)
+        pending = torch.arange(pairs.token.numel())
+        partials: list[tuple[int, int, Tensor, Tensor]] = []  # (worker, round, tokens [t], partial [t, H])
+        for round_ in range(self.placement.num_workers):
+            expert_to_worker = self._expert_to_worker(layer)
+            missing = unavailable_experts(pairs, pending, expert_to_worker)
+            if missing:
+                raise ExpertsUnavailableError(layer, missing, sorted(self._dead_since))
+            batches = plan_batches(pairs, pending, expert_to_worker)
+            results = await asyncio.gather(*(self._call(layer, hidden, b) for b in batches),
+                                           return_exceptions=True)
+            failed = [self._check(b, r, partials, round_) for b, r in zip(batches, results)]
+            failed = [f for f in failed if f is not None]
+            if not failed:
+                break
+            pending = torch.sort(torch.cat(failed)).values
+        for _, _, tokens, partial in sorted(partials, key=lambda p: (p[0], p[1])):
+            out.index_add_(0, tokens, partial)
+        return out
+
+    def _check(self, batch: WorkerBatch, result: Tensor | BaseException,
+               partials: list[tuple[int, int, Tensor, Tensor]], round_: int) -> Tensor | None:
+        """Keep a partial; return the pair indices of a failed worker; raise anything else."""
+        if isinstance(result, Tensor):
+            partials.append((batch.worker, round_, batch.tokens, result))
+            return None
+        if isinstance(result, grpc.aio.AioRpcError) and result.code() in FAILOVER_CODES:
+            log.warning("expert worker %d (%s) failed: %s %s; failing over its %d tokens", batch.worker,
+                        self.channels.addresses[batch.worker], result.code().name, result.details(),
+                        batch.tokens.numel())
+            self._dead_since[batch.worker] = time.monotonic()
+            return batch.pair_index
+        if isinstance(result, grpc.aio.AioRpcError):
+            raise DispatchError(f"worker {batch.worker} ({self.channels.addresses[batch.worker]}) "
+                                f"rejected the request: {result.code().name}: {result.details()}") from result
+        raise result
+
+    def _expert_to_worker(self, layer: int) -> Tensor:
+        """[E] the worker each expert's pairs go to now (first alive replica), -1 if none."""
+        now = time.monotonic()
+        for w, since in list(self._dead_since.items()):
+            if now - since > self.retry_dead_after_s:
+                del self._dead_since[w]  # give it another chance; a failure marks it again
+        key = (layer, tuple(sorted(self._dead_since)))
+        if key not in self._choice:
+            alive = torch.ones(self.placement.num_workers, dtype=torch.bool)
+            alive[list(self._dead_since)] = False
+            self._choice[key] = choose_workers(self._replicas[layer], alive)
+        return self._choice[key]
+
+    async def _call(self, layer: int, hidden: Tensor, batch: WorkerBatch) -> Tensor:
+        request = encode_request(layer, self.placement.epoch, hidden, batch, self.dtype)
+        reply = await self.channels.stubs[batch.worker].Dispatch(request, timeout=self.deadline_s)
+        stats = self.stats
+        stats.calls += 1
+        stats.request_bytes += request.ByteSize()
+        stats.reply_bytes += reply.ByteSize()
+        stats.hidden_bytes += len(request.hidden)
+        stats.per_worker_hidden_bytes[batch.worker] = \
+            stats.per_worker_hidden_bytes.get(batch.worker, 0) + len(request.hidden)
+        return decode_partial(reply, batch.tokens.numel(), hidden.shape[1], self.dtype)
+
+    async def fetch_info(self) -> list[expert_pb2.InfoReply]:
+        """Every worker's Info (held experts, tokens served, bytes); run it with `channels.run`."""
+        return list(await asyncio.gather(*(s.Info(expert_pb2.InfoRequest(), timeout=self.deadline_s)
+                                           for s in self.channels.stubs)))

@@ -1,0 +1,47 @@
+"""Router side of the wire format (proto/expert.proto): WorkerBatch -> DispatchRequest, reply -> [t, H].
+
+Tensors travel as raw row-major bytes in the model dtype. The worker's side is experts/compute.py
+(kept separate: router/ and experts/ both depend on proto/ and model/, never on each other).
+Letters: t = tokens in the request, H = hidden, P = pairs.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from proto import expert_pb2
+from router.plan import WorkerBatch
+
+TORCH_TO_DTYPE = {torch.float32: expert_pb2.DTYPE_FLOAT32, torch.bfloat16: expert_pb2.DTYPE_BFLOAT16}
+
+
+def tensor_bytes(t: Tensor) -> bytes:
+    """Raw row-major bytes of any dtype (bfloat16 included, which numpy lacks)."""
+    return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def encode_request(layer: int, epoch: int, hidden: Tensor, batch: WorkerBatch,
+                   dtype: torch.dtype) -> expert_pb2.DispatchRequest:
+    """hidden [T, H] of the whole layer batch; only batch.tokens rows are sent, each once."""
+    return expert_pb2.DispatchRequest(
+        layer=layer, epoch=epoch, dtype=TORCH_TO_DTYPE[dtype], num_tokens=batch.tokens.numel(),
+        hidden_size=hidden.shape[1], hidden=tensor_bytes(hidden[batch.tokens]),  # [t, H]
+        counts=batch.counts.tolist(), expert_ids=batch.experts.tolist(),
+        weights=tensor_bytes(batch.weights.to(dtype)))  # [P]
+
+
+def decode_partial(reply: expert_pb2.DispatchReply, num_tokens: int, hidden_size: int,
+                   dtype: torch.dtype) -> Tensor:
+    """[t, H] read-only view of the reply bytes (only ever read by index_add_)."""
+    expected = num_tokens * hidden_size * dtype.itemsize
+    if len(reply.partial) != expected or reply.dtype != TORCH_TO_DTYPE[dtype]:
+        raise ValueError(f"worker replied {len(reply.partial)} bytes of {expert_pb2.DType.Name(reply.dtype)}; "
+                         f"expected {expected} bytes of {dtype} for [{num_tokens}, {hidden_size}]")
+    if expected == 0:
+        return torch.empty(num_tokens, hidden_size, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(reply.partial, dtype=dtype).view(num_tokens, hidden_size)

@@ -1,0 +1,150 @@
+"""The expert worker over real gRPC: bad messages get INVALID_ARGUMENT naming the value and the worker
+keeps serving; Info counters; LoadExperts / DropExperts; the health service."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from experts.server import BackgroundWorkers, Worker, parse_experts
+from model.loader import load_local_backend
+from proto import expert_pb2, expert_pb2_grpc
+
+pytestmark = pytest.mark.grpc
+HELD = [(0, e) for e in range(8)] + [(2, 3), (2, 9)]
+
+
+@dataclass
+class Served:
+    path: Path
+    worker: Worker
+    stub: expert_pb2_grpc.ExpertServiceStub
+    channel: grpc.Channel
+
+
+@pytest.fixture(scope="module")
+def served(reference: dict) -> Iterator[Served]:
+    path = reference["small"][1]
+    workers = BackgroundWorkers()
+    worker = workers.start(path, HELD)
+    channel = grpc.insecure_channel(f"127.0.0.1:{worker.port}")
+    yield Served(path, worker, expert_pb2_grpc.ExpertServiceStub(channel), channel)
+    channel.close()
+    workers.close()
+
+
+def good_request(num_tokens: int = 3, layer: int = 0, seed: int = 0) -> tuple[expert_pb2.DispatchRequest, tuple]:
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(num_tokens, 64, generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(num_tokens)])  # [t, 2] held experts
+    weights = torch.rand(num_tokens, 2, generator=g)
+    request = expert_pb2.DispatchRequest(
+        layer=layer, dtype=expert_pb2.DTYPE_FLOAT32, num_tokens=num_tokens, hidden_size=64,
+        hidden=hidden.numpy().tobytes(), counts=[2] * num_tokens, expert_ids=ids.reshape(-1).tolist(),
+        weights=weights.numpy().tobytes())
+    return request, (hidden, ids, weights)
+
+
+def test_good_call_computes_the_local_partial(served: Served) -> None:
+    request, (hidden, ids, weights) = good_request(5)
+    reply = served.stub.Dispatch(request, timeout=10)
+    got = torch.frombuffer(bytearray(reply.partial), dtype=torch.float32).view(5, 64)
+    want = load_local_backend(served.path).forward(0, hidden, ids, weights)
+    assert (got - want).abs().max().item() <= 1e-6
+
+
+def _bad(field: str, value: object) -> expert_pb2.DispatchRequest:
+    request, _ = good_request()
+    if field == "nan_weight":
+        w = torch.frombuffer(bytearray(request.weights), dtype=torch.float32).clone()
+        w[value] = float("nan") if value == 1 else float("inf")
+        request.weights = w.numpy().tobytes()
+    elif field == "expert_ids":
+        request.expert_ids[0] = value
+    elif field == "hidden":
+        request.hidden = request.hidden[:value]
+    elif field == "counts":
+        request.counts[:] = value
+    else:
+        setattr(request, field, value)
+    return request
+
+
+BAD = [
+    ("layer", 3, "layer 3 is not served"),
+    ("layer", 99, "layer 99"),
+    ("expert_ids", 12, "expert 12 of layer 0 is not held"),
+    ("expert_ids", 4000, "expert 4000 of layer 0 is outside \\[0, 16\\)"),
+    ("dtype", expert_pb2.DTYPE_BFLOAT16, "dtype DTYPE_BFLOAT16 does not match the worker's DTYPE_FLOAT32"),
+    ("hidden_size", 65, "hidden_size 65 does not match the model's 64"),
+    ("num_tokens", 4, "num_tokens 4"),
+    ("hidden", 100, "hidden has 100 bytes"),
+    ("counts", [2, 2], "counts has 2 entries for num_tokens 3"),
+    ("counts", [2, 2, 3], "sum\\(counts\\) is 7"),
+    ("weights", b"\0" * 8, "weights has 8 bytes"),
+    ("nan_weight", 1, "weights\\[1\\] is nan"),
+    ("nan_weight", 4, "weights\\[4\\] is inf"),
+]
+
+
+@pytest.mark.parametrize("field,value,message", BAD, ids=[f"{f}={str(v)[:12]}" for f, v, _ in BAD])
+def test_bad_message_is_invalid_argument_and_worker_keeps_serving(served: Served, field: str, value: object,
+                                                                   message: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        served.stub.Dispatch(_bad(field, value), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert re.search(message, err.value.details()), err.value.details()
+    request, _ = good_request(2, seed=1)
+    assert len(served.stub.Dispatch(request, timeout=10).partial) == 2 * 64 * 4
+
+
+def test_info_counts_tokens_served_per_expert(served: Served) -> None:
+    before = {(x.layer, x.expert): x.tokens_served for x in served.stub.Info(expert_pb2.InfoRequest()).experts}
+    request, (_, ids, _) = good_request(9, seed=3)
+    served.stub.Dispatch(request, timeout=10)
+    info = served.stub.Info(expert_pb2.InfoRequest())
+    after = {(x.layer, x.expert): x.tokens_served for x in info.experts}
+    assert set(after) == set(HELD)
+    for e in range(8):
+        assert after[(0, e)] - before[(0, e)] == int((ids == e).sum())
+    assert info.dtype == expert_pb2.DTYPE_FLOAT32 and info.hidden_size == 64
+
+
+def test_load_and_drop_experts(served: Served) -> None:
+    request, _ = good_request(layer=0)
+    request.layer, request.expert_ids[0] = 1, 4
+    request.expert_ids[:] = [4, 5] * 3
+    with pytest.raises(grpc.RpcError, match="layer 1 is not served"):
+        served.stub.Dispatch(request, timeout=10)
+    info = served.stub.LoadExperts(expert_pb2.LoadExpertsRequest(
+        experts=[expert_pb2.ExpertKey(layer=1, expert=e) for e in (4, 5)], epoch=7), timeout=30)
+    assert info.epoch == 7 and {(x.layer, x.expert) for x in info.experts} >= {(1, 4), (1, 5)}
+    assert len(served.stub.Dispatch(request, timeout=10).partial) == 3 * 64 * 4
+    info = served.stub.DropExperts(expert_pb2.DropExpertsRequest(
+        experts=[expert_pb2.ExpertKey(layer=1, expert=e) for e in (4, 5)], epoch=8), timeout=30)
+    assert info.epoch == 8 and not {(1, 4), (1, 5)} & {(x.layer, x.expert) for x in info.experts}
+    with pytest.raises(grpc.RpcError, match="layer 1 is not served"):
+        served.stub.Dispatch(request, timeout=10)
+    with pytest.raises(grpc.RpcError) as err:
+        served.stub.LoadExperts(expert_pb2.LoadExpertsRequest(experts=[expert_pb2.ExpertKey(layer=0, expert=99)]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "expert 99" in err.value.details()
+
+
+def test_health_and_echo(served: Served) -> None:
+    health = health_pb2_grpc.HealthStub(served.channel)
+    for service in ("", "nextserve.expert.v1.ExpertService"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    assert len(served.stub.Echo(expert_pb2.EchoRequest(payload=b"x" * 10, reply_bytes=1234)).payload) == 1234
+
+
+@pytest.mark.unit
+def test_parse_experts() -> None:
+    assert parse_experts("0:1,2; 3:4;") == [(0, 1), (0, 2), (3, 4)]
