@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from bench import dispatch as dispatch_bench
 from bench import model_bench
 from model.config import PUBLISHED_CONFIGS, ConfigError, Qwen3NextConfig
 from model.checkpoint import CheckpointError, parse_dtype
@@ -90,6 +91,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "model":
         return model_bench.run(args, resolve_model(args.model))
+    if args.bench == "dispatch":
+        return dispatch_bench.run(args)
     raise SystemExit(f"unknown benchmark {args.bench!r}")
 
 
@@ -118,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks")
     bench_sub = p.add_subparsers(dest="bench", required=True)
     model_bench.add_parser(bench_sub)
+    dispatch_bench.add_parser(bench_sub)
     p.set_defaults(func=cmd_bench)
     return parser
 
