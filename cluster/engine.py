@@ -1,0 +1,300 @@
+"""Head engine: the head model plus an expert backend, serving many requests by continuous batching.
+
+    generate() (asyncio) --inbox--> engine thread: loop { schedule -> forward -> sample -> detokenize
+        ^                                                  -> stop? finish (cache dropped) }
+        |                                                             |
+        +---- one OutputStream per request: outputs ready since the consumer last read, merged into one item
+
+The step loop runs in one background thread (torch releases the GIL while it computes), so the
+asyncio side only validates, enqueues and awaits. A consumer that falls behind gets every ready token
+in its next item instead of one event per token. A consumer that stops iterating (client disconnect,
+cancel) aborts its request; the next schedule drops the sequence and its cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from cluster.detokenizer import IncrementalDetokenizer, OutputStream, StepOutput
+from cluster.scheduler import (FinishReason, Request, Scheduler, SchedulerConfig, SequenceState, StepPlan)
+from model.cache import SequenceCache
+from model.expert_backend import ExpertBackend
+from model.forward_batch import ForwardBatch
+from model.qwen3_next import HeadModel
+from model.sampling import SamplingParams, make_generator, sample
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_OBSERVATIONS = 100_000
+"""Latency observations kept between drains; older ones are dropped, so an unscraped engine stays bounded."""
+
+
+class EngineRequestError(ValueError):
+    """A request the engine cannot serve (HTTP 400); `param` names the offending field, as OpenAI's error does."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+class EngineError(RuntimeError):
+    """The engine could not finish a request: it is shut down, or the step running it failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    cache_bytes: int  # held by the running sequences' hybrid caches
+    num_steps: int
+
+
+@dataclass(slots=True)
+class EngineMetrics:
+    """Recorded by the engine thread; the gateway exports them (counters, and histograms fed by
+    `drain`). Reads are safe from any thread."""
+    num_prompt_tokens: int = 0
+    """Prompt tokens run through the model (counter)."""
+    num_generation_tokens: int = 0
+    num_finished: dict[FinishReason, int] = field(default_factory=lambda: dict.fromkeys(FinishReason, 0))
+    ttft_s: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_OBSERVATIONS))
+    """Time to first token per request, arrival to first sampled token."""
+    tpot_s: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_OBSERVATIONS))
+    """Mean time per output token after the first, per finished request with >= 2 tokens."""
+
+    @staticmethod
+    def drain(observations: deque[float]) -> list[float]:
+        """Pop all of `ttft_s` or `tpot_s` for a histogram (safe while the engine thread appends)."""
+        return [observations.popleft() for _ in range(len(observations))]
+
+
+@dataclass(slots=True)
+class _Entry:
+    seq: SequenceState
+    detokenizer: IncrementalDetokenizer
+    stream: OutputStream
+
+
+class Engine:
+    def __init__(self, head: HeadModel, experts: ExpertBackend, tokenizer: PreTrainedTokenizerBase,
+                 config: SchedulerConfig | None = None) -> None:
+        self.head, self.experts = head, experts
+        self.scheduler = Scheduler(config or SchedulerConfig())
+        self.metrics = EngineMetrics()
+        self.tokenizer = tokenizer
+        self._device = head.lm_head.weight.device
+        self._lock = threading.Lock()  # guards _inbox, _abort_ids, _request_ids, _is_stopped
+        self._inbox: list[_Entry] = []
+        self._abort_ids: list[str] = []
+        self._request_ids: set[str] = set()
+        self._is_stopped = False
+        self._entries: dict[str, _Entry] = {}  # engine thread only, like _outbox
+        self._outbox: list[tuple[OutputStream, StepOutput | Exception]] = []
+        self._wake = threading.Event()
+        self._stats = EngineStats(0, 0, 0, 0)
+        self._thread = threading.Thread(target=self._run, name="nextserve-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+                       stop: Sequence[str] = ()) -> AsyncGenerator[StepOutput, None]:
+        """Stream a request's outputs; a bad request raises EngineRequestError at the first iteration.
+        Stopping early (aclose, cancel, a client gone) aborts the request."""
+        stream = self._submit(Request(request_id, tuple(prompt_ids), params, tuple(stop)),
+                              OutputStream(asyncio.get_running_loop()))
+        is_finished = False
+        try:
+            while not is_finished:
+                out = await stream.get()
+                is_finished = out.finish_reason is not None
+                yield out
+        finally:
+            if not is_finished:  # the consumer left (disconnect, cancel) or the step failed
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Free the request at the next step; its stream ends with finish_reason ABORT. Thread-safe."""
+        with self._lock:
+            self._abort_ids.append(request_id)
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop the loop after the current step; unfinished requests end with ABORT."""
+        with self._lock:
+            self._is_stopped = True
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    def generate_sync(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                      stop: Sequence[str] = ()) -> list[StepOutput]:
+        """All prompts concurrently, each merged into one output (for tests and scripts)."""
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        tag = uuid.uuid4().hex
+
+        async def one(i: int) -> StepOutput:
+            outs = [out async for out in self.generate(f"{tag}-{i}", prompts[i], per_prompt[i], stop)]
+            return functools.reduce(StepOutput.merge, outs)
+
+        async def run_all() -> list[StepOutput]:
+            return list(await asyncio.gather(*(one(i) for i in range(len(prompts)))))
+
+        return asyncio.run(run_all())
+
+    def check_request(self, request: Request) -> None:
+        """Raise EngineRequestError naming the field when the model cannot serve this request."""
+        n, config = len(request.prompt_ids), self.head.config
+        context, vocab = config.max_position_embeddings, config.vocab_size
+        if n == 0:
+            raise EngineRequestError("prompt", "the prompt is empty; send at least one token")
+        if n >= context:
+            raise EngineRequestError("prompt", f"the prompt has {n} tokens, leaving no room for output in "
+                                               f"the model's context of {context} tokens; shorten it")
+        if n + request.params.max_tokens > context:
+            raise EngineRequestError("max_tokens", f"prompt ({n} tokens) + max_tokens "
+                                                   f"({request.params.max_tokens}) exceeds the model's context "
+                                                   f"of {context}; set max_tokens <= {context - n}")
+        bad = [t for t in request.prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise EngineRequestError("prompt", f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if any(not s for s in request.stop):
+            raise EngineRequestError("stop", f"stop strings must be non-empty, got {list(request.stop)}")
+
+    def _submit(self, request: Request, stream: OutputStream) -> OutputStream:
+        self.check_request(request)
+        detokenizer = IncrementalDetokenizer(self.tokenizer.backend_tokenizer, request.prompt_ids, request.stop)
+        entry = _Entry(SequenceState(request, generator=make_generator(request.params)), detokenizer, stream)
+        with self._lock:
+            if self._is_stopped:
+                raise EngineError("the engine is shut down")
+            if request.request_id in self._request_ids:
+                raise EngineRequestError("request_id", f"{request.request_id!r} is already in flight; "
+                                                       f"use a unique id per request")
+            self._request_ids.add(request.request_id)
+            self._inbox.append(entry)
+        self._wake.set()
+        return stream
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._is_stopped:
+                self._take_inbox()
+                if self.scheduler.has_work:
+                    self._step()
+                else:
+                    self._wake.wait()
+                    self._wake.clear()
+        self._take_inbox()
+        for entry in list(self._entries.values()):
+            self._finish(entry, FinishReason.ABORT)
+        self._flush_outbox()
+
+    def _take_inbox(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            abort_ids, self._abort_ids = self._abort_ids, []
+        for entry in inbox:
+            self._entries[entry.seq.request_id] = entry
+            self.scheduler.add(entry.seq)
+        for request_id in abort_ids:
+            self.scheduler.abort(request_id)
+
+    def _step(self) -> None:
+        plan = self.scheduler.schedule()
+        for seq in plan.aborted:
+            self._retire(self._entries[seq.request_id], FinishReason.ABORT, [])
+        if not plan.is_empty:
+            try:
+                self._postprocess(plan, self._forward(plan))
+            except Exception as exc:  # a failed step (e.g. a lost expert worker) fails its sequences only
+                log.exception("step of %d sequences failed", len(plan.scheduled))
+                for item in plan.scheduled:
+                    if not item.seq.is_finished:
+                        self._fail(self._entries[item.seq.request_id], exc)
+        self._stats = EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
+                                  sum(s.cache.nbytes() for s in self.scheduler.running if s.cache is not None),
+                                  self._stats.num_steps + 1)
+        self._flush_outbox()  # after the stats, so a consumer seeing its last item sees it gone from them
+
+    def _flush_outbox(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for stream, item in outbox:
+            stream.put(item)
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor:  # -> logits [B, V]
+        caches: list[SequenceCache] = []
+        for item in plan.scheduled:
+            if item.seq.cache is None:  # first step of this sequence
+                item.seq.cache = SequenceCache.empty(self.head.config)
+            caches.append(item.seq.cache)
+        inputs = [item.input_ids() for item in plan.scheduled]
+        batch = ForwardBatch.build([len(x) for x in inputs], caches, self._device)
+        ids = torch.tensor([t for x in inputs for t in x], dtype=torch.int64, device=self._device)
+        return self.head(ids, batch, self.experts)
+
+    def _postprocess(self, plan: StepPlan, logits: torch.Tensor) -> None:
+        now, argmax = time.monotonic(), logits.argmax(dim=-1).tolist()  # one device sync for all greedy rows
+        for i, item in enumerate(plan.scheduled):
+            seq, params = item.seq, item.seq.request.params
+            if seq.is_prefilling:
+                self.metrics.num_prompt_tokens += item.num_tokens
+            token = None if not item.samples_token else argmax[i] if params.is_greedy else sample(
+                logits[i], params, seq.generator)
+            self.scheduler.advance(item, token)
+            if token is not None:
+                self._on_token(self._entries[seq.request_id], token, now)
+
+    def _on_token(self, entry: _Entry, token: int, now: float) -> None:
+        seq, params = entry.seq, entry.seq.request.params
+        if seq.first_token_s is None:
+            seq.first_token_s = now
+            self.metrics.ttft_s.append(now - seq.request.arrival_s)
+        seq.last_token_s = now
+        self.metrics.num_generation_tokens += 1
+        is_stop_token = token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.head.config.eos_token_ids)
+        text = "" if is_stop_token else entry.detokenizer.add(token)  # a stop token's text is not output
+        reason = (FinishReason.STOP if is_stop_token or entry.detokenizer.is_stopped else
+                  FinishReason.LENGTH if len(seq.output_ids) >= params.max_tokens else None)
+        if reason is None:
+            self._outbox.append((entry.stream, self._output(seq, [token], text, None)))
+        else:
+            self._finish(entry, reason, [token], text)
+
+    def _finish(self, entry: _Entry, reason: FinishReason, token_ids: Sequence[int] = (), text: str = "") -> None:
+        self.scheduler.finish(entry.seq, reason)
+        self._retire(entry, reason, list(token_ids), text + entry.detokenizer.flush())
+
+    def _retire(self, entry: _Entry, reason: FinishReason, token_ids: list[int], text: str = "") -> None:
+        seq, n = entry.seq, len(entry.seq.output_ids)
+        if n >= 2 and seq.first_token_s is not None and seq.last_token_s is not None:
+            self.metrics.tpot_s.append((seq.last_token_s - seq.first_token_s) / (n - 1))
+        self.metrics.num_finished[reason] += 1
+        self._forget(seq.request_id)
+        self._outbox.append((entry.stream, self._output(seq, token_ids, text, reason)))
+
+    def _fail(self, entry: _Entry, exc: Exception) -> None:
+        self.scheduler.finish(entry.seq, FinishReason.ABORT)
+        self._forget(entry.seq.request_id)
+        self._outbox.append((entry.stream, EngineError(f"{entry.seq.request_id!r} failed in a step: {exc!r}")))
+
+    def _forget(self, request_id: str) -> None:
+        del self._entries[request_id]
+        with self._lock:
+            self._request_ids.discard(request_id)
+
+    @staticmethod
+    def _output(seq: SequenceState, token_ids: list[int], text: str, reason: FinishReason | None) -> StepOutput:
+        return StepOutput(seq.request_id, token_ids, text, reason, seq.num_prompt_tokens, len(seq.output_ids))
