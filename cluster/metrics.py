@@ -1,0 +1,148 @@
+"""The gateway's Prometheus metrics, in a registry the gateway owns (so two apps in one process don't clash).
+
+Request-level metrics are observed by the gateway as it serves; engine-level ones are pulled from the
+engine's `stats()` at every scrape of /metrics and fed in with `observe_engine_stats`:
+
+    EngineStats
+      num_running         int                          sequences in the running batch now
+      num_waiting         int                          sequences admitted but not yet running
+      dispatch_latency_s  {layer: [seconds, ...]}      one dispatch round's latency per sample, per MoE
+                                                       layer, observed since the previous stats() call
+      expert_tokens       {(layer, expert): tokens}    tokens routed to each expert since the previous call
+
+The last two are deltas that the engine drains on every call: behind a Ray handle each call may land
+on a different head replica, so cumulative values would jump between replicas, while drained deltas
+add up to the right totals whichever gateway replica pulls them. Every key is optional.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, TypedDict
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+PREFIX = "nextserve"
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""TTFT spans a CPU tiny model (ms) to a queued 80B prefill (tens of seconds)."""
+TOKEN_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+"""Per-token latency: ~10-100 ms is the interesting range for a 48-round decode step."""
+DISPATCH_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+"""One all-to-all round: ~100 us on loopback up to tens of ms across hosts."""
+
+
+class EngineStats(TypedDict, total=False):
+    num_running: int
+    num_waiting: int
+    dispatch_latency_s: dict[int, list[float]]
+    expert_tokens: dict[tuple[int, int], int]
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(f"{PREFIX}_requests", "HTTP requests served, by route and status code",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated", registry=r)
+        self.time_to_first_token = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds", "Time from request arrival to its first generated token",
+            buckets=LATENCY_BUCKETS_S, registry=r)
+        self.time_per_output_token = Histogram(
+            f"{PREFIX}_time_per_output_token_seconds", "Mean time between generated tokens after the first, "
+            "one sample per request", buckets=TOKEN_LATENCY_BUCKETS_S, registry=r)
+        self.request_latency = Histogram(f"{PREFIX}_e2e_request_latency_seconds", "Generation request latency",
+                                         buckets=LATENCY_BUCKETS_S, registry=r)
+        self.num_running = Gauge(f"{PREFIX}_num_requests_running", "Sequences in the running batch", registry=r)
+        self.num_waiting = Gauge(f"{PREFIX}_num_requests_waiting", "Sequences waiting to run", registry=r)
+        self.dispatch_latency = Histogram(f"{PREFIX}_dispatch_latency_seconds", "Latency of one MoE dispatch "
+                                          "round, per layer", ["layer"], buckets=DISPATCH_BUCKETS_S, registry=r)
+        self.expert_tokens = Counter(f"{PREFIX}_expert_tokens", "Tokens routed to each expert",
+                                     ["layer", "expert"], registry=r)
+
+    def observe_engine_stats(self, stats: EngineStats) -> None:
+        if "num_running" in stats:
+            self.num_running.set(stats["num_running"])
+        if "num_waiting" in stats:
+            self.num_waiting.set(stats["num_waiting"])
+        for layer, samples in stats.get("dispatch_latency_s", {}).items():
+            child = self.dispatch_latency.labels(layer=str(layer))
+            for s in samples:
+                child.observe(s)
+        for (layer, expert), tokens in stats.get("expert_tokens", {}).items():
+            self.expert_tokens.labels(layer=str(layer), expert=str(expert)).inc(tokens)
+
+    def track(self) -> RequestTracker:
+        """Start timing one generation request (call at its arrival)."""
+        return RequestTracker(self)
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestTracker:
+    """Feeds one request's token counts, TTFT and TPOT into the metrics as its outputs arrive."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+        self.arrival_s = time.perf_counter()
+        self.first_token_s: float | None = None
+        self.last_token_s = self.arrival_s
+        self.completion_tokens = 0
+        self.is_finished = False
+
+    def on_output(self, out: Any) -> None:
+        """`out` is an engine output (prompt_tokens, cumulative completion_tokens)."""
+        now = time.perf_counter()
+        if self.first_token_s is None:
+            self.first_token_s = now
+            self.metrics.time_to_first_token.observe(now - self.arrival_s)
+            self.metrics.prompt_tokens.inc(out.prompt_tokens)
+        new_tokens = out.completion_tokens - self.completion_tokens
+        if new_tokens > 0:
+            self.metrics.generation_tokens.inc(new_tokens)
+            self.completion_tokens, self.last_token_s = out.completion_tokens, now
+
+    def finish(self) -> None:
+        """Call once the stream ended, however it ended; repeated calls do nothing."""
+        if self.is_finished:
+            return
+        self.is_finished = True
+        self.metrics.request_latency.observe(time.perf_counter() - self.arrival_s)
+        if self.first_token_s is not None and self.completion_tokens > 1:
+            decode_s = self.last_token_s - self.first_token_s
+            self.metrics.time_per_output_token.observe(decode_s / (self.completion_tokens - 1))
+
+
+class RequestCounter:
+    """ASGI middleware: counts every HTTP response by route template (not raw path) and status code.
+
+    An exception counts as a 500 and is re-raised for the app's error handler to answer; a client that
+    left before any response started counts as 499.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 499
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        except Exception:
+            status = 500 if status == 499 else status
+            raise
+        finally:
+            endpoint = getattr(scope.get("route"), "path", "other")
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()

@@ -1,0 +1,300 @@
+"""The gateway over real HTTP: uvicorn on a loopback port, the tiny model behind it, httpx and the openai client.
+
+Context is cut to 128 tokens so the over-long cases are cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway_local_engine import LocalEngine, Server, sse_events, wait_until
+from model.generate import generate
+from model.sampling import SamplingParams
+
+MODEL = "tiny"
+CONTEXT = 128
+API_KEY = "sk-test-4f1c"
+CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir: Path) -> Iterator[Server]:
+    with Server(LocalEngine(tiny_dir, max_model_len=CONTEXT), MODEL) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+def completion(**extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": "def main(", "max_tokens": 4, "temperature": 0, **extra}
+
+
+def chat(**extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0, **extra}
+
+
+def completions_total(status: int) -> str:
+    """The scrape() key of the request counter for /v1/completions with `status`."""
+    return f'nextserve_requests_total{{"endpoint": "/v1/completions", "status": "{status}"}}'
+
+
+BAD_REQUESTS = {  # name: (path, body (a dict, or raw bytes), status, param)
+    "wrong type": (CMPL, completion(max_tokens="5"), 400, "max_tokens"),
+    "wrong type nested": (CHAT, chat(messages=[{"role": "user", "content": 5}]), 400, "messages[0].content"),
+    "bad role": (CHAT, chat(messages=[{"role": "robot", "content": "x"}]), 400, "messages[0].role"),
+    "missing prompt": (CMPL, {"model": MODEL}, 400, "prompt"),
+    "missing messages": (CHAT, {"model": MODEL}, 400, "messages"),
+    "missing model": (CMPL, {"prompt": "x"}, 400, "model"),
+    "empty messages": (CHAT, chat(messages=[]), 400, "messages"),
+    "max_tokens 0": (CMPL, completion(max_tokens=0), 400, "max_tokens"),
+    "max_completion_tokens 0": (CHAT, chat(max_completion_tokens=0), 400, "max_completion_tokens"),
+    "max_tokens beyond context": (CMPL, completion(max_tokens=CONTEXT), 400, "max_tokens"),
+    "chat max_tokens beyond context": (CHAT, chat(max_tokens=CONTEXT), 400, "max_tokens"),
+    "prompt ids too long": (CMPL, completion(prompt=[5] * (CONTEXT + 10)), 400, "prompt"),
+    "prompt text too long": (CMPL, completion(prompt="hello world " * CONTEXT), 400, "prompt"),
+    "messages too long": (CHAT, chat(messages=[{"role": "user", "content": "hi " * CONTEXT}]), 400, "messages"),
+    "empty prompt": (CMPL, completion(prompt=""), 400, "prompt"),
+    "token id outside vocab": (CMPL, completion(prompt=[1, 10**6]), 400, "prompt"),
+    "several prompts": (CMPL, completion(prompt=["a", "b"]), 400, "prompt"),
+    "unknown model": (CMPL, completion(model="gpt-4"), 404, "model"),
+    "chat unknown model": (CHAT, chat(model="gpt-4"), 404, "model"),
+    "malformed JSON": (CMPL, b'{"model": "tiny", "prompt": ', 400, None),
+    "not a JSON object": (CHAT, b"[1, 2]", 400, None),
+    "n > 1": (CMPL, completion(n=2), 400, "n"),
+    "logprobs": (CMPL, completion(logprobs=2), 400, "logprobs"),
+    "temperature < 0": (CMPL, completion(temperature=-1), 400, "temperature"),
+    "image content": (CHAT, chat(messages=[{"role": "user", "content": [{"type": "image"}]}]), 400,
+                      "messages[0].content"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
+def test_bad_request_is_a_4xx_naming_the_field_then_serving_goes_on(http: httpx.Client, case: str) -> None:
+    path, body, status, param = BAD_REQUESTS[case]
+    r = http.post(path, content=body) if isinstance(body, bytes) else http.post(path, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+    good = http.post(path, json=chat() if path == CHAT else completion())
+    assert good.status_code == 200, good.text
+
+
+def test_unknown_route_and_method_use_the_error_body(http: httpx.Client) -> None:
+    r = http.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    assert http.get("/v1/completions").status_code == 405
+
+
+def test_completion_shape_usage_and_reference_tokens(server: Server, http: httpx.Client) -> None:
+    prompt = server.engine.tokenizer.encode("import os\n", add_special_tokens=False)
+    r = http.post(CMPL, json=completion(prompt=prompt, max_tokens=6, ignore_eos=True, user="ignored",
+                                        frequency_penalty=0, unknown_field=[1]))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"].startswith("cmpl-") and body["object"] == "text_completion" and body["model"] == MODEL
+    assert isinstance(body["created"], int)
+    (choice,) = body["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] == "length" and choice["logprobs"] is None
+    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 6, "total_tokens": len(prompt) + 6}
+    # the one-process generator in model/generate.py is the reference for greedy output
+    engine = server.engine
+    (ref,) = generate(engine.head, engine.experts.inner, [prompt], SamplingParams(max_tokens=6, ignore_eos=True))
+    assert choice["text"] == engine.tokenizer.decode(ref, skip_special_tokens=True)
+
+
+def test_chat_completion_shape_and_usage(server: Server, http: httpx.Client) -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    r = http.post(CHAT, json=chat(max_completion_tokens=5, ignore_eos=True, messages=messages))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    (choice,) = body["choices"]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
+    tok = server.engine.tokenizer
+    n = len(tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)))
+    assert body["usage"] == {"prompt_tokens": n, "completion_tokens": 5, "total_tokens": n + 5}
+
+
+def test_stop_string_cuts_the_text(http: httpx.Client) -> None:
+    full = http.post(CMPL, json=completion(max_tokens=12, ignore_eos=True)).json()
+    text = full["choices"][0]["text"]
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert stop.strip(), text
+    cut = http.post(CMPL, json=completion(max_tokens=12, ignore_eos=True, stop=[stop])).json()
+    assert cut["choices"][0]["text"] == text[:text.find(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("path", [CMPL, CHAT])
+def test_streaming_sse_format_matches_the_plain_response(http: httpx.Client, path: str) -> None:
+    make = chat if path == CHAT else completion
+    plain = http.post(path, json=make(max_tokens=8, ignore_eos=True)).json()
+    r = http.post(path, json=make(max_tokens=8, ignore_eos=True, stream=True, stream_options={"include_usage": True}))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    *content, finish, usage = chunks
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].split("-")[0] == plain["id"].split("-")[0]
+    assert all(c["object"] == ("chat.completion.chunk" if path == CHAT else "text_completion") for c in chunks)
+    assert all(c["usage"] is None and c["choices"][0]["finish_reason"] is None for c in content)
+    assert finish["choices"][0]["finish_reason"] == "length"
+    assert usage["choices"] == [] and usage["usage"] == plain["usage"]
+    if path == CHAT:
+        assert content[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert finish["choices"][0]["delta"] == {}
+        text = "".join(c["choices"][0]["delta"]["content"] for c in content)
+        assert text == plain["choices"][0]["message"]["content"]
+    else:
+        assert "".join(c["choices"][0]["text"] for c in content) == plain["choices"][0]["text"]
+
+
+def test_streaming_without_include_usage_has_no_usage(http: httpx.Client) -> None:
+    chunks = [json.loads(e) for e in sse_events(http.post(CMPL, json=completion(stream=True)).text)[:-1]]
+    assert chunks and all("usage" not in c and c["choices"] for c in chunks)
+
+
+def test_official_openai_client(server: Server) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    done = client.completions.create(model=MODEL, prompt="A", max_tokens=5, extra_body={"ignore_eos": True})
+    assert done.choices[0].finish_reason == "length" and done.usage and done.usage.completion_tokens == 5
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "write a loop"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=6, temperature=0,
+                                           seed=3, stop=["\n\n\n"])
+    assert reply.choices[0].message.role == "assistant" and reply.usage and reply.usage.total_tokens > 5
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=6,
+                                            temperature=0, seed=3, stop=["\n\n\n"], stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == reply.choices[0].message.content
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=0)
+    assert isinstance(e.value.body, dict) and e.value.body["param"] == "max_tokens"
+
+
+def test_sampling_with_seed_is_reproducible(http: httpx.Client) -> None:
+    body = completion(max_tokens=8, temperature=0.9, top_p=0.9, top_k=50, seed=123, ignore_eos=True)
+    first, second = (http.post(CMPL, json=body).json() for _ in range(2))
+    assert first["choices"][0]["text"] == second["choices"][0]["text"]
+
+
+def test_models_and_health(server: Server, http: httpx.Client) -> None:
+    models = http.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == MODEL
+    assert models["data"][0]["max_model_len"] == CONTEXT
+    assert http.get("/health").status_code == 200
+    server.engine.is_up = False
+    try:
+        r = http.get("/health")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+    finally:
+        server.engine.is_up = True
+    assert http.get("/health").status_code == 200
+
+
+def scrape(http: httpx.Client) -> dict[str, float]:
+    r = http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {s.name + json.dumps(s.labels, sort_keys=True): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def test_metrics_count_requests_tokens_and_engine_stats(http: httpx.Client) -> None:
+    before = scrape(http)
+    for _ in range(2):
+        assert http.post(CMPL, json=completion(max_tokens=3, ignore_eos=True)).status_code == 200
+    assert http.post(CMPL, json=completion(n=2)).status_code == 400
+    after = scrape(http)
+
+    def grew(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew(completions_total(200)) == 2 and grew(completions_total(400)) == 1
+    assert grew("nextserve_generation_tokens_total{}") == 6
+    assert grew("nextserve_prompt_tokens_total{}") > 0
+    assert grew("nextserve_time_to_first_token_seconds_count{}") == 2
+    assert grew("nextserve_time_per_output_token_seconds_count{}") == 2
+    assert "nextserve_num_requests_running{}" in after and "nextserve_num_requests_waiting{}" in after
+    layers = {k for k in after if k.startswith("nextserve_dispatch_latency_seconds_count")}
+    assert len(layers) == 8  # every tiny layer is an MoE layer
+    expert_total = sum(v for k, v in after.items() if k.startswith("nextserve_expert_tokens_total"))
+    assert expert_total > 0
+
+
+def test_engine_failure_is_a_500_and_the_next_request_works(server: Server, http: httpx.Client) -> None:
+    before = scrape(http)
+    server.engine.fail_after_outputs = 0
+    r = http.post(CMPL, json=completion())
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert scrape(http)[completions_total(500)] == before.get(completions_total(500), 0) + 1
+    server.engine.fail_after_outputs = 2
+    events = sse_events(http.post(CMPL, json=completion(max_tokens=8, stream=True)).text)
+    assert "error" in json.loads(events[-2]) and events[-1] == "[DONE]"
+    assert http.post(CMPL, json=completion()).status_code == 200
+
+
+def test_client_disconnect_aborts_the_engine_request(server: Server) -> None:
+    async def read_one_chunk_then_leave() -> str:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            body = completion(max_tokens=CONTEXT // 2, ignore_eos=True, stream=True)
+            async with client.stream("POST", CMPL, json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        return json.loads(line.removeprefix("data: "))["id"]
+        raise AssertionError("no chunk")
+
+    request_id = asyncio.run(read_one_chunk_then_leave())
+    wait_until(lambda: request_id in server.engine.aborted, "the engine request was not aborted")
+
+
+def test_client_leaving_a_plain_request_aborts_it(server: Server, http: httpx.Client) -> None:
+    before = len(server.engine.aborted)
+    with httpx.Client(base_url=server.url, timeout=0.3) as impatient, pytest.raises(httpx.ReadTimeout):
+        impatient.post("/v1/completions", json=completion(max_tokens=CONTEXT - 8, ignore_eos=True))
+    wait_until(lambda: len(server.engine.aborted) > before, "the engine request was not aborted")
+    assert scrape(http)[completions_total(499)] >= 1
+
+
+def test_concurrent_requests_all_complete(server: Server) -> None:
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            bodies = [completion(max_tokens=5, seed=i, temperature=1.0, stream=i % 2 == 0) for i in range(4)]
+            return await asyncio.gather(*(client.post(CMPL, json=b) for b in bodies),
+                                        client.post(CMPL, content=b"{oops"))
+
+    *good, bad = asyncio.run(run())
+    assert [r.status_code for r in good] == [200] * 4 and bad.status_code == 400
+
+
+def test_api_key(tiny_dir: Path) -> None:
+    with Server(LocalEngine(tiny_dir, max_model_len=CONTEXT), MODEL, api_key=API_KEY) as s, \
+            httpx.Client(base_url=s.url, timeout=60) as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+            for r in (http.post(CMPL, json=completion(), headers=headers), http.get("/v1/models", headers=headers)):
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        ok = http.post(CMPL, json=completion(), headers={"Authorization": f"Bearer {API_KEY}"})
+        assert ok.status_code == 200
+        assert http.get("/health").status_code == 200 and http.get("/metrics").status_code == 200
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key=API_KEY, max_retries=0)
+        assert client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                              max_tokens=2).choices[0].message.role == "assistant"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{s.url}/v1", api_key="nope", max_retries=0).models.list()
