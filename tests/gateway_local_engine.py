@@ -1,170 +1,110 @@
-"""An in-process EngineClient over model/generate.py's step loop (the real tiny model behind the gateway
-tests), `Server`: the gateway app in uvicorn on a free loopback port in a thread, and HTTP test helpers.
+"""The real engine (cluster/engine.py) on the tiny checkpoint behind `LocalEngineClient`, with test hooks;
+`Server`: the gateway app over it in uvicorn on a free loopback port in a thread; HTTP test helpers.
 
-Each request runs its own `model.generate.Sequence`, one `step` at a time in a worker thread; an asyncio
-lock interleaves concurrent requests step by step (no batching: that is cluster/engine.py's job). The
-expert backend is wrapped to record what `EngineStats` reports: per-layer dispatch latency and tokens
-per (layer, expert). Text deltas are detokenized incrementally, with stop strings cut and held back.
+    Engine(head, RecordingBackend(FaultyBackend(LocalExpertBackend)))   <- LocalEngineClient <- build_app
+
+`FaultyBackend` fails one forward pass on demand (the engine then fails every sequence in that step), and
+`ObservedEngine` remembers which requests were aborted, so tests can prove how the gateway handles both.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import socket
 import threading
 import time
-from collections import Counter, defaultdict
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import httpx
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from cluster.engine import Engine
+from cluster.engine_client import LocalEngineClient, RecordingBackend
 from cluster.gateway_app import build_app
-from cluster.metrics import EngineStats
-from model.cache import SequenceCache
-from model.expert_backend import LocalExpertBackend
-from model.generate import DEFAULT_PREFILL_CHUNK, Sequence, step
+from model.expert_backend import ExpertBackend, LocalExpertBackend
+from model.generate import generate
 from model.loader import load_head, load_local_backend
-from model.sampling import SamplingParams, make_generator
+from model.qwen3_next import HeadModel
+from model.sampling import SamplingParams
 
-
-class LocalEngineError(ValueError):
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
+RELEASE_TIMEOUT_S = 30.0
+"""How long a forward pass armed to fail waits for the test's release before failing anyway."""
 
 
 class InjectedFailure(RuntimeError):
-    """Raised by the engine when a test asked it to fail (to prove the gateway survives engine crashes)."""
+    """Raised by FaultyBackend when a test asked for it (to prove the gateway survives engine failures)."""
 
 
-@dataclass(frozen=True, slots=True)
-class LocalOutput:
-    token_ids: tuple[int, ...]
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
+class FaultyBackend:
+    """Forwards to `inner`; `fail_after(n)` makes the forward pass after the next n ones raise."""
 
-
-class MeteredBackend:
-    """LocalExpertBackend that records each layer's dispatch latency and the tokens each expert receives."""
-
-    def __init__(self, inner: LocalExpertBackend) -> None:
+    def __init__(self, inner: ExpertBackend, first_moe_layer: int) -> None:
         self.inner = inner
-        self.latency_s: defaultdict[int, list[float]] = defaultdict(list)
-        self.expert_tokens: Counter[tuple[int, int]] = Counter()
+        self.first_moe_layer = first_moe_layer  # a new forward pass starts at its first MoE layer
+        self.forwards_before_failure: int | None = None
+        self.release = threading.Event()
+
+    def fail_after(self, forwards: int) -> threading.Event:
+        """Arm a failure; it waits for the returned event, so a test can first read the outputs before it."""
+        self.release = threading.Event()
+        self.forwards_before_failure = forwards
+        return self.release
 
     def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> Future[Tensor]:
-        start = time.perf_counter()
-        future = self.inner.submit(layer, hidden, ids, weights)
-        future.result()
-        self.latency_s[layer].append(time.perf_counter() - start)
-        experts, counts = torch.unique(ids, return_counts=True)
-        for e, c in zip(experts.tolist(), counts.tolist(), strict=True):
-            self.expert_tokens[(layer, e)] += c
-        return future
-
-    def drain(self) -> tuple[dict[int, list[float]], dict[tuple[int, int], int]]:
-        latency, tokens = dict(self.latency_s), dict(self.expert_tokens)
-        self.latency_s, self.expert_tokens = defaultdict(list), Counter()
-        return latency, tokens
+        if layer == self.first_moe_layer and self.forwards_before_failure is not None:
+            if self.forwards_before_failure == 0:
+                self.forwards_before_failure = None
+                self.release.wait(RELEASE_TIMEOUT_S)
+                raise InjectedFailure("injected failure of a forward pass")
+            self.forwards_before_failure -= 1
+        return self.inner.submit(layer, hidden, ids, weights)
 
 
-class TextTracker:
-    """Incremental detokenization: the text delta of each new token, stop strings cut, held back at the end."""
+class ObservedEngine(Engine):
+    """The engine, remembering the ids of the requests whose streams were closed before they finished."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str]) -> None:
-        self.tokenizer, self.stop = tokenizer, stop
-        self.holdback = max((len(s) for s in stop), default=1) - 1
-        self.emitted = 0
+    def __init__(self, head: HeadModel, experts: ExpertBackend, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.aborted: list[str] = []  # before the engine thread starts
+        super().__init__(head, experts, tokenizer)
 
-    def delta(self, output_ids: list[int], is_finished: bool) -> tuple[str, bool]:
-        """(new text, whether a stop string ended it)."""
-        text = str(self.tokenizer.decode(output_ids, skip_special_tokens=True))
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text, is_finished = text[:cut], True
-        end = len(text) if is_finished else max(self.emitted, len(text.rstrip("\ufffd")) - self.holdback)
-        new, self.emitted = text[self.emitted:end], end
-        return new, cut >= 0
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+        super().abort(request_id)
+
+    def is_dropped(self, request_id: str) -> bool:
+        """The request was aborted and the engine has freed it (nothing is running any more)."""
+        return request_id in self.aborted and self.stats().num_running == 0
 
 
-class LocalEngine:
-    def __init__(self, checkpoint_dir: str | Path, max_model_len: int | None = None) -> None:
-        self.head = load_head(checkpoint_dir)
-        self.experts = MeteredBackend(load_local_backend(checkpoint_dir))
-        self._tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
-        self._max_model_len = max_model_len or self.head.config.max_position_embeddings
-        self._lock: asyncio.Lock | None = None
-        self.num_running = 0
-        self.num_waiting = 0
-        self.is_up = True
-        self.aborted: list[str] = []
-        self.fail_after_outputs: int | None = None
-        """Test hook: the next request raises InjectedFailure after this many outputs (0: at once)."""
+class TinyEngine:
+    """The tiny checkpoint served by the real engine: `client` for the gateway, the pieces for the tests."""
 
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        return self._tokenizer
+    def __init__(self, checkpoint_dir: str | Path, max_model_len: int) -> None:
+        head = load_head(checkpoint_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+        self.experts: LocalExpertBackend = load_local_backend(checkpoint_dir)
+        self.faults = FaultyBackend(self.experts, head.config.moe_layers[0])
+        recording = RecordingBackend(self.faults, head.config.num_experts)
+        self.engine = ObservedEngine(head, recording, self.tokenizer)
+        self.client = LocalEngineClient(self.engine, max_model_len, recording.recorder)
 
-    @property
-    def max_model_len(self) -> int:
-        return self._max_model_len
-
-    async def is_ready(self) -> bool:
-        return self.is_up
-
-    async def stats(self) -> EngineStats:
-        latency, tokens = self.experts.drain()
-        return {"num_running": self.num_running, "num_waiting": self.num_waiting,
-                "dispatch_latency_s": latency, "expert_tokens": tokens}
-
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       stop: list[str]) -> AsyncGenerator[LocalOutput, None]:
-        if len(prompt_ids) + params.max_tokens > self._max_model_len:
-            raise LocalEngineError("max_tokens", f"prompt + max_tokens exceeds the context {self._max_model_len}")
-        fail_after, self.fail_after_outputs = self.fail_after_outputs, None
-        seq = Sequence(list(prompt_ids), params, SequenceCache.empty(self.head.config),
-                       generator=make_generator(params))
-        text = TextTracker(self._tokenizer, stop)
-        self._lock = self._lock or asyncio.Lock()
-        self.num_running += 1
-        try:
-            while not seq.finished:
-                if fail_after is not None and len(seq.output) >= fail_after:
-                    raise InjectedFailure(f"injected failure in {request_id}")
-                self.num_waiting += 1
-                async with self._lock:
-                    self.num_waiting -= 1
-                    await asyncio.to_thread(step, self.head, self.experts, [seq], DEFAULT_PREFILL_CHUNK)
-                if not seq.output:
-                    continue  # still prefilling
-                delta, is_stopped = text.delta(seq.output, seq.finished)
-                reason = None
-                if is_stopped or seq.finished:
-                    seq.finished = True
-                    is_stop_token = seq.output[-1] in params.stop_token_ids or (
-                        not params.ignore_eos and seq.output[-1] in self.head.config.eos_token_ids)
-                    reason = "stop" if is_stopped or is_stop_token else "length"
-                yield LocalOutput((seq.output[-1],), delta, reason, len(prompt_ids), len(seq.output))
-        finally:
-            self.num_running -= 1
-            if not seq.finished:
-                self.aborted.append(request_id)
+    def reference(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        """The output ids of model/generate.py's one-process loop (no batching, no scheduler, no detokenizer)."""
+        (output_ids,) = generate(self.engine.head, self.experts, [prompt_ids], params)
+        return output_ids
 
 
 class Server:
-    """A uvicorn server in a thread, on a free loopback port."""
+    """A uvicorn server in a thread, on a free loopback port; the engine is shut down on exit."""
 
-    def __init__(self, engine: LocalEngine, model_name: str, api_key: str | None = None) -> None:
+    def __init__(self, engine: TinyEngine, model_name: str, api_key: str | None = None) -> None:
         self.engine = engine
-        self.app = build_app(engine, model_name, api_key)
+        self.app = build_app(engine.client, model_name, api_key)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -183,6 +123,8 @@ class Server:
         self.server.should_exit = True
         self.thread.join(10)
         self.sock.close()
+        self.engine.faults.release.set()
+        self.engine.client.shutdown()
 
 
 def sse_events(text: str) -> list[str]:
@@ -198,3 +140,16 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10) 
     while not condition():
         assert time.monotonic() < deadline, what
         time.sleep(0.05)
+
+
+def scrape(http: httpx.Client) -> dict[str, float]:
+    """/metrics as {name + sorted JSON labels: value}."""
+    r = http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {s.name + json.dumps(s.labels, sort_keys=True): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def completions_total(status: int) -> str:
+    """The scrape() key of the request counter for /v1/completions with `status`."""
+    return f'nextserve_requests_total{{"endpoint": "/v1/completions", "status": "{status}"}}'

@@ -1,4 +1,4 @@
-"""The gateway over real HTTP: uvicorn on a loopback port, the tiny model behind it, httpx and the openai client.
+"""The gateway over real HTTP: uvicorn on a loopback port, the real engine on the tiny model, httpx and openai.
 
 Context is cut to 128 tokens so the over-long cases are cheap.
 """
@@ -10,15 +10,14 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest.mock import AsyncMock
 
 import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
-from prometheus_client.parser import text_string_to_metric_families
 
-from gateway_local_engine import LocalEngine, Server, sse_events, wait_until
-from model.generate import generate
+from gateway_local_engine import Server, TinyEngine, completions_total, scrape, sse_events, wait_until
 from model.sampling import SamplingParams
 
 MODEL = "tiny"
@@ -29,7 +28,7 @@ CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
 
 @pytest.fixture(scope="module")
 def server(tiny_dir: Path) -> Iterator[Server]:
-    with Server(LocalEngine(tiny_dir, max_model_len=CONTEXT), MODEL) as s:
+    with Server(TinyEngine(tiny_dir, CONTEXT), MODEL) as s:
         yield s
 
 
@@ -45,11 +44,6 @@ def completion(**extra: Any) -> dict[str, Any]:
 
 def chat(**extra: Any) -> dict[str, Any]:
     return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0, **extra}
-
-
-def completions_total(status: int) -> str:
-    """The scrape() key of the request counter for /v1/completions with `status`."""
-    return f'nextserve_requests_total{{"endpoint": "/v1/completions", "status": "{status}"}}'
 
 
 BAD_REQUESTS = {  # name: (path, body (a dict, or raw bytes), status, param)
@@ -111,10 +105,11 @@ def test_completion_shape_usage_and_reference_tokens(server: Server, http: httpx
     (choice,) = body["choices"]
     assert choice["index"] == 0 and choice["finish_reason"] == "length" and choice["logprobs"] is None
     assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 6, "total_tokens": len(prompt) + 6}
-    # the one-process generator in model/generate.py is the reference for greedy output
-    engine = server.engine
-    (ref,) = generate(engine.head, engine.experts.inner, [prompt], SamplingParams(max_tokens=6, ignore_eos=True))
-    assert choice["text"] == engine.tokenizer.decode(ref, skip_special_tokens=True)
+    # the one-process generator in model/generate.py is the reference; the text stops at the last whole
+    # character: an unfinished UTF-8 sequence at the end is not output
+    ref = server.engine.reference(prompt, SamplingParams(max_tokens=6, ignore_eos=True))
+    texts = (str(server.engine.tokenizer.decode(ref[:n], skip_special_tokens=True)) for n in range(len(ref), -1, -1))
+    assert choice["text"] == next(t for t in texts if not t.endswith("\ufffd"))
 
 
 def test_chat_completion_shape_and_usage(server: Server, http: httpx.Client) -> None:
@@ -196,25 +191,24 @@ def test_sampling_with_seed_is_reproducible(http: httpx.Client) -> None:
     assert first["choices"][0]["text"] == second["choices"][0]["text"]
 
 
-def test_models_and_health(server: Server, http: httpx.Client) -> None:
+def test_models_and_health(server: Server, http: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
     models = http.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == MODEL
     assert models["data"][0]["max_model_len"] == CONTEXT
     assert http.get("/health").status_code == 200
-    server.engine.is_up = False
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(server.engine.client, "is_ready", AsyncMock(return_value=False))
         r = http.get("/health")
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
-    finally:
-        server.engine.is_up = True
     assert http.get("/health").status_code == 200
 
 
-def scrape(http: httpx.Client) -> dict[str, float]:
-    r = http.get("/metrics")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    return {s.name + json.dumps(s.labels, sort_keys=True): s.value
-            for family in text_string_to_metric_families(r.text) for s in family.samples}
+def test_shut_down_engine_is_not_ready_and_refuses_work(tiny_dir: Path) -> None:
+    with Server(TinyEngine(tiny_dir, CONTEXT), MODEL) as s, httpx.Client(base_url=s.url, timeout=60) as http:
+        s.engine.client.shutdown()
+        health, r = http.get("/health"), http.post(CMPL, json=completion())
+        assert health.status_code == 503 and health.json()["error"]["code"] == "not_ready"
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
 
 
 def test_metrics_count_requests_tokens_and_engine_stats(http: httpx.Client) -> None:
@@ -241,13 +235,18 @@ def test_metrics_count_requests_tokens_and_engine_stats(http: httpx.Client) -> N
 
 def test_engine_failure_is_a_500_and_the_next_request_works(server: Server, http: httpx.Client) -> None:
     before = scrape(http)
-    server.engine.fail_after_outputs = 0
+    server.engine.faults.fail_after(0).set()  # the request's first forward pass fails
     r = http.post(CMPL, json=completion())
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     assert scrape(http)[completions_total(500)] == before.get(completions_total(500), 0) + 1
-    server.engine.fail_after_outputs = 2
-    events = sse_events(http.post(CMPL, json=completion(max_tokens=8, stream=True)).text)
-    assert "error" in json.loads(events[-2]) and events[-1] == "[DONE]"
+    release = server.engine.faults.fail_after(2)  # the third fails: after 2 outputs of a one-chunk prompt
+    with http.stream("POST", CMPL, json=completion(max_tokens=8, stream=True)) as r:
+        chunks = r.iter_text()
+        body = next(chunks)  # streaming has begun: the failure comes mid-stream
+        release.set()
+        body += "".join(chunks)
+    events = sse_events(body)
+    assert "error" not in json.loads(events[0]) and "error" in json.loads(events[-2]) and events[-1] == "[DONE]"
     assert http.post(CMPL, json=completion()).status_code == 200
 
 
@@ -262,14 +261,15 @@ def test_client_disconnect_aborts_the_engine_request(server: Server) -> None:
         raise AssertionError("no chunk")
 
     request_id = asyncio.run(read_one_chunk_then_leave())
-    wait_until(lambda: request_id in server.engine.aborted, "the engine request was not aborted")
+    wait_until(lambda: server.engine.engine.is_dropped(request_id), "the engine request was not aborted")
 
 
 def test_client_leaving_a_plain_request_aborts_it(server: Server, http: httpx.Client) -> None:
-    before = len(server.engine.aborted)
+    engine = server.engine.engine
+    before = len(engine.aborted)  # the plain request's id is not returned: count the aborts instead
     with httpx.Client(base_url=server.url, timeout=0.3) as impatient, pytest.raises(httpx.ReadTimeout):
         impatient.post("/v1/completions", json=completion(max_tokens=CONTEXT - 8, ignore_eos=True))
-    wait_until(lambda: len(server.engine.aborted) > before, "the engine request was not aborted")
+    wait_until(lambda: any(map(engine.is_dropped, engine.aborted[before:])), "the engine request was not aborted")
     assert scrape(http)[completions_total(499)] >= 1
 
 
@@ -285,7 +285,7 @@ def test_concurrent_requests_all_complete(server: Server) -> None:
 
 
 def test_api_key(tiny_dir: Path) -> None:
-    with Server(LocalEngine(tiny_dir, max_model_len=CONTEXT), MODEL, api_key=API_KEY) as s, \
+    with Server(TinyEngine(tiny_dir, CONTEXT), MODEL, api_key=API_KEY) as s, \
             httpx.Client(base_url=s.url, timeout=60) as http:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
             for r in (http.post(CMPL, json=completion(), headers=headers), http.get("/v1/models", headers=headers)):

@@ -1,0 +1,86 @@
+"""The gateway's `EngineClient` over an `Engine` in this process, for single-process serving and tests.
+
+    build_app(LocalEngineClient(Engine(head, RecordingBackend(experts, E), tokenizer), max_model_len, recorder))
+      generate -> Engine.generate (closing the stream aborts the request)
+      stats    -> Engine.stats() + the dispatch latency / routed tokens the RecordingBackend saw since the last call
+
+E = num_experts (logical experts per MoE layer).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, Sequence
+from concurrent.futures import Future
+
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from cluster.detokenizer import StepOutput
+from cluster.engine import Engine
+from cluster.epoch_follower import DispatchRecorder
+from cluster.metrics import EngineStats
+from model.expert_backend import ExpertBackend
+from model.sampling import SamplingParams
+
+
+class RecordingBackend:
+    """An `ExpertBackend` that records each dispatch round's latency and the tokens routed to each expert
+    (what /metrics exports), then forwards to `inner`."""
+
+    def __init__(self, inner: ExpertBackend, num_experts: int) -> None:
+        self.inner = inner
+        self.num_experts = num_experts
+        self.recorder = DispatchRecorder()
+
+    def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> Future[Tensor]:
+        """hidden [T, H], ids / weights [T, k]; the future's result is [T, H]."""
+        start = time.perf_counter()
+        self.recorder.record_tokens(layer, ids, self.num_experts)
+        future = self.inner.submit(layer, hidden, ids, weights)
+        future.add_done_callback(lambda _: self.recorder.record_latency(layer, time.perf_counter() - start))
+        return future
+
+
+class LocalEngineClient:
+    """`gateway_app.EngineClient` over an in-process engine; `recorder` (a RecordingBackend's, if the engine
+    dispatches through one) feeds the dispatch metrics. Call `shutdown` when done serving."""
+
+    def __init__(self, engine: Engine, max_model_len: int, recorder: DispatchRecorder | None = None) -> None:
+        context = engine.head.config.max_position_embeddings
+        if not 2 <= max_model_len <= context:
+            raise ValueError(f"max_model_len={max_model_len} must be in [2, {context}] (the model's context "
+                             f"window, max_position_embeddings); lower it or omit it to use the full context")
+        self.engine = engine
+        self.recorder = recorder
+        self._max_model_len = max_model_len
+        self._is_shut_down = False
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+                 stop: Sequence[str]) -> AsyncGenerator[StepOutput, None]:
+        """The engine's own stream: it raises EngineRequestError (a ValueError naming `param`) at the first
+        iteration for a refused request, and `aclose()` aborts the request."""
+        return self.engine.generate(request_id, prompt_ids, params, stop)
+
+    async def stats(self) -> EngineStats:
+        now = self.engine.stats()
+        stats: EngineStats = {"num_running": now.num_running, "num_waiting": now.num_waiting}
+        if self.recorder is not None:
+            stats["dispatch_latency_s"], stats["expert_tokens"] = self.recorder.drain()
+        return stats
+
+    async def is_ready(self) -> bool:
+        return not self._is_shut_down
+
+    def shutdown(self) -> None:
+        """Stop the engine; its unfinished requests end with finish_reason ABORT, and /health turns 503."""
+        self._is_shut_down = True
+        self.engine.shutdown()
