@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: install serve test clean
+.PHONY: install serve test clean redis-server
 
 install: $(STAMP)
 
@@ -15,7 +15,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/pip install -q -e '.[dev]'
+	command -v redis-server >/dev/null || $(MAKE) redis-server
 	touch $(STAMP)
+
+# `nextserve up` starts a local redis-server when no --redis-url is given; tests start real ones.
+redis-server:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 
 serve: install
 	$(BIN)/nextserve up --model tiny

@@ -1,5 +1,7 @@
 """The `nextserve` command line: the entrypoint, and the only place that reads the environment.
 
+    nextserve up [--model DIR|tiny] [--expert-workers N] …  serve the model: Redis, Ray, workers, heads, HTTP
+    nextserve status [--json]                    workers (pid, address, experts, alive), heads, epoch
     nextserve make-tiny DIR                      write the tiny default checkpoint
     nextserve generate --model DIR|tiny PROMPT…  one-process generation (head + local experts)
     nextserve plan --config qwen3-coder-next     parameter counts and bytes, computed from a config
@@ -15,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-import torch
+from pydantic import ValidationError
 from transformers import AutoTokenizer
 
 from bench import dispatch as dispatch_bench
@@ -27,6 +29,9 @@ from model.loader import load_head, load_local_backend
 from model.sampling import SamplingError, SamplingParams
 from model.sizes import model_sizes
 from model.tiny import ensure_tiny, make_tiny
+from cluster.app_args import AppArgs
+from cluster.registry import Registry
+from cluster.up import UpOptions, read_state, run_up
 
 log = logging.getLogger("nextserve")
 
@@ -47,6 +52,38 @@ def resolve_model(name: str) -> Path:
         raise CheckpointError(f"--model {name!r} is not a checkpoint directory (no config.json); "
                               f"pass a Hugging Face checkpoint dir or 'tiny'")
     return path
+
+
+def state_file(cluster: str) -> Path:
+    return cache_dir() / f"cluster-{cluster}.json"
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    app = AppArgs(model=str(resolve_model(args.model)), model_name=args.model_name or ("tiny" if args.model == "tiny" else None),
+                  expert_workers=args.expert_workers, expert_replicas=args.expert_replicas,
+                  head_replicas=args.head_replicas, dtype=args.dtype, redis_url=args.redis_url or "",
+                  cluster=args.cluster, api_key=args.api_key or os.environ.get("NEXTSERVE_API_KEY"))
+    return run_up(UpOptions(app=app, host=args.host, port=args.port, ray_address=os.environ.get("RAY_ADDRESS"),
+                            state_file=state_file(args.cluster)))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    redis_url = args.redis_url or read_state(state_file(args.cluster))["redis_url"]
+    registry = Registry(redis_url, args.cluster)
+    record = registry.placement()
+    status = {"epoch": record.epoch if record else 0, "spec": registry.spec(),
+              "workers": [w.as_dict() for w in registry.workers()], "heads": [h.as_dict() for h in registry.heads()]}
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    print(f"placement epoch {status['epoch']}  spec {status['spec']}")
+    for w in status["workers"]:
+        print(f"worker {w['index']:>3}  pid {w['pid']:>7}  {w['address']:<22} experts {w['num_experts']:>5}  "
+              f"{'alive' if w['alive'] else 'DEAD'}")
+    for h in status["heads"]:
+        print(f"head {h['id']}  pid {h['pid']}  epoch {h.get('epoch', '-')}  running {h.get('num_running', 0)}  "
+              f"waiting {h.get('num_waiting', 0)}  {'alive' if h['alive'] else 'DEAD'}")
+    return 0
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -99,6 +136,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nextserve", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("up", help="start the cluster and serve the model over HTTP until SIGINT/SIGTERM")
+    p.add_argument("--model", default="tiny", help="checkpoint dir, or 'tiny'")
+    p.add_argument("--model-name", help="name clients pass as `model` (default: the directory's name)")
+    p.add_argument("--expert-workers", type=int, default=2)
+    p.add_argument("--expert-replicas", type=int, default=1, help="replicas of every expert (R)")
+    p.add_argument("--head-replicas", type=int, default=1)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--redis-url", help="an existing Redis (default: start a local redis-server)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (or set NEXTSERVE_API_KEY)")
+    p.add_argument("--cluster", default="default", help="registry namespace in Redis")
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("status", help="workers, heads and the placement epoch, from the Redis registry")
+    p.add_argument("--redis-url", help="default: the cluster `nextserve up` started")
+    p.add_argument("--cluster", default="default")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
     p = sub.add_parser("make-tiny", help="write the tiny default checkpoint to DIR")
     p.add_argument("dir", type=Path)
     p.set_defaults(func=cmd_make_tiny)
@@ -131,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, SamplingError) as exc:
+    except (ConfigError, CheckpointError, SamplingError, FileNotFoundError, ValidationError) as exc:
         print(f"nextserve: error: {exc}", file=sys.stderr)
         return 2
 

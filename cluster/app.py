@@ -1,0 +1,22 @@
+"""The Serve application: HTTP -> gateway (OpenAI API) -> head replicas -> expert workers (gRPC).
+
+`build_app(args)` is the `import_path` target of a Serve config (`cluster.app:build_app`, with
+`args` as in cluster/app_args.py); `nextserve up` calls it too. The head replicas ask the controller
+(a detached actor) for the expert workers when they start, so the app needs nothing else running.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from cluster.app_args import AppArgs
+from cluster.deployments.gateway import GatewayDeployment
+from cluster.deployments.head import HeadDeployment
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    app_args = AppArgs(**args)
+    heads = HeadDeployment.options(num_replicas=app_args.head_replicas).bind(app_args)
+    return GatewayDeployment.bind(heads, app_args)

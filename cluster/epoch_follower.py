@@ -1,0 +1,101 @@
+"""An `ExpertBackend` that follows the placement epoch published in Redis.
+
+A watcher thread polls the registry's epoch (cheap: one HGET) and, on a new epoch, builds a
+`RemoteExpertBackend` for the new placement and addresses, then swaps it in. A step already in flight
+finishes on the backend it started with (the old channels close after a grace period); the next
+MoE layer uses the new one. Both hold the same weights, so the swap changes no result. If Redis is
+unreachable the current backend keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+
+import torch
+from torch import Tensor
+
+from cluster.registry import Registry
+from router.dispatcher import RemoteExpertBackend
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.25
+CLOSE_GRACE_S = 30.0
+"""Old channels stay open this long after a swap, so in-flight calls (and their retries) finish."""
+
+
+class DispatchRecorder:
+    """Per-layer dispatch latency samples and per-(layer, expert) routed tokens, drained by the metrics."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.latency_s: dict[int, list[float]] = {}
+        self.tokens: dict[int, Tensor] = {}  # layer -> [E] routed tokens since the last drain
+
+    def record_tokens(self, layer: int, ids: Tensor, num_experts: int) -> None:
+        counts = torch.bincount(ids.reshape(-1).cpu(), minlength=num_experts)
+        with self.lock:
+            self.tokens[layer] = self.tokens[layer] + counts if layer in self.tokens else counts
+
+    def record_latency(self, layer: int, seconds: float) -> None:
+        with self.lock:
+            self.latency_s.setdefault(layer, []).append(seconds)
+
+    def drain(self) -> tuple[dict[int, list[float]], dict[tuple[int, int], int]]:
+        with self.lock:
+            latency, tokens = self.latency_s, self.tokens
+            self.latency_s, self.tokens = {}, {}
+        routed = {(layer, int(e)): int(counts[e]) for layer, counts in tokens.items() for e in counts.nonzero()[:, 0]}
+        return latency, routed
+
+
+class EpochFollowingBackend:
+    def __init__(self, registry: Registry, dtype: torch.dtype, deadline_s: float, wait_s: float = 300.0) -> None:
+        self.recorder = DispatchRecorder()
+        self.registry = registry
+        self.dtype = dtype
+        self.deadline_s = deadline_s
+        self.epoch = 0
+        self.current: RemoteExpertBackend | None = None
+        self._stop = threading.Event()
+        deadline = time.monotonic() + wait_s
+        while not self.refresh():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no placement appeared in Redis ({registry.url}) within {wait_s} s")
+            time.sleep(POLL_S)
+        threading.Thread(target=self._watch, name="epoch-follower", daemon=True).start()
+
+    def refresh(self) -> bool:
+        """Swap in the published placement if it is newer; True when a backend is in place."""
+        record = self.registry.placement()
+        if record is None or record.epoch == self.epoch:
+            return self.current is not None
+        backend = RemoteExpertBackend(list(record.addresses), record.placement, self.dtype, self.deadline_s)
+        old, self.current, self.epoch = self.current, backend, record.epoch
+        log.info("dispatching with placement epoch %d (%s)", record.epoch, ", ".join(record.addresses))
+        if old is not None:
+            threading.Timer(CLOSE_GRACE_S, old.close).start()
+        return True
+
+    def _watch(self) -> None:
+        while not self._stop.wait(POLL_S):
+            try:
+                self.refresh()
+            except Exception as exc:  # Redis restarting: keep the current backend
+                log.debug("epoch poll failed: %s", exc)
+
+    def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> "Future[Tensor]":
+        assert self.current is not None
+        backend, start = self.current, time.perf_counter()
+        self.recorder.record_tokens(layer, ids, backend.placement.num_experts)
+        future = backend.submit(layer, hidden, ids, weights)
+        future.add_done_callback(lambda _: self.recorder.record_latency(layer, time.perf_counter() - start))
+        return future
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.current is not None:
+            self.current.close()

@@ -1,0 +1,91 @@
+"""A local redis-server on a free loopback port, for `nextserve up` without --redis-url and for tests.
+
+The server runs in its own process group with no persistence; `stop()` terminates it and waits, so
+nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 10.0
+
+
+class RedisServerError(RuntimeError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LocalRedis:
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RedisServerError("redis-server is not installed; run `make install` (it installs it with "
+                                   "apt-get) or pass --redis-url redis://HOST:PORT")
+        self.binary = binary
+        self.host, self.port = host, port or free_port(host)
+        self._start()
+
+    def _start(self) -> None:
+        self.workdir = tempfile.mkdtemp(prefix="nextserve-redis-")
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
+             "--dir", self.workdir, "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        self._wait_ready()
+        log.info("redis-server pid %d on %s", self.process.pid, self.url)
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def _wait_ready(self) -> None:
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RedisServerError(f"redis-server exited with {self.process.returncode}: "
+                                       f"{self.process.stderr.read().decode(errors='replace') if self.process.stderr else ''}")
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        self.stop()
+        raise RedisServerError(f"redis-server did not answer on {self.url} within {START_TIMEOUT_S} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def restart(self) -> None:
+        """Stop and start again on the same port (state is lost: no persistence)."""
+        self.stop()
+        self._start()
+
+    def __enter__(self) -> "LocalRedis":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

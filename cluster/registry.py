@@ -1,0 +1,146 @@
+"""The cluster registry in Redis: desired state, expert workers, heads, and the placement epoch.
+
+Keys (prefix `nextserve:{cluster}`, cluster "default" unless named):
+
+| key | type | holds |
+| --- | --- | --- |
+| `{p}:spec` | hash | desired state: model, dtype, num_workers, replication (the controller recovers from it) |
+| `{p}:epoch` | string | the last placement epoch, an integer only ever INCRed |
+| `{p}:placement` | hash | epoch, placement (router.placement JSON), addresses (JSON list by worker index) |
+| `{p}:workers` | set | worker indices ever registered |
+| `{p}:worker:{i}` | hash | index, address, pid, node, num_experts, actor, heartbeat (unix s) |
+| `{p}:heads` | set | head replica ids |
+| `{p}:head:{id}` | hash | id, pid, node, epoch (the placement it dispatches with), heartbeat |
+| `{p}:epochs` | pub/sub channel | each new epoch number, published after the placement is written |
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from router.placement import Placement
+
+HEARTBEAT_S = 1.0
+"""How often workers and heads refresh their heartbeat."""
+STALE_AFTER_S = 5.0
+"""A heartbeat older than this marks a worker or head as not alive (5 missed beats)."""
+
+
+@dataclass(frozen=True)
+class PlacementRecord:
+    epoch: int
+    placement: Placement
+    addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    """A worker or head as registered; `alive` is derived from the heartbeat's age."""
+    fields: dict[str, str]
+    age_s: float
+
+    @property
+    def alive(self) -> bool:
+        return self.age_s <= STALE_AFTER_S
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: _number(v) for k, v in self.fields.items()}
+        out["heartbeat_age_s"] = round(self.age_s, 3)
+        out["alive"] = self.alive
+        return out
+
+
+def _number(value: str) -> Any:
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            return float(value)
+        except ValueError:
+            return value
+
+
+class Registry:
+    def __init__(self, url: str, cluster: str = "default") -> None:
+        self.url = url
+        self.client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5,
+                                           socket_connect_timeout=5, health_check_interval=10)
+        self.prefix = f"nextserve:{cluster}"
+
+    def key(self, *parts: object) -> str:
+        return ":".join([self.prefix, *map(str, parts)])
+
+    # ---- desired state ----------------------------------------------------------------------------
+
+    def save_spec(self, spec: dict[str, Any]) -> None:
+        self.client.hset(self.key("spec"), mapping={k: json.dumps(v) for k, v in spec.items()})
+
+    def spec(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self.client.hgetall(self.key("spec")).items()}
+
+    # ---- placement --------------------------------------------------------------------------------
+
+    def publish_placement(self, placement: Placement, addresses: list[str], min_epoch: int = 0) -> int:
+        """Write a placement under a new epoch (> min_epoch, even if Redis lost the counter), then
+        announce the epoch; returns it."""
+        epoch = int(self.client.incr(self.key("epoch")))
+        if epoch <= min_epoch:
+            self.client.set(self.key("epoch"), min_epoch + 1)
+            epoch = min_epoch + 1
+        stamped = Placement(placement.num_workers, placement.replication, placement.layer_to_expert_workers, epoch)
+        self.client.hset(self.key("placement"), mapping={
+            "epoch": epoch, "placement": stamped.to_json(), "addresses": json.dumps(addresses)})
+        self.client.publish(self.key("epochs"), epoch)
+        return epoch
+
+    def placement(self) -> PlacementRecord | None:
+        raw = self.client.hgetall(self.key("placement"))
+        if not raw:
+            return None
+        return PlacementRecord(int(raw["epoch"]), Placement.from_json(raw["placement"]),
+                               tuple(json.loads(raw["addresses"])))
+
+    def epoch(self) -> int:
+        raw = self.client.hget(self.key("placement"), "epoch")
+        return int(raw) if raw is not None else 0
+
+    # ---- members ----------------------------------------------------------------------------------
+
+    def register_worker(self, index: int, fields: dict[str, Any]) -> None:
+        self.client.sadd(self.key("workers"), index)
+        self.client.hset(self.key("worker", index), mapping={**fields, "index": index, "heartbeat": time.time()})
+
+    def heartbeat_worker(self, index: int) -> None:
+        self.client.hset(self.key("worker", index), "heartbeat", time.time())
+
+    def workers(self) -> list[MemberRecord]:
+        return self._members("workers", "worker")
+
+    def register_head(self, head_id: str, fields: dict[str, Any]) -> None:
+        self.client.sadd(self.key("heads"), head_id)
+        self.client.hset(self.key("head", head_id), mapping={**fields, "id": head_id, "heartbeat": time.time()})
+
+    def heartbeat_head(self, head_id: str, epoch: int) -> None:
+        self.client.hset(self.key("head", head_id), mapping={"heartbeat": time.time(), "epoch": epoch})
+
+    def heads(self) -> list[MemberRecord]:
+        return self._members("heads", "head")
+
+    def _members(self, set_name: str, kind: str) -> list[MemberRecord]:
+        now = time.time()
+        ids = sorted(self.client.smembers(self.key(set_name)), key=lambda x: (len(x), x))
+        out = []
+        for member in ids:
+            fields = self.client.hgetall(self.key(kind, member))
+            if fields:
+                out.append(MemberRecord(fields, now - float(fields.get("heartbeat", 0))))
+        return out
+
+    def forget_worker(self, index: int) -> None:
+        self.client.srem(self.key("workers"), index)
+        self.client.delete(self.key("worker", index))

@@ -1,0 +1,87 @@
+"""Run `nextserve up` as a user does (a subprocess of the real CLI) and talk to it over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cluster.redis_server import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+UP_TIMEOUT_S = 240.0
+
+
+class UpProcess:
+    def __init__(self, model: Path, cache: Path, workers: int, extra: list[str] | None = None) -> None:
+        self.port = free_port()
+        self.cache = cache
+        self.env = {**os.environ, "NEXTSERVE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+        self.env.pop("RAY_ADDRESS", None)
+        cmd = [sys.executable, "-m", "cluster.cli", "up", "--model", str(model), "--model-name", "tiny",
+               "--expert-workers", str(workers), "--port", str(self.port), *(extra or [])]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        self.lines: list[str] = []
+        self.owned: list[subprocess.Popen[bytes]] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self.ready.wait(UP_TIMEOUT_S) or self.proc.poll() is not None:
+            self.proc.kill()
+            raise RuntimeError("nextserve up did not come up:\n" + "".join(self.lines[-60:]))
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("nextserve is up"):
+                self.ready.set()
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, env=self.env,
+                              capture_output=True, text=True, timeout=120)
+
+    def status(self) -> dict:
+        result = self.cli("status", "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def state(self) -> dict:
+        return json.loads((self.cache / "cluster-default.json").read_text())
+
+    def python_in_cluster(self, code: str) -> subprocess.CompletedProcess[str]:
+        """Run `code` in a driver connected to this Ray cluster (namespace nextserve)."""
+        prelude = "import ray\nray.init(address='auto', namespace='nextserve', logging_level='ERROR')\n"
+        return subprocess.run([sys.executable, "-c", prelude + code], cwd=ROOT, env=self.env, capture_output=True,
+                              text=True, timeout=120)
+
+    def interrupt(self, timeout_s: float = 90.0) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(timeout_s)
+
+
+def pids_alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")

@@ -1,0 +1,197 @@
+"""The product as a user meets it: `nextserve up` (real Ray, real redis-server, real gRPC expert
+workers) answering the official `openai` client, checked against transformers' own `generate`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cluster_harness import UpProcess, wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+WORKERS = 3
+
+
+@pytest.fixture(scope="module")
+def up(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+    proc = UpProcess(tiny_dir, tmp_path_factory.mktemp("nscache"), WORKERS)
+    yield proc
+    if proc.proc.poll() is None:
+        proc.interrupt()
+    for extra in proc.owned:  # e.g. the redis-server a test restarted in place of the cluster's own
+        extra.terminate()
+        extra.wait(10)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir: Path) -> tuple[AutoModelForCausalLM, AutoTokenizer]:
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def _hf_text(reference: tuple, prompt_ids: list[int], max_tokens: int) -> str:
+    model, tok = reference
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False)[0, len(prompt_ids):]
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def _metrics(up: UpProcess) -> dict[str, float]:
+    text = httpx.get(f"{up.base_url}/metrics", timeout=30).text
+    return {f"{s.name}{json.dumps(s.labels, sort_keys=True) if s.labels else ''}": s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_status_lists_workers_with_pids(up: UpProcess) -> None:
+    status = up.status()
+    assert status["epoch"] >= 1 and len(status["workers"]) == WORKERS
+    assert all(w["alive"] and w["pid"] > 0 and ":" in w["address"] for w in status["workers"])
+    assert sum(w["num_experts"] for w in status["workers"]) == 8 * 64  # every (layer, expert) once (R = 1)
+    assert len(status["heads"]) == 1 and status["heads"][0]["alive"]
+
+
+def test_eight_concurrent_greedy_requests_equal_transformers(up: UpProcess, reference: tuple) -> None:
+    _, tok = reference
+    client = openai.AsyncOpenAI(base_url=f"{up.base_url}/v1", api_key="unused", max_retries=0)
+    prompts = ["def fibonacci(n):", "import os\nimport sys\n", "The quick brown fox", "class Tree:",
+               "for i in range(10):", "Hello", "# a comment about parsing", "return x + y"]
+
+    async def one(i: int, prompt: str) -> tuple[str, list[int], int]:
+        n, chat, stream = 10 + 2 * i, i % 2 == 1, i % 4 >= 2
+        if chat:
+            messages = [{"role": "user", "content": prompt}]
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            if stream:
+                parts = [c.choices[0].delta.content or "" async for c in await client.chat.completions.create(
+                    model="tiny", messages=messages, max_tokens=n, temperature=0, stream=True)]
+                return "".join(parts), ids, n
+            r = await client.chat.completions.create(model="tiny", messages=messages, max_tokens=n, temperature=0)
+            return r.choices[0].message.content, ids, n
+        ids = tok(prompt)["input_ids"]
+        if stream:
+            parts = [c.choices[0].text async for c in await client.completions.create(
+                model="tiny", prompt=prompt, max_tokens=n, temperature=0, stream=True)]
+            return "".join(parts), ids, n
+        r = await client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0)
+        return r.choices[0].text, ids, n
+
+    async def all_of() -> list[tuple[str, list[int], int]]:
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+    for got, ids, n in asyncio.run(all_of()):
+        assert got == _hf_text(reference, ids, n)
+
+
+def test_streaming_is_incremental(up: UpProcess) -> None:
+    body = {"model": "tiny", "prompt": "def f():", "max_tokens": 48, "stream": True, "ignore_eos": True}
+    arrivals = []
+    with httpx.stream("POST", f"{up.base_url}/v1/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                arrivals.append(time.monotonic())
+    assert len(arrivals) >= 8  # tokens come in several events, not one
+    assert arrivals[-1] - arrivals[0] > 0.1  # the first event came well before the last
+
+
+def test_cancelled_stream_frees_its_sequence(up: UpProcess) -> None:
+    body = {"model": "tiny", "prompt": "def f():", "max_tokens": 3000, "stream": True, "ignore_eos": True}
+    events: list[str] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        with httpx.stream("POST", f"{up.base_url}/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                events.append(line)
+                if stop.is_set():
+                    break  # leaving the block closes the connection: the client cancels
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    wait_for(lambda: _metrics(up).get("nextserve_num_requests_running", 0) >= 1, 20, "the stream to be running")
+    stop.set()
+    reader.join(30)
+    assert not any('"finish_reason": "length"' in e for e in events)  # it was cut short, not finished
+    wait_for(lambda: _metrics(up).get("nextserve_num_requests_running", 1) == 0, 15, "the sequence to be freed")
+
+
+def test_seeded_sampling_is_reproducible(up: UpProcess) -> None:
+    client = openai.OpenAI(base_url=f"{up.base_url}/v1", api_key="unused", max_retries=0)
+    kwargs = dict(model="tiny", prompt="import", max_tokens=16, temperature=1.0, top_p=0.9)
+    a = client.completions.create(seed=11, **kwargs).choices[0].text
+    b = client.completions.create(seed=11, **kwargs).choices[0].text
+    c = client.completions.create(seed=12, **kwargs).choices[0].text
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "tiny", "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"model": "tiny"}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 10_000}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "hello " * 5000, "max_tokens": 4}, 400, "prompt"),
+    ({"model": "gpt-4", "prompt": "x"}, 404, "model"),
+])
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(up: UpProcess, body: dict, status: int, param: str) -> None:
+    r = httpx.post(f"{up.base_url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["message"]
+    good = httpx.post(f"{up.base_url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}, timeout=30)
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 2
+
+
+def test_malformed_json_is_400(up: UpProcess) -> None:
+    r = httpx.post(f"{up.base_url}/v1/chat/completions", content=b"{not json", timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_metrics_count_the_requests(up: UpProcess) -> None:
+    before = _metrics(up)
+    key = 'nextserve_requests_total{"endpoint": "/v1/completions", "status": "200"}'
+    for _ in range(3):
+        httpx.post(f"{up.base_url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}, timeout=30)
+    after = _metrics(up)
+    assert after[key] - before.get(key, 0) == 3
+    assert after["nextserve_generation_tokens_total"] - before.get("nextserve_generation_tokens_total", 0) >= 6
+    assert any(k.startswith("nextserve_dispatch_latency_seconds_count") for k in after)
+
+
+def _complete(up: UpProcess) -> str:
+    r = httpx.post(f"{up.base_url}/v1/completions", json={"model": "tiny", "prompt": "def", "max_tokens": 4, "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def test_killing_the_controller_does_not_stop_serving(up: UpProcess) -> None:
+    want = _complete(up)
+    killed = up.python_in_cluster("ray.kill(ray.get_actor('nextserve-controller-default'), no_restart=False)")
+    assert killed.returncode == 0, killed.stderr
+    assert _complete(up) == want
+    probe = "import json\nprint(json.dumps(ray.get(ray.get_actor('nextserve-controller-default').status.remote())))"
+    result = up.python_in_cluster(probe)
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout.strip().splitlines()[-1])
+    assert status["spec"]["num_workers"] == WORKERS  # the restarted controller recovered the spec from Redis
+
+
+def test_restarting_redis_does_not_stop_serving(up: UpProcess) -> None:
+    want = _complete(up)
+    port = up.state()["redis_url"].split(":")[2].split("/")[0]
+    subprocess.run(["pkill", "-9", "-f", f"redis-server 127.0.0.1:{port}"], check=True)
+    up.owned.append(subprocess.Popen(["redis-server", "--port", port, "--bind", "127.0.0.1", "--save", ""],
+                                     stdout=subprocess.DEVNULL, start_new_session=True))
+    assert _complete(up) == want
+    wait_for(lambda: len(up.status()["workers"]) == WORKERS and up.status()["epoch"] >= 1, 30,
+             "workers and placement to be written back to the new Redis")
+    assert up.status()["spec"]["num_workers"] == WORKERS
+    assert _complete(up) == want
