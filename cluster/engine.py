@@ -131,6 +131,11 @@ class Engine:
     def stats(self) -> EngineStats:
         return self._stats
 
+    @property
+    def is_running(self) -> bool:
+        """The step loop is alive and not shut down."""
+        return self._thread.is_alive() and not self._is_stopped
+
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop the loop after the current step; unfinished requests end with ABORT."""
         with self._lock:

@@ -1,6 +1,7 @@
 """The gateway's `EngineClient` over an `Engine` in this process, for single-process serving and tests.
 
     build_app(LocalEngineClient(Engine(head, RecordingBackend(experts, E), tokenizer), max_model_len, recorder))
+    (RecordingBackend: cluster/dispatch_metrics.py)
       generate -> Engine.generate (closing the stream aborts the request)
       stats    -> Engine.stats() + the dispatch latency / routed tokens the RecordingBackend saw since the last call
 
@@ -18,28 +19,10 @@ from transformers import PreTrainedTokenizerBase
 
 from cluster.detokenizer import StepOutput
 from cluster.engine import Engine
-from cluster.epoch_follower import DispatchRecorder
+from cluster.dispatch_metrics import DispatchRecorder
 from cluster.metrics import EngineStats
 from model.expert_backend import ExpertBackend
 from model.sampling import SamplingParams
-
-
-class RecordingBackend:
-    """An `ExpertBackend` that records each dispatch round's latency and the tokens routed to each expert
-    (what /metrics exports), then forwards to `inner`."""
-
-    def __init__(self, inner: ExpertBackend, num_experts: int) -> None:
-        self.inner = inner
-        self.num_experts = num_experts
-        self.recorder = DispatchRecorder()
-
-    def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> Future[Tensor]:
-        """hidden [T, H], ids / weights [T, k]; the future's result is [T, H]."""
-        start = time.perf_counter()
-        self.recorder.record_tokens(layer, ids, self.num_experts)
-        future = self.inner.submit(layer, hidden, ids, weights)
-        future.add_done_callback(lambda _: self.recorder.record_latency(layer, time.perf_counter() - start))
-        return future
 
 
 class LocalEngineClient:
@@ -54,7 +37,6 @@ class LocalEngineClient:
         self.engine = engine
         self.recorder = recorder
         self._max_model_len = max_model_len
-        self._is_shut_down = False
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -78,9 +60,8 @@ class LocalEngineClient:
         return stats
 
     async def is_ready(self) -> bool:
-        return not self._is_shut_down
+        return self.engine.is_running
 
     def shutdown(self) -> None:
         """Stop the engine; its unfinished requests end with finish_reason ABORT, and /health turns 503."""
-        self._is_shut_down = True
         self.engine.shutdown()

@@ -27,34 +27,8 @@ CLOSE_GRACE_S = 30.0
 """Old channels stay open this long after a swap, so in-flight calls (and their retries) finish."""
 
 
-class DispatchRecorder:
-    """Per-layer dispatch latency samples and per-(layer, expert) routed tokens, drained by the metrics."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.latency_s: dict[int, list[float]] = {}
-        self.tokens: dict[int, Tensor] = {}  # layer -> [E] routed tokens since the last drain
-
-    def record_tokens(self, layer: int, ids: Tensor, num_experts: int) -> None:
-        counts = torch.bincount(ids.reshape(-1).cpu(), minlength=num_experts)
-        with self.lock:
-            self.tokens[layer] = self.tokens[layer] + counts if layer in self.tokens else counts
-
-    def record_latency(self, layer: int, seconds: float) -> None:
-        with self.lock:
-            self.latency_s.setdefault(layer, []).append(seconds)
-
-    def drain(self) -> tuple[dict[int, list[float]], dict[tuple[int, int], int]]:
-        with self.lock:
-            latency, tokens = self.latency_s, self.tokens
-            self.latency_s, self.tokens = {}, {}
-        routed = {(layer, int(e)): int(counts[e]) for layer, counts in tokens.items() for e in counts.nonzero()[:, 0]}
-        return latency, routed
-
-
 class EpochFollowingBackend:
     def __init__(self, registry: Registry, dtype: torch.dtype, deadline_s: float, wait_s: float = 300.0) -> None:
-        self.recorder = DispatchRecorder()
         self.registry = registry
         self.dtype = dtype
         self.deadline_s = deadline_s
@@ -89,11 +63,7 @@ class EpochFollowingBackend:
 
     def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> "Future[Tensor]":
         assert self.current is not None
-        backend, start = self.current, time.perf_counter()
-        self.recorder.record_tokens(layer, ids, backend.placement.num_experts)
-        future = backend.submit(layer, hidden, ids, weights)
-        future.add_done_callback(lambda _: self.recorder.record_latency(layer, time.perf_counter() - start))
-        return future
+        return self.current.submit(layer, hidden, ids, weights)
 
     def close(self) -> None:
         self._stop.set()

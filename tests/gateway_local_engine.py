@@ -24,7 +24,8 @@ from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from cluster.engine import Engine
-from cluster.engine_client import LocalEngineClient, RecordingBackend
+from cluster.dispatch_metrics import RecordingBackend
+from cluster.engine_client import LocalEngineClient
 from cluster.gateway_app import build_app
 from model.expert_backend import ExpertBackend, LocalExpertBackend
 from model.generate import generate

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 
 from cluster.app_args import AppArgs
 from cluster.controller import get_or_create_controller
+from cluster.dispatch_metrics import RecordingBackend
 from cluster.engine import Engine, EngineRequestError
 from cluster.epoch_follower import EpochFollowingBackend
 from cluster.expert_actor import HEAD_RESOURCE
@@ -48,9 +49,10 @@ class HeadDeployment:
         dtype = parse_dtype(args.dtype)
         self.backend = EpochFollowingBackend(self.registry, dtype, args.dispatch_deadline_s)
         head = load_head(args.model, dtype)
+        self.recording = RecordingBackend(self.backend, head.config.num_experts)
         scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_tokens_per_step=args.max_tokens_per_step,
                                     prefill_chunk=args.prefill_chunk)
-        self.engine = Engine(head, self.backend, AutoTokenizer.from_pretrained(args.model), scheduler)
+        self.engine = Engine(head, self.recording, AutoTokenizer.from_pretrained(args.model), scheduler)
         self.head_id = serve.get_replica_context().replica_id.unique_id
         self.registry.register_head(self.head_id, {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()})
         self._stop = threading.Event()
@@ -79,11 +81,14 @@ class HeadDeployment:
             yield {"error": {"param": exc.param, "message": str(exc)}}
 
     async def stats(self) -> dict[str, Any]:
-        latency, tokens = self.backend.recorder.drain()
+        latency, tokens = self.recording.recorder.drain()
         return {**asdict(self.engine.stats()), "dispatch_latency_s": latency, "expert_tokens": tokens,
                 "epoch": self.backend.epoch}
 
     def check_health(self) -> None:
+        """Serve replaces a replica whose check fails."""
+        if not self.engine.is_running:
+            raise RuntimeError("the engine's step loop is not running")
         if self.backend.current is None:
             raise RuntimeError("no expert placement to dispatch with")
 
