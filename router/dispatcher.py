@@ -1,9 +1,10 @@
 """The remote expert backend: one MoE layer's routed experts over gRPC, with replica failover.
 
-    [Router: ids, weights]  ->  [Plan: pairs -> first alive replica -> one batch per worker]
-    ->  [Dispatch: concurrent Dispatch calls, each token once per worker, raw-byte tensors]
+    [Router: ids, weights]  ->  [Plan: pairs -> alive replicas (split, token affinity) -> one batch
+    per worker]  ->  [Dispatch: concurrent Dispatch calls, each token once per worker, raw bytes]
     ->  [Combine: partials index-added in (worker, round) order]  ->  [T, H]
 
+An expert with several alive replicas has its tokens split over them (router/plan.py:assign_pairs).
 A failed call (deadline, unavailable) marks its worker dead; only that worker's pairs are planned
 again onto the remaining replicas. With none left, `ExpertsUnavailableError` names the experts.
 Partials are summed in a fixed order, so a result depends on which replica served only by rounding.
@@ -26,7 +27,7 @@ from torch import Tensor
 from proto import expert_pb2
 from router.channels import WorkerChannels
 from router.placement import Placement
-from router.plan import (Pairs, WorkerBatch, choose_workers, plan_batches, replica_table,
+from router.plan import (Pairs, WorkerBatch, alive_replicas, assign_pairs, group_by_worker, replica_table,
                          unavailable_experts)
 from router.wire import TORCH_TO_DTYPE, decode_partial, encode_request
 
@@ -77,7 +78,7 @@ class RemoteExpertBackend:
         self.stats = DispatchStats()
         self._replicas = {layer: replica_table(placement, layer) for layer in placement.layers}
         self._dead_since: dict[int, float] = {}  # worker -> monotonic time; loop thread only
-        self._choice: dict[tuple[int, tuple[int, ...]], Tensor] = {}
+        self._alive: dict[tuple[int, tuple[int, ...]], Tensor] = {}  # (layer, dead) -> [E, R]
 
     def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> "Future[Tensor]":
         """hidden [T, H], ids/weights [T, k] -> Future of the routed-expert output [T, H]."""
@@ -103,11 +104,12 @@ class RemoteExpertBackend:
         pending = torch.arange(pairs.token.numel())
         partials: list[tuple[int, int, Tensor, Tensor]] = []  # (worker, round, tokens [t], partial [t, H])
         for round_ in range(self.placement.num_workers):
-            expert_to_worker = self._expert_to_worker(layer)
-            missing = unavailable_experts(pairs, pending, expert_to_worker)
+            replicas = self._alive_replicas(layer)
+            missing = unavailable_experts(pairs, pending, replicas[:, 0])
             if missing:
                 raise ExpertsUnavailableError(layer, missing, sorted(self._dead_since))
-            batches = plan_batches(pairs, pending, expert_to_worker)
+            worker = assign_pairs(pairs, pending, replicas, self.placement.num_workers)
+            batches = group_by_worker(pairs, pending, worker)
             results = await asyncio.gather(*(self._call(layer, hidden, b) for b in batches),
                                            return_exceptions=True)
             failed = [self._check(b, r, partials, round_) for b, r in zip(batches, results)]
@@ -136,18 +138,18 @@ class RemoteExpertBackend:
                                 f"rejected the request: {result.code().name}: {result.details()}") from result
         raise result
 
-    def _expert_to_worker(self, layer: int) -> Tensor:
-        """[E] the worker each expert's pairs go to now (first alive replica), -1 if none."""
+    def _alive_replicas(self, layer: int) -> Tensor:
+        """[E, R] each expert's replicas on workers not marked dead, first; -1 after."""
         now = time.monotonic()
         for w, since in list(self._dead_since.items()):
             if now - since > self.retry_dead_after_s:
                 del self._dead_since[w]  # give it another chance; a failure marks it again
         key = (layer, tuple(sorted(self._dead_since)))
-        if key not in self._choice:
+        if key not in self._alive:
             alive = torch.ones(self.placement.num_workers, dtype=torch.bool)
             alive[list(self._dead_since)] = False
-            self._choice[key] = choose_workers(self._replicas[layer], alive)
-        return self._choice[key]
+            self._alive[key] = alive_replicas(self._replicas[layer], alive)
+        return self._alive[key]
 
     async def _call(self, layer: int, hidden: Tensor, batch: WorkerBatch) -> Tensor:
         request = encode_request(layer, self.placement.epoch, hidden, batch, self.dtype)

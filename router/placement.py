@@ -1,14 +1,17 @@
 """Expert placement: which workers hold each (layer, expert). Pure functions, no I/O.
 
-A placement maps every routed expert of every MoE layer to R distinct workers (its replicas). The
-first replica of an expert is its primary: the dispatcher sends to the first replica still alive,
-so primaries are balanced as well as holdings. Serialised to JSON (it is stored in Redis later).
+A placement maps every routed expert of every MoE layer to at least R distinct workers (its replicas);
+hot experts may have more (router/eplb.py gives them spare slots). The dispatcher splits an expert's
+tokens over its alive replicas, so replicas are peers: the first is no longer special, except that
+`build_placement` balances first replicas too (the load if every other replica fails).
+Serialised to JSON (stored in Redis); a ragged placement keeps the same JSON shape.
 
-Letters: N = workers, R = replication factor, E = routed experts per layer, L = MoE layers.
+Letters: N = workers, R = minimum replicas per expert, E = routed experts per layer, L = MoE layers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,17 +25,21 @@ class PlacementError(ValueError):
 class Placement:
     num_workers: int
     replication: int
+    """The minimum number of distinct workers per expert (R); an expert may have up to N."""
     layer_to_expert_workers: dict[int, tuple[tuple[int, ...], ...]]
-    """layer -> [E] tuples of R distinct worker indices; the first is the primary."""
+    """layer -> [E] tuples of >= R distinct worker indices (its replicas)."""
     epoch: int = 0
     """Bumped by the controller on every change, so workers and routers can tell plans apart."""
 
     def __post_init__(self) -> None:
+        sizes = {len(experts) for experts in self.layer_to_expert_workers.values()}
+        if len(sizes) > 1:
+            raise PlacementError(f"layers have different expert counts {sorted(sizes)}; need one E")
         for layer, experts in self.layer_to_expert_workers.items():
             for e, workers in enumerate(experts):
-                if len(workers) != self.replication or len(set(workers)) != len(workers):
+                if len(workers) < self.replication or len(set(workers)) != len(workers):
                     raise PlacementError(f"layer {layer} expert {e} has workers {workers}; "
-                                         f"need {self.replication} distinct ones")
+                                         f"need {self.replication} distinct ones or more")
                 if not all(0 <= w < self.num_workers for w in workers):
                     raise PlacementError(f"layer {layer} expert {e} names workers {workers} outside "
                                          f"[0, {self.num_workers})")
@@ -45,6 +52,11 @@ class Placement:
     def num_experts(self) -> int:
         return len(next(iter(self.layer_to_expert_workers.values()), ()))
 
+    @property
+    def max_replicas(self) -> int:
+        """The most replicas any expert has (the width of `router.plan.replica_table`)."""
+        return max((len(ws) for experts in self.layer_to_expert_workers.values() for ws in experts), default=0)
+
     def workers_of(self, layer: int, expert: int) -> tuple[int, ...]:
         return self.layer_to_expert_workers[layer][expert]
 
@@ -52,6 +64,14 @@ class Placement:
         """The sorted (layer, expert) pairs that `worker` holds."""
         return [(layer, e) for layer in self.layers
                 for e, workers in enumerate(self.layer_to_expert_workers[layer]) if worker in workers]
+
+    def slots_of(self, worker: int, layer: int | None = None) -> int:
+        """How many experts `worker` holds in `layer`, or over all layers (its expert memory, in slots)."""
+        layers = self.layers if layer is None else (layer,)
+        return sum(worker in ws for l in layers for ws in self.layer_to_expert_workers[l])
+
+    def with_epoch(self, epoch: int) -> "Placement":
+        return dataclasses.replace(self, epoch=epoch)
 
     def to_json(self) -> str:
         return json.dumps({
@@ -71,17 +91,8 @@ class Placement:
             raise PlacementError(f"placement JSON is malformed: {exc!r}") from None
 
 
-def build_placement(layers: Sequence[int], num_experts: int, num_workers: int, replication: int = 1,
-                    epoch: int = 0) -> Placement:
-    """Balanced, reproducible placement of E experts per layer over N workers, R replicas each.
-
-    Greedy over replica ranks (all primaries of a layer, then all second replicas, ...): each slot goes
-    to the worker, not yet holding that expert, with the fewest experts of the layer, then the fewest
-    overall, then the next after the previous pick on the ring. Primaries come out round-robin, so
-    they (the load a dispatcher without failures puts on workers) differ by at most one between
-    workers, and so do per-layer and total holdings for R <= 8 (tests check N <= 16, R <= 4); the
-    replicas of a worker's experts are spread over many workers, so failover load spreads too.
-    """
+def check_sizes(num_experts: int, num_workers: int, replication: int) -> None:
+    """Raise PlacementError naming the value when E, N or R cannot make a placement."""
     if num_workers < 1:
         raise PlacementError(f"num_workers must be >= 1, got {num_workers}")
     if not 1 <= replication <= num_workers:
@@ -89,6 +100,20 @@ def build_placement(layers: Sequence[int], num_experts: int, num_workers: int, r
                              f"add workers or lower the replication factor")
     if num_experts < 1:
         raise PlacementError(f"num_experts must be >= 1, got {num_experts}")
+
+
+def build_placement(layers: Sequence[int], num_experts: int, num_workers: int, replication: int = 1,
+                    epoch: int = 0) -> Placement:
+    """Balanced, reproducible placement of E experts per layer over N workers, R replicas each.
+
+    Greedy over replica ranks (all first replicas of a layer, then all second replicas, ...): each slot
+    goes to the worker, not yet holding that expert, with the fewest experts of the layer, then the
+    fewest overall, then the next after the previous pick on the ring. First replicas come out
+    round-robin, so they differ by at most one between workers, and so do per-layer and total
+    holdings for R <= 8 (tests check N <= 16, R <= 4); the replicas of a worker's experts are spread
+    over many workers, so failover load spreads too. Load-blind: router/eplb.py weighs experts by load.
+    """
+    check_sizes(num_experts, num_workers, replication)
     total, cursor = [0] * num_workers, 0
     mapping: dict[int, tuple[tuple[int, ...], ...]] = {}
     for layer in sorted(set(layers)):
