@@ -31,7 +31,7 @@ from model.tiny import TINY_CONFIG
 from proto import expert_pb2
 from router.dispatcher import RemoteExpertBackend
 from router.placement import Placement, build_placement
-from router.plan import Pairs, choose_workers, plan_batches, replica_table
+from router.plan import Pairs, alive_replicas, assign_pairs, group_by_worker, replica_table
 from router.wire import encode_request
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,10 @@ def echo_requests(backend: RemoteExpertBackend, layer: int, hidden: torch.Tensor
     """Per worker, an Echo of its Dispatch's exact request/reply sizes; and the min bytes per token."""
     pairs = Pairs.from_topk(ids, weights.to(backend.dtype))
     alive = torch.ones(backend.placement.num_workers, dtype=torch.bool)
-    expert_to_worker = choose_workers(replica_table(backend.placement, layer), alive)
-    batches = plan_batches(pairs, torch.arange(pairs.token.numel()), expert_to_worker)
+    replicas = alive_replicas(replica_table(backend.placement, layer), alive)
+    pending = torch.arange(pairs.token.numel())
+    pair_worker = assign_pairs(pairs, pending, replicas, backend.placement.num_workers)  # as the dispatcher plans
+    batches = group_by_worker(pairs, pending, pair_worker)
     H, size = hidden.shape[1], backend.dtype.itemsize
     out = []
     for b in batches:
@@ -91,7 +93,7 @@ def echo_requests(backend: RemoteExpertBackend, layer: int, hidden: torch.Tensor
         reply_size = expert_pb2.DispatchReply(num_tokens=b.tokens.numel(), hidden_size=H, dtype=request.dtype,
                                               partial=bytes(b.tokens.numel() * H * size)).ByteSize()
         out.append((b.worker, expert_pb2.EchoRequest(payload=bytes(request.ByteSize()), reply_bytes=reply_size)))
-    per_token = [len(set(row)) for row in expert_to_worker[ids].tolist()]  # distinct workers per token
+    per_token = [len(set(row)) for row in pair_worker.view(ids.shape).tolist()]  # distinct workers per token
     return out, statistics.fmean(per_token) * H * size * 2
 
 
