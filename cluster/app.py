@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ray.serve import Application
@@ -17,6 +18,6 @@ from cluster.deployments.head import HeadDeployment
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    app_args = AppArgs(**args)
+    app_args = AppArgs(**args).with_redis_password(os.environ)  # the entrypoint: the one env read
     heads = HeadDeployment.options(num_replicas=app_args.head_replicas).bind(app_args)
     return GatewayDeployment.bind(heads, app_args)

@@ -1,0 +1,224 @@
+"""Capacity planning: expert workers and head replicas for a model on a GPU type, from its sizes.
+
+Pure arithmetic over `ModelSizes` (computed from the config) and the GPU table below; no torch, no I/O.
+Letters: E = routed experts per layer, L = MoE layers, R = replicas of every expert, N = expert
+workers (one GPU each), M = head replicas (one GPU each), k = top-k, H = hidden size.
+
+    usable    = total * (100 - reserve_percent) // 100                      bytes per GPU
+    experts   N = smallest N >= R with ceil(E * R / N) * L * bytes_per_expert <= usable
+    heads     per_sequence = kv_bytes_per_token * context + deltanet_state_bytes_per_sequence
+              seqs = (usable - head_weights) // per_sequence;   M = ceil(concurrency / seqs)
+    dispatch  L * min(k, N) * H * dtype_bytes * 2 per token (each distinct worker once, out and back)
+    host      what the process holds on its GPU + HOST_OVERHEAD_BYTES, rounded up to GiB
+
+`gpu_overlay_patch` renders a plan as the JSON 6902 patch that k8s/overlays/gpu applies to the
+RayService, with this arithmetic, in numbers, in its comments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from model.config import ConfigError, Qwen3NextConfig
+from model.sizes import ModelSizes
+
+MiB = 2**20
+GiB = 2**30
+
+HOST_OVERHEAD_BYTES = 8 * GiB
+"""Host memory of a pod beyond its GPU-side bytes: Ray's raylet and worker processes, Python + torch
+(~2 GiB per process), gRPC buffers, the safetensors read path. Weights pass through host memory on
+load, and today's code keeps them there (it computes on the CPU), so the host sizes to the GPU-side
+bytes plus this."""
+
+
+class CapacityError(ConfigError):
+    """A plan that cannot fit: the message names the sizes and what to change."""
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    total_bytes: int
+    """Device memory as the driver reports it (nvidia-smi memory.total, MiB), not the marketed GB."""
+    product_label: str
+    """Value of the `nvidia.com/gpu.product` node label (NVIDIA GPU feature discovery)."""
+
+
+GPUS: dict[str, GpuSpec] = {gpu.name: gpu for gpu in (
+    # memory.total as nvidia-smi prints it on these boards (public nvidia-smi output; not measured here).
+    GpuSpec("h100-80gb", 81_559 * MiB, "NVIDIA-H100-80GB-HBM3"),  # 79.6 GiB; marketed "80 GB"
+    GpuSpec("h200", 143_771 * MiB, "NVIDIA-H200"),  # 140.4 GiB; marketed "141 GB"
+    GpuSpec("a100-80gb", 81_920 * MiB, "NVIDIA-A100-SXM4-80GB"),  # 80.0 GiB
+    GpuSpec("l40s", 46_068 * MiB, "NVIDIA-L40S"),  # 45.0 GiB; marketed "48 GB"
+    GpuSpec("a10g", 23_028 * MiB, "NVIDIA-A10G"),  # 22.5 GiB; marketed "24 GB"
+)}
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    gpu: str
+    gpu_total_bytes: int
+    reserve_percent: int
+    """Held back on every GPU for the CUDA context, activations and allocator slack (vLLM's
+    gpu_memory_utilization=0.9 default makes the same bet)."""
+    usable_bytes_per_gpu: int
+    expert_replicas: int
+    num_expert_workers: int
+    max_experts_per_layer_per_worker: int
+    """The most experts of one layer a worker can hold within usable memory."""
+    experts_per_layer_per_worker: int
+    """What each worker holds with N workers: ceil(E * R / N) (the placement balances within one)."""
+    bytes_per_expert_worker: int
+    head_weight_bytes: int
+    context_tokens: int
+    kv_bytes_per_sequence: int
+    deltanet_state_bytes_per_sequence: int
+    bytes_per_sequence: int
+    max_sequences_per_head: int
+    concurrency: int
+    num_head_replicas: int
+    dispatch_bytes_per_token_deduped: int
+    """With N workers a token reaches at most min(k, N) of them per MoE layer (ModelSizes'
+    dispatch_bytes_per_token is the bound with no dedup: k per layer)."""
+    host_memory_bytes_expert: int
+    host_memory_bytes_head: int
+
+    def as_dict(self) -> dict[str, int | str]:
+        return asdict(self)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _round_up_gib(nbytes: int) -> int:
+    return _ceil_div(nbytes, GiB) * GiB
+
+
+def plan_capacity(config: Qwen3NextConfig, sizes: ModelSizes, gpu: GpuSpec, *, concurrency: int,
+                  context_tokens: int, expert_replicas: int = 1, reserve_percent: int = 10) -> CapacityPlan:
+    """Expert workers and head replicas (one GPU each) for `concurrency` sequences of `context_tokens`."""
+    if concurrency < 1 or context_tokens < 1 or expert_replicas < 1 or not 0 <= reserve_percent < 100:
+        raise CapacityError(f"need concurrency >= 1 ({concurrency}), context >= 1 ({context_tokens}), "
+                            f"expert replicas >= 1 ({expert_replicas}), 0 <= reserve% < 100 ({reserve_percent})")
+    usable = gpu.total_bytes * (100 - reserve_percent) // 100
+    num_layers, num_experts = len(config.moe_layers), config.num_experts
+    bytes_per_expert_row = num_layers * sizes.bytes_per_routed_expert  # one expert index across all layers
+    max_per_worker = min(usable // bytes_per_expert_row, num_experts)
+    if max_per_worker < 1:
+        raise CapacityError(f"one expert across {num_layers} layers is {bytes_per_expert_row:,} B, more than the "
+                            f"{usable:,} B usable on {gpu.name}; pick a larger GPU")
+    num_workers = max(_ceil_div(num_experts * expert_replicas, max_per_worker), expert_replicas)
+    per_worker = _ceil_div(num_experts * expert_replicas, num_workers)
+    kv = sizes.kv_bytes_per_token * context_tokens
+    per_sequence = kv + sizes.deltanet_state_bytes_per_sequence
+    max_seqs = (usable - sizes.bytes_per_head_replica) // per_sequence
+    if max_seqs < 1:
+        raise CapacityError(f"a head replica on {gpu.name} has {usable:,} B usable: head weights "
+                            f"{sizes.bytes_per_head_replica:,} B + one sequence of {context_tokens:,} tokens "
+                            f"({per_sequence:,} B) do not fit; lower --context or pick a larger GPU")
+    dispatch_per_worker = num_layers * config.hidden_size * sizes.dtype_bytes * 2
+    return CapacityPlan(
+        gpu=gpu.name, gpu_total_bytes=gpu.total_bytes, reserve_percent=reserve_percent,
+        usable_bytes_per_gpu=usable, expert_replicas=expert_replicas, num_expert_workers=num_workers,
+        max_experts_per_layer_per_worker=max_per_worker, experts_per_layer_per_worker=per_worker,
+        bytes_per_expert_worker=per_worker * bytes_per_expert_row, head_weight_bytes=sizes.bytes_per_head_replica,
+        context_tokens=context_tokens, kv_bytes_per_sequence=kv,
+        deltanet_state_bytes_per_sequence=sizes.deltanet_state_bytes_per_sequence, bytes_per_sequence=per_sequence,
+        max_sequences_per_head=max_seqs, concurrency=concurrency, num_head_replicas=_ceil_div(concurrency, max_seqs),
+        dispatch_bytes_per_token_deduped=dispatch_per_worker * min(config.num_experts_per_tok, num_workers),
+        host_memory_bytes_expert=_round_up_gib(per_worker * bytes_per_expert_row + HOST_OVERHEAD_BYTES),
+        host_memory_bytes_head=_round_up_gib(sizes.bytes_per_head_replica + max_seqs * per_sequence
+                                             + HOST_OVERHEAD_BYTES),
+    )
+
+
+# Where the gpu overlay puts things (k8s/base): tests/test_capacity.py checks these against the manifests.
+MODEL_MOUNT = "/models"
+REGISTRY_REDIS_URL = "redis://redis:6379/1"
+"""The registry's Redis (the `redis` Service); db 1, so Ray's GCS fault tolerance keeps db 0 to itself."""
+REDIS_PASSWORD_ENV = "NEXTSERVE_REDIS_PASSWORD"
+"""Set on every Ray pod from the `nextserve-redis` Secret (not REDIS_PASSWORD: KubeRay reserves that
+name on the head pod when gcsFaultToleranceOptions is set)."""
+HEADS_GROUP, EXPERTS_GROUP = 0, 1
+"""Indices of the `heads` and `experts` worker groups in the RayService's workerGroupSpecs."""
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / GiB:.2f} GiB"
+
+
+def _arithmetic(plan: CapacityPlan, config: Qwen3NextConfig, sizes: ModelSizes) -> list[str]:
+    E, L, R, N = config.num_experts, len(config.moe_layers), plan.expert_replicas, plan.num_expert_workers
+    k, H, nbytes = config.num_experts_per_tok, config.hidden_size, sizes.dtype_bytes
+    return [
+        f"GPU {plan.gpu}: {plan.gpu_total_bytes:,} B as the driver reports it; {plan.reserve_percent}% reserved "
+        f"(CUDA context, activations, allocator slack) -> usable {plan.usable_bytes_per_gpu:,} B per GPU.",
+        f"Experts: {E} per layer x {L} MoE layers x {sizes.bytes_per_routed_expert:,} B "
+        f"(3 x {H} x {config.moe_intermediate_size} x {nbytes} B) = {sizes.bytes_all_routed_experts:,} B "
+        f"({_gib(sizes.bytes_all_routed_experts)}), R = {R}.",
+        f"  N must satisfy ceil({E} x {R} / N) x {L} x {sizes.bytes_per_routed_expert:,} <= "
+        f"{plan.usable_bytes_per_gpu:,}: at most {plan.max_experts_per_layer_per_worker} experts per layer per worker",
+        f"  -> N = ceil({E * R} / {plan.max_experts_per_layer_per_worker}) = {N} expert workers, "
+        f"{plan.experts_per_layer_per_worker} per layer each = {plan.bytes_per_expert_worker:,} B "
+        f"({_gib(plan.bytes_per_expert_worker)}).",
+        f"Heads: weights {plan.head_weight_bytes:,} B; a sequence of {plan.context_tokens:,} tokens holds KV "
+        f"{sizes.kv_bytes_per_token:,} B x {plan.context_tokens:,} = {plan.kv_bytes_per_sequence:,} B",
+        f"  + DeltaNet state {plan.deltanet_state_bytes_per_sequence:,} B = {plan.bytes_per_sequence:,} B",
+        f"  -> ({plan.usable_bytes_per_gpu:,} - {plan.head_weight_bytes:,}) // {plan.bytes_per_sequence:,} = "
+        f"{plan.max_sequences_per_head} sequences per head replica (max_num_seqs)",
+        f"  -> concurrency {plan.concurrency} needs M = ceil({plan.concurrency} / {plan.max_sequences_per_head}) = "
+        f"{plan.num_head_replicas} head replicas.",
+        f"Dispatch: {L} layers x min({k}, {N}) workers x {H} x {nbytes} B x 2 = "
+        f"{plan.dispatch_bytes_per_token_deduped:,} B per token (no-dedup bound {sizes.dispatch_bytes_per_token:,} B).",
+        f"Host memory: GPU-side bytes + {_gib(HOST_OVERHEAD_BYTES)}, rounded up to GiB: experts "
+        f"{plan.host_memory_bytes_expert // GiB}Gi, heads {plan.host_memory_bytes_head // GiB}Gi.",
+    ]
+
+
+def _serve_config(plan: CapacityPlan, model_dir_name: str, dtype: str) -> list[str]:
+    return [
+        "applications:",
+        "  - name: nextserve",
+        "    import_path: cluster.app:build_app",
+        "    route_prefix: /",
+        "    args:",
+        f"      model: {MODEL_MOUNT}/{model_dir_name}",
+        f"      model_name: {model_dir_name}",
+        f"      dtype: {dtype}",
+        f"      expert_workers: {plan.num_expert_workers}",
+        f"      expert_replicas: {plan.expert_replicas}",
+        f"      head_replicas: {plan.num_head_replicas}",
+        f"      max_num_seqs: {plan.max_sequences_per_head}",
+        f"      redis_url: {REGISTRY_REDIS_URL}",
+        f"      redis_password_env: {REDIS_PASSWORD_ENV}",
+    ]
+
+
+def _group_ops(index: int, name: str, replicas: int, max_replicas: int, memory_bytes: int,
+               product_label: str) -> list[str]:
+    group = f"/spec/rayClusterConfig/workerGroupSpecs/{index}"
+    container = f"{group}/template/spec/containers/0/resources"
+    ops = [(f"{group}/replicas", replicas), (f"{group}/minReplicas", replicas),
+           (f"{group}/maxReplicas", max_replicas), (f"{container}/requests/memory", f"{memory_bytes // GiB}Gi"),
+           (f"{container}/limits/memory", f"{memory_bytes // GiB}Gi")]
+    lines = [f"- op: replace\n  path: {path}\n  value: {value}" for path, value in ops]
+    lines.append(f"- op: add\n  path: {group}/template/spec/nodeSelector\n  value:\n"
+                 f"    nvidia.com/gpu.product: {product_label}\n    nextserve.io/pool: {name}")
+    return lines
+
+
+def gpu_overlay_patch(plan: CapacityPlan, config: Qwen3NextConfig, sizes: ModelSizes, *, gpu: GpuSpec,
+                      model_dir_name: str, dtype: str, command: str) -> str:
+    """The JSON 6902 patch of k8s/overlays/gpu/capacity-patch.yaml: serveConfigV2, group sizes, memory,
+    node selectors. Head replicas may grow to 2 M pods (room for raising head_replicas); experts stay at N."""
+    header = [f"# Generated by: {command}", "# Do not edit: rerun the command (tests/test_capacity.py compares).",
+              "#"] + [f"# {line}" for line in _arithmetic(plan, config, sizes)]
+    serve = "\n".join(f"    {line}" for line in _serve_config(plan, model_dir_name, dtype))
+    ops = [f"- op: replace\n  path: /spec/serveConfigV2\n  value: |\n{serve}"]
+    ops += _group_ops(HEADS_GROUP, "heads", plan.num_head_replicas, 2 * plan.num_head_replicas,
+                      plan.host_memory_bytes_head, gpu.product_label)
+    ops += _group_ops(EXPERTS_GROUP, "experts", plan.num_expert_workers, plan.num_expert_workers,
+                      plan.host_memory_bytes_expert, gpu.product_label)
+    return "\n".join(header + ops) + "\n"
