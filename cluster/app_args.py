@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -31,6 +33,11 @@ class AppArgs(BaseModel):
     prefill_chunk: int = Field(256, ge=1)
     dispatch_deadline_s: float = Field(10.0, gt=0)
     """Per-attempt gRPC deadline of one dispatch to one worker (then its tokens fail over)."""
+    unavailable_wait_s: float = Field(30.0, ge=0)
+    """With no live replica of an expert, how long a step waits for the worker to come back before its
+    requests fail with 503 naming the experts."""
+    rebalance_every_s: float = Field(0.0, ge=0)
+    """Scheduled load-aware rebalancing period; 0 = only on demand (`nextserve rebalance`)."""
 
     @field_validator("model")
     @classmethod
@@ -39,9 +46,28 @@ class AppArgs(BaseModel):
             raise ValueError(f"model {value!r} is not a checkpoint directory (no config.json)")
         return value
 
+    redis_password_env: str | None = None
+    """Name of an environment variable holding the Redis password (Kubernetes: from a Secret), so that
+    no password sits in the Serve config; `build_app` puts it into `redis_url`."""
+
+    def with_redis_password(self, environ: Mapping[str, str]) -> "AppArgs":
+        """These args with the password from `environ[redis_password_env]` put into `redis_url`."""
+        if not self.redis_password_env:
+            return self
+        password = environ.get(self.redis_password_env)
+        if not password:
+            raise ValueError(f"redis_password_env={self.redis_password_env!r} is not set in this process's "
+                             f"environment; set it on every Ray pod from the Redis Secret")
+        url = urlsplit(self.redis_url)
+        if url.username or url.password:
+            raise ValueError("redis_url carries credentials already; drop them or drop redis_password_env")
+        netloc = f":{quote(password, safe='')}@{url.netloc}"
+        return self.model_copy(update={"redis_url": urlunsplit(url._replace(netloc=netloc)),
+                                       "redis_password_env": None})
+
     def served_model_name(self) -> str:
         return self.model_name or Path(self.model).name
 
     def cluster_spec(self) -> dict[str, object]:
         return {"model": self.model, "dtype": self.dtype, "num_workers": self.expert_workers,
-                "replication": self.expert_replicas}
+                "replication": self.expert_replicas, "rebalance_every_s": self.rebalance_every_s}

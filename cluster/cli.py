@@ -1,11 +1,13 @@
 """The `nextserve` command line: the entrypoint, and the only place that reads the environment.
 
     nextserve up [--model DIR|tiny] [--expert-workers N] …  serve the model: Redis, Ray, workers, heads, HTTP
-    nextserve status [--json]                    workers (pid, address, experts, alive), heads, epoch
+    nextserve status [--json]                    workers (pid, address, experts, load, alive), heads, epoch
+    nextserve scale --expert-workers N           re-shard the experts live onto N workers
+    nextserve rebalance                          re-place experts for the measured load (EPLB), live
     nextserve make-tiny DIR                      write the tiny default checkpoint
     nextserve generate --model DIR|tiny PROMPT…  one-process generation (head + local experts)
     nextserve plan --config qwen3-coder-next     parameter counts and bytes, computed from a config
-    nextserve bench model|dispatch …             benchmarks (see bench/)
+    nextserve bench model|dispatch|serve …       benchmarks (see bench/)
 """
 
 from __future__ import annotations
@@ -22,68 +24,19 @@ from transformers import AutoTokenizer
 
 from bench import dispatch as dispatch_bench
 from bench import model_bench
+from bench import serve_bench
 from model.config import PUBLISHED_CONFIGS, ConfigError, Qwen3NextConfig
 from model.checkpoint import CheckpointError, parse_dtype
 from model.generate import generate
 from model.loader import load_head, load_local_backend
 from model.sampling import SamplingError, SamplingParams
+from model.capacity import GPUS, gpu_overlay_patch, plan_capacity
 from model.sizes import model_sizes
-from model.tiny import ensure_tiny, make_tiny
-from cluster.app_args import AppArgs
-from cluster.registry import Registry
-from cluster.up import UpOptions, read_state, run_up
+from model.tiny import make_tiny
+from cluster.cluster_cli import add_cluster_commands
+from cluster.model_paths import resolve_model
 
 log = logging.getLogger("nextserve")
-
-
-def cache_dir() -> Path:
-    """Where `--model tiny` lives: $NEXTSERVE_CACHE, else $XDG_CACHE_HOME/nextserve, else ~/.cache/nextserve."""
-    if os.environ.get("NEXTSERVE_CACHE"):
-        return Path(os.environ["NEXTSERVE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "nextserve"
-
-
-def resolve_model(name: str) -> Path:
-    if name == "tiny":
-        return ensure_tiny(cache_dir())
-    path = Path(name)
-    if not (path / "config.json").exists():
-        raise CheckpointError(f"--model {name!r} is not a checkpoint directory (no config.json); "
-                              f"pass a Hugging Face checkpoint dir or 'tiny'")
-    return path
-
-
-def state_file(cluster: str) -> Path:
-    return cache_dir() / f"cluster-{cluster}.json"
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    app = AppArgs(model=str(resolve_model(args.model)), model_name=args.model_name or ("tiny" if args.model == "tiny" else None),
-                  expert_workers=args.expert_workers, expert_replicas=args.expert_replicas,
-                  head_replicas=args.head_replicas, dtype=args.dtype, redis_url=args.redis_url or "",
-                  cluster=args.cluster, api_key=args.api_key or os.environ.get("NEXTSERVE_API_KEY"))
-    return run_up(UpOptions(app=app, host=args.host, port=args.port, ray_address=os.environ.get("RAY_ADDRESS"),
-                            state_file=state_file(args.cluster)))
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    redis_url = args.redis_url or read_state(state_file(args.cluster))["redis_url"]
-    registry = Registry(redis_url, args.cluster)
-    record = registry.placement()
-    status = {"epoch": record.epoch if record else 0, "spec": registry.spec(),
-              "workers": [w.as_dict() for w in registry.workers()], "heads": [h.as_dict() for h in registry.heads()]}
-    if args.json:
-        print(json.dumps(status))
-        return 0
-    print(f"placement epoch {status['epoch']}  spec {status['spec']}")
-    for w in status["workers"]:
-        print(f"worker {w['index']:>3}  pid {w['pid']:>7}  {w['address']:<22} experts {w['num_experts']:>5}  "
-              f"{'alive' if w['alive'] else 'DEAD'}")
-    for h in status["heads"]:
-        print(f"head {h['id']}  pid {h['pid']}  epoch {h.get('epoch', '-')}  running {h.get('num_running', 0)}  "
-              f"waiting {h.get('num_waiting', 0)}  {'alive' if h['alive'] else 'DEAD'}")
-    return 0
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -115,13 +68,33 @@ def load_plan_config(name: str) -> Qwen3NextConfig:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    sizes = model_sizes(load_plan_config(args.config), parse_dtype(args.dtype))
+    config = load_plan_config(args.config)
+    sizes = model_sizes(config, parse_dtype(args.dtype))
+    if args.gpu is None:
+        if args.emit_overlay:
+            raise ConfigError("--emit-overlay needs --gpu (the GPU type the overlay is for)")
+        rows: dict[str, int | str] = dict(sizes.as_dict())
+    else:
+        plan = plan_capacity(config, sizes, GPUS[args.gpu], concurrency=args.concurrency,
+                             context_tokens=args.context, expert_replicas=args.expert_replicas)
+        if args.emit_overlay:
+            command = (f"nextserve plan --config {args.config} --gpu {args.gpu} --dtype {args.dtype} "
+                       f"--concurrency {args.concurrency} --context {args.context} "
+                       f"--expert-replicas {args.expert_replicas} --emit-overlay")
+            name = args.config if args.config in PUBLISHED_CONFIGS else Path(args.config).resolve().name
+            name = Path(args.config).resolve().parent.name if name == "config.json" else name
+            print(gpu_overlay_patch(plan, config, sizes, gpu=GPUS[args.gpu], model_dir_name=name,
+                                    dtype=args.dtype, command=command), end="")
+            return 0
+        rows = {**sizes.as_dict(), **plan.as_dict()}
     if args.json:
-        print(json.dumps(sizes.as_dict()))
+        print(json.dumps(rows if args.gpu is None else {**sizes.as_dict(), "capacity": plan.as_dict()}))
         return 0
-    for name, value in sizes.as_dict().items():
-        human = f"  ({value / 2**30:.2f} GiB)" if name.startswith("bytes") or name.endswith("_bytes_per_sequence") else ""
-        print(f"{name:<36}{value:>20,}{human}")
+    for name, value in rows.items():
+        is_bytes = name.startswith(("bytes", "host_memory")) or name.endswith("_bytes_per_sequence") \
+            or name in ("gpu_total_bytes", "usable_bytes_per_gpu", "head_weight_bytes")
+        human = f"  ({value / 2**30:.2f} GiB)" if is_bytes and isinstance(value, int) else ""
+        print(f"{name:<36}{value:>20,}{human}" if isinstance(value, int) else f"{name:<36}{value:>20}")
     return 0
 
 
@@ -130,30 +103,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return model_bench.run(args, resolve_model(args.model))
     if args.bench == "dispatch":
         return dispatch_bench.run(args)
+    if args.bench == "serve":
+        args.model = resolve_model(str(args.model))
+        return serve_bench.run(args)
     raise SystemExit(f"unknown benchmark {args.bench!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nextserve", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("up", help="start the cluster and serve the model over HTTP until SIGINT/SIGTERM")
-    p.add_argument("--model", default="tiny", help="checkpoint dir, or 'tiny'")
-    p.add_argument("--model-name", help="name clients pass as `model` (default: the directory's name)")
-    p.add_argument("--expert-workers", type=int, default=2)
-    p.add_argument("--expert-replicas", type=int, default=1, help="replicas of every expert (R)")
-    p.add_argument("--head-replicas", type=int, default=1)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--redis-url", help="an existing Redis (default: start a local redis-server)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (or set NEXTSERVE_API_KEY)")
-    p.add_argument("--cluster", default="default", help="registry namespace in Redis")
-    p.set_defaults(func=cmd_up)
-    p = sub.add_parser("status", help="workers, heads and the placement epoch, from the Redis registry")
-    p.add_argument("--redis-url", help="default: the cluster `nextserve up` started")
-    p.add_argument("--cluster", default="default")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_status)
+    add_cluster_commands(sub)
     p = sub.add_parser("make-tiny", help="write the tiny default checkpoint to DIR")
     p.add_argument("dir", type=Path)
     p.set_defaults(func=cmd_make_tiny)
@@ -171,12 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="parameter counts and bytes computed from a config")
     p.add_argument("--config", default="qwen3-coder-next", help=f"{' | '.join(PUBLISHED_CONFIGS)} | config.json | DIR")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--gpu", choices=list(GPUS), help="plan expert workers and head replicas for this GPU type")
+    p.add_argument("--concurrency", type=int, default=128, help="sequences served at once (with --gpu)")
+    p.add_argument("--context", type=int, default=32768, help="tokens per sequence to hold (with --gpu)")
+    p.add_argument("--expert-replicas", type=int, default=1, help="replicas of every expert, R (with --gpu)")
+    p.add_argument("--emit-overlay", action="store_true",
+                   help="print the k8s/overlays/gpu capacity patch (JSON 6902) for this plan")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("bench", help="benchmarks")
     bench_sub = p.add_subparsers(dest="bench", required=True)
     model_bench.add_parser(bench_sub)
     dispatch_bench.add_parser(bench_sub)
+    serve_bench.add_parser(bench_sub)
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -186,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, SamplingError, FileNotFoundError, ValidationError) as exc:
+    except (ConfigError, CheckpointError, SamplingError, FileNotFoundError, ValidationError, TimeoutError) as exc:
         print(f"nextserve: error: {exc}", file=sys.stderr)
         return 2
 

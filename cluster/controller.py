@@ -1,12 +1,13 @@
 """The controller: one detached, named Ray actor that owns placement and membership.
 
 Flow: `ensure(spec)` (idempotent; every head replica calls it) saves the desired state in Redis,
-builds the placement for N workers with replication R, creates the named worker actors, waits until
-each serves, and publishes the placement with the workers' addresses under a new epoch. A
-supervision thread then, every second: recreates a worker whose actor is gone, republishes when a
-worker restarted on a new address, and rewrites spec + placement if Redis lost them (a restart
-without persistence). A restarted controller recovers the spec from Redis and re-attaches to the
-named workers, which outlive it.
+builds the placement for N workers with replication R, starts the named worker actors and publishes
+the placement with their addresses under a new epoch. `scale(n)` and `rebalance()` move to a new
+placement live (cluster/reshard.py). A supervision thread, every second: follows a spec changed in
+Redis (`nextserve scale`), runs a requested or scheduled rebalance, recreates a worker whose actor is
+gone, republishes when a worker restarted on a new address, rewrites what Redis lost, and adds the
+workers' token counters to the load statistics. A restarted controller recovers the spec and the
+placement from Redis and re-attaches to the named workers, which outlive it.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import ray
 
-from cluster.expert_actor import ExpertWorker, actor_options, worker_actor_name
+from cluster import reshard
+from cluster.expert_actor import ExpertWorker, actor_options
+from cluster.rebalance import LoadCollector, measured_imbalance, plan_rebalance
 from cluster.registry import Registry
 from model.config import Qwen3NextConfig
 from router.placement import Placement, build_placement
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 
 CONTROLLER_NAME = "nextserve-controller"
 SUPERVISE_EVERY_S = 1.0
+COLLECT_LOAD_EVERY_S = 2.0
 WORKER_READY_TIMEOUT_S = 300.0
 """Loading a worker's share of the 80B checkpoint from a PVC takes minutes; the tiny one, seconds."""
 
@@ -38,6 +42,8 @@ class ClusterSpec:
     dtype: str
     num_workers: int
     replication: int
+    rebalance_every_s: float = 0.0
+    """0 disables scheduled rebalancing (`nextserve rebalance` still works)."""
 
 
 class ControllerActor:
@@ -49,32 +55,79 @@ class ControllerActor:
         self.placement: Placement | None = None
         self.workers: dict[int, Any] = {}
         self.epoch = 0
-        saved = self.registry.spec()
+        self.loads = LoadCollector(self.registry)
+        self.last_collect = self.last_rebalance = time.monotonic()
+        saved, record = self.registry.spec(), self.registry.placement()
         if saved:
-            log.info("controller recovering %s from Redis", saved)
+            log.info("controller recovering %s (epoch %s) from Redis", saved, record.epoch if record else None)
+            self.placement = record.placement if record else None
+            self.epoch = record.epoch if record else 0
             self.ensure(saved)
         threading.Thread(target=self._supervise, name="supervise", daemon=True).start()
 
     def ensure(self, spec: dict[str, Any]) -> int:
-        """Bring the cluster to `spec`; returns the placement epoch serving it."""
-        wanted = ClusterSpec(**{k: spec[k] for k in ClusterSpec.__dataclass_fields__})
-        with self.lock:
-            if wanted == self.spec and self.epoch:
-                return self.epoch
-            if self.spec is not None and wanted != self.spec:
-                raise ValueError(f"the cluster already serves {self.spec}; live re-sharding to {wanted} is "
-                                 f"`nextserve scale` (not in this version)")
-            config = Qwen3NextConfig.from_json(wanted.model)
-            self.placement = build_placement(config.moe_layers, config.num_experts, wanted.num_workers,
-                                             wanted.replication)
-            self.registry.save_spec(asdict(wanted))
-            self.spec = wanted
-            for index in range(wanted.num_workers):
-                self.workers[index] = self._get_or_create(index)
-            self._wait_ready()
-            return self._publish()
+        """Bring up the cluster for `spec` unless it runs already; returns the placement epoch serving it.
 
-    def _get_or_create(self, index: int) -> Any:
+        A running cluster keeps its size: a head replica that restarts with its original arguments
+        must not undo a `scale`. Only `scale` (or the spec in Redis) changes the number of workers."""
+        wanted = ClusterSpec(**{k: spec[k] for k in ClusterSpec.__dataclass_fields__ if k in spec})
+        with self.lock:
+            if self.spec is not None and self.workers:
+                if (wanted.model, wanted.dtype) != (self.spec.model, self.spec.dtype):
+                    raise ValueError(f"the cluster serves {self.spec}; start another cluster for {wanted}")
+                return self.epoch
+            config = Qwen3NextConfig.from_json(wanted.model)
+            if self.placement is None:
+                self.placement = build_placement(config.moe_layers, config.num_experts, wanted.num_workers,
+                                                 wanted.replication)
+            self.spec = replace(wanted, num_workers=self.placement.num_workers)
+            reshard.grow(self.registry, self.workers, None, self.placement, self._create, self.epoch)
+            self._wait_ready()
+            self._publish()
+            self.registry.save_spec(asdict(self.spec))
+            return self.scale(wanted.num_workers)  # a no-op unless a recovered cluster was asked to resize
+
+    def scale(self, num_workers: int) -> int:
+        with self.lock:
+            assert self.spec is not None and self.placement is not None
+            if num_workers == self.placement.num_workers:
+                return self.epoch
+            config = Qwen3NextConfig.from_json(self.spec.model)
+            new = build_placement(config.moe_layers, config.num_experts, num_workers, self.spec.replication)
+            self.spec = replace(self.spec, num_workers=num_workers)
+            epoch = self._move(new)
+            self.registry.save_spec(asdict(self.spec))
+            self.loads.reset()
+            return epoch
+
+    def rebalance(self) -> dict[str, Any]:
+        """Re-place experts for the load seen since the last rebalance; returns a report."""
+        with self.lock:
+            assert self.placement is not None
+            load = self.registry.load()
+            if not load:
+                return {"skipped": "no load recorded yet"}
+            before = measured_imbalance(self.registry.worker_load(), self.placement.num_workers)
+            new, predicted = plan_rebalance(self.placement, load, self.epoch)
+            moved = reshard.movement(self.placement, new)
+            epoch = self._move(new)
+            self.loads.reset()
+            self.last_rebalance = time.monotonic()
+            report = {"epoch": epoch, "measured_before": before, "pairs_loaded": moved, **predicted}
+            self.registry.set_rebalance_report(report)
+            return report
+
+    def _move(self, new: Placement) -> int:
+        old = self.placement
+        reshard.grow(self.registry, self.workers, old, new, self._create, self.epoch)
+        self._wait_ready()
+        self.placement = new
+        epoch = self._publish()
+        reshard.wait_for_switch(self.registry, epoch)
+        reshard.shrink(self.registry, self.workers, old, new, epoch)
+        return epoch
+
+    def _create(self, index: int) -> Any:
         assert self.spec is not None and self.placement is not None
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         return ExpertWorker.options(**actor_options(index, self.cluster, use_gpu), get_if_exists=True).remote(
@@ -85,14 +138,15 @@ class ControllerActor:
         ray.get([w.describe.remote() for w in self.workers.values()], timeout=WORKER_READY_TIMEOUT_S)
 
     def _addresses(self) -> list[str]:
-        described = ray.get([self.workers[i].describe.remote() for i in sorted(self.workers)],
+        assert self.placement is not None
+        described = ray.get([self.workers[i].describe.remote() for i in range(self.placement.num_workers)],
                             timeout=WORKER_READY_TIMEOUT_S)
         return [str(d["address"]) for d in described]
 
     def _publish(self) -> int:
         assert self.placement is not None
         self.epoch = self.registry.publish_placement(self.placement, self._addresses(), min_epoch=self.epoch)
-        log.info("published placement epoch %d", self.epoch)
+        log.info("published placement epoch %d (%d workers)", self.epoch, self.placement.num_workers)
         return self.epoch
 
     def _supervise(self) -> None:
@@ -107,19 +161,37 @@ class ControllerActor:
         with self.lock:
             if self.spec is None or self.placement is None:
                 return
-            if not self.registry.spec():
+            wanted = self.registry.spec()
+            if not wanted:
                 self.registry.save_spec(asdict(self.spec))  # Redis came back empty
-            current = self.registry.placement()
-            for index, actor in list(self.workers.items()):
-                try:
-                    ray.get(actor.describe.remote(), timeout=30)
-                except ray.exceptions.ActorUnavailableError:
-                    continue  # Ray is restarting it; it re-registers on its new address
-                except ray.exceptions.ActorDiedError:
-                    log.warning("expert worker %d is gone; creating it again", index)
-                    self.workers[index] = self._get_or_create(index)
-            if current is None or list(current.addresses) != self._addresses():
-                self._publish()
+            elif int(wanted["num_workers"]) != self.spec.num_workers:
+                self.scale(int(wanted["num_workers"]))
+            self._heal()
+            self._collect_and_rebalance()
+
+    def _heal(self) -> None:
+        for index, actor in list(self.workers.items()):
+            try:
+                ray.get(actor.describe.remote(), timeout=30)
+            except ray.exceptions.ActorUnavailableError:
+                continue  # Ray is restarting it; it re-registers on its new address
+            except ray.exceptions.ActorDiedError:
+                log.warning("expert worker %d is gone; creating it again", index)
+                self.workers[index] = self._create(index)
+        current = self.registry.placement()
+        if current is None or list(current.addresses) != self._addresses():
+            self._publish()
+
+    def _collect_and_rebalance(self) -> None:
+        assert self.spec is not None
+        now = time.monotonic()
+        if now - self.last_collect >= COLLECT_LOAD_EVERY_S:
+            self.loads.collect(self._addresses())
+            self.last_collect = now
+        scheduled = self.spec.rebalance_every_s > 0 and now - self.last_rebalance >= self.spec.rebalance_every_s
+        if self.registry.take_rebalance_request() or scheduled:
+            self.loads.collect(self._addresses())
+            log.info("rebalance: %s", self.rebalance())
 
     def status(self) -> dict[str, Any]:
         with self.lock:

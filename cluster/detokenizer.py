@@ -34,7 +34,12 @@ class IncrementalDetokenizer:
         if any(not s for s in stop):
             raise ValueError(f"stop strings must be non-empty, got {stop!r}")
         self._tokenizer = tokenizer
-        self._stream = DecodeStream(list(prompt_ids[-PROMPT_CONTEXT_TOKENS:]), skip_special_tokens=True)
+        context = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
+        if tokenizer.decode(context, skip_special_tokens=True).endswith("\ufffd"):
+            # A prompt that ends inside a UTF-8 character: DecodeStream would re-emit the context's
+            # text with the first output token. Decode the output on its own, as `decode` would.
+            context = []
+        self._stream = DecodeStream(context, skip_special_tokens=True)
         self._stop = stop
         self._max_stop_chars = max(map(len, stop), default=0)
         self.text = ""

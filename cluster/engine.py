@@ -33,6 +33,7 @@ from model.expert_backend import ExpertBackend
 from model.forward_batch import ForwardBatch
 from model.qwen3_next import HeadModel
 from model.sampling import SamplingParams, make_generator, sample
+from router.dispatcher import ExpertsUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ class EngineRequestError(ValueError):
 
 class EngineError(RuntimeError):
     """The engine could not finish a request: it is shut down, or the step running it failed."""
+
+
+class EngineUnavailableError(EngineError):
+    """A step failed because experts it needs have no live worker; retrying later can succeed (503)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +298,8 @@ class Engine:
     def _fail(self, entry: _Entry, exc: Exception) -> None:
         self.scheduler.finish(entry.seq, FinishReason.ABORT)
         self._forget(entry.seq.request_id)
-        self._outbox.append((entry.stream, EngineError(f"{entry.seq.request_id!r} failed in a step: {exc!r}")))
+        kind = EngineUnavailableError if isinstance(exc, ExpertsUnavailableError) else EngineError
+        self._outbox.append((entry.stream, kind(f"{entry.seq.request_id!r} failed in a step: {exc}")))
 
     def _forget(self, request_id: str) -> None:
         del self._entries[request_id]

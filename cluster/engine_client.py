@@ -10,18 +10,14 @@ E = num_experts (logical experts per MoE layer).
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncGenerator, Sequence
-from concurrent.futures import Future
 
-from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from cluster.detokenizer import StepOutput
 from cluster.engine import Engine
 from cluster.dispatch_metrics import DispatchRecorder
 from cluster.metrics import EngineStats
-from model.expert_backend import ExpertBackend
 from model.sampling import SamplingParams
 
 

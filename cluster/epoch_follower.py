@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
 from cluster.registry import Registry
-from router.dispatcher import RemoteExpertBackend
+from router.dispatcher import ExpertsUnavailableError, RemoteExpertBackend
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,13 @@ CLOSE_GRACE_S = 30.0
 
 
 class EpochFollowingBackend:
-    def __init__(self, registry: Registry, dtype: torch.dtype, deadline_s: float, wait_s: float = 300.0) -> None:
+    def __init__(self, registry: Registry, dtype: torch.dtype, deadline_s: float, unavailable_wait_s: float = 30.0,
+                 wait_s: float = 300.0) -> None:
         self.registry = registry
         self.dtype = dtype
         self.deadline_s = deadline_s
+        self.unavailable_wait_s = unavailable_wait_s
+        self._retries = ThreadPoolExecutor(2, thread_name_prefix="unavailable-wait")
         self.epoch = 0
         self.current: RemoteExpertBackend | None = None
         self._stop = threading.Event()
@@ -62,10 +65,38 @@ class EpochFollowingBackend:
                 log.debug("epoch poll failed: %s", exc)
 
     def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> "Future[Tensor]":
+        """hidden [T, H], ids / weights [T, k] -> Future of [T, H]."""
+        outer: Future[Tensor] = Future()
+        self._attempt(outer, (layer, hidden, ids, weights), time.monotonic() + self.unavailable_wait_s)
+        return outer
+
+    def _attempt(self, outer: "Future[Tensor]", args: tuple[int, Tensor, Tensor, Tensor], give_up_at: float) -> None:
         assert self.current is not None
-        return self.current.submit(layer, hidden, ids, weights)
+        epoch = self.epoch
+
+        def done(inner: "Future[Tensor]") -> None:
+            exc = inner.exception()
+            if exc is None:
+                outer.set_result(inner.result())
+            elif isinstance(exc, ExpertsUnavailableError) and time.monotonic() < give_up_at:
+                self._retries.submit(self._retry_on_new_epoch, outer, args, give_up_at, epoch, exc)
+            else:
+                outer.set_exception(exc)
+
+        self.current.submit(*args).add_done_callback(done)
+
+    def _retry_on_new_epoch(self, outer: "Future[Tensor]", args: tuple[int, Tensor, Tensor, Tensor],
+                            give_up_at: float, epoch: int, exc: BaseException) -> None:
+        while self.epoch == epoch and time.monotonic() < give_up_at:
+            time.sleep(POLL_S / 5)
+        if self.epoch == epoch:
+            outer.set_exception(exc)
+        else:
+            log.info("layer %d: retrying on placement epoch %d", args[0], self.epoch)
+            self._attempt(outer, args, give_up_at)
 
     def close(self) -> None:
         self._stop.set()
+        self._retries.shutdown(wait=False)
         if self.current is not None:
             self.current.close()

@@ -1,6 +1,6 @@
 """The expert-worker Ray actor: serves its experts over gRPC, registers itself, and heartbeats.
 
-Life: __init__ loads the (layer, expert) pairs it was given and starts the experts gRPC server on
+Life: __init__ loads the (layer, expert) pairs assigned to it in Redis (else those it was given) and starts the experts gRPC server on
 this node's address (port picked by the OS), registers {address, pid, node} in Redis, and starts a
 heartbeat thread. Ray restarts a dead actor (max_restarts=-1) by running __init__ again: the worker
 comes back on a new port and re-registers; the controller then publishes a new placement epoch with
@@ -32,11 +32,13 @@ class ExpertWorkerActor:
     def __init__(self, index: int, model_dir: str, pairs: list[tuple[int, int]], dtype: str,
                  registry_url: str, cluster: str, epoch: int) -> None:
         self.index = index
+        self.registry = Registry(registry_url, cluster)
+        # After a restart (or a re-shard), what the controller last assigned wins over the creation args.
+        pairs = self.registry.assignment(index) or pairs
         self.background = BackgroundWorkers()
         coro = start_worker(model_dir, pairs, dtype, host="0.0.0.0", port=0, epoch=epoch)
         self.worker = asyncio.run_coroutine_threadsafe(coro, self.background.loop).result()
         self.address = f"{ray.util.get_node_ip_address()}:{self.worker.port}"
-        self.registry = Registry(registry_url, cluster)
         self.fields = {"address": self.address, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                        "num_experts": len(pairs), "actor": ray.get_runtime_context().get_actor_name() or ""}
         self.registry.register_worker(index, self.fields)
@@ -48,6 +50,7 @@ class ExpertWorkerActor:
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 # The whole record, not only the beat: after a Redis restart the worker re-appears.
+                self.fields["num_experts"] = len(self.worker.store.pairs())
                 self.registry.register_worker(self.index, self.fields)
             except Exception as exc:  # Redis down or restarting: keep serving, try again next beat
                 log.warning("worker %d heartbeat failed: %s", self.index, exc)

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 import redis
 

@@ -11,6 +11,11 @@ Keys (prefix `nextserve:{cluster}`, cluster "default" unless named):
 | `{p}:worker:{i}` | hash | index, address, pid, node, num_experts, actor, heartbeat (unix s) |
 | `{p}:heads` | set | head replica ids |
 | `{p}:head:{id}` | hash | id, pid, node, epoch (the placement it dispatches with), heartbeat |
+| `{p}:assign:{i}` | string | JSON [[layer, expert], ...] worker i must hold (a restarted worker loads these) |
+| `{p}:load` | hash | "layer:expert" -> tokens served since the last rebalance (summed over workers) |
+| `{p}:worker_load` | hash | worker index -> tokens served since the last rebalance |
+| `{p}:rebalance` | string | set by `nextserve rebalance`; the controller rebalances and deletes it |
+| `{p}:rebalance_report` | string | JSON of the last rebalance: imbalance before/after, epoch, pairs moved |
 | `{p}:epochs` | pub/sub channel | each new epoch number, published after the placement is written |
 """
 
@@ -143,4 +148,44 @@ class Registry:
 
     def forget_worker(self, index: int) -> None:
         self.client.srem(self.key("workers"), index)
-        self.client.delete(self.key("worker", index))
+        self.client.delete(self.key("worker", index), self.key("assign", index))
+
+    # ---- assignments and load ---------------------------------------------------------------------
+
+    def set_assignment(self, index: int, pairs: list[tuple[int, int]]) -> None:
+        self.client.set(self.key("assign", index), json.dumps(sorted(pairs)))
+
+    def assignment(self, index: int) -> list[tuple[int, int]] | None:
+        raw = self.client.get(self.key("assign", index))
+        return [(int(layer), int(e)) for layer, e in json.loads(raw)] if raw else None
+
+    def add_load(self, expert_tokens: dict[tuple[int, int], int], worker_tokens: dict[int, int]) -> None:
+        pipe = self.client.pipeline()
+        for (layer, expert), n in expert_tokens.items():
+            pipe.hincrby(self.key("load"), f"{layer}:{expert}", n)
+        for worker, n in worker_tokens.items():
+            pipe.hincrby(self.key("worker_load"), worker, n)
+        pipe.execute()
+
+    def load(self) -> dict[tuple[int, int], int]:
+        return {(int(k.split(":")[0]), int(k.split(":")[1])): int(v)
+                for k, v in self.client.hgetall(self.key("load")).items()}
+
+    def worker_load(self) -> dict[int, int]:
+        return {int(k): int(v) for k, v in self.client.hgetall(self.key("worker_load")).items()}
+
+    def reset_load(self) -> None:
+        self.client.delete(self.key("load"), self.key("worker_load"))
+
+    def request_rebalance(self) -> None:
+        self.client.set(self.key("rebalance"), time.time())
+
+    def take_rebalance_request(self) -> bool:
+        return bool(self.client.delete(self.key("rebalance")))
+
+    def set_rebalance_report(self, report: dict[str, Any]) -> None:
+        self.client.set(self.key("rebalance_report"), json.dumps(report))
+
+    def rebalance_report(self) -> dict[str, Any] | None:
+        raw = self.client.get(self.key("rebalance_report"))
+        return json.loads(raw) if raw else None

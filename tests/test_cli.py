@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from model.tiny import TINY_CONFIG, make_tiny
+from model.tiny import TINY_CONFIG
 
 NEXTSERVE = [sys.executable, "-m", "cluster.cli"]
 ROOT = Path(__file__).resolve().parents[1]

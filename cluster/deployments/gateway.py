@@ -22,9 +22,18 @@ from cluster.app_args import AppArgs
 from cluster.engine import EngineRequestError
 from cluster.gateway_app import build_app
 from cluster.metrics import EngineStats
+from cluster.openai_protocol import RequestError
 from cluster.registry import Registry
 from model.config import Qwen3NextConfig
 from model.sampling import SamplingParams
+
+
+def _head_error(error: dict[str, Any]) -> Exception:
+    """A head's refusal (400, raised as the engine's own error so the gateway names the field) or
+    unavailability (503 with the OpenAI body, naming the experts)."""
+    if error["status"] == 503:
+        return RequestError(503, error["message"], None, type="service_unavailable", code="experts_unavailable")
+    return EngineRequestError(error["param"], error["message"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +71,7 @@ class HeadHandleClient:
         try:
             async for item in stream:
                 if "error" in item:
-                    raise EngineRequestError(item["error"]["param"], item["error"]["message"])
+                    raise _head_error(item["error"])
                 out = HeadOutput(**item)
                 finished = out.finish_reason is not None
                 yield out

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 from cluster.app_args import AppArgs
 from cluster.controller import get_or_create_controller
 from cluster.dispatch_metrics import RecordingBackend
-from cluster.engine import Engine, EngineRequestError
+from cluster.engine import Engine, EngineRequestError, EngineUnavailableError
 from cluster.epoch_follower import EpochFollowingBackend
 from cluster.expert_actor import HEAD_RESOURCE
 from cluster.registry import HEARTBEAT_S, Registry
@@ -47,7 +47,7 @@ class HeadDeployment:
         ray.get(controller.ensure.remote(args.cluster_spec()))
         self.registry = Registry(args.redis_url, args.cluster)
         dtype = parse_dtype(args.dtype)
-        self.backend = EpochFollowingBackend(self.registry, dtype, args.dispatch_deadline_s)
+        self.backend = EpochFollowingBackend(self.registry, dtype, args.dispatch_deadline_s, args.unavailable_wait_s)
         head = load_head(args.model, dtype)
         self.recording = RecordingBackend(self.backend, head.config.num_experts)
         scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_tokens_per_step=args.max_tokens_per_step,
@@ -71,14 +71,17 @@ class HeadDeployment:
     async def generate(self, request_id: str, prompt_ids: list[int], params: dict[str, Any],
                        stop: list[str]) -> AsyncGenerator[dict[str, Any], None]:
         """Yields {token_ids, text, finish_reason, prompt_tokens, completion_tokens}, or one
-        {error: {param, message}} when the engine refuses the request."""
+        {error: {status, param, message}}: 400 when the engine refuses the request, 503 when experts it
+        needs have no live worker (after waiting `unavailable_wait_s` for one)."""
         try:
             async for out in self.engine.generate(request_id, prompt_ids, SamplingParams(**params), stop):
                 yield {"token_ids": out.token_ids, "text": out.text, "prompt_tokens": out.prompt_tokens,
                        "completion_tokens": out.completion_tokens,
                        "finish_reason": out.finish_reason.value if out.finish_reason else None}
         except EngineRequestError as exc:
-            yield {"error": {"param": exc.param, "message": str(exc)}}
+            yield {"error": {"status": 400, "param": exc.param, "message": str(exc)}}
+        except EngineUnavailableError as exc:
+            yield {"error": {"status": 503, "param": None, "message": str(exc)}}
 
     async def stats(self) -> dict[str, Any]:
         latency, tokens = self.recording.recorder.drain()

@@ -1,0 +1,298 @@
+"""`nextserve bench serve`: a seeded, traffic-like workload sent through the OpenAI gateway, next to
+transformers' own `generate` serving the same requests the way a transformers user would, in the same run.
+
+    make_workload (seeded) -> C streaming /v1/completions in flight -> tok/s, TTFT, TPOT (p50, p99), errors
+                           -> transformers generate, batches of C, left-padded -> baseline tok/s, ratio
+
+Workload: token-id prompts from the checkpoint's vocab, lengths uniform in [1, L]; outputs uniform in
+[8, M] (`--fixed-lengths`: all L in, M out, a server's worst case); greedy with `ignore_eos`, so both sides
+produce exactly max_tokens. Throughput = output tokens per second of wall time: the server's
+usage.completion_tokens (an SSE event may carry several tokens); for the baseline only the tokens each
+request asked for, though a batch runs until its longest request is done. TPOT = (last token time - first
+token time) / (tokens - 1). A warm-up request (and generate) precedes timing; the baseline runs after.
+Exit status 1 when any request failed (the rows are printed all the same), 2 for a bad command line.
+
+    nextserve bench serve --url http://127.0.0.1:8000 --model ~/.cache/nextserve/tiny-v1 \
+        --concurrency 1,4,16,32 --vs-transformers --plot curve.png   # also writes curve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import openai
+import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from model.checkpoint import parse_dtype
+
+FIRST_REGULAR_ID = 3  # prompt ids come from [3, vocab): 0..2 are the tiny tokenizer's special tokens
+MIN_OUTPUT_TOKENS = 8  # outputs are drawn from [8, M]: a TPOT needs a few tokens to mean anything
+PAD_ID = 0  # the baseline's left padding, masked out by attention_mask
+REQUEST_TIMEOUT_S = 600.0
+"""Per request; a 32-way run on 2 CPU cores can take minutes, and a timeout is counted as an error."""
+
+
+class BenchError(ValueError):
+    """A command line that cannot make a workload or reach the server; the message says how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class BenchRequest:
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestResult:
+    output_tokens: int
+    ttft_s: float | None
+    tpot_s: float | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ServeBenchRow:
+    concurrency: int
+    requests: int
+    errors: int
+    output_tokens: int
+    duration_s: float
+    throughput_tok_s: float
+    ttft_ms_p50: float | None
+    ttft_ms_p99: float | None
+    tpot_ms_p50: float | None
+    tpot_ms_p99: float | None
+    baseline_throughput_tok_s: float | None = None
+    ratio: float | None = None  # throughput_tok_s / baseline_throughput_tok_s
+
+
+def make_workload(num_requests: int, prompt_len: int, max_tokens: int, vocab_size: int, seed: int,
+                  fixed_lengths: bool = False) -> list[BenchRequest]:
+    """`num_requests` requests: prompts of [1, prompt_len] ids from [3, vocab_size), outputs of
+    [8, max_tokens] tokens (exactly prompt_len and max_tokens with `fixed_lengths`); same seed, same list."""
+    shortest = 1 if fixed_lengths else MIN_OUTPUT_TOKENS
+    if min(num_requests, prompt_len) < 1 or max_tokens < shortest or vocab_size <= FIRST_REGULAR_ID:
+        raise BenchError(f"need --requests >= 1 (got {num_requests}), --prompt-len >= 1 ({prompt_len}), --max-tokens "
+                         f">= {shortest} ({max_tokens}; outputs are drawn from [{MIN_OUTPUT_TOKENS}, M] unless "
+                         f"--fixed-lengths) and a vocab > {FIRST_REGULAR_ID} ({vocab_size})")
+    rng = random.Random(seed)
+    workload = []
+    for _ in range(num_requests):
+        num_in = prompt_len if fixed_lengths else rng.randint(1, prompt_len)
+        num_out = max_tokens if fixed_lengths else rng.randint(MIN_OUTPUT_TOKENS, max_tokens)
+        prompt = tuple(rng.randrange(FIRST_REGULAR_ID, vocab_size) for _ in range(num_in))
+        workload.append(BenchRequest(prompt, num_out))
+    return workload
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (q in [0, 100]), interpolating linearly between closest ranks (numpy's default)."""
+    if not values or not 0 <= q <= 100:
+        raise ValueError(f"percentile needs values and q in [0, 100]; got {len(values)} values, q={q}")
+    ordered, pos = sorted(values), (len(values) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def time_per_output_token_s(first_token_s: float, last_token_s: float, num_tokens: int) -> float | None:
+    """(last - first) / (tokens - 1); None for a single token, which has no gap to measure."""
+    return (last_token_s - first_token_s) / (num_tokens - 1) if num_tokens > 1 else None
+
+
+def _ms_percentile(values_s: list[float], q: float) -> float | None:
+    return percentile(values_s, q) * 1e3 if values_s else None
+
+
+def summarize(concurrency: int, results: Sequence[RequestResult], duration_s: float) -> ServeBenchRow:
+    """One row from the per-request results of a run that took `duration_s` of wall time."""
+    ok = [r for r in results if r.error is None]
+    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+    tpot = [r.tpot_s for r in ok if r.tpot_s is not None]
+    tokens = sum(r.output_tokens for r in ok)
+    return ServeBenchRow(concurrency, len(results), len(results) - len(ok), tokens, duration_s,
+                         tokens / duration_s if duration_s > 0 else 0.0, _ms_percentile(ttft, 50),
+                         _ms_percentile(ttft, 99), _ms_percentile(tpot, 50), _ms_percentile(tpot, 99))
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [B, T], attention_mask [B, T]), T = the longest prompt, pads on the left."""
+    pads = [max(len(p) for p in prompts) - len(p) for p in prompts]
+    ids = [[pad_id] * n + list(p) for n, p in zip(pads, prompts)]
+    return torch.tensor(ids), torch.tensor([[0] * n + [1] * len(p) for n, p in zip(pads, prompts)])
+
+
+async def _send(client: openai.AsyncOpenAI, model_name: str, req: BenchRequest) -> RequestResult:
+    """One greedy streaming completion; tokens from usage, times from the chunks' arrival."""
+    start, first, last, tokens = time.perf_counter(), None, 0.0, None
+    try:
+        stream = await client.completions.create(
+            model=model_name, prompt=list(req.prompt_ids), max_tokens=req.max_tokens, temperature=0,
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            now = time.perf_counter()
+            if chunk.choices:
+                first = now if first is None else first
+                last = now
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+    except openai.OpenAIError as e:
+        return RequestResult(0, None, None, f"{type(e).__name__}: {e}")
+    if first is None or tokens is None:
+        return RequestResult(0, None, None, "the stream ended without tokens or usage")
+    return RequestResult(tokens, first - start, time_per_output_token_s(first, last, tokens))
+
+
+async def _run_served(client: openai.AsyncOpenAI, model_name: str, workload: list[BenchRequest],
+                      concurrency: int) -> ServeBenchRow:
+    gate = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=len(workload), desc=f"served c={concurrency}", unit="req", file=sys.stderr)
+
+    async def limited(req: BenchRequest) -> RequestResult:
+        async with gate:
+            result = await _send(client, model_name, req)
+        bar.update()
+        return result
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(limited(r) for r in workload))
+    bar.close()
+    return summarize(concurrency, results, time.perf_counter() - start)
+
+
+async def _served_sweep(url: str, api_key: str, model_name: str | None, workload: list[BenchRequest],
+                        concurrencies: list[int]) -> list[ServeBenchRow]:
+    """The workload at each concurrency, after one warm-up request; the served name defaults to /v1/models'."""
+    async with openai.AsyncOpenAI(base_url=f"{url.rstrip('/')}/v1", api_key=api_key, max_retries=0,
+                                  timeout=REQUEST_TIMEOUT_S) as client:
+        try:
+            model_name = model_name or (await client.models.list()).data[0].id
+        except openai.OpenAIError as e:
+            raise BenchError(f"cannot list models at {url}/v1/models ({e}); is `nextserve up` running there?") from e
+        warmup = await _send(client, model_name, workload[0])
+        if warmup.error is not None:
+            raise BenchError(f"the warm-up request to {url} failed: {warmup.error}")
+        return [await _run_served(client, model_name, workload, c) for c in concurrencies]
+
+
+def load_transformers(model_dir: Path, dtype: str) -> PreTrainedModel:
+    """transformers' own model on the checkpoint, generating to max_new_tokens (no EOS stop, like ignore_eos)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=parse_dtype(dtype)).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD_ID
+    return model
+
+
+@torch.inference_mode()
+def transformers_throughput(model: PreTrainedModel, workload: list[BenchRequest], concurrency: int) -> float:
+    """Requested output tokens/s of `generate` on the workload in batches of `concurrency`, left-padded,
+    each batch greedy until its longest request is done."""
+    model.generate(input_ids=torch.tensor([[FIRST_REGULAR_ID]]), max_new_tokens=2, do_sample=False)  # warm-up
+    batches = [workload[i:i + concurrency] for i in range(0, len(workload), concurrency)]
+    start = time.perf_counter()
+    for batch in tqdm(batches, desc=f"transformers c={concurrency}", unit="batch", file=sys.stderr):
+        ids, mask = left_pad([r.prompt_ids for r in batch])
+        num_new = max(r.max_tokens for r in batch)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=num_new, do_sample=False)
+        assert out.shape[1] == ids.shape[1] + num_new, "generate stopped early: eos_token_id is not disabled"
+    return sum(r.max_tokens for r in workload) / (time.perf_counter() - start)
+
+
+def plot_curve(rows: Sequence[ServeBenchRow], path: Path) -> None:
+    """Throughput (served, and transformers when measured) and p50/p99 TTFT and TPOT against concurrency."""
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax_tok, ax_lat = fig.subplots(1, 2)
+    xs = [r.concurrency for r in rows]
+    ax_tok.plot(xs, [r.throughput_tok_s for r in rows], "C0o-", label="nextserve (gateway)")
+    if any(r.baseline_throughput_tok_s is not None for r in rows):
+        ax_tok.plot(xs, [r.baseline_throughput_tok_s or math.nan for r in rows], "C2s--", label="transformers generate")
+    ax_tok.set(title="throughput", xlabel="concurrency", ylabel="output tokens / s", ylim=(0, None))
+    for name, style in (("ttft", "C0o"), ("tpot", "C1s")):
+        for q, line in (("p50", "-"), ("p99", ":")):
+            values = [getattr(r, f"{name}_ms_{q}") for r in rows]
+            ax_lat.plot(xs, [math.nan if v is None else v for v in values], style + line, label=f"{name.upper()} {q}")
+    ax_lat.set(title="latency (served)", xlabel="concurrency", ylabel="ms", ylim=(0, None))
+    for ax in (ax_tok, ax_lat):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.savefig(path, format="png", dpi=110)
+
+
+def format_table(rows: Sequence[ServeBenchRow]) -> str:
+    """A readable table: the row's fields but duration_s, in their order; "-" where not measured."""
+    names = ["conc", "reqs", "errors", "out_tok", "tok/s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms",
+             "tpot_p99_ms", "transformers_tok/s", "ratio"]
+    lines = ["  ".join(names)]
+    for r in rows:
+        cells = ["-" if v is None else str(v) if isinstance(v, int) else f"{v:.{2 if k == 'ratio' else 1}f}"
+                 for k, v in asdict(r).items() if k != "duration_s"]
+        lines.append("  ".join(c.rjust(len(n)) for c, n in zip(cells, names)))
+    return "\n".join(lines)
+
+
+def _concurrency_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma list like 1,4,16; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"concurrencies must be >= 1; got {text!r}")
+    return values
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="throughput/TTFT/TPOT through the gateway, optionally vs transformers")
+    p.add_argument("--url", required=True, help="the gateway, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", required=True, type=Path, help="the checkpoint dir the server runs (vocab, baseline)")
+    p.add_argument("--model-name", help="the served model name (default: the first of /v1/models)")
+    p.add_argument("--api-key", default="EMPTY", help="the gateway's key, if it was started with one")
+    p.add_argument("--concurrency", type=_concurrency_list, default=[8], help="in flight; a comma list sweeps")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-len", type=int, default=128, help="longest prompt (every prompt's with --fixed-lengths)")
+    p.add_argument("--max-tokens", type=int, default=64, help="longest output (every output's with --fixed-lengths)")
+    p.add_argument("--fixed-lengths", action="store_true", help="every request L in and M out (worst case)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the baseline's; match the server")
+    p.add_argument("--vs-transformers", action="store_true", help="also run transformers' generate as the baseline")
+    p.add_argument("--json", action="store_true", help="one JSON line per concurrency")
+    p.add_argument("--plot", type=Path, help="draw the curve to this PNG (and its rows to the .json beside it)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        vocab_size = json.loads((args.model / "config.json").read_text())["vocab_size"]
+        workload = make_workload(args.requests, args.prompt_len, args.max_tokens, vocab_size, args.seed,
+                                 args.fixed_lengths)
+        rows = asyncio.run(_served_sweep(args.url, args.api_key, args.model_name, workload, args.concurrency))
+    except (BenchError, FileNotFoundError) as e:  # FileNotFoundError: --model is not a checkpoint dir
+        print(f"nextserve: error: {e}", file=sys.stderr)
+        return 2
+    if args.vs_transformers:
+        model = load_transformers(args.model, args.dtype)
+        baselines = [transformers_throughput(model, workload, r.concurrency) for r in rows]
+        rows = [replace(r, baseline_throughput_tok_s=b, ratio=r.throughput_tok_s / b) for r, b in zip(rows, baselines)]
+    lines = [json.dumps(asdict(r)) for r in rows]
+    if args.plot:
+        plot_curve(rows, args.plot)
+        args.plot.with_suffix(".json").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines) if args.json else format_table(rows))
+    return 1 if any(r.errors for r in rows) else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="serve_bench")
+    add_parser(parser.add_subparsers(dest="bench", required=True))
+    sys.exit(run(parser.parse_args(["serve", *sys.argv[1:]])))

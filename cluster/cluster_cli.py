@@ -1,0 +1,142 @@
+"""The cluster commands of the `nextserve` CLI: up, status, scale, rebalance.
+
+`up` runs the cluster (cluster/up.py); the others talk to its Redis registry, found through the
+state file `up` writes (or --redis-url). `scale` and `rebalance` write the desired state to Redis and
+wait for the controller to publish the placement that serves it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cluster.app_args import AppArgs
+from cluster.model_paths import cache_dir, resolve_model
+from cluster.rebalance import measured_imbalance
+from cluster.registry import Registry
+from cluster.up import UpOptions, read_state, run_up
+from model.config import ConfigError
+
+
+def state_file(cluster: str) -> Path:
+    return cache_dir() / f"cluster-{cluster}.json"
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    app = AppArgs(model=str(resolve_model(args.model)), model_name=args.model_name or ("tiny" if args.model == "tiny" else None),
+                  expert_workers=args.expert_workers, expert_replicas=args.expert_replicas,
+                  head_replicas=args.head_replicas, dtype=args.dtype, redis_url=args.redis_url or "",
+                  cluster=args.cluster, api_key=args.api_key or os.environ.get("NEXTSERVE_API_KEY"),
+                  unavailable_wait_s=args.unavailable_wait_s, rebalance_every_s=args.rebalance_every_s)
+    return run_up(UpOptions(app=app, host=args.host, port=args.port, ray_address=os.environ.get("RAY_ADDRESS"),
+                            state_file=state_file(args.cluster)))
+
+
+def _registry(args: argparse.Namespace) -> Registry:
+    return Registry(args.redis_url or read_state(state_file(args.cluster))["redis_url"], args.cluster)
+
+
+def cluster_status(registry: Registry) -> dict[str, object]:
+    record = registry.placement()
+    num_workers = record.placement.num_workers if record else 0
+    worker_load = registry.worker_load()
+    workers = [{**w.as_dict(), "load_tokens": worker_load.get(int(w.fields["index"]), 0)} for w in registry.workers()]
+    return {"epoch": record.epoch if record else 0, "spec": registry.spec(), "workers": workers,
+            "heads": [h.as_dict() for h in registry.heads()],
+            "load_imbalance": measured_imbalance(worker_load, num_workers) if num_workers else None,
+            "last_rebalance": registry.rebalance_report()}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = cluster_status(_registry(args))
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    imbalance = status["load_imbalance"]
+    print(f"placement epoch {status['epoch']}  spec {status['spec']}  load max/mean "
+          f"{'-' if imbalance is None else f'{imbalance:.3f}'}")
+    for w in status["workers"]:  # type: ignore[union-attr]
+        print(f"worker {w['index']:>3}  pid {w['pid']:>7}  {w['address']:<22} experts {w['num_experts']:>5}  "
+              f"load {w['load_tokens']:>9}  {'alive' if w['alive'] else 'DEAD'}")
+    for h in status["heads"]:  # type: ignore[union-attr]
+        print(f"head {h['id']}  pid {h['pid']}  epoch {h.get('epoch', '-')}  running {h.get('num_running', 0)}  "
+              f"waiting {h.get('num_waiting', 0)}  {'alive' if h['alive'] else 'DEAD'}")
+    return 0
+
+
+def _wait(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout_s} s")
+        time.sleep(0.5)
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    spec = registry.spec()
+    if not spec:
+        raise FileNotFoundError("no cluster spec in Redis: is a cluster running (`nextserve up`)?")
+    if args.expert_workers < int(spec["replication"]):
+        raise ConfigError(f"--expert-workers {args.expert_workers} is below the replication factor "
+                          f"{spec['replication']}; every expert needs that many distinct workers")
+    registry.save_spec({**spec, "num_workers": args.expert_workers})
+
+    def done() -> bool:
+        record = registry.placement()
+        alive = [w for w in registry.workers() if w.alive]
+        return record is not None and record.placement.num_workers == args.expert_workers \
+            and len(alive) == args.expert_workers
+    _wait(done, args.wait_s, f"scaling to {args.expert_workers} expert workers")
+    print(f"serving on {args.expert_workers} expert workers, placement epoch {registry.epoch()}")
+    return 0
+
+
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    before = registry.rebalance_report()
+    registry.request_rebalance()
+    _wait(lambda: registry.rebalance_report() != before, args.wait_s, "the rebalance")
+    print(json.dumps(registry.rebalance_report()))
+    return 0
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", help="default: the cluster `nextserve up` started")
+    p.add_argument("--cluster", default="default", help="registry namespace in Redis")
+
+
+def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="start the cluster and serve the model over HTTP until SIGINT/SIGTERM")
+    p.add_argument("--model", default="tiny", help="checkpoint dir, or 'tiny'")
+    p.add_argument("--model-name", help="name clients pass as `model` (default: the directory's name)")
+    p.add_argument("--expert-workers", type=int, default=2)
+    p.add_argument("--expert-replicas", type=int, default=1, help="replicas of every expert (R)")
+    p.add_argument("--head-replicas", type=int, default=1)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--redis-url", help="an existing Redis (default: start a local redis-server)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (or set NEXTSERVE_API_KEY)")
+    p.add_argument("--cluster", default="default", help="registry namespace in Redis")
+    p.add_argument("--unavailable-wait-s", type=float, default=30.0,
+                   help="with no live replica of an expert, wait this long for its worker before a 503")
+    p.add_argument("--rebalance-every-s", type=float, default=0.0, help="scheduled rebalancing (0 = on demand)")
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("status", help="workers, heads, load and the placement epoch, from the Redis registry")
+    _cluster_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("scale", help="re-shard the experts live onto N expert workers")
+    _cluster_args(p)
+    p.add_argument("--expert-workers", type=int, required=True)
+    p.add_argument("--wait-s", type=float, default=600.0)
+    p.set_defaults(func=cmd_scale)
+    p = sub.add_parser("rebalance", help="re-place experts for the load measured since the last rebalance")
+    _cluster_args(p)
+    p.add_argument("--wait-s", type=float, default=600.0)
+    p.set_defaults(func=cmd_rebalance)

@@ -1,0 +1,115 @@
+"""`bench serve`: the workload and statistics (pure), then one run end to end through the real gateway
+(the real engine on the tiny checkpoint, in-process) against transformers' generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.serve_bench import (FIRST_REGULAR_ID, MIN_OUTPUT_TOKENS, BenchError, RequestResult, add_parser, left_pad,
+                               make_workload, percentile, run, summarize, time_per_output_token_s)
+from gateway_local_engine import Server, TinyEngine
+
+VOCAB = 2048
+
+
+def test_workload_is_reproducible_from_its_seed() -> None:
+    a = make_workload(50, 64, 32, VOCAB, seed=7)
+    assert a == make_workload(50, 64, 32, VOCAB, seed=7)
+    assert a != make_workload(50, 64, 32, VOCAB, seed=8)
+
+
+@pytest.mark.parametrize("prompt_len, max_tokens", [(1, 8), (11, 9), (127, 64)])
+def test_workload_lengths_and_ids_stay_in_bounds(prompt_len: int, max_tokens: int) -> None:
+    workload = make_workload(400, prompt_len, max_tokens, VOCAB, seed=0)
+    prompt_lens = {len(r.prompt_ids) for r in workload}
+    outputs = {r.max_tokens for r in workload}
+    assert min(prompt_lens) >= 1 and max(prompt_lens) == prompt_len
+    assert min(outputs) >= MIN_OUTPUT_TOKENS and max(outputs) == max_tokens
+    assert len(prompt_lens) >= min(prompt_len, 10)  # spread over the range, not one length
+    ids = [t for r in workload for t in r.prompt_ids]
+    assert min(ids) >= FIRST_REGULAR_ID and max(ids) < VOCAB
+
+
+def test_fixed_lengths_make_every_request_the_worst_case() -> None:
+    workload = make_workload(20, 33, 5, VOCAB, seed=1, fixed_lengths=True)
+    assert all(len(r.prompt_ids) == 33 and r.max_tokens == 5 for r in workload)
+    assert len({r.prompt_ids for r in workload}) == 20  # the ids still vary
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_requests=0), dict(prompt_len=0), dict(max_tokens=7),
+                                    dict(vocab_size=3)])
+def test_bad_workload_is_a_typed_error(kwargs: dict[str, int]) -> None:
+    args = dict(num_requests=4, prompt_len=8, max_tokens=16, vocab_size=VOCAB, seed=0) | kwargs
+    with pytest.raises(BenchError):
+        make_workload(**args)
+
+
+@pytest.mark.parametrize("n", [1, 2, 11, 100])
+@pytest.mark.parametrize("q", [0, 1, 50, 90, 99, 100])
+def test_percentile_matches_numpy(n: int, q: float) -> None:
+    values = list(np.random.default_rng(n).exponential(size=n))
+    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-12)
+
+
+def test_percentile_refuses_nothing_and_bad_q() -> None:
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_summary_skips_errors_and_single_token_tpot() -> None:
+    assert time_per_output_token_s(1.0, 1.9, 10) == pytest.approx(0.1)
+    assert time_per_output_token_s(1.0, 1.0, 1) is None
+    results = [RequestResult(10, 0.2, 0.01), RequestResult(1, 0.4, None), RequestResult(0, None, None, "boom")]
+    row = summarize(4, results, duration_s=2.0)
+    assert (row.requests, row.errors, row.output_tokens, row.throughput_tok_s) == (3, 1, 11, 5.5)
+    assert row.ttft_ms_p50 == pytest.approx(300) and row.tpot_ms_p50 == pytest.approx(10)
+
+
+def test_left_pad_puts_the_padding_and_mask_on_the_left() -> None:
+    ids, mask = left_pad([(5, 6, 7), (9,)])
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 9]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir: Path) -> Iterator[Server]:
+    with Server(TinyEngine(tiny_dir, 128), "tiny") as s:
+        yield s
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="bench", required=True))
+    return parser.parse_args(["serve", *argv])
+
+
+@pytest.mark.timeout(60)
+def test_end_to_end_through_the_gateway_vs_transformers(server: Server, tiny_dir: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    png = tmp_path / "curve.png"
+    args = parse(["--url", server.url, "--model", str(tiny_dir), "--requests", "6", "--concurrency", "2",
+                  "--prompt-len", "16", "--max-tokens", "12", "--vs-transformers", "--json", "--plot", str(png)])
+    assert run(args) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    row = json.loads(line)
+    assert {"throughput_tok_s", "ttft_ms_p50", "tpot_ms_p50", "baseline_throughput_tok_s", "ratio", "errors"} <= set(row)
+    assert row["errors"] == 0 and row["requests"] == 6
+    expected_tokens = sum(r.max_tokens for r in make_workload(6, 16, 12, VOCAB, seed=0))
+    assert row["output_tokens"] == expected_tokens  # ignore_eos: each request delivered exactly what it asked
+    assert row["throughput_tok_s"] > 0 and row["ratio"] > 0 and row["ttft_ms_p50"] > 0 and row["tpot_ms_p50"] > 0
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert json.loads(png.with_suffix(".json").read_text()) == row
+
+
+def test_unreachable_gateway_is_a_clear_error(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse(["--url", "http://127.0.0.1:9", "--model", str(tiny_dir), "--requests", "2"])
+    assert run(args) == 2
+    assert "is `nextserve up` running" in capsys.readouterr().err
