@@ -44,7 +44,10 @@ def cluster_status(registry: Registry) -> dict[str, object]:
     record = registry.placement()
     num_workers = record.placement.num_workers if record else 0
     worker_load = registry.worker_load()
-    workers = [{**w.as_dict(), "load_tokens": worker_load.get(int(w.fields["index"]), 0)} for w in registry.workers()]
+    per_worker: dict[int, int] = {}
+    for (worker, _), n in worker_load.items():
+        per_worker[worker] = per_worker.get(worker, 0) + n
+    workers = [{**w.as_dict(), "load_tokens": per_worker.get(int(w.fields["index"]), 0)} for w in registry.workers()]
     return {"epoch": record.epoch if record else 0, "spec": registry.spec(), "workers": workers,
             "heads": [h.as_dict() for h in registry.heads()],
             "load_imbalance": measured_imbalance(worker_load, num_workers) if num_workers else None,

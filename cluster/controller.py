@@ -106,14 +106,16 @@ class ControllerActor:
             assert self.placement is not None
             load = self.registry.load()
             if not load:
-                return {"skipped": "no load recorded yet"}
+                report: dict[str, Any] = {"skipped": "no load recorded since the last rebalance", "at": time.time()}
+                self.registry.set_rebalance_report(report)
+                return report
             before = measured_imbalance(self.registry.worker_load(), self.placement.num_workers)
             new, predicted = plan_rebalance(self.placement, load, self.epoch)
             moved = reshard.movement(self.placement, new)
             epoch = self._move(new)
             self.loads.reset()
             self.last_rebalance = time.monotonic()
-            report = {"epoch": epoch, "measured_before": before, "pairs_loaded": moved, **predicted}
+            report = {"epoch": epoch, "measured_before": before, "pairs_loaded": moved, "at": time.time(), **predicted}
             self.registry.set_rebalance_report(report)
             return report
 

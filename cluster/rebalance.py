@@ -1,7 +1,7 @@
 """Load statistics and load-aware re-placement (EPLB) for the controller.
 
 `LoadCollector` reads every worker's tokens-served counters (gRPC Info) and adds the deltas to Redis
-(`{p}:load` per (layer, expert), `{p}:worker_load` per worker). `plan_rebalance` turns the aggregated
+(`{p}:load` per (layer, expert), `{p}:worker_load` per (worker, layer)). `plan_rebalance` turns the aggregated
 load into a new placement with router.eplb (pure); the controller applies it like a scale event.
 """
 
@@ -29,7 +29,7 @@ class LoadCollector:
 
     def collect(self, addresses: list[str]) -> None:
         expert_delta: dict[tuple[int, int], int] = {}
-        worker_delta: dict[int, int] = {}
+        worker_delta: dict[tuple[int, int], int] = {}
         for index, address in enumerate(addresses):
             now = worker_admin.tokens_served(worker_admin.info(address))
             prev = self.last.get(address, {})
@@ -38,7 +38,7 @@ class LoadCollector:
                 delta = n if delta < 0 else delta  # the counter restarted (expert dropped and reloaded)
                 if delta:
                     expert_delta[pair] = expert_delta.get(pair, 0) + delta
-                    worker_delta[index] = worker_delta.get(index, 0) + delta
+                    worker_delta[(index, pair[0])] = worker_delta.get((index, pair[0]), 0) + delta
             self.last[address] = now
         if expert_delta:
             self.registry.add_load(expert_delta, worker_delta)
@@ -55,10 +55,17 @@ def load_tensors(load: dict[tuple[int, int], int], layers: tuple[int, ...], num_
     return out
 
 
-def measured_imbalance(worker_tokens: dict[int, int], num_workers: int) -> float | None:
-    """max/mean of the tokens each worker served (None before any traffic)."""
-    loads = torch.tensor([float(worker_tokens.get(w, 0)) for w in range(num_workers)])
-    return float(loads.max() / loads.mean()) if loads.sum() > 0 else None
+def measured_imbalance(worker_tokens: dict[tuple[int, int], int], num_workers: int) -> float | None:
+    """Σ_layers max_worker / Σ_layers mean_worker of the tokens served, per MoE layer (each layer waits
+    for its busiest worker); max/mean for one layer. None before any traffic."""
+    layers = sorted({layer for _, layer in worker_tokens})
+    if not layers:
+        return None
+    loads = torch.zeros(len(layers), num_workers, dtype=torch.float64)  # [L, N]
+    for (worker, layer), n in worker_tokens.items():
+        if worker < num_workers:
+            loads[layers.index(layer), worker] = n
+    return imbalance(loads) if loads.sum() > 0 else None
 
 
 def plan_rebalance(current: Placement, load: dict[tuple[int, int], int], epoch: int) -> tuple[Placement, dict[str, float]]:

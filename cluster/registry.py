@@ -13,7 +13,7 @@ Keys (prefix `nextserve:{cluster}`, cluster "default" unless named):
 | `{p}:head:{id}` | hash | id, pid, node, epoch (the placement it dispatches with), heartbeat |
 | `{p}:assign:{i}` | string | JSON [[layer, expert], ...] worker i must hold (a restarted worker loads these) |
 | `{p}:load` | hash | "layer:expert" -> tokens served since the last rebalance (summed over workers) |
-| `{p}:worker_load` | hash | worker index -> tokens served since the last rebalance |
+| `{p}:worker_load` | hash | "worker:layer" -> tokens served since the last rebalance |
 | `{p}:rebalance` | string | set by `nextserve rebalance`; the controller rebalances and deletes it |
 | `{p}:rebalance_report` | string | JSON of the last rebalance: imbalance before/after, epoch, pairs moved |
 | `{p}:epochs` | pub/sub channel | each new epoch number, published after the placement is written |
@@ -159,20 +159,23 @@ class Registry:
         raw = self.client.get(self.key("assign", index))
         return [(int(layer), int(e)) for layer, e in json.loads(raw)] if raw else None
 
-    def add_load(self, expert_tokens: dict[tuple[int, int], int], worker_tokens: dict[int, int]) -> None:
+    def add_load(self, expert_tokens: dict[tuple[int, int], int], worker_tokens: dict[tuple[int, int], int]) -> None:
+        """expert_tokens: (layer, expert) -> tokens; worker_tokens: (worker, layer) -> tokens."""
         pipe = self.client.pipeline()
         for (layer, expert), n in expert_tokens.items():
             pipe.hincrby(self.key("load"), f"{layer}:{expert}", n)
-        for worker, n in worker_tokens.items():
-            pipe.hincrby(self.key("worker_load"), worker, n)
+        for (worker, layer), n in worker_tokens.items():
+            pipe.hincrby(self.key("worker_load"), f"{worker}:{layer}", n)
         pipe.execute()
 
     def load(self) -> dict[tuple[int, int], int]:
         return {(int(k.split(":")[0]), int(k.split(":")[1])): int(v)
                 for k, v in self.client.hgetall(self.key("load")).items()}
 
-    def worker_load(self) -> dict[int, int]:
-        return {int(k): int(v) for k, v in self.client.hgetall(self.key("worker_load")).items()}
+    def worker_load(self) -> dict[tuple[int, int], int]:
+        """(worker, layer) -> tokens served since the last rebalance."""
+        return {(int(k.split(":")[0]), int(k.split(":")[1])): int(v)
+                for k, v in self.client.hgetall(self.key("worker_load")).items()}
 
     def reset_load(self) -> None:
         self.client.delete(self.key("load"), self.key("worker_load"))
