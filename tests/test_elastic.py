@@ -73,6 +73,27 @@ def _run_streams(up: UpProcess, prompts: list[list[int]], max_tokens: int, durin
         return [f.result(timeout=600) for f in futures]
 
 
+# First: it runs its own cluster, before the module's R = 2 cluster exists (2 cores, one at a time).
+def test_sigkill_with_one_replica_gives_503_then_recovers(tiny_dir: Path, tmp_path: Path) -> None:
+    up = UpProcess(tiny_dir, tmp_path, 2, ["--unavailable-wait-s", "0.5"])
+    try:
+        pid = up.status()["workers"][1]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        r = httpx.post(f"{up.base_url}/v1/completions", timeout=60,
+                       json={"model": "tiny", "prompt": [5] * 30, "max_tokens": 4, "temperature": 0})
+        elapsed = time.monotonic() - start
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert "experts unavailable" in error["message"] and "layer" in error["message"]
+        assert elapsed < 15
+        wait_for(lambda: httpx.post(f"{up.base_url}/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": [5] * 30, "max_tokens": 4, "temperature": 0}).status_code == 200,
+            RESTORE_WITHIN_S, "the cluster to serve again")
+    finally:
+        up.interrupt()
+
+
 def test_scale_2_to_4_to_3_under_streams(replicated: UpProcess, reference: tuple) -> None:
     prompts = _prompts(STREAMS)
 
@@ -165,23 +186,3 @@ def test_chaos_with_two_replicas_fails_no_request(replicated: UpProcess) -> None
         t.join(120)
     print(f"chaos: sent {sent}, completed {completed}, failed {failed}")
     assert failed == 0 and completed == sent and sent > 0
-
-
-def test_sigkill_with_one_replica_gives_503_then_recovers(tiny_dir: Path, tmp_path: Path) -> None:
-    up = UpProcess(tiny_dir, tmp_path, 2, ["--unavailable-wait-s", "0.5"])
-    try:
-        pid = up.status()["workers"][1]["pid"]
-        os.kill(pid, signal.SIGKILL)
-        start = time.monotonic()
-        r = httpx.post(f"{up.base_url}/v1/completions", timeout=60,
-                       json={"model": "tiny", "prompt": [5] * 30, "max_tokens": 4, "temperature": 0})
-        elapsed = time.monotonic() - start
-        assert r.status_code == 503, r.text
-        error = r.json()["error"]
-        assert "experts unavailable" in error["message"] and "layer" in error["message"]
-        assert elapsed < 15
-        wait_for(lambda: httpx.post(f"{up.base_url}/v1/completions", timeout=60, json={
-            "model": "tiny", "prompt": [5] * 30, "max_tokens": 4, "temperature": 0}).status_code == 200,
-            RESTORE_WITHIN_S, "the cluster to serve again")
-    finally:
-        up.interrupt()

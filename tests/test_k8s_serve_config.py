@@ -19,9 +19,6 @@ from cluster.app_args import AppArgs
 from model.capacity import REDIS_PASSWORD_ENV, REGISTRY_REDIS_URL
 from test_k8s_render import K8S, KUSTOMIZATIONS, by_key, render
 
-PENDING_APP_ARGS = {"redis_password_env"}
-"""Set in the manifests, proposed for cluster/app_args.py (docs/KUBERNETES.md, "The Redis password");
-dropped from the args below while AppArgs lacks it, so AppArgs' extra="forbid" still checks the rest."""
 
 
 def serve_config(name: str) -> dict[str, Any]:
@@ -36,8 +33,7 @@ def resolve(import_path: str) -> Any:
 
 
 def buildable_args(args: dict[str, Any], model_dir: Path) -> dict[str, Any]:
-    known = {k: v for k, v in args.items() if k in AppArgs.model_fields or k not in PENDING_APP_ARGS}
-    return {**known, "model": str(model_dir)}
+    return {**args, "model": str(model_dir)}  # AppArgs' extra="forbid" checks every other argument
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -54,10 +50,6 @@ def test_serve_config_builds_the_application(name: str, tiny_dir: Path, monkeypa
 
 
 def test_serve_args_are_all_app_args() -> None:
-    missing = PENDING_APP_ARGS - set(AppArgs.model_fields)
-    if missing:
-        pytest.skip(f"AppArgs has no {sorted(missing)} yet: the manifests pass the Redis password by "
-                    f"environment variable name (proposed in docs/KUBERNETES.md)")
     for name in KUSTOMIZATIONS:
         args = serve_config(name)["applications"][0]["args"]
         assert set(args) <= set(AppArgs.model_fields), name

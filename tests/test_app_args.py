@@ -1,0 +1,36 @@
+"""The Serve application's arguments: validation and the Redis password taken from the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+from pydantic import ValidationError
+
+from cluster.app_args import AppArgs
+
+
+def test_password_from_the_named_variable_goes_into_the_url(tiny_dir: Path) -> None:
+    args = AppArgs(model=str(tiny_dir), redis_url="redis://redis:6379/1", redis_password_env="PW")
+    resolved = args.with_redis_password({"PW": "s3cr:t/@x"})
+    assert resolved.redis_password_env is None
+    pool = redis.ConnectionPool.from_url(resolved.redis_url)
+    assert pool.connection_kwargs["password"] == "s3cr:t/@x" and pool.connection_kwargs["db"] == 1
+    assert AppArgs(model=str(tiny_dir), redis_url="redis://r:1/0").with_redis_password({}).redis_url == "redis://r:1/0"
+
+
+def test_missing_password_or_double_credentials_are_clear_errors(tiny_dir: Path) -> None:
+    args = AppArgs(model=str(tiny_dir), redis_url="redis://redis:6379/1", redis_password_env="PW")
+    with pytest.raises(ValueError, match="'PW' is not set"):
+        args.with_redis_password({})
+    with_creds = AppArgs(model=str(tiny_dir), redis_url="redis://:x@redis:6379/1", redis_password_env="PW")
+    with pytest.raises(ValueError, match="carries credentials"):
+        with_creds.with_redis_password({"PW": "y"})
+
+
+@pytest.mark.parametrize("field, value", [("model", "/nope"), ("expert_workers", 0), ("dtype", "float16"),
+                                          ("surprise", 1)])
+def test_bad_arguments_name_the_field(tiny_dir: Path, field: str, value: object) -> None:
+    with pytest.raises(ValidationError, match=field):
+        AppArgs(**{"model": str(tiny_dir), field: value})
