@@ -44,6 +44,16 @@ class GatedAttention(nn.Module):
             o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=self.hd ** -0.5)
         return o[0].transpose(0, 1).reshape(t, self.nh * self.hd)
 
+    def _attend_fresh(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal attention of B uncached chunks of equal length t: q [B, t, nh, hd], k/v [B, t, nkv, hd]
+        -> [B, t, nh·hd]."""
+        B, t = q.shape[:2]
+        rep = self.nh // self.nkv
+        kh = k.transpose(1, 2).repeat_interleave(rep, dim=1)  # [B, nh, t, hd]
+        vh = v.transpose(1, 2).repeat_interleave(rep, dim=1)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), kh, vh, is_causal=True, scale=self.hd ** -0.5)
+        return o.transpose(1, 2).reshape(B, t, self.nh * self.hd)
+
     def forward(self, x: Tensor, batch: ForwardBatch, cos: Tensor, sin: Tensor) -> Tensor:  # [T, H] -> [T, H]
         T = x.shape[0]
         q, gate = torch.chunk(self.q_proj(x).view(T, self.nh, 2 * self.hd), 2, dim=-1)
@@ -51,15 +61,20 @@ class GatedAttention(nn.Module):
         k = apply_partial_rope(self.k_norm(self.k_proj(x).view(T, self.nkv, self.hd)), cos, sin)
         v = self.v_proj(x).view(T, self.nkv, self.hd)
         out = x.new_empty(T, self.nh * self.hd)
+        fresh: dict[int, list[tuple[int, int, int]]] = {}  # first chunks of equal length run batched
         for i, s, e in batch.spans():
             cache = batch.caches[i]
             entry = cache.layers[self.layer_idx]
             k_new, v_new = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)  # [nkv, t, hd]
             if entry is None:
-                entry = KVCache(key=k_new.contiguous(), value=v_new.contiguous())
-            else:
-                entry = KVCache(key=torch.cat((entry.key, k_new), 1), value=torch.cat((entry.value, v_new), 1))
+                cache.layers[self.layer_idx] = KVCache(key=k_new.contiguous(), value=v_new.contiguous())
+                fresh.setdefault(e - s, []).append((i, s, e))
+                continue
+            entry = KVCache(key=torch.cat((entry.key, k_new), 1), value=torch.cat((entry.value, v_new), 1))
             cache.layers[self.layer_idx] = entry
             out[s:e] = self._attend(q[s:e], entry)
+        for group in fresh.values():
+            rows = torch.stack([torch.arange(s, e, device=x.device) for _, s, e in group])  # [B, t]
+            out[rows] = self._attend_fresh(q[rows], k[rows], v[rows])
         out = out * torch.sigmoid(gate.reshape(T, self.nh * self.hd))
         return self.o_proj(out)

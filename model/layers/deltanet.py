@@ -70,15 +70,19 @@ class GatedDeltaNet(nn.Module):
             s.conv, s.recurrent = conv_state[i], rec[i]
         return o[:, 0]
 
-    def _run_chunk(self, mixed: Tensor, beta: Tensor, g: Tensor, state: DeltaNetState | None) -> tuple[Tensor, DeltaNetState]:
-        """t tokens of one sequence. mixed [t, C]; beta, g [t, nv] -> ([t, nv, dv], new state)."""
-        conv0 = (state.conv if state is not None else
-                 mixed.new_zeros(self.conv_dim, self.kernel))
-        c, conv = self._conv(mixed.t()[None], conv0[None])
+    def _run_chunks(self, mixed: Tensor, beta: Tensor, g: Tensor,
+                    states: list[DeltaNetState | None]) -> tuple[Tensor, list[DeltaNetState]]:
+        """t tokens of each of B sequences (chunked form). mixed [B, t, C]; beta, g [B, t, nv] ->
+        ([B, t, nv, dv], new states). A missing state is zeros, exactly as transformers starts."""
+        conv0 = torch.stack([st.conv if st is not None else mixed.new_zeros(self.conv_dim, self.kernel)
+                             for st in states])  # [B, C, K]
+        rec0 = torch.stack([st.recurrent if st is not None else
+                            torch.zeros(self.nv, self.dk, self.dv, dtype=torch.float32, device=mixed.device)
+                            for st in states])  # [B, nv, dk, dv]
+        c, conv = self._conv(mixed.transpose(1, 2), conv0)
         q, k, v = self._split_heads(c.transpose(1, 2))
-        o, rec = chunk_gated_delta_rule(q, k, v, g[None], beta[None],
-                                        state.recurrent[None] if state is not None else None)
-        return o[0], DeltaNetState(conv=conv[0], recurrent=rec[0])
+        o, rec = chunk_gated_delta_rule(q, k, v, g, beta, rec0)
+        return o, [DeltaNetState(conv=conv[b], recurrent=rec[b]) for b in range(len(states))]
 
     def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:  # [T, H] -> [T, H]
         mixed, z, b, a = self._project(x)
@@ -92,11 +96,16 @@ class GatedDeltaNet(nn.Module):
             states = [batch.caches[i].layers[self.layer_idx] for i, _ in decode]
             out[rows] = self._run_decode(mixed[rows], beta[rows], g[rows], states)
         decoded = {i for i, _ in decode}
+        by_length: dict[int, list[tuple[int, int, int]]] = {}  # chunks of equal length run batched
         for i, s, e in batch.spans():
-            if i in decoded:
-                continue
-            cache = batch.caches[i]
-            out[s:e], cache.layers[self.layer_idx] = self._run_chunk(
-                mixed[s:e], beta[s:e], g[s:e], cache.layers[self.layer_idx])
+            if i not in decoded:
+                by_length.setdefault(e - s, []).append((i, s, e))
+        for group in by_length.values():
+            rows = torch.stack([torch.arange(s, e, device=x.device) for _, s, e in group])  # [B, t]
+            o, new = self._run_chunks(mixed[rows], beta[rows], g[rows],
+                                      [batch.caches[i].layers[self.layer_idx] for i, _, _ in group])
+            out[rows] = o
+            for (i, _, _), state in zip(group, new):
+                batch.caches[i].layers[self.layer_idx] = state
         y = self.norm(out, z)
         return self.out_proj(y.reshape(x.shape[0], self.value_dim))
