@@ -19,14 +19,14 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from cluster.detokenizer import IncrementalDetokenizer, OutputStream, StepOutput
+from cluster.engine_stats import EngineMetrics, EngineStats
 from cluster.scheduler import (FinishReason, Request, Scheduler, SchedulerConfig, SequenceState, StepPlan)
 from model.cache import SequenceCache
 from model.expert_backend import ExpertBackend
@@ -36,10 +36,6 @@ from model.sampling import SamplingParams, make_generator, sample
 from router.dispatcher import ExpertsUnavailableError
 
 log = logging.getLogger(__name__)
-
-MAX_PENDING_OBSERVATIONS = 100_000
-"""Latency observations kept between drains; older ones are dropped, so an unscraped engine stays bounded."""
-
 
 class EngineRequestError(ValueError):
     """A request the engine cannot serve (HTTP 400); `param` names the offending field, as OpenAI's error does."""
@@ -55,33 +51,6 @@ class EngineError(RuntimeError):
 
 class EngineUnavailableError(EngineError):
     """A step failed because experts it needs have no live worker; retrying later can succeed (503)."""
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    cache_bytes: int  # held by the running sequences' hybrid caches
-    num_steps: int
-
-
-@dataclass(slots=True)
-class EngineMetrics:
-    """Recorded by the engine thread; the gateway exports them (counters, and histograms fed by
-    `drain`). Reads are safe from any thread."""
-    num_prompt_tokens: int = 0
-    """Prompt tokens run through the model (counter)."""
-    num_generation_tokens: int = 0
-    num_finished: dict[FinishReason, int] = field(default_factory=lambda: dict.fromkeys(FinishReason, 0))
-    ttft_s: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_OBSERVATIONS))
-    """Time to first token per request, arrival to first sampled token."""
-    tpot_s: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_OBSERVATIONS))
-    """Mean time per output token after the first, per finished request with >= 2 tokens."""
-
-    @staticmethod
-    def drain(observations: deque[float]) -> list[float]:
-        """Pop all of `ttft_s` or `tpot_s` for a histogram (safe while the engine thread appends)."""
-        return [observations.popleft() for _ in range(len(observations))]
 
 
 @dataclass(slots=True)
