@@ -25,6 +25,7 @@ from cluster.expert_actor import ExpertWorker, actor_options
 from cluster.rebalance import LoadCollector, measured_imbalance, plan_rebalance
 from cluster.registry import Registry
 from model.config import Qwen3NextConfig
+from router.eplb import movement
 from router.placement import Placement, build_placement
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class ControllerActor:
                 return report
             before = measured_imbalance(self.registry.worker_load(), self.placement.num_workers)
             new, predicted = plan_rebalance(self.placement, load, self.epoch)
-            moved = reshard.movement(self.placement, new)
+            moved = movement(self.placement, new)
             epoch = self._move(new)
             self.loads.reset()
             self.last_rebalance = time.monotonic()

@@ -120,18 +120,12 @@ class Registry:
         self.client.sadd(self.key("workers"), index)
         self.client.hset(self.key("worker", index), mapping={**fields, "index": index, "heartbeat": time.time()})
 
-    def heartbeat_worker(self, index: int) -> None:
-        self.client.hset(self.key("worker", index), "heartbeat", time.time())
-
     def workers(self) -> list[MemberRecord]:
         return self._members("workers", "worker")
 
     def register_head(self, head_id: str, fields: dict[str, Any]) -> None:
         self.client.sadd(self.key("heads"), head_id)
         self.client.hset(self.key("head", head_id), mapping={**fields, "id": head_id, "heartbeat": time.time()})
-
-    def heartbeat_head(self, head_id: str, epoch: int) -> None:
-        self.client.hset(self.key("head", head_id), mapping={"heartbeat": time.time(), "epoch": epoch})
 
     def heads(self) -> list[MemberRecord]:
         return self._members("heads", "head")

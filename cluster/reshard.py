@@ -85,8 +85,3 @@ def shrink(registry: Registry, workers: dict[int, Any], old: Placement | None, n
             address = str(ray.get(workers[index].describe.remote(), timeout=60)["address"])
             worker_admin.drop_experts(address, lost, epoch)
             log.info("worker %d dropped %d experts", index, len(lost))
-
-
-def movement(old: Placement | None, new: Placement) -> int:
-    """(worker, layer, expert) holdings the move has to load."""
-    return sum(len(pairs_of(new, w) - pairs_of(old, w)) for w in range(new.num_workers))

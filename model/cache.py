@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
-from model.config import LayerType, Qwen3NextConfig
+from model.config import Qwen3NextConfig
 
 
 @dataclass(slots=True)
@@ -48,15 +47,3 @@ class SequenceCache:
             elif isinstance(entry, KVCache):
                 total += entry.key.nbytes + entry.value.nbytes
         return total
-
-
-def layer_kinds(config: Qwen3NextConfig) -> list[LayerType]:
-    return list(config.layer_types)
-
-
-def zeros_state(config: Qwen3NextConfig, dtype: torch.dtype, device: torch.device) -> DeltaNetState:
-    return DeltaNetState(
-        conv=torch.zeros(config.linear_conv_dim, config.linear_conv_kernel_dim, dtype=dtype, device=device),
-        recurrent=torch.zeros(config.linear_num_value_heads, config.linear_key_head_dim,
-                              config.linear_value_head_dim, dtype=torch.float32, device=device),
-    )

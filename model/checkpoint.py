@@ -101,10 +101,6 @@ class Checkpoint:
         return str(self.path / self.key_to_file.get(key, INDEX_FILE))
 
 
-def is_expert_key(key: str) -> bool:
-    return bool(EXPERT_KEY.match(key) or FUSED_EXPERT_KEY.match(key))
-
-
 def check_shapes(ckpt: Checkpoint, tensors: dict[str, Tensor], expected: dict[str, torch.Size]) -> None:
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != tuple(shape):

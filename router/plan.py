@@ -58,11 +58,6 @@ def alive_replicas(replicas: Tensor, alive: Tensor) -> Tensor:
     return torch.where(ok.gather(1, order), replicas.gather(1, order), -1)
 
 
-def choose_workers(replicas: Tensor, alive: Tensor) -> Tensor:
-    """replicas [E, R], alive [N] bool -> [E] the first alive replica of each expert, -1 if none."""
-    return alive_replicas(replicas, alive)[:, 0]
-
-
 def unavailable_experts(pairs: Pairs, pending: Tensor, expert_to_worker: Tensor) -> list[int]:
     """Sorted global ids of the experts some pending pair needs that no alive worker holds
     (expert_to_worker [E] is -1 for those, e.g. `alive_replicas(...)[:, 0]`)."""
@@ -123,9 +118,3 @@ def group_by_worker(pairs: Pairs, pending: Tensor, worker: Tensor) -> list[Worke
         tokens, counts = torch.unique_consecutive(pairs.token[index], return_counts=True)
         batches.append(WorkerBatch(w, index, tokens, counts, pairs.expert[index], pairs.weight[index]))
     return batches
-
-
-def plan_batches(pairs: Pairs, pending: Tensor, expert_to_worker: Tensor) -> list[WorkerBatch]:
-    """One batch per worker when each expert has one chosen worker (expert_to_worker [E], e.g.
-    `choose_workers`); every expert of a pending pair must have one (check `unavailable_experts`)."""
-    return group_by_worker(pairs, pending, expert_to_worker[pairs.expert[pending]])

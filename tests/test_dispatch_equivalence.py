@@ -19,7 +19,7 @@ from model.expert_backend import LocalExpertBackend
 from model.loader import load_local_backend
 from router.dispatcher import RemoteExpertBackend
 from router.placement import build_placement
-from router.plan import Pairs, choose_workers, plan_batches, replica_table
+from router.plan import Pairs, alive_replicas, assign_pairs, group_by_worker, replica_table
 
 pytestmark = pytest.mark.grpc
 TOL = 1e-6
@@ -122,15 +122,18 @@ def test_plan_sends_each_token_once_with_all_its_pairs_there() -> None:
     weights = torch.rand(T, k, generator=g)
     placement = build_placement([0], E, N, 2)
     alive = torch.tensor([True, False, True, True])
-    expert_to_worker = choose_workers(replica_table(placement, 0), alive)
+    replicas = alive_replicas(replica_table(placement, 0), alive)
     pairs = Pairs.from_topk(ids, weights)
-    batches = plan_batches(pairs, torch.arange(T * k), expert_to_worker)
+    pending = torch.arange(T * k)
+    pair_worker = assign_pairs(pairs, pending, replicas, N)  # the dispatcher's own planning
+    batches = group_by_worker(pairs, pending, pair_worker)
     seen = torch.zeros(T * k, dtype=torch.int64)
     for b in batches:
         assert alive[b.worker]
         assert torch.equal(b.tokens, torch.unique(b.tokens)), "a token appears twice in one request"
         assert int(b.counts.sum()) == b.experts.numel()
-        assert bool((expert_to_worker[b.experts] == b.worker).all())
+        assert bool((pair_worker[b.pair_index] == b.worker).all())
+        assert all(b.worker in placement.workers_of(0, int(e)) for e in b.experts)
         seen[b.pair_index] += 1
         token_of_pair = torch.repeat_interleave(b.tokens, b.counts)
         assert torch.equal(token_of_pair, pairs.token[b.pair_index])

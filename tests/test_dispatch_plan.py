@@ -10,7 +10,7 @@ import torch
 
 from router.eplb import rebalance
 from router.placement import Placement, build_placement
-from router.plan import (Pairs, alive_replicas, assign_pairs, choose_workers, group_by_worker, replica_table,
+from router.plan import (Pairs, alive_replicas, assign_pairs, group_by_worker, replica_table,
                          unavailable_experts)
 
 
@@ -110,14 +110,13 @@ def test_token_stays_on_workers_it_visits() -> None:
     assert int(torch.bincount(worker[:, 0], minlength=3).min()) >= 0.8 * T / 3
 
 
-def test_replica_table_pads_ragged_rows_and_choose_skips_padding() -> None:
+def test_replica_table_pads_ragged_rows_and_alive_replicas_skip_padding() -> None:
     placement = Placement(3, 1, {0: ((2,), (0, 1, 2), (1, 0))})
     table = replica_table(placement, 0)
     assert table.tolist() == [[2, -1, -1], [0, 1, 2], [1, 0, -1]]
     alive = torch.tensor([False, True, True])
     assert alive_replicas(table, alive).tolist() == [[2, -1, -1], [1, 2, -1], [1, -1, -1]]
-    assert choose_workers(table, alive).tolist() == [2, 1, 1]
-    assert choose_workers(table, torch.tensor([True, True, False])).tolist() == [-1, 0, 1]
+    assert alive_replicas(table, torch.tensor([True, True, False]))[:, 0].tolist() == [-1, 0, 1]
     pairs = Pairs.from_topk(torch.tensor([[0, 1], [2, 1]]), torch.ones(2, 2))
     dead2 = alive_replicas(table, torch.tensor([True, True, False]))
     assert unavailable_experts(pairs, torch.arange(4), dead2[:, 0]) == [0]

@@ -55,7 +55,7 @@ def test_members_heartbeat_and_staleness(server: LocalRedis, monkeypatch: pytest
     assert workers[1].as_dict()["pid"] == 42 and reg.heads()[0].as_dict()["id"] == "abc"
     reg.client.hset(reg.key("worker", 1), "heartbeat", 0)  # a worker that stopped beating long ago
     assert [w.alive for w in reg.workers()] == [True, False]
-    reg.heartbeat_worker(1)
+    reg.register_worker(1, {"address": "h:1", "pid": 42})  # its next beat
     assert all(w.alive for w in reg.workers())
     reg.forget_worker(1)
     assert [w.fields["index"] for w in reg.workers()] == ["0"]
