@@ -37,6 +37,22 @@ from router.dispatcher import ExpertsUnavailableError
 
 log = logging.getLogger(__name__)
 
+def split_micro_batches(num_tokens: Sequence[int], parts: int, min_seqs: int) -> list[tuple[int, int]]:
+    """Contiguous [lo, hi) ranges of the step's sequences, about equal in tokens, each with at least
+    `min_seqs` sequences (fewer parts when there are too few sequences)."""
+    parts = max(1, min(parts, len(num_tokens) // min_seqs))
+    total, bounds, acc, lo = sum(num_tokens), [], 0, 0
+    for i, n in enumerate(num_tokens):
+        acc += n
+        remaining_parts = parts - len(bounds) - 1
+        if remaining_parts and acc >= total * (len(bounds) + 1) / parts and i + 1 - lo >= min_seqs \
+                and len(num_tokens) - (i + 1) >= remaining_parts * min_seqs:
+            bounds.append((lo, i + 1))
+            lo = i + 1
+    bounds.append((lo, len(num_tokens)))
+    return bounds
+
+
 class EngineRequestError(ValueError):
     """A request the engine cannot serve (HTTP 400); `param` names the offending field, as OpenAI's error does."""
 
@@ -219,9 +235,13 @@ class Engine:
                 item.seq.cache = SequenceCache.empty(self.head.config)
             caches.append(item.seq.cache)
         inputs = [item.input_ids() for item in plan.scheduled]
-        batch = ForwardBatch.build([len(x) for x in inputs], caches, self._device)
-        ids = torch.tensor([t for x in inputs for t in x], dtype=torch.int64, device=self._device)
-        return self.head(ids, batch, self.experts)
+        parts = []
+        for lo, hi in split_micro_batches([len(x) for x in inputs], self.scheduler.config.micro_batches,
+                                          self.scheduler.config.min_micro_batch_seqs):
+            batch = ForwardBatch.build([len(x) for x in inputs[lo:hi]], caches[lo:hi], self._device)
+            ids = torch.tensor([t for x in inputs[lo:hi] for t in x], dtype=torch.int64, device=self._device)
+            parts.append((ids, batch))
+        return self.head.forward_micro_batches(parts, self.experts)  # rows in plan order
 
     def _postprocess(self, plan: StepPlan, logits: torch.Tensor) -> None:
         now, argmax = time.monotonic(), logits.argmax(dim=-1).tolist()  # one device sync for all greedy rows

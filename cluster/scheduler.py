@@ -32,8 +32,17 @@ class SchedulerConfig:
     prefill_chunk: int = 256
     """Most prompt tokens one sequence brings to a step; half the default budget, so two prompts can
     prefill side by side while every running sequence still decodes."""
+    micro_batches: int = 1
+    """Split each step's sequences into this many micro-batches, run in ping-pong (while the experts
+    serve one micro-batch's layer, the head computes the next one's mixer). Pays when the head and the
+    experts have their own cores or GPUs; each split adds one dispatch round per MoE layer."""
+    min_micro_batch_seqs: int = 4
+    """A step with fewer sequences than this per micro-batch is not split."""
 
     def __post_init__(self) -> None:
+        if self.micro_batches < 1 or self.min_micro_batch_seqs < 1:
+            raise ValueError(f"micro_batches ({self.micro_batches}) and min_micro_batch_seqs "
+                             f"({self.min_micro_batch_seqs}) must be >= 1")
         if self.max_num_seqs < 1 or self.prefill_chunk < 1:
             raise ValueError(f"max_num_seqs ({self.max_num_seqs}) and prefill_chunk ({self.prefill_chunk}) "
                              f"must be >= 1")

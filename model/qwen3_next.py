@@ -9,6 +9,10 @@ the loader maps tensors by name. Letters: T = tokens in the step, H = hidden, V 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -35,10 +39,23 @@ class SparseMoEHead(nn.Module):
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, x: Tensor, experts: ExpertBackend) -> Tensor:  # [T, H] -> [T, H]
+        return self.start(x, experts).result()
+
+    def start(self, x: Tensor, experts: ExpertBackend) -> "PendingMoE":
+        """Send the routed experts off, compute the shared expert meanwhile; `result()` adds them."""
         ids, weights = self.gate(x)
         routed = experts.submit(self.layer_idx, x, ids, weights)
-        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return routed.result() + shared
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # [T, H]
+        return PendingMoE(routed, shared)
+
+
+@dataclass(slots=True)
+class PendingMoE:
+    routed: "Future[Tensor]"  # [T, H] from the expert backend
+    shared: Tensor            # [T, H]
+
+    def result(self) -> Tensor:
+        return self.routed.result() + self.shared
 
 
 class DecoderLayer(nn.Module):
@@ -61,13 +78,21 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(H, eps)
 
     def forward(self, x: Tensor, batch: ForwardBatch, cos: Tensor, sin: Tensor, experts: ExpertBackend) -> Tensor:
+        x, moe = self.start(x, batch, cos, sin, experts)
+        return x if moe is None else x + moe.result()
+
+    def start(self, x: Tensor, batch: ForwardBatch, cos: Tensor, sin: Tensor,
+              experts: ExpertBackend) -> tuple[Tensor, PendingMoE | None]:
+        """Mixer, then the FFN; a MoE FFN is left in flight: the layer's output is x + moe.result()."""
         h = self.input_layernorm(x)
         if self.layer_type is LayerType.LINEAR_ATTENTION:
             x = x + self.linear_attn(h, batch)
         else:
             x = x + self.self_attn(h, batch, cos, sin)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, experts) if self.is_moe else self.mlp(h))
+        if self.is_moe:
+            return x, self.mlp.start(h, experts)
+        return x + self.mlp(h), None
 
 
 class Backbone(nn.Module):
@@ -93,12 +118,28 @@ class HeadModel(nn.Module):
                 all_logits: bool = False) -> Tensor:
         """input_ids [T] (flattened over the batch's sequences) -> logits [B, V] of each sequence's
         last new token, or [T, V] with all_logits. Advances every sequence's cache by its tokens."""
-        x = self.model.embed_tokens(input_ids)  # [T, H]
-        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
+        return self.forward_micro_batches([(input_ids, batch)], experts, all_logits)
+
+    @torch.inference_mode()
+    def forward_micro_batches(self, parts: Sequence[tuple[Tensor, ForwardBatch]], experts: ExpertBackend,
+                              all_logits: bool = False) -> Tensor:
+        """Several micro-batches (disjoint sequences) through the layers in ping-pong: while the routed
+        experts of micro-batch A's layer run in the backend, the head computes B's mixer, then waits
+        for A. Each sequence's arithmetic is that of `forward` alone. parts: (input_ids [T_i], batch_i)
+        -> logits of all parts concatenated in order ([sum B_i, V], or [sum T_i, V] with all_logits)."""
+        xs = [self.model.embed_tokens(ids) for ids, _ in parts]  # [T_i, H]
+        rope = [self.rotary.cos_sin(b.positions, x.dtype) for (_, b), x in zip(parts, xs)]
+        pending: list[PendingMoE | None] = [None] * len(parts)
         for layer in self.model.layers:
-            x = layer(x, batch, cos, sin, experts)
-        if not all_logits:
-            x = x[batch.last_token_index()]
-        for cache, n in zip(batch.caches, batch.seq_lens):
-            cache.num_tokens += n
-        return self.lm_head(self.model.norm(x))
+            for i, (_, batch) in enumerate(parts):
+                moe, pending[i] = pending[i], None
+                x = xs[i] if moe is None else xs[i] + moe.result()  # the previous layer's MoE, now needed
+                xs[i], pending[i] = layer.start(x, batch, *rope[i], experts)
+        outs = []
+        for i, (_, batch) in enumerate(parts):
+            moe = pending[i]
+            x = xs[i] if moe is None else xs[i] + moe.result()
+            outs.append(x if all_logits else x[batch.last_token_index()])
+            for cache, n in zip(batch.caches, batch.seq_lens):
+                cache.num_tokens += n
+        return self.lm_head(self.model.norm(torch.cat(outs) if len(outs) > 1 else outs[0]))

@@ -19,7 +19,7 @@ from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from cluster.detokenizer import IncrementalDetokenizer
-from cluster.engine import Engine, EngineError, EngineRequestError, StepOutput
+from cluster.engine import Engine, EngineError, EngineRequestError, StepOutput, split_micro_batches
 from cluster.scheduler import FinishReason, SchedulerConfig, StepPlan
 from model.loader import load_head, load_local_backend
 from model.sampling import SamplingParams
@@ -105,6 +105,36 @@ def test_concurrent_greedy_equals_transformers(name: str, reference: dict, ref_m
         assert out.finish_reason is FinishReason.LENGTH
         assert (out.prompt_tokens, out.completion_tokens) == (len(prompt), m)
     assert engine.stats().num_running == engine.stats().num_waiting == 0
+
+
+def test_micro_batches_ping_pong_equal_transformers(reference: dict, ref_models: dict[str, Model],
+                                                   make_engine: Callable) -> None:
+    """Steps split into 2 micro-batches (ping-pong over the layers) give transformers' greedy tokens."""
+    hf_model = reference["awkward"][0]
+    engine = make_engine(ref_models["awkward"], max_num_seqs=8, max_tokens_per_step=64, prefill_chunk=16,
+                         micro_batches=2, min_micro_batch_seqs=2)
+    calls: list[int] = []
+    forward = engine.head.forward_micro_batches
+
+    def spy(parts: Any, experts: Any, all_logits: bool = False) -> torch.Tensor:
+        calls.append(len(parts))
+        return forward(parts, experts, all_logits)
+
+    engine.head.forward_micro_batches = spy  # type: ignore[method-assign]
+    lengths, max_tokens = (3, 21, 8, 40, 1, 13), (9, 14, 5, 11, 16, 7)
+    prompts = [_prompt(n, hf_model.config.vocab_size, seed=20 + i) for i, n in enumerate(lengths)]
+    outs = engine.generate_sync(prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens])
+    assert 2 in calls and 1 in calls  # split while >= 4 sequences ran, whole below that
+    for prompt, m, out in zip(prompts, max_tokens, outs):
+        assert out.token_ids == _hf_greedy(hf_model, prompt, m)
+
+
+def test_split_micro_batches_balances_tokens_and_keeps_order() -> None:
+    assert split_micro_batches([1] * 32, 2, 4) == [(0, 16), (16, 32)]
+    assert split_micro_batches([1] * 7, 2, 4) == [(0, 7)]  # too few sequences for two of >= 4
+    assert split_micro_batches([100] + [1] * 8, 2, 4) == [(0, 4), (4, 9)]  # each part keeps >= 4 sequences
+    assert split_micro_batches([1] * 12, 3, 4) == [(0, 4), (4, 8), (8, 12)]
+    assert split_micro_batches([5, 5], 1, 1) == [(0, 2)]
 
 
 def test_long_prompt_prefills_in_chunks_while_others_decode(reference: dict, small: Model,
