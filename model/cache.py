@@ -23,10 +23,42 @@ class DeltaNetState:
 
 @dataclass(slots=True)
 class KVCache:
-    key: Tensor
-    """[nkv, L, hd] post-norm, post-RoPE keys."""
-    value: Tensor
-    """[nkv, L, hd]"""
+    """Keys and values of one sequence's full-attention layer, in a buffer that doubles when full, so a
+    decode step appends in place instead of copying the whole cache (L = length <= capacity)."""
+    key_buffer: Tensor
+    """[nkv, capacity, hd] post-norm, post-RoPE keys; rows past `length` are unused."""
+    value_buffer: Tensor
+    """[nkv, capacity, hd]"""
+    length: int = 0
+
+    @classmethod
+    def of(cls, key: Tensor, value: Tensor) -> "KVCache":
+        """A cache holding key / value [nkv, t, hd] (copied into a buffer of their own)."""
+        cache = cls(key.new_empty(key.shape), value.new_empty(value.shape))
+        cache.append(key, value)
+        return cache
+
+    @property
+    def key(self) -> Tensor:  # [nkv, L, hd]
+        return self.key_buffer[:, :self.length]
+
+    @property
+    def value(self) -> Tensor:  # [nkv, L, hd]
+        return self.value_buffer[:, :self.length]
+
+    def append(self, key: Tensor, value: Tensor) -> None:
+        """key / value [nkv, t, hd] after the cached ones."""
+        t, end = key.shape[1], self.length + key.shape[1]
+        if end > self.key_buffer.shape[1]:
+            capacity = max(end, 2 * self.key_buffer.shape[1])
+            for name in ("key_buffer", "value_buffer"):
+                old = getattr(self, name)
+                grown = old.new_empty(old.shape[0], capacity, old.shape[2])
+                grown[:, :self.length] = old[:, :self.length]
+                setattr(self, name, grown)
+        self.key_buffer[:, self.length:end] = key
+        self.value_buffer[:, self.length:end] = value
+        self.length = end
 
 
 @dataclass(slots=True)
@@ -45,5 +77,5 @@ class SequenceCache:
             if isinstance(entry, DeltaNetState):
                 total += entry.conv.nbytes + entry.recurrent.nbytes
             elif isinstance(entry, KVCache):
-                total += entry.key.nbytes + entry.value.nbytes
+                total += entry.key_buffer.nbytes + entry.value_buffer.nbytes
         return total

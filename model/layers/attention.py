@@ -29,19 +29,18 @@ class GatedAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps)
 
     def _attend(self, q: Tensor, cache: KVCache) -> Tensor:
-        """q [t, nh, hd] against the cache's [nkv, L, hd] (which already holds these t) -> [t, nh·hd]."""
-        t, L = q.shape[0], cache.key.shape[1]
-        rep = self.nh // self.nkv
-        k = cache.key.repeat_interleave(rep, dim=0)[None]  # [1, nh, L, hd]
-        v = cache.value.repeat_interleave(rep, dim=0)[None]
+        """q [t, nh, hd] against the cache's [nkv, L, hd] (which already holds these t) -> [t, nh·hd].
+        GQA by SDPA's enable_gqa: each query head reads its kv head in place, no repeated copy."""
+        t, L = q.shape[0], cache.length
+        k, v = cache.key[None], cache.value[None]  # [1, nkv, L, hd]
         qh = q.transpose(0, 1)[None]  # [1, nh, t, hd]
         if t == 1:
-            o = F.scaled_dot_product_attention(qh, k, v, scale=self.hd ** -0.5)
+            o = F.scaled_dot_product_attention(qh, k, v, scale=self.hd ** -0.5, enable_gqa=True)
         elif t == L:
-            o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=self.hd ** -0.5)
+            o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=self.hd ** -0.5, enable_gqa=True)
         else:  # a chunk continuing a cached prefix: query i sees keys <= L - t + i
             mask = torch.ones(t, L, dtype=torch.bool, device=q.device).tril(L - t)
-            o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=self.hd ** -0.5)
+            o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=self.hd ** -0.5, enable_gqa=True)
         return o[0].transpose(0, 1).reshape(t, self.nh * self.hd)
 
     def _attend_fresh(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -67,11 +66,10 @@ class GatedAttention(nn.Module):
             entry = cache.layers[self.layer_idx]
             k_new, v_new = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)  # [nkv, t, hd]
             if entry is None:
-                cache.layers[self.layer_idx] = KVCache(key=k_new.contiguous(), value=v_new.contiguous())
+                cache.layers[self.layer_idx] = KVCache.of(k_new, v_new)
                 fresh.setdefault(e - s, []).append((i, s, e))
                 continue
-            entry = KVCache(key=torch.cat((entry.key, k_new), 1), value=torch.cat((entry.value, v_new), 1))
-            cache.layers[self.layer_idx] = entry
+            entry.append(k_new, v_new)
             out[s:e] = self._attend(q[s:e], entry)
         for group in fresh.values():
             rows = torch.stack([torch.arange(s, e, device=x.device) for _, s, e in group])  # [B, t]
