@@ -33,7 +33,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                   cluster=args.cluster, api_key=args.api_key or os.environ.get("NEXTSERVE_API_KEY"),
                   unavailable_wait_s=args.unavailable_wait_s, rebalance_every_s=args.rebalance_every_s)
     return run_up(UpOptions(app=app, host=args.host, port=args.port, ray_address=os.environ.get("RAY_ADDRESS"),
-                            state_file=state_file(args.cluster)))
+                            state_file=state_file(args.cluster), direct_ingress=not args.no_direct_ingress))
 
 
 def _registry(args: argparse.Namespace) -> Registry:
@@ -129,6 +129,9 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unavailable-wait-s", type=float, default=30.0,
                    help="with no live replica of an expert, wait this long for its worker before a 503")
     p.add_argument("--rebalance-every-s", type=float, default=0.0, help="scheduled rebalancing (0 = on demand)")
+    p.add_argument("--no-direct-ingress", action="store_true",
+                   help="serve HTTP through Ray Serve's proxy instead of the gateway replica itself "
+                        "(a local Ray otherwise runs in Serve's throughput-optimized mode)")
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("status", help="workers, heads, load and the placement epoch, from the Redis registry")
     _cluster_args(p)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -27,13 +28,17 @@ from cluster.app import build_app
 from cluster.app_args import AppArgs
 from cluster.controller import get_or_create_controller
 from cluster.expert_actor import EXPERT_RESOURCE, HEAD_RESOURCE
-from cluster.redis_server import LocalRedis
+from cluster.redis_server import LocalRedis, free_port
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 600.0
 LOCAL_CUSTOM_RESOURCES = {EXPERT_RESOURCE: 1024, HEAD_RESOURCE: 1024}
 """A local Ray node plays every node group, so it advertises both custom resources."""
+
+
+DIRECT_INGRESS_PORTS = 100
+"""Ports tried for the gateway's direct-ingress HTTP server, from --port up (one per gateway replica)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,20 @@ class UpOptions:
     port: int
     ray_address: str | None
     state_file: Path
+    direct_ingress: bool = True
+
+
+def throughput_env(port: int) -> dict[str, str]:
+    """Ray Serve's documented throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED) for a local Ray: the
+    gateway replica serves HTTP itself on `port` (direct ingress, no proxy hop per streamed event),
+    deployment handles talk gRPC, user code runs on the replica's own loop, access logs are buffered.
+    Measured here (C = 32 streams, 2,306 tokens): gateway + proxy CPU 6.3 s -> 1.3 s for the gateway
+    alone. Values already in the environment win."""
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + DIRECT_INGRESS_PORTS - 1),
+            # A gateway drains for this long before it stops (Serve's default, 30 s, would hold up
+            # every Ctrl-C of a local cluster; requests still in flight get the replica's graceful wait).
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
 
 
 def wait_healthy(url: str, timeout_s: float, api_key: str | None) -> None:
@@ -62,11 +81,16 @@ def wait_healthy(url: str, timeout_s: float, api_key: str | None) -> None:
 def start(options: UpOptions) -> tuple[str, LocalRedis | None]:
     local_redis = None if options.app.redis_url else LocalRedis()
     app_args = options.app.model_copy(update={"redis_url": options.app.redis_url or local_redis.url})  # type: ignore[union-attr]
-    if options.ray_address:
+    proxy_port = options.port
+    if options.ray_address:  # an existing cluster keeps its own Serve settings (its proxy serves HTTP)
         ray.init(address=options.ray_address, namespace="nextserve")
     else:
+        if options.direct_ingress:  # the local Ray's processes inherit this environment
+            for key, value in throughput_env(options.port).items():
+                os.environ.setdefault(key, value)
+            proxy_port = free_port()  # the proxy stays up (Serve's fallback); --port is the gateway's
         ray.init(namespace="nextserve", resources=LOCAL_CUSTOM_RESOURCES, include_dashboard=False)
-    serve.start(http_options={"host": options.host, "port": options.port})
+    serve.start(http_options={"host": options.host, "port": proxy_port})
     serve.run(build_app(app_args.model_dump()), name="nextserve", route_prefix="/")
     base = f"http://{'127.0.0.1' if options.host in ('0.0.0.0', '') else options.host}:{options.port}"
     wait_healthy(base, READY_TIMEOUT_S, app_args.api_key)
