@@ -7,7 +7,7 @@
     nextserve make-tiny DIR                      write the tiny default checkpoint
     nextserve generate --model DIR|tiny PROMPT…  one-process generation (head + local experts)
     nextserve plan --config qwen3-coder-next     parameter counts and bytes, computed from a config
-    nextserve bench model|dispatch|serve …       benchmarks (see bench/)
+    nextserve bench model|dispatch|serve|gpu …   benchmarks (see bench/)
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from transformers import AutoTokenizer
 
 from bench import dispatch as dispatch_bench
+from bench import gpu_bench
 from bench import model_bench
 from bench import serve_bench
 from model.config import PUBLISHED_CONFIGS, ConfigError, Qwen3NextConfig
@@ -106,6 +107,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "serve":
         args.model = resolve_model(str(args.model))
         return serve_bench.run(args)
+    if args.bench == "gpu":
+        return gpu_bench.run(args)
     raise SystemExit(f"unknown benchmark {args.bench!r}")
 
 
@@ -143,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_bench.add_parser(bench_sub)
     dispatch_bench.add_parser(bench_sub)
     serve_bench.add_parser(bench_sub)
+    gpu_bench.add_parser(bench_sub)
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -1,6 +1,7 @@
 """The expert-worker Ray actor: serves its experts over gRPC, registers itself, and heartbeats.
 
-Life: __init__ loads the (layer, expert) pairs assigned to it in Redis (else those it was given) and starts the experts gRPC server on
+Life: __init__ loads the (layer, expert) pairs assigned to it in Redis (else those it was given) onto
+its GPU when Ray gave it one (and torch sees CUDA), else the CPU, and starts the experts gRPC server on
 this node's address (port picked by the OS), registers {address, pid, node} in Redis, and starts a
 heartbeat thread. Ray restarts a dead actor (max_restarts=-1) by running __init__ again: the worker
 comes back on a new port and re-registers; the controller then publishes a new placement epoch with
@@ -36,7 +37,8 @@ class ExpertWorkerActor:
         # After a restart (or a re-shard), what the controller last assigned wins over the creation args.
         pairs = self.registry.assignment(index) or pairs
         self.background = BackgroundWorkers()
-        coro = start_worker(model_dir, pairs, dtype, host="0.0.0.0", port=0, epoch=epoch)
+        device = "auto" if ray.get_gpu_ids() else "cpu"  # auto: cuda when torch sees the GPU Ray gave us
+        coro = start_worker(model_dir, pairs, dtype, host="0.0.0.0", port=0, epoch=epoch, device=device)
         self.worker = asyncio.run_coroutine_threadsafe(coro, self.background.loop).result()
         self.address = f"{ray.util.get_node_ip_address()}:{self.worker.port}"
         self.fields = {"address": self.address, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
@@ -44,7 +46,8 @@ class ExpertWorkerActor:
         self.registry.register_worker(index, self.fields)
         self._stop = threading.Event()
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
-        log.info("expert worker %d serving %d experts at %s", index, len(pairs), self.address)
+        log.info("expert worker %d serving %d experts at %s on %s", index, len(pairs), self.address,
+                 self.worker.store.device)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

@@ -2,6 +2,7 @@
 
     DispatchRequest --decode_dispatch--> DispatchBatch --compute_partial--> [t, H] --> DispatchReply
 
+Requests and replies are CPU bytes whatever device the worker computes on.
 Every check a client can fail raises `InvalidDispatch` naming the bad value (the servicer turns it
 into INVALID_ARGUMENT). The math is `model.layers.experts.experts_forward`, the same as a local run.
 Letters: t = tokens in the request, H = hidden, P = (token, expert) pairs, n = experts held.
@@ -102,6 +103,9 @@ def decode_dispatch(req: expert_pb2.DispatchRequest, tables: dict[int, LayerTabl
 
 
 def compute_partial(batch: DispatchBatch) -> Tensor:
-    """[t, H]: per token, the weighted sum of its experts held here."""
-    assign = Assignments(token=batch.token, expert=batch.rows, weight=batch.weights)
-    return experts_forward(batch.hidden, assign, batch.table.gate_up, batch.table.down)
+    """[t, H] on the CPU: per token, the weighted sum of its experts held here. The math runs where the
+    weights are (the decoded request is moved there and the result back; both are no-ops on a CPU)."""
+    device = batch.table.gate_up.device
+    assign = Assignments(token=batch.token.to(device), expert=batch.rows.to(device),
+                         weight=batch.weights.to(device))
+    return experts_forward(batch.hidden.to(device), assign, batch.table.gate_up, batch.table.down).cpu()

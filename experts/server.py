@@ -1,11 +1,12 @@
 """The expert worker process: holds some (layer, expert) weights and serves ExpertService over gRPC.
 
-Flow: parse args -> load the worker's experts from the checkpoint (only those tensors are read) ->
+Flow: parse args -> load the worker's experts from the checkpoint (only those tensors are read) onto
+the worker's device (`--device auto`: CUDA when torch sees a GPU) ->
 start a grpc.aio server (+ the standard health service) on host:port -> print one ready line
 `{"event": "ready", "port": P, ...}` on stdout -> serve until SIGINT/SIGTERM.
 
 Run:
-    python -m experts.server --model DIR --port 0 --experts '0:0,1,2;1:5'
+    python -m experts.server --model DIR --port 0 --experts '0:0,1,2;1:5' [--device auto|cpu|cuda]
     python -m experts.server --model DIR --port 0 @args.txt      # arguments read from a file
 
 The controller (cluster/) turns a router.placement.Placement into each worker's --experts.
@@ -31,6 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from experts.service import ExpertServicer
 from experts.store import ExpertStore
+from model.device import DEVICE_CHOICES, resolve_device
 from proto import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -61,9 +63,10 @@ class Worker:
 
 async def start_worker(model_dir: str | Path, pairs: Iterable[tuple[int, int]], dtype: str = "float32",
                        host: str = "127.0.0.1", port: int = 0, epoch: int = 0,
-                       compute_threads: int = 4) -> Worker:
-    """Load `pairs` from the checkpoint and serve them; port 0 lets the OS pick (see Worker.port)."""
-    store = ExpertStore(model_dir, dtype)
+                       compute_threads: int = 4, device: str = "cpu") -> Worker:
+    """Load `pairs` from the checkpoint onto `device` (see model.device.resolve_device) and serve them;
+    port 0 lets the OS pick (see Worker.port)."""
+    store = ExpertStore(model_dir, dtype, resolve_device(device))
     executor = ThreadPoolExecutor(compute_threads, thread_name_prefix="expert-compute")
     await asyncio.get_running_loop().run_in_executor(executor, store.load, list(pairs), epoch)
     servicer = ExpertServicer(store, executor)
@@ -77,7 +80,8 @@ async def start_worker(model_dir: str | Path, pairs: Iterable[tuple[int, int]], 
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("expert worker on %s:%d holds %d experts (%s)", host, bound, len(store.pairs()), store.dtype)
+    log.info("expert worker on %s:%d holds %d experts (%s on %s)", host, bound, len(store.pairs()), store.dtype,
+             store.device)
     return Worker(server, bound, store, servicer)
 
 
@@ -127,6 +131,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 lets the OS pick; the ready line reports it")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                   help="where the experts compute; auto: cuda when torch sees a GPU, else cpu")
     p.add_argument("--experts", type=parse_experts, required=True, help="'layer:e1,e2;layer:e3' pairs to hold")
     p.add_argument("--epoch", type=int, default=0, help="placement epoch these experts belong to")
     p.add_argument("--compute-threads", type=int, default=4)
@@ -136,7 +142,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace) -> None:
     worker = await start_worker(args.model, args.experts, args.dtype, args.host, args.port, args.epoch,
-                                args.compute_threads)
+                                args.compute_threads, args.device)
     # The ready line is the subprocess protocol (stdout); logs go to stderr.
     sys.stdout.write(json.dumps({"event": "ready", "host": args.host, "port": worker.port,
                                  "num_experts_held": len(worker.store.pairs()), "epoch": args.epoch}) + "\n")

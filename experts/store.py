@@ -2,8 +2,9 @@
 
 Tables are copy-on-write: LoadExperts/DropExperts build a new `layer -> LayerTable` dict and swap it
 in under a writer lock, so a Dispatch that took a snapshot keeps computing on consistent weights and
-readers never lock. Letters: n = experts held in a layer, E = routed experts per layer (global),
-I = moe intermediate, H = hidden, P = (token, expert) pairs.
+readers never lock. The stacked weights live on the worker's device (CUDA when it was given a GPU);
+the routing map stays on the CPU, where requests are decoded. Letters: n = experts held in a layer,
+E = routed experts per layer (global), I = moe intermediate, H = hidden, P = (token, expert) pairs.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from model.loader import load_experts
 class LayerTable:
     """One layer's held experts: global id -> row of the stacked weights."""
     expert_ids: tuple[int, ...]  # [n] global id of each row, ascending
-    global_to_row: Tensor        # [E] int64, -1 where the expert is not held
-    gate_up: Tensor              # [n, 2I, H]
-    down: Tensor                 # [n, H, I]
+    global_to_row: Tensor        # [E] int64 on the CPU, -1 where the expert is not held
+    gate_up: Tensor              # [n, 2I, H] on the worker's device
+    down: Tensor                 # [n, H, I] on the worker's device
 
 
 def _table(num_experts: int, expert_ids: list[int], gate_up: Tensor, down: Tensor) -> LayerTable:
@@ -36,15 +37,17 @@ def _table(num_experts: int, expert_ids: list[int], gate_up: Tensor, down: Tenso
     ids = [expert_ids[i] for i in order]
     global_to_row = torch.full((num_experts,), -1, dtype=torch.int64)
     global_to_row[torch.tensor(ids, dtype=torch.int64)] = torch.arange(len(ids))
-    index = torch.tensor(order, dtype=torch.int64)
+    index = torch.tensor(order, dtype=torch.int64, device=gate_up.device)
     return LayerTable(tuple(ids), global_to_row, gate_up[index].contiguous(), down[index].contiguous())
 
 
 class ExpertStore:
-    def __init__(self, model_dir: str | Path, dtype: str | torch.dtype = "float32") -> None:
+    def __init__(self, model_dir: str | Path, dtype: str | torch.dtype = "float32",
+                 device: str | torch.device = "cpu") -> None:
         self.model_dir = Path(model_dir)
         self.config = Qwen3NextConfig.from_json(self.model_dir)
         self.dtype = parse_dtype(dtype)
+        self.device = torch.device(device)
         self.epoch = 0
         self._tables: dict[int, LayerTable] = {}
         self._write_lock = threading.Lock()
@@ -66,7 +69,7 @@ class ExpertStore:
             for layer, loaded in load_experts(self.model_dir, missing, self.dtype).items():
                 old = tables.get(layer)
                 ids = list(loaded.expert_ids)
-                gate_up, down = loaded.gate_up, loaded.down
+                gate_up, down = loaded.gate_up.to(self.device), loaded.down.to(self.device)
                 if old is not None:
                     ids = list(old.expert_ids) + ids
                     gate_up, down = torch.cat((old.gate_up, gate_up)), torch.cat((old.down, down))
@@ -94,7 +97,7 @@ class ExpertStore:
                 if not keep:
                     del tables[layer]
                     continue
-                index = torch.tensor(keep, dtype=torch.int64)
+                index = torch.tensor(keep, dtype=torch.int64, device=self.device)
                 tables[layer] = _table(self.config.num_experts, [old.expert_ids[i] for i in keep],
                                        old.gate_up[index], old.down[index])
             with self._count_lock:

@@ -57,7 +57,8 @@ def procs(reference: dict) -> Iterator[Procs]:
         spec = ";".join(f"{layer}:{e}" for layer, e in placement.experts_of(w))
         started.append(subprocess.Popen(
             [sys.executable, "-m", "experts.server", "--model", str(path), "--port", "0", "--experts", spec,
-             "--torch-threads", "1"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+             "--torch-threads", "1", "--device", "cpu"],  # CPU: the check below is to 1e-6
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
     addresses = [f"127.0.0.1:{json.loads(p.stdout.readline())['port']}" for p in started]
     yield Procs(path, config, load_local_backend(path), placement, addresses, started)
     for p in started:

@@ -1,8 +1,10 @@
 """The head deployment: the head model + the router's remote expert backend + the batching engine.
 
 Init: ask the controller for the expert workers (idempotent) -> follow the placement epoch from Redis
--> load the head's tensors only -> start the engine -> register in Redis and heartbeat (with the
-running / waiting counts and the epoch in use). `generate` streams plain dicts (they cross Ray).
+-> load the head's tensors only (onto its GPU when Ray gave the replica one and torch sees CUDA; the
+experts' wire stays CPU bytes, see model/device.py) -> start the engine -> register in Redis and
+heartbeat (with the running / waiting counts and the epoch in use). `generate` streams plain dicts
+(they cross Ray).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from cluster.expert_actor import HEAD_RESOURCE
 from cluster.registry import HEARTBEAT_S, Registry
 from cluster.scheduler import SchedulerConfig
 from model.checkpoint import parse_dtype
+from model.device import DeviceExpertBackend, resolve_device
+from model.expert_backend import ExpertBackend
 from model.loader import load_head
 from model.sampling import SamplingParams
 
@@ -48,11 +52,15 @@ class HeadDeployment:
         self.registry = Registry(args.redis_url, args.cluster)
         dtype = parse_dtype(args.dtype)
         self.backend = EpochFollowingBackend(self.registry, dtype, args.dispatch_deadline_s, args.unavailable_wait_s)
-        head = load_head(args.model, dtype)
+        device = resolve_device("auto" if ray.get_gpu_ids() else "cpu")
+        head = load_head(args.model, dtype, device)
         self.recording = RecordingBackend(self.backend, head.config.num_experts)
+        experts: ExpertBackend = self.recording
+        if device.type != "cpu":
+            experts = DeviceExpertBackend(self.recording, device)
         scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_tokens_per_step=args.max_tokens_per_step,
                                     prefill_chunk=args.prefill_chunk)
-        self.engine = Engine(head, self.recording, AutoTokenizer.from_pretrained(args.model), scheduler)
+        self.engine = Engine(head, experts, AutoTokenizer.from_pretrained(args.model), scheduler)
         self.head_id = serve.get_replica_context().replica_id.unique_id
         self.registry.register_head(self.head_id, {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()})
         self._stop = threading.Event()
