@@ -7,7 +7,7 @@
     nextserve make-tiny DIR                      write the tiny default checkpoint
     nextserve generate --model DIR|tiny PROMPT…  one-process generation (head + local experts)
     nextserve plan --config qwen3-coder-next     parameter counts and bytes, computed from a config
-    nextserve bench model|dispatch|serve|gpu …   benchmarks (see bench/)
+    nextserve bench model|step|dispatch|serve|gpu …  benchmarks (see bench/)
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from bench import dispatch as dispatch_bench
 from bench import gpu_bench
 from bench import model_bench
 from bench import serve_bench
+from bench import step_bench
 from model.config import PUBLISHED_CONFIGS, ConfigError, Qwen3NextConfig
 from model.checkpoint import CheckpointError, parse_dtype
 from model.generate import generate
@@ -109,6 +110,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return serve_bench.run(args)
     if args.bench == "gpu":
         return gpu_bench.run(args)
+    if args.bench == "step":
+        return step_bench.run(args, resolve_model(args.model))
     raise SystemExit(f"unknown benchmark {args.bench!r}")
 
 
@@ -147,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     dispatch_bench.add_parser(bench_sub)
     serve_bench.add_parser(bench_sub)
     gpu_bench.add_parser(bench_sub)
+    step_bench.add_parser(bench_sub)
     p.set_defaults(func=cmd_bench)
     return parser
 

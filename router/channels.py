@@ -44,6 +44,11 @@ class WorkerChannels:
         self._channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self.addresses]
         return [expert_pb2_grpc.ExpertServiceStub(c) for c in self._channels]
 
+    @property
+    def thread_id(self) -> int | None:
+        """The OS id of the loop thread (for CPU accounting in benchmarks)."""
+        return self._thread.native_id
+
     def run(self, coro: Coroutine[Any, Any, T]) -> "Future[T]":
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 

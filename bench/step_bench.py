@@ -1,0 +1,256 @@
+"""`nextserve bench step`: where one decode step's time goes, head and experts apart, in one run.
+
+Flow: load the head (float32) and start W `python -m experts.server` processes holding all routed
+experts (balanced placement) -> prefill B sequences of `prompt_len` tokens -> time `steps` greedy
+decode steps of the whole batch with each expert backend in turn, interleaved so drift hits all:
+
+    null      the head alone (the routed experts return zeros): head math + Python
+    local     the head with the experts in this process (what transformers also does)
+    remote    the head with the experts over gRPC (1 micro-batch, and 2 in ping-pong)
+
+and, for the remote runs, the head's wait on the experts, the CPU seconds of the head's step thread,
+its dispatch thread and each worker. Besides: one layer's serialisation (plan + encode + decode of a
+round's messages, in process) and the gRPC floor (an Echo of the same bytes to the same workers), and
+transformers' own decode step on the same checkpoint and batch. Letters: B = batch, W = workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from bench.dispatch import echo_requests, start_worker_processes
+from model.cache import SequenceCache
+from model.config import Qwen3NextConfig
+from model.expert_backend import ExpertBackend
+from model.forward_batch import ForwardBatch
+from model.loader import load_head, load_local_backend
+from model.qwen3_next import HeadModel
+from proto import expert_pb2
+from router.dispatcher import RemoteExpertBackend
+from router.placement import build_placement
+from router.plan import Pairs, alive_replicas, assign_pairs, group_by_worker, replica_table
+from router.wire import decode_partial, encode_request
+
+
+class NullExperts:
+    """Routed experts that return zeros at once: what is left of a step is the head's own work."""
+
+    def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> "Future[Tensor]":
+        future: Future[Tensor] = Future()
+        future.set_result(torch.zeros_like(hidden))
+        return future
+
+
+class TimedBackend:
+    """Counts the seconds the head spends blocked on the routed experts' results."""
+
+    def __init__(self, inner: ExpertBackend) -> None:
+        self.inner, self.wait_s = inner, 0.0
+
+    def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> "TimedResult":
+        return TimedResult(self, self.inner.submit(layer, hidden, ids, weights))
+
+
+@dataclass
+class TimedResult:
+    """The head only calls `result()` on what a backend returns."""
+    backend: TimedBackend
+    future: "Future[Tensor]"
+
+    def result(self) -> Tensor:  # [T, H]
+        start = time.perf_counter()
+        try:
+            return self.future.result()
+        finally:
+            self.backend.wait_s += time.perf_counter() - start
+
+
+def _stat_cpu_s(stat_path: str) -> float:
+    """utime + stime of a /proc stat file, in seconds (Linux)."""
+    fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    return _stat_cpu_s(f"/proc/{pid}/stat")
+
+
+def thread_cpu_s(native_id: int | None) -> float:
+    """CPU seconds of one thread of this process (0 for none)."""
+    return _stat_cpu_s(f"/proc/self/task/{native_id}/stat") if native_id else 0.0
+
+
+@dataclass
+class Decoder:
+    head: HeadModel
+    caches: list[SequenceCache]
+    logits: Tensor  # [B, V]
+
+    def step(self, experts: ExpertBackend, micro_batches: int) -> None:
+        B, ids = len(self.caches), self.logits.argmax(-1)
+        bounds = [(i * B // micro_batches, (i + 1) * B // micro_batches) for i in range(micro_batches)]
+        parts = [(ids[lo:hi], ForwardBatch.build([1] * (hi - lo), self.caches[lo:hi], torch.device("cpu")))
+                 for lo, hi in bounds]
+        self.logits = self.head.forward_micro_batches(parts, experts)
+
+
+def time_step(decoder: Decoder, experts: ExpertBackend, micro_batches: int, steps: int,
+              workers: list[int], dispatch_thread: int | None) -> dict[str, float]:
+    timed = TimedBackend(experts)
+    cpu0 = {"head_thread": time.thread_time(), "dispatch_thread": thread_cpu_s(dispatch_thread),
+            **{f"worker{i}": process_cpu_s(pid) for i, pid in enumerate(workers)}}
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        decoder.step(timed, micro_batches)
+        times.append(time.perf_counter() - start)
+    cpu1 = {"head_thread": time.thread_time(), "dispatch_thread": thread_cpu_s(dispatch_thread),
+            **{f"worker{i}": process_cpu_s(pid) for i, pid in enumerate(workers)}}
+    row = {"step_ms": statistics.median(times) * 1e3, "wait_ms": timed.wait_s / steps * 1e3}
+    row.update({f"{k}_cpu_ms": (cpu1[k] - cpu0[k]) / steps * 1e3 for k in cpu0})
+    return row
+
+
+def time_serialisation(backend: RemoteExpertBackend, layer: int, hidden: Tensor, ids: Tensor,
+                       weights: Tensor, rounds: int = 50) -> float:
+    """ms per layer round spent planning, encoding the requests and decoding the replies (no I/O)."""
+    pairs, H = Pairs.from_topk(ids, weights), hidden.shape[1]
+    replicas = alive_replicas(replica_table(backend.placement, layer), torch.ones(backend.placement.num_workers,
+                                                                                   dtype=torch.bool))
+
+    def one() -> None:
+        pending, out = torch.arange(pairs.token.numel()), torch.zeros_like(hidden)
+        for b in group_by_worker(pairs, pending, assign_pairs(pairs, pending, replicas, backend.placement.num_workers)):
+            request = encode_request(layer, backend.placement.epoch, hidden, b, torch.float32)
+            wire = expert_pb2.DispatchRequest.FromString(request.SerializeToString())  # the bytes a worker parses
+            reply = expert_pb2.DispatchReply(num_tokens=wire.num_tokens, hidden_size=H, dtype=wire.dtype,
+                                             partial=wire.hidden)  # a reply's size: [t, H]
+            reply = expert_pb2.DispatchReply.FromString(reply.SerializeToString())
+            out.index_add_(0, b.tokens, decode_partial(reply, b.tokens.numel(), H, torch.float32))
+
+    return _median_ms(one, rounds)
+
+
+def _median_ms(fn: Callable[[], object], rounds: int) -> float:
+    fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def time_echo(backend: RemoteExpertBackend, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor,
+              rounds: int = 50) -> float:
+    """ms of one layer round's gRPC floor: an Echo of the same request and reply sizes to each worker."""
+    echoes, _ = echo_requests(backend, layer, hidden, ids, weights)
+    stubs = backend.channels.stubs
+
+    async def round_() -> None:
+        await asyncio.gather(*(stubs[w].Echo(req, timeout=backend.deadline_s) for w, req in echoes))
+
+    return _median_ms(lambda: backend.channels.run(round_()).result(), rounds)
+
+
+@torch.inference_mode()
+def time_transformers_step(path: Path, prompts: Tensor, steps: int) -> float:
+    """ms of one batched decode step of transformers' Qwen3NextForCausalLM ([B, 1] with its cache)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out = model(prompts, cache=DynamicCache(config=model.config), use_cache=True)
+    times = []
+    for _ in range(steps):
+        ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        out = model(ids, cache=out.past_key_values, use_cache=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def run_step_bench(path: Path, batch: int, prompt_len: int, steps: int, workers: int, seed: int) -> dict[str, object]:
+    config = Qwen3NextConfig.from_json(path)
+    prompts = torch.randint(3, config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+    head, local = load_head(path), load_local_backend(path)
+    placement = build_placement(config.moe_layers, config.num_experts, workers, 1)
+    procs, addresses = start_worker_processes(path, placement, "float32")
+    try:
+        with RemoteExpertBackend(addresses, placement, torch.float32, deadline_s=30.0) as remote, torch.inference_mode():
+            caches = [SequenceCache.empty(config) for _ in range(batch)]
+            decoder = Decoder(head, caches, head(prompts.reshape(-1), ForwardBatch.build(
+                [prompt_len] * batch, caches, torch.device("cpu")), local))
+            pids = [p.pid for p in procs]
+            runs = {"null": (NullExperts(), 1), "local": (local, 1), "remote": (remote, 1),
+                    "remote_ping_pong": (remote, 2)}
+            rows: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+            for _ in range(2):  # interleaved, twice: drift hits every kind alike
+                for name, (experts, micro) in runs.items():
+                    rows[name].append(time_step(decoder, experts, micro, steps, pids, remote.channels.thread_id))
+            table = {name: {k: statistics.fmean(r[k] for r in rs) for k in rs[0]} for name, rs in rows.items()}
+            hidden = torch.randn(batch, config.hidden_size, generator=torch.Generator().manual_seed(seed))
+            ids, weights = head.model.layers[config.moe_layers[0]].mlp.gate(hidden)
+            layer = config.moe_layers[0]
+            per_round = {"serialisation_ms": time_serialisation(remote, layer, hidden, ids, weights),
+                         "grpc_echo_ms": time_echo(remote, layer, hidden, ids, weights)}
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=10)
+    hf_ms = time_transformers_step(path, prompts, steps)
+    moe_layers = len(config.moe_layers)
+    return {"batch": batch, "prompt_len": prompt_len, "workers": workers, "moe_layers": moe_layers,
+            "steps": table, "per_round": per_round, "transformers_step_ms": hf_ms,
+            "head_torch_threads": torch.get_num_threads()}
+
+
+def format_report(r: dict[str, object]) -> str:
+    steps, per_round = r["steps"], r["per_round"]  # type: ignore[index]
+    lines = [f"decode step, batch {r['batch']}, {r['workers']} expert workers, {r['moe_layers']} MoE rounds "
+             f"per step, head torch threads {r['head_torch_threads']}",
+             f"{'experts':<18}{'step ms':>9}{'wait ms':>9}{'head cpu':>10}{'dispatch':>10}"
+             + "".join(f"{'w' + str(i) + ' cpu':>9}" for i in range(int(r['workers']))),  # type: ignore[call-overload]
+             ]
+    for name, row in steps.items():  # type: ignore[union-attr]
+        lines.append(f"{name:<18}{row['step_ms']:>9.1f}{row['wait_ms']:>9.1f}{row['head_thread_cpu_ms']:>10.1f}"
+                     f"{row['dispatch_thread_cpu_ms']:>10.1f}"
+                     + "".join(f"{row[f'worker{i}_cpu_ms']:>9.1f}" for i in range(int(r['workers']))))  # type: ignore[call-overload]
+    lines.append(f"{'transformers':<18}{r['transformers_step_ms']:>9.1f}")
+    lines.append(f"one round: serialisation (plan, encode, parse, decode, combine) {per_round['serialisation_ms']:.2f} ms, "
+                 f"gRPC echo of the same bytes {per_round['grpc_echo_ms']:.2f} ms")
+    return "\n".join(lines)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("step", help="where a decode step's time goes: head, experts local and over gRPC")
+    p.add_argument("--model", default="tiny", help="checkpoint dir, or 'tiny'")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20, help="timed decode steps per kind and pass")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--head-threads", type=int, default=1, help="torch threads of the head (this process)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument("--out", type=Path, help="also write the JSON result to this file")
+
+
+def run(args: argparse.Namespace, model_dir: Path) -> int:
+    torch.set_num_threads(args.head_threads)
+    result = run_step_bench(model_dir, args.batch, args.prompt_len, args.steps, args.workers, args.seed)
+    line = json.dumps(result)
+    if args.out:
+        args.out.write_text(line + "\n")
+    print(line if args.json else format_report(result))
+    return 0
