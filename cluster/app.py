@@ -19,5 +19,8 @@ from cluster.deployments.head import HeadDeployment
 
 def build_app(args: dict[str, Any]) -> Application:
     app_args = AppArgs(**args).with_redis_password(os.environ)  # the entrypoint: the one env read
-    heads = HeadDeployment.options(num_replicas=app_args.head_replicas).bind(app_args)
+    options: dict[str, Any] = {"num_replicas": app_args.head_replicas}
+    if app_args.head_num_gpus:
+        options["ray_actor_options"] = {**HeadDeployment.ray_actor_options, "num_gpus": app_args.head_num_gpus}
+    heads = HeadDeployment.options(**options).bind(app_args)
     return GatewayDeployment.bind(heads, app_args)

@@ -31,6 +31,12 @@ class AppArgs(BaseModel):
     max_num_seqs: int = Field(64, ge=1)
     max_tokens_per_step: int = Field(512, ge=1)
     prefill_chunk: int = Field(256, ge=1)
+    micro_batches: int = Field(1, ge=1)
+    """Ping-pong micro-batches per head step (see SchedulerConfig.micro_batches): 2 overlaps the head's
+    mixer with the experts' round when they have cores or GPUs of their own; on a CPU box that shares
+    its cores between head and workers it costs more than it hides (`nextserve bench step`)."""
+    head_num_gpus: float = Field(0.0, ge=0)
+    """GPUs per head replica (Ray `num_gpus`); a head given one computes on it in the model dtype."""
     dispatch_deadline_s: float = Field(10.0, gt=0)
     """Per-attempt gRPC deadline of one dispatch to one worker (then its tokens fail over)."""
     unavailable_wait_s: float = Field(30.0, ge=0)

@@ -31,7 +31,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                   expert_workers=args.expert_workers, expert_replicas=args.expert_replicas,
                   head_replicas=args.head_replicas, dtype=args.dtype, redis_url=args.redis_url or "",
                   cluster=args.cluster, api_key=args.api_key or os.environ.get("NEXTSERVE_API_KEY"),
-                  unavailable_wait_s=args.unavailable_wait_s, rebalance_every_s=args.rebalance_every_s)
+                  unavailable_wait_s=args.unavailable_wait_s, rebalance_every_s=args.rebalance_every_s,
+                  micro_batches=args.micro_batches, head_num_gpus=args.head_gpus)
     return run_up(UpOptions(app=app, host=args.host, port=args.port, ray_address=os.environ.get("RAY_ADDRESS"),
                             state_file=state_file(args.cluster), direct_ingress=not args.no_direct_ingress))
 
@@ -129,6 +130,9 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unavailable-wait-s", type=float, default=30.0,
                    help="with no live replica of an expert, wait this long for its worker before a 503")
     p.add_argument("--rebalance-every-s", type=float, default=0.0, help="scheduled rebalancing (0 = on demand)")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="ping-pong micro-batches per head step (2 overlaps head math with the expert round)")
+    p.add_argument("--head-gpus", type=float, default=0.0, help="GPUs per head replica (0: heads on CPU)")
     p.add_argument("--no-direct-ingress", action="store_true",
                    help="serve HTTP through Ray Serve's proxy instead of the gateway replica itself "
                         "(a local Ray otherwise runs in Serve's throughput-optimized mode)")

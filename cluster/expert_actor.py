@@ -17,6 +17,7 @@ import threading
 
 import ray
 
+from cluster.actor_threads import use_assigned_cpus
 from cluster.registry import HEARTBEAT_S, Registry
 from experts.server import BackgroundWorkers, start_worker
 
@@ -36,6 +37,7 @@ class ExpertWorkerActor:
         self.registry = Registry(registry_url, cluster)
         # After a restart (or a re-shard), what the controller last assigned wins over the creation args.
         pairs = self.registry.assignment(index) or pairs
+        use_assigned_cpus()
         self.background = BackgroundWorkers()
         device = "auto" if ray.get_gpu_ids() else "cpu"  # auto: cuda when torch sees the GPU Ray gave us
         coro = start_worker(model_dir, pairs, dtype, host="0.0.0.0", port=0, epoch=epoch, device=device)

@@ -20,6 +20,7 @@ import ray
 from ray import serve
 from transformers import AutoTokenizer
 
+from cluster.actor_threads import use_assigned_cpus
 from cluster.app_args import AppArgs
 from cluster.controller import get_or_create_controller
 from cluster.dispatch_metrics import RecordingBackend
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 class HeadDeployment:
     def __init__(self, args: AppArgs) -> None:
         self.args = args
+        use_assigned_cpus()
         controller = get_or_create_controller(args.redis_url, args.cluster)
         ray.get(controller.ensure.remote(args.cluster_spec()))
         self.registry = Registry(args.redis_url, args.cluster)
@@ -59,7 +61,7 @@ class HeadDeployment:
         if device.type != "cpu":
             experts = DeviceExpertBackend(self.recording, device)
         scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_tokens_per_step=args.max_tokens_per_step,
-                                    prefill_chunk=args.prefill_chunk)
+                                    prefill_chunk=args.prefill_chunk, micro_batches=args.micro_batches)
         self.engine = Engine(head, experts, AutoTokenizer.from_pretrained(args.model), scheduler)
         self.head_id = serve.get_replica_context().replica_id.unique_id
         self.registry.register_head(self.head_id, {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()})
