@@ -62,7 +62,10 @@ def unavailable_experts(pairs: Pairs, pending: Tensor, expert_to_worker: Tensor)
     """Sorted global ids of the experts some pending pair needs that no alive worker holds
     (expert_to_worker [E] is -1 for those, e.g. `alive_replicas(...)[:, 0]`)."""
     experts = pairs.expert[pending]
-    return sorted(set(experts[expert_to_worker[experts] < 0].tolist()))
+    missing = expert_to_worker[experts] < 0
+    if not bool(missing.any()):  # the common case: one tensor test, no Python list
+        return []
+    return sorted(set(experts[missing].tolist()))
 
 
 MASK_32 = 0xFFFFFFFF
