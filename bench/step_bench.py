@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from bench.dispatch import echo_requests, start_worker_processes
@@ -195,9 +197,13 @@ def run_step_bench(path: Path, batch: int, prompt_len: int, steps: int, workers:
             runs = {"null": (NullExperts(), 1), "local": (local, 1), "remote": (remote, 1),
                     "remote_ping_pong": (remote, 2)}
             rows: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
-            for _ in range(2):  # interleaved, twice: drift hits every kind alike
-                for name, (experts, micro) in runs.items():
-                    rows[name].append(time_step(decoder, experts, micro, steps, pids, remote.channels.thread_id))
+            with tqdm(total=2 * len(runs), desc="bench step", file=sys.stderr) as bar:
+                for _ in range(2):  # interleaved, twice: drift hits every kind alike
+                    for name, (experts, micro) in runs.items():
+                        bar.set_postfix_str(name)
+                        rows[name].append(time_step(decoder, experts, micro, steps, pids,
+                                                    remote.channels.thread_id))
+                        bar.update()
             table = {name: {k: statistics.fmean(r[k] for r in rs) for k in rs[0]} for name, rs in rows.items()}
             hidden = torch.randn(batch, config.hidden_size, generator=torch.Generator().manual_seed(seed))
             ids, weights = head.model.layers[config.moe_layers[0]].mlp.gate(hidden)
