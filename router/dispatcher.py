@@ -18,7 +18,6 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import grpc
 import torch
@@ -27,8 +26,7 @@ from torch import Tensor
 from proto import expert_pb2
 from router.channels import WorkerChannels
 from router.placement import Placement
-from router.plan import (Pairs, WorkerBatch, alive_replicas, assign_pairs, group_by_worker, replica_table,
-                         unavailable_experts)
+from router.plan import Pairs, WorkerBatch, alive_replicas, plan_batches, replica_table, unavailable_experts
 from router.wire import TORCH_TO_DTYPE, decode_partial, encode_request
 
 log = logging.getLogger(__name__)
@@ -51,16 +49,6 @@ class DispatchError(RuntimeError):
     """A worker rejected a request (a bug or a placement mismatch, not a worker failure)."""
 
 
-@dataclass
-class DispatchStats:
-    """Bytes of serialized messages actually sent and received, for benchmarks and tests."""
-    calls: int = 0
-    request_bytes: int = 0
-    reply_bytes: int = 0
-    hidden_bytes: int = 0
-    per_worker_hidden_bytes: dict[int, int] = field(default_factory=dict)
-
-
 class RemoteExpertBackend:
     """`model.expert_backend.ExpertBackend` over gRPC expert workers (addresses[i] is worker i)."""
 
@@ -75,7 +63,6 @@ class RemoteExpertBackend:
         self.deadline_s = deadline_s
         self.retry_dead_after_s = retry_dead_after_s
         self.channels = WorkerChannels(addresses)
-        self.stats = DispatchStats()
         self._replicas = {layer: replica_table(placement, layer) for layer in placement.layers}
         self._dead_since: dict[int, float] = {}  # worker -> monotonic time; loop thread only
         self._alive: dict[tuple[int, tuple[int, ...]], Tensor] = {}  # (layer, dead) -> [E, R]
@@ -103,13 +90,14 @@ class RemoteExpertBackend:
         pairs = Pairs.from_topk(ids, weights)
         pending = torch.arange(pairs.token.numel())
         partials: list[tuple[int, int, Tensor, Tensor]] = []  # (worker, round, tokens [t], partial [t, H])
-        for round_ in range(self.placement.num_workers):
+        # Each failed round marks >= 1 worker dead, so N + 1 rounds reach either success or a round
+        # whose experts have no live replica left.
+        for round_ in range(self.placement.num_workers + 1):
             replicas = self._alive_replicas(layer)
             missing = unavailable_experts(pairs, pending, replicas[:, 0])
             if missing:
                 raise ExpertsUnavailableError(layer, missing, sorted(self._dead_since))
-            worker = assign_pairs(pairs, pending, replicas, self.placement.num_workers)
-            batches = group_by_worker(pairs, pending, worker)
+            batches = plan_batches(pairs, pending, replicas, self.placement.num_workers)
             results = await asyncio.gather(*(self._call(layer, hidden, b) for b in batches),
                                            return_exceptions=True)
             failed = [self._check(b, r, partials, round_) for b, r in zip(batches, results)]
@@ -117,6 +105,8 @@ class RemoteExpertBackend:
             if not failed:
                 break
             pending = torch.sort(torch.cat(failed)).values
+        else:  # a worker came back (retry_dead_after_s) and failed again in every round
+            raise ExpertsUnavailableError(layer, sorted(set(pairs.expert[pending].tolist())), sorted(self._dead_since))
         for _, _, tokens, partial in sorted(partials, key=lambda p: (p[0], p[1])):
             out.index_add_(0, tokens, partial)
         return out
@@ -154,13 +144,6 @@ class RemoteExpertBackend:
     async def _call(self, layer: int, hidden: Tensor, batch: WorkerBatch) -> Tensor:
         request = encode_request(layer, self.placement.epoch, hidden, batch, self.dtype)
         reply = await self.channels.stubs[batch.worker].Dispatch(request, timeout=self.deadline_s)
-        stats = self.stats
-        stats.calls += 1
-        stats.request_bytes += request.ByteSize()
-        stats.reply_bytes += reply.ByteSize()
-        stats.hidden_bytes += len(request.hidden)
-        stats.per_worker_hidden_bytes[batch.worker] = \
-            stats.per_worker_hidden_bytes.get(batch.worker, 0) + len(request.hidden)
         return decode_partial(reply, batch.tokens.numel(), hidden.shape[1], self.dtype)
 
     async def fetch_info(self) -> list[expert_pb2.InfoReply]:

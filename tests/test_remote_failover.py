@@ -115,3 +115,17 @@ def test_hung_then_killed_worker(procs: Procs) -> None:
         procs.procs[1].wait()
         assert_equal_to_local(procs, r2)
         assert_unavailable_names(procs, r1, worker=1)
+
+
+def test_the_last_worker_failing_raises_instead_of_dropping_its_tokens(reference: dict) -> None:
+    """With one worker (N = 1), its failure in the only round must surface, not return zeros."""
+    from cluster.redis_server import free_port
+
+    config = Qwen3NextConfig.from_json(reference["small"][1])
+    placement = build_placement(config.moe_layers, config.num_experts, 1, 1)
+    layer = config.moe_layers[0]
+    hidden, ids, weights = batch(config, seed=3, num_tokens=8)
+    with RemoteExpertBackend([f"127.0.0.1:{free_port()}"], placement, deadline_s=DEADLINE_S) as backend:
+        with pytest.raises(ExpertsUnavailableError) as err:  # nothing listens there: UNAVAILABLE
+            backend.submit(layer, hidden, ids, weights).result(timeout=DEADLINE_S + 10)
+    assert err.value.pairs == [(layer, e) for e in sorted(set(ids.reshape(-1).tolist()))]
