@@ -31,7 +31,7 @@ from model.tiny import TINY_CONFIG
 from proto import expert_pb2
 from router.dispatcher import RemoteExpertBackend
 from router.placement import Placement, build_placement
-from router.plan import Pairs, alive_replicas, assign_pairs, group_by_worker, replica_table
+from router.plan import Pairs, WorkerBatch, alive_replicas, plan_batches, replica_table
 from router.wire import encode_request
 
 log = logging.getLogger(__name__)
@@ -77,15 +77,16 @@ def start_worker_processes(model_dir: Path, placement: Placement, dtype: str) ->
     return procs, addresses
 
 
+def plan_all_alive(placement: Placement, layer: int, pairs: Pairs) -> list[WorkerBatch]:
+    """The batches the dispatcher sends in its first round, with every worker alive."""
+    replicas = alive_replicas(replica_table(placement, layer), torch.ones(placement.num_workers, dtype=torch.bool))
+    return plan_batches(pairs, torch.arange(pairs.token.numel()), replicas, placement.num_workers)
+
+
 def echo_requests(backend: RemoteExpertBackend, layer: int, hidden: torch.Tensor, ids: torch.Tensor,
                   weights: torch.Tensor) -> tuple[list[tuple[int, expert_pb2.EchoRequest]], float]:
     """Per worker, an Echo of its Dispatch's exact request/reply sizes; and the min bytes per token."""
-    pairs = Pairs.from_topk(ids, weights.to(backend.dtype))
-    alive = torch.ones(backend.placement.num_workers, dtype=torch.bool)
-    replicas = alive_replicas(replica_table(backend.placement, layer), alive)
-    pending = torch.arange(pairs.token.numel())
-    pair_worker = assign_pairs(pairs, pending, replicas, backend.placement.num_workers)  # as the dispatcher plans
-    batches = group_by_worker(pairs, pending, pair_worker)
+    batches = plan_all_alive(backend.placement, layer, Pairs.from_topk(ids, weights.to(backend.dtype)))
     H, size = hidden.shape[1], backend.dtype.itemsize
     out = []
     for b in batches:
@@ -93,8 +94,8 @@ def echo_requests(backend: RemoteExpertBackend, layer: int, hidden: torch.Tensor
         reply_size = expert_pb2.DispatchReply(num_tokens=b.tokens.numel(), hidden_size=H, dtype=request.dtype,
                                               partial=bytes(b.tokens.numel() * H * size)).ByteSize()
         out.append((b.worker, expert_pb2.EchoRequest(payload=bytes(request.ByteSize()), reply_bytes=reply_size)))
-    per_token = [len(set(row)) for row in pair_worker.view(ids.shape).tolist()]  # distinct workers per token
-    return out, statistics.fmean(per_token) * H * size * 2
+    workers_per_token = sum(b.tokens.numel() for b in batches) / ids.shape[0]  # each token once per worker
+    return out, workers_per_token * H * size * 2
 
 
 def time_rounds(fn: Callable[[], object], rounds: int) -> list[float]:
@@ -123,9 +124,7 @@ def measure(backend: RemoteExpertBackend, tokens: int, top_k: int, num_experts: 
     echo = lambda: backend.channels.run(echo_round()).result()  # noqa: E731
     for _ in range(20):  # warm up channels, allocators, caches
         dispatch(), echo()
-    before = (backend.stats.request_bytes, backend.stats.reply_bytes)
-    dispatch()
-    sent = backend.stats.request_bytes - before[0] + backend.stats.reply_bytes - before[1]
+    sent = sum(len(req.payload) + req.reply_bytes for _, req in echoes)  # a Dispatch round's exact sizes
     d_ms, e_ms = [], []
     for _ in range(rounds // 10):  # interleave so drift hits both alike
         d_ms += time_rounds(dispatch, 10)

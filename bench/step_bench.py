@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from bench.dispatch import echo_requests, start_worker_processes
+from bench.dispatch import echo_requests, plan_all_alive, start_worker_processes
 from model.cache import SequenceCache
 from model.config import Qwen3NextConfig
 from model.expert_backend import ExpertBackend
@@ -43,7 +43,7 @@ from model.qwen3_next import HeadModel
 from proto import expert_pb2
 from router.dispatcher import RemoteExpertBackend
 from router.placement import build_placement
-from router.plan import Pairs, alive_replicas, assign_pairs, group_by_worker, replica_table
+from router.plan import Pairs
 from router.wire import decode_partial, encode_request
 
 
@@ -129,13 +129,11 @@ def time_step(decoder: Decoder, experts: ExpertBackend, micro_batches: int, step
 def time_serialisation(backend: RemoteExpertBackend, layer: int, hidden: Tensor, ids: Tensor,
                        weights: Tensor, rounds: int = 50) -> float:
     """ms per layer round spent planning, encoding the requests and decoding the replies (no I/O)."""
-    pairs, H = Pairs.from_topk(ids, weights), hidden.shape[1]
-    replicas = alive_replicas(replica_table(backend.placement, layer), torch.ones(backend.placement.num_workers,
-                                                                                   dtype=torch.bool))
+    H = hidden.shape[1]
 
     def one() -> None:
-        pending, out = torch.arange(pairs.token.numel()), torch.zeros_like(hidden)
-        for b in group_by_worker(pairs, pending, assign_pairs(pairs, pending, replicas, backend.placement.num_workers)):
+        out = torch.zeros_like(hidden)
+        for b in plan_all_alive(backend.placement, layer, Pairs.from_topk(ids, weights)):
             request = encode_request(layer, backend.placement.epoch, hidden, b, torch.float32)
             wire = expert_pb2.DispatchRequest.FromString(request.SerializeToString())  # the bytes a worker parses
             reply = expert_pb2.DispatchReply(num_tokens=wire.num_tokens, hidden_size=H, dtype=wire.dtype,

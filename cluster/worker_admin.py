@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import grpc
 
-from experts.server import MAX_MESSAGE_BYTES
 from proto import expert_pb2, expert_pb2_grpc
+from proto.codec import MESSAGE_SIZE_OPTIONS
 
 ADMIN_TIMEOUT_S = 600.0
 """LoadExperts reads weights from the checkpoint: minutes for a large share of the 80B model."""
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-
 
 def _keys(pairs: list[tuple[int, int]]) -> list[expert_pb2.ExpertKey]:
     return [expert_pb2.ExpertKey(layer=layer, expert=expert) for layer, expert in sorted(pairs)]
 
 
 def _call(address: str, method: str, request: object, timeout_s: float) -> expert_pb2.InfoReply:
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    with grpc.insecure_channel(address, options=MESSAGE_SIZE_OPTIONS) as channel:
         stub = expert_pb2_grpc.ExpertServiceStub(channel)
         return getattr(stub, method)(request, timeout=timeout_s)
 

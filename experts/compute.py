@@ -10,7 +10,6 @@ Letters: t = tokens in the request, H = hidden, P = (token, expert) pairs, n = e
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +18,7 @@ from torch import Tensor
 from experts.store import LayerTable
 from model.layers.experts import Assignments, experts_forward
 from proto import expert_pb2
-
-DTYPE_TO_TORCH = {expert_pb2.DTYPE_FLOAT32: torch.float32, expert_pb2.DTYPE_BFLOAT16: torch.bfloat16}
-TORCH_TO_DTYPE = {v: k for k, v in DTYPE_TO_TORCH.items()}
+from proto.codec import TORCH_TO_DTYPE, frombuffer
 
 
 class InvalidDispatch(ValueError):
@@ -38,22 +35,10 @@ class DispatchBatch:
     weights: Tensor  # [P]
 
 
-def frombuffer(data: bytes, dtype: torch.dtype) -> Tensor:
-    """A read-only view of `data` (never written: requests are decoded, not modified)."""
-    if not data:
-        return torch.empty(0, dtype=dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(data, dtype=dtype)
-
-
-def tensor_bytes(t: Tensor) -> bytes:
-    """Raw row-major bytes of any dtype (bfloat16 included, which numpy lacks)."""
-    return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def _check_sizes(req: expert_pb2.DispatchRequest, dtype: torch.dtype, hidden_size: int) -> int:
-    """Returns P after checking dtype, shape and byte counts against each other."""
+def _check_sizes(req: expert_pb2.DispatchRequest, hidden: bytes, weights: bytes, counts: Tensor,
+                 dtype: torch.dtype, hidden_size: int) -> None:
+    """Check dtype, shape and byte counts against each other (hidden / weights: the fields' bytes, read
+    once by the caller: each read of a bytes field copies it; counts [t] int64)."""
     if req.dtype != TORCH_TO_DTYPE[dtype]:
         raise InvalidDispatch(f"dtype {expert_pb2.DType.Name(req.dtype)} does not match the worker's "
                               f"{expert_pb2.DType.Name(TORCH_TO_DTYPE[dtype])}")
@@ -61,18 +46,17 @@ def _check_sizes(req: expert_pb2.DispatchRequest, dtype: torch.dtype, hidden_siz
         raise InvalidDispatch(f"hidden_size {req.hidden_size} does not match the model's {hidden_size}")
     size = dtype.itemsize
     t = req.num_tokens
-    if len(req.hidden) != t * hidden_size * size:
-        raise InvalidDispatch(f"hidden has {len(req.hidden)} bytes; num_tokens {t} x hidden_size "
+    if len(hidden) != t * hidden_size * size:
+        raise InvalidDispatch(f"hidden has {len(hidden)} bytes; num_tokens {t} x hidden_size "
                               f"{hidden_size} x {size} bytes needs {t * hidden_size * size}")
-    if len(req.counts) != t:
-        raise InvalidDispatch(f"counts has {len(req.counts)} entries for num_tokens {t}")
-    num_pairs = sum(req.counts)
+    if counts.numel() != t:
+        raise InvalidDispatch(f"counts has {counts.numel()} entries for num_tokens {t}")
+    num_pairs = int(counts.sum())
     if len(req.expert_ids) != num_pairs:
         raise InvalidDispatch(f"expert_ids has {len(req.expert_ids)} entries; sum(counts) is {num_pairs}")
-    if len(req.weights) != num_pairs * size:
-        raise InvalidDispatch(f"weights has {len(req.weights)} bytes; {num_pairs} pairs x {size} bytes "
+    if len(weights) != num_pairs * size:
+        raise InvalidDispatch(f"weights has {len(weights)} bytes; {num_pairs} pairs x {size} bytes "
                               f"needs {num_pairs * size}")
-    return num_pairs
 
 
 def decode_dispatch(req: expert_pb2.DispatchRequest, tables: dict[int, LayerTable], dtype: torch.dtype,
@@ -80,7 +64,9 @@ def decode_dispatch(req: expert_pb2.DispatchRequest, tables: dict[int, LayerTabl
     table = tables.get(req.layer)
     if table is None:
         raise InvalidDispatch(f"layer {req.layer} is not served by this worker (layers held: {sorted(tables)})")
-    _check_sizes(req, dtype, hidden_size)
+    hidden_bytes, weight_bytes = req.hidden, req.weights
+    counts = torch.tensor(req.counts, dtype=torch.int64)  # [t]
+    _check_sizes(req, hidden_bytes, weight_bytes, counts, dtype, hidden_size)
     experts = torch.tensor(req.expert_ids, dtype=torch.int64)  # [P]
     if experts.numel() and int(experts.max()) >= num_experts:
         bad = int(experts[experts >= num_experts][0])
@@ -89,15 +75,14 @@ def decode_dispatch(req: expert_pb2.DispatchRequest, tables: dict[int, LayerTabl
     if bool((rows < 0).any()):
         bad = int(experts[rows < 0][0])
         raise InvalidDispatch(f"expert {bad} of layer {req.layer} is not held by this worker")
-    weights = frombuffer(req.weights, dtype)  # [P]
+    weights = frombuffer(weight_bytes, dtype)  # [P]
     finite = torch.isfinite(weights)
     if not bool(finite.all()):
         i = int((~finite).nonzero()[0])
         raise InvalidDispatch(f"weights[{i}] is {float(weights[i])} (expert {int(experts[i])}); "
                               f"routing weights must be finite")
     t = req.num_tokens
-    hidden = frombuffer(req.hidden, dtype).view(t, hidden_size)  # [t, H]
-    counts = torch.tensor(req.counts, dtype=torch.int64)  # [t]
+    hidden = frombuffer(hidden_bytes, dtype).view(t, hidden_size)  # [t, H]
     token = torch.repeat_interleave(torch.arange(t), counts)  # [P]
     return DispatchBatch(req.layer, table, hidden, token, rows, weights)
 

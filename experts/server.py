@@ -35,17 +35,13 @@ from experts.service import ExpertServicer
 from experts.store import ExpertStore
 from model.device import DEVICE_CHOICES, resolve_device
 from proto import expert_pb2, expert_pb2_grpc
+from proto.codec import MESSAGE_SIZE_OPTIONS
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-"""Both directions. A Qwen3-Next prefill batch of 16384 tokens is 16384 x 2048 x 4 B = 128 MiB of
-float32 hidden states (64 MiB in bfloat16) plus ~50 B/token of expert ids and weights; 256 MiB leaves
-2x headroom. gRPC's default (4 MiB receive) would cap a bf16 batch at ~1000 tokens."""
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
 SERVER_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    *MESSAGE_SIZE_OPTIONS,
     ("grpc.so_reuseport", 0),  # port 0 must give this server a port of its own
 ]
 

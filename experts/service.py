@@ -15,11 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from experts.compute import (TORCH_TO_DTYPE, InvalidDispatch, compute_partial, decode_dispatch,
-                             tensor_bytes)
+from experts.compute import InvalidDispatch, compute_partial, decode_dispatch
 from experts.store import ExpertStore
 from model.checkpoint import CheckpointError
 from proto import expert_pb2, expert_pb2_grpc
+from proto.codec import MAX_MESSAGE_BYTES, TORCH_TO_DTYPE, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self.store = store
         self.executor = executor
         self._stats_lock = threading.Lock()
-        self._calls = self._request_bytes = self._reply_bytes = self._hidden_bytes = 0
+        self._calls = self._hidden_bytes = 0
         self._inflight = 0
-        self._echo_cache: dict[int, bytes] = {}
 
     async def Dispatch(self, request: expert_pb2.DispatchRequest,
                        context: grpc.aio.ServicerContext) -> expert_pb2.DispatchReply:
@@ -63,11 +62,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         store.record(batch.layer, batch.table, batch.rows)
         reply = expert_pb2.DispatchReply(num_tokens=request.num_tokens, hidden_size=request.hidden_size,
                                          dtype=request.dtype, partial=tensor_bytes(partial))
-        with self._stats_lock:
+        with self._stats_lock:  # counts from the decoded tensors: re-reading or re-sizing a message copies it
             self._calls += 1
-            self._request_bytes += request.ByteSize()
-            self._reply_bytes += reply.ByteSize()
-            self._hidden_bytes += len(request.hidden)
+            self._hidden_bytes += batch.hidden.nbytes
         return reply
 
     async def Info(self, request: expert_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> expert_pb2.InfoReply:
@@ -81,7 +78,6 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
                          for l, e in self.store.pairs()],
                 dtype=TORCH_TO_DTYPE[self.store.dtype], epoch=self.store.epoch,
                 hidden_size=self.store.config.hidden_size, dispatch_calls=self._calls,
-                request_bytes=self._request_bytes, reply_bytes=self._reply_bytes,
                 hidden_bytes=self._hidden_bytes, inflight=self._inflight)
 
     async def LoadExperts(self, request: expert_pb2.LoadExpertsRequest,
@@ -102,8 +98,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         return self.info()
 
     async def Echo(self, request: expert_pb2.EchoRequest, context: grpc.aio.ServicerContext) -> expert_pb2.EchoReply:
-        size = request.reply_bytes
-        payload = self._echo_cache.get(size)
-        if payload is None:
-            payload = self._echo_cache.setdefault(size, bytes(size))
-        return expert_pb2.EchoReply(payload=payload)
+        if request.reply_bytes > MAX_MESSAGE_BYTES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"reply_bytes {request.reply_bytes} exceeds the "
+                                                                   f"message limit {MAX_MESSAGE_BYTES}; ask for less")
+        return expert_pb2.EchoReply(payload=bytes(request.reply_bytes))

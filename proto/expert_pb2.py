@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12proto/expert.proto\x12\x13nextserve.expert.v1\"\xc8\x01\n\x0f\x44ispatchRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12)\n\x05\x64type\x18\x03 \x01(\x0e\x32\x1a.nextserve.expert.v1.DType\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x0e\n\x06hidden\x18\x06 \x01(\x0c\x12\x0e\n\x06\x63ounts\x18\x07 \x03(\r\x12\x12\n\nexpert_ids\x18\x08 \x03(\r\x12\x0f\n\x07weights\x18\t \x01(\x0c\"t\n\rDispatchReply\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12)\n\x05\x64type\x18\x03 \x01(\x0e\x32\x1a.nextserve.expert.v1.DType\x12\x0f\n\x07partial\x18\x04 \x01(\x0c\"*\n\tExpertKey\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"B\n\nExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x15\n\rtokens_served\x18\x03 \x01(\x04\"\r\n\x0bInfoRequest\"\xf8\x01\n\tInfoReply\x12\x30\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1f.nextserve.expert.v1.ExpertLoad\x12)\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1a.nextserve.expert.v1.DType\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x16\n\x0e\x64ispatch_calls\x18\x05 \x01(\x04\x12\x15\n\rrequest_bytes\x18\x06 \x01(\x04\x12\x13\n\x0breply_bytes\x18\x07 \x01(\x04\x12\x14\n\x0chidden_bytes\x18\x08 \x01(\x04\x12\x10\n\x08inflight\x18\t \x01(\r\"T\n\x12LoadExpertsRequest\x12/\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1e.nextserve.expert.v1.ExpertKey\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"T\n\x12\x44ropExpertsRequest\x12/\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1e.nextserve.expert.v1.ExpertKey\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"3\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\x04\"\x1c\n\tEchoReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c*E\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x32\xa9\x03\n\rExpertService\x12T\n\x08\x44ispatch\x12$.nextserve.expert.v1.DispatchRequest\x1a\".nextserve.expert.v1.DispatchReply\x12H\n\x04Info\x12 .nextserve.expert.v1.InfoRequest\x1a\x1e.nextserve.expert.v1.InfoReply\x12V\n\x0bLoadExperts\x12\'.nextserve.expert.v1.LoadExpertsRequest\x1a\x1e.nextserve.expert.v1.InfoReply\x12V\n\x0b\x44ropExperts\x12\'.nextserve.expert.v1.DropExpertsRequest\x1a\x1e.nextserve.expert.v1.InfoReply\x12H\n\x04\x45\x63ho\x12 .nextserve.expert.v1.EchoRequest\x1a\x1e.nextserve.expert.v1.EchoReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12proto/expert.proto\x12\x13nextserve.expert.v1\"\xc8\x01\n\x0f\x44ispatchRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12)\n\x05\x64type\x18\x03 \x01(\x0e\x32\x1a.nextserve.expert.v1.DType\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x0e\n\x06hidden\x18\x06 \x01(\x0c\x12\x0e\n\x06\x63ounts\x18\x07 \x03(\r\x12\x12\n\nexpert_ids\x18\x08 \x03(\r\x12\x0f\n\x07weights\x18\t \x01(\x0c\"t\n\rDispatchReply\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12)\n\x05\x64type\x18\x03 \x01(\x0e\x32\x1a.nextserve.expert.v1.DType\x12\x0f\n\x07partial\x18\x04 \x01(\x0c\"*\n\tExpertKey\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"B\n\nExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x15\n\rtokens_served\x18\x03 \x01(\x04\"\r\n\x0bInfoRequest\"\xd8\x01\n\tInfoReply\x12\x30\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1f.nextserve.expert.v1.ExpertLoad\x12)\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1a.nextserve.expert.v1.DType\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x16\n\x0e\x64ispatch_calls\x18\x05 \x01(\x04\x12\x14\n\x0chidden_bytes\x18\x08 \x01(\x04\x12\x10\n\x08inflight\x18\t \x01(\rJ\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08\"T\n\x12LoadExpertsRequest\x12/\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1e.nextserve.expert.v1.ExpertKey\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"T\n\x12\x44ropExpertsRequest\x12/\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1e.nextserve.expert.v1.ExpertKey\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"3\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\x04\"\x1c\n\tEchoReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c*E\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x32\xa9\x03\n\rExpertService\x12T\n\x08\x44ispatch\x12$.nextserve.expert.v1.DispatchRequest\x1a\".nextserve.expert.v1.DispatchReply\x12H\n\x04Info\x12 .nextserve.expert.v1.InfoRequest\x1a\x1e.nextserve.expert.v1.InfoReply\x12V\n\x0bLoadExperts\x12\'.nextserve.expert.v1.LoadExpertsRequest\x1a\x1e.nextserve.expert.v1.InfoReply\x12V\n\x0b\x44ropExperts\x12\'.nextserve.expert.v1.DropExpertsRequest\x1a\x1e.nextserve.expert.v1.InfoReply\x12H\n\x04\x45\x63ho\x12 .nextserve.expert.v1.EchoRequest\x1a\x1e.nextserve.expert.v1.EchoReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.expert_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=997
-  _globals['_DTYPE']._serialized_end=1066
+  _globals['_DTYPE']._serialized_start=965
+  _globals['_DTYPE']._serialized_end=1034
   _globals['_DISPATCHREQUEST']._serialized_start=44
   _globals['_DISPATCHREQUEST']._serialized_end=244
   _globals['_DISPATCHREPLY']._serialized_start=246
@@ -44,15 +44,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=476
   _globals['_INFOREQUEST']._serialized_end=489
   _globals['_INFOREPLY']._serialized_start=492
-  _globals['_INFOREPLY']._serialized_end=740
-  _globals['_LOADEXPERTSREQUEST']._serialized_start=742
-  _globals['_LOADEXPERTSREQUEST']._serialized_end=826
-  _globals['_DROPEXPERTSREQUEST']._serialized_start=828
-  _globals['_DROPEXPERTSREQUEST']._serialized_end=912
-  _globals['_ECHOREQUEST']._serialized_start=914
-  _globals['_ECHOREQUEST']._serialized_end=965
-  _globals['_ECHOREPLY']._serialized_start=967
-  _globals['_ECHOREPLY']._serialized_end=995
-  _globals['_EXPERTSERVICE']._serialized_start=1069
-  _globals['_EXPERTSERVICE']._serialized_end=1494
+  _globals['_INFOREPLY']._serialized_end=708
+  _globals['_LOADEXPERTSREQUEST']._serialized_start=710
+  _globals['_LOADEXPERTSREQUEST']._serialized_end=794
+  _globals['_DROPEXPERTSREQUEST']._serialized_start=796
+  _globals['_DROPEXPERTSREQUEST']._serialized_end=880
+  _globals['_ECHOREQUEST']._serialized_start=882
+  _globals['_ECHOREQUEST']._serialized_end=933
+  _globals['_ECHOREPLY']._serialized_start=935
+  _globals['_ECHOREPLY']._serialized_end=963
+  _globals['_EXPERTSERVICE']._serialized_start=1037
+  _globals['_EXPERTSERVICE']._serialized_end=1462
 # @@protoc_insertion_point(module_scope)

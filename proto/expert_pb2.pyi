@@ -73,14 +73,12 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("experts", "dtype", "epoch", "hidden_size", "dispatch_calls", "request_bytes", "reply_bytes", "hidden_bytes", "inflight")
+    __slots__ = ("experts", "dtype", "epoch", "hidden_size", "dispatch_calls", "hidden_bytes", "inflight")
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     DISPATCH_CALLS_FIELD_NUMBER: _ClassVar[int]
-    REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
-    REPLY_BYTES_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_BYTES_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     experts: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
@@ -88,11 +86,9 @@ class InfoReply(_message.Message):
     epoch: int
     hidden_size: int
     dispatch_calls: int
-    request_bytes: int
-    reply_bytes: int
     hidden_bytes: int
     inflight: int
-    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., dtype: _Optional[_Union[DType, str]] = ..., epoch: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dispatch_calls: _Optional[int] = ..., request_bytes: _Optional[int] = ..., reply_bytes: _Optional[int] = ..., hidden_bytes: _Optional[int] = ..., inflight: _Optional[int] = ...) -> None: ...
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., dtype: _Optional[_Union[DType, str]] = ..., epoch: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dispatch_calls: _Optional[int] = ..., hidden_bytes: _Optional[int] = ..., inflight: _Optional[int] = ...) -> None: ...
 
 class LoadExpertsRequest(_message.Message):
     __slots__ = ("experts", "epoch")

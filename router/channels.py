@@ -15,15 +15,12 @@ from typing import Any, TypeVar
 import grpc
 
 from proto import expert_pb2_grpc
+from proto.codec import MESSAGE_SIZE_OPTIONS
 
 T = TypeVar("T")
 
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-"""Both directions, as on the workers (experts/server.py): a 16384-token prefill batch of float32
-hidden states at H = 2048 is 128 MiB, plus ~50 B/token of ids and weights; 2x headroom."""
 CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    *MESSAGE_SIZE_OPTIONS,
     # A killed worker must fail fast and be retried soon after it comes back, not after minutes.
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),

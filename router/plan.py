@@ -121,3 +121,9 @@ def group_by_worker(pairs: Pairs, pending: Tensor, worker: Tensor) -> list[Worke
         tokens, counts = torch.unique_consecutive(pairs.token[index], return_counts=True)
         batches.append(WorkerBatch(w, index, tokens, counts, pairs.expert[index], pairs.weight[index]))
     return batches
+
+
+def plan_batches(pairs: Pairs, pending: Tensor, replicas: Tensor, num_workers: int) -> list[WorkerBatch]:
+    """One dispatch round's plan: the pending pairs [P_all] on `replicas` [E, R] (from `alive_replicas`)
+    -> one batch per worker, each token once per worker it visits."""
+    return group_by_worker(pairs, pending, assign_pairs(pairs, pending, replicas, num_workers))

@@ -7,20 +7,12 @@ Letters: t = tokens in the request, H = hidden, P = pairs.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
 from proto import expert_pb2
+from proto.codec import TORCH_TO_DTYPE, frombuffer, tensor_bytes
 from router.plan import WorkerBatch
-
-TORCH_TO_DTYPE = {torch.float32: expert_pb2.DTYPE_FLOAT32, torch.bfloat16: expert_pb2.DTYPE_BFLOAT16}
-
-
-def tensor_bytes(t: Tensor) -> bytes:
-    """Raw row-major bytes of any dtype (bfloat16 included, which numpy lacks)."""
-    return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 def encode_request(layer: int, epoch: int, hidden: Tensor, batch: WorkerBatch,
@@ -37,11 +29,8 @@ def decode_partial(reply: expert_pb2.DispatchReply, num_tokens: int, hidden_size
                    dtype: torch.dtype) -> Tensor:
     """[t, H] read-only view of the reply bytes (only ever read by index_add_)."""
     expected = num_tokens * hidden_size * dtype.itemsize
-    if len(reply.partial) != expected or reply.dtype != TORCH_TO_DTYPE[dtype]:
-        raise ValueError(f"worker replied {len(reply.partial)} bytes of {expert_pb2.DType.Name(reply.dtype)}; "
+    partial = reply.partial  # each read of a bytes field copies it: read once
+    if len(partial) != expected or reply.dtype != TORCH_TO_DTYPE[dtype]:
+        raise ValueError(f"worker replied {len(partial)} bytes of {expert_pb2.DType.Name(reply.dtype)}; "
                          f"expected {expected} bytes of {dtype} for [{num_tokens}, {hidden_size}]")
-    if expected == 0:
-        return torch.empty(num_tokens, hidden_size, dtype=dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(reply.partial, dtype=dtype).view(num_tokens, hidden_size)
+    return frombuffer(partial, dtype).view(num_tokens, hidden_size)

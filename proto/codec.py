@@ -1,0 +1,40 @@
+"""What both ends of proto/expert.proto share, hand-written beside the generated modules: the dtype
+enum <-> torch, tensors <-> raw row-major bytes, and the message size limit.
+
+router/ and experts/ never import each other; both import this.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from proto import expert_pb2
+
+DTYPE_TO_TORCH = {expert_pb2.DTYPE_FLOAT32: torch.float32, expert_pb2.DTYPE_BFLOAT16: torch.bfloat16}
+TORCH_TO_DTYPE = {v: k for k, v in DTYPE_TO_TORCH.items()}
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+"""Both directions, on workers and heads. A Qwen3-Next prefill batch of 16384 tokens is 16384 x 2048
+x 4 B = 128 MiB of float32 hidden states (64 MiB in bfloat16) plus ~50 B/token of expert ids and
+weights; 256 MiB leaves 2x headroom. gRPC's default (4 MiB receive) would cap a bf16 batch at ~1000
+tokens."""
+MESSAGE_SIZE_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+# Message bytes are immutable, so torch warns that a view of them is not writable. The views are only
+# ever read; filtered once here (catch_warnings per call would swap the process's filters from
+# several threads at once).
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+
+def frombuffer(data: bytes, dtype: torch.dtype) -> Tensor:
+    """A read-only 1-D view of `data` (no copy)."""
+    return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+
+
+def tensor_bytes(t: Tensor) -> bytes:
+    """Raw row-major bytes of any dtype (bfloat16 included, which numpy lacks)."""
+    return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
