@@ -48,7 +48,7 @@ class KVCache:
 
     def append(self, key: Tensor, value: Tensor) -> None:
         """key / value [nkv, t, hd] after the cached ones."""
-        t, end = key.shape[1], self.length + key.shape[1]
+        end = self.length + key.shape[1]
         if end > self.key_buffer.shape[1]:
             capacity = max(end, 2 * self.key_buffer.shape[1])
             for name in ("key_buffer", "value_buffer"):

@@ -38,9 +38,6 @@ class SparseMoEHead(nn.Module):
         self.shared_expert = SwiGLUMLP(config.hidden_size, config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
-    def forward(self, x: Tensor, experts: ExpertBackend) -> Tensor:  # [T, H] -> [T, H]
-        return self.start(x, experts).result()
-
     def start(self, x: Tensor, experts: ExpertBackend) -> "PendingMoE":
         """Send the routed experts off, compute the shared expert meanwhile; `result()` adds them."""
         ids, weights = self.gate(x)
@@ -56,6 +53,11 @@ class PendingMoE:
 
     def result(self) -> Tensor:
         return self.routed.result() + self.shared
+
+
+def _finish(x: Tensor, moe: PendingMoE | None) -> Tensor:
+    """A layer's output: its residual stream x [T, H] plus its MoE block's, once that is back."""
+    return x if moe is None else x + moe.result()
 
 
 class DecoderLayer(nn.Module):
@@ -76,10 +78,6 @@ class DecoderLayer(nn.Module):
         self.mlp = SparseMoEHead(config, layer_idx) if self.is_moe else SwiGLUMLP(H, config.intermediate_size)
         self.input_layernorm = RMSNorm(H, eps)
         self.post_attention_layernorm = RMSNorm(H, eps)
-
-    def forward(self, x: Tensor, batch: ForwardBatch, cos: Tensor, sin: Tensor, experts: ExpertBackend) -> Tensor:
-        x, moe = self.start(x, batch, cos, sin, experts)
-        return x if moe is None else x + moe.result()
 
     def start(self, x: Tensor, batch: ForwardBatch, cos: Tensor, sin: Tensor,
               experts: ExpertBackend) -> tuple[Tensor, PendingMoE | None]:
@@ -132,13 +130,11 @@ class HeadModel(nn.Module):
         pending: list[PendingMoE | None] = [None] * len(parts)
         for layer in self.model.layers:
             for i, (_, batch) in enumerate(parts):
-                moe, pending[i] = pending[i], None
-                x = xs[i] if moe is None else xs[i] + moe.result()  # the previous layer's MoE, now needed
+                x = _finish(xs[i], pending[i])  # the previous layer's MoE, needed now
                 xs[i], pending[i] = layer.start(x, batch, *rope[i], experts)
         outs = []
         for i, (_, batch) in enumerate(parts):
-            moe = pending[i]
-            x = xs[i] if moe is None else xs[i] + moe.result()
+            x = _finish(xs[i], pending[i])
             outs.append(x if all_logits else x[batch.last_token_index()])
             for cache, n in zip(batch.caches, batch.seq_lens):
                 cache.num_tokens += n

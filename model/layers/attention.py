@@ -36,9 +36,7 @@ class GatedAttention(nn.Module):
         qh = q.transpose(0, 1)[None]  # [1, nh, t, hd]
         if t == 1:
             o = F.scaled_dot_product_attention(qh, k, v, scale=self.hd ** -0.5, enable_gqa=True)
-        elif t == L:
-            o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=self.hd ** -0.5, enable_gqa=True)
-        else:  # a chunk continuing a cached prefix: query i sees keys <= L - t + i
+        else:  # a chunk continuing a cached prefix (L > t): query i sees keys <= L - t + i
             mask = torch.ones(t, L, dtype=torch.bool, device=q.device).tril(L - t)
             o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=self.hd ** -0.5, enable_gqa=True)
         return o[0].transpose(0, 1).reshape(t, self.nh * self.hd)
@@ -47,10 +45,8 @@ class GatedAttention(nn.Module):
         """Causal attention of B uncached chunks of equal length t: q [B, t, nh, hd], k/v [B, t, nkv, hd]
         -> [B, t, nh·hd]."""
         B, t = q.shape[:2]
-        rep = self.nh // self.nkv
-        kh = k.transpose(1, 2).repeat_interleave(rep, dim=1)  # [B, nh, t, hd]
-        vh = v.transpose(1, 2).repeat_interleave(rep, dim=1)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), kh, vh, is_causal=True, scale=self.hd ** -0.5)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                           scale=self.hd ** -0.5, enable_gqa=True)  # [B, nh, t, hd]
         return o.transpose(1, 2).reshape(B, t, self.nh * self.hd)
 
     def forward(self, x: Tensor, batch: ForwardBatch, cos: Tensor, sin: Tensor) -> Tensor:  # [T, H] -> [T, H]
