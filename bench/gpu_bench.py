@@ -36,7 +36,7 @@ from model.cache import SequenceCache
 from model.checkpoint import parse_dtype
 from model.config import PUBLISHED_CONFIGS, ConfigError, Qwen3NextConfig
 from model.device import resolve_device
-from model.expert_backend import ExpertBackend, LocalExpertBackend
+from model.expert_backend import ExpertBackend, LocalExpertBackend, ZeroExperts
 from model.forward_batch import ForwardBatch
 from model.layers.rope import PartialRotaryEmbedding
 from model.qwen3_next import HeadModel
@@ -79,15 +79,6 @@ class BatchRow:
     experts_tok_s: float
     step_tok_s: float
     peak_mem_gib: float | None  # CUDA only
-
-
-class ZeroExperts:
-    """Routed experts that return zeros: times the head part alone."""
-
-    def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> "Future[Tensor]":
-        future: Future[Tensor] = Future()
-        future.set_result(torch.zeros_like(hidden))  # [T, H]
-        return future
 
 
 class CapturingExperts:
@@ -143,7 +134,8 @@ def build_models(config: Qwen3NextConfig, device: torch.device, dtype: torch.dty
     for name, t in shapes.items():
         state[name] = torch.empty(t.shape, device=device)
         _fill(name, state[name], gen, config)
-    ref_head = _head_on({k: v.cpu() for k, v in state.items()}, config, torch.device("cpu"))
+    # copy=True: on a CPU float32 run the reference must not share the bench model's tensors.
+    ref_head = _head_on({k: v.to("cpu", copy=True) for k, v in state.items()}, config, torch.device("cpu"))
     head = _head_on({k: v.to(dtype) for k, v in state.items()}, config, device)
     del state
     E, I, H = config.num_experts, config.moe_intermediate_size, config.hidden_size
@@ -151,7 +143,7 @@ def build_models(config: Qwen3NextConfig, device: torch.device, dtype: torch.dty
     for layer in config.moe_layers:
         gu = torch.empty(E, 2 * I, H, device=device).normal_(0.0, 0.02, generator=gen)  # [E, 2I, H]
         dn = torch.empty(E, H, I, device=device).normal_(0.0, 0.02, generator=gen)      # [E, H, I]
-        ref_gate_up[layer], ref_down[layer] = gu.cpu(), dn.cpu()
+        ref_gate_up[layer], ref_down[layer] = gu.to("cpu", copy=True), dn.to("cpu", copy=True)
         gate_up[layer], down[layer] = gu.to(dtype), dn.to(dtype)
         del gu, dn
     return (Models(head, LocalExpertBackend(gate_up, down), device),

@@ -34,9 +34,10 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from bench.dispatch import echo_requests, plan_all_alive, start_worker_processes
+from cluster.engine import split_micro_batches
 from model.cache import SequenceCache
 from model.config import Qwen3NextConfig
-from model.expert_backend import ExpertBackend
+from model.expert_backend import ExpertBackend, ZeroExperts
 from model.forward_batch import ForwardBatch
 from model.loader import load_head, load_local_backend
 from model.qwen3_next import HeadModel
@@ -45,15 +46,6 @@ from router.dispatcher import RemoteExpertBackend
 from router.placement import build_placement
 from router.plan import Pairs
 from router.wire import decode_partial, encode_request
-
-
-class NullExperts:
-    """Routed experts that return zeros at once: what is left of a step is the head's own work."""
-
-    def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> "Future[Tensor]":
-        future: Future[Tensor] = Future()
-        future.set_result(torch.zeros_like(hidden))
-        return future
 
 
 class TimedBackend:
@@ -103,7 +95,7 @@ class Decoder:
 
     def step(self, experts: ExpertBackend, micro_batches: int) -> None:
         B, ids = len(self.caches), self.logits.argmax(-1)
-        bounds = [(i * B // micro_batches, (i + 1) * B // micro_batches) for i in range(micro_batches)]
+        bounds = split_micro_batches([1] * B, micro_batches, 1)  # as the engine splits a step
         parts = [(ids[lo:hi], ForwardBatch.build([1] * (hi - lo), self.caches[lo:hi], torch.device("cpu")))
                  for lo, hi in bounds]
         self.logits = self.head.forward_micro_batches(parts, experts)
@@ -192,7 +184,7 @@ def run_step_bench(path: Path, batch: int, prompt_len: int, steps: int, workers:
             decoder = Decoder(head, caches, head(prompts.reshape(-1), ForwardBatch.build(
                 [prompt_len] * batch, caches, torch.device("cpu")), local))
             pids = [p.pid for p in procs]
-            runs = {"null": (NullExperts(), 1), "local": (local, 1), "remote": (remote, 1),
+            runs = {"null": (ZeroExperts(), 1), "local": (local, 1), "remote": (remote, 1),
                     "remote_ping_pong": (remote, 2)}
             rows: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
             with tqdm(total=2 * len(runs), desc="bench step", file=sys.stderr) as bar:

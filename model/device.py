@@ -37,16 +37,17 @@ class DeviceExpertBackend:
         self.inner = inner
         self.device = device
 
-    def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> "Future[Tensor]":
-        """hidden [T, H], ids / weights [T, k] on the head's device -> Future of [T, H] on it."""
-        inner = self.inner.submit(layer, hidden.cpu(), ids.cpu(), weights.cpu())
-        outer: Future[Tensor] = Future()
+    def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> "DeviceResult":
+        """hidden [T, H], ids / weights [T, k] on the head's device -> a result of [T, H] on it."""
+        return DeviceResult(self.inner.submit(layer, hidden.cpu(), ids.cpu(), weights.cpu()), self.device)
 
-        def done(f: "Future[Tensor]") -> None:
-            try:
-                outer.set_result(f.result().to(self.device))
-            except BaseException as exc:  # the inner failure, or the copy's: never leave `outer` pending
-                outer.set_exception(exc)
 
-        inner.add_done_callback(done)
-        return outer
+class DeviceResult:
+    """The inner future's result, copied to the head's device by whoever asks for it (the head's step
+    thread), not by the dispatcher's event loop, which serves every other layer in flight."""
+
+    def __init__(self, inner: "Future[Tensor]", device: torch.device) -> None:
+        self.inner, self.device = inner, device
+
+    def result(self, timeout: float | None = None) -> Tensor:  # [T, H]
+        return self.inner.result(timeout).to(self.device)

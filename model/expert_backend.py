@@ -10,6 +10,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from model.layers.experts import Assignments, experts_forward
@@ -37,3 +38,13 @@ class LocalExpertBackend:
 
     def forward(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
         return experts_forward(hidden, Assignments.from_topk(ids, weights), self.gate_up[layer], self.down[layer])
+
+
+class ZeroExperts:
+    """Routed experts that return zeros at once: what is left of a step is the head's own work
+    (benchmarks time the head part with it)."""
+
+    def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> "Future[Tensor]":
+        future: Future[Tensor] = Future()
+        future.set_result(torch.zeros_like(hidden))  # [T, H]
+        return future

@@ -39,10 +39,12 @@ def test_published_shapes_come_from_the_published_config() -> None:
 
 
 @torch.inference_mode()
-def test_a_broken_bench_model_fails_the_check() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_broken_bench_model_fails_the_check(dtype: torch.dtype) -> None:
+    """float32 on the CPU too: the reference must hold tensors of its own, not the bench model's."""
     config = bench_config(4, tiny_shapes=True)
-    bench, ref = build_models(config, torch.device("cpu"), torch.bfloat16, seed=0)
-    assert check(bench, ref, torch.bfloat16, None, seed=0).passed
+    bench, ref = build_models(config, torch.device("cpu"), dtype, seed=0)
+    assert check(bench, ref, dtype, None, seed=0).passed
     bench.head.lm_head.weight.copy_(bench.head.lm_head.weight.roll(1, dims=0))  # logits of the wrong tokens
-    result = check(bench, ref, torch.bfloat16, None, seed=0)
+    result = check(bench, ref, dtype, None, seed=0)
     assert not result.passed and result.rel_l2 > 1.0

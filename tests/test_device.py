@@ -40,7 +40,7 @@ def _inputs(T: int = 5, H: int = 16, E: int = 6, k: int = 2) -> tuple[Tensor, Te
     return torch.randn(T, H, generator=g), ids, torch.rand(T, k, generator=g)
 
 
-def test_device_backend_hands_the_inner_backend_cpu_tensors_and_passes_its_result() -> None:
+def test_device_backend_on_cpu_passes_the_inner_result_through() -> None:
     local, (hidden, ids, weights) = _local(), _inputs()
     got = DeviceExpertBackend(local, torch.device("cpu")).submit(0, hidden, ids, weights).result()
     assert torch.equal(got, local.forward(0, hidden, ids, weights))
@@ -60,9 +60,16 @@ def test_device_backend_passes_the_inner_failure_on() -> None:
 @needs_cuda
 def test_device_backend_brings_the_result_to_the_head_device() -> None:
     local, (hidden, ids, weights) = _local(), _inputs()
-    backend = DeviceExpertBackend(local, torch.device("cuda"))
+    seen: list[str] = []
+
+    class Recording:  # what the remote backend would be handed: it serialises CPU tensors only
+        def submit(self, layer: int, h: Tensor, i: Tensor, w: Tensor) -> "Future[Tensor]":
+            seen.extend(t.device.type for t in (h, i, w))
+            return local.submit(layer, h, i, w)
+
+    backend = DeviceExpertBackend(Recording(), torch.device("cuda"))
     got = backend.submit(0, hidden.cuda(), ids.cuda(), weights.cuda()).result(timeout=30)
-    assert got.device.type == "cuda"
+    assert seen == ["cpu"] * 3 and got.device.type == "cuda"
     torch.testing.assert_close(got.cpu(), local.forward(0, hidden, ids, weights))
 
 
