@@ -31,6 +31,7 @@ class DispatchBatch:
     table: LayerTable
     hidden: Tensor   # [t, H]
     token: Tensor    # [P] int64 in [0, t)
+    experts: Tensor  # [P] int64 global expert ids
     rows: Tensor     # [P] int64 rows of table
     weights: Tensor  # [P]
 
@@ -84,7 +85,7 @@ def decode_dispatch(req: expert_pb2.DispatchRequest, tables: dict[int, LayerTabl
     t = req.num_tokens
     hidden = frombuffer(hidden_bytes, dtype).view(t, hidden_size)  # [t, H]
     token = torch.repeat_interleave(torch.arange(t), counts)  # [P]
-    return DispatchBatch(req.layer, table, hidden, token, rows, weights)
+    return DispatchBatch(req.layer, table, hidden, token, experts, rows, weights)
 
 
 def compute_partial(batch: DispatchBatch) -> Tensor:

@@ -59,7 +59,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         store, config = self.store, self.store.config
         batch = decode_dispatch(request, store.snapshot(), store.dtype, config.hidden_size, config.num_experts)
         partial = compute_partial(batch)  # [t, H]
-        store.record(batch.layer, batch.table, batch.rows)
+        store.record(batch.layer, batch.experts)
         reply = expert_pb2.DispatchReply(num_tokens=request.num_tokens, hidden_size=request.hidden_size,
                                          dtype=request.dtype, partial=tensor_bytes(partial))
         with self._stats_lock:  # counts from the decoded tensors: re-reading or re-sizing a message copies it

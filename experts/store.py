@@ -52,7 +52,7 @@ class ExpertStore:
         self._tables: dict[int, LayerTable] = {}
         self._write_lock = threading.Lock()
         self._count_lock = threading.Lock()
-        self._tokens_served: dict[tuple[int, int], int] = {}
+        self._served: dict[int, Tensor] = {}  # layer -> [E] int64 tokens served since the expert was loaded
 
     def snapshot(self) -> dict[int, LayerTable]:
         """The current tables; never mutated after publication, safe to use without a lock."""
@@ -75,8 +75,8 @@ class ExpertStore:
                     gate_up, down = torch.cat((old.gate_up, gate_up)), torch.cat((old.down, down))
                 tables[layer] = _table(self.config.num_experts, ids, gate_up, down)
             with self._count_lock:
-                for pair in missing:
-                    self._tokens_served[pair] = 0
+                for layer, e in missing:
+                    self._served.setdefault(layer, torch.zeros(self.config.num_experts, dtype=torch.int64))[e] = 0
             self._publish(tables, epoch)
 
     def _holds(self, tables: dict[int, LayerTable], layer: int, expert: int) -> bool:
@@ -100,26 +100,21 @@ class ExpertStore:
                 index = torch.tensor(keep, dtype=torch.int64, device=self.device)
                 tables[layer] = _table(self.config.num_experts, [old.expert_ids[i] for i in keep],
                                        old.gate_up[index], old.down[index])
-            with self._count_lock:
-                for layer, gone in by_layer.items():
-                    for e in gone:
-                        self._tokens_served.pop((layer, e), None)
-            self._publish(tables, epoch)
+            self._publish(tables, epoch)  # a dropped expert's count is zeroed if it is loaded again
 
     def _publish(self, tables: dict[int, LayerTable], epoch: int | None) -> None:
         self._tables = tables
         if epoch is not None:
             self.epoch = epoch
 
-    def record(self, layer: int, table: LayerTable, rows: Tensor) -> None:
-        """Count served tokens per expert; rows [P] int64 rows of `table`."""
-        per_row = torch.bincount(rows, minlength=len(table.expert_ids)).tolist()
+    def record(self, layer: int, experts: Tensor) -> None:
+        """Count served tokens per expert; experts [P] int64 global ids of a Dispatch's pairs."""
+        counts = torch.bincount(experts, minlength=self.config.num_experts)  # [E], one op per call
         with self._count_lock:
-            for row, n in enumerate(per_row):
-                key = (layer, table.expert_ids[row])
-                if n and key in self._tokens_served:
-                    self._tokens_served[key] += n
+            self._served[layer] += counts
 
     def tokens_served(self) -> dict[tuple[int, int], int]:
+        """(layer, expert) -> tokens, for the experts held now."""
         with self._count_lock:
-            return dict(self._tokens_served)
+            served = {layer: counts.tolist() for layer, counts in self._served.items()}
+        return {(layer, e): served[layer][e] for layer, e in self.pairs()}

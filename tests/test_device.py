@@ -85,10 +85,10 @@ def test_expert_store_on_cuda_computes_what_the_cpu_store_does(reference: dict, 
     H, torch_dtype = cpu.config.hidden_size, cpu.dtype
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, H, generator=g).to(torch_dtype)
-    token, rows = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 3, 1, 2])
+    token, rows = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 3, 1, 2])  # rows are the expert ids here
     weights = torch.rand(4, generator=g).to(torch_dtype)
-    want = compute_partial(DispatchBatch(0, cpu.snapshot()[0], hidden, token, rows, weights))
-    got = compute_partial(DispatchBatch(0, gpu.snapshot()[0], hidden, token, rows, weights))
+    want = compute_partial(DispatchBatch(0, cpu.snapshot()[0], hidden, token, rows, rows, weights))
+    got = compute_partial(DispatchBatch(0, gpu.snapshot()[0], hidden, token, rows, rows, weights))
     assert got.device.type == "cpu"
     tol = {"float32": 1e-4, "bfloat16": 2e-2}[dtype]
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
