@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 
 import torch
 from torch import Tensor
 
+from cluster.engine_stats import MAX_PENDING_OBSERVATIONS
 from model.expert_backend import ExpertBackend
 
 
@@ -21,7 +23,8 @@ class DispatchRecorder:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.latency_s: dict[int, list[float]] = {}
+        # Bounded: only a /metrics scrape drains it, and a head may go unscraped for hours.
+        self.latency_s: dict[int, deque[float]] = {}
         self.tokens: dict[int, Tensor] = {}  # layer -> [E] routed tokens since the last drain
 
     def record_tokens(self, layer: int, ids: Tensor, num_experts: int) -> None:
@@ -31,14 +34,15 @@ class DispatchRecorder:
 
     def record_latency(self, layer: int, seconds: float) -> None:
         with self.lock:
-            self.latency_s.setdefault(layer, []).append(seconds)
+            self.latency_s.setdefault(layer, deque(maxlen=MAX_PENDING_OBSERVATIONS)).append(seconds)
 
     def drain(self) -> tuple[dict[int, list[float]], dict[tuple[int, int], int]]:
         with self.lock:
             latency, tokens = self.latency_s, self.tokens
             self.latency_s, self.tokens = {}, {}
+        samples = {layer: list(values) for layer, values in latency.items()}
         routed = {(layer, int(e)): int(counts[e]) for layer, counts in tokens.items() for e in counts.nonzero()[:, 0]}
-        return latency, routed
+        return samples, routed
 
 
 class RecordingBackend:

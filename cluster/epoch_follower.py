@@ -47,6 +47,8 @@ class EpochFollowingBackend:
 
     def refresh(self) -> bool:
         """Swap in the published placement if it is newer; True when a backend is in place."""
+        if self.current is not None and self.registry.epoch() == self.epoch:
+            return True  # one HGET; the whole placement (48 x 512 entries) only when it changed
         record = self.registry.placement()
         if record is None or record.epoch == self.epoch:
             return self.current is not None

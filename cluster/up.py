@@ -78,9 +78,8 @@ def wait_healthy(url: str, timeout_s: float, api_key: str | None) -> None:
     raise TimeoutError(f"{url}/health did not turn 200 within {timeout_s} s")
 
 
-def start(options: UpOptions) -> tuple[str, LocalRedis | None]:
-    local_redis = None if options.app.redis_url else LocalRedis()
-    app_args = options.app.model_copy(update={"redis_url": options.app.redis_url or local_redis.url})  # type: ignore[union-attr]
+def start(options: UpOptions, redis_url: str) -> str:
+    app_args = options.app.model_copy(update={"redis_url": redis_url})
     proxy_port = options.port
     if options.ray_address:  # an existing cluster keeps its own Serve settings (its proxy serves HTTP)
         ray.init(address=options.ray_address, namespace="nextserve")
@@ -97,7 +96,7 @@ def start(options: UpOptions) -> tuple[str, LocalRedis | None]:
     options.state_file.parent.mkdir(parents=True, exist_ok=True)
     options.state_file.write_text(json.dumps({"url": base, "redis_url": app_args.redis_url,
                                               "cluster": app_args.cluster}) + "\n")
-    return base, local_redis
+    return base
 
 
 def stop(options: UpOptions, redis_url: str, local_redis: LocalRedis | None) -> None:
@@ -116,13 +115,13 @@ def stop(options: UpOptions, redis_url: str, local_redis: LocalRedis | None) -> 
 
 def run_up(options: UpOptions) -> int:
     stopped = threading.Event()
-    local_redis: LocalRedis | None = None
-    redis_url = options.app.redis_url
+    # Before the try: a start that fails (or a Ctrl-C during it) still stops the redis-server it began.
+    local_redis = None if options.app.redis_url else LocalRedis()
+    redis_url = options.app.redis_url or local_redis.url  # type: ignore[union-attr]
     try:
-        base, local_redis = start(options)  # Ctrl-C here is a KeyboardInterrupt: the finally cleans up
+        base = start(options, redis_url)  # Ctrl-C here is a KeyboardInterrupt: the finally cleans up
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
             signal.signal(sig, lambda *_: stopped.set())
-        redis_url = options.app.redis_url or (local_redis.url if local_redis else "")
         print(f"nextserve is up: {base}/v1  (model {options.app.served_model_name()}, "
               f"{options.app.expert_workers} expert workers, {options.app.head_replicas} head replicas)", flush=True)
         stopped.wait()
