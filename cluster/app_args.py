@@ -9,7 +9,9 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cluster.scheduler import SchedulerConfig
 
 
 class AppArgs(BaseModel):
@@ -44,6 +46,20 @@ class AppArgs(BaseModel):
     requests fail with 503 naming the experts."""
     rebalance_every_s: float = Field(0.0, ge=0)
     """Scheduled load-aware rebalancing period; 0 = only on demand (`nextserve rebalance`)."""
+
+    def scheduler_config(self) -> SchedulerConfig:
+        """The head engine's step shape (what every head replica builds)."""
+        return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_tokens_per_step=self.max_tokens_per_step,
+                               prefill_chunk=self.prefill_chunk, micro_batches=self.micro_batches)
+
+    @model_validator(mode="after")
+    def _scheduler_fits(self) -> "AppArgs":
+        """Fields that constrain each other fail here, naming both, not in every head replica's start."""
+        try:
+            self.scheduler_config()
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
     @field_validator("model")
     @classmethod

@@ -191,6 +191,7 @@ def _serve_config(plan: CapacityPlan, model_dir_name: str, dtype: str) -> list[s
         f"      expert_replicas: {plan.expert_replicas}",
         f"      head_replicas: {plan.num_head_replicas}",
         f"      max_num_seqs: {plan.max_sequences_per_head}",
+        f"      max_tokens_per_step: {max(512, plan.max_sequences_per_head)}",  # a full decode batch fits a step
         "      head_num_gpus: 1",  # each heads pod has one GPU (gpu-patch.yaml); the replica takes it
         "      micro_batches: 2",  # ping-pong: the head's GPU computes while the expert round flies
         f"      redis_url: {REGISTRY_REDIS_URL}",

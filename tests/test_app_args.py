@@ -34,3 +34,11 @@ def test_missing_password_or_double_credentials_are_clear_errors(tiny_dir: Path)
 def test_bad_arguments_name_the_field(tiny_dir: Path, field: str, value: object) -> None:
     with pytest.raises(ValidationError, match=field):
         AppArgs(**{"model": str(tiny_dir), field: value})
+
+
+def test_scheduler_fields_that_clash_fail_at_validation_naming_both(tiny_dir: Path) -> None:
+    """Before a head replica starts (Serve would restart it forever), not inside it."""
+    with pytest.raises(ValidationError, match=r"max_tokens_per_step \(512\) must be >= max_num_seqs \(700\)"):
+        AppArgs(model=str(tiny_dir), max_num_seqs=700)
+    args = AppArgs(model=str(tiny_dir), max_num_seqs=700, max_tokens_per_step=700, micro_batches=2)
+    assert (args.scheduler_config().max_num_seqs, args.scheduler_config().micro_batches) == (700, 2)

@@ -8,6 +8,7 @@ every head and worker.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -81,13 +82,17 @@ class HeadHandleClient:
 
     async def stats(self) -> EngineStats:
         raw: dict[str, Any] = await self.heads.stats.remote()
-        heads = [h for h in self.registry.heads() if h.alive]
+        # The sync Redis client off the loop: a slow Redis must not stall the streams this loop serves.
+        heads = [h for h in await asyncio.to_thread(self.registry.heads) if h.alive]
         return {"num_running": sum(int(h.fields.get("num_running", 0)) for h in heads),
                 "num_waiting": sum(int(h.fields.get("num_waiting", 0)) for h in heads),
                 "dispatch_latency_s": raw["dispatch_latency_s"], "expert_tokens": raw["expert_tokens"]}
 
     async def is_ready(self) -> bool:
         """Every head replica and every expert worker heartbeating, and a placement published."""
+        return await asyncio.to_thread(self._is_ready)  # sync Redis calls, off the streams' loop
+
+    def _is_ready(self) -> bool:
         placement = self.registry.placement()
         workers = [w for w in self.registry.workers() if w.alive]
         heads = [h for h in self.registry.heads() if h.alive]

@@ -28,7 +28,6 @@ from cluster.engine import Engine, EngineRequestError, EngineUnavailableError
 from cluster.epoch_follower import EpochFollowingBackend
 from cluster.expert_actor import HEAD_RESOURCE
 from cluster.registry import HEARTBEAT_S, Registry
-from cluster.scheduler import SchedulerConfig
 from model.checkpoint import parse_dtype
 from model.device import DeviceExpertBackend, resolve_device
 from model.expert_backend import ExpertBackend
@@ -60,9 +59,7 @@ class HeadDeployment:
         experts: ExpertBackend = self.recording
         if device.type != "cpu":
             experts = DeviceExpertBackend(self.recording, device)
-        scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_tokens_per_step=args.max_tokens_per_step,
-                                    prefill_chunk=args.prefill_chunk, micro_batches=args.micro_batches)
-        self.engine = Engine(head, experts, AutoTokenizer.from_pretrained(args.model), scheduler)
+        self.engine = Engine(head, experts, AutoTokenizer.from_pretrained(args.model), args.scheduler_config())
         self.head_id = serve.get_replica_context().replica_id.unique_id
         self.registry.register_head(self.head_id, {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()})
         self._stop = threading.Event()
