@@ -20,7 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -61,20 +62,29 @@ def write_random_experts(path: Path, hidden_size: int, num_experts: int, num_exp
     return path
 
 
-def start_worker_processes(model_dir: Path, placement: Placement, dtype: str) -> tuple[list[subprocess.Popen], list[str]]:
+@contextmanager
+def worker_processes(model_dir: Path, placement: Placement, dtype: str) -> Iterator[tuple[list[subprocess.Popen], list[str]]]:
+    """`python -m experts.server` per worker of `placement` on the CPU (one torch thread each), ready;
+    -> (processes, addresses); all terminated on exit, also when one of them fails to start."""
     procs, addresses = [], []
-    for w in range(placement.num_workers):
-        spec = ";".join(f"{layer}:{e}" for layer, e in placement.experts_of(w))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "experts.server", "--model", str(model_dir), "--port", "0", "--dtype", dtype,
-             "--experts", spec, "--torch-threads", "1", "--epoch", str(placement.epoch)],
-            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
-    for proc in procs:
-        ready = json.loads(proc.stdout.readline() or "{}")
-        if ready.get("event") != "ready":
-            raise RuntimeError(f"expert worker pid {proc.pid} did not start (exit code {proc.poll()})")
-        addresses.append(f"127.0.0.1:{ready['port']}")
-    return procs, addresses
+    try:
+        for w in range(placement.num_workers):
+            spec = ";".join(f"{layer}:{e}" for layer, e in placement.experts_of(w))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "experts.server", "--model", str(model_dir), "--port", "0", "--dtype", dtype,
+                 "--experts", spec, "--torch-threads", "1", "--epoch", str(placement.epoch), "--device", "cpu"],
+                cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+        for proc in procs:
+            ready = json.loads(proc.stdout.readline() or "{}")
+            if ready.get("event") != "ready":
+                raise RuntimeError(f"expert worker pid {proc.pid} did not start (exit code {proc.poll()})")
+            addresses.append(f"127.0.0.1:{ready['port']}")
+        yield procs, addresses
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=10)
 
 
 def plan_all_alive(placement: Placement, layer: int, pairs: Pairs) -> list[WorkerBatch]:
@@ -157,16 +167,10 @@ def run(args: argparse.Namespace) -> int:
         model_dir = args.model or write_random_experts(Path(tmp) / "experts", **TINY_SHAPES)
         config = Qwen3NextConfig.from_json(model_dir)
         placement = build_placement(config.moe_layers[:1], config.num_experts, args.workers, 1)
-        procs, addresses = start_worker_processes(Path(model_dir), placement, args.dtype)
-        try:
-            with RemoteExpertBackend(addresses, placement, getattr(torch, args.dtype), deadline_s=10.0) as backend:
-                result = measure(backend, args.tokens, config.num_experts_per_tok, config.num_experts,
-                                 config.hidden_size, args.rounds)
-        finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.wait(timeout=10)
+        with worker_processes(Path(model_dir), placement, args.dtype) as (_, addresses), \
+                RemoteExpertBackend(addresses, placement, getattr(torch, args.dtype), deadline_s=10.0) as backend:
+            result = measure(backend, args.tokens, config.num_experts_per_tok, config.num_experts,
+                             config.hidden_size, args.rounds)
     result = {"workers": args.workers, "tokens": args.tokens, "dtype": args.dtype, **result}
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")

@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from bench.dispatch import echo_requests, plan_all_alive, start_worker_processes
+from bench.dispatch import echo_requests, plan_all_alive, worker_processes
 from cluster.engine import split_micro_batches
 from model.cache import SequenceCache
 from model.config import Qwen3NextConfig
@@ -177,34 +177,28 @@ def run_step_bench(path: Path, batch: int, prompt_len: int, steps: int, workers:
     prompts = torch.randint(3, config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
     head, local = load_head(path), load_local_backend(path)
     placement = build_placement(config.moe_layers, config.num_experts, workers, 1)
-    procs, addresses = start_worker_processes(path, placement, "float32")
-    try:
-        with RemoteExpertBackend(addresses, placement, torch.float32, deadline_s=30.0) as remote, torch.inference_mode():
-            caches = [SequenceCache.empty(config) for _ in range(batch)]
-            decoder = Decoder(head, caches, head(prompts.reshape(-1), ForwardBatch.build(
-                [prompt_len] * batch, caches, torch.device("cpu")), local))
-            pids = [p.pid for p in procs]
-            runs = {"null": (ZeroExperts(), 1), "local": (local, 1), "remote": (remote, 1),
-                    "remote_ping_pong": (remote, 2)}
-            rows: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
-            with tqdm(total=2 * len(runs), desc="bench step", file=sys.stderr) as bar:
-                for _ in range(2):  # interleaved, twice: drift hits every kind alike
-                    for name, (experts, micro) in runs.items():
-                        bar.set_postfix_str(name)
-                        rows[name].append(time_step(decoder, experts, micro, steps, pids,
-                                                    remote.channels.thread_id))
-                        bar.update()
-            table = {name: {k: statistics.fmean(r[k] for r in rs) for k in rs[0]} for name, rs in rows.items()}
-            hidden = torch.randn(batch, config.hidden_size, generator=torch.Generator().manual_seed(seed))
-            ids, weights = head.model.layers[config.moe_layers[0]].mlp.gate(hidden)
-            layer = config.moe_layers[0]
-            per_round = {"serialisation_ms": time_serialisation(remote, layer, hidden, ids, weights),
-                         "grpc_echo_ms": time_echo(remote, layer, hidden, ids, weights)}
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=10)
+    with worker_processes(path, placement, "float32") as (procs, addresses), \
+            RemoteExpertBackend(addresses, placement, torch.float32, deadline_s=30.0) as remote, torch.inference_mode():
+        caches = [SequenceCache.empty(config) for _ in range(batch)]
+        decoder = Decoder(head, caches, head(prompts.reshape(-1), ForwardBatch.build(
+            [prompt_len] * batch, caches, torch.device("cpu")), local))
+        pids = [p.pid for p in procs]
+        runs = {"null": (ZeroExperts(), 1), "local": (local, 1), "remote": (remote, 1),
+                "remote_ping_pong": (remote, 2)}
+        rows: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+        with tqdm(total=2 * len(runs), desc="bench step", file=sys.stderr) as bar:
+            for _ in range(2):  # interleaved, twice: drift hits every kind alike
+                for name, (experts, micro) in runs.items():
+                    bar.set_postfix_str(name)
+                    rows[name].append(time_step(decoder, experts, micro, steps, pids,
+                                                remote.channels.thread_id))
+                    bar.update()
+        table = {name: {k: statistics.fmean(r[k] for r in rs) for k in rs[0]} for name, rs in rows.items()}
+        hidden = torch.randn(batch, config.hidden_size, generator=torch.Generator().manual_seed(seed))
+        ids, weights = head.model.layers[config.moe_layers[0]].mlp.gate(hidden)
+        layer = config.moe_layers[0]
+        per_round = {"serialisation_ms": time_serialisation(remote, layer, hidden, ids, weights),
+                     "grpc_echo_ms": time_echo(remote, layer, hidden, ids, weights)}
     hf_ms = time_transformers_step(path, prompts, steps)
     moe_layers = len(config.moe_layers)
     return {"batch": batch, "prompt_len": prompt_len, "workers": workers, "moe_layers": moe_layers,

@@ -6,11 +6,9 @@ experts and arrives within the deadline (plus slack), never hangs.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.dispatch import worker_processes
 from model.config import Qwen3NextConfig
 from model.expert_backend import LocalExpertBackend
 from model.loader import load_local_backend
@@ -26,7 +25,6 @@ from router.dispatcher import ExpertsUnavailableError, RemoteExpertBackend
 from router.placement import Placement, build_placement
 
 pytestmark = pytest.mark.grpc
-REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 1.0
 SLACK_S = 1.5
 
@@ -52,20 +50,11 @@ def procs(reference: dict) -> Iterator[Procs]:
     path = reference["small"][1]
     config = Qwen3NextConfig.from_json(path)
     placement = build_placement(config.moe_layers, config.num_experts, 3, 2)
-    started = []
-    for w in range(3):
-        spec = ";".join(f"{layer}:{e}" for layer, e in placement.experts_of(w))
-        started.append(subprocess.Popen(
-            [sys.executable, "-m", "experts.server", "--model", str(path), "--port", "0", "--experts", spec,
-             "--torch-threads", "1", "--device", "cpu"],  # CPU: the check below is to 1e-6
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
-    addresses = [f"127.0.0.1:{json.loads(p.stdout.readline())['port']}" for p in started]
-    yield Procs(path, config, load_local_backend(path), placement, addresses, started)
-    for p in started:
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGCONT)
-            p.kill()
-        p.wait()
+    with worker_processes(path, placement, "float32") as (started, addresses):  # on the CPU: checks are to 1e-6
+        yield Procs(path, config, load_local_backend(path), placement, addresses, started)
+        for p in started:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)  # a stopped worker would not act on the SIGTERM
 
 
 def batch(config: Qwen3NextConfig, seed: int = 0, num_tokens: int = 300) -> tuple[torch.Tensor, ...]:
