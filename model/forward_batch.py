@@ -14,6 +14,10 @@ from torch import Tensor
 from model.cache import SequenceCache
 
 
+Group = tuple[tuple[int, ...], Tensor]
+"""(sequence indices, their token rows [B, t]) of sequences bringing t tokens each."""
+
+
 @dataclass(frozen=True)
 class ForwardBatch:
     seq_lens: tuple[int, ...]
@@ -23,6 +27,15 @@ class ForwardBatch:
     """[T] int64 absolute position of every new token."""
     starts: tuple[int, ...]
     """Offset of each sequence's first token in the flattened T."""
+    # How the mixers batch the step, worked out once here, not again in each of the layers:
+    decode_seqs: tuple[int, ...]
+    """Sequences decoding one token after a cached prefix (their states are batched together)."""
+    decode_rows: Tensor
+    """[B_dec] int64 token row of each of them."""
+    chunk_groups: tuple[Group, ...]
+    """The other sequences (prompt chunks), grouped by length: one batched chunk each."""
+    fresh_groups: tuple[Group, ...]
+    """Of those, the ones with nothing cached yet (first chunks), grouped by length."""
 
     @classmethod
     def build(cls, seq_lens: list[int], caches: list[SequenceCache], device: torch.device) -> "ForwardBatch":
@@ -36,7 +49,13 @@ class ForwardBatch:
             pos.append(torch.arange(cache.num_tokens, cache.num_tokens + n, dtype=torch.int64))
             offset += n
         positions = torch.cat(pos).to(device) if pos else torch.zeros(0, dtype=torch.int64, device=device)
-        return cls(tuple(seq_lens), tuple(caches), positions, tuple(starts))
+        decode = [i for i, (n, c) in enumerate(zip(seq_lens, caches)) if n == 1 and c.num_tokens > 0]
+        is_decode = set(decode)
+        chunks = [i for i in range(len(seq_lens)) if i not in is_decode]
+        return cls(tuple(seq_lens), tuple(caches), positions, tuple(starts), tuple(decode),
+                   torch.tensor([starts[i] for i in decode], dtype=torch.int64, device=device),
+                   _by_length(chunks, seq_lens, starts, device),
+                   _by_length([i for i in chunks if caches[i].num_tokens == 0], seq_lens, starts, device))
 
     @property
     def num_tokens(self) -> int:
@@ -50,3 +69,11 @@ class ForwardBatch:
         """[B] index of each sequence's last new token in the flattened T."""
         return torch.tensor([s + n - 1 for s, n in zip(self.starts, self.seq_lens)], dtype=torch.int64,
                             device=self.positions.device)
+
+
+def _by_length(seqs: list[int], seq_lens: list[int], starts: list[int], device: torch.device) -> tuple[Group, ...]:
+    groups: dict[int, list[int]] = {}
+    for i in seqs:
+        groups.setdefault(seq_lens[i], []).append(i)
+    return tuple((tuple(g), torch.stack([torch.arange(starts[i], starts[i] + n) for i in g]).to(device))
+                 for n, g in groups.items())

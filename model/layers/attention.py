@@ -56,19 +56,16 @@ class GatedAttention(nn.Module):
         k = apply_partial_rope(self.k_norm(self.k_proj(x).view(T, self.nkv, self.hd)), cos, sin)
         v = self.v_proj(x).view(T, self.nkv, self.hd)
         out = x.new_empty(T, self.nh * self.hd)
-        fresh: dict[int, list[tuple[int, int, int]]] = {}  # first chunks of equal length run batched
         for i, s, e in batch.spans():
             cache = batch.caches[i]
             entry = cache.layers[self.layer_idx]
             k_new, v_new = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)  # [nkv, t, hd]
-            if entry is None:
+            if entry is None:  # a first chunk: attended with its group below
                 cache.layers[self.layer_idx] = KVCache.of(k_new, v_new)
-                fresh.setdefault(e - s, []).append((i, s, e))
                 continue
             entry.append(k_new, v_new)
             out[s:e] = self._attend(q[s:e], entry)
-        for group in fresh.values():
-            rows = torch.stack([torch.arange(s, e, device=x.device) for _, s, e in group])  # [B, t]
+        for _, rows in batch.fresh_groups:  # rows [B, t]: first chunks of equal length run batched
             out[rows] = self._attend_fresh(q[rows], k[rows], v[rows])
         out = out * torch.sigmoid(gate.reshape(T, self.nh * self.hd))
         return self.o_proj(out)

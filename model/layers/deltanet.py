@@ -97,23 +97,15 @@ class GatedDeltaNet(nn.Module):
         beta = b.sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
         out = x.new_empty(x.shape[0], self.nv, self.dv)
-        decode = [(i, s) for i, s, e in batch.spans()
-                  if e - s == 1 and batch.caches[i].layers[self.layer_idx] is not None]
-        if decode:
-            rows = torch.tensor([s for _, s in decode], device=x.device)
-            states = [batch.caches[i].layers[self.layer_idx] for i, _ in decode]
+        if batch.decode_seqs:
+            rows = batch.decode_rows  # [B_dec]
+            states = [batch.caches[i].layers[self.layer_idx] for i in batch.decode_seqs]
             out[rows] = self._run_decode(mixed[rows], beta[rows], g[rows], states)
-        decoded = {i for i, _ in decode}
-        by_length: dict[int, list[tuple[int, int, int]]] = {}  # chunks of equal length run batched
-        for i, s, e in batch.spans():
-            if i not in decoded:
-                by_length.setdefault(e - s, []).append((i, s, e))
-        for group in by_length.values():
-            rows = torch.stack([torch.arange(s, e, device=x.device) for _, s, e in group])  # [B, t]
+        for seqs, rows in batch.chunk_groups:  # rows [B, t]: chunks of equal length run batched
             o, new = self._run_chunks(mixed[rows], beta[rows], g[rows],
-                                      [batch.caches[i].layers[self.layer_idx] for i, _, _ in group])
+                                      [batch.caches[i].layers[self.layer_idx] for i in seqs])
             out[rows] = o
-            for (i, _, _), state in zip(group, new):
+            for i, state in zip(seqs, new):
                 batch.caches[i].layers[self.layer_idx] = state
         y = self.norm(out, z)
         return self.out_proj(y.reshape(x.shape[0], self.value_dim))
