@@ -1,5 +1,5 @@
 # nextserve on a Ray base image: one image for the Ray head, the head replicas and the expert workers
-# (KubeRay starts `ray start` in it; Serve imports cluster.app:build_app from the installed package).
+# (KubeRay starts `ray start` in it; Serve imports nextserve.cluster.app:build_app from the installed package).
 #
 #   CPU (k8s/overlays/dev):  docker build -t nextserve:dev .
 #   GPU (k8s/overlays/gpu):  docker build --build-arg RAY_FLAVOR=gpu \
@@ -33,4 +33,4 @@ COPY --chown=ray:users bench/ bench/
 ENV PYTHONPATH=/home/ray/nextserve
 # Keep the base image's Ray: the cluster's Ray and the package's must be the same version.
 RUN pip install --no-cache-dir -e . "ray[serve]==${RAY_VERSION}" "torch==${TORCH_VERSION}" \
- && python -c "import cluster.app, ray; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"
+ && python -c "import nextserve.cluster.app, ray; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: install serve test clean redis-server
+.PHONY: install serve test clean redis-server proto
 
 install: $(STAMP)
 
@@ -27,6 +27,15 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The checked-in gRPC modules of proto/expert.proto, made as the package `nextserve.proto` imports them
+# (tests/test_proto_generated.py fails, naming this target, when they are stale).
+proto: install
+	rm -rf build/proto && mkdir -p build/proto
+	$(BIN)/python -m grpc_tools.protoc -Inextserve/proto=proto --python_out=build/proto --pyi_out=build/proto \
+		--grpc_python_out=build/proto proto/expert.proto
+	cp build/proto/nextserve/proto/expert_pb2.py build/proto/nextserve/proto/expert_pb2.pyi \
+		build/proto/nextserve/proto/expert_pb2_grpc.py proto/
 
 clean:
 	rm -rf $(VENV) build *.egg-info

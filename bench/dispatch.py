@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model.config import Qwen3NextConfig
-from model.tiny import TINY_CONFIG
-from proto import expert_pb2
-from router.dispatcher import RemoteExpertBackend
-from router.placement import Placement, build_placement
-from router.plan import Pairs, WorkerBatch, alive_replicas, plan_batches, replica_table
-from router.wire import encode_request
+from nextserve.model.config import Qwen3NextConfig
+from nextserve.model.tiny import TINY_CONFIG
+from nextserve.proto import expert_pb2
+from nextserve.router.dispatcher import RemoteExpertBackend
+from nextserve.router.placement import Placement, build_placement
+from nextserve.router.plan import Pairs, WorkerBatch, alive_replicas, plan_batches, replica_table
+from nextserve.router.wire import encode_request
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]

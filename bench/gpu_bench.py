@@ -32,15 +32,15 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from model.cache import SequenceCache
-from model.checkpoint import parse_dtype
-from model.config import PUBLISHED_CONFIGS, ConfigError, Qwen3NextConfig
-from model.device import resolve_device
-from model.expert_backend import ExpertBackend, LocalExpertBackend, ZeroExperts
-from model.forward_batch import ForwardBatch
-from model.layers.rope import PartialRotaryEmbedding
-from model.qwen3_next import HeadModel
-from model.tiny import TINY_CONFIG
+from nextserve.model.cache import SequenceCache
+from nextserve.model.checkpoint import parse_dtype
+from nextserve.model.config import PUBLISHED_CONFIGS, ConfigError, Qwen3NextConfig
+from nextserve.model.device import resolve_device
+from nextserve.model.expert_backend import ExpertBackend, LocalExpertBackend, ZeroExperts
+from nextserve.model.forward_batch import ForwardBatch
+from nextserve.model.layers.rope import PartialRotaryEmbedding
+from nextserve.model.qwen3_next import HeadModel
+from nextserve.model.tiny import TINY_CONFIG
 
 CHECK_BATCH, CHECK_PROMPT_LEN, CHECK_STEPS = 4, 16, 4
 TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 0.15}

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from model.cache import SequenceCache
-from model.checkpoint import parse_dtype
-from model.forward_batch import ForwardBatch
-from model.loader import load_head, load_local_backend
+from nextserve.model.cache import SequenceCache
+from nextserve.model.checkpoint import parse_dtype
+from nextserve.model.forward_batch import ForwardBatch
+from nextserve.model.loader import load_head, load_local_backend
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from model.checkpoint import parse_dtype
+from nextserve.model.checkpoint import parse_dtype
 
 FIRST_REGULAR_ID = 3  # prompt ids come from [3, vocab): 0..2 are the tiny tokenizer's special tokens
 MIN_OUTPUT_TOKENS = 8  # outputs are drawn from [8, M]: a TPOT needs a few tokens to mean anything

@@ -33,19 +33,19 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from bench.dispatch import echo_requests, plan_all_alive, worker_processes
-from cluster.engine import split_micro_batches
-from model.cache import SequenceCache
-from model.config import Qwen3NextConfig
-from model.expert_backend import ExpertBackend, ZeroExperts
-from model.forward_batch import ForwardBatch
-from model.loader import load_head, load_local_backend
-from model.qwen3_next import HeadModel
-from proto import expert_pb2
-from router.dispatcher import RemoteExpertBackend
-from router.placement import build_placement
-from router.plan import Pairs
-from router.wire import decode_partial, encode_request
+from nextserve.bench.dispatch import echo_requests, plan_all_alive, worker_processes
+from nextserve.cluster.engine import split_micro_batches
+from nextserve.model.cache import SequenceCache
+from nextserve.model.config import Qwen3NextConfig
+from nextserve.model.expert_backend import ExpertBackend, ZeroExperts
+from nextserve.model.forward_batch import ForwardBatch
+from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.qwen3_next import HeadModel
+from nextserve.proto import expert_pb2
+from nextserve.router.dispatcher import RemoteExpertBackend
+from nextserve.router.placement import build_placement
+from nextserve.router.plan import Pairs
+from nextserve.router.wire import decode_partial, encode_request
 
 
 class TimedBackend:

@@ -1,6 +1,6 @@
 """The Serve application: HTTP -> gateway (OpenAI API) -> head replicas -> expert workers (gRPC).
 
-`build_app(args)` is the `import_path` target of a Serve config (`cluster.app:build_app`, with
+`build_app(args)` is the `import_path` target of a Serve config (`nextserve.cluster.app:build_app`, with
 `args` as in cluster/app_args.py); `nextserve up` calls it too. The head replicas ask the controller
 (a detached actor) for the expert workers when they start, so the app needs nothing else running.
 """
@@ -12,9 +12,9 @@ from typing import Any
 
 from ray.serve import Application
 
-from cluster.app_args import AppArgs
-from cluster.deployments.gateway import GatewayDeployment
-from cluster.deployments.head import HeadDeployment
+from nextserve.cluster.app_args import AppArgs
+from nextserve.cluster.deployments.gateway import GatewayDeployment
+from nextserve.cluster.deployments.head import HeadDeployment
 
 
 def build_app(args: dict[str, Any]) -> Application:

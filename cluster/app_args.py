@@ -1,5 +1,5 @@
 """The Serve application's arguments: what `nextserve up` passes and what a RayService's
-`serveConfigV2` gives as `args` for `import_path: cluster.app:build_app`. Validated with pydantic
+`serveConfigV2` gives as `args` for `import_path: nextserve.cluster.app:build_app`. Validated with pydantic
 (a process boundary); names match the CLI flags."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cluster.scheduler import SchedulerConfig
+from nextserve.cluster.scheduler import SchedulerConfig
 
 
 class AppArgs(BaseModel):

@@ -22,21 +22,21 @@ from pathlib import Path
 from pydantic import ValidationError
 from transformers import AutoTokenizer
 
-from bench import dispatch as dispatch_bench
-from bench import gpu_bench
-from bench import model_bench
-from bench import serve_bench
-from bench import step_bench
-from model.config import PUBLISHED_CONFIGS, ConfigError, Qwen3NextConfig
-from model.checkpoint import CheckpointError, parse_dtype
-from model.generate import generate
-from model.loader import load_head, load_local_backend
-from model.sampling import SamplingError, SamplingParams
-from model.capacity import GPUS, gpu_overlay_patch, plan_capacity
-from model.sizes import model_sizes
-from model.tiny import make_tiny
-from cluster.cluster_cli import add_cluster_commands
-from cluster.model_paths import resolve_model
+from nextserve.bench import dispatch as dispatch_bench
+from nextserve.bench import gpu_bench
+from nextserve.bench import model_bench
+from nextserve.bench import serve_bench
+from nextserve.bench import step_bench
+from nextserve.model.config import PUBLISHED_CONFIGS, ConfigError, Qwen3NextConfig
+from nextserve.model.checkpoint import CheckpointError, parse_dtype
+from nextserve.model.generate import generate
+from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.sampling import SamplingError, SamplingParams
+from nextserve.model.capacity import GPUS, gpu_overlay_patch, plan_capacity
+from nextserve.model.sizes import model_sizes
+from nextserve.model.tiny import make_tiny
+from nextserve.cluster.cluster_cli import add_cluster_commands
+from nextserve.cluster.model_paths import resolve_model
 
 log = logging.getLogger("nextserve")
 

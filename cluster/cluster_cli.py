@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cluster.app_args import AppArgs
-from cluster.model_paths import cache_dir, resolve_model
-from cluster.rebalance import measured_imbalance
-from cluster.registry import Registry
-from cluster.up import UpOptions, read_state, run_up
-from model.config import ConfigError
+from nextserve.cluster.app_args import AppArgs
+from nextserve.cluster.model_paths import cache_dir, resolve_model
+from nextserve.cluster.rebalance import measured_imbalance
+from nextserve.cluster.registry import Registry
+from nextserve.cluster.up import UpOptions, read_state, run_up
+from nextserve.model.config import ConfigError
 
 
 def state_file(cluster: str) -> Path:

@@ -20,13 +20,13 @@ from typing import Any
 
 import ray
 
-from cluster import reshard
-from cluster.expert_actor import ExpertWorker, actor_options
-from cluster.rebalance import LoadCollector, measured_imbalance, plan_rebalance
-from cluster.registry import Registry
-from model.config import Qwen3NextConfig
-from router.eplb import movement
-from router.placement import Placement, build_placement
+from nextserve.cluster import reshard
+from nextserve.cluster.expert_actor import ExpertWorker, actor_options
+from nextserve.cluster.rebalance import LoadCollector, measured_imbalance, plan_rebalance
+from nextserve.cluster.registry import Registry
+from nextserve.model.config import Qwen3NextConfig
+from nextserve.router.eplb import movement
+from nextserve.router.placement import Placement, build_placement
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from cluster.scheduler import FinishReason
+from nextserve.cluster.scheduler import FinishReason
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from concurrent.futures import Future
 import torch
 from torch import Tensor
 
-from cluster.engine_stats import MAX_PENDING_OBSERVATIONS
-from model.expert_backend import ExpertBackend
+from nextserve.cluster.engine_stats import MAX_PENDING_OBSERVATIONS
+from nextserve.model.expert_backend import ExpertBackend
 
 
 class DispatchRecorder:

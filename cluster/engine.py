@@ -25,15 +25,15 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from cluster.detokenizer import IncrementalDetokenizer, OutputStream, StepOutput
-from cluster.engine_stats import EngineMetrics, EngineStats
-from cluster.scheduler import (FinishReason, Request, Scheduler, SchedulerConfig, SequenceState, StepPlan)
-from model.cache import SequenceCache
-from model.expert_backend import ExpertBackend
-from model.forward_batch import ForwardBatch
-from model.qwen3_next import HeadModel
-from model.sampling import SamplingParams, make_generator, sample
-from router.dispatcher import ExpertsUnavailableError
+from nextserve.cluster.detokenizer import IncrementalDetokenizer, OutputStream, StepOutput
+from nextserve.cluster.engine_stats import EngineMetrics, EngineStats
+from nextserve.cluster.scheduler import (FinishReason, Request, Scheduler, SchedulerConfig, SequenceState, StepPlan)
+from nextserve.model.cache import SequenceCache
+from nextserve.model.expert_backend import ExpertBackend
+from nextserve.model.forward_batch import ForwardBatch
+from nextserve.model.qwen3_next import HeadModel
+from nextserve.model.sampling import SamplingParams, make_generator, sample
+from nextserve.router.dispatcher import ExpertsUnavailableError
 
 log = logging.getLogger(__name__)
 

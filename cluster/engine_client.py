@@ -14,11 +14,11 @@ from collections.abc import AsyncGenerator, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from cluster.detokenizer import StepOutput
-from cluster.engine import Engine
-from cluster.dispatch_metrics import DispatchRecorder
-from cluster.metrics import EngineStats
-from model.sampling import SamplingParams
+from nextserve.cluster.detokenizer import StepOutput
+from nextserve.cluster.engine import Engine
+from nextserve.cluster.dispatch_metrics import DispatchRecorder
+from nextserve.cluster.metrics import EngineStats
+from nextserve.model.sampling import SamplingParams
 
 
 class LocalEngineClient:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from cluster.scheduler import FinishReason
+from nextserve.cluster.scheduler import FinishReason
 
 MAX_PENDING_OBSERVATIONS = 100_000
 """Latency observations kept between drains; older ones are dropped, so an unscraped engine stays bounded."""

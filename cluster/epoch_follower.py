@@ -17,8 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from cluster.registry import Registry
-from router.dispatcher import ExpertsUnavailableError, RemoteExpertBackend
+from nextserve.cluster.registry import Registry
+from nextserve.router.dispatcher import ExpertsUnavailableError, RemoteExpertBackend
 
 log = logging.getLogger(__name__)
 

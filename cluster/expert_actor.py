@@ -17,9 +17,9 @@ import threading
 
 import ray
 
-from cluster.actor_threads import use_assigned_cpus
-from cluster.registry import HEARTBEAT_S, Registry
-from experts.server import BackgroundWorkers, start_worker
+from nextserve.cluster.actor_threads import use_assigned_cpus
+from nextserve.cluster.registry import HEARTBEAT_S, Registry
+from nextserve.experts.server import BackgroundWorkers, start_worker
 
 log = logging.getLogger(__name__)
 

@@ -29,12 +29,12 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transformers import PreTrainedTokenizerBase
 
-from cluster.metrics import EngineStats, GatewayMetrics, RequestCounter, RequestTracker
-from cluster.openai_protocol import (SERVER_ERROR, SSE_DONE, ChatCompletionRequest, CompletionRequest, Endpoint,
+from nextserve.cluster.metrics import EngineStats, GatewayMetrics, RequestCounter, RequestTracker
+from nextserve.cluster.openai_protocol import (SERVER_ERROR, SSE_DONE, ChatCompletionRequest, CompletionRequest, Endpoint,
                                      FinishReason, GenerationRequest, RequestError, ResponseHeader, Usage,
                                      chunk_body, error_body, parse_request, response_body, sse, usage_chunk_body,
                                      validation_error)
-from model.sampling import SamplingParams
+from nextserve.model.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

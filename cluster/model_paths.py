@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from model.checkpoint import CheckpointError
-from model.tiny import ensure_tiny
+from nextserve.model.checkpoint import CheckpointError
+from nextserve.model.tiny import ensure_tiny
 
 
 def cache_dir() -> Path:

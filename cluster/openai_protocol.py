@@ -17,7 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, ValidationEr
                       field_validator)
 from pydantic_core import PydanticCustomError
 
-from model.sampling import SamplingParams
+from nextserve.model.sampling import SamplingParams
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"

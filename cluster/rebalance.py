@@ -11,10 +11,10 @@ import logging
 
 import torch
 
-from cluster import worker_admin
-from cluster.registry import Registry
-from router.eplb import imbalance, rebalance, worker_load
-from router.placement import Placement
+from nextserve.cluster import worker_admin
+from nextserve.cluster.registry import Registry
+from nextserve.router.eplb import imbalance, rebalance, worker_load
+from nextserve.router.placement import Placement
 
 log = logging.getLogger(__name__)
 

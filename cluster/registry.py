@@ -28,7 +28,7 @@ from typing import Any
 
 import redis
 
-from router.placement import Placement
+from nextserve.router.placement import Placement
 
 HEARTBEAT_S = 1.0
 """How often workers and heads refresh their heartbeat."""

@@ -20,9 +20,9 @@ from typing import Any
 
 import ray
 
-from cluster import worker_admin
-from cluster.registry import Registry
-from router.placement import Placement
+from nextserve.cluster import worker_admin
+from nextserve.cluster.registry import Registry
+from nextserve.router.placement import Placement
 
 log = logging.getLogger(__name__)
 

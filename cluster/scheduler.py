@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.cache import SequenceCache
-from model.sampling import SamplingParams
+from nextserve.model.cache import SequenceCache
+from nextserve.model.sampling import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,11 @@ from typing import Any
 import ray
 from ray import serve
 
-from cluster.app import build_app
-from cluster.app_args import AppArgs
-from cluster.controller import get_or_create_controller
-from cluster.expert_actor import EXPERT_RESOURCE, HEAD_RESOURCE
-from cluster.redis_server import LocalRedis, free_port
+from nextserve.cluster.app import build_app
+from nextserve.cluster.app_args import AppArgs
+from nextserve.cluster.controller import get_or_create_controller
+from nextserve.cluster.expert_actor import EXPERT_RESOURCE, HEAD_RESOURCE
+from nextserve.cluster.redis_server import LocalRedis, free_port
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 
-from proto import expert_pb2, expert_pb2_grpc
-from proto.codec import MESSAGE_SIZE_OPTIONS
+from nextserve.proto import expert_pb2, expert_pb2_grpc
+from nextserve.proto.codec import MESSAGE_SIZE_OPTIONS
 
 ADMIN_TIMEOUT_S = 600.0
 """LoadExperts reads weights from the checkpoint: minutes for a large share of the 80B model."""

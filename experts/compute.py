@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from experts.store import LayerTable
-from model.layers.experts import Assignments, experts_forward
-from proto import expert_pb2
-from proto.codec import TORCH_TO_DTYPE, frombuffer
+from nextserve.experts.store import LayerTable
+from nextserve.model.layers.experts import Assignments, experts_forward
+from nextserve.proto import expert_pb2
+from nextserve.proto.codec import TORCH_TO_DTYPE, frombuffer
 
 
 class InvalidDispatch(ValueError):

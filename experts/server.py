@@ -31,11 +31,11 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from experts.service import ExpertServicer
-from experts.store import ExpertStore
-from model.device import DEVICE_CHOICES, resolve_device
-from proto import expert_pb2, expert_pb2_grpc
-from proto.codec import MESSAGE_SIZE_OPTIONS
+from nextserve.experts.service import ExpertServicer
+from nextserve.experts.store import ExpertStore
+from nextserve.model.device import DEVICE_CHOICES, resolve_device
+from nextserve.proto import expert_pb2, expert_pb2_grpc
+from nextserve.proto.codec import MESSAGE_SIZE_OPTIONS
 
 log = logging.getLogger(__name__)
 

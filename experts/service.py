@@ -15,11 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from experts.compute import InvalidDispatch, compute_partial, decode_dispatch
-from experts.store import ExpertStore
-from model.checkpoint import CheckpointError
-from proto import expert_pb2, expert_pb2_grpc
-from proto.codec import MAX_MESSAGE_BYTES, TORCH_TO_DTYPE, tensor_bytes
+from nextserve.experts.compute import InvalidDispatch, compute_partial, decode_dispatch
+from nextserve.experts.store import ExpertStore
+from nextserve.model.checkpoint import CheckpointError
+from nextserve.proto import expert_pb2, expert_pb2_grpc
+from nextserve.proto.codec import MAX_MESSAGE_BYTES, TORCH_TO_DTYPE, tensor_bytes
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from model.checkpoint import parse_dtype
-from model.config import Qwen3NextConfig
-from model.loader import load_experts
+from nextserve.model.checkpoint import parse_dtype
+from nextserve.model.config import Qwen3NextConfig
+from nextserve.model.loader import load_experts
 
 
 @dataclass(frozen=True)

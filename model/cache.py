@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from model.config import Qwen3NextConfig
+from nextserve.model.config import Qwen3NextConfig
 
 
 @dataclass(slots=True)

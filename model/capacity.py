@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from model.config import ConfigError, Qwen3NextConfig
-from model.sizes import ModelSizes
+from nextserve.model.config import ConfigError, Qwen3NextConfig
+from nextserve.model.sizes import ModelSizes
 
 MiB = 2**20
 GiB = 2**30
@@ -181,7 +181,7 @@ def _serve_config(plan: CapacityPlan, model_dir_name: str, dtype: str) -> list[s
     return [
         "applications:",
         "  - name: nextserve",
-        "    import_path: cluster.app:build_app",
+        "    import_path: nextserve.cluster.app:build_app",
         "    route_prefix: /",
         "    args:",
         f"      model: {MODEL_MOUNT}/{model_dir_name}",

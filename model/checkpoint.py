@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm import tqdm
 
-from model.config import Qwen3NextConfig
+from nextserve.model.config import Qwen3NextConfig
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from concurrent.futures import Future
 import torch
 from torch import Tensor
 
-from model.config import ConfigError
-from model.expert_backend import ExpertBackend
+from nextserve.model.config import ConfigError
+from nextserve.model.expert_backend import ExpertBackend
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 

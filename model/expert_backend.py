@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from model.layers.experts import Assignments, experts_forward
+from nextserve.model.layers.experts import Assignments, experts_forward
 
 
 class ExpertBackend(Protocol):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model.cache import SequenceCache
+from nextserve.model.cache import SequenceCache
 
 
 Group = tuple[tuple[int, ...], Tensor]

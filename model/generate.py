@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.cache import SequenceCache
-from model.expert_backend import ExpertBackend
-from model.forward_batch import ForwardBatch
-from model.qwen3_next import HeadModel
-from model.sampling import SamplingParams, make_generator, sample
+from nextserve.model.cache import SequenceCache
+from nextserve.model.expert_backend import ExpertBackend
+from nextserve.model.forward_batch import ForwardBatch
+from nextserve.model.qwen3_next import HeadModel
+from nextserve.model.sampling import SamplingParams, make_generator, sample
 
 DEFAULT_PREFILL_CHUNK = 512
 """Tokens of one prompt prefilled per step; long prompts take several steps."""

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from model.checkpoint import (EXPERT_KEY, FUSED_EXPERT_KEY, IGNORED_KEY, Checkpoint, CheckpointError,
+from nextserve.model.checkpoint import (EXPERT_KEY, FUSED_EXPERT_KEY, IGNORED_KEY, Checkpoint, CheckpointError,
                               check_shapes, parse_dtype)
-from model.config import Qwen3NextConfig
-from model.expert_backend import LocalExpertBackend
-from model.layers.rope import PartialRotaryEmbedding
-from model.qwen3_next import HeadModel
+from nextserve.model.config import Qwen3NextConfig
+from nextserve.model.expert_backend import LocalExpertBackend
+from nextserve.model.layers.rope import PartialRotaryEmbedding
+from nextserve.model.qwen3_next import HeadModel
 
 
 @dataclass(frozen=True)

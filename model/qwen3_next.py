@@ -16,15 +16,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from model.config import LayerType, Qwen3NextConfig
-from model.expert_backend import ExpertBackend
-from model.forward_batch import ForwardBatch
-from model.layers.attention import GatedAttention
-from model.layers.deltanet import GatedDeltaNet
-from model.layers.mlp import SwiGLUMLP
-from model.layers.moe_gate import MoEGate
-from model.layers.norm import RMSNorm
-from model.layers.rope import PartialRotaryEmbedding
+from nextserve.model.config import LayerType, Qwen3NextConfig
+from nextserve.model.expert_backend import ExpertBackend
+from nextserve.model.forward_batch import ForwardBatch
+from nextserve.model.layers.attention import GatedAttention
+from nextserve.model.layers.deltanet import GatedDeltaNet
+from nextserve.model.layers.mlp import SwiGLUMLP
+from nextserve.model.layers.moe_gate import MoEGate
+from nextserve.model.layers.norm import RMSNorm
+from nextserve.model.layers.rope import PartialRotaryEmbedding
 
 
 class SparseMoEHead(nn.Module):

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from model.config import LayerType, Qwen3NextConfig
-from model.qwen3_next import HeadModel
+from nextserve.model.config import LayerType, Qwen3NextConfig
+from nextserve.model.qwen3_next import HeadModel
 
 
 @dataclass(frozen=True)

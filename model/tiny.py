@@ -18,7 +18,7 @@ import torch
 from transformers import Qwen3NextConfig as HFConfig
 from transformers import Qwen3NextForCausalLM
 
-from model.tiny_tokenizer import train_tiny_tokenizer
+from nextserve.model.tiny_tokenizer import train_tiny_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from proto import expert_pb2
+from nextserve.proto import expert_pb2
 
 DTYPE_TO_TORCH = {expert_pb2.DTYPE_FLOAT32: torch.float32, expert_pb2.DTYPE_BFLOAT16: torch.bfloat16}
 TORCH_TO_DTYPE = {v: k for k, v in DTYPE_TO_TORCH.items()}

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto import expert_pb2 as proto_dot_expert__pb2
+from nextserve.proto import expert_pb2 as nextserve_dot_proto_dot_expert__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/expert_pb2_grpc.py depends on'
+        + ' but the generated code in nextserve/proto/expert_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,28 +36,28 @@ class ExpertServiceStub:
         """
         self.Dispatch = channel.unary_unary(
                 '/nextserve.expert.v1.ExpertService/Dispatch',
-                request_serializer=proto_dot_expert__pb2.DispatchRequest.SerializeToString,
-                response_deserializer=proto_dot_expert__pb2.DispatchReply.FromString,
+                request_serializer=nextserve_dot_proto_dot_expert__pb2.DispatchRequest.SerializeToString,
+                response_deserializer=nextserve_dot_proto_dot_expert__pb2.DispatchReply.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/nextserve.expert.v1.ExpertService/Info',
-                request_serializer=proto_dot_expert__pb2.InfoRequest.SerializeToString,
-                response_deserializer=proto_dot_expert__pb2.InfoReply.FromString,
+                request_serializer=nextserve_dot_proto_dot_expert__pb2.InfoRequest.SerializeToString,
+                response_deserializer=nextserve_dot_proto_dot_expert__pb2.InfoReply.FromString,
                 _registered_method=True)
         self.LoadExperts = channel.unary_unary(
                 '/nextserve.expert.v1.ExpertService/LoadExperts',
-                request_serializer=proto_dot_expert__pb2.LoadExpertsRequest.SerializeToString,
-                response_deserializer=proto_dot_expert__pb2.InfoReply.FromString,
+                request_serializer=nextserve_dot_proto_dot_expert__pb2.LoadExpertsRequest.SerializeToString,
+                response_deserializer=nextserve_dot_proto_dot_expert__pb2.InfoReply.FromString,
                 _registered_method=True)
         self.DropExperts = channel.unary_unary(
                 '/nextserve.expert.v1.ExpertService/DropExperts',
-                request_serializer=proto_dot_expert__pb2.DropExpertsRequest.SerializeToString,
-                response_deserializer=proto_dot_expert__pb2.InfoReply.FromString,
+                request_serializer=nextserve_dot_proto_dot_expert__pb2.DropExpertsRequest.SerializeToString,
+                response_deserializer=nextserve_dot_proto_dot_expert__pb2.InfoReply.FromString,
                 _registered_method=True)
         self.Echo = channel.unary_unary(
                 '/nextserve.expert.v1.ExpertService/Echo',
-                request_serializer=proto_dot_expert__pb2.EchoRequest.SerializeToString,
-                response_deserializer=proto_dot_expert__pb2.EchoReply.FromString,
+                request_serializer=nextserve_dot_proto_dot_expert__pb2.EchoRequest.SerializeToString,
+                response_deserializer=nextserve_dot_proto_dot_expert__pb2.EchoReply.FromString,
                 _registered_method=True)
 
 
@@ -100,28 +100,28 @@ def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Dispatch': grpc.unary_unary_rpc_method_handler(
                     servicer.Dispatch,
-                    request_deserializer=proto_dot_expert__pb2.DispatchRequest.FromString,
-                    response_serializer=proto_dot_expert__pb2.DispatchReply.SerializeToString,
+                    request_deserializer=nextserve_dot_proto_dot_expert__pb2.DispatchRequest.FromString,
+                    response_serializer=nextserve_dot_proto_dot_expert__pb2.DispatchReply.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=proto_dot_expert__pb2.InfoRequest.FromString,
-                    response_serializer=proto_dot_expert__pb2.InfoReply.SerializeToString,
+                    request_deserializer=nextserve_dot_proto_dot_expert__pb2.InfoRequest.FromString,
+                    response_serializer=nextserve_dot_proto_dot_expert__pb2.InfoReply.SerializeToString,
             ),
             'LoadExperts': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadExperts,
-                    request_deserializer=proto_dot_expert__pb2.LoadExpertsRequest.FromString,
-                    response_serializer=proto_dot_expert__pb2.InfoReply.SerializeToString,
+                    request_deserializer=nextserve_dot_proto_dot_expert__pb2.LoadExpertsRequest.FromString,
+                    response_serializer=nextserve_dot_proto_dot_expert__pb2.InfoReply.SerializeToString,
             ),
             'DropExperts': grpc.unary_unary_rpc_method_handler(
                     servicer.DropExperts,
-                    request_deserializer=proto_dot_expert__pb2.DropExpertsRequest.FromString,
-                    response_serializer=proto_dot_expert__pb2.InfoReply.SerializeToString,
+                    request_deserializer=nextserve_dot_proto_dot_expert__pb2.DropExpertsRequest.FromString,
+                    response_serializer=nextserve_dot_proto_dot_expert__pb2.InfoReply.SerializeToString,
             ),
             'Echo': grpc.unary_unary_rpc_method_handler(
                     servicer.Echo,
-                    request_deserializer=proto_dot_expert__pb2.EchoRequest.FromString,
-                    response_serializer=proto_dot_expert__pb2.EchoReply.SerializeToString,
+                    request_deserializer=nextserve_dot_proto_dot_expert__pb2.EchoRequest.FromString,
+                    response_serializer=nextserve_dot_proto_dot_expert__pb2.EchoReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -149,8 +149,8 @@ class ExpertService:
             request,
             target,
             '/nextserve.expert.v1.ExpertService/Dispatch',
-            proto_dot_expert__pb2.DispatchRequest.SerializeToString,
-            proto_dot_expert__pb2.DispatchReply.FromString,
+            nextserve_dot_proto_dot_expert__pb2.DispatchRequest.SerializeToString,
+            nextserve_dot_proto_dot_expert__pb2.DispatchReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -176,8 +176,8 @@ class ExpertService:
             request,
             target,
             '/nextserve.expert.v1.ExpertService/Info',
-            proto_dot_expert__pb2.InfoRequest.SerializeToString,
-            proto_dot_expert__pb2.InfoReply.FromString,
+            nextserve_dot_proto_dot_expert__pb2.InfoRequest.SerializeToString,
+            nextserve_dot_proto_dot_expert__pb2.InfoReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -203,8 +203,8 @@ class ExpertService:
             request,
             target,
             '/nextserve.expert.v1.ExpertService/LoadExperts',
-            proto_dot_expert__pb2.LoadExpertsRequest.SerializeToString,
-            proto_dot_expert__pb2.InfoReply.FromString,
+            nextserve_dot_proto_dot_expert__pb2.LoadExpertsRequest.SerializeToString,
+            nextserve_dot_proto_dot_expert__pb2.InfoReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -230,8 +230,8 @@ class ExpertService:
             request,
             target,
             '/nextserve.expert.v1.ExpertService/DropExperts',
-            proto_dot_expert__pb2.DropExpertsRequest.SerializeToString,
-            proto_dot_expert__pb2.InfoReply.FromString,
+            nextserve_dot_proto_dot_expert__pb2.DropExpertsRequest.SerializeToString,
+            nextserve_dot_proto_dot_expert__pb2.InfoReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -257,8 +257,8 @@ class ExpertService:
             request,
             target,
             '/nextserve.expert.v1.ExpertService/Echo',
-            proto_dot_expert__pb2.EchoRequest.SerializeToString,
-            proto_dot_expert__pb2.EchoReply.FromString,
+            nextserve_dot_proto_dot_expert__pb2.EchoRequest.SerializeToString,
+            nextserve_dot_proto_dot_expert__pb2.EchoReply.FromString,
             options,
             channel_credentials,
             insecure,

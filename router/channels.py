@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from proto import expert_pb2_grpc
-from proto.codec import MESSAGE_SIZE_OPTIONS
+from nextserve.proto import expert_pb2_grpc
+from nextserve.proto.codec import MESSAGE_SIZE_OPTIONS
 
 T = TypeVar("T")
 

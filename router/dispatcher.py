@@ -23,11 +23,11 @@ import grpc
 import torch
 from torch import Tensor
 
-from proto import expert_pb2
-from router.channels import WorkerChannels
-from router.placement import Placement
-from router.plan import Pairs, WorkerBatch, alive_replicas, plan_batches, replica_table, unavailable_experts
-from router.wire import TORCH_TO_DTYPE, decode_partial, encode_request
+from nextserve.proto import expert_pb2
+from nextserve.router.channels import WorkerChannels
+from nextserve.router.placement import Placement
+from nextserve.router.plan import Pairs, WorkerBatch, alive_replicas, plan_batches, replica_table, unavailable_experts
+from nextserve.router.wire import TORCH_TO_DTYPE, decode_partial, encode_request
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from router.placement import Placement, PlacementError, check_sizes
+from nextserve.router.placement import Placement, PlacementError, check_sizes
 
 STICKINESS = 0.02
 """Packing slack, as a fraction of a worker's mean load, within which a worker that already holds the

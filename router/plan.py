@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from router.placement import Placement
+from nextserve.router.placement import Placement
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from proto import expert_pb2
-from proto.codec import TORCH_TO_DTYPE, frombuffer, tensor_bytes
-from router.plan import WorkerBatch
+from nextserve.proto import expert_pb2
+from nextserve.proto.codec import TORCH_TO_DTYPE, frombuffer, tensor_bytes
+from nextserve.router.plan import WorkerBatch
 
 
 def encode_request(layer: int, epoch: int, hidden: Tensor, batch: WorkerBatch,

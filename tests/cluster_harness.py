@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cluster.redis_server import free_port
+from nextserve.cluster.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 UP_TIMEOUT_S = 240.0
@@ -24,7 +24,7 @@ class UpProcess:
         self.cache = cache
         self.env = {**os.environ, "NEXTSERVE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
         self.env.pop("RAY_ADDRESS", None)
-        cmd = [sys.executable, "-m", "cluster.cli", "up", "--model", str(model), "--model-name", "tiny",
+        cmd = [sys.executable, "-m", "nextserve.cluster.cli", "up", "--model", str(model), "--model-name", "tiny",
                "--expert-workers", str(workers), "--port", str(self.port), *(extra or [])]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
@@ -45,7 +45,7 @@ class UpProcess:
                 self.ready.set()
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, env=self.env,
+        return subprocess.run([sys.executable, "-m", "nextserve.cluster.cli", *args], cwd=ROOT, env=self.env,
                               capture_output=True, text=True, timeout=120)
 
     def status(self) -> dict:

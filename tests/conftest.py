@@ -9,7 +9,7 @@ import torch
 from transformers import Qwen3NextForCausalLM
 
 from hf_reference import AWKWARD, SMALL, build_reference, save_reference
-from model.tiny import make_tiny
+from nextserve.model.tiny import make_tiny
 
 CONFIGS = {"small": SMALL, "awkward": AWKWARD}
 

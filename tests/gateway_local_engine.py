@@ -23,15 +23,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from cluster.engine import Engine
-from cluster.dispatch_metrics import RecordingBackend
-from cluster.engine_client import LocalEngineClient
-from cluster.gateway_app import build_app
-from model.expert_backend import ExpertBackend, LocalExpertBackend
-from model.generate import generate
-from model.loader import load_head, load_local_backend
-from model.qwen3_next import HeadModel
-from model.sampling import SamplingParams
+from nextserve.cluster.engine import Engine
+from nextserve.cluster.dispatch_metrics import RecordingBackend
+from nextserve.cluster.engine_client import LocalEngineClient
+from nextserve.cluster.gateway_app import build_app
+from nextserve.model.expert_backend import ExpertBackend, LocalExpertBackend
+from nextserve.model.generate import generate
+from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.qwen3_next import HeadModel
+from nextserve.model.sampling import SamplingParams
 
 RELEASE_TIMEOUT_S = 30.0
 """How long a forward pass armed to fail waits for the test's release before failing anyway."""

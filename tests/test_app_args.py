@@ -8,7 +8,7 @@ import pytest
 import redis
 from pydantic import ValidationError
 
-from cluster.app_args import AppArgs
+from nextserve.cluster.app_args import AppArgs
 
 
 def test_password_from_the_named_variable_goes_into_the_url(tiny_dir: Path) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.gpu_bench import bench_config, build_models, check
-from cluster.cli import main
+from nextserve.bench.gpu_bench import bench_config, build_models, check
+from nextserve.cluster.cli import main
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

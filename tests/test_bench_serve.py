@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.serve_bench import (FIRST_REGULAR_ID, MIN_OUTPUT_TOKENS, BenchError, RequestResult, add_parser, left_pad,
+from nextserve.bench.serve_bench import (FIRST_REGULAR_ID, MIN_OUTPUT_TOKENS, BenchError, RequestResult, add_parser, left_pad,
                                make_workload, percentile, run, summarize, time_per_output_token_s)
 from gateway_local_engine import Server, TinyEngine
 

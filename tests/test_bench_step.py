@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.step_bench import format_report, run_step_bench
+from nextserve.bench.step_bench import format_report, run_step_bench
 
 pytestmark = pytest.mark.grpc
 

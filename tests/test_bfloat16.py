@@ -13,9 +13,9 @@ import copy
 import pytest
 import torch
 
-from model.cache import SequenceCache
-from model.forward_batch import ForwardBatch
-from model.loader import load_head, load_local_backend
+from nextserve.model.cache import SequenceCache
+from nextserve.model.forward_batch import ForwardBatch
+from nextserve.model.loader import load_head, load_local_backend
 
 ABS_TOL = 0.2
 """Max |Δlogit| vs transformers' bf16 (measured 0.016 / 0.116)."""

@@ -9,11 +9,11 @@ from collections import Counter
 
 import pytest
 
-from cluster.cli import main
-from model.capacity import GPUS, CapacityError, GiB, MiB, plan_capacity
-from model.config import PUBLISHED_CONFIGS, Qwen3NextConfig
-from model.sizes import model_sizes
-from router.placement import build_placement
+from nextserve.cluster.cli import main
+from nextserve.model.capacity import GPUS, CapacityError, GiB, MiB, plan_capacity
+from nextserve.model.config import PUBLISHED_CONFIGS, Qwen3NextConfig
+from nextserve.model.sizes import model_sizes
+from nextserve.router.placement import build_placement
 from test_k8s_render import K8S
 
 CONFIG = Qwen3NextConfig.from_dict(PUBLISHED_CONFIGS["qwen3-coder-next"])

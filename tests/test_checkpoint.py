@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import Checkpoint, CheckpointError
-from model.loader import load_experts, load_head, load_local_backend
+from nextserve.model.checkpoint import Checkpoint, CheckpointError
+from nextserve.model.loader import load_experts, load_head, load_local_backend
 
 
 def _copy(src: Path, dst: Path) -> Path:

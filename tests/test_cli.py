@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from model.tiny import TINY_CONFIG
+from nextserve.model.tiny import TINY_CONFIG
 
-NEXTSERVE = [sys.executable, "-m", "cluster.cli"]
+NEXTSERVE = [sys.executable, "-m", "nextserve.cluster.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -9,8 +9,8 @@ import pytest
 from transformers import Qwen3NextConfig as HFConfig
 
 from hf_reference import AWKWARD
-from model.config import PUBLISHED_CONFIGS, ConfigError, LayerType, Qwen3NextConfig
-from model.sizes import model_sizes
+from nextserve.model.config import PUBLISHED_CONFIGS, ConfigError, LayerType, Qwen3NextConfig
+from nextserve.model.sizes import model_sizes
 
 
 def _write(tmp_path: Path, body: dict) -> Path:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from model.cache import SequenceCache
-from model.generate import Sequence, generate, step
-from model.loader import load_head, load_local_backend
-from model.sampling import SamplingParams
+from nextserve.model.cache import SequenceCache
+from nextserve.model.generate import Sequence, generate, step
+from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.sampling import SamplingParams
 
 
 def _seq(head: object, prompt: list[int], n: int) -> Sequence:

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from experts.compute import DispatchBatch, compute_partial
-from experts.store import ExpertStore
-from model.config import ConfigError
-from model.device import DeviceExpertBackend, resolve_device
-from model.expert_backend import LocalExpertBackend
+from nextserve.experts.compute import DispatchBatch, compute_partial
+from nextserve.experts.store import ExpertStore
+from nextserve.model.config import ConfigError
+from nextserve.model.device import DeviceExpertBackend, resolve_device
+from nextserve.model.expert_backend import LocalExpertBackend
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from experts.server import BackgroundWorkers
-from model.config import Qwen3NextConfig
-from model.expert_backend import LocalExpertBackend
-from model.loader import load_local_backend
-from router.dispatcher import RemoteExpertBackend
-from router.placement import build_placement
-from router.plan import Pairs, alive_replicas, assign_pairs, group_by_worker, replica_table
+from nextserve.experts.server import BackgroundWorkers
+from nextserve.model.config import Qwen3NextConfig
+from nextserve.model.expert_backend import LocalExpertBackend
+from nextserve.model.loader import load_local_backend
+from nextserve.router.dispatcher import RemoteExpertBackend
+from nextserve.router.placement import build_placement
+from nextserve.router.plan import Pairs, alive_replicas, assign_pairs, group_by_worker, replica_table
 
 pytestmark = pytest.mark.grpc
 TOL = 1e-6

@@ -8,9 +8,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from router.eplb import rebalance
-from router.placement import Placement, build_placement
-from router.plan import (Pairs, alive_replicas, assign_pairs, group_by_worker, replica_table,
+from nextserve.router.eplb import rebalance
+from nextserve.router.placement import Placement, build_placement
+from nextserve.router.plan import (Pairs, alive_replicas, assign_pairs, group_by_worker, replica_table,
                          unavailable_experts)
 
 

@@ -18,11 +18,11 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from cluster.detokenizer import IncrementalDetokenizer
-from cluster.engine import Engine, EngineError, EngineRequestError, StepOutput, split_micro_batches
-from cluster.scheduler import FinishReason, SchedulerConfig, StepPlan
-from model.loader import load_head, load_local_backend
-from model.sampling import SamplingParams
+from nextserve.cluster.detokenizer import IncrementalDetokenizer
+from nextserve.cluster.engine import Engine, EngineError, EngineRequestError, StepOutput, split_micro_batches
+from nextserve.cluster.scheduler import FinishReason, SchedulerConfig, StepPlan
+from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.sampling import SamplingParams
 
 Model = tuple[Any, Any]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from router.eplb import imbalance, movement, rebalance, replica_counts, slots_per_worker, worker_load
-from router.placement import Placement, PlacementError, build_placement
+from nextserve.router.eplb import imbalance, movement, rebalance, replica_counts, slots_per_worker, worker_load
+from nextserve.router.placement import Placement, PlacementError, build_placement
 
 
 def zipf_load(num_experts: int, num_tokens: int, seed: int, s: float = 1.0) -> torch.Tensor:

@@ -13,9 +13,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from experts.server import BackgroundWorkers, Worker, parse_experts
-from model.loader import load_local_backend
-from proto import expert_pb2, expert_pb2_grpc
+from nextserve.experts.server import BackgroundWorkers, Worker, parse_experts
+from nextserve.model.loader import load_local_backend
+from nextserve.proto import expert_pb2, expert_pb2_grpc
 
 pytestmark = pytest.mark.grpc
 HELD = [(0, e) for e in range(8)] + [(2, 3), (2, 9)]

@@ -18,7 +18,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from gateway_local_engine import Server, TinyEngine, completions_total, scrape, sse_events, wait_until
-from model.sampling import SamplingParams
+from nextserve.model.sampling import SamplingParams
 
 MODEL = "tiny"
 CONTEXT = 128

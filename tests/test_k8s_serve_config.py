@@ -15,8 +15,8 @@ import yaml
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.app_args import AppArgs
-from model.capacity import REDIS_PASSWORD_ENV, REGISTRY_REDIS_URL
+from nextserve.cluster.app_args import AppArgs
+from nextserve.model.capacity import REDIS_PASSWORD_ENV, REGISTRY_REDIS_URL
 from test_k8s_render import K8S, KUSTOMIZATIONS, by_key, render
 
 
@@ -41,7 +41,7 @@ def test_serve_config_builds_the_application(name: str, tiny_dir: Path, monkeypa
     monkeypatch.setenv(REDIS_PASSWORD_ENV, "test-password")  # what the pods get from the Secret
     config = ServeDeploySchema.model_validate(serve_config(name))
     (app,) = config.applications
-    assert app.import_path == "cluster.app:build_app" and app.route_prefix == "/"
+    assert app.import_path == "nextserve.cluster.app:build_app" and app.route_prefix == "/"
     assert app.args["model"].startswith("/models/")
     assert app.args["redis_url"] == REGISTRY_REDIS_URL
     built = resolve(app.import_path)(buildable_args(app.args, tiny_dir))
@@ -56,6 +56,6 @@ def test_serve_args_are_all_app_args() -> None:
 
 
 def test_resolve_follows_serve_import_path_forms() -> None:
-    assert resolve("cluster.app:build_app") is resolve("cluster.app.build_app")
+    assert resolve("nextserve.cluster.app:build_app") is resolve("nextserve.cluster.app.build_app")
     with pytest.raises(AttributeError):
         resolve("cluster.app:no_such_builder")

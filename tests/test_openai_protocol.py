@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from cluster.openai_protocol import (SSE_DONE, ChatCompletionRequest, CompletionRequest, Endpoint, RequestError,
+from nextserve.cluster.openai_protocol import (SSE_DONE, ChatCompletionRequest, CompletionRequest, Endpoint, RequestError,
                                      ResponseHeader, Usage, chunk_body, error_body, param_path, parse_request,
                                      response_body, sse, usage_chunk_body, validation_error)
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import Qwen3NextForCausalLM
 
-from model.cache import SequenceCache
-from model.forward_batch import ForwardBatch
-from model.generate import generate
-from model.loader import load_head, load_local_backend
-from model.sampling import SamplingParams
+from nextserve.model.cache import SequenceCache
+from nextserve.model.forward_batch import ForwardBatch
+from nextserve.model.generate import generate
+from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.sampling import SamplingParams
 
 TOL = 1e-4
 CPU = torch.device("cpu")

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from router.placement import Placement, PlacementError, build_placement
+from nextserve.router.placement import Placement, PlacementError, build_placement
 
 CASES = [(1, 1), (2, 1), (2, 2), (3, 1), (3, 2), (5, 1), (5, 2), (7, 3), (8, 4), (16, 2), (16, 4)]
 

@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from proto import expert_pb2
+from nextserve.proto import expert_pb2
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATED = ("expert_pb2.py", "expert_pb2.pyi", "expert_pb2_grpc.py")
-REGENERATE = ("python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. "
-              "proto/expert.proto")
+REGENERATE = "make proto"
 
 
 def test_generated_modules_are_fresh(tmp_path: Path) -> None:
-    (tmp_path / "proto").mkdir()
-    shutil.copy(REPO / "proto" / "expert.proto", tmp_path / "proto" / "expert.proto")
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--pyi_out=.",
-                    "--grpc_python_out=.", "proto/expert.proto"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-Inextserve/proto=proto", f"--python_out={tmp_path}",
+                    f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", "proto/expert.proto"],
+                   cwd=REPO, check=True)
     for name in GENERATED:
-        fresh = (tmp_path / "proto" / name).read_bytes()
+        fresh = (tmp_path / "nextserve" / "proto" / name).read_bytes()
         assert fresh == (REPO / "proto" / name).read_bytes(), \
             f"proto/{name} is stale; from the repo root run: {REGENERATE}"
 
@@ -31,7 +28,7 @@ def test_generated_modules_are_fresh(tmp_path: Path) -> None:
 def test_package_is_versioned_and_stubs_import_as_package() -> None:
     assert expert_pb2.DESCRIPTOR.package == "nextserve.expert.v1"
     text = (REPO / "proto" / "expert_pb2_grpc.py").read_text()
-    assert "from proto import expert_pb2" in text
+    assert "from nextserve.proto import expert_pb2" in text
 
 
 @pytest.mark.parametrize("message,field", [("DispatchRequest", "hidden"), ("DispatchRequest", "weights"),

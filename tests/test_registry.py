@@ -7,9 +7,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from cluster.redis_server import LocalRedis
-from cluster.registry import Registry
-from router.placement import build_placement
+from nextserve.cluster.redis_server import LocalRedis
+from nextserve.cluster.registry import Registry
+from nextserve.router.placement import build_placement
 
 
 @pytest.fixture()

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.dispatch import worker_processes
-from model.config import Qwen3NextConfig
-from model.expert_backend import LocalExpertBackend
-from model.loader import load_local_backend
-from router.dispatcher import ExpertsUnavailableError, RemoteExpertBackend
-from router.placement import Placement, build_placement
+from nextserve.bench.dispatch import worker_processes
+from nextserve.model.config import Qwen3NextConfig
+from nextserve.model.expert_backend import LocalExpertBackend
+from nextserve.model.loader import load_local_backend
+from nextserve.router.dispatcher import ExpertsUnavailableError, RemoteExpertBackend
+from nextserve.router.placement import Placement, build_placement
 
 pytestmark = pytest.mark.grpc
 DEADLINE_S = 1.0
@@ -108,7 +108,7 @@ def test_hung_then_killed_worker(procs: Procs) -> None:
 
 def test_the_last_worker_failing_raises_instead_of_dropping_its_tokens(reference: dict) -> None:
     """With one worker (N = 1), its failure in the only round must surface, not return zeros."""
-    from cluster.redis_server import free_port
+    from nextserve.cluster.redis_server import free_port
 
     config = Qwen3NextConfig.from_json(reference["small"][1])
     placement = build_placement(config.moe_layers, config.num_experts, 1, 1)

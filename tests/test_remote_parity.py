@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experts.server import BackgroundWorkers
-from model.config import Qwen3NextConfig
-from model.generate import generate
-from model.loader import load_head
-from model.sampling import SamplingParams
-from router.dispatcher import RemoteExpertBackend
-from router.placement import build_placement
+from nextserve.experts.server import BackgroundWorkers
+from nextserve.model.config import Qwen3NextConfig
+from nextserve.model.generate import generate
+from nextserve.model.loader import load_head
+from nextserve.model.sampling import SamplingParams
+from nextserve.router.dispatcher import RemoteExpertBackend
+from nextserve.router.placement import build_placement
 
 pytestmark = pytest.mark.grpc
 

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from model.generate import generate
-from model.loader import load_head, load_local_backend
-from model.sampling import SamplingError, SamplingParams, make_generator, sample
+from nextserve.model.generate import generate
+from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.sampling import SamplingError, SamplingParams, make_generator, sample
 
 
 def test_top_k_and_top_p_restrict_the_support() -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.scheduler import (FinishReason, Request, Scheduler, SchedulerConfig, SequenceState, SequenceStatus,
+from nextserve.cluster.scheduler import (FinishReason, Request, Scheduler, SchedulerConfig, SequenceState, SequenceStatus,
                                StepPlan)
-from model.cache import SequenceCache
-from model.sampling import SamplingParams
+from nextserve.model.cache import SequenceCache
+from nextserve.model.sampling import SamplingParams
 
 
 def _seq(request_id: str, prompt_len: int, max_tokens: int = 8) -> SequenceState:

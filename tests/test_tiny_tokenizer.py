@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from model.tiny_tokenizer import EOS_TOKEN, PAD_TOKEN, train_tiny_tokenizer
+from nextserve.model.tiny_tokenizer import EOS_TOKEN, PAD_TOKEN, train_tiny_tokenizer
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

@@ -19,14 +19,14 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from cluster.app_args import AppArgs
-from cluster.engine import EngineRequestError
-from cluster.gateway_app import build_app
-from cluster.metrics import EngineStats
-from cluster.openai_protocol import RequestError
-from cluster.registry import Registry
-from model.config import Qwen3NextConfig
-from model.sampling import SamplingParams
+from nextserve.cluster.app_args import AppArgs
+from nextserve.cluster.engine import EngineRequestError
+from nextserve.cluster.gateway_app import build_app
+from nextserve.cluster.metrics import EngineStats
+from nextserve.cluster.openai_protocol import RequestError
+from nextserve.cluster.registry import Registry
+from nextserve.model.config import Qwen3NextConfig
+from nextserve.model.sampling import SamplingParams
 
 
 def _head_error(error: dict[str, Any]) -> Exception:

@@ -20,19 +20,19 @@ import ray
 from ray import serve
 from transformers import AutoTokenizer
 
-from cluster.actor_threads import use_assigned_cpus
-from cluster.app_args import AppArgs
-from cluster.controller import get_or_create_controller
-from cluster.dispatch_metrics import RecordingBackend
-from cluster.engine import Engine, EngineRequestError, EngineUnavailableError
-from cluster.epoch_follower import EpochFollowingBackend
-from cluster.expert_actor import HEAD_RESOURCE
-from cluster.registry import HEARTBEAT_S, Registry
-from model.checkpoint import parse_dtype
-from model.device import DeviceExpertBackend, resolve_device
-from model.expert_backend import ExpertBackend
-from model.loader import load_head
-from model.sampling import SamplingParams
+from nextserve.cluster.actor_threads import use_assigned_cpus
+from nextserve.cluster.app_args import AppArgs
+from nextserve.cluster.controller import get_or_create_controller
+from nextserve.cluster.dispatch_metrics import RecordingBackend
+from nextserve.cluster.engine import Engine, EngineRequestError, EngineUnavailableError
+from nextserve.cluster.epoch_follower import EpochFollowingBackend
+from nextserve.cluster.expert_actor import HEAD_RESOURCE
+from nextserve.cluster.registry import HEARTBEAT_S, Registry
+from nextserve.model.checkpoint import parse_dtype
+from nextserve.model.device import DeviceExpertBackend, resolve_device
+from nextserve.model.expert_backend import ExpertBackend
+from nextserve.model.loader import load_head
+from nextserve.model.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

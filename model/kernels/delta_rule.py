@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.layers.norm import l2norm
+from nextserve.model.layers.norm import l2norm
 
 CHUNK_SIZE = 64
 """Chunk length of the chunked form; 64 as in transformers and FLA (changing it changes rounding)."""

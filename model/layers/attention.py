@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.cache import KVCache
-from model.forward_batch import ForwardBatch
-from model.layers.norm import RMSNorm
-from model.layers.rope import apply_partial_rope
+from nextserve.model.cache import KVCache
+from nextserve.model.forward_batch import ForwardBatch
+from nextserve.model.layers.norm import RMSNorm
+from nextserve.model.layers.rope import apply_partial_rope
 
 
 class GatedAttention(nn.Module):

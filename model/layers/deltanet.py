@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.cache import DeltaNetState
-from model.forward_batch import ForwardBatch
-from model.kernels.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
-from model.layers.norm import GatedRMSNorm
+from nextserve.model.cache import DeltaNetState
+from nextserve.model.forward_batch import ForwardBatch
+from nextserve.model.kernels.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from nextserve.model.layers.norm import GatedRMSNorm
 
 
 class GatedDeltaNet(nn.Module):
