@@ -20,17 +20,15 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 WORKDIR /home/ray/nextserve
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
-COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users pyproject.toml README.md __init__.py ./
 COPY --chown=ray:users model/ model/
 COPY --chown=ray:users router/ router/
 COPY --chown=ray:users experts/ experts/
 COPY --chown=ray:users proto/ proto/
 COPY --chown=ray:users cluster/ cluster/
 COPY --chown=ray:users bench/ bench/
-# Editable, with the source first on every process's path (Ray workers included): our top-level
-# `proto` package (the generated gRPC modules) shares its name with proto-plus's, which Ray's
-# dependencies install; a regular install would write both into one site-packages/proto.
-ENV PYTHONPATH=/home/ray/nextserve
+# A plain install: everything is under the one package `nextserve` (the repository root, see pyproject.toml),
+# so nothing collides with proto-plus's top-level `proto`, which Ray's dependencies install.
 # Keep the base image's Ray: the cluster's Ray and the package's must be the same version.
-RUN pip install --no-cache-dir -e . "ray[serve]==${RAY_VERSION}" "torch==${TORCH_VERSION}" \
+RUN pip install --no-cache-dir . "ray[serve]==${RAY_VERSION}" "torch==${TORCH_VERSION}" \
  && python -c "import nextserve.cluster.app, ray; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"

@@ -32,7 +32,8 @@ from nextserve.model.tiny import TINY_CONFIG
 from nextserve.proto import expert_pb2
 from nextserve.router.dispatcher import RemoteExpertBackend
 from nextserve.router.placement import Placement, build_placement
-from nextserve.router.plan import Pairs, WorkerBatch, alive_replicas, plan_batches, replica_table
+from nextserve.model.layers.experts import Assignments
+from nextserve.router.plan import WorkerBatch, alive_replicas, plan_batches, replica_table
 from nextserve.router.wire import encode_request
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def worker_processes(model_dir: Path, placement: Placement, dtype: str) -> Itera
             proc.wait(timeout=10)
 
 
-def plan_all_alive(placement: Placement, layer: int, pairs: Pairs) -> list[WorkerBatch]:
+def plan_all_alive(placement: Placement, layer: int, pairs: Assignments) -> list[WorkerBatch]:
     """The batches the dispatcher sends in its first round, with every worker alive."""
     replicas = alive_replicas(replica_table(placement, layer), torch.ones(placement.num_workers, dtype=torch.bool))
     return plan_batches(pairs, torch.arange(pairs.token.numel()), replicas, placement.num_workers)
@@ -96,7 +97,7 @@ def plan_all_alive(placement: Placement, layer: int, pairs: Pairs) -> list[Worke
 def echo_requests(backend: RemoteExpertBackend, layer: int, hidden: torch.Tensor, ids: torch.Tensor,
                   weights: torch.Tensor) -> tuple[list[tuple[int, expert_pb2.EchoRequest]], float]:
     """Per worker, an Echo of its Dispatch's exact request/reply sizes; and the min bytes per token."""
-    batches = plan_all_alive(backend.placement, layer, Pairs.from_topk(ids, weights.to(backend.dtype)))
+    batches = plan_all_alive(backend.placement, layer, Assignments.from_topk(ids, weights.to(backend.dtype)))
     H, size = hidden.shape[1], backend.dtype.itemsize
     out = []
     for b in batches:

@@ -32,12 +32,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from nextserve.model.cache import SequenceCache
+from nextserve.bench.head_batch import HeadBatch
 from nextserve.model.checkpoint import parse_dtype
 from nextserve.model.config import PUBLISHED_CONFIGS, ConfigError, Qwen3NextConfig
 from nextserve.model.device import resolve_device
 from nextserve.model.expert_backend import ExpertBackend, LocalExpertBackend, ZeroExperts
-from nextserve.model.forward_batch import ForwardBatch
 from nextserve.model.layers.rope import PartialRotaryEmbedding
 from nextserve.model.qwen3_next import HeadModel
 from nextserve.model.tiny import TINY_CONFIG
@@ -153,15 +152,12 @@ def build_models(config: Qwen3NextConfig, device: torch.device, dtype: torch.dty
 def _greedy(m: Models, prompts: Tensor, fed: list[Tensor] | None) -> tuple[list[Tensor], list[Tensor]]:
     """prompts [B, L] -> (logits [B, V] float32 CPU per step, tokens [B] fed at each decode step):
     the model's own greedy tokens, or `fed`."""
-    B, L = prompts.shape
-    caches = [SequenceCache.empty(m.head.config) for _ in range(B)]
-    step = ForwardBatch.build([L] * B, caches, m.device)
-    logits = m.head(prompts.reshape(-1).to(m.device), step, m.experts).float().cpu()
+    batch = HeadBatch(m.head, prompts.shape[0], m.device)
+    logits = batch.prefill(prompts, m.experts).float().cpu()
     all_logits, tokens = [logits], []
     for t in range(CHECK_STEPS):
         tokens.append(logits.argmax(-1) if fed is None else fed[t])
-        step = ForwardBatch.build([1] * B, caches, m.device)
-        logits = m.head(tokens[-1].to(m.device), step, m.experts).float().cpu()
+        logits = batch.decode(tokens[-1], m.experts).float().cpu()
         all_logits.append(logits)
     return all_logits, tokens
 
@@ -197,14 +193,13 @@ def time_batch(m: Models, B: int, prompt_len: int, steps: int, seed: int) -> Bat
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     gen = torch.Generator().manual_seed(seed + B)
-    caches = [SequenceCache.empty(config) for _ in range(B)]
-    prompts = torch.randint(3, config.vocab_size, (B * prompt_len,), generator=gen).to(device)  # [B·L]
-    m.head(prompts, ForwardBatch.build([prompt_len] * B, caches, device), m.experts)
+    batch = HeadBatch(m.head, B, device)
+    batch.prefill(torch.randint(3, config.vocab_size, (B, prompt_len), generator=gen), m.experts)
     ids = torch.randint(3, config.vocab_size, (B,), generator=gen).to(device)  # [B]
     capture = CapturingExperts(m.experts)
 
     def decode(experts: ExpertBackend) -> Tensor:  # one step for all B sequences -> logits [B, V]
-        return m.head(ids, ForwardBatch.build([1] * B, caches, device), experts)
+        return batch.decode(ids, experts)
 
     step_s = _seconds_per_call(lambda: decode(capture), steps, device)
     head_s = _seconds_per_call(lambda: decode(ZeroExperts()), steps, device)

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from nextserve.model.cache import SequenceCache
+from nextserve.bench.head_batch import HeadBatch
 from nextserve.model.checkpoint import parse_dtype
-from nextserve.model.forward_batch import ForwardBatch
 from nextserve.model.loader import load_head, load_local_backend
 
 log = logging.getLogger(__name__)
@@ -43,14 +42,12 @@ class ModelBenchResult:
 
 def _time_ours(path: Path, dtype: torch.dtype, prompts: torch.Tensor, steps: int) -> tuple[float, float]:
     head, experts = load_head(path, dtype), load_local_backend(path, dtype)
-    B, L = prompts.shape
-    caches = [SequenceCache.empty(head.config) for _ in range(B)]
+    batch = HeadBatch(head, prompts.shape[0], torch.device("cpu"))
     t0 = time.perf_counter()
-    logits = head(prompts.reshape(-1), ForwardBatch.build([L] * B, caches, torch.device("cpu")), experts)
+    logits = batch.prefill(prompts, experts)
     t1 = time.perf_counter()
     for _ in range(steps):
-        ids = logits.argmax(-1)
-        logits = head(ids, ForwardBatch.build([1] * B, caches, torch.device("cpu")), experts)
+        logits = batch.decode(logits.argmax(-1), experts)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1
 

@@ -33,18 +33,15 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from nextserve.bench.head_batch import HeadBatch
 from nextserve.bench.dispatch import echo_requests, plan_all_alive, worker_processes
-from nextserve.cluster.engine import split_micro_batches
-from nextserve.model.cache import SequenceCache
 from nextserve.model.config import Qwen3NextConfig
 from nextserve.model.expert_backend import ExpertBackend, ZeroExperts
-from nextserve.model.forward_batch import ForwardBatch
 from nextserve.model.loader import load_head, load_local_backend
-from nextserve.model.qwen3_next import HeadModel
 from nextserve.proto import expert_pb2
 from nextserve.router.dispatcher import RemoteExpertBackend
 from nextserve.router.placement import build_placement
-from nextserve.router.plan import Pairs
+from nextserve.model.layers.experts import Assignments
 from nextserve.router.wire import decode_partial, encode_request
 
 
@@ -89,16 +86,11 @@ def thread_cpu_s(native_id: int | None) -> float:
 
 @dataclass
 class Decoder:
-    head: HeadModel
-    caches: list[SequenceCache]
+    batch: HeadBatch
     logits: Tensor  # [B, V]
 
     def step(self, experts: ExpertBackend, micro_batches: int) -> None:
-        B, ids = len(self.caches), self.logits.argmax(-1)
-        bounds = split_micro_batches([1] * B, micro_batches, 1)  # as the engine splits a step
-        parts = [(ids[lo:hi], ForwardBatch.build([1] * (hi - lo), self.caches[lo:hi], torch.device("cpu")))
-                 for lo, hi in bounds]
-        self.logits = self.head.forward_micro_batches(parts, experts)
+        self.logits = self.batch.decode(self.logits.argmax(-1), experts, micro_batches)
 
 
 def time_step(decoder: Decoder, experts: ExpertBackend, micro_batches: int, steps: int,
@@ -125,7 +117,7 @@ def time_serialisation(backend: RemoteExpertBackend, layer: int, hidden: Tensor,
 
     def one() -> None:
         out = torch.zeros_like(hidden)
-        for b in plan_all_alive(backend.placement, layer, Pairs.from_topk(ids, weights)):
+        for b in plan_all_alive(backend.placement, layer, Assignments.from_topk(ids, weights)):
             request = encode_request(layer, backend.placement.epoch, hidden, b, torch.float32)
             wire = expert_pb2.DispatchRequest.FromString(request.SerializeToString())  # the bytes a worker parses
             reply = expert_pb2.DispatchReply(num_tokens=wire.num_tokens, hidden_size=H, dtype=wire.dtype,
@@ -179,9 +171,8 @@ def run_step_bench(path: Path, batch: int, prompt_len: int, steps: int, workers:
     placement = build_placement(config.moe_layers, config.num_experts, workers, 1)
     with worker_processes(path, placement, "float32") as (procs, addresses), \
             RemoteExpertBackend(addresses, placement, torch.float32, deadline_s=30.0) as remote, torch.inference_mode():
-        caches = [SequenceCache.empty(config) for _ in range(batch)]
-        decoder = Decoder(head, caches, head(prompts.reshape(-1), ForwardBatch.build(
-            [prompt_len] * batch, caches, torch.device("cpu")), local))
+        head_batch = HeadBatch(head, batch, torch.device("cpu"))
+        decoder = Decoder(head_batch, head_batch.prefill(prompts, local))
         pids = [p.pid for p in procs]
         runs = {"null": (ZeroExperts(), 1), "local": (local, 1), "remote": (remote, 1),
                 "remote_ping_pong": (remote, 2)}

@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from nextserve.cluster.scheduler import SchedulerConfig
+from nextserve.cluster.engine.scheduler import SchedulerConfig
+from nextserve.model.config import Qwen3NextConfig
 
 
 class AppArgs(BaseModel):
@@ -30,6 +31,9 @@ class AppArgs(BaseModel):
     cluster: str = "default"
     """Registry namespace in Redis (several clusters can share one Redis)."""
     api_key: str | None = None
+    max_model_len: int | None = Field(None, ge=2)
+    """The context the server admits (prompt + output tokens); None: the model's (max_position_embeddings).
+    Qwen3-Coder-Next's card suggests 32,768 on smaller machines."""
     max_num_seqs: int = Field(64, ge=1)
     max_tokens_per_step: int = Field(512, ge=1)
     prefill_chunk: int = Field(256, ge=1)
@@ -67,6 +71,18 @@ class AppArgs(BaseModel):
         if not (Path(value) / "config.json").exists():
             raise ValueError(f"model {value!r} is not a checkpoint directory (no config.json)")
         return value
+
+    @model_validator(mode="after")
+    def _context_fits(self) -> "AppArgs":
+        context = Qwen3NextConfig.from_json(self.model).max_position_embeddings
+        if self.max_model_len is not None and self.max_model_len > context:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's context of {context} "
+                             f"tokens (max_position_embeddings); lower it or omit it")
+        return self
+
+    def context_length(self) -> int:
+        """The context the server admits: max_model_len, else the model's."""
+        return self.max_model_len or Qwen3NextConfig.from_json(self.model).max_position_embeddings
 
     redis_password_env: str | None = None
     """Name of an environment variable holding the Redis password (Kubernetes: from a Secret), so that

@@ -64,7 +64,7 @@ class KVCache:
 @dataclass(slots=True)
 class SequenceCache:
     layers: list[DeltaNetState | KVCache | None] = field(default_factory=list)
-    num_tokens: int = 0
+    num_cached_tokens: int = 0
     """Tokens already processed: the position of the next token."""
 
     @classmethod

@@ -46,16 +46,16 @@ class ForwardBatch:
         starts, pos, offset = [], [], 0
         for n, cache in zip(seq_lens, caches):
             starts.append(offset)
-            pos.append(torch.arange(cache.num_tokens, cache.num_tokens + n, dtype=torch.int64))
+            pos.append(torch.arange(cache.num_cached_tokens, cache.num_cached_tokens + n, dtype=torch.int64))
             offset += n
         positions = torch.cat(pos).to(device) if pos else torch.zeros(0, dtype=torch.int64, device=device)
-        decode = [i for i, (n, c) in enumerate(zip(seq_lens, caches)) if n == 1 and c.num_tokens > 0]
+        decode = [i for i, (n, c) in enumerate(zip(seq_lens, caches)) if n == 1 and c.num_cached_tokens > 0]
         is_decode = set(decode)
         chunks = [i for i in range(len(seq_lens)) if i not in is_decode]
         return cls(tuple(seq_lens), tuple(caches), positions, tuple(starts), tuple(decode),
                    torch.tensor([starts[i] for i in decode], dtype=torch.int64, device=device),
                    _by_length(chunks, seq_lens, starts, device),
-                   _by_length([i for i in chunks if caches[i].num_tokens == 0], seq_lens, starts, device))
+                   _by_length([i for i in chunks if caches[i].num_cached_tokens == 0], seq_lens, starts, device))
 
     @property
     def num_tokens(self) -> int:

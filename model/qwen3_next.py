@@ -137,5 +137,5 @@ class HeadModel(nn.Module):
             x = _finish(xs[i], pending[i])
             outs.append(x if all_logits else x[batch.last_token_index()])
             for cache, n in zip(batch.caches, batch.seq_lens):
-                cache.num_tokens += n
+                cache.num_cached_tokens += n
         return self.lm_head(self.model.norm(torch.cat(outs) if len(outs) > 1 else outs[0]))

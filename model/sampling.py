@@ -1,11 +1,16 @@
-"""Token sampling: greedy, temperature, top-k, top-p, with a per-sequence seeded generator.
+"""Token sampling: greedy, temperature, top-k, top-p, with a per-sequence seeded generator; logprobs;
+a constraint on how an output starts.
 
 Letters: V = vocab. Logits are sampled in fp32; the same seed and logits give the same token.
+Logprobs are the log-softmax of the raw logits (before temperature, top-k/top-p and any constraint),
+as vLLM reports them by default.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -17,7 +22,8 @@ class SamplingError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int | None = None
+    """Tokens to generate at most; None: as many as the context leaves (the engine resolves it)."""
     temperature: float = 0.0
     """0 means greedy (argmax)."""
     top_p: float = 1.0
@@ -26,9 +32,14 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    """None: no logprobs; k >= 0: each output token's logprob and its k most likely alternatives."""
+    allowed_starts: tuple[tuple[int, ...], ...] = ()
+    """When set, the output starts with one of these token sequences (the tokens are constrained until
+    one is complete): how a server forces a tool call's function name."""
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise SamplingError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:
             raise SamplingError(f"temperature must be >= 0, got {self.temperature}")
@@ -36,10 +47,59 @@ class SamplingParams:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise SamplingError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise SamplingError(f"logprobs must be >= 0 (alternatives per token), got {self.logprobs}")
+        if any(not start for start in self.allowed_starts):
+            raise SamplingError("allowed_starts must hold non-empty token sequences")
+
+    def constrained_to(self, starts: tuple[tuple[int, ...], ...]) -> SamplingParams:
+        return replace(self, allowed_starts=starts)
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingDefaults:
+    """What a request that leaves temperature / top_p / top_k unset samples with: the checkpoint's
+    generation_config.json (Qwen3-Coder-Next: 1.0 / 0.95 / 40), else OpenAI's defaults."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: str | Path) -> SamplingDefaults:
+        path = Path(model_dir) / "generation_config.json"
+        config = json.loads(path.read_text()) if path.exists() else {}
+        base = cls()
+        return cls(temperature=float(config.get("temperature", base.temperature)),
+                   top_p=float(config.get("top_p", base.top_p)), top_k=max(int(config.get("top_k") or 0), 0))
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """The most likely (token id, logprob) pairs at this position, best first."""
+
+
+def token_logprobs(logits: Tensor, token_id: int, k: int) -> TokenLogprobs:
+    """logits [V] (raw) -> the sampled token's logprob and the top-k alternatives."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(logprobs, k) if k else None
+    pairs = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
+    return TokenLogprobs(token_id, float(logprobs[token_id]), pairs)
+
+
+def allowed_next_tokens(output_ids: list[int], starts: tuple[tuple[int, ...], ...]) -> list[int] | None:
+    """The tokens that keep the output on one of `starts`; None once a start is complete (or none fits)."""
+    n = len(output_ids)
+    if any(tuple(output_ids[:len(s)]) == s for s in starts):
+        return None
+    allowed = sorted({s[n] for s in starts if len(s) > n and s[:n] == tuple(output_ids)})
+    return allowed or None
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

@@ -26,7 +26,8 @@ from torch import Tensor
 from nextserve.proto import expert_pb2
 from nextserve.router.channels import WorkerChannels
 from nextserve.router.placement import Placement
-from nextserve.router.plan import Pairs, WorkerBatch, alive_replicas, plan_batches, replica_table, unavailable_experts
+from nextserve.model.layers.experts import Assignments
+from nextserve.router.plan import WorkerBatch, alive_replicas, plan_batches, replica_table, unavailable_experts
 from nextserve.router.wire import TORCH_TO_DTYPE, decode_partial, encode_request
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class RemoteExpertBackend:
         if hidden.shape[0] == 0:
             return out
         hidden = hidden.to(self.dtype).contiguous()
-        pairs = Pairs.from_topk(ids, weights)
+        pairs = Assignments.from_topk(ids, weights)
         pending = torch.arange(pairs.token.numel())
         partials: list[tuple[int, int, Tensor, Tensor]] = []  # (worker, round, tokens [t], partial [t, H])
         # Each failed round marks >= 1 worker dead, so N + 1 rounds reach either success or a round

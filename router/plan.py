@@ -16,27 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nextserve.model.layers.experts import Assignments
 from nextserve.router.placement import Placement
-
-
-@dataclass(frozen=True, slots=True)
-class Pairs:
-    """A layer's routing flattened token-major: pair a is (token[a], expert[a], weight[a])."""
-    token: Tensor   # [A] int64, non-decreasing
-    expert: Tensor  # [A] int64 global expert ids
-    weight: Tensor  # [A] model dtype
-
-    @classmethod
-    def from_topk(cls, ids: Tensor, weights: Tensor) -> "Pairs":
-        T, k = ids.shape
-        token = torch.arange(T).repeat_interleave(k)
-        return cls(token, ids.reshape(-1).to(torch.int64), weights.reshape(-1))
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerBatch:
     worker: int
-    pair_index: Tensor  # [P] int64 index into Pairs, ascending (so token-major)
+    pair_index: Tensor  # [P] int64 index into Assignments, ascending (so token-major)
     tokens: Tensor      # [t] int64 distinct tokens, ascending
     counts: Tensor      # [t] int64 pairs per token
     experts: Tensor     # [P] int64 global expert ids
@@ -58,7 +45,7 @@ def alive_replicas(replicas: Tensor, alive: Tensor) -> Tensor:
     return torch.where(ok.gather(1, order), replicas.gather(1, order), -1)
 
 
-def unavailable_experts(pairs: Pairs, pending: Tensor, expert_to_worker: Tensor) -> list[int]:
+def unavailable_experts(pairs: Assignments, pending: Tensor, expert_to_worker: Tensor) -> list[int]:
     """Sorted global ids of the experts some pending pair needs that no alive worker holds
     (expert_to_worker [E] is -1 for those, e.g. `alive_replicas(...)[:, 0]`)."""
     experts = pairs.expert[pending]
@@ -81,7 +68,7 @@ def token_worker_score(tokens: Tensor, workers: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def assign_pairs(pairs: Pairs, pending: Tensor, replicas: Tensor, num_workers: int) -> Tensor:
+def assign_pairs(pairs: Assignments, pending: Tensor, replicas: Tensor, num_workers: int) -> Tensor:
     """pending [P_all], replicas [E, R] from `alive_replicas` -> [P_all] the worker of each pair.
 
     An expert with one alive replica is forced. Otherwise the pair goes to the alive replica its
@@ -107,7 +94,7 @@ def assign_pairs(pairs: Pairs, pending: Tensor, replicas: Tensor, num_workers: i
     return cand.gather(1, score.argmax(dim=1, keepdim=True)).squeeze(1)
 
 
-def group_by_worker(pairs: Pairs, pending: Tensor, worker: Tensor) -> list[WorkerBatch]:
+def group_by_worker(pairs: Assignments, pending: Tensor, worker: Tensor) -> list[WorkerBatch]:
     """Group the pending pairs [P_all] (ascending indices) by their worker [P_all] (>= 0) into one
     batch per worker, in worker order."""
     order = torch.argsort(worker, stable=True)  # stable: token-major order holds inside each worker
@@ -123,7 +110,7 @@ def group_by_worker(pairs: Pairs, pending: Tensor, worker: Tensor) -> list[Worke
     return batches
 
 
-def plan_batches(pairs: Pairs, pending: Tensor, replicas: Tensor, num_workers: int) -> list[WorkerBatch]:
+def plan_batches(pairs: Assignments, pending: Tensor, replicas: Tensor, num_workers: int) -> list[WorkerBatch]:
     """One dispatch round's plan: the pending pairs [P_all] on `replicas` [E, R] (from `alive_replicas`)
     -> one batch per worker, each token once per worker it visits."""
     return group_by_worker(pairs, pending, assign_pairs(pairs, pending, replicas, num_workers))

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from nextserve.cluster.redis_server import free_port
+from nextserve.cluster.control.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 UP_TIMEOUT_S = 240.0
@@ -32,9 +32,13 @@ class UpProcess:
         self.owned: list[subprocess.Popen[bytes]] = []
         self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
-        if not self.ready.wait(UP_TIMEOUT_S) or self.proc.poll() is not None:
-            self.proc.kill()
-            raise RuntimeError("nextserve up did not come up:\n" + "".join(self.lines[-60:]))
+        deadline = time.monotonic() + UP_TIMEOUT_S
+        while not self.ready.wait(0.5):  # an `up` that already exited is reported at once, not at the deadline
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                time.sleep(0.2)  # the reader thread takes the last lines
+                raise RuntimeError(f"nextserve up did not come up (exit {self.proc.poll()}):\n"
+                                   + "".join(self.lines[-60:]))
         self.base_url = f"http://127.0.0.1:{self.port}"
 
     def _read(self) -> None:

@@ -1,4 +1,4 @@
-"""The real engine (cluster/engine.py) on the tiny checkpoint behind `LocalEngineClient`, with test hooks;
+"""The real engine (cluster/engine/engine.py) on the tiny checkpoint behind `LocalEngineClient`, with test hooks;
 `Server`: the gateway app over it in uvicorn on a free loopback port in a thread; HTTP test helpers.
 
     Engine(head, RecordingBackend(FaultyBackend(LocalExpertBackend)))   <- LocalEngineClient <- build_app
@@ -23,15 +23,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from nextserve.cluster.engine import Engine
-from nextserve.cluster.dispatch_metrics import RecordingBackend
-from nextserve.cluster.engine_client import LocalEngineClient
-from nextserve.cluster.gateway_app import build_app
+from nextserve.cluster.engine.engine import Engine
+from nextserve.cluster.engine.dispatch_recorder import RecordingBackend
+from nextserve.cluster.engine.local_client import LocalEngineClient
+from nextserve.cluster.gateway.app import build_app
 from nextserve.model.expert_backend import ExpertBackend, LocalExpertBackend
-from nextserve.model.generate import generate
 from nextserve.model.loader import load_head, load_local_backend
 from nextserve.model.qwen3_next import HeadModel
 from nextserve.model.sampling import SamplingParams
+from engine_run import engine_tokens
 
 RELEASE_TIMEOUT_S = 30.0
 """How long a forward pass armed to fail waits for the test's release before failing anyway."""
@@ -69,9 +69,10 @@ class FaultyBackend:
 class ObservedEngine(Engine):
     """The engine, remembering the ids of the requests whose streams were closed before they finished."""
 
-    def __init__(self, head: HeadModel, experts: ExpertBackend, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, head: HeadModel, experts: ExpertBackend, tokenizer: PreTrainedTokenizerBase,
+                 max_model_len: int) -> None:
         self.aborted: list[str] = []  # before the engine thread starts
-        super().__init__(head, experts, tokenizer)
+        super().__init__(head, experts, tokenizer, max_model_len=max_model_len)
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
@@ -91,12 +92,12 @@ class TinyEngine:
         self.experts: LocalExpertBackend = load_local_backend(checkpoint_dir)
         self.faults = FaultyBackend(self.experts, head.config.moe_layers[0])
         recording = RecordingBackend(self.faults, head.config.num_experts)
-        self.engine = ObservedEngine(head, recording, self.tokenizer)
-        self.client = LocalEngineClient(self.engine, max_model_len, recording.recorder)
+        self.engine = ObservedEngine(head, recording, self.tokenizer, max_model_len)
+        self.client = LocalEngineClient(self.engine, recording.recorder)
 
     def reference(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
-        """The output ids of model/generate.py's one-process loop (no batching, no scheduler, no detokenizer)."""
-        (output_ids,) = generate(self.engine.head, self.experts, [prompt_ids], params)
+        """The output ids of the same engine run on this prompt alone, in this process."""
+        (output_ids,) = engine_tokens(self.engine.head, self.experts, [prompt_ids], params, self.tokenizer)
         return output_ids
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nextserve.bench.gpu_bench import bench_config, build_models, check
-from nextserve.cluster.cli import main
+from nextserve.cluster.cli.main import main
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from nextserve.cluster.cli import main
+from nextserve.cluster.cli.main import main
 from nextserve.model.capacity import GPUS, CapacityError, GiB, MiB, plan_capacity
 from nextserve.model.config import PUBLISHED_CONFIGS, Qwen3NextConfig
 from nextserve.model.sizes import model_sizes

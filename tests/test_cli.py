@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from nextserve.model.tiny import TINY_VERSION
 from nextserve.model.tiny import TINY_CONFIG
 
 NEXTSERVE = [sys.executable, "-m", "nextserve.cluster.cli"]
@@ -62,7 +63,7 @@ def test_generate_tiny_is_made_on_first_use(tmp_path: Path) -> None:
                   env={"NEXTSERVE_CACHE": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["token_ids"]) == 3
-    assert (tmp_path / "tiny-v1" / "config.json").exists()
+    assert (tmp_path / f"tiny-{TINY_VERSION}" / "config.json").exists()
 
 
 def test_generate_bad_input_is_a_clear_error(tmp_path: Path) -> None:

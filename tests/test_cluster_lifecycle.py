@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from cluster_harness import UpProcess, pids_alive
+from nextserve.model.tiny import TINY_VERSION
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -19,7 +20,7 @@ def test_up_tiny_default_then_sigint_leaves_nothing(tmp_path: Path) -> None:
     try:
         status = up.status()
         assert len(status["workers"]) == 2 and all(w["pid"] > 0 and w["alive"] for w in status["workers"])
-        assert (tmp_path / "tiny-v1" / "config.json").exists()  # the tiny default was made on first use
+        assert (tmp_path / f"tiny-{TINY_VERSION}" / "config.json").exists()  # the tiny default was made on first use
         r = httpx.post(f"{up.base_url}/v1/chat/completions", timeout=60,
                        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1

@@ -1,41 +1,66 @@
-"""A sequence's greedy tokens do not depend on who else is in the batch, or when they join and leave."""
+"""A sequence's greedy tokens do not depend on who else is in the engine's batch, or when they join and
+leave: each equals transformers' greedy output for its prompt alone."""
 
 from __future__ import annotations
 
+import asyncio
+
 import torch
 
-from nextserve.model.cache import SequenceCache
-from nextserve.model.generate import Sequence, generate, step
+from nextserve.cluster.engine.engine import Engine
+from nextserve.cluster.engine.scheduler import SchedulerConfig, StepPlan
 from nextserve.model.loader import load_head, load_local_backend
 from nextserve.model.sampling import SamplingParams
 
 
-def _seq(head: object, prompt: list[int], n: int) -> Sequence:
-    return Sequence(prompt, SamplingParams(max_tokens=n, ignore_eos=True), SequenceCache.empty(head.config))
+def _hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
 
 
 def test_tokens_same_alone_and_in_a_changing_batch(reference: dict) -> None:
-    _, path = reference["awkward"]
-    head, experts = load_head(path), load_local_backend(path)
+    model, path = reference["awkward"]
+    head = load_head(path)
+    engine = Engine(head, load_local_backend(path), None, SchedulerConfig(prefill_chunk=32))
+    sizes: list[int] = []
+    schedule = engine.scheduler.schedule
+
+    def spy() -> StepPlan:
+        plan = schedule()
+        sizes.append(len(plan.scheduled))
+        return plan
+
+    engine.scheduler.schedule = spy  # type: ignore[method-assign]
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, head.config.vocab_size, (n,), generator=g).tolist() for n in (12, 90, 3, 30)]
-    alone = [generate(head, experts, [p], SamplingParams(max_tokens=24, ignore_eos=True))[0] for p in prompts]
+    max_tokens = [24, 24, 6, 24]
 
-    # A starts alone; B (a 90-token prompt, prefilled in chunks of 32) joins at step 3 while A decodes;
-    # C joins at step 5 and leaves early (max 6 tokens); D joins at step 12.
-    joins = {0: [0], 3: [1], 5: [2], 12: [3]}
-    seqs = [_seq(head, p, 6 if i == 2 else 24) for i, p in enumerate(prompts)]
-    live: list[Sequence] = []
-    sizes = []
-    for t in range(200):
-        live += [seqs[i] for i in joins.get(t, [])]
-        if not live and t > max(joins):
-            break
-        if live:
-            step(head, experts, live, prefill_chunk=32)
-            sizes.append(len(live))
-            live = [s for s in live if not s.finished]
+    # A starts alone; B (a 90-token prompt, prefilled in chunks of 32) joins after A's 3rd token;
+    # C joins after A's 5th and leaves early (max 6 tokens); D joins after A's 12th.
+    joins = {3: 1, 5: 2, 12: 3}
+
+    async def run() -> list[list[int]]:
+        outputs: list[list[int]] = [[] for _ in prompts]
+
+        async def one(i: int) -> None:
+            params = SamplingParams(max_tokens=max_tokens[i], ignore_eos=True)
+            async for out in engine.generate(f"r{i}", prompts[i], params):
+                outputs[i] += out.token_ids
+
+        tasks = []
+        async for out in engine.generate("r0", prompts[0], SamplingParams(max_tokens=24, ignore_eos=True)):
+            outputs[0] += out.token_ids
+            for after in [a for a in joins if a <= len(outputs[0])]:  # outputs merge when the loop lags
+                tasks.append(asyncio.create_task(one(joins.pop(after))))
+            await asyncio.sleep(0.01)  # let a joining request reach the engine before A's next token
+        await asyncio.gather(*tasks)
+        return outputs
+
+    try:
+        outputs = asyncio.run(run())
+    finally:
+        engine.shutdown()
     assert max(sizes) >= 3 and min(sizes) == 1, sizes  # the batch really changed shape
-    assert seqs[2].output == alone[2][:6]
-    for i in (0, 1, 3):
-        assert seqs[i].output == alone[i], f"sequence {i} changed in a batch"
+    for i, prompt in enumerate(prompts):
+        assert outputs[i] == _hf_greedy(model, prompt, max_tokens[i]), f"sequence {i} changed in a batch"

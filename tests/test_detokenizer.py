@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from nextserve.cluster.detokenizer import IncrementalDetokenizer
+from nextserve.cluster.engine.detokenizer import IncrementalDetokenizer
 
 
 def test_prompt_ending_inside_a_character_streams_only_the_output(tiny_dir: Path) -> None:

@@ -19,7 +19,8 @@ from nextserve.model.expert_backend import LocalExpertBackend
 from nextserve.model.loader import load_local_backend
 from nextserve.router.dispatcher import RemoteExpertBackend
 from nextserve.router.placement import build_placement
-from nextserve.router.plan import Pairs, alive_replicas, assign_pairs, group_by_worker, replica_table
+from nextserve.model.layers.experts import Assignments
+from nextserve.router.plan import alive_replicas, assign_pairs, group_by_worker, replica_table
 
 pytestmark = pytest.mark.grpc
 TOL = 1e-6
@@ -123,7 +124,7 @@ def test_plan_sends_each_token_once_with_all_its_pairs_there() -> None:
     placement = build_placement([0], E, N, 2)
     alive = torch.tensor([True, False, True, True])
     replicas = alive_replicas(replica_table(placement, 0), alive)
-    pairs = Pairs.from_topk(ids, weights)
+    pairs = Assignments.from_topk(ids, weights)
     pending = torch.arange(T * k)
     pair_worker = assign_pairs(pairs, pending, replicas, N)  # the dispatcher's own planning
     batches = group_by_worker(pairs, pending, pair_worker)

@@ -10,8 +10,9 @@ import torch
 
 from nextserve.router.eplb import rebalance
 from nextserve.router.placement import Placement, build_placement
-from nextserve.router.plan import (Pairs, alive_replicas, assign_pairs, group_by_worker, replica_table,
-                         unavailable_experts)
+from nextserve.model.layers.experts import Assignments
+from nextserve.router.plan import (alive_replicas, assign_pairs, group_by_worker, replica_table,
+                                   unavailable_experts)
 
 
 def score_reference(token: int, worker: int) -> int:
@@ -22,7 +23,7 @@ def score_reference(token: int, worker: int) -> int:
     return x ^ (x >> 16)
 
 
-def assign_reference(pairs: Pairs, pending: list[int], replicas: list[list[int]]) -> list[int]:
+def assign_reference(pairs: Assignments, pending: list[int], replicas: list[list[int]]) -> list[int]:
     """The obvious loops: a pair of a one-replica expert goes there; any other goes to the replica
     its token visits through such a pair, else to the one its token scores highest (first on ties)."""
     visits: dict[int, set[int]] = {}
@@ -65,7 +66,7 @@ def test_assign_equals_reference_and_plans_each_token_once(name: str, make: Call
     placement = make()
     E, N, k = placement.num_experts, placement.num_workers, 3
     ids = skewed_ids(T, E, k, seed=T)
-    pairs = Pairs.from_topk(ids, torch.rand(T, k))
+    pairs = Assignments.from_topk(ids, torch.rand(T, k))
     alive = torch.ones(N, dtype=torch.bool)
     alive[list(dead)] = False
     table = alive_replicas(replica_table(placement, 0), alive)
@@ -87,7 +88,7 @@ def test_assign_equals_reference_and_plans_each_token_once(name: str, make: Call
 def test_hot_expert_tokens_split_over_its_replicas() -> None:
     placement = Placement(4, 1, {0: ((0, 1, 2, 3), (1,), (2,))})
     T = 400
-    pairs = Pairs.from_topk(torch.zeros(T, 1, dtype=torch.int64), torch.ones(T, 1))
+    pairs = Assignments.from_topk(torch.zeros(T, 1, dtype=torch.int64), torch.ones(T, 1))
     table = replica_table(placement, 0)
     counts = torch.bincount(assign_pairs(pairs, torch.arange(T), table, 4), minlength=4)
     assert int(counts.sum()) == T and int(counts.min()) >= 0.8 * T / 4, counts.tolist()
@@ -96,7 +97,7 @@ def test_hot_expert_tokens_split_over_its_replicas() -> None:
     assert counts[1] == 0
     assert int(counts[[0, 2, 3]].min()) >= 0.8 * T / 3, counts.tolist()
     ids = torch.tensor([[0, 1]] * T)  # expert 1 lives on worker 1 only: expert 0 joins it there
-    pairs = Pairs.from_topk(ids, torch.ones(T, 2))
+    pairs = Assignments.from_topk(ids, torch.ones(T, 2))
     assert bool((assign_pairs(pairs, torch.arange(2 * T), table, 4) == 1).all())
 
 
@@ -104,7 +105,7 @@ def test_token_stays_on_workers_it_visits() -> None:
     """Everything on every worker: each token goes to one worker, tokens spread over all of them."""
     placement = Placement(3, 3, {0: tuple((0, 1, 2) for _ in range(8))})
     T = 300
-    pairs = Pairs.from_topk(skewed_ids(T, 8, 4, seed=3), torch.ones(T, 4))
+    pairs = Assignments.from_topk(skewed_ids(T, 8, 4, seed=3), torch.ones(T, 4))
     worker = assign_pairs(pairs, torch.arange(T * 4), replica_table(placement, 0), 3).view(T, 4)
     assert bool((worker == worker[:, :1]).all())
     assert int(torch.bincount(worker[:, 0], minlength=3).min()) >= 0.8 * T / 3
@@ -117,6 +118,6 @@ def test_replica_table_pads_ragged_rows_and_alive_replicas_skip_padding() -> Non
     alive = torch.tensor([False, True, True])
     assert alive_replicas(table, alive).tolist() == [[2, -1, -1], [1, 2, -1], [1, -1, -1]]
     assert alive_replicas(table, torch.tensor([True, True, False]))[:, 0].tolist() == [-1, 0, 1]
-    pairs = Pairs.from_topk(torch.tensor([[0, 1], [2, 1]]), torch.ones(2, 2))
+    pairs = Assignments.from_topk(torch.tensor([[0, 1], [2, 1]]), torch.ones(2, 2))
     dead2 = alive_replicas(table, torch.tensor([True, True, False]))
     assert unavailable_experts(pairs, torch.arange(4), dead2[:, 0]) == [0]

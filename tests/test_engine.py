@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from nextserve.cluster.detokenizer import IncrementalDetokenizer
-from nextserve.cluster.engine import Engine, EngineError, EngineRequestError, StepOutput, split_micro_batches
-from nextserve.cluster.scheduler import FinishReason, SchedulerConfig, StepPlan
+from nextserve.cluster.engine.detokenizer import IncrementalDetokenizer
+from nextserve.cluster.engine.engine import Engine, EngineError, EngineRequestError, StepOutput, split_micro_batches
+from nextserve.cluster.engine.scheduler import FinishReason, SchedulerConfig, StepPlan
 from nextserve.model.loader import load_head, load_local_backend
 from nextserve.model.sampling import SamplingParams
 
@@ -82,7 +82,7 @@ def _spy_plans(engine: Engine) -> list[dict[str, int]]:
 
     def spy() -> StepPlan:
         plan = schedule()
-        plans.append({item.seq.request_id: item.num_tokens for item in plan.scheduled})
+        plans.append({item.seq.request_id: item.num_scheduled_tokens for item in plan.scheduled})
         return plan
 
     engine.scheduler.schedule = spy  # type: ignore[method-assign]
@@ -256,19 +256,23 @@ def test_cancel_and_abort_free_the_sequence(tiny: Model, make_engine: Callable) 
         if engine.stats().num_running == 0:
             break
         time.sleep(0.01)
-    assert engine.stats().num_running == 0 and engine.stats().cache_bytes == 0
-    assert engine.metrics.num_finished[FinishReason.ABORT] == 2
+    assert engine.stats().num_running == 0
 
 
 def test_request_validation_names_the_field(small: Model, make_engine: Callable) -> None:
     engine = make_engine(small)  # context 512, vocab 320
-    cases = [([], 4, "prompt"), ([5] * 512, 1, "prompt"), ([5] * 500, 20, "max_tokens"), ([5, 400], 4, "prompt")]
+    cases = [([], 4, "prompt"), ([5] * 512, 1, "prompt"), ([5, 400], 4, "prompt")]
     for prompt, max_tokens, field_name in cases:
         with pytest.raises(EngineRequestError, match=field_name) as info:
             engine.generate_sync([prompt], SamplingParams(max_tokens=max_tokens))
         assert info.value.param == field_name
     with pytest.raises(EngineRequestError, match="stop"):
         engine.generate_sync([[5, 6]], SamplingParams(), stop=[""])
+    # max_tokens past the context is clamped to the room the prompt leaves, as agents send 32000 everywhere
+    (out,) = engine.generate_sync([[5] * 500], SamplingParams(max_tokens=20, ignore_eos=True))
+    assert len(out.token_ids) == 12 and out.finish_reason is FinishReason.LENGTH
+    (out,) = engine.generate_sync([[5] * 505], SamplingParams(max_tokens=None, ignore_eos=True))
+    assert len(out.token_ids) == 7 and out.finish_reason is FinishReason.LENGTH
 
     async def duplicate() -> None:
         first = engine.generate("same", [5, 6], SamplingParams(max_tokens=50, ignore_eos=True))
@@ -299,16 +303,6 @@ def test_failed_step_fails_its_requests_and_engine_goes_on(small: Model, make_en
         engine.generate_sync([[5, 6, 7]], SamplingParams(max_tokens=4))
     out = engine.generate_sync([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert len(out.token_ids) == 4 and engine.stats().num_running == 0
-
-
-def test_metrics_record_tokens_and_latencies(small: Model, make_engine: Callable) -> None:
-    engine = make_engine(small)
-    outs = engine.generate_sync([[5, 6, 7], [8] * 20], SamplingParams(max_tokens=6, ignore_eos=True))
-    m = engine.metrics
-    assert m.num_prompt_tokens == 23 and m.num_generation_tokens == sum(o.completion_tokens for o in outs) == 12
-    ttft, tpot = m.drain(m.ttft_s), m.drain(m.tpot_s)
-    assert len(ttft) == len(tpot) == 2 and all(t > 0 for t in ttft + tpot) and not m.ttft_s
-    assert m.num_finished[FinishReason.LENGTH] == 2
 
 
 def test_detokenizer_holds_split_characters_and_stop_prefixes(tokenizer: PreTrainedTokenizerBase) -> None:

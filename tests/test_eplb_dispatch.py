@@ -17,7 +17,8 @@ from nextserve.model.loader import load_local_backend
 from nextserve.router.dispatcher import RemoteExpertBackend
 from nextserve.router.eplb import rebalance
 from nextserve.router.placement import Placement
-from nextserve.router.plan import Pairs, alive_replicas, assign_pairs, replica_table
+from nextserve.model.layers.experts import Assignments
+from nextserve.router.plan import alive_replicas, assign_pairs, replica_table
 
 pytestmark = pytest.mark.grpc
 TOL = 1e-6
@@ -93,7 +94,7 @@ def test_hot_expert_spreads_over_its_replicas(ragged: Ragged) -> None:
     # Not an even split: a token prefers the replica on a worker its one-replica experts send it to
     # anyway (measured [170, 91, 227]); test_dispatch_plan checks the even split without that pull.
     assert min(split) >= sum(split) / len(split) * 0.3
-    pairs = Pairs.from_topk(ids, weights)
+    pairs = Assignments.from_topk(ids, weights)
     table = alive_replicas(replica_table(backend.placement, layer), torch.ones(3, dtype=torch.bool))
     worker = assign_pairs(pairs, torch.arange(pairs.token.numel()), table, 3).view(ids.shape)  # [T, k]
     H = ragged.config.hidden_size

@@ -38,10 +38,13 @@ def test_image_is_a_ray_image_and_pyproject_admits_its_ray() -> None:
 
 def test_image_copies_every_package_pyproject_installs() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    # Top-level folders of the `nextserve` package (the repository root, mapped with package-dir).
+    packages = {p.split(".")[1] for p in pyproject["tool"]["setuptools"]["packages"] if p.count(".") >= 1}
     copied = set(re.findall(r"^COPY --chown=ray:users (\w+)/ \1/$", DOCKERFILE, re.MULTILINE))
     assert packages == copied
     assert all((ROOT / p / "__init__.py").exists() for p in packages)
+    assert re.search(r"^COPY --chown=ray:users pyproject.toml README.md __init__.py \./$", DOCKERFILE, re.MULTILINE)
+    assert "PYTHONPATH" not in DOCKERFILE and "pip install --no-cache-dir -e" not in DOCKERFILE
 
 
 def test_build_context_leaves_out_the_venv_and_git() -> None:

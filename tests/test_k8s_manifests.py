@@ -16,8 +16,8 @@ import jsonschema
 import pytest
 import yaml
 
-from nextserve.cluster.expert_actor import EXPERT_RESOURCE, HEAD_RESOURCE
-from nextserve.model.capacity import EXPERTS_GROUP, HEADS_GROUP, MODEL_MOUNT, REDIS_PASSWORD_ENV, REGISTRY_REDIS_URL
+from nextserve.cluster.deployments.expert_worker import EXPERT_RESOURCE, HEAD_RESOURCE
+from nextserve.cluster.cli.k8s_overlay import EXPERTS_GROUP, HEADS_GROUP, MODEL_MOUNT, REDIS_PASSWORD_ENV, REGISTRY_REDIS_URL
 from test_k8s_render import K8S, KUSTOMIZATIONS, Resource, by_key, render, render_lite
 
 CRDS = K8S.parent.parent / "shared" / "crds"

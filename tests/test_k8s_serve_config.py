@@ -16,7 +16,7 @@ from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
 from nextserve.cluster.app_args import AppArgs
-from nextserve.model.capacity import REDIS_PASSWORD_ENV, REGISTRY_REDIS_URL
+from nextserve.cluster.cli.k8s_overlay import REDIS_PASSWORD_ENV, REGISTRY_REDIS_URL
 from test_k8s_render import K8S, KUSTOMIZATIONS, by_key, render
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import enum
 import json
 from typing import Any
 
 import pytest
 
-from nextserve.cluster.openai_protocol import (SSE_DONE, ChatCompletionRequest, CompletionRequest, Endpoint, RequestError,
-                                     ResponseHeader, Usage, chunk_body, error_body, param_path, parse_request,
+from nextserve.cluster.gateway.chat_template import ToolChoice
+from nextserve.model.sampling import SamplingDefaults
+from nextserve.cluster.gateway.protocols.openai import (SSE_DONE, ChatCompletionRequest, CompletionRequest, Endpoint, RequestError,
+                                     ResponseHeader, Usage, choice_body, chunk_body, error_body, param_path, parse_request,
                                      response_body, sse, usage_chunk_body, validation_error)
 
 
@@ -35,25 +36,25 @@ def test_common_fields_are_read_and_unknown_ones_ignored() -> None:
                            logit_bias={}, metadata={"x": [1]})
     assert (req.max_tokens, req.temperature, req.top_p, req.top_k, req.seed) == (7, 0.0, 0.5, 40, 3)
     assert req.stop == ["\n"] and req.include_usage
-    params = req.sampling_params(7)
+    params = req.sampling_params(SamplingDefaults())
     assert (params.max_tokens, params.temperature, params.top_p, params.top_k, params.seed) == (7, 0.0, 0.5, 40, 3)
 
 
 def test_defaults_follow_openai() -> None:
     req = parse_completion()
-    assert req.max_tokens_request() == (16, "max_tokens", False)  # the default 16 is clamped, not refused
+    assert req.max_tokens_request() == (16, "max_tokens")  # the default 16 is clamped, not refused
     assert req.stop == [] and not req.stream and not req.include_usage
-    params = req.sampling_params(16)
+    params = req.sampling_params(SamplingDefaults())
     assert params.temperature == 1.0 and params.top_p == 1.0 and params.top_k == 0 and params.seed is None
-    assert parse_completion(top_k=-1, temperature=None, top_p=None).sampling_params(1).top_k == 0
-    assert parse_completion(max_tokens=None).max_tokens_request() == (None, "max_tokens", True)
+    assert parse_completion(top_k=-1, temperature=None, top_p=None).sampling_params(SamplingDefaults()).top_k == 0
+    assert parse_completion(max_tokens=None).max_tokens_request() == (None, "max_tokens")
     assert not parse_completion(stream_options={"include_usage": True}).include_usage  # only when streaming
 
 
 def test_chat_max_completion_tokens_wins() -> None:
-    assert parse_chat().max_tokens_request() == (None, "max_tokens", True)
-    assert parse_chat(max_tokens=5).max_tokens_request() == (5, "max_tokens", True)
-    assert parse_chat(max_tokens=5, max_completion_tokens=9).max_tokens_request() == (9, "max_completion_tokens", True)
+    assert parse_chat().max_tokens_request() == (None, "max_tokens")
+    assert parse_chat(max_tokens=5).max_tokens_request() == (5, "max_tokens")
+    assert parse_chat(max_tokens=5, max_completion_tokens=9).max_tokens_request() == (9, "max_completion_tokens")
 
 
 @pytest.mark.parametrize("prompt, expected", [
@@ -111,25 +112,60 @@ def test_missing_fields() -> None:
 
 
 @pytest.mark.parametrize("parse, field, value", [
-    (parse_completion, "n", 2), (parse_chat, "n", 4), (parse_completion, "logprobs", 0),
-    (parse_completion, "logprobs", 5), (parse_completion, "echo", True), (parse_completion, "best_of", 3),
-    (parse_completion, "suffix", "}"), (parse_chat, "logprobs", True), (parse_chat, "top_logprobs", 2),
+    (parse_completion, "echo", True), (parse_completion, "best_of", 3), (parse_completion, "suffix", "}"),
 ])
 def test_unsupported_features_are_refused_clearly(parse: Any, field: str, value: Any) -> None:
     e = refusal(parse, **{field: value})
-    assert e.param == field and ("not supported" in e.message or "only n=1" in e.message)
+    assert e.param == field and "not supported" in e.message
 
 
-def test_supported_values_of_unsupported_features_pass() -> None:
+@pytest.mark.parametrize("parse, fields, param", [
+    (parse_completion, {"n": 17}, "n"), (parse_chat, {"n": 0}, "n"), (parse_completion, {"logprobs": 21}, "logprobs"),
+    (parse_completion, {"logprobs": -1}, "logprobs"), (parse_chat, {"top_logprobs": 2}, "top_logprobs"),
+    (parse_chat, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    (parse_chat, {"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+    (parse_chat, {"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools[0].function.name"),
+    (parse_chat, {"tool_choice": "sometimes"}, "tool_choice"),
+    (parse_chat, {"tool_choice": "required"}, "tool_choice"),
+    (parse_chat, {"tools": [{"type": "function", "function": {"name": "a"}}],
+                  "tool_choice": {"type": "function", "function": {"name": "b"}}}, "tool_choice"),
+    (parse_chat, {"tools": [{"type": "function", "function": {"name": "a"}}] * 2}, "tools"),
+])
+def test_bad_n_logprobs_and_tools_name_the_field(parse: Any, fields: dict, param: str) -> None:
+    assert refusal(parse, **fields).param == param
+
+
+def test_supported_values_pass() -> None:
     parse_completion(n=1, echo=False, best_of=1, logprobs=None, suffix=None)
-    parse_completion(n=None)
-    parse_chat(logprobs=False, top_logprobs=0)
+    assert parse_completion(n=None).n == 1 and parse_completion(n=16, logprobs=20).sampling_params(
+        SamplingDefaults()).logprobs == 20
+    assert parse_chat(logprobs=False).sampling_params(SamplingDefaults()).logprobs is None
+    assert parse_chat(logprobs=True, top_logprobs=3).sampling_params(SamplingDefaults()).logprobs == 3
+
+
+def test_tools_and_tool_choice() -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "d",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    req = parse_chat(tools=tools)
+    assert req.template_tools() == tools and req.tool_choice_spec() == ToolChoice("auto", None, True)
+    assert parse_chat().tool_choice_spec().kind == "none"
+    named = parse_chat(tools=tools, parallel_tool_calls=False,
+                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert named.tool_choice_spec() == ToolChoice("named", "get_weather", False)
+    assert parse_chat(tools=tools, tool_choice="required").tool_choice_spec().kind == "required"
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    req = parse_chat(messages=[{"role": "user", "content": "w?"},
+                               {"role": "assistant", "content": None, "tool_calls": [call]},
+                               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}])
+    assert [m.as_template_input() for m in req.messages][1:] == [
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
 
 
 def test_chat_content_parts() -> None:
     parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
     req = parse_chat(messages=[{"role": "system", "content": None, "name": "s"}, {"role": "user", "content": parts}])
-    assert [m.as_template_input() for m in req.messages] == [{"role": "system", "content": ""},
+    assert [m.as_template_input() for m in req.messages] == [{"role": "system", "content": "", "name": "s"},
                                                              {"role": "user", "content": "a\nb"}]
     e = refusal(parse_chat, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
     assert e.param == "messages[0].content" and "not supported" in e.message
@@ -168,34 +204,36 @@ def test_error_body_shape() -> None:
                                  "code": "model_not_found"}
 
 
-class Reason(enum.Enum):
-    LENGTH = "length"
-
-
 def test_response_bodies() -> None:
     usage = Usage(3, 4)
     assert usage.as_dict() == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
     h = ResponseHeader(Endpoint.COMPLETIONS, "cmpl-1", 100, "m")
-    body = response_body(h, "out", Reason.LENGTH, usage)
+    body = response_body(h, [choice_body(h.endpoint, 0, "out", None, "length", None)], usage)
     assert body == {"id": "cmpl-1", "object": "text_completion", "created": 100, "model": "m",
                     "choices": [{"index": 0, "text": "out", "logprobs": None, "finish_reason": "length"}],
                     "usage": usage.as_dict()}
-    chat = response_body(ResponseHeader(Endpoint.CHAT, "chatcmpl-1", 100, "m"), "hi", "stop", usage)
-    assert chat["object"] == "chat.completion"
-    assert chat["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
+    chat = ResponseHeader(Endpoint.CHAT, "chatcmpl-1", 100, "m")
+    one = response_body(chat, [choice_body(Endpoint.CHAT, 0, "hi", None, "stop", None)], usage)
+    assert one["object"] == "chat.completion"
+    assert one["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    with_calls = choice_body(Endpoint.CHAT, 1, None, calls, "tool_calls", None)
+    assert with_calls["index"] == 1 and with_calls["message"] == {"role": "assistant", "content": None,
+                                                                   "tool_calls": calls}
 
 
 def test_chunk_bodies() -> None:
     chat = ResponseHeader(Endpoint.CHAT, "chatcmpl-1", 100, "m")
-    first = chunk_body(chat, "He", None, True, False)
+    first = chunk_body(chat, 0, {"content": "He"}, None, True, False, None)
     assert first["object"] == "chat.completion.chunk" and "usage" not in first
     assert first["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": "He"}, "logprobs": None,
                                  "finish_reason": None}]
-    assert chunk_body(chat, "llo", None, False, True)["choices"][0]["delta"] == {"content": "llo"}
-    last = chunk_body(chat, "", Reason.LENGTH, False, True)
+    assert chunk_body(chat, 2, {"content": "llo"}, None, False, True, None)["choices"][0]["delta"] == {"content": "llo"}
+    last = chunk_body(chat, 0, {}, "length", False, True, None)
     assert last["choices"][0]["delta"] == {} and last["choices"][0]["finish_reason"] == "length"
     assert last["usage"] is None
-    completion = chunk_body(ResponseHeader(Endpoint.COMPLETIONS, "cmpl-1", 1, "m"), "x", None, True, False)
+    completion = chunk_body(ResponseHeader(Endpoint.COMPLETIONS, "cmpl-1", 1, "m"), 0, {"content": "x"}, None, True,
+                            False, None)
     assert completion["object"] == "text_completion" and completion["choices"][0]["text"] == "x"
     usage = usage_chunk_body(chat, Usage(1, 2))
     assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 3

@@ -8,9 +8,9 @@ from transformers import Qwen3NextForCausalLM
 
 from nextserve.model.cache import SequenceCache
 from nextserve.model.forward_batch import ForwardBatch
-from nextserve.model.generate import generate
 from nextserve.model.loader import load_head, load_local_backend
 from nextserve.model.sampling import SamplingParams
+from engine_run import engine_tokens
 
 TOL = 1e-4
 CPU = torch.device("cpu")
@@ -67,7 +67,7 @@ def test_ragged_prefill_and_32_decode_steps_match_transformers(pair: tuple) -> N
 def test_greedy_generation_equals_transformers_generate(pair: tuple) -> None:
     ref, head, experts = pair
     prompts = _prompts(head.config.vocab_size, [9, 23, 4, 16, 40], seed=1)
-    ours = generate(head, experts, prompts, SamplingParams(max_tokens=32, ignore_eos=True))
+    ours = engine_tokens(head, experts, prompts, SamplingParams(max_tokens=32, ignore_eos=True))
     for p, got in zip(prompts, ours):
         want = ref.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False, pad_token_id=0)
         assert got == want[0, len(p):].tolist()

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from nextserve.cluster.redis_server import LocalRedis
-from nextserve.cluster.registry import Registry
+from nextserve.cluster.control.redis_server import LocalRedis
+from nextserve.cluster.control.registry import Registry
 from nextserve.router.placement import build_placement
 
 

@@ -108,7 +108,7 @@ def test_hung_then_killed_worker(procs: Procs) -> None:
 
 def test_the_last_worker_failing_raises_instead_of_dropping_its_tokens(reference: dict) -> None:
     """With one worker (N = 1), its failure in the only round must surface, not return zeros."""
-    from nextserve.cluster.redis_server import free_port
+    from nextserve.cluster.control.redis_server import free_port
 
     config = Qwen3NextConfig.from_json(reference["small"][1])
     placement = build_placement(config.moe_layers, config.num_experts, 1, 1)

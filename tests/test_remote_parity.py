@@ -8,11 +8,11 @@ import torch
 
 from nextserve.experts.server import BackgroundWorkers
 from nextserve.model.config import Qwen3NextConfig
-from nextserve.model.generate import generate
 from nextserve.model.loader import load_head
 from nextserve.model.sampling import SamplingParams
 from nextserve.router.dispatcher import RemoteExpertBackend
 from nextserve.router.placement import build_placement
+from engine_run import engine_tokens
 
 pytestmark = pytest.mark.grpc
 
@@ -29,7 +29,7 @@ def test_greedy_tokens_equal_transformers_generate(reference: dict, name: str, r
         g = torch.Generator().manual_seed(11)
         prompts = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in (5, 17, 30)]
         with RemoteExpertBackend([f"127.0.0.1:{w.port}" for w in started], placement) as backend:
-            ours = generate(load_head(path), backend, prompts, SamplingParams(max_tokens=20, ignore_eos=True))
+            ours = engine_tokens(load_head(path), backend, prompts, SamplingParams(max_tokens=20, ignore_eos=True))
             served = backend.channels.run(backend.fetch_info()).result()
         for prompt, got in zip(prompts, ours):
             want = ref.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, pad_token_id=0)

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from nextserve.model.generate import generate
 from nextserve.model.loader import load_head, load_local_backend
 from nextserve.model.sampling import SamplingError, SamplingParams, make_generator, sample
+from engine_run import engine_tokens
 
 
 def test_top_k_and_top_p_restrict_the_support() -> None:
@@ -36,8 +36,8 @@ def test_same_seed_same_tokens(reference: dict) -> None:
     head, experts = load_head(path), load_local_backend(path)
     prompts = [[5, 6, 7, 8], [9, 10]]
     params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, top_k=50, seed=7, ignore_eos=True)
-    a = generate(head, experts, prompts, params)
-    b = generate(head, experts, prompts, params)
-    c = generate(head, experts, prompts, dataclasses.replace(params, seed=8))
+    a = engine_tokens(head, experts, prompts, params)
+    b = engine_tokens(head, experts, prompts, params)
+    c = engine_tokens(head, experts, prompts, dataclasses.replace(params, seed=8))
     assert a == b
     assert a != c

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nextserve.cluster.scheduler import (FinishReason, Request, Scheduler, SchedulerConfig, SequenceState, SequenceStatus,
+from nextserve.cluster.engine.scheduler import (FinishReason, Request, Scheduler, SchedulerConfig, SequenceState, SequenceStatus,
                                StepPlan)
 from nextserve.model.cache import SequenceCache
 from nextserve.model.sampling import SamplingParams
@@ -24,7 +24,7 @@ def _run(scheduler: Scheduler, plan: StepPlan) -> None:
 
 
 def _tokens(plan: StepPlan) -> dict[str, int]:
-    return {item.seq.request_id: item.num_tokens for item in plan.scheduled}
+    return {item.seq.request_id: item.num_scheduled_tokens for item in plan.scheduled}
 
 
 def test_long_prompt_is_chunked_and_samples_only_at_its_end() -> None:
@@ -52,7 +52,7 @@ def test_budget_respected_and_decodes_never_starved(budget: int, chunk: int) -> 
     while any(seq.is_prefilling for seq in (*s.running, *s.waiting)):
         plan = s.schedule()
         tokens = _tokens(plan)
-        assert plan.num_tokens <= budget
+        assert plan.num_scheduled_tokens <= budget
         assert all(v <= chunk for k, v in tokens.items() if k.startswith("long"))
         assert all(tokens.get(f"short{i}") == 1 for i in range(3)), tokens  # every decode, every step
         prefill_steps += 1

@@ -1,6 +1,6 @@
 """The gateway deployment: the OpenAI-compatible FastAPI app in front of the head replicas.
 
-The app itself is `cluster.gateway_app.build_app`; this file adapts a Serve handle to the head
+The app itself is `cluster.gateway.app.build_app`; this file adapts a Serve handle to the head
 deployment into the `EngineClient` it needs. Requests stream from one head replica (Serve routes each
 to the least busy); readiness and the running/waiting counts come from the Redis registry, which sees
 every head and worker.
@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
-from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
@@ -20,41 +18,22 @@ from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nextserve.cluster.app_args import AppArgs
-from nextserve.cluster.engine import EngineRequestError
-from nextserve.cluster.gateway_app import build_app
-from nextserve.cluster.metrics import EngineStats
-from nextserve.cluster.openai_protocol import RequestError
-from nextserve.cluster.registry import Registry
-from nextserve.model.config import Qwen3NextConfig
-from nextserve.model.sampling import SamplingParams
-
-
-def _head_error(error: dict[str, Any]) -> Exception:
-    """A head's refusal (400, raised as the engine's own error so the gateway names the field) or
-    unavailability (503 with the OpenAI body, naming the experts)."""
-    if error["status"] == 503:
-        return RequestError(503, error["message"], None, type="service_unavailable", code="experts_unavailable")
-    return EngineRequestError(error["param"], error["message"])
-
-
-@dataclass(frozen=True, slots=True)
-class HeadOutput:
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
+from nextserve.cluster.engine.detokenizer import StepOutput
+from nextserve.cluster.engine.stats import EngineStats
+from nextserve.cluster.gateway.app import build_app
+from nextserve.cluster.control.registry import Registry
+from nextserve.model.sampling import SamplingDefaults, SamplingParams
 
 
 class HeadHandleClient:
-    """`gateway_app.EngineClient` over a DeploymentHandle to the head replicas."""
+    """`cluster.gateway.app.EngineClient` over a DeploymentHandle to the head replicas."""
 
     def __init__(self, heads: DeploymentHandle, args: AppArgs) -> None:
         self.heads = heads
         self.args = args
         self.registry = Registry(args.redis_url, args.cluster)
         self._tokenizer = AutoTokenizer.from_pretrained(args.model)
-        self._max_model_len = Qwen3NextConfig.from_json(args.model).max_position_embeddings
+        self._max_model_len = args.context_length()
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -65,28 +44,28 @@ class HeadHandleClient:
         return self._max_model_len
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       stop: list[str]) -> AsyncGenerator[HeadOutput, None]:
-        stream = self.heads.options(stream=True).generate.remote(
-            request_id, prompt_ids, dataclasses.asdict(params), list(stop))
+                       stop: list[str]) -> AsyncGenerator[StepOutput, None]:
+        """The head's StepOutputs; its refusal (EngineRequestError) or unavailability (EngineUnavailableError)
+        is raised here as the engine raised it there."""
+        stream = self.heads.options(stream=True).generate.remote(request_id, prompt_ids, params, list(stop))
         finished = False
         try:
             async for item in stream:
-                if "error" in item:
-                    raise _head_error(item["error"])
-                out = HeadOutput(**item)
-                finished = out.finish_reason is not None
-                yield out
+                if isinstance(item, Exception):
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
         finally:
             if not finished:
                 stream.cancel()  # the client left: the head's generator is cancelled and aborts the sequence
 
     async def stats(self) -> EngineStats:
-        raw: dict[str, Any] = await self.heads.stats.remote()
+        """One head's drained dispatch deltas; running/waiting summed over every live head (from Redis)."""
+        one: EngineStats = await self.heads.stats.remote()
         # The sync Redis client off the loop: a slow Redis must not stall the streams this loop serves.
         heads = [h for h in await asyncio.to_thread(self.registry.heads) if h.alive]
-        return {"num_running": sum(int(h.fields.get("num_running", 0)) for h in heads),
-                "num_waiting": sum(int(h.fields.get("num_waiting", 0)) for h in heads),
-                "dispatch_latency_s": raw["dispatch_latency_s"], "expert_tokens": raw["expert_tokens"]}
+        return dataclasses.replace(one, num_running=sum(int(h.fields.get("num_running", 0)) for h in heads),
+                                   num_waiting=sum(int(h.fields.get("num_waiting", 0)) for h in heads))
 
     async def is_ready(self) -> bool:
         """Every head replica and every expert worker heartbeating, and a placement published."""
@@ -112,4 +91,5 @@ class GatewayDeployment:
         self.args = args
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_app(self.client, self.args.served_model_name(), self.args.api_key)
+        return build_app(self.client, self.args.served_model_name(), self.args.api_key,
+                         SamplingDefaults.from_checkpoint(self.args.model))

@@ -3,8 +3,8 @@
 Init: ask the controller for the expert workers (idempotent) -> follow the placement epoch from Redis
 -> load the head's tensors only (onto its GPU when Ray gave the replica one and torch sees CUDA; the
 experts' wire stays CPU bytes, see model/device.py) -> start the engine -> register in Redis and
-heartbeat (with the running / waiting counts and the epoch in use). `generate` streams plain dicts
-(they cross Ray).
+heartbeat (with the running / waiting counts and the epoch in use). `generate` streams the engine's
+typed outputs and errors, `stats` the engine's stats: Ray pickles them, nothing goes through dicts.
 """
 
 from __future__ import annotations
@@ -12,22 +12,23 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import dataclasses
 from collections.abc import AsyncGenerator
-from dataclasses import asdict
-from typing import Any
 
 import ray
 from ray import serve
 from transformers import AutoTokenizer
 
-from nextserve.cluster.actor_threads import use_assigned_cpus
+from nextserve.cluster.deployments.actor_threads import use_assigned_cpus
 from nextserve.cluster.app_args import AppArgs
-from nextserve.cluster.controller import get_or_create_controller
-from nextserve.cluster.dispatch_metrics import RecordingBackend
-from nextserve.cluster.engine import Engine, EngineRequestError, EngineUnavailableError
-from nextserve.cluster.epoch_follower import EpochFollowingBackend
-from nextserve.cluster.expert_actor import HEAD_RESOURCE
-from nextserve.cluster.registry import HEARTBEAT_S, Registry
+from nextserve.cluster.deployments.controller import get_or_create_controller
+from nextserve.cluster.engine.dispatch_recorder import RecordingBackend
+from nextserve.cluster.engine.detokenizer import StepOutput
+from nextserve.cluster.engine.engine import Engine, EngineError, EngineRequestError, EngineUnavailableError
+from nextserve.cluster.engine.stats import EngineStats
+from nextserve.cluster.control.epoch_follower import EpochFollowingBackend
+from nextserve.cluster.deployments.expert_worker import HEAD_RESOURCE
+from nextserve.cluster.control.registry import HEARTBEAT_S, Registry
 from nextserve.model.checkpoint import parse_dtype
 from nextserve.model.device import DeviceExpertBackend, resolve_device
 from nextserve.model.expert_backend import ExpertBackend
@@ -59,7 +60,8 @@ class HeadDeployment:
         experts: ExpertBackend = self.recording
         if device.type != "cpu":
             experts = DeviceExpertBackend(self.recording, device)
-        self.engine = Engine(head, experts, AutoTokenizer.from_pretrained(args.model), args.scheduler_config())
+        self.engine = Engine(head, experts, AutoTokenizer.from_pretrained(args.model), args.scheduler_config(),
+                             args.context_length())
         self.head_id = serve.get_replica_context().replica_id.unique_id
         self.registry.register_head(self.head_id, {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()})
         self._stop = threading.Event()
@@ -75,25 +77,20 @@ class HeadDeployment:
             except Exception as exc:  # Redis restarting: keep serving
                 log.warning("head heartbeat failed: %s", exc)
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: dict[str, Any],
-                       stop: list[str]) -> AsyncGenerator[dict[str, Any], None]:
-        """Yields {token_ids, text, finish_reason, prompt_tokens, completion_tokens}, or one
-        {error: {status, param, message}}: 400 when the engine refuses the request, 503 when experts it
-        needs have no live worker (after waiting `unavailable_wait_s` for one)."""
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       stop: list[str]) -> AsyncGenerator[StepOutput | EngineError, None]:
+        """The engine's StepOutputs as they are (Ray pickles them), or one EngineError as the last item:
+        an EngineRequestError (400) when the engine refuses the request, an EngineUnavailableError (503)
+        when experts it needs have no live worker (after waiting `unavailable_wait_s` for one)."""
         try:
-            async for out in self.engine.generate(request_id, prompt_ids, SamplingParams(**params), stop):
-                yield {"token_ids": out.token_ids, "text": out.text, "prompt_tokens": out.prompt_tokens,
-                       "completion_tokens": out.completion_tokens,
-                       "finish_reason": out.finish_reason.value if out.finish_reason else None}
-        except EngineRequestError as exc:
-            yield {"error": {"status": 400, "param": exc.param, "message": str(exc)}}
-        except EngineUnavailableError as exc:
-            yield {"error": {"status": 503, "param": None, "message": str(exc)}}
+            async for out in self.engine.generate(request_id, prompt_ids, params, stop):
+                yield out
+        except (EngineRequestError, EngineUnavailableError) as exc:
+            yield exc
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> EngineStats:
         latency, tokens = self.recording.recorder.drain()
-        return {**asdict(self.engine.stats()), "dispatch_latency_s": latency, "expert_tokens": tokens,
-                "epoch": self.backend.epoch}
+        return dataclasses.replace(self.engine.stats(), dispatch_latency_s=latency, expert_tokens=tokens)
 
     def check_health(self) -> None:
         """Serve replaces a replica whose check fails."""

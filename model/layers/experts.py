@@ -15,11 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Assignments:
-    """Flat (token, expert, weight) triples; `expert` indexes the stacked weights held here."""
+    """A layer's routing as flat (token, expert, weight) triples, the one record for it across the tree:
+    the router plans dispatch with global expert ids, a worker computes with ids into the stacked
+    weights it holds. From `from_topk` they are token-major (token non-decreasing)."""
     token: Tensor   # [A] int64 in [0, T)
-    expert: Tensor  # [A] int64 in [0, E)
+    expert: Tensor  # [A] int64 expert ids
     weight: Tensor  # [A] model dtype
 
     @classmethod
@@ -27,7 +29,7 @@ class Assignments:
         """ids, weights [T, k] -> A = T·k triples in token-major order."""
         T, k = ids.shape
         token = torch.arange(T, device=ids.device).repeat_interleave(k)
-        return cls(token=token, expert=ids.reshape(-1), weight=weights.reshape(-1))
+        return cls(token=token, expert=ids.reshape(-1).to(torch.int64), weight=weights.reshape(-1))
 
 
 def _swiglu_grouped(x_sorted: Tensor, counts: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from nextserve.cluster.scheduler import FinishReason
+from nextserve.cluster.engine.scheduler import FinishReason
+from nextserve.model.sampling import TokenLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class IncrementalDetokenizer:
         self.num_emitted_chars = 0
         self.is_stopped = False
         """A stop string was found; the sequence should finish with reason STOP."""
+        self.stop_string: str | None = None
+        """The stop string found (the first in the text)."""
 
     def add(self, token_id: int) -> str:
         """Feed one generated token; returns the new text that is safe to send (often '')."""
@@ -64,9 +67,10 @@ class IncrementalDetokenizer:
         return self._take(is_final=True)
 
     def _cut_at_stop(self, search_from: int) -> None:
-        hits = [i for i in (self.text.find(s, search_from) for s in self._stop) if i >= 0]
+        hits = [(i, s) for i, s in ((self.text.find(s, search_from), s) for s in self._stop) if i >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            at, self.stop_string = min(hits)
+            self.text = self.text[:at]
             self.is_stopped = True
 
     def _held_back_chars(self) -> int:
@@ -96,10 +100,17 @@ class StepOutput:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprobs] | None = None
+    """One per token of `token_ids`, when the request asked for logprobs."""
+    stop_string: str | None = None
+    """The stop string that ended the request (finish_reason STOP by a stop string, not a stop token)."""
 
     def merge(self, later: StepOutput) -> StepOutput:
+        logprobs = None if self.logprobs is None and later.logprobs is None else \
+            (self.logprobs or []) + (later.logprobs or [])
         return StepOutput(self.request_id, self.token_ids + later.token_ids, self.text + later.text,
-                          later.finish_reason, later.prompt_tokens, later.completion_tokens)
+                          later.finish_reason, later.prompt_tokens, later.completion_tokens, logprobs,
+                          later.stop_string)
 
 
 class OutputStream:

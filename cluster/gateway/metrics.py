@@ -1,27 +1,19 @@
 """The gateway's Prometheus metrics, in a registry the gateway owns (so two apps in one process don't clash).
 
-Request-level metrics are observed by the gateway as it serves; engine-level ones are pulled from the
-engine's `stats()` at every scrape of /metrics and fed in with `observe_engine_stats`:
-
-    EngineStats
-      num_running         int                          sequences in the running batch now
-      num_waiting         int                          sequences admitted but not yet running
-      dispatch_latency_s  {layer: [seconds, ...]}      one dispatch round's latency per sample, per MoE
-                                                       layer, observed since the previous stats() call
-      expert_tokens       {(layer, expert): tokens}    tokens routed to each expert since the previous call
-
-The last two are deltas that the engine drains on every call: behind a Ray handle each call may land
-on a different head replica, so cumulative values would jump between replicas, while drained deltas
-add up to the right totals whichever gateway replica pulls them. Every key is optional.
+Request-level metrics (TTFT, TPOT, latency, tokens) are observed by the gateway as it serves, and only
+here; engine-level ones are pulled from the engine's `stats()` (cluster/engine/stats.py) at every
+scrape of /metrics and fed in with `observe_engine_stats`.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, TypedDict
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from nextserve.cluster.engine.stats import EngineStats
 
 PREFIX = "nextserve"
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -30,13 +22,6 @@ TOKEN_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 
 """Per-token latency: ~10-100 ms is the interesting range for a 48-round decode step."""
 DISPATCH_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 """One all-to-all round: ~100 us on loopback up to tens of ms across hosts."""
-
-
-class EngineStats(TypedDict, total=False):
-    num_running: int
-    num_waiting: int
-    dispatch_latency_s: dict[int, list[float]]
-    expert_tokens: dict[tuple[int, int], int]
 
 
 class GatewayMetrics:
@@ -63,15 +48,13 @@ class GatewayMetrics:
                                      ["layer", "expert"], registry=r)
 
     def observe_engine_stats(self, stats: EngineStats) -> None:
-        if "num_running" in stats:
-            self.num_running.set(stats["num_running"])
-        if "num_waiting" in stats:
-            self.num_waiting.set(stats["num_waiting"])
-        for layer, samples in stats.get("dispatch_latency_s", {}).items():
+        self.num_running.set(stats.num_running)
+        self.num_waiting.set(stats.num_waiting)
+        for layer, samples in stats.dispatch_latency_s.items():
             child = self.dispatch_latency.labels(layer=str(layer))
             for s in samples:
                 child.observe(s)
-        for (layer, expert), tokens in stats.get("expert_tokens", {}).items():
+        for (layer, expert), tokens in stats.expert_tokens.items():
             self.expert_tokens.labels(layer=str(layer), expert=str(expert)).inc(tokens)
 
     def track(self) -> RequestTracker:

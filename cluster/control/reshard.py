@@ -20,8 +20,8 @@ from typing import Any
 
 import ray
 
-from nextserve.cluster import worker_admin
-from nextserve.cluster.registry import Registry
+from nextserve.cluster.control import worker_admin
+from nextserve.cluster.control.registry import Registry
 from nextserve.router.placement import Placement
 
 log = logging.getLogger(__name__)

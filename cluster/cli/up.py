@@ -26,9 +26,9 @@ from ray import serve
 
 from nextserve.cluster.app import build_app
 from nextserve.cluster.app_args import AppArgs
-from nextserve.cluster.controller import get_or_create_controller
-from nextserve.cluster.expert_actor import EXPERT_RESOURCE, HEAD_RESOURCE
-from nextserve.cluster.redis_server import LocalRedis, free_port
+from nextserve.cluster.deployments.controller import get_or_create_controller
+from nextserve.cluster.deployments.expert_worker import EXPERT_RESOURCE, HEAD_RESOURCE
+from nextserve.cluster.control.redis_server import LocalRedis, free_port
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import threading
 
 import ray
 
-from nextserve.cluster.actor_threads import use_assigned_cpus
-from nextserve.cluster.registry import HEARTBEAT_S, Registry
+from nextserve.cluster.deployments.actor_threads import use_assigned_cpus
+from nextserve.cluster.control.registry import HEARTBEAT_S, Registry
 from nextserve.experts.server import BackgroundWorkers, start_worker
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,10 @@ from concurrent.futures import Future
 import torch
 from torch import Tensor
 
-from nextserve.cluster.engine_stats import MAX_PENDING_OBSERVATIONS
 from nextserve.model.expert_backend import ExpertBackend
+
+MAX_PENDING_OBSERVATIONS = 100_000
+"""Latency observations kept between drains; older ones are dropped, so an unscraped head stays bounded."""
 
 
 class DispatchRecorder:

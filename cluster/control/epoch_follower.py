@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from nextserve.cluster.registry import Registry
+from nextserve.cluster.control.registry import Registry
 from nextserve.router.dispatcher import ExpertsUnavailableError, RemoteExpertBackend
 
 log = logging.getLogger(__name__)

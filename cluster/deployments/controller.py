@@ -3,7 +3,7 @@
 Flow: `ensure(spec)` (idempotent; every head replica calls it) saves the desired state in Redis,
 builds the placement for N workers with replication R, starts the named worker actors and publishes
 the placement with their addresses under a new epoch. `scale(n)` and `rebalance()` move to a new
-placement live (cluster/reshard.py). A supervision thread, every second: follows a spec changed in
+placement live (cluster/control/reshard.py). A supervision thread, every second: follows a spec changed in
 Redis (`nextserve scale`), runs a requested or scheduled rebalance, recreates a worker whose actor is
 gone, republishes when a worker restarted on a new address, rewrites what Redis lost, and adds the
 workers' token counters to the load statistics. A restarted controller recovers the spec and the
@@ -20,10 +20,10 @@ from typing import Any
 
 import ray
 
-from nextserve.cluster import reshard
-from nextserve.cluster.expert_actor import ExpertWorker, actor_options
-from nextserve.cluster.rebalance import LoadCollector, measured_imbalance, plan_rebalance
-from nextserve.cluster.registry import Registry
+from nextserve.cluster.control import reshard
+from nextserve.cluster.deployments.expert_worker import ExpertWorker, actor_options
+from nextserve.cluster.control.rebalance import LoadCollector, measured_imbalance, plan_rebalance
+from nextserve.cluster.control.registry import Registry
 from nextserve.model.config import Qwen3NextConfig
 from nextserve.router.eplb import movement
 from nextserve.router.placement import Placement, build_placement

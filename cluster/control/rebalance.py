@@ -11,8 +11,8 @@ import logging
 
 import torch
 
-from nextserve.cluster import worker_admin
-from nextserve.cluster.registry import Registry
+from nextserve.cluster.control import worker_admin
+from nextserve.cluster.control.registry import Registry
 from nextserve.router.eplb import imbalance, rebalance, worker_load
 from nextserve.router.placement import Placement
 

@@ -13,7 +13,6 @@ forward pass and calls `advance` and `finish` with what it produced.
 from __future__ import annotations
 
 import enum
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -71,7 +70,6 @@ class Request:
     params: SamplingParams
     stop: tuple[str, ...] = ()
     """Stop strings: the text ends just before the first one found (it is not included)."""
-    arrival_s: float = field(default_factory=time.monotonic)
 
 
 @dataclass(slots=True)
@@ -86,8 +84,6 @@ class SequenceState:
     output_ids: list[int] = field(default_factory=list)
     cache: SequenceCache | None = None
     generator: torch.Generator | None = None
-    first_token_s: float | None = None
-    last_token_s: float | None = None
 
     @property
     def request_id(self) -> str:
@@ -109,18 +105,18 @@ class SequenceState:
 @dataclass(frozen=True, slots=True)
 class ScheduledSeq:
     seq: SequenceState
-    num_tokens: int
+    num_scheduled_tokens: int
     """New tokens this sequence brings to the step: a prefill chunk, or 1 for a decode."""
 
     @property
     def samples_token(self) -> bool:
         """The step completes the prompt (or decodes), so its logits give the next token."""
-        return self.seq.num_prefilled + self.num_tokens >= self.seq.num_prompt_tokens
+        return self.seq.num_prefilled + self.num_scheduled_tokens >= self.seq.num_prompt_tokens
 
     def input_ids(self) -> list[int]:
         seq = self.seq
         if seq.is_prefilling:
-            return list(seq.request.prompt_ids[seq.num_prefilled:seq.num_prefilled + self.num_tokens])
+            return list(seq.request.prompt_ids[seq.num_prefilled:seq.num_prefilled + self.num_scheduled_tokens])
         return [seq.output_ids[-1]]
 
 
@@ -131,8 +127,8 @@ class StepPlan:
     """Sequences dropped by this schedule (abort requested); already FINISHED with ABORT."""
 
     @property
-    def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
+    def num_scheduled_tokens(self) -> int:
+        return sum(s.num_scheduled_tokens for s in self.scheduled)
 
     @property
     def is_empty(self) -> bool:
@@ -179,20 +175,20 @@ class Scheduler:
         for seq in self.running:
             if seq.is_prefilling and budget > 0:
                 scheduled.append(self._chunk(seq, budget))
-                budget -= scheduled[-1].num_tokens
+                budget -= scheduled[-1].num_scheduled_tokens
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting.popleft()  # FCFS: the head of the queue always gets in first
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(self._chunk(seq, budget))
-            budget -= scheduled[-1].num_tokens
+            budget -= scheduled[-1].num_scheduled_tokens
         return StepPlan(tuple(scheduled), tuple(aborted))
 
     def advance(self, item: ScheduledSeq, token_id: int | None) -> None:
         """Record a finished step for one sequence: the prompt chunk it consumed, the token it sampled."""
         seq = item.seq
         if seq.is_prefilling:
-            seq.num_prefilled += item.num_tokens
+            seq.num_prefilled += item.num_scheduled_tokens
         if token_id is not None:
             seq.output_ids.append(token_id)
 

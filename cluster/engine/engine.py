@@ -14,10 +14,10 @@ cancel) aborts its request; the next schedule drops the sequence and its cache.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import threading
-import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
@@ -25,14 +25,15 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from nextserve.cluster.detokenizer import IncrementalDetokenizer, OutputStream, StepOutput
-from nextserve.cluster.engine_stats import EngineMetrics, EngineStats
-from nextserve.cluster.scheduler import (FinishReason, Request, Scheduler, SchedulerConfig, SequenceState, StepPlan)
+from nextserve.cluster.engine.detokenizer import IncrementalDetokenizer, OutputStream, StepOutput
+from nextserve.cluster.engine.stats import EngineStats
+from nextserve.cluster.engine.scheduler import (FinishReason, Request, Scheduler, SchedulerConfig, SequenceState, StepPlan)
 from nextserve.model.cache import SequenceCache
 from nextserve.model.expert_backend import ExpertBackend
 from nextserve.model.forward_batch import ForwardBatch
 from nextserve.model.qwen3_next import HeadModel
-from nextserve.model.sampling import SamplingParams, make_generator, sample
+from nextserve.model.sampling import (SamplingParams, TokenLogprobs, allowed_next_tokens, make_generator, sample,
+                                     token_logprobs)
 from nextserve.router.dispatcher import ExpertsUnavailableError
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,15 @@ def split_micro_batches(num_tokens: Sequence[int], parts: int, min_seqs: int) ->
 
 
 class EngineRequestError(ValueError):
-    """A request the engine cannot serve (HTTP 400); `param` names the offending field, as OpenAI's error does."""
+    """A request the engine cannot serve (HTTP 400); `param` names the offending field ("prompt",
+    "max_tokens", "stop", "request_id"), as OpenAI's error does. Crosses Ray as itself (it pickles)."""
 
     def __init__(self, param: str, message: str) -> None:
         super().__init__(f"{param}: {message}")
-        self.param = param
+        self.param, self.message = param, message
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (self.param, self.message)
 
 
 class EngineError(RuntimeError):
@@ -72,17 +77,26 @@ class EngineUnavailableError(EngineError):
 @dataclass(slots=True)
 class _Entry:
     seq: SequenceState
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None  # None: token ids only
     stream: OutputStream
 
 
 class Engine:
-    def __init__(self, head: HeadModel, experts: ExpertBackend, tokenizer: PreTrainedTokenizerBase,
-                 config: SchedulerConfig | None = None) -> None:
+    def __init__(self, head: HeadModel, experts: ExpertBackend, tokenizer: PreTrainedTokenizerBase | None,
+                 config: SchedulerConfig | None = None, max_model_len: int | None = None) -> None:
+        """`tokenizer` None serves token ids only (outputs carry no text; stop strings are refused).
+        `max_model_len`: the context the engine admits (prompt + output tokens), at most the model's
+        (max_position_embeddings, the default)."""
+        context = head.config.max_position_embeddings
+        self.max_model_len = context if max_model_len is None else max_model_len
+        if not 2 <= self.max_model_len <= context:
+            raise ValueError(f"max_model_len={self.max_model_len} must be in [2, {context}] (the model's context "
+                             f"window, max_position_embeddings); lower it or omit it to use the full context")
         self.head, self.experts = head, experts
         self.scheduler = Scheduler(config or SchedulerConfig())
-        self.metrics = EngineMetrics()
         self.tokenizer = tokenizer
+        self.vocab_size = head.config.vocab_size if tokenizer is None else min(len(tokenizer), head.config.vocab_size)
+        """Token ids a prompt may hold: the tokenizer's (the real model pads its embedding past it)."""
         self._device = head.lm_head.weight.device
         self._lock = threading.Lock()  # guards _inbox, _abort_ids, _request_ids, _is_stopped
         self._inbox: list[_Entry] = []
@@ -92,7 +106,7 @@ class Engine:
         self._entries: dict[str, _Entry] = {}  # engine thread only, like _outbox
         self._outbox: list[tuple[OutputStream, StepOutput | Exception]] = []
         self._wake = threading.Event()
-        self._stats = EngineStats(0, 0, 0, 0)
+        self._stats = EngineStats()
         self._thread = threading.Thread(target=self._run, name="nextserve-engine", daemon=True)
         self._thread.start()
 
@@ -100,7 +114,7 @@ class Engine:
                        stop: Sequence[str] = ()) -> AsyncGenerator[StepOutput, None]:
         """Stream a request's outputs; a bad request raises EngineRequestError at the first iteration.
         Stopping early (aclose, cancel, a client gone) aborts the request."""
-        stream = self._submit(Request(request_id, tuple(prompt_ids), params, tuple(stop)),
+        stream = self._submit(self.admit(Request(request_id, tuple(prompt_ids), params, tuple(stop))),
                               OutputStream(asyncio.get_running_loop()))
         is_finished = False
         try:
@@ -148,28 +162,35 @@ class Engine:
 
         return asyncio.run(run_all())
 
-    def check_request(self, request: Request) -> None:
-        """Raise EngineRequestError naming the field when the model cannot serve this request."""
-        n, config = len(request.prompt_ids), self.head.config
-        context, vocab = config.max_position_embeddings, config.vocab_size
+    def admit(self, request: Request) -> Request:
+        """The request as the engine will run it, or EngineRequestError naming the field. The one place
+        the serving rules live: the gateway only maps this error to HTTP 400. `max_tokens` is clamped to
+        the room the prompt leaves in `max_model_len` (None: all of it); the sequence then ends with
+        finish_reason "length" there."""
+        n, context = len(request.prompt_ids), self.max_model_len
         if n == 0:
             raise EngineRequestError("prompt", "the prompt is empty; send at least one token")
         if n >= context:
-            raise EngineRequestError("prompt", f"the prompt has {n} tokens, leaving no room for output in "
-                                               f"the model's context of {context} tokens; shorten it")
-        if n + request.params.max_tokens > context:
-            raise EngineRequestError("max_tokens", f"prompt ({n} tokens) + max_tokens "
-                                                   f"({request.params.max_tokens}) exceeds the model's context "
-                                                   f"of {context}; set max_tokens <= {context - n}")
-        bad = [t for t in request.prompt_ids if not 0 <= t < vocab]
+            raise EngineRequestError("prompt", f"the prompt has {n} tokens, leaving no room for output in this "
+                                               f"server's context of {context} tokens; shorten it to at most "
+                                               f"{context - 1}")
+        bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise EngineRequestError("prompt", f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+            raise EngineRequestError("prompt", f"token ids {bad[:5]} are outside the vocabulary "
+                                               f"[0, {self.vocab_size})")
         if any(not s for s in request.stop):
             raise EngineRequestError("stop", f"stop strings must be non-empty, got {list(request.stop)}")
+        if request.stop and self.tokenizer is None:
+            raise EngineRequestError("stop", "stop strings need text: this engine serves token ids only "
+                                             "(no tokenizer); use stop_token_ids")
+        room, asked = context - n, request.params.max_tokens
+        if asked is not None and asked <= room:
+            return request
+        return dataclasses.replace(request, params=dataclasses.replace(request.params, max_tokens=room))
 
     def _submit(self, request: Request, stream: OutputStream) -> OutputStream:
-        self.check_request(request)
-        detokenizer = IncrementalDetokenizer(self.tokenizer.backend_tokenizer, request.prompt_ids, request.stop)
+        detokenizer = None if self.tokenizer is None else IncrementalDetokenizer(
+            self.tokenizer.backend_tokenizer, request.prompt_ids, request.stop)
         entry = _Entry(SequenceState(request, generator=make_generator(request.params)), detokenizer, stream)
         with self._lock:
             if self._is_stopped:
@@ -219,7 +240,6 @@ class Engine:
                     if not item.seq.is_finished:
                         self._fail(self._entries[item.seq.request_id], exc)
         self._stats = EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
-                                  sum(s.cache.nbytes() for s in self.scheduler.running if s.cache is not None),
                                   self._stats.num_steps + 1)
         self._flush_outbox()  # after the stats, so a consumer seeing its last item sees it gone from them
 
@@ -244,45 +264,50 @@ class Engine:
         return self.head.forward_micro_batches(parts, self.experts)  # rows in plan order
 
     def _postprocess(self, plan: StepPlan, logits: torch.Tensor) -> None:
-        now, argmax = time.monotonic(), logits.argmax(dim=-1).tolist()  # one device sync for all greedy rows
+        argmax = logits.argmax(dim=-1).tolist()  # one device sync for all greedy rows
         for i, item in enumerate(plan.scheduled):
             seq, params = item.seq, item.seq.request.params
-            if seq.is_prefilling:
-                self.metrics.num_prompt_tokens += item.num_tokens
-            token = None if not item.samples_token else argmax[i] if params.is_greedy else sample(
-                logits[i], params, seq.generator)
+            if not item.samples_token:
+                self.scheduler.advance(item, None)
+                continue
+            allowed = allowed_next_tokens(seq.output_ids, params.allowed_starts) if params.allowed_starts else None
+            if allowed is not None:  # a constrained start: only tokens that stay on it
+                masked = torch.full_like(logits[i], float("-inf"))
+                masked[allowed] = logits[i, allowed]
+                token = sample(masked, params, seq.generator)
+            else:
+                token = argmax[i] if params.is_greedy else sample(logits[i], params, seq.generator)
+            logprobs = None if params.logprobs is None else token_logprobs(logits[i], token, params.logprobs)
             self.scheduler.advance(item, token)
-            if token is not None:
-                self._on_token(self._entries[seq.request_id], token, now)
+            self._on_token(self._entries[seq.request_id], token, logprobs)
 
-    def _on_token(self, entry: _Entry, token: int, now: float) -> None:
-        seq, params = entry.seq, entry.seq.request.params
-        if seq.first_token_s is None:
-            seq.first_token_s = now
-            self.metrics.ttft_s.append(now - seq.request.arrival_s)
-        seq.last_token_s = now
-        self.metrics.num_generation_tokens += 1
+    def _on_token(self, entry: _Entry, token: int, logprobs: TokenLogprobs | None) -> None:
+        seq, params, detokenizer = entry.seq, entry.seq.request.params, entry.detokenizer
         is_stop_token = token in params.stop_token_ids or (
             not params.ignore_eos and token in self.head.config.eos_token_ids)
-        text = "" if is_stop_token else entry.detokenizer.add(token)  # a stop token's text is not output
-        reason = (FinishReason.STOP if is_stop_token or entry.detokenizer.is_stopped else
-                  FinishReason.LENGTH if len(seq.output_ids) >= params.max_tokens else None)
+        # A stop token's text is not output.
+        text = "" if is_stop_token or detokenizer is None else detokenizer.add(token)
+        is_stop_string = detokenizer is not None and detokenizer.is_stopped
+        reason = (FinishReason.STOP if is_stop_token or is_stop_string else
+                  FinishReason.LENGTH if len(seq.output_ids) >= (params.max_tokens or 0) else None)
+        logprob_list = None if logprobs is None else [logprobs]
         if reason is None:
-            self._outbox.append((entry.stream, self._output(seq, [token], text, None)))
+            self._outbox.append((entry.stream, self._output(seq, [token], text, None, logprob_list)))
         else:
-            self._finish(entry, reason, [token], text)
+            self._finish(entry, reason, [token], text, logprob_list)
 
-    def _finish(self, entry: _Entry, reason: FinishReason, token_ids: Sequence[int] = (), text: str = "") -> None:
+    def _finish(self, entry: _Entry, reason: FinishReason, token_ids: Sequence[int] = (), text: str = "",
+                logprobs: list[TokenLogprobs] | None = None) -> None:
         self.scheduler.finish(entry.seq, reason)
-        self._retire(entry, reason, list(token_ids), text + entry.detokenizer.flush())
+        tail = "" if entry.detokenizer is None else entry.detokenizer.flush()
+        self._retire(entry, reason, list(token_ids), text + tail, logprobs)
 
-    def _retire(self, entry: _Entry, reason: FinishReason, token_ids: list[int], text: str = "") -> None:
-        seq, n = entry.seq, len(entry.seq.output_ids)
-        if n >= 2 and seq.first_token_s is not None and seq.last_token_s is not None:
-            self.metrics.tpot_s.append((seq.last_token_s - seq.first_token_s) / (n - 1))
-        self.metrics.num_finished[reason] += 1
+    def _retire(self, entry: _Entry, reason: FinishReason, token_ids: list[int], text: str = "",
+                logprobs: list[TokenLogprobs] | None = None) -> None:
+        seq = entry.seq
         self._forget(seq.request_id)
-        self._outbox.append((entry.stream, self._output(seq, token_ids, text, reason)))
+        stop_string = None if entry.detokenizer is None else entry.detokenizer.stop_string
+        self._outbox.append((entry.stream, self._output(seq, token_ids, text, reason, logprobs, stop_string)))
 
     def _fail(self, entry: _Entry, exc: Exception) -> None:
         self.scheduler.finish(entry.seq, FinishReason.ABORT)
@@ -296,5 +321,7 @@ class Engine:
             self._request_ids.discard(request_id)
 
     @staticmethod
-    def _output(seq: SequenceState, token_ids: list[int], text: str, reason: FinishReason | None) -> StepOutput:
-        return StepOutput(seq.request_id, token_ids, text, reason, seq.num_prompt_tokens, len(seq.output_ids))
+    def _output(seq: SequenceState, token_ids: list[int], text: str, reason: FinishReason | None,
+                logprobs: list[TokenLogprobs] | None = None, stop_string: str | None = None) -> StepOutput:
+        return StepOutput(seq.request_id, token_ids, text, reason, seq.num_prompt_tokens, len(seq.output_ids),
+                          logprobs, stop_string)

@@ -1,6 +1,6 @@
 """The cluster commands of the `nextserve` CLI: up, status, scale, rebalance.
 
-`up` runs the cluster (cluster/up.py); the others talk to its Redis registry, found through the
+`up` runs the cluster (cluster/cli/up.py); the others talk to its Redis registry, found through the
 state file `up` writes (or --redis-url). `scale` and `rebalance` write the desired state to Redis and
 wait for the controller to publish the placement that serves it.
 """
@@ -15,10 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nextserve.cluster.app_args import AppArgs
-from nextserve.cluster.model_paths import cache_dir, resolve_model
-from nextserve.cluster.rebalance import measured_imbalance
-from nextserve.cluster.registry import Registry
-from nextserve.cluster.up import UpOptions, read_state, run_up
+from nextserve.cluster.cli.model_paths import cache_dir, resolve_model
+from nextserve.cluster.control.rebalance import measured_imbalance
+from nextserve.cluster.control.registry import Registry
+from nextserve.cluster.cli.up import UpOptions, read_state, run_up
 from nextserve.model.config import ConfigError
 
 
@@ -32,7 +32,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                   head_replicas=args.head_replicas, dtype=args.dtype, redis_url=args.redis_url or "",
                   cluster=args.cluster, api_key=args.api_key or os.environ.get("NEXTSERVE_API_KEY"),
                   unavailable_wait_s=args.unavailable_wait_s, rebalance_every_s=args.rebalance_every_s,
-                  micro_batches=args.micro_batches, head_num_gpus=args.head_gpus)
+                  micro_batches=args.micro_batches, head_num_gpus=args.head_gpus,
+                  max_model_len=args.max_model_len)
     return run_up(UpOptions(app=app, host=args.host, port=args.port, ray_address=os.environ.get("RAY_ADDRESS"),
                             state_file=state_file(args.cluster), direct_ingress=not args.no_direct_ingress))
 
@@ -130,6 +131,8 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unavailable-wait-s", type=float, default=30.0,
                    help="with no live replica of an expert, wait this long for its worker before a 503")
     p.add_argument("--rebalance-every-s", type=float, default=0.0, help="scheduled rebalancing (0 = on demand)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="the context the server admits, prompt + output tokens (default: the model's)")
     p.add_argument("--micro-batches", type=int, default=1,
                    help="ping-pong micro-batches per head step (2 overlaps head math with the expert round)")
     p.add_argument("--head-gpus", type=float, default=0.0, help="GPUs per head replica (0: heads on CPU)")

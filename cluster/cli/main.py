@@ -5,7 +5,7 @@
     nextserve scale --expert-workers N           re-shard the experts live onto N workers
     nextserve rebalance                          re-place experts for the measured load (EPLB), live
     nextserve make-tiny DIR                      write the tiny default checkpoint
-    nextserve generate --model DIR|tiny PROMPT…  one-process generation (head + local experts)
+    nextserve generate --model DIR|tiny PROMPT…  one-process generation (the engine, experts in-process)
     nextserve plan --config qwen3-coder-next     parameter counts and bytes, computed from a config
     nextserve bench model|step|dispatch|serve|gpu …  benchmarks (see bench/)
 """
@@ -29,14 +29,15 @@ from nextserve.bench import serve_bench
 from nextserve.bench import step_bench
 from nextserve.model.config import PUBLISHED_CONFIGS, ConfigError, Qwen3NextConfig
 from nextserve.model.checkpoint import CheckpointError, parse_dtype
-from nextserve.model.generate import generate
 from nextserve.model.loader import load_head, load_local_backend
 from nextserve.model.sampling import SamplingError, SamplingParams
-from nextserve.model.capacity import GPUS, gpu_overlay_patch, plan_capacity
+from nextserve.cluster.cli.k8s_overlay import gpu_overlay_patch
+from nextserve.model.capacity import GPUS, plan_capacity
 from nextserve.model.sizes import model_sizes
 from nextserve.model.tiny import make_tiny
-from nextserve.cluster.cluster_cli import add_cluster_commands
-from nextserve.cluster.model_paths import resolve_model
+from nextserve.cluster.cli.cluster_commands import add_cluster_commands
+from nextserve.cluster.engine.engine import Engine, EngineRequestError
+from nextserve.cluster.cli.model_paths import resolve_model
 
 log = logging.getLogger("nextserve")
 
@@ -51,12 +52,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    head, experts = load_head(path, args.dtype), load_local_backend(path, args.dtype)
-    prompt_ids = [tokenizer(p)["input_ids"] for p in args.prompts]
-    outputs = generate(head, experts, prompt_ids, params)
+    engine = Engine(load_head(path, args.dtype), load_local_backend(path, args.dtype), tokenizer)
+    try:
+        outputs = engine.generate_sync([tokenizer(p)["input_ids"] for p in args.prompts], params)
+    except EngineRequestError as e:
+        raise ConfigError(f"a prompt cannot be served: {e}") from None
+    finally:
+        engine.shutdown()
     for prompt, out in zip(args.prompts, outputs):
-        text = tokenizer.decode(out, skip_special_tokens=True)
-        print(json.dumps({"prompt": prompt, "text": text, "token_ids": out}) if args.json else prompt + text)
+        ids = list(out.token_ids)
+        print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": ids}) if args.json else prompt + out.text)
     return 0
 
 

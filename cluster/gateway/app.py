@@ -1,0 +1,157 @@
+"""The HTTP gateway: a plain FastAPI factory the Ray Serve gateway deployment wraps.
+
+    POST /v1/completions, /v1/chat/completions         OpenAI (openai_api.py)
+    POST /v1/messages, /v1/messages/count_tokens        Anthropic Messages (anthropic_api.py)
+    GET  /v1/models, /health (200 only when the engine is ready), /metrics (Prometheus text)
+
+/v1 needs the API key, when one is given, as `Authorization: Bearer <key>` or `x-api-key: <key>` (what
+the anthropic SDK sends); /health and /metrics stay open for probes and scrapers. Client mistakes are
+4xx and anything unexpected a 500, in the error shape of the API the path belongs to, and serving goes
+on. When a client leaves, its engine streams are closed (`aclose`), which aborts the requests.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from nextserve.cluster.gateway.anthropic_api import AnthropicApi
+from nextserve.cluster.gateway.generation import EngineClient
+from nextserve.cluster.gateway.metrics import GatewayMetrics, RequestCounter
+from nextserve.cluster.gateway.openai_api import OpenAIApi
+from nextserve.cluster.gateway.protocols import anthropic
+from nextserve.cluster.gateway.protocols.openai import SERVER_ERROR, RequestError, error_body, validation_error
+from nextserve.model.sampling import SamplingDefaults
+
+log = logging.getLogger(__name__)
+
+ANTHROPIC_PATHS = "/v1/messages"
+"""Paths under this prefix answer errors in Anthropic's shape."""
+
+
+def _authorizer(api_key: str) -> Any:
+    async def authorize(request: Request) -> None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "").strip()
+        if not token:
+            raise RequestError(401, "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
+                               code="invalid_api_key")
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise RequestError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return authorize
+
+
+def _as_anthropic(e: Exception) -> anthropic.AnthropicError:
+    if isinstance(e, anthropic.AnthropicError):
+        return e
+    if isinstance(e, RequestValidationError):
+        return anthropic.validation_error(list(e.errors()))
+    if isinstance(e, RequestError):
+        return anthropic.AnthropicError(e.status_code, e.message)
+    assert isinstance(e, HTTPException)
+    return anthropic.AnthropicError(e.status_code, str(e.detail))
+
+
+async def _on_error(request: Request, e: Exception) -> JSONResponse:
+    """Errors in the shape of the path's API: ours, FastAPI's validation errors, Starlette's 404 and 405."""
+    if request.url.path.startswith(ANTHROPIC_PATHS):
+        error = _as_anthropic(e)
+        return JSONResponse(error.body, error.status)
+    if isinstance(e, RequestValidationError):
+        e = validation_error(list(e.errors()))
+    if isinstance(e, RequestError):
+        return JSONResponse(e.body(), e.status_code)
+    if isinstance(e, anthropic.AnthropicError):
+        return JSONResponse(error_body(e.message), e.status)
+    assert isinstance(e, HTTPException)
+    return JSONResponse(error_body(str(e.detail)), e.status_code, headers=e.headers)
+
+
+def _crash_barrier(app: ASGIApp) -> ASGIApp:
+    """A 500 error body for what no handler took (Starlette's 500 handler re-raises: the server drops the link)."""
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        is_started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal is_started
+            is_started = is_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await app(scope, receive, send_tracked)
+        except Exception:
+            log.exception("unhandled error serving %s %s", scope.get("method"), scope.get("path"))
+            if not is_started:
+                is_anthropic = str(scope.get("path", "")).startswith(ANTHROPIC_PATHS)
+                body = anthropic.error_body(500, "internal server error") if is_anthropic else \
+                    error_body("internal server error", SERVER_ERROR)
+                await JSONResponse(body, 500)(scope, receive, send)
+    return guarded
+
+
+class Gateway:
+    """The routes that are not an API's own: models, health, metrics."""
+
+    def __init__(self, engine: EngineClient, model_name: str, defaults: SamplingDefaults) -> None:
+        self.engine, self.model_name = engine, model_name
+        self.metrics = GatewayMetrics()
+        self.openai = OpenAIApi(engine, model_name, self.metrics, defaults)
+        self.anthropic = AnthropicApi(engine, model_name, self.metrics, defaults)
+        self.card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "nextserve",
+                     "max_model_len": engine.max_model_len}
+
+    async def list_models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.card]}
+
+    async def retrieve_model(self, model: str) -> dict[str, Any]:
+        self.openai.check_model(model)
+        return self.card
+
+    async def health(self) -> Response:
+        try:
+            if await self.engine.is_ready():
+                return JSONResponse({"status": "ok"})
+        except Exception:
+            log.warning("readiness check failed", exc_info=True)
+        body = error_body("not ready: heads or expert workers are not up", SERVER_ERROR, code="not_ready")
+        return JSONResponse(body, 503)
+
+    async def metrics_text(self) -> Response:
+        try:
+            self.metrics.observe_engine_stats(await self.engine.stats())
+        except Exception:
+            log.warning("engine stats unavailable; serving the gateway's own metrics", exc_info=True)
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
+
+def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
+              defaults: SamplingDefaults | None = None) -> FastAPI:
+    """The gateway app serving `engine` under the name `model_name`; `api_key` None leaves /v1 open;
+    `defaults` are what requests that leave temperature / top_p / top_k unset sample with."""
+    gateway = Gateway(engine, model_name, defaults or SamplingDefaults())
+    app = FastAPI(title="nextserve", docs_url=None, redoc_url=None)
+    app.state.gateway = gateway
+    for exc in (RequestError, anthropic.AnthropicError, RequestValidationError, HTTPException):
+        app.add_exception_handler(exc, _on_error)
+    app.add_middleware(_crash_barrier)
+    app.add_middleware(RequestCounter, metrics=gateway.metrics)  # outside the barrier: counts its 500s
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(api_key))] if api_key else [])
+    v1.add_api_route("/completions", gateway.openai.completions, methods=["POST"])
+    v1.add_api_route("/chat/completions", gateway.openai.chat_completions, methods=["POST"])
+    v1.add_api_route("/messages", gateway.anthropic.messages, methods=["POST"])
+    v1.add_api_route("/messages/count_tokens", gateway.anthropic.count_tokens, methods=["POST"])
+    v1.add_api_route("/models", gateway.list_models, methods=["GET"])
+    v1.add_api_route("/models/{model:path}", gateway.retrieve_model, methods=["GET"])
+    app.include_router(v1)
+    app.add_api_route("/health", gateway.health, methods=["GET"])
+    app.add_api_route("/metrics", gateway.metrics_text, methods=["GET"])
+    return app

@@ -1,0 +1,121 @@
+"""One API request as engine requests: its n choices started together, their outputs merged as they come.
+
+    start_choices(engine, request_id, prompt_ids, [params per choice], stop, metrics)
+      -> one engine request per choice ("{request_id}-{i}"), each awaited to its first output, so an
+         engine refusal (EngineRequestError) or unavailability (EngineUnavailableError) is raised here,
+         before any response starts, for each API to map to its own error shape
+      -> Choices: `async for index, out in choices` in arrival order; `aclose()` aborts what is left
+
+Choice i of a request with a seed samples with seed + i: reproducible per choice, different between
+choices. Until the engine shares a prefill between sequences (prefix caching), n choices prefill the
+prompt n times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import suppress
+from typing import Protocol
+
+from transformers import PreTrainedTokenizerBase
+
+from nextserve.cluster.engine.detokenizer import StepOutput
+from nextserve.cluster.engine.stats import EngineStats
+from nextserve.cluster.gateway.metrics import GatewayMetrics, RequestTracker
+from nextserve.model.sampling import SamplingParams
+
+
+class EngineClient(Protocol):
+    """What the gateway needs from the model side: an in-process engine, or a Ray handle to the heads."""
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase: ...  # encodes prompts and applies the chat template
+    @property
+    def max_model_len(self) -> int: ...  # context length in tokens: prompt + completion
+
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 stop: list[str]) -> AsyncGenerator[StepOutput, None]:
+        """Stream one request's outputs. A refused request raises EngineRequestError at the first iteration,
+        a request whose experts have no live worker EngineUnavailableError. The gateway calls `aclose()`
+        when it stops early (the client went away); that must abort the request in the engine."""
+        ...
+
+    async def stats(self) -> EngineStats: ...
+    async def is_ready(self) -> bool: ...  # heads and expert workers are up
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """n choices: the same params, choice i seeded with seed + i when a seed is given."""
+    if params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
+
+
+class Choices:
+    """The merged outputs of a request's choices; each stream is closed (aborting its engine request)
+    when iteration ends, however it ends."""
+
+    def __init__(self, firsts: list[StepOutput], streams: list[AsyncGenerator[StepOutput, None]],
+                 trackers: list[RequestTracker]) -> None:
+        self.firsts, self.streams, self.trackers = firsts, streams, trackers
+        self.prompt_tokens = firsts[0].prompt_tokens
+
+    @property
+    def n(self) -> int:
+        return len(self.streams)
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, StepOutput]]:
+        queue: asyncio.Queue[tuple[int, StepOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                await queue.put((i, self.firsts[i]))
+                if self.firsts[i].finish_reason is None:
+                    async for out in self.streams[i]:
+                        await queue.put((i, out))
+                await queue.put((i, None))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+                await queue.put((i, e))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(self.n)]
+        try:
+            live = self.n
+            while live:
+                i, item = await queue.get()
+                if item is None:
+                    live -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                self.trackers[i].on_output(item)
+                yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with suppress(BaseException):
+                    await task
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        for stream, tracker in zip(self.streams, self.trackers):
+            await stream.aclose()
+            tracker.finish()
+
+
+async def start_choices(engine: EngineClient, request_id: str, prompt_ids: list[int],
+                        params: Sequence[SamplingParams], stop: list[str], metrics: GatewayMetrics) -> Choices:
+    """Start every choice and wait for each one's first output; on any failure close them all and raise."""
+    streams = [engine.generate(f"{request_id}-{i}" if len(params) > 1 else request_id, prompt_ids, p, stop)
+               for i, p in enumerate(params)]
+    trackers = [metrics.track() for _ in streams]
+    try:
+        firsts = list(await asyncio.gather(*(anext(s) for s in streams)))
+    except BaseException:
+        for stream, tracker in zip(streams, trackers):
+            with suppress(Exception):
+                await stream.aclose()
+            tracker.finish()
+        raise
+    return Choices(firsts, streams, trackers)
