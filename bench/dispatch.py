@@ -2,7 +2,7 @@
 floor, a raw gRPC echo of the same request and reply bytes to the same servers.
 
 Flow: write a random-weight checkpoint of the tiny model's expert shapes (or use --model DIR) ->
-start W `python -m experts.server` subprocesses with a balanced placement -> random top-k routing
+start W `python -m nextserve.experts.server` subprocesses with a balanced placement -> random top-k routing
 for T tokens -> alternate dispatch rounds and echo rounds (same channels, same event-loop thread,
 same bytes per worker) -> medians, ratio, bytes per token.
 
@@ -15,6 +15,8 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -63,18 +65,26 @@ def write_random_experts(path: Path, hidden_size: int, num_experts: int, num_exp
     return path
 
 
+ADMIN_TOKEN_ENV = "NEXTSERVE_ADMIN_TOKEN"
+"""Where worker_processes hands the workers their admin token: the environment, not argv (`ps` shows argv)."""
+
+
 @contextmanager
-def worker_processes(model_dir: Path, placement: Placement, dtype: str) -> Iterator[tuple[list[subprocess.Popen], list[str]]]:
-    """`python -m experts.server` per worker of `placement` on the CPU (one torch thread each), ready;
-    -> (processes, addresses); all terminated on exit, also when one of them fails to start."""
+def worker_processes(model_dir: Path, placement: Placement, dtype: str,
+                     admin_token: str) -> Iterator[tuple[list[subprocess.Popen], list[str]]]:
+    """`python -m nextserve.experts.server` per worker of `placement` on the CPU (one torch thread each),
+    LoadExperts / DropExperts only with `admin_token`, ready; -> (processes, addresses); all terminated on
+    exit, also when one of them fails to start."""
     procs, addresses = [], []
+    env = {**os.environ, ADMIN_TOKEN_ENV: admin_token}
     try:
         for w in range(placement.num_workers):
             spec = ";".join(f"{layer}:{e}" for layer, e in placement.experts_of(w))
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "experts.server", "--model", str(model_dir), "--port", "0", "--dtype", dtype,
-                 "--experts", spec, "--torch-threads", "1", "--epoch", str(placement.epoch), "--device", "cpu"],
-                cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+                [sys.executable, "-m", "nextserve.experts.server", "--model", str(model_dir), "--port", "0",
+                 "--dtype", dtype, "--experts", spec, "--torch-threads", "1", "--epoch", str(placement.epoch),
+                 "--device", "cpu", "--admin-token-env", ADMIN_TOKEN_ENV],
+                cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
         for proc in procs:
             ready = json.loads(proc.stdout.readline() or "{}")
             if ready.get("event") != "ready":
@@ -168,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
         model_dir = args.model or write_random_experts(Path(tmp) / "experts", **TINY_SHAPES)
         config = Qwen3NextConfig.from_json(model_dir)
         placement = build_placement(config.moe_layers[:1], config.num_experts, args.workers, 1)
-        with worker_processes(Path(model_dir), placement, args.dtype) as (_, addresses), \
+        admin_token = secrets.token_urlsafe()  # the bench makes no admin calls; the workers still require one
+        with worker_processes(Path(model_dir), placement, args.dtype, admin_token) as (_, addresses), \
                 RemoteExpertBackend(addresses, placement, getattr(torch, args.dtype), deadline_s=10.0) as backend:
             result = measure(backend, args.tokens, config.num_experts_per_tok, config.num_experts,
                              config.hidden_size, args.rounds)

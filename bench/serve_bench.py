@@ -4,7 +4,8 @@ transformers' own `generate` serving the same requests the way a transformers us
     make_workload (seeded) -> C streaming /v1/completions in flight -> tok/s, TTFT, TPOT (p50, p99), errors
                            -> transformers generate, batches of C, left-padded -> baseline tok/s, ratio
 
-Workload: token-id prompts from the checkpoint's vocab, lengths uniform in [1, L]; outputs uniform in
+Workload: token-id prompts drawn from the checkpoint's tokenizer (its ids but the special ones; not
+config.vocab_size, which a checkpoint pads past its tokenizer), lengths uniform in [1, L]; outputs uniform in
 [8, M] (`--fixed-lengths`: all L in, M out, a server's worst case); greedy with `ignore_eos`, so both sides
 produce exactly max_tokens. Throughput = output tokens per second of wall time: the server's
 usage.completion_tokens (an SSE event may carry several tokens); for the baseline only the tokens each
@@ -33,11 +34,10 @@ import openai
 import torch
 from matplotlib.figure import Figure
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from nextserve.model.checkpoint import parse_dtype
 
-FIRST_REGULAR_ID = 3  # prompt ids come from [3, vocab): 0..2 are the tiny tokenizer's special tokens
 MIN_OUTPUT_TOKENS = 8  # outputs are drawn from [8, M]: a TPOT needs a few tokens to mean anything
 PAD_ID = 0  # the baseline's left padding, masked out by attention_mask
 REQUEST_TIMEOUT_S = 600.0
@@ -78,21 +78,38 @@ class ServeBenchRow:
     ratio: float | None = None  # throughput_tok_s / baseline_throughput_tok_s
 
 
-def make_workload(num_requests: int, prompt_len: int, max_tokens: int, vocab_size: int, seed: int,
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids prompts are drawn from: every id below len(tokenizer) (what the server admits) but the
+    special tokens. Not config.vocab_size: Qwen3-Coder-Next pads its embedding to 151,936 rows for a
+    tokenizer of 151,669 tokens, and the server answers 400 to an id in the padding."""
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return [i for i in range(len(tokenizer)) if i not in special]
+
+
+def checkpoint_prompt_token_ids(model_dir: Path) -> list[int]:
+    """prompt_token_ids of the checkpoint's own tokenizer."""
+    if not (model_dir / "config.json").exists():
+        raise BenchError(f"--model {model_dir} is not a checkpoint directory (no config.json); pass the one the "
+                         f"server runs")
+    return prompt_token_ids(AutoTokenizer.from_pretrained(model_dir))
+
+
+def make_workload(num_requests: int, prompt_len: int, max_tokens: int, token_ids: Sequence[int], seed: int,
                   fixed_lengths: bool = False) -> list[BenchRequest]:
-    """`num_requests` requests: prompts of [1, prompt_len] ids from [3, vocab_size), outputs of
+    """`num_requests` requests: prompts of [1, prompt_len] ids drawn from `token_ids`, outputs of
     [8, max_tokens] tokens (exactly prompt_len and max_tokens with `fixed_lengths`); same seed, same list."""
     shortest = 1 if fixed_lengths else MIN_OUTPUT_TOKENS
-    if min(num_requests, prompt_len) < 1 or max_tokens < shortest or vocab_size <= FIRST_REGULAR_ID:
+    if min(num_requests, prompt_len) < 1 or max_tokens < shortest or not token_ids:
         raise BenchError(f"need --requests >= 1 (got {num_requests}), --prompt-len >= 1 ({prompt_len}), --max-tokens "
                          f">= {shortest} ({max_tokens}; outputs are drawn from [{MIN_OUTPUT_TOKENS}, M] unless "
-                         f"--fixed-lengths) and a vocab > {FIRST_REGULAR_ID} ({vocab_size})")
+                         f"--fixed-lengths) and regular tokens to draw prompts from ({len(token_ids)})")
     rng = random.Random(seed)
     workload = []
     for _ in range(num_requests):
         num_in = prompt_len if fixed_lengths else rng.randint(1, prompt_len)
         num_out = max_tokens if fixed_lengths else rng.randint(MIN_OUTPUT_TOKENS, max_tokens)
-        prompt = tuple(rng.randrange(FIRST_REGULAR_ID, vocab_size) for _ in range(num_in))
+        prompt = tuple(rng.choice(token_ids) for _ in range(num_in))
         workload.append(BenchRequest(prompt, num_out))
     return workload
 
@@ -198,7 +215,7 @@ def load_transformers(model_dir: Path, dtype: str) -> PreTrainedModel:
 def transformers_throughput(model: PreTrainedModel, workload: list[BenchRequest], concurrency: int) -> float:
     """Requested output tokens/s of `generate` on the workload in batches of `concurrency`, left-padded,
     each batch greedy until its longest request is done."""
-    model.generate(input_ids=torch.tensor([[FIRST_REGULAR_ID]]), max_new_tokens=2, do_sample=False)  # warm-up
+    model.generate(input_ids=torch.tensor([workload[0].prompt_ids[:1]]), max_new_tokens=2, do_sample=False)  # warm-up
     batches = [workload[i:i + concurrency] for i in range(0, len(workload), concurrency)]
     start = time.perf_counter()
     for batch in tqdm(batches, desc=f"transformers c={concurrency}", unit="batch", file=sys.stderr):
@@ -273,11 +290,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        vocab_size = json.loads((args.model / "config.json").read_text())["vocab_size"]
-        workload = make_workload(args.requests, args.prompt_len, args.max_tokens, vocab_size, args.seed,
+        token_ids = checkpoint_prompt_token_ids(args.model)
+        workload = make_workload(args.requests, args.prompt_len, args.max_tokens, token_ids, args.seed,
                                  args.fixed_lengths)
         rows = asyncio.run(_served_sweep(args.url, args.api_key, args.model_name, workload, args.concurrency))
-    except (BenchError, FileNotFoundError) as e:  # FileNotFoundError: --model is not a checkpoint dir
+    except BenchError as e:
         print(f"nextserve: error: {e}", file=sys.stderr)
         return 2
     if args.vs_transformers:

@@ -1,6 +1,6 @@
 """`nextserve bench step`: where one decode step's time goes, head and experts apart, in one run.
 
-Flow: load the head (float32) and start W `python -m experts.server` processes holding all routed
+Flow: load the head (float32) and start W `python -m nextserve.experts.server` processes holding all routed
 experts (balanced placement) -> prefill B sequences of `prompt_len` tokens -> time `steps` greedy
 decode steps of the whole batch with each expert backend in turn, interleaved so drift hits all:
 
@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import statistics
 import sys
 import time
@@ -169,7 +170,8 @@ def run_step_bench(path: Path, batch: int, prompt_len: int, steps: int, workers:
     prompts = torch.randint(3, config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
     head, local = load_head(path), load_local_backend(path)
     placement = build_placement(config.moe_layers, config.num_experts, workers, 1)
-    with worker_processes(path, placement, "float32") as (procs, addresses), \
+    admin_token = secrets.token_urlsafe()  # the bench makes no admin calls; the workers still require one
+    with worker_processes(path, placement, "float32", admin_token) as (procs, addresses), \
             RemoteExpertBackend(addresses, placement, torch.float32, deadline_s=30.0) as remote, torch.inference_mode():
         head_batch = HeadBatch(head, batch, torch.device("cpu"))
         decoder = Decoder(head_batch, head_batch.prefill(prompts, local))

@@ -18,7 +18,7 @@ from nextserve.cluster.deployments.head import HeadDeployment
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    app_args = AppArgs(**args).with_redis_password(os.environ)  # the entrypoint: the one env read
+    app_args = AppArgs(**args).with_redis_password(os.environ).with_admin_token(os.environ)  # the one env read
     options: dict[str, Any] = {"num_replicas": app_args.head_replicas}
     if app_args.head_num_gpus:
         options["ray_actor_options"] = {**HeadDeployment.ray_actor_options, "num_gpus": app_args.head_num_gpus}

@@ -24,6 +24,7 @@ class AppArgs(BaseModel):
     """The name clients pass as `model`; default: the checkpoint directory's name."""
     expert_workers: int = Field(2, ge=1)
     expert_replicas: int = Field(1, ge=1)
+    """R: distinct workers holding every expert, so at most expert_workers."""
     head_replicas: int = Field(1, ge=1)
     dtype: Literal["float32", "bfloat16"] = "float32"
     redis_url: str = ""
@@ -65,6 +66,14 @@ class AppArgs(BaseModel):
             raise ValueError(str(exc)) from None
         return self
 
+    @model_validator(mode="after")
+    def _replicas_fit(self) -> "AppArgs":
+        if self.expert_replicas > self.expert_workers:
+            raise ValueError(f"expert_replicas={self.expert_replicas} exceeds expert_workers={self.expert_workers}: "
+                             f"each expert needs {self.expert_replicas} distinct workers; raise expert_workers "
+                             f"(--expert-workers) to at least {self.expert_replicas} or lower expert_replicas")
+        return self
+
     @field_validator("model")
     @classmethod
     def _model_dir(cls, value: str) -> str:
@@ -102,6 +111,34 @@ class AppArgs(BaseModel):
         netloc = f":{quote(password, safe='')}@{url.netloc}"
         return self.model_copy(update={"redis_url": urlunsplit(url._replace(netloc=netloc)),
                                        "redis_password_env": None})
+
+    admin_token: str | None = Field(None, min_length=1, repr=False)
+    """The cluster's admin token: expert workers take LoadExperts / DropExperts only with it (the controller
+    sends it). `nextserve up` makes a fresh one; a RayService names a variable instead (admin_token_env)."""
+    admin_token_env: str | None = None
+    """Name of an environment variable holding the admin token (Kubernetes: from the `nextserve-admin`
+    Secret on every Ray pod), so that no token sits in the Serve config; `build_app` reads it."""
+
+    @model_validator(mode="after")
+    def _one_admin_token_source(self) -> "AppArgs":
+        if self.admin_token and self.admin_token_env:
+            raise ValueError("admin_token and admin_token_env are both set; keep one (admin_token_env on Kubernetes)")
+        return self
+
+    def with_admin_token(self, environ: Mapping[str, str]) -> "AppArgs":
+        """These args with the admin token from `environ[admin_token_env]` (or admin_token as given); a
+        cluster never runs without one, so neither is an error naming both fields."""
+        if self.admin_token:
+            return self
+        if not self.admin_token_env:
+            raise ValueError("no admin token for the expert workers: set admin_token_env to the name of an "
+                             "environment variable that holds one on every Ray pod (Kubernetes: from the "
+                             "nextserve-admin Secret), or admin_token")
+        token = environ.get(self.admin_token_env)
+        if not token:
+            raise ValueError(f"admin_token_env={self.admin_token_env!r} is not set in this process's environment; "
+                             f"set it on every Ray pod from the nextserve-admin Secret")
+        return self.model_copy(update={"admin_token": token, "admin_token_env": None})
 
     def served_model_name(self) -> str:
         return self.model_name or Path(self.model).name

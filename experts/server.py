@@ -6,10 +6,13 @@ start a grpc.aio server (+ the standard health service) on host:port -> print on
 `{"event": "ready", "port": P, ...}` on stdout -> serve until SIGINT/SIGTERM.
 
 Run:
-    python -m experts.server --model DIR --port 0 --experts '0:0,1,2;1:5' [--device auto|cpu|cuda]
-    python -m experts.server --model DIR --port 0 @args.txt      # arguments read from a file
+    NEXTSERVE_ADMIN_TOKEN=... python -m nextserve.experts.server --model DIR --port 0 \
+        --experts '0:0,1,2;1:5' --admin-token-env NEXTSERVE_ADMIN_TOKEN [--device auto|cpu|cuda]
+    python -m nextserve.experts.server --model DIR --port 0 @args.txt      # arguments read from a file
 
-The controller (cluster/) turns a router.placement.Placement into each worker's --experts.
+The controller (cluster/) turns a router.placement.Placement into each worker's --experts. LoadExperts
+and DropExperts need the cluster's admin token (proto/admin_auth.py); a worker leaves them open only
+when started with --no-admin-token (or admin_token=None), never by default.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -35,6 +39,7 @@ from nextserve.experts.service import ExpertServicer
 from nextserve.experts.store import ExpertStore
 from nextserve.model.device import DEVICE_CHOICES, resolve_device
 from nextserve.proto import expert_pb2, expert_pb2_grpc
+from nextserve.proto.admin_auth import AdminTokenInterceptor
 from nextserve.proto.codec import MESSAGE_SIZE_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -60,14 +65,16 @@ class Worker:
 
 async def start_worker(model_dir: str | Path, pairs: Iterable[tuple[int, int]], dtype: str = "float32",
                        host: str = "127.0.0.1", port: int = 0, epoch: int = 0,
-                       compute_threads: int = 4, device: str = "cpu") -> Worker:
+                       compute_threads: int = 4, device: str = "cpu", *, admin_token: str | None) -> Worker:
     """Load `pairs` from the checkpoint onto `device` (see model.device.resolve_device) and serve them;
-    port 0 lets the OS pick (see Worker.port)."""
+    port 0 lets the OS pick (see Worker.port). LoadExperts / DropExperts need `admin_token` in their
+    metadata; `admin_token=None` (explicit, no default) leaves them open."""
     store = ExpertStore(model_dir, dtype, resolve_device(device))
     executor = ThreadPoolExecutor(compute_threads, thread_name_prefix="expert-compute")
     await asyncio.get_running_loop().run_in_executor(executor, store.load, list(pairs), epoch)
     servicer = ExpertServicer(store, executor)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    interceptors = None if admin_token is None else [AdminTokenInterceptor(admin_token)]
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     expert_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -93,9 +100,11 @@ def freeze_startup_objects() -> None:
 
 
 class BackgroundWorkers:
-    """Workers served from one event-loop thread of this process (tests, benchmarks, notebooks)."""
+    """Workers served from one event-loop thread of this process (tests, benchmarks, notebooks), all with
+    `admin_token` (None: admin calls open)."""
 
-    def __init__(self) -> None:
+    def __init__(self, admin_token: str | None) -> None:
+        self.admin_token = admin_token
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="expert-workers", daemon=True)
         self._thread.start()
@@ -103,7 +112,7 @@ class BackgroundWorkers:
 
     def start(self, model_dir: str | Path, pairs: Iterable[tuple[int, int]], dtype: str = "float32",
               epoch: int = 0) -> Worker:
-        coro = start_worker(model_dir, list(pairs), dtype, epoch=epoch)
+        coro = start_worker(model_dir, list(pairs), dtype, epoch=epoch, admin_token=self.admin_token)
         worker = asyncio.run_coroutine_threadsafe(coro, self.loop).result()
         self.workers.append(worker)
         return worker
@@ -132,7 +141,7 @@ def parse_experts(spec: str) -> list[tuple[int, int]]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experts.server", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m nextserve.experts.server", description=__doc__.split("\n")[0],
                                 fromfile_prefix_chars="@")
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     p.add_argument("--host", default="127.0.0.1")
@@ -144,12 +153,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--epoch", type=int, default=0, help="placement epoch these experts belong to")
     p.add_argument("--compute-threads", type=int, default=4)
     p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
-    return p.parse_args(argv)
+    admin = p.add_mutually_exclusive_group(required=True)
+    admin.add_argument("--admin-token-env", metavar="VAR",
+                       help="environment variable holding the cluster's admin token (LoadExperts, DropExperts need it)")
+    admin.add_argument("--no-admin-token", action="store_true",
+                       help="leave LoadExperts / DropExperts open to anyone who reaches the port")
+    args = p.parse_args(argv)
+    args.admin_token = None if args.no_admin_token else os.environ.get(args.admin_token_env)
+    if not args.no_admin_token and not args.admin_token:
+        p.error(f"--admin-token-env {args.admin_token_env}: that environment variable is not set or empty; "
+                f"export the cluster's admin token in it, or pass --no-admin-token")
+    return args
 
 
 async def serve(args: argparse.Namespace) -> None:
     worker = await start_worker(args.model, args.experts, args.dtype, args.host, args.port, args.epoch,
-                                args.compute_threads, args.device)
+                                args.compute_threads, args.device, admin_token=args.admin_token)
     # The ready line is the subprocess protocol (stdout); logs go to stderr.
     sys.stdout.write(json.dumps({"event": "ready", "host": args.host, "port": worker.port,
                                  "num_experts_held": len(worker.store.pairs()), "epoch": args.epoch}) + "\n")

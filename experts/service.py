@@ -4,6 +4,8 @@ Decoding and compute of large requests run in a thread pool (torch releases the 
 so the asyncio loop keeps accepting calls from several heads while others compute; small requests
 are computed inline (see INLINE_MAX_PAIRS); weight tables are copy-on-write
 snapshots (experts/store.py), so concurrent Dispatch, LoadExperts and DropExperts are safe.
+LoadExperts and DropExperts reach this servicer only with the cluster's admin token: experts/server.py
+puts proto/admin_auth.py's AdminTokenInterceptor in front of it.
 """
 
 from __future__ import annotations

@@ -157,7 +157,8 @@ class Qwen3NextConfig:
     def from_dict(cls, raw: dict[str, Any]) -> "Qwen3NextConfig":
         if raw.get("model_type") != "qwen3_next":
             raise ConfigError(
-                f"config field 'model_type' is {raw.get('model_type')!r}; nextserve serves 'qwen3_next' checkpoints"
+                f"config field 'model_type' is {raw.get('model_type')!r}; nextserve serves 'qwen3_next' checkpoints "
+                f"only: pass a Qwen3-Next checkpoint (e.g. Qwen/Qwen3-Coder-Next, Qwen/Qwen3-Next-80B-A3B-Instruct)"
             )
         known = {f for f in cls.__dataclass_fields__}
         values: dict[str, Any] = {k: v for k, v in raw.items() if k in known}
@@ -205,7 +206,10 @@ class Qwen3NextConfig:
             raise ConfigError(f"no config.json at {path}; pass a Hugging Face checkpoint directory") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-        return cls.from_dict(raw)
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json body transformers' Qwen3NextConfig reads back to the same model."""

@@ -77,13 +77,16 @@ class ExpertServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadExperts(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Admin: needs metadata `authorization: Bearer <cluster admin token>`, else UNAUTHENTICATED
+        (proto/admin_auth.py; every method not listed open there is admin).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DropExperts(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Admin, as LoadExperts.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

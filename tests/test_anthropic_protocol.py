@@ -310,7 +310,7 @@ REFUSED: list[tuple[str, bytes, str]] = [
     ("missing model", body(model=...), r"^model: Field required"),
     ("missing messages", body(messages=...), r"^messages: Field required"),
     ("empty messages", body(messages=[]), r"^messages: .*at least 1"),
-    ("a system role", body(messages=[{"role": "system", "content": "x"}]), r"^messages\.0\.role: 'system' is not"),
+    ("a tool role", body(messages=[{"role": "tool", "content": "x"}]), r"^messages\.0\.role: 'tool' is not"),
     ("no role", body(messages=[{"content": "x"}]), r"^messages\.0\.role: Field required"),
     ("no content", body(messages=[USER_HI, {"role": "assistant"}]), r"^messages\.1\.content: Field required"),
     ("content a number", body(messages=[{"role": "user", "content": 5}]), r"^messages\.0\.content: expected a string"),
@@ -423,6 +423,14 @@ def test_stop_reasons(finish: Any, has_calls: bool, stop_sequence: str | None, e
 def test_an_aborted_request_has_no_stop_reason() -> None:
     with pytest.raises(ValueError, match="abort"):
         stop_reason_for(FinishReason.ABORT, False)
+
+
+def test_system_messages_claude_code_sends_join_the_system_prompt() -> None:
+    req = parse_messages_request(body(system="Be brief.", messages=[
+        {"role": "user", "content": "hi"}, {"role": "system", "content": [{"type": "text", "text": "Reminder."}]},
+        {"role": "assistant", "content": "hello"}]))
+    assert chat_messages(req) == [{"role": "system", "content": "Be brief.\n\nReminder."},
+                                  {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 
 
 def test_count_tokens_response() -> None:

@@ -1,4 +1,5 @@
-"""The Serve application's arguments: validation and the Redis password taken from the environment."""
+"""The Serve application's arguments: validation, and the Redis password and admin token taken from the
+environment."""
 
 from __future__ import annotations
 
@@ -42,3 +43,29 @@ def test_scheduler_fields_that_clash_fail_at_validation_naming_both(tiny_dir: Pa
         AppArgs(model=str(tiny_dir), max_num_seqs=700)
     args = AppArgs(model=str(tiny_dir), max_num_seqs=700, max_tokens_per_step=700, micro_batches=2)
     assert (args.scheduler_config().max_num_seqs, args.scheduler_config().micro_batches) == (700, 2)
+
+
+def test_admin_token_from_the_named_variable(tiny_dir: Path) -> None:
+    args = AppArgs(model=str(tiny_dir), admin_token_env="TOKEN_VAR")
+    resolved = args.with_admin_token({"TOKEN_VAR": "t0ken"})
+    assert resolved.admin_token == "t0ken" and resolved.admin_token_env is None
+    assert "t0ken" not in repr(resolved)  # args get logged
+    given = AppArgs(model=str(tiny_dir), admin_token="given")
+    assert given.with_admin_token({}).admin_token == "given"
+
+
+def test_a_cluster_without_an_admin_token_is_a_clear_error(tiny_dir: Path) -> None:
+    with pytest.raises(ValueError, match="no admin token for the expert workers: set admin_token_env"):
+        AppArgs(model=str(tiny_dir)).with_admin_token({})
+    with pytest.raises(ValueError, match="admin_token_env='TOKEN_VAR' is not set"):
+        AppArgs(model=str(tiny_dir), admin_token_env="TOKEN_VAR").with_admin_token({"TOKEN_VAR": ""})
+    with pytest.raises(ValidationError, match="admin_token and admin_token_env are both set"):
+        AppArgs(model=str(tiny_dir), admin_token="x", admin_token_env="TOKEN_VAR")
+    with pytest.raises(ValidationError, match="admin_token"):
+        AppArgs(model=str(tiny_dir), admin_token="")
+
+
+def test_more_replicas_than_workers_fails_naming_both(tiny_dir: Path) -> None:
+    with pytest.raises(ValidationError, match="expert_replicas=3 exceeds expert_workers=2"):
+        AppArgs(model=str(tiny_dir), expert_workers=2, expert_replicas=3)
+    assert AppArgs(model=str(tiny_dir), expert_workers=3, expert_replicas=3).expert_replicas == 3

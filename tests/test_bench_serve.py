@@ -5,47 +5,50 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
-from nextserve.bench.serve_bench import (FIRST_REGULAR_ID, MIN_OUTPUT_TOKENS, BenchError, RequestResult, add_parser, left_pad,
-                               make_workload, percentile, run, summarize, time_per_output_token_s)
+from nextserve.bench.serve_bench import (MIN_OUTPUT_TOKENS, BenchError, RequestResult, add_parser,
+                                         checkpoint_prompt_token_ids, left_pad, make_workload, percentile, run,
+                                         summarize, time_per_output_token_s)
 from gateway_local_engine import Server, TinyEngine
 
-VOCAB = 2048
+IDS = list(range(3, 2048))
 
 
 def test_workload_is_reproducible_from_its_seed() -> None:
-    a = make_workload(50, 64, 32, VOCAB, seed=7)
-    assert a == make_workload(50, 64, 32, VOCAB, seed=7)
-    assert a != make_workload(50, 64, 32, VOCAB, seed=8)
+    a = make_workload(50, 64, 32, IDS, seed=7)
+    assert a == make_workload(50, 64, 32, IDS, seed=7)
+    assert a != make_workload(50, 64, 32, IDS, seed=8)
 
 
 @pytest.mark.parametrize("prompt_len, max_tokens", [(1, 8), (11, 9), (127, 64)])
 def test_workload_lengths_and_ids_stay_in_bounds(prompt_len: int, max_tokens: int) -> None:
-    workload = make_workload(400, prompt_len, max_tokens, VOCAB, seed=0)
+    workload = make_workload(400, prompt_len, max_tokens, IDS, seed=0)
     prompt_lens = {len(r.prompt_ids) for r in workload}
     outputs = {r.max_tokens for r in workload}
     assert min(prompt_lens) >= 1 and max(prompt_lens) == prompt_len
     assert min(outputs) >= MIN_OUTPUT_TOKENS and max(outputs) == max_tokens
     assert len(prompt_lens) >= min(prompt_len, 10)  # spread over the range, not one length
     ids = [t for r in workload for t in r.prompt_ids]
-    assert min(ids) >= FIRST_REGULAR_ID and max(ids) < VOCAB
+    assert set(ids) <= set(IDS)
 
 
 def test_fixed_lengths_make_every_request_the_worst_case() -> None:
-    workload = make_workload(20, 33, 5, VOCAB, seed=1, fixed_lengths=True)
+    workload = make_workload(20, 33, 5, IDS, seed=1, fixed_lengths=True)
     assert all(len(r.prompt_ids) == 33 and r.max_tokens == 5 for r in workload)
     assert len({r.prompt_ids for r in workload}) == 20  # the ids still vary
 
 
 @pytest.mark.parametrize("kwargs", [dict(num_requests=0), dict(prompt_len=0), dict(max_tokens=7),
-                                    dict(vocab_size=3)])
-def test_bad_workload_is_a_typed_error(kwargs: dict[str, int]) -> None:
-    args = dict(num_requests=4, prompt_len=8, max_tokens=16, vocab_size=VOCAB, seed=0) | kwargs
+                                    dict(token_ids=[])])
+def test_bad_workload_is_a_typed_error(kwargs: dict[str, object]) -> None:
+    args = dict(num_requests=4, prompt_len=8, max_tokens=16, token_ids=IDS, seed=0) | kwargs
     with pytest.raises(BenchError):
         make_workload(**args)
 
@@ -102,11 +105,28 @@ def test_end_to_end_through_the_gateway_vs_transformers(server: Server, tiny_dir
     row = json.loads(line)
     assert {"throughput_tok_s", "ttft_ms_p50", "tpot_ms_p50", "baseline_throughput_tok_s", "ratio", "errors"} <= set(row)
     assert row["errors"] == 0 and row["requests"] == 6
-    expected_tokens = sum(r.max_tokens for r in make_workload(6, 16, 12, VOCAB, seed=0))
+    workload = make_workload(6, 16, 12, checkpoint_prompt_token_ids(tiny_dir), seed=0)  # the one run() sent
+    expected_tokens = sum(r.max_tokens for r in workload)
     assert row["output_tokens"] == expected_tokens  # ignore_eos: each request delivered exactly what it asked
     assert row["throughput_tok_s"] > 0 and row["ratio"] > 0 and row["ttft_ms_p50"] > 0 and row["tpot_ms_p50"] > 0
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert json.loads(png.with_suffix(".json").read_text()) == row
+
+
+def test_prompts_use_only_the_tokenizers_regular_ids_when_the_embedding_is_padded(tiny_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """Qwen3-Coder-Next's config says vocab_size 151,936, its tokenizer has 151,669 tokens, and the server
+    refuses ids in between: a checkpoint whose config pads past its tokenizer gets prompts below len(tokenizer)."""
+    padded = tmp_path / "padded"
+    shutil.copytree(tiny_dir, padded, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    config = json.loads((padded / "config.json").read_text())
+    config["vocab_size"] += 267
+    (padded / "config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(padded)
+    assert len(tokenizer) < config["vocab_size"]
+    drawn = {t for r in make_workload(300, 64, 8, checkpoint_prompt_token_ids(padded), seed=0) for t in r.prompt_ids}
+    assert max(drawn) < len(tokenizer) and not drawn & set(tokenizer.all_special_ids)
+    assert len(drawn) > 1000  # spread over the vocabulary
 
 
 def test_unreachable_gateway_is_a_clear_error(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,15 +1,21 @@
-"""The CLI as a user runs it: make-tiny, generate, plan and bench model, in subprocesses."""
+"""The CLI as a user runs it: make-tiny, generate, plan and bench model, in subprocesses; and the mistakes
+a user makes (replicas past workers, another model's checkpoint, Redis down or refusing the password,
+an empty prompt) as one line with exit status 2, without starting a cluster."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,3 +96,82 @@ def test_bench_model_reports_both_sides(tiny_dir: Path) -> None:
     r = json.loads(result.stdout.splitlines()[-1])
     for key in ("prefill_tok_s", "decode_tok_s", "hf_prefill_tok_s", "hf_decode_tok_s", "prefill_ratio", "decode_ratio"):
         assert r[key] > 0
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    """Exit status 2 and one stderr line `nextserve: error: ...` holding every fragment; no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nextserve: error: "), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+NO_CLUSTER = {"RAY_ADDRESS": "127.0.0.1:1"}
+"""Were a check to let `up` through, it would fail to join this Ray instead of starting one."""
+
+
+def test_up_with_more_replicas_than_workers_names_both(tiny_dir: Path) -> None:
+    result = _run(["up", "--model", str(tiny_dir), "--expert-workers", "2", "--expert-replicas", "3",
+                   "--redis-url", f"redis://127.0.0.1:{_closed_port()}"], env=NO_CLUSTER)
+    _one_line_error(result, "expert_replicas=3 exceeds expert_workers=2", "--expert-workers")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again on return: nothing listens there
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint's config and tokenizer, but config.json says model_type "llama"."""
+    path = tmp_path_factory.mktemp("llama") / "ckpt"
+    shutil.copytree(tiny_dir, path, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    return path
+
+
+@pytest.mark.parametrize("command", [["generate", "--model", "{dir}", "hi"], ["plan", "--config", "{dir}"],
+                                     ["up", "--model", "{dir}", "--redis-url", "redis://127.0.0.1:{port}"]],
+                         ids=lambda c: c[0])
+def test_a_checkpoint_of_another_model_is_named(llama_dir: Path, command: list[str]) -> None:
+    args = [a.format(dir=llama_dir, port=_closed_port()) for a in command]
+    _one_line_error(_run(args, env=NO_CLUSTER), f"{llama_dir}/config.json", "'model_type' is 'llama'",
+                    "'qwen3_next'", "pass a Qwen3-Next checkpoint")
+
+
+@pytest.mark.parametrize("command", [["status"], ["scale", "--expert-workers", "2"], ["rebalance"]],
+                         ids=lambda c: c[0])
+def test_redis_down_is_one_line_naming_the_url_without_its_password(command: list[str]) -> None:
+    url = f"redis://:s3cret-pw@127.0.0.1:{_closed_port()}/1"
+    line = _one_line_error(_run([*command, "--redis-url", url]), "is unreachable", "--redis-url",
+                           url.replace("s3cret-pw", "***"))
+    assert "s3cret-pw" not in line
+
+
+def test_redis_refusing_the_password_says_so(tmp_path: Path) -> None:
+    port = _closed_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--dir", str(tmp_path), "--requirepass", "right-pw"], stdout=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port, password="right-pw")
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        line = _one_line_error(_run(["status", "--redis-url", f"redis://:wrong-pw@127.0.0.1:{port}/1"]),
+                               "refused the credentials", "--redis-url")
+        assert "wrong-pw" not in line
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_generate_refuses_an_empty_prompt_before_loading_anything(tmp_path: Path) -> None:
+    result = _run(["generate", "--model", str(tmp_path / "absent"), "hello", ""])
+    _one_line_error(result, "PROMPT 2 is empty", "nextserve generate")

@@ -34,7 +34,7 @@ class Cluster:
         self.path = path
         self.config = Qwen3NextConfig.from_json(path)
         self.local: LocalExpertBackend = load_local_backend(path)
-        self.workers = BackgroundWorkers()
+        self.workers = BackgroundWorkers(admin_token="test-admin-token")
         self.backends: dict[tuple[int, int], RemoteExpertBackend] = {}
 
     def backend(self, num_workers: int, replication: int) -> RemoteExpertBackend:
@@ -148,7 +148,7 @@ def test_bfloat16_block_matches_local_bfloat16(reference: dict) -> None:
     config = Qwen3NextConfig.from_json(path)
     local = load_local_backend(path, "bfloat16")
     placement = build_placement(config.moe_layers, config.num_experts, 2, 1)
-    workers = BackgroundWorkers()
+    workers = BackgroundWorkers(admin_token="test-admin-token")
     try:
         started = [workers.start(path, placement.experts_of(w), dtype="bfloat16") for w in range(2)]
         with RemoteExpertBackend([f"127.0.0.1:{w.port}" for w in started], placement, torch.bfloat16) as backend:

@@ -54,7 +54,7 @@ def ragged(reference: dict) -> Iterator[Ragged]:
     config = Qwen3NextConfig.from_json(path)
     placement = placement_for_skew(config, 3, 1, 2)
     assert placement.max_replicas == 3 and min(len(ws) for ws in placement.layer_to_expert_workers[0]) == 1
-    workers = BackgroundWorkers()
+    workers = BackgroundWorkers(admin_token="test-admin-token")  # Dispatch needs no token
     started = [workers.start(path, placement.experts_of(w), epoch=1) for w in range(3)]
     backend = RemoteExpertBackend([f"127.0.0.1:{w.port}" for w in started], placement)
     yield Ragged(config, load_local_backend(path), backend)
@@ -107,7 +107,7 @@ def test_dead_replica_fails_over_to_the_others(reference: dict) -> None:
     config = Qwen3NextConfig.from_json(path)
     local = load_local_backend(path)
     placement = placement_for_skew(config, 3, 2, 1)
-    workers = BackgroundWorkers()
+    workers = BackgroundWorkers(admin_token="test-admin-token")  # Dispatch needs no token
     try:
         started = [workers.start(path, placement.experts_of(w)) for w in range(3)]
         addresses = [f"127.0.0.1:{w.port}" for w in started]

@@ -1,9 +1,14 @@
 """The expert worker over real gRPC: bad messages get INVALID_ARGUMENT naming the value and the worker
-keeps serving; Info counters; LoadExperts / DropExperts; the health service."""
+keeps serving; Info counters; LoadExperts / DropExperts, which need the admin token (UNAUTHENTICATED
+naming what is missing or wrong, in-process and in a `python -m nextserve.experts.server` process);
+the health service."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +18,18 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nextserve.bench.dispatch import REPO_ROOT, worker_processes
+from nextserve.cluster.control import worker_admin
 from nextserve.experts.server import BackgroundWorkers, Worker, parse_experts
 from nextserve.model.loader import load_local_backend
 from nextserve.proto import expert_pb2, expert_pb2_grpc
+from nextserve.proto.admin_auth import ADMIN_METHODS, SERVICE, admin_metadata
+from nextserve.router.placement import build_placement
 
 pytestmark = pytest.mark.grpc
 HELD = [(0, e) for e in range(8)] + [(2, 3), (2, 9)]
+TOKEN = "test-admin-token"
+ADMIN = admin_metadata(TOKEN)
 
 
 @dataclass
@@ -32,7 +43,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served(reference: dict) -> Iterator[Served]:
     path = reference["small"][1]
-    workers = BackgroundWorkers()
+    workers = BackgroundWorkers(admin_token=TOKEN)
     worker = workers.start(path, HELD)
     channel = grpc.insecure_channel(f"127.0.0.1:{worker.port}")
     yield Served(path, worker, expert_pb2_grpc.ExpertServiceStub(channel), channel)
@@ -124,16 +135,17 @@ def test_load_and_drop_experts(served: Served) -> None:
     with pytest.raises(grpc.RpcError, match="layer 1 is not served"):
         served.stub.Dispatch(request, timeout=10)
     info = served.stub.LoadExperts(expert_pb2.LoadExpertsRequest(
-        experts=[expert_pb2.ExpertKey(layer=1, expert=e) for e in (4, 5)], epoch=7), timeout=30)
+        experts=[expert_pb2.ExpertKey(layer=1, expert=e) for e in (4, 5)], epoch=7), timeout=30, metadata=ADMIN)
     assert info.epoch == 7 and {(x.layer, x.expert) for x in info.experts} >= {(1, 4), (1, 5)}
     assert len(served.stub.Dispatch(request, timeout=10).partial) == 3 * 64 * 4
     info = served.stub.DropExperts(expert_pb2.DropExpertsRequest(
-        experts=[expert_pb2.ExpertKey(layer=1, expert=e) for e in (4, 5)], epoch=8), timeout=30)
+        experts=[expert_pb2.ExpertKey(layer=1, expert=e) for e in (4, 5)], epoch=8), timeout=30, metadata=ADMIN)
     assert info.epoch == 8 and not {(1, 4), (1, 5)} & {(x.layer, x.expert) for x in info.experts}
     with pytest.raises(grpc.RpcError, match="layer 1 is not served"):
         served.stub.Dispatch(request, timeout=10)
     with pytest.raises(grpc.RpcError) as err:
-        served.stub.LoadExperts(expert_pb2.LoadExpertsRequest(experts=[expert_pb2.ExpertKey(layer=0, expert=99)]))
+        served.stub.LoadExperts(expert_pb2.LoadExpertsRequest(experts=[expert_pb2.ExpertKey(layer=0, expert=99)]),
+                                metadata=ADMIN)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "expert 99" in err.value.details()
 
 
@@ -143,6 +155,99 @@ def test_health_and_echo(served: Served) -> None:
         assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
             health_pb2.HealthCheckResponse.SERVING
     assert len(served.stub.Echo(expert_pb2.EchoRequest(payload=b"x" * 10, reply_bytes=1234)).payload) == 1234
+
+
+def _held(stub: expert_pb2_grpc.ExpertServiceStub) -> tuple[int, set[tuple[int, int]]]:
+    info = stub.Info(expert_pb2.InfoRequest(), timeout=10)
+    return info.epoch, {(x.layer, x.expert) for x in info.experts}
+
+
+def _admin_request(method: str) -> expert_pb2.LoadExpertsRequest | expert_pb2.DropExpertsRequest:
+    request_type = {"LoadExperts": expert_pb2.LoadExpertsRequest, "DropExperts": expert_pb2.DropExpertsRequest}
+    return request_type[method](experts=[expert_pb2.ExpertKey(layer=2, expert=e) for e in (3, 4)], epoch=99)
+
+
+CREDENTIALS = [
+    ((), "needs the cluster's admin token: send gRPC metadata 'authorization: Bearer <token>'"),
+    ((("authorization", TOKEN),), "must read 'Bearer <token>'"),
+    ((("authorization", "Bearer not-the-token"),), "does not match this worker's"),
+    ((("authorization", "Bearer " + TOKEN[:-1]),), "does not match this worker's"),
+    ((("x-other", "Bearer " + TOKEN),), "needs the cluster's admin token"),
+]
+
+
+@pytest.mark.parametrize("method", sorted(ADMIN_METHODS))
+@pytest.mark.parametrize("metadata,message", CREDENTIALS, ids=["none", "no-bearer", "wrong", "prefix", "other-key"])
+def test_admin_calls_without_the_token_are_unauthenticated_and_change_nothing(
+        served: Served, method: str, metadata: tuple, message: str) -> None:
+    before = _held(served.stub)
+    with pytest.raises(grpc.RpcError) as err:
+        getattr(served.stub, method)(_admin_request(method), timeout=10, metadata=metadata)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert err.value.details().startswith(method) and message in err.value.details(), err.value.details()
+    assert TOKEN not in err.value.details()
+    assert _held(served.stub) == before  # refused before the servicer ran: epoch 99 never applied
+
+
+@pytest.mark.unit
+def test_every_state_changing_method_is_an_admin_method() -> None:
+    """A new ExpertService method needs the token unless it is listed open; this pins the list."""
+    assert ADMIN_METHODS == {"LoadExperts", "DropExperts"}
+    assert {m.name for m in SERVICE.methods} == ADMIN_METHODS | {"Dispatch", "Info", "Echo"}
+    for method in SERVICE.methods:  # the refusal handler is unary-unary
+        assert not (method.client_streaming or method.server_streaming), method.name
+
+
+def test_worker_admin_sends_the_cluster_token(served: Served) -> None:
+    address = f"127.0.0.1:{served.worker.port}"
+    info = worker_admin.load_experts(address, [(1, 7)], 20, TOKEN)
+    assert info.epoch == 20 and (1, 7) in {(x.layer, x.expert) for x in info.experts}
+    with pytest.raises(grpc.RpcError) as err:
+        worker_admin.drop_experts(address, [(1, 7)], 21, "stale-token")
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    info = worker_admin.drop_experts(address, [(1, 7)], 21, TOKEN)
+    assert info.epoch == 21 and (1, 7) not in {(x.layer, x.expert) for x in info.experts}
+
+
+def test_a_worker_started_with_no_token_leaves_admin_open(served: Served) -> None:
+    workers = BackgroundWorkers(admin_token=None)  # explicit: there is no default
+    try:
+        worker = workers.start(served.path, [(0, 0)])
+        with grpc.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
+            info = expert_pb2_grpc.ExpertServiceStub(channel).LoadExperts(_admin_request("LoadExperts"), timeout=30)
+        assert info.epoch == 99
+    finally:
+        workers.close()
+    empty = BackgroundWorkers(admin_token="")
+    try:
+        with pytest.raises(ValueError, match="admin token is empty"):
+            empty.start(served.path, [(0, 0)])
+    finally:
+        empty.close()
+
+
+def _server_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "nextserve.experts.server", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_worker_process_requires_the_token_it_was_started_with(served: Served) -> None:
+    base = ["--model", str(served.path), "--experts", "0:0"]
+    refused = _server_cli(base)
+    assert refused.returncode == 2 and "one of the arguments --admin-token-env --no-admin-token" in refused.stderr
+    assert "NEXTSERVE_TEST_UNSET_TOKEN" not in os.environ
+    refused = _server_cli(base + ["--admin-token-env", "NEXTSERVE_TEST_UNSET_TOKEN"])
+    assert refused.returncode == 2
+    assert "NEXTSERVE_TEST_UNSET_TOKEN: that environment variable is not set" in refused.stderr
+    placement = build_placement((0,), 16, 1, 1)  # the small model's layer 0, on one worker
+    with worker_processes(served.path, placement, "float32", TOKEN) as (_, (address,)):
+        with grpc.insecure_channel(address) as channel:
+            stub = expert_pb2_grpc.ExpertServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.DropExperts(_admin_request("DropExperts"), timeout=30)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "admin token" in err.value.details()
+            assert stub.DropExperts(_admin_request("DropExperts"), timeout=30, metadata=ADMIN).epoch == 99
+            assert stub.Echo(expert_pb2.EchoRequest(reply_bytes=3), timeout=30).payload == bytes(3)  # open
 
 
 @pytest.mark.unit

@@ -1,7 +1,8 @@
 """Every manifest under k8s/ and every rendered kustomization validates: core kinds with
 kubernetes-validate --strict (its bundled schemas, offline), RayService and RayCluster against
 KubeRay's published CRD schemas (../shared/crds) with unknown fields rejected. Then the facts the
-code relies on: custom resources, the Redis password variable, read-only model mounts, group order.
+code relies on: custom resources, the Redis password and admin token variables, read-only model mounts,
+group order, and network policies that admit only the Ray pods to the expert workers and Redis.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import pytest
 import yaml
 
 from nextserve.cluster.deployments.expert_worker import EXPERT_RESOURCE, HEAD_RESOURCE
-from nextserve.cluster.cli.k8s_overlay import EXPERTS_GROUP, HEADS_GROUP, MODEL_MOUNT, REDIS_PASSWORD_ENV, REGISTRY_REDIS_URL
+from nextserve.cluster.cli.k8s_overlay import (ADMIN_TOKEN_ENV, EXPERTS_GROUP, HEADS_GROUP, MODEL_MOUNT,
+                                               REDIS_PASSWORD_ENV, REGISTRY_REDIS_URL)
 from test_k8s_render import K8S, KUSTOMIZATIONS, Resource, by_key, render, render_lite
 
 CRDS = K8S.parent.parent / "shared" / "crds"
@@ -173,6 +175,64 @@ def test_every_ray_pod_mounts_the_model_read_only_and_has_the_redis_password(nam
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_ray_pod_has_the_admin_token_the_serve_config_names(name: str) -> None:
+    service = by_key(rendered(name))[("RayService", "nextserve")]
+    for pod in _ray_pods(service):
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        assert env[ADMIN_TOKEN_ENV]["valueFrom"]["secretKeyRef"] == {"name": "nextserve-admin", "key": "token"}
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["admin_token_env"] == ADMIN_TOKEN_ENV and "admin_token" not in args
+
+
+def _kuberay_pod_labels(service: Resource) -> dict[str, dict[str, str]]:
+    """Each Ray pod's labels as KubeRay sets them (ray-operator labelPod): its own, then the template's,
+    which win except for node type, group and cluster."""
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = {"headgroup": ("head", cluster["headGroupSpec"]),
+              **{g["groupName"]: ("worker", g) for g in _groups(service)}}
+    out = {}
+    for group, (node_type, spec) in groups.items():
+        labels = {"ray.io/is-ray-node": "yes", "ray.io/cluster": "nextserve-raycluster-abcde",
+                  "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+        labels |= spec["template"]["metadata"].get("labels", {})
+        out[group] = labels | {"ray.io/node-type": node_type, "ray.io/group": group}
+    return out
+
+
+def _other_pod_labels(objs: dict[tuple[str, str], Resource]) -> dict[str, dict[str, str]]:
+    """Labels of every pod the manifests make that is not a Ray pod (Deployments, Jobs)."""
+    return {f"{kind}/{name}": r["spec"]["template"]["metadata"]["labels"] for (kind, name), r in objs.items()
+            if kind in ("Deployment", "Job")}
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels is checked here, got {sorted(selector)}"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_network_policies_admit_only_ray_pods_to_expert_workers_and_redis(name: str) -> None:
+    objs = by_key(rendered(name))
+    ray_pods = _kuberay_pod_labels(objs[("RayService", "nextserve")])
+    others = _other_pod_labels(objs)
+    assert "Deployment/redis" in others and (name == "base" or any(k.startswith("Job/") for k in others))
+    redis_container = objs[("Deployment", "redis")]["spec"]["template"]["spec"]["containers"][0]
+    targets = {"nextserve-expert-workers": ({"experts"}, None),
+               "nextserve-redis": ({"Deployment/redis"}, redis_container["ports"][0]["name"])}
+    for policy_name, (selected, port) in targets.items():
+        spec = objs[("NetworkPolicy", policy_name)]["spec"]
+        assert spec["policyTypes"] == ["Ingress"]
+        every_pod = ray_pods | others
+        assert {pod for pod, labels in every_pod.items() if _selects(spec["podSelector"], labels)} == selected
+        (rule,) = spec["ingress"]
+        (source,) = rule["from"]
+        assert set(source) == {"podSelector"}, "no namespaceSelector / ipBlock: only this namespace's Ray pods"
+        admitted = {pod for pod, labels in every_pod.items() if _selects(source["podSelector"], labels)}
+        assert admitted == set(ray_pods), f"{policy_name} admits {sorted(admitted)}"
+        assert [p["port"] for p in rule.get("ports", [])] == ([] if port is None else [port])
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_redis_serves_the_registry_and_gcs_fault_tolerance(name: str) -> None:
     objs = by_key(rendered(name))
     service = objs[("RayService", "nextserve")]
@@ -209,7 +269,9 @@ def test_dev_overlay_ships_its_secret_and_the_tiny_model_job() -> None:
     assert ("Secret", "nextserve-redis") in objs
     job = objs[("Job", "nextserve-make-tiny")]["spec"]["template"]["spec"]
     assert "nextserve make-tiny" in job["containers"][0]["command"][-1]
-    assert ("Secret", "nextserve-redis") not in by_key(rendered("overlays/gpu"))  # created by the operator
+    assert ("Secret", "nextserve-admin") in objs
+    gpu = by_key(rendered("overlays/gpu"))
+    assert ("Secret", "nextserve-redis") not in gpu and ("Secret", "nextserve-admin") not in gpu  # the operator's
 
 
 def test_ingress_routes_to_the_rayservice_serve_service() -> None:

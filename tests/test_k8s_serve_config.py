@@ -16,7 +16,7 @@ from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
 from nextserve.cluster.app_args import AppArgs
-from nextserve.cluster.cli.k8s_overlay import REDIS_PASSWORD_ENV, REGISTRY_REDIS_URL
+from nextserve.cluster.cli.k8s_overlay import ADMIN_TOKEN_ENV, REDIS_PASSWORD_ENV, REGISTRY_REDIS_URL
 from test_k8s_render import K8S, KUSTOMIZATIONS, by_key, render
 
 
@@ -38,7 +38,8 @@ def buildable_args(args: dict[str, Any], model_dir: Path) -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_serve_config_builds_the_application(name: str, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(REDIS_PASSWORD_ENV, "test-password")  # what the pods get from the Secret
+    monkeypatch.setenv(REDIS_PASSWORD_ENV, "test-password")  # what the pods get from the Secrets
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "test-admin-token")
     config = ServeDeploySchema.model_validate(serve_config(name))
     (app,) = config.applications
     assert app.import_path == "nextserve.cluster.app:build_app" and app.route_prefix == "/"
@@ -47,6 +48,9 @@ def test_serve_config_builds_the_application(name: str, tiny_dir: Path, monkeypa
     built = resolve(app.import_path)(buildable_args(app.args, tiny_dir))
     assert isinstance(built, Application)
     assert not ray.is_initialized(), "building the application must not need a running Ray"
+    monkeypatch.delenv(ADMIN_TOKEN_ENV)  # a pod without the Secret: a clear error at deploy time, not open workers
+    with pytest.raises(ValueError, match=f"admin_token_env='{ADMIN_TOKEN_ENV}' is not set"):
+        resolve(app.import_path)(buildable_args(app.args, tiny_dir))
 
 
 def test_serve_args_are_all_app_args() -> None:

@@ -50,7 +50,7 @@ def procs(reference: dict) -> Iterator[Procs]:
     path = reference["small"][1]
     config = Qwen3NextConfig.from_json(path)
     placement = build_placement(config.moe_layers, config.num_experts, 3, 2)
-    with worker_processes(path, placement, "float32") as (started, addresses):  # on the CPU: checks are to 1e-6
+    with worker_processes(path, placement, "float32", "test-admin-token") as (started, addresses):  # CPU: to 1e-6
         yield Procs(path, config, load_local_backend(path), placement, addresses, started)
         for p in started:
             if p.poll() is None:

@@ -23,7 +23,7 @@ def test_greedy_tokens_equal_transformers_generate(reference: dict, name: str, r
     ref, path = reference[name]
     config = Qwen3NextConfig.from_json(path)
     placement = build_placement(config.moe_layers, config.num_experts, 3, replication)
-    workers = BackgroundWorkers()
+    workers = BackgroundWorkers(admin_token="test-admin-token")  # Dispatch needs no token
     try:
         started = [workers.start(path, placement.experts_of(w)) for w in range(3)]
         g = torch.Generator().manual_seed(11)

@@ -140,6 +140,13 @@ def test_failed_conversions_keep_the_text(kind: str, text: str, expected: object
     assert call.arguments == {"x": expected}
 
 
+@pytest.mark.parametrize("kind", [["integer", "null"], "integer", "boolean", "array", "object", "number"])
+def test_null_is_none_for_every_type_but_string(kind: object) -> None:
+    tools = {"f": {"properties": {"x": {"type": kind}, "s": {"type": "string"}}}}
+    [call] = parse_tool_calls(block("f", ("x", "null"), ("s", "null")), tools).tool_calls
+    assert call.arguments == {"x": None, "s": "null"}
+
+
 def test_text_before_a_call() -> None:
     parsed = check("Let me check the weather.\n\n" + block("get_weather", ("city", "Paris"), ("days", "3")))
     assert parsed.content == "Let me check the weather.\n\n"

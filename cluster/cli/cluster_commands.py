@@ -2,7 +2,8 @@
 
 `up` runs the cluster (cluster/cli/up.py); the others talk to its Redis registry, found through the
 state file `up` writes (or --redis-url). `scale` and `rebalance` write the desired state to Redis and
-wait for the controller to publish the placement that serves it.
+wait for the controller to publish the placement that serves it. A Redis that is down, unreachable or
+refuses the password is one RegistryUnreachableError (exit 2), not a traceback.
 """
 
 from __future__ import annotations
@@ -10,14 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import redis
 
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.cli.model_paths import cache_dir, resolve_model
 from nextserve.cluster.control.rebalance import measured_imbalance
-from nextserve.cluster.control.registry import Registry
+from nextserve.cluster.control.registry import Registry, RegistryUnreachableError, redacted_url
 from nextserve.cluster.cli.up import UpOptions, read_state, run_up
 from nextserve.model.config import ConfigError
 
@@ -33,13 +38,24 @@ def cmd_up(args: argparse.Namespace) -> int:
                   cluster=args.cluster, api_key=args.api_key or os.environ.get("NEXTSERVE_API_KEY"),
                   unavailable_wait_s=args.unavailable_wait_s, rebalance_every_s=args.rebalance_every_s,
                   micro_batches=args.micro_batches, head_num_gpus=args.head_gpus,
-                  max_model_len=args.max_model_len)
+                  max_model_len=args.max_model_len,
+                  admin_token=secrets.token_urlsafe(32))  # fresh per `up`: what LoadExperts/DropExperts need
     return run_up(UpOptions(app=app, host=args.host, port=args.port, ray_address=os.environ.get("RAY_ADDRESS"),
                             state_file=state_file(args.cluster), direct_ingress=not args.no_direct_ingress))
 
 
-def _registry(args: argparse.Namespace) -> Registry:
-    return Registry(args.redis_url or read_state(state_file(args.cluster))["redis_url"], args.cluster)
+@contextmanager
+def _registry(args: argparse.Namespace) -> Iterator[Registry]:
+    """The cluster's registry; Redis failing inside the block becomes a RegistryUnreachableError."""
+    url = args.redis_url or read_state(state_file(args.cluster))["redis_url"]
+    try:
+        yield Registry(url, args.cluster)
+    except redis.exceptions.AuthenticationError as exc:
+        raise RegistryUnreachableError(f"Redis at {redacted_url(url)} refused the credentials ({exc}); pass "
+                                       f"--redis-url with the password: redis://:PASSWORD@HOST:PORT/DB") from None
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise RegistryUnreachableError(f"Redis at {redacted_url(url)} is unreachable ({exc}); is the cluster up "
+                                       f"(`nextserve up`)? pass its registry with --redis-url") from None
 
 
 def cluster_status(registry: Registry) -> dict[str, object]:
@@ -57,7 +73,8 @@ def cluster_status(registry: Registry) -> dict[str, object]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = cluster_status(_registry(args))
+    with _registry(args) as registry:
+        status = cluster_status(registry)
     if args.json:
         print(json.dumps(status))
         return 0
@@ -82,7 +99,11 @@ def _wait(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    registry = _registry(args)
+    with _registry(args) as registry:
+        return _scale(registry, args)
+
+
+def _scale(registry: Registry, args: argparse.Namespace) -> int:
     spec = registry.spec()
     if not spec:
         raise FileNotFoundError("no cluster spec in Redis: is a cluster running (`nextserve up`)?")
@@ -102,11 +123,11 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_rebalance(args: argparse.Namespace) -> int:
-    registry = _registry(args)
-    before = registry.rebalance_report()
-    registry.request_rebalance()
-    _wait(lambda: registry.rebalance_report() != before, args.wait_s, "the rebalance")
-    print(json.dumps(registry.rebalance_report()))
+    with _registry(args) as registry:
+        before = registry.rebalance_report()
+        registry.request_rebalance()
+        _wait(lambda: registry.rebalance_report() != before, args.wait_s, "the rebalance")
+        print(json.dumps(registry.rebalance_report()))
     return 0
 
 

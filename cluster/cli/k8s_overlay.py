@@ -17,6 +17,8 @@ REGISTRY_REDIS_URL = "redis://redis:6379/1"
 REDIS_PASSWORD_ENV = "NEXTSERVE_REDIS_PASSWORD"
 """Set on every Ray pod from the `nextserve-redis` Secret (not REDIS_PASSWORD: KubeRay reserves that
 name on the head pod when gcsFaultToleranceOptions is set)."""
+ADMIN_TOKEN_ENV = "NEXTSERVE_ADMIN_TOKEN"
+"""Set on every Ray pod from the `nextserve-admin` Secret: the expert workers' admin token (AppArgs.admin_token_env)."""
 HEADS_GROUP, EXPERTS_GROUP = 0, 1
 """Indices of the `heads` and `experts` worker groups in the RayService's workerGroupSpecs."""
 
@@ -72,6 +74,7 @@ def _serve_config(plan: CapacityPlan, model_dir_name: str, dtype: str) -> list[s
         "      micro_batches: 2",  # ping-pong: the head's GPU computes while the expert round flies
         f"      redis_url: {REGISTRY_REDIS_URL}",
         f"      redis_password_env: {REDIS_PASSWORD_ENV}",
+        f"      admin_token_env: {ADMIN_TOKEN_ENV}",
     ]
 
 

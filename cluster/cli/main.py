@@ -36,10 +36,15 @@ from nextserve.model.capacity import GPUS, plan_capacity
 from nextserve.model.sizes import model_sizes
 from nextserve.model.tiny import make_tiny
 from nextserve.cluster.cli.cluster_commands import add_cluster_commands
+from nextserve.cluster.control.registry import RegistryUnreachableError
 from nextserve.cluster.engine.engine import Engine, EngineRequestError
 from nextserve.cluster.cli.model_paths import resolve_model
 
 log = logging.getLogger("nextserve")
+
+
+class UsageError(ValueError):
+    """A command line nextserve cannot act on; the message names the value and the fix."""
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -48,7 +53,12 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    empty = [i for i, prompt in enumerate(args.prompts, 1) if not prompt]
+    if empty:
+        raise UsageError(f"PROMPT {empty[0]} is empty; pass the text to continue, e.g. "
+                         f"nextserve generate --model {args.model} 'def fibonacci(n):'")
     path = resolve_model(args.model)
+    Qwen3NextConfig.from_json(path)  # another model's checkpoint fails here, naming model_type, not in its tokenizer
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -160,13 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(exc: Exception) -> str:
+    """What `main` prints for a known error: one line. A pydantic ValidationError (AppArgs) reads
+    'field=value: problem; ...', or the validator's own message for a rule across fields."""
+    if not isinstance(exc, ValidationError):
+        return " ".join(str(exc).splitlines())
+    parts = []
+    for error in exc.errors(include_url=False):
+        cause = error.get("ctx", {}).get("error")
+        problem = str(cause) if error["type"] == "value_error" and cause is not None else error["msg"]
+        field = ".".join(map(str, error["loc"]))
+        parts.append(f"{field}={error['input']!r}: {problem}" if field else problem)
+    return "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("NEXTSERVE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, SamplingError, FileNotFoundError, ValidationError, TimeoutError) as exc:
-        print(f"nextserve: error: {exc}", file=sys.stderr)
+    except (ConfigError, CheckpointError, SamplingError, FileNotFoundError, ValidationError, TimeoutError,
+            RegistryUnreachableError, UsageError) as exc:
+        print(f"nextserve: error: {error_line(exc)}", file=sys.stderr)
         return 2
 
 

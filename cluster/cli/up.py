@@ -103,7 +103,7 @@ def stop(options: UpOptions, redis_url: str, local_redis: LocalRedis | None) -> 
     try:
         if ray.is_initialized():
             serve.shutdown()
-            controller = get_or_create_controller(redis_url, options.app.cluster)
+            controller = get_or_create_controller(redis_url, options.app.cluster, options.app.admin_token)
             ray.get(controller.shutdown.remote(), timeout=30)
             ray.kill(controller, no_restart=True)
     finally:

@@ -25,6 +25,7 @@ import json
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -34,6 +35,22 @@ HEARTBEAT_S = 1.0
 """How often workers and heads refresh their heartbeat."""
 STALE_AFTER_S = 5.0
 """A heartbeat older than this marks a worker or head as not alive (5 missed beats)."""
+
+
+class RegistryUnreachableError(ConnectionError):
+    """Redis is down, unreachable, or refuses the credentials; the message names the URL (without its
+    password) and what to do."""
+
+
+def redacted_url(url: str) -> str:
+    """`url` with its password, if any, replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
 @dataclass(frozen=True)

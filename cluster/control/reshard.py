@@ -39,8 +39,9 @@ def pairs_of(placement: Placement | None, worker: int) -> set[tuple[int, int]]:
 
 
 def grow(registry: Registry, workers: dict[int, Any], old: Placement | None, new: Placement,
-         create: Callable[[int], Any], epoch: int) -> None:
-    """Make every worker of `new` hold its new experts while keeping its old ones."""
+         create: Callable[[int], Any], epoch: int, admin_token: str) -> None:
+    """Make every worker of `new` hold its new experts while keeping its old ones (LoadExperts carries
+    the cluster's `admin_token`)."""
     for index in range(new.num_workers):
         keep, want = pairs_of(old, index), pairs_of(new, index)
         registry.set_assignment(index, sorted(keep | want))
@@ -50,7 +51,7 @@ def grow(registry: Registry, workers: dict[int, Any], old: Placement | None, new
         gained = sorted(want - keep)
         if gained:
             address = str(ray.get(workers[index].describe.remote(), timeout=60)["address"])
-            worker_admin.load_experts(address, gained, epoch)
+            worker_admin.load_experts(address, gained, epoch, admin_token)
             log.info("worker %d loaded %d experts", index, len(gained))
 
 
@@ -66,8 +67,10 @@ def wait_for_switch(registry: Registry, epoch: int) -> None:
     time.sleep(DRAIN_GRACE_S)
 
 
-def shrink(registry: Registry, workers: dict[int, Any], old: Placement | None, new: Placement, epoch: int) -> None:
-    """Drop what surviving workers no longer hold; stop and kill retired workers."""
+def shrink(registry: Registry, workers: dict[int, Any], old: Placement | None, new: Placement, epoch: int,
+           admin_token: str) -> None:
+    """Drop what surviving workers no longer hold (DropExperts carries `admin_token`); stop and kill
+    retired workers."""
     for index in sorted(workers):
         if index >= new.num_workers:
             actor = workers.pop(index)
@@ -83,5 +86,5 @@ def shrink(registry: Registry, workers: dict[int, Any], old: Placement | None, n
         registry.set_assignment(index, sorted(pairs_of(new, index)))
         if lost:
             address = str(ray.get(workers[index].describe.remote(), timeout=60)["address"])
-            worker_admin.drop_experts(address, lost, epoch)
+            worker_admin.drop_experts(address, lost, epoch, admin_token)
             log.info("worker %d dropped %d experts", index, len(lost))

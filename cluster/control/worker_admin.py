@@ -1,10 +1,14 @@
-"""The controller's side of the expert service: load, drop and inspect a worker's experts over gRPC."""
+"""The controller's side of the expert service: load, drop and inspect a worker's experts over gRPC.
+
+Loading and dropping are admin calls: they carry the cluster's admin token (proto/admin_auth.py); a
+worker answers UNAUTHENTICATED without it. Info is open."""
 
 from __future__ import annotations
 
 import grpc
 
 from nextserve.proto import expert_pb2, expert_pb2_grpc
+from nextserve.proto.admin_auth import admin_metadata
 from nextserve.proto.codec import MESSAGE_SIZE_OPTIONS
 
 ADMIN_TIMEOUT_S = 600.0
@@ -14,20 +18,22 @@ def _keys(pairs: list[tuple[int, int]]) -> list[expert_pb2.ExpertKey]:
     return [expert_pb2.ExpertKey(layer=layer, expert=expert) for layer, expert in sorted(pairs)]
 
 
-def _call(address: str, method: str, request: object, timeout_s: float) -> expert_pb2.InfoReply:
+def _call(address: str, method: str, request: object, timeout_s: float,
+          admin_token: str | None = None) -> expert_pb2.InfoReply:
+    metadata = None if admin_token is None else admin_metadata(admin_token)
     with grpc.insecure_channel(address, options=MESSAGE_SIZE_OPTIONS) as channel:
         stub = expert_pb2_grpc.ExpertServiceStub(channel)
-        return getattr(stub, method)(request, timeout=timeout_s)
+        return getattr(stub, method)(request, timeout=timeout_s, metadata=metadata)
 
 
-def load_experts(address: str, pairs: list[tuple[int, int]], epoch: int) -> expert_pb2.InfoReply:
+def load_experts(address: str, pairs: list[tuple[int, int]], epoch: int, admin_token: str) -> expert_pb2.InfoReply:
     request = expert_pb2.LoadExpertsRequest(experts=_keys(pairs), epoch=epoch)
-    return _call(address, "LoadExperts", request, ADMIN_TIMEOUT_S)
+    return _call(address, "LoadExperts", request, ADMIN_TIMEOUT_S, admin_token)
 
 
-def drop_experts(address: str, pairs: list[tuple[int, int]], epoch: int) -> expert_pb2.InfoReply:
+def drop_experts(address: str, pairs: list[tuple[int, int]], epoch: int, admin_token: str) -> expert_pb2.InfoReply:
     request = expert_pb2.DropExpertsRequest(experts=_keys(pairs), epoch=epoch)
-    return _call(address, "DropExperts", request, 60.0)
+    return _call(address, "DropExperts", request, 60.0, admin_token)
 
 
 def info(address: str, timeout_s: float = 10.0) -> expert_pb2.InfoReply:

@@ -48,9 +48,11 @@ class ClusterSpec:
 
 
 class ControllerActor:
-    def __init__(self, registry_url: str, cluster: str) -> None:
+    def __init__(self, registry_url: str, cluster: str, admin_token: str) -> None:
         self.registry = Registry(registry_url, cluster)
         self.cluster = cluster
+        self.admin_token = admin_token
+        """The cluster's admin token: the workers it creates require it, its LoadExperts/DropExperts send it."""
         self.lock = threading.RLock()
         self.spec: ClusterSpec | None = None
         self.placement: Placement | None = None
@@ -82,7 +84,8 @@ class ControllerActor:
                 self.placement = build_placement(config.moe_layers, config.num_experts, wanted.num_workers,
                                                  wanted.replication)
             self.spec = replace(wanted, num_workers=self.placement.num_workers)
-            reshard.grow(self.registry, self.workers, None, self.placement, self._create, self.epoch)
+            reshard.grow(self.registry, self.workers, None, self.placement, self._create, self.epoch,
+                         self.admin_token)
             self._wait_ready()
             self._publish()
             self.registry.save_spec(asdict(self.spec))
@@ -122,12 +125,12 @@ class ControllerActor:
 
     def _move(self, new: Placement) -> int:
         old = self.placement
-        reshard.grow(self.registry, self.workers, old, new, self._create, self.epoch)
+        reshard.grow(self.registry, self.workers, old, new, self._create, self.epoch, self.admin_token)
         self._wait_ready()
         self.placement = new
         epoch = self._publish()
         reshard.wait_for_switch(self.registry, epoch)
-        reshard.shrink(self.registry, self.workers, old, new, epoch)
+        reshard.shrink(self.registry, self.workers, old, new, epoch, self.admin_token)
         return epoch
 
     def _create(self, index: int) -> Any:
@@ -135,7 +138,7 @@ class ControllerActor:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         return ExpertWorker.options(**actor_options(index, self.cluster, use_gpu), get_if_exists=True).remote(
             index, self.spec.model, self.placement.experts_of(index), self.spec.dtype, self.registry.url,
-            self.cluster, self.epoch)
+            self.cluster, self.epoch, self.admin_token)
 
     def _wait_ready(self) -> None:
         ray.get([w.describe.remote() for w in self.workers.values()], timeout=WORKER_READY_TIMEOUT_S)
@@ -218,7 +221,13 @@ class ControllerActor:
 Controller = ray.remote(ControllerActor)
 
 
-def get_or_create_controller(registry_url: str, cluster: str) -> Any:
+def get_or_create_controller(registry_url: str, cluster: str, admin_token: str | None) -> Any:
+    """The cluster's controller; one that exists already keeps the admin token it was created with (its
+    workers hold that one). A cluster never runs without a token: its workers would take LoadExperts and
+    DropExperts from anyone who reaches their port."""
+    if not admin_token:
+        raise ValueError("no admin token for the expert workers: set admin_token_env (Kubernetes: from the "
+                         "nextserve-admin Secret) or admin_token in the Serve app's args")
     return Controller.options(name=f"{CONTROLLER_NAME}-{cluster}", namespace="nextserve", lifetime="detached",
                               get_if_exists=True, max_restarts=-1, max_concurrency=8,
-                              num_cpus=0).remote(registry_url, cluster)
+                              num_cpus=0).remote(registry_url, cluster, admin_token)

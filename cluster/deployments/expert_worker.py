@@ -5,7 +5,8 @@ its GPU when Ray gave it one (and torch sees CUDA), else the CPU, and starts the
 this node's address (port picked by the OS), registers {address, pid, node} in Redis, and starts a
 heartbeat thread. Ray restarts a dead actor (max_restarts=-1) by running __init__ again: the worker
 comes back on a new port and re-registers; the controller then publishes a new placement epoch with
-the new address. Only cluster/ knows Ray: the server itself is experts/server.py.
+the new address. Its admin calls (LoadExperts, DropExperts) need the cluster's admin token, which the
+controller passes it. Only cluster/ knows Ray: the server itself is experts/server.py.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ HEAD_RESOURCE = "nextserve_head"
 
 class ExpertWorkerActor:
     def __init__(self, index: int, model_dir: str, pairs: list[tuple[int, int]], dtype: str,
-                 registry_url: str, cluster: str, epoch: int) -> None:
+                 registry_url: str, cluster: str, epoch: int, admin_token: str) -> None:
         self.index = index
         self.registry = Registry(registry_url, cluster)
         # After a restart (or a re-shard), what the controller last assigned wins over the creation args.
         pairs = self.registry.assignment(index) or pairs
         use_assigned_cpus()
-        self.background = BackgroundWorkers()
+        self.background = BackgroundWorkers(admin_token)
         device = "auto" if ray.get_gpu_ids() else "cpu"  # auto: cuda when torch sees the GPU Ray gave us
-        coro = start_worker(model_dir, pairs, dtype, host="0.0.0.0", port=0, epoch=epoch, device=device)
+        coro = start_worker(model_dir, pairs, dtype, host="0.0.0.0", port=0, epoch=epoch, device=device,
+                            admin_token=admin_token)  # LoadExperts / DropExperts only with the cluster's token
         self.worker = asyncio.run_coroutine_threadsafe(coro, self.background.loop).result()
         self.address = f"{ray.util.get_node_ip_address()}:{self.worker.port}"
         self.fields = {"address": self.address, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),

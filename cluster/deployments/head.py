@@ -49,7 +49,7 @@ class HeadDeployment:
     def __init__(self, args: AppArgs) -> None:
         self.args = args
         use_assigned_cpus()
-        controller = get_or_create_controller(args.redis_url, args.cluster)
+        controller = get_or_create_controller(args.redis_url, args.cluster, args.admin_token)
         ray.get(controller.ensure.remote(args.cluster_spec()))
         self.registry = Registry(args.redis_url, args.cluster)
         dtype = parse_dtype(args.dtype)

@@ -2,11 +2,13 @@
 outputs from the engine thread to the asyncio consumer.
 
     token id -> tokenizers' DecodeStream (holds bytes until a whole UTF-8 character is there)
-             -> text so far -> first stop string? cut the text just before it, stop
+             -> new text -> StopMatcher: a stop string completed? cut the text just before it, stop
              -> emit everything except a tail that could still grow into a stop string
 
 OpenAI semantics: the stop string is not part of the text. Text held back as a possible stop-string
-prefix is released as soon as it can no longer become one, or when the sequence ends.
+prefix is released as soon as it can no longer become one, or when the sequence ends. The cost per
+token is O(new characters x stop strings), whatever the length of the text or of the stop strings:
+nothing rescans the text, and only the held-back tail (shorter than the longest stop string) is kept.
 """
 
 from __future__ import annotations
@@ -25,9 +27,68 @@ from nextserve.model.sampling import TokenLogprobs
 
 log = logging.getLogger(__name__)
 
+MAX_STOP_STRINGS = 4
+"""Most stop strings one request may carry (OpenAI's limit); the gateway answers 400 past it."""
+MAX_STOP_CHARS = 256
+"""Longest stop string, in characters; the gateway answers 400 past it. It bounds the text a request
+holds back (and so the delay before a held-back tail is streamed)."""
+
 PROMPT_CONTEXT_TOKENS = 5
 """Prompt tokens the decoder sees first: tokenizers that drop a leading space at the start of a text
 (Metaspace) need context to decode the first output token as it reads inside the whole text."""
+
+
+def _kmp_fallback(stop: str) -> list[int]:
+    """fallback[i]: the length of the longest proper prefix of stop[:i + 1] that also ends it (KMP)."""
+    fallback = [0] * len(stop)
+    k = 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = fallback[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        fallback[i] = k
+    return fallback
+
+
+class StopMatcher:
+    """Finds stop strings in text that arrives piece by piece: one Knuth-Morris-Pratt automaton per stop
+    string, so each new character costs amortized O(1) per stop string and the text is never rescanned.
+
+    Which stop wins: the first to complete (the earliest end); of those ending at the same character,
+    the longest (the earliest start). That does not depend on how the text was split into tokens.
+    """
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self._stop = stop
+        self._fallback = [_kmp_fallback(s) for s in stop]
+        self._matched = [0] * len(stop)
+        """Per stop string: the length of its longest prefix that ends the text fed so far (< its length)."""
+
+    @property
+    def num_held_chars(self) -> int:
+        """The longest tail of the text fed so far that is a proper prefix of some stop string."""
+        return max(self._matched, default=0)
+
+    def feed(self, piece: str) -> tuple[int, str] | None:
+        """Advance over `piece`. When a stop string completes in it: (where it starts, as an index into
+        `piece`: negative when it began in earlier text, never before num_held_chars back; the stop)."""
+        for i, char in enumerate(piece):
+            found: tuple[int, str] | None = None
+            for j, stop in enumerate(self._stop):
+                k = self._matched[j]
+                while k and stop[k] != char:
+                    k = self._fallback[j][k - 1]
+                if stop[k] == char:
+                    k += 1
+                if k == len(stop):
+                    if found is None or i + 1 - k < found[0]:
+                        found = (i + 1 - k, stop)
+                    k = self._fallback[j][k - 1]
+                self._matched[j] = k
+            if found is not None:
+                return found
+        return None
 
 
 class IncrementalDetokenizer:
@@ -41,53 +102,37 @@ class IncrementalDetokenizer:
             # text with the first output token. Decode the output on its own, as `decode` would.
             context = []
         self._stream = DecodeStream(context, skip_special_tokens=True)
-        self._stop = stop
-        self._max_stop_chars = max(map(len, stop), default=0)
-        self.text = ""
-        """Text decoded so far, cut before the stop string once one is found."""
-        self.num_emitted_chars = 0
+        self._matcher = StopMatcher(stop) if stop else None
+        self._held = ""
+        """Decoded text not sent yet: a tail that may still become a stop string."""
         self.is_stopped = False
         """A stop string was found; the sequence should finish with reason STOP."""
         self.stop_string: str | None = None
-        """The stop string found (the first in the text)."""
+        """The stop string found (the first to complete, see StopMatcher)."""
 
     def add(self, token_id: int) -> str:
         """Feed one generated token; returns the new text that is safe to send (often '')."""
         if self.is_stopped:
             return ""
         piece = self._stream.step(self._tokenizer, token_id)
-        if piece:
-            search_from = max(0, len(self.text) - self._max_stop_chars + 1)
-            self.text += piece
-            self._cut_at_stop(search_from)
-        return self._take(is_final=self.is_stopped)
+        if not piece or self._matcher is None:
+            return piece or ""
+        found = self._matcher.feed(piece)
+        text = self._held + piece
+        if found is None:
+            return self._release(text, len(text) - self._matcher.num_held_chars)
+        start, self.stop_string = found
+        self.is_stopped = True
+        return self._release(text[:len(self._held) + start], len(self._held) + start)
 
     def flush(self) -> str:
         """The sequence ended: release the text held back as a possible stop-string prefix."""
-        return self._take(is_final=True)
+        return self._release(self._held, len(self._held))
 
-    def _cut_at_stop(self, search_from: int) -> None:
-        hits = [(i, s) for i, s in ((self.text.find(s, search_from), s) for s in self._stop) if i >= 0]
-        if hits:
-            at, self.stop_string = min(hits)
-            self.text = self.text[:at]
-            self.is_stopped = True
-
-    def _held_back_chars(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of some stop string."""
-        for n in range(min(self._max_stop_chars - 1, len(self.text)), 0, -1):
-            tail = self.text[-n:]
-            if any(s.startswith(tail) for s in self._stop):
-                return n
-        return 0
-
-    def _take(self, is_final: bool) -> str:
-        end = len(self.text) if is_final else len(self.text) - self._held_back_chars()
-        if end <= self.num_emitted_chars:
-            return ""
-        delta = self.text[self.num_emitted_chars:end]
-        self.num_emitted_chars = end
-        return delta
+    def _release(self, text: str, end: int) -> str:
+        """Send text[:end], hold the rest."""
+        self._held = text[end:]
+        return text[:end]
 
 
 @dataclass(slots=True)

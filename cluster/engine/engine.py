@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from nextserve.cluster.engine.detokenizer import IncrementalDetokenizer, OutputStream, StepOutput
+from nextserve.cluster.engine.detokenizer import (MAX_STOP_CHARS, MAX_STOP_STRINGS, IncrementalDetokenizer, OutputStream,
+                                                  StepOutput)
 from nextserve.cluster.engine.stats import EngineStats
 from nextserve.cluster.engine.scheduler import (FinishReason, Request, Scheduler, SchedulerConfig, SequenceState, StepPlan)
 from nextserve.model.cache import SequenceCache
@@ -180,6 +181,10 @@ class Engine:
                                                f"[0, {self.vocab_size})")
         if any(not s for s in request.stop):
             raise EngineRequestError("stop", f"stop strings must be non-empty, got {list(request.stop)}")
+        if len(request.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in request.stop):
+            raise EngineRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} "
+                                             f"characters each are served, got {len(request.stop)} of up to "
+                                             f"{max(map(len, request.stop))} characters")
         if request.stop and self.tokenizer is None:
             raise EngineRequestError("stop", "stop strings need text: this engine serves token ids only "
                                              "(no tokenizer); use stop_token_ids")

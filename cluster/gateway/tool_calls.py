@@ -112,6 +112,8 @@ def _param_type(schema: Mapping[str, Any], key: str) -> str:
 def _convert(text: str, kind: str) -> Any:
     """A value's text as its schema type; the text itself when it does not convert."""
     word = text.strip().lower()
+    if kind != "string" and text.strip() == "null":  # e.g. an ["integer", "null"] parameter left empty
+        return None
     try:
         if kind == "integer":
             return int(text)

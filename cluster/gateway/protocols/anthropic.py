@@ -36,9 +36,11 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
                       field_validator)
 from pydantic_core import PydanticCustomError
 
+from nextserve.cluster.engine.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from nextserve.cluster.gateway.tool_calls import (ParsedOutput, TextDelta, ToolArgumentsDelta, ToolCallEvent,
                                                    ToolCallStart)
 from nextserve.cluster.gateway.chat_template import ToolChoice
+from nextserve.cluster.gateway.protocols.json_body import BodyError, json_object
 from nextserve.model.sampling import SamplingDefaults, SamplingParams
 
 # --- errors -------------------------------------------------------------------------------------------------
@@ -147,7 +149,15 @@ class AssistantMessage(_Model):
     content: Annotated[list[AssistantBlock], BeforeValidator(_blocks)]
 
 
-Message = Annotated[Union[UserMessage, AssistantMessage], Field(discriminator="role")]
+class SystemMessage(_Model):
+    """Not in Anthropic's published API, but Claude Code (2.x) sends system reminders as messages with role
+    "system" after the first turn. Their text joins the system prompt (a chat template takes one system turn,
+    first)."""
+    role: Literal["system"]
+    content: Annotated[list[TextBlock], BeforeValidator(_blocks)]
+
+
+Message = Annotated[Union[UserMessage, AssistantMessage, SystemMessage], Field(discriminator="role")]
 
 
 class ToolDefinition(_Model):
@@ -219,7 +229,8 @@ class MessagesRequest(_Conversation):
     prompt_param: ClassVar[str] = "messages"
     """The field that holds the prompt, for errors about it (as the OpenAI requests have)."""
     max_tokens: int = Field(ge=1)
-    stop_sequences: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    stop_sequences: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_STOP_STRINGS)
     stream: bool = False
     temperature: float | None = Field(None, ge=0.0, le=1.0)
     """None means Anthropic's default, 1.0; 0 means greedy."""
@@ -251,7 +262,7 @@ class MessagesCountTokensRequest(_Conversation):
 
 # --- parsing and its errors ---------------------------------------------------------------------------------
 
-_TAGS = frozenset({"user", "assistant", "text", "tool_use", "tool_result", "image", "document", "thinking",
+_TAGS = frozenset({"user", "assistant", "system", "text", "tool_use", "tool_result", "image", "document", "thinking",
                    "redacted_thinking"})
 """Discriminator values pydantic puts into an error's loc after the list index of a tagged union's item."""
 
@@ -303,11 +314,9 @@ R = TypeVar("R", bound=_Conversation)
 
 def _parse(raw: bytes, model: type[R]) -> R:
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AnthropicError(400, f"the request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise AnthropicError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+        data = json_object(raw)
+    except BodyError as e:
+        raise AnthropicError(400, str(e)) from None
     try:
         req = model.model_validate(data)
     except ValidationError as e:
@@ -342,9 +351,13 @@ def chat_messages(req: _Conversation) -> list[dict[str, Any]]:
     When the last message is the assistant's, the client wants it continued (a prefill): render with
     `continue_final_message=True` instead of `add_generation_prompt=True`."""
     out: list[dict[str, Any]] = []
-    if req.system and (system := _text(req.system)):
+    system_texts = [_text(req.system)] if req.system else []
+    system_texts += [_text(m.content) for m in req.messages if isinstance(m, SystemMessage)]
+    if system := "\n\n".join(t for t in system_texts if t):
         out.append({"role": "system", "content": system})
     for msg in req.messages:
+        if isinstance(msg, SystemMessage):
+            continue
         if isinstance(msg, UserMessage):
             results = [b for b in msg.content if isinstance(b, ToolResultBlock)]
             for r in results:

@@ -20,7 +20,9 @@ from pydantic_core import PydanticCustomError
 
 from transformers import PreTrainedTokenizerBase
 
+from nextserve.cluster.engine.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from nextserve.cluster.gateway.chat_template import ToolChoice
+from nextserve.cluster.gateway.protocols.json_body import BodyError, json_object
 from nextserve.model.sampling import SamplingDefaults, SamplingParams, TokenLogprobs
 
 INVALID_REQUEST = "invalid_request_error"
@@ -72,6 +74,14 @@ def _stop(value: Any) -> list[str]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
         raise PydanticCustomError("stop_type", "expected a non-empty string or a list of non-empty strings")
+    if len(items) > MAX_STOP_STRINGS:
+        raise PydanticCustomError("stop_count", "at most {limit} stop strings are allowed, got {n}",
+                                  {"limit": MAX_STOP_STRINGS, "n": len(items)})
+    too_long = next((i for i, s in enumerate(items) if len(s) > MAX_STOP_CHARS), None)
+    if too_long is not None:
+        raise PydanticCustomError("stop_length", "a stop string may have at most {limit} characters; "
+                                  "stop[{i}] has {n}", {"limit": MAX_STOP_CHARS, "i": too_long,
+                                                        "n": len(items[too_long])})
     return items
 
 
@@ -312,11 +322,9 @@ R = TypeVar("R", bound=BaseModel)
 def parse_request(body: bytes, model: type[R]) -> R:
     """Decode and validate a JSON body; any problem becomes a 400 RequestError naming the field."""
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(400, f"the request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise RequestError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+        data = json_object(body)
+    except BodyError as e:
+        raise RequestError(400, str(e)) from None
     try:
         return model.model_validate(data)
     except ValidationError as e:
