@@ -3,8 +3,9 @@
 8 layers in the 3:1 DeltaNet:attention pattern, 64 experts top-4 plus a shared expert, the real
 model's proportions at 1/8 width (experts' intermediate = hidden / 4, GQA 2:1 ... ), random weights
 from a fixed seed, saved by transformers' own `save_pretrained` (per-expert tensors, sharded with an
-index) next to a byte-level BPE tokenizer trained on the standard library. `make_tiny(DIR)` twice
-gives the same bytes.
+index) next to a byte-level BPE tokenizer trained on the standard library, whose chat template renders
+tools, tool calls and tool results as Qwen3-Coder's does. A 64K context (`max_position_embeddings`; the rope
+is computed, no weight depends on it) holds an agent's prompt. `make_tiny(DIR)` twice gives the same bytes.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from nextserve.model.tiny_tokenizer import train_tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
-TINY_VERSION = "v1"
-"""Bump when the tiny model changes, so cached copies are rebuilt."""
+TINY_VERSION = "v2"
+"""Bump when the tiny model changes, so cached copies are rebuilt (v2: 64K context, tool-call tokens and a
+chat template that renders tools the Qwen3-Coder way)."""
 TINY_SEED = 20261129
 TINY_CONFIG: dict[str, Any] = dict(
     vocab_size=2048, hidden_size=256, intermediate_size=640, num_hidden_layers=8,
@@ -32,7 +34,7 @@ TINY_CONFIG: dict[str, Any] = dict(
     linear_conv_kernel_dim=4, num_experts=64, num_experts_per_tok=4, moe_intermediate_size=64,
     shared_expert_intermediate_size=64, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
     rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.25},
-    max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    max_position_embeddings=65536, rms_norm_eps=1e-6, tie_word_embeddings=False,
     pad_token_id=0, bos_token_id=None, eos_token_id=2,
 )
 TINY_SHARD_SIZE = "8MB"

@@ -137,8 +137,8 @@ def test_seeded_sampling_is_reproducible(up: UpProcess) -> None:
     ({"model": "tiny", "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
     ({"model": "tiny"}, 400, "prompt"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ({"model": "tiny", "prompt": "x", "max_tokens": 10_000}, 400, "max_tokens"),
-    ({"model": "tiny", "prompt": "hello " * 5000, "max_tokens": 4}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": "tiny", "prompt": [5] * 70_000, "max_tokens": 4}, 400, "prompt"),  # past the 64K context
     ({"model": "gpt-4", "prompt": "x"}, 404, "model"),
 ])
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(up: UpProcess, body: dict, status: int, param: str) -> None:
