@@ -69,3 +69,10 @@ def test_more_replicas_than_workers_fails_naming_both(tiny_dir: Path) -> None:
     with pytest.raises(ValidationError, match="expert_replicas=3 exceeds expert_workers=2"):
         AppArgs(model=str(tiny_dir), expert_workers=2, expert_replicas=3)
     assert AppArgs(model=str(tiny_dir), expert_workers=3, expert_replicas=3).expert_replicas == 3
+
+
+def test_max_model_len_defaults_to_the_model_and_may_not_exceed_it(tiny_dir: Path) -> None:
+    assert AppArgs(model=str(tiny_dir)).context_length() == 65536
+    assert AppArgs(model=str(tiny_dir), max_model_len=32768).context_length() == 32768
+    with pytest.raises(ValidationError, match="max_model_len=70000 exceeds the model's context of 65536"):
+        AppArgs(model=str(tiny_dir), max_model_len=70000)

@@ -13,6 +13,7 @@ from typing import Any
 from unittest.mock import AsyncMock
 
 import httpx
+import anthropic
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
@@ -311,3 +312,11 @@ def test_api_key(tiny_dir: Path) -> None:
                                               max_tokens=2).choices[0].message.role == "assistant"
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{s.url}/v1", api_key="nope", max_retries=0).models.list()
+        # The anthropic SDK sends x-api-key; a refusal under /v1/messages is in Anthropic's error shape.
+        body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
+        assert http.post("/v1/messages", json=body, headers={"x-api-key": API_KEY}).status_code == 200
+        refused = http.post("/v1/messages", json=body, headers={"x-api-key": "nope"})
+        assert refused.status_code == 401 and refused.json()["type"] == "error"
+        assert refused.json()["error"]["type"] == "authentication_error"
+        claude = anthropic.Anthropic(base_url=s.url, api_key=API_KEY, max_retries=0)
+        assert claude.messages.create(model=MODEL, max_tokens=2, messages=[body["messages"][0]]).role == "assistant"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nextserve.model.loader import load_head, load_local_backend
-from nextserve.model.sampling import SamplingError, SamplingParams, make_generator, sample
+from nextserve.model.sampling import SamplingDefaults, SamplingError, SamplingParams, make_generator, sample
 from engine_run import engine_tokens
 
 
@@ -41,3 +41,9 @@ def test_same_seed_same_tokens(reference: dict) -> None:
     c = engine_tokens(head, experts, prompts, dataclasses.replace(params, seed=8))
     assert a == b
     assert a != c
+
+
+def test_defaults_come_from_the_checkpoints_generation_config(tmp_path) -> None:
+    assert SamplingDefaults.from_checkpoint(tmp_path) == SamplingDefaults(1.0, 1.0, 0)  # none: OpenAI's
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.7, "top_p": 0.95, "top_k": 40}')
+    assert SamplingDefaults.from_checkpoint(tmp_path) == SamplingDefaults(0.7, 0.95, 40)
