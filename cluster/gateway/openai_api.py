@@ -190,12 +190,14 @@ class OpenAIApi:
         return choice_body(job.header.endpoint, state.index, parsed.content, tool_call_bodies(parsed.tool_calls),
                            reason, logprobs)
 
-    def _logprobs(self, job: Job, entries: list[TokenLogprobs]) -> dict[str, Any] | None:
+    def _logprobs(self, job: Job, entries: list[TokenLogprobs], text_offset: int = 0) -> dict[str, Any] | None:
+        """The choice's logprobs body for these tokens; `text_offset`: characters of this choice's text before
+        them (completions report each token's offset)."""
         req = job.request
         if isinstance(req, ChatCompletionRequest):
             return chat_logprobs(entries, self.tokenizer) if req.logprobs else None
         assert isinstance(req, CompletionRequest)
-        return completion_logprobs(entries, self.tokenizer) if req.logprobs is not None else None
+        return completion_logprobs(entries, self.tokenizer, text_offset) if req.logprobs is not None else None
 
     async def _events(self, choices: Choices, job: Job) -> AsyncIterator[str]:
         """SSE: per choice a first chunk (a chat one carries the role), deltas, a finish chunk; then usage
@@ -205,9 +207,9 @@ class OpenAIApi:
         try:
             async for i, out in choices:
                 state = states[i]
-                before = len(state.logprobs)
+                before, offset = len(state.logprobs), len("".join(state.text))
                 events = state.on_output(out)
-                logprobs = self._logprobs(job, state.logprobs[before:])
+                logprobs = self._logprobs(job, state.logprobs[before:], offset)
                 deltas = [state.delta(e) for e in events] or ([{"content": ""}] if state.is_first or logprobs else [])
                 for k, delta in enumerate(deltas):
                     yield sse(chunk_body(h, i, delta, None, state.is_first, include_usage,
