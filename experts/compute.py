@@ -4,7 +4,9 @@
 
 Requests and replies are CPU bytes whatever device the worker computes on.
 Every check a client can fail raises `InvalidDispatch` naming the bad value (the servicer turns it
-into INVALID_ARGUMENT). The math is `model.layers.experts.experts_forward`, the same as a local run.
+into INVALID_ARGUMENT); a request for experts this worker does not hold (now) raises `ExpertsNotHeld`
+(FAILED_PRECONDITION): the caller's placement and this worker disagree, e.g. a worker Ray restarted
+with an older assignment, so the caller fails over to another replica while the controller re-syncs it. The math is `model.layers.experts.experts_forward`, the same as a local run.
 Letters: t = tokens in the request, H = hidden, P = (token, expert) pairs, n = experts held.
 """
 
@@ -23,6 +25,10 @@ from nextserve.proto.codec import TORCH_TO_DTYPE, frombuffer
 
 class InvalidDispatch(ValueError):
     """A Dispatch request this worker cannot serve; the message names the value."""
+
+
+class ExpertsNotHeld(InvalidDispatch):
+    """A well-formed request for a layer or experts this worker does not hold (a placement mismatch)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +70,7 @@ def decode_dispatch(req: expert_pb2.DispatchRequest, tables: dict[int, LayerTabl
                     hidden_size: int, num_experts: int) -> DispatchBatch:
     table = tables.get(req.layer)
     if table is None:
-        raise InvalidDispatch(f"layer {req.layer} is not served by this worker (layers held: {sorted(tables)})")
+        raise ExpertsNotHeld(f"layer {req.layer} is not served by this worker (layers held: {sorted(tables)})")
     hidden_bytes, weight_bytes = req.hidden, req.weights
     counts = torch.tensor(req.counts, dtype=torch.int64)  # [t]
     _check_sizes(req, hidden_bytes, weight_bytes, counts, dtype, hidden_size)
@@ -75,7 +81,7 @@ def decode_dispatch(req: expert_pb2.DispatchRequest, tables: dict[int, LayerTabl
     rows = table.global_to_row[experts]  # [P]
     if bool((rows < 0).any()):
         bad = int(experts[rows < 0][0])
-        raise InvalidDispatch(f"expert {bad} of layer {req.layer} is not held by this worker")
+        raise ExpertsNotHeld(f"expert {bad} of layer {req.layer} is not held by this worker")
     weights = frombuffer(weight_bytes, dtype)  # [P]
     finite = torch.isfinite(weights)
     if not bool(finite.all()):

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from nextserve.experts.compute import InvalidDispatch, compute_partial, decode_dispatch
+from nextserve.experts.compute import ExpertsNotHeld, InvalidDispatch, compute_partial, decode_dispatch
 from nextserve.experts.store import ExpertStore
 from nextserve.model.checkpoint import CheckpointError
 from nextserve.proto import expert_pb2, expert_pb2_grpc
@@ -49,6 +49,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
                 reply = self._serve(request)
             else:
                 reply = await loop.run_in_executor(self.executor, self._serve, request)
+        except ExpertsNotHeld as exc:  # the caller's placement is not what this worker holds: it fails over
+            log.info("Dispatch for experts not held (epoch %d here, %d asked): %s", self.store.epoch,
+                     request.epoch, exc)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except InvalidDispatch as exc:
             log.info("rejected Dispatch: %s", exc)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

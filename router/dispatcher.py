@@ -5,8 +5,8 @@
     ->  [Combine: partials index-added in (worker, round) order]  ->  [T, H]
 
 An expert with several alive replicas has its tokens split over them (router/plan.py:assign_pairs).
-A failed call (deadline, unavailable) marks its worker dead; only that worker's pairs are planned
-again onto the remaining replicas. With none left, `ExpertsUnavailableError` names the experts.
+A failed call (deadline, unavailable, or experts not held: a worker out of step with the placement)
+marks its worker dead; only that worker's pairs are planned again onto the remaining replicas. With none left, `ExpertsUnavailableError` names the experts.
 Partials are summed in a fixed order, so a result depends on which replica served only by rounding.
 Letters: T = tokens, H = hidden, k = experts per token, t = tokens sent to one worker.
 """
@@ -33,8 +33,11 @@ from nextserve.router.wire import TORCH_TO_DTYPE, decode_partial, encode_request
 log = logging.getLogger(__name__)
 
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                            grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
-"""Codes that mean "this worker, not this request": the pairs go to another replica."""
+                            grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
+                            grpc.StatusCode.FAILED_PRECONDITION})
+"""Codes that mean "this worker, not this request": the pairs go to another replica. FAILED_PRECONDITION
+is a worker not holding the experts the placement gives it (one Ray restarted with an older assignment,
+before the controller re-syncs it): it is treated like a dead worker for `retry_dead_after_s`."""
 
 
 class ExpertsUnavailableError(RuntimeError):

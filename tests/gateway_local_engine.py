@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.dispatch_recorder import RecordingBackend
-from nextserve.cluster.engine.local_client import LocalEngineClient
+from nextserve.cluster.gateway.local_engine_client import LocalEngineClient
 from nextserve.cluster.gateway.app import build_app
 from nextserve.model.expert_backend import ExpertBackend, LocalExpertBackend
 from nextserve.model.loader import load_head, load_local_backend

@@ -19,6 +19,8 @@ import redis
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from nextserve.cluster.app_args import AppArgs
+from nextserve.cluster.cli import up
 from nextserve.model.tiny import TINY_VERSION
 from nextserve.model.tiny import TINY_CONFIG
 
@@ -175,3 +177,41 @@ def test_redis_refusing_the_password_says_so(tmp_path: Path) -> None:
 def test_generate_refuses_an_empty_prompt_before_loading_anything(tmp_path: Path) -> None:
     result = _run(["generate", "--model", str(tmp_path / "absent"), "hello", ""])
     _one_line_error(result, "PROMPT 2 is empty", "nextserve generate")
+
+
+def test_up_joining_a_ray_cluster_without_redis_url_refuses(tiny_dir: Path) -> None:
+    """A redis-server `up` starts listens on loopback: actors on the other nodes would time out on it."""
+    started = time.monotonic()
+    result = _run(["up", "--model", str(tiny_dir)], env=NO_CLUSTER)
+    _one_line_error(result, "RAY_ADDRESS=127.0.0.1:1", "--redis-url")
+    assert time.monotonic() - started < 60  # refused before starting Redis or joining Ray
+
+
+class _Stop(Exception):
+    """Raised by a stubbed Ray call to end `start` once the call is recorded."""
+
+
+def test_local_up_starts_its_own_ray_and_ctrl_c_deletes_only_its_app(monkeypatch: pytest.MonkeyPatch,
+                                                                     tiny_dir: Path, tmp_path: Path) -> None:
+    """Without RAY_ADDRESS `up` never attaches to a Ray it discovers; its teardown deletes only its app."""
+    calls: list[tuple[str, object]] = []
+
+    def fake_init(**kwargs: object) -> None:
+        calls.append(("ray.init", kwargs))
+        raise _Stop
+
+    monkeypatch.setattr(up.ray, "init", fake_init)
+    monkeypatch.setattr(up.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(up.ray, "shutdown", lambda: calls.append(("ray.shutdown", None)))
+    monkeypatch.setattr(up.serve, "delete", lambda name: calls.append(("serve.delete", name)))
+    monkeypatch.setattr(up.serve, "shutdown", lambda: calls.append(("serve.shutdown", None)))
+    monkeypatch.setattr(up, "get_or_create_controller", lambda *a: (_ for _ in ()).throw(_Stop()))
+    options = up.UpOptions(app=AppArgs(model=str(tiny_dir), admin_token="t"), host="127.0.0.1", port=1, ray_address=None,
+                           state_file=tmp_path / "state.json", direct_ingress=False)
+    with pytest.raises(_Stop):
+        up.start(options, "redis://127.0.0.1:1")
+    assert calls[0][0] == "ray.init" and calls[0][1]["address"] == "local"  # type: ignore[index]
+    calls.clear()
+    with pytest.raises(_Stop):
+        up.stop(options, "redis://127.0.0.1:1", None)
+    assert calls == [("serve.delete", up.APP_NAME), ("ray.shutdown", None)]

@@ -131,6 +131,24 @@ def test_sigkill_with_two_replicas_changes_nothing(replicated: UpProcess, refere
     print(f"replication restored {restored_in[0]:.1f} s after the SIGKILL")
 
 
+def test_a_hung_worker_with_two_replicas_stays_ready_and_says_degraded(replicated: UpProcess) -> None:
+    """The pod stays in the Service (GET /health/ready 200) while a worker is down with R = 2; the
+    cluster-wide /health says not every worker is up."""
+    victim = replicated.status()["workers"][-1]
+    os.kill(victim["pid"], signal.SIGSTOP)  # hung: its heartbeat stops, Ray does not restart it
+    try:
+        def degraded() -> bool:
+            body = httpx.get(f"{replicated.base_url}/health/ready", timeout=30).json()
+            return body.get("status") == "degraded" and body["workers_down"] == [victim["index"]]
+        wait_for(degraded, 30, "readiness to report the hung worker")
+        assert httpx.get(f"{replicated.base_url}/health/ready", timeout=30).status_code == 200
+        assert httpx.get(f"{replicated.base_url}/health", timeout=30).status_code == 503
+    finally:
+        os.kill(victim["pid"], signal.SIGCONT)
+    wait_for(lambda: httpx.get(f"{replicated.base_url}/health/ready", timeout=30).json() == {"status": "ok"}, 30,
+             "readiness to be whole again")
+
+
 def test_rebalance_lowers_the_measured_imbalance(replicated: UpProcess) -> None:
     skewed = [[1000] * 200, [777] * 200]  # a repeated token routes every position to the same experts
 
@@ -173,16 +191,18 @@ def test_chaos_with_two_replicas_fails_no_request(replicated: UpProcess) -> None
                 with lock:
                     failed += 1
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(4)]
     for t in threads:
         t.start()
-    for _ in range(3):  # three kills over ~30 s
-        time.sleep(4)
-        workers = [w for w in replicated.status()["workers"] if w["alive"]]
-        os.kill(workers[0]["pid"], signal.SIGKILL)
-        wait_for(lambda: all(w["alive"] for w in replicated.status()["workers"]), RESTORE_WITHIN_S, "recovery")
-    stop.set()
-    for t in threads:
-        t.join(120)
+    try:
+        for _ in range(3):  # three kills over ~30 s
+            time.sleep(4)
+            workers = [w for w in replicated.status()["workers"] if w["alive"]]
+            os.kill(workers[0]["pid"], signal.SIGKILL)
+            wait_for(lambda: all(w["alive"] for w in replicated.status()["workers"]), RESTORE_WITHIN_S, "recovery")
+    finally:  # the clients stop however the kills went, so a failure is reported, not a hang
+        stop.set()
+        for t in threads:
+            t.join(120)
     print(f"chaos: sent {sent}, completed {completed}, failed {failed}")
     assert failed == 0 and completed == sent and sent > 0

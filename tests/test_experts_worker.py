@@ -88,10 +88,13 @@ def _bad(field: str, value: object) -> expert_pb2.DispatchRequest:
     return request
 
 
-BAD = [
+NOT_HELD = [
     ("layer", 3, "layer 3 is not served"),
     ("layer", 99, "layer 99"),
     ("expert_ids", 12, "expert 12 of layer 0 is not held"),
+]
+"""Well-formed requests for what the worker does not hold: FAILED_PRECONDITION, which heads fail over."""
+BAD = [
     ("expert_ids", 4000, "expert 4000 of layer 0 is outside \\[0, 16\\)"),
     ("dtype", expert_pb2.DTYPE_BFLOAT16, "dtype DTYPE_BFLOAT16 does not match the worker's DTYPE_FLOAT32"),
     ("hidden_size", 65, "hidden_size 65 does not match the model's 64"),
@@ -111,6 +114,17 @@ def test_bad_message_is_invalid_argument_and_worker_keeps_serving(served: Served
     with pytest.raises(grpc.RpcError) as err:
         served.stub.Dispatch(_bad(field, value), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert re.search(message, err.value.details()), err.value.details()
+    request, _ = good_request(2, seed=1)
+    assert len(served.stub.Dispatch(request, timeout=10).partial) == 2 * 64 * 4
+
+
+@pytest.mark.parametrize("field,value,message", NOT_HELD, ids=[f"{f}={v}" for f, v, _ in NOT_HELD])
+def test_experts_not_held_are_failed_precondition_and_worker_keeps_serving(served: Served, field: str,
+                                                                           value: object, message: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        served.stub.Dispatch(_bad(field, value), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert re.search(message, err.value.details()), err.value.details()
     request, _ = good_request(2, seed=1)
     assert len(served.stub.Dispatch(request, timeout=10).partial) == 2 * 64 * 4

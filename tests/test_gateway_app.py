@@ -19,6 +19,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from gateway_local_engine import Server, TinyEngine, completions_total, scrape, sse_events, wait_until
+from nextserve.cluster.gateway.generation import Readiness
 from nextserve.model.sampling import SamplingParams
 
 MODEL = "tiny"
@@ -217,11 +218,38 @@ def test_models_and_health(server: Server, http: httpx.Client, monkeypatch: pyte
     assert http.get("/health").status_code == 200
 
 
+def test_live_and_ready_probes(server: Server, http: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/health/live checks nothing but the process; /health/ready says whether this replica serves now,
+    and a degraded cluster (a worker down, its experts on other replicas) stays ready and says so."""
+    assert http.get("/health/live").json() == {"status": "live"}
+    assert http.get("/health/ready").json() == {"status": "ok"}
+    degraded = Readiness(True, "1 of 3 expert workers down", (2,))
+    with monkeypatch.context() as patch:
+        patch.setattr(server.engine.client, "readiness", AsyncMock(return_value=degraded))
+        r = http.get("/health/ready")
+        assert r.status_code == 200
+        assert r.json() == {"status": "degraded", "reason": "1 of 3 expert workers down", "workers_down": [2]}
+        patch.setattr(server.engine.client, "readiness",
+                      AsyncMock(return_value=Readiness(False, "layer 1 expert 7 has no live replica", (0, 2))))
+        r = http.get("/health/ready")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        assert "layer 1 expert 7" in r.json()["error"]["message"] and r.json()["workers_down"] == [0, 2]
+        patch.setattr(server.engine.client, "readiness", AsyncMock(side_effect=ConnectionError("redis gone")))
+        r = http.get("/health/ready")
+        assert r.status_code == 503 and "redis gone" in r.json()["error"]["message"]
+        patch.setattr(server.engine.client, "is_ready", AsyncMock(side_effect=ConnectionError("redis gone")))
+        assert http.get("/health/live").status_code == 200  # liveness depends on nothing
+    assert http.get("/health/ready").status_code == 200
+
+
 def test_shut_down_engine_is_not_ready_and_refuses_work(tiny_dir: Path) -> None:
     with Server(TinyEngine(tiny_dir, CONTEXT), MODEL) as s, httpx.Client(base_url=s.url, timeout=60) as http:
         s.engine.client.shutdown()
         health, r = http.get("/health"), http.post(CMPL, json=completion())
         assert health.status_code == 503 and health.json()["error"]["code"] == "not_ready"
+        ready = http.get("/health/ready")
+        assert ready.status_code == 503 and "step loop is not running" in ready.json()["error"]["message"]
+        assert http.get("/health/live").status_code == 200
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
 
 

@@ -17,7 +17,10 @@ import jsonschema
 import pytest
 import yaml
 
+from nextserve.cluster.control.registry import STALE_AFTER_S
+from nextserve.cluster.deployments.controller import WORKER_READY_TIMEOUT_S
 from nextserve.cluster.deployments.expert_worker import EXPERT_RESOURCE, HEAD_RESOURCE
+from nextserve.cluster.deployments.gateway import HEAD_PROBE_TIMEOUT_S
 from nextserve.cluster.cli.k8s_overlay import (ADMIN_TOKEN_ENV, EXPERTS_GROUP, HEADS_GROUP, MODEL_MOUNT,
                                                REDIS_PASSWORD_ENV, REGISTRY_REDIS_URL)
 from test_k8s_render import K8S, KUSTOMIZATIONS, Resource, by_key, render, render_lite
@@ -155,6 +158,36 @@ def test_groups_advertise_what_the_actors_ask_for(name: str) -> None:
     assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
     for group in groups:  # KubeRay's own checks (ValidateRayClusterSpec)
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group["groupName"]
+
+
+def _serve_port(container: dict[str, Any], probe: dict[str, Any]) -> int:
+    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    port = probe["httpGet"]["port"]
+    return ports[port] if isinstance(port, str) else port
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_heads_pods_probe_the_per_pod_health_endpoints(name: str) -> None:
+    """Readiness is /health/ready (this pod can serve: a degraded cluster stays in the Service), liveness
+    /health/live (no dependency), and a startup probe outlasts a worker's first load; the cluster-wide
+    /health is no probe (one lost head or a reloading worker would empty the Service)."""
+    service = by_key(rendered(name))[("RayService", "nextserve")]
+    container = _groups(service)[HEADS_GROUP]["template"]["spec"]["containers"][0]
+    probes = {kind: container[kind] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert probes["startupProbe"]["httpGet"]["path"] == "/health/ready"
+    assert probes["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    assert probes["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    for kind, probe in probes.items():
+        assert _serve_port(container, probe) == 8000, kind  # the pod's Serve proxy (serve.start's port)
+        # The gateway's own head probe gives up after HEAD_PROBE_TIMEOUT_S: the kubelet waits longer.
+        assert probe["timeoutSeconds"] > HEAD_PROBE_TIMEOUT_S, kind
+    startup = probes["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 4 * WORKER_READY_TIMEOUT_S
+    readiness = probes["readinessProbe"]  # a heartbeat goes stale after STALE_AFTER_S: a few periods ride it out
+    assert readiness["periodSeconds"] * readiness["failureThreshold"] > STALE_AFTER_S
+    for pod in _ray_pods(service):
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert pod["containers"][0].get(probe, {}).get("httpGet", {}).get("path") != "/health", probe
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from nextserve.bench.dispatch import worker_processes
+from nextserve.cluster.control import worker_admin
 from nextserve.model.config import Qwen3NextConfig
 from nextserve.model.expert_backend import LocalExpertBackend
 from nextserve.model.loader import load_local_backend
@@ -26,6 +27,7 @@ from nextserve.router.placement import Placement, build_placement
 
 pytestmark = pytest.mark.grpc
 DEADLINE_S = 1.0
+ADMIN_TOKEN = "test-admin-token"
 SLACK_S = 1.5
 
 
@@ -50,7 +52,7 @@ def procs(reference: dict) -> Iterator[Procs]:
     path = reference["small"][1]
     config = Qwen3NextConfig.from_json(path)
     placement = build_placement(config.moe_layers, config.num_experts, 3, 2)
-    with worker_processes(path, placement, "float32", "test-admin-token") as (started, addresses):  # CPU: to 1e-6
+    with worker_processes(path, placement, "float32", ADMIN_TOKEN) as (started, addresses):  # CPU: to 1e-6
         yield Procs(path, config, load_local_backend(path), placement, addresses, started)
         for p in started:
             if p.poll() is None:
@@ -82,6 +84,21 @@ def assert_unavailable_names(procs: Procs, backend: RemoteExpertBackend, worker:
     lost = sorted(e for e in set(ids.reshape(-1).tolist()) if procs.placement.workers_of(layer, e)[0] == worker)
     assert err.value.pairs == [(layer, e) for e in lost]
     assert f"layer {layer} experts {lost}" in str(err.value)
+
+
+def test_a_worker_out_of_step_with_the_placement_is_failed_over(procs: Procs) -> None:
+    """A worker that does not hold what the placement says (Ray restarted it with an older assignment)
+    answers FAILED_PRECONDITION: with R = 2 its pairs go to the other replica and nothing changes; with
+    R = 1 it is ExpertsUnavailableError (which the epoch follower waits out), never a DispatchError."""
+    stale = procs.placement.experts_of(2)
+    worker_admin.drop_experts(procs.addresses[2], stale, 0, ADMIN_TOKEN)
+    try:
+        with RemoteExpertBackend(procs.addresses, procs.placement, deadline_s=DEADLINE_S) as r2, \
+                RemoteExpertBackend(procs.addresses, procs.primaries_only(), deadline_s=DEADLINE_S) as r1:
+            assert_equal_to_local(procs, r2)
+            assert_unavailable_names(procs, r1, worker=2)
+    finally:
+        worker_admin.load_experts(procs.addresses[2], stale, 0, ADMIN_TOKEN)
 
 
 def test_hung_then_killed_worker(procs: Procs) -> None:

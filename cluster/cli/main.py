@@ -36,15 +36,12 @@ from nextserve.model.capacity import GPUS, plan_capacity
 from nextserve.model.sizes import model_sizes
 from nextserve.model.tiny import make_tiny
 from nextserve.cluster.cli.cluster_commands import add_cluster_commands
+from nextserve.cluster.cli.usage import UsageError
 from nextserve.cluster.control.registry import RegistryUnreachableError
 from nextserve.cluster.engine.engine import Engine, EngineRequestError
 from nextserve.cluster.cli.model_paths import resolve_model
 
 log = logging.getLogger("nextserve")
-
-
-class UsageError(ValueError):
-    """A command line nextserve cannot act on; the message names the value and the fix."""
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:

@@ -1,10 +1,12 @@
 """`nextserve up`: bring up Redis, Ray, the controller, expert workers, heads and the gateway.
 
-Flow: resolve the model -> a local redis-server unless --redis-url -> `ray.init()` (local unless
-RAY_ADDRESS is set, then it joins that cluster) -> `serve.run(build_app(args))` (the head replicas
-ask the controller for the expert workers and wait for the placement) -> poll GET /health until 200
--> print the base URL -> wait for SIGINT/SIGTERM -> tear down Serve, the workers, Ray and Redis.
-`nextserve status` finds the cluster through the state file written here.
+Flow: resolve the model -> a local redis-server unless --redis-url -> `ray.init()` (a Ray of its own,
+`address="local"`, unless RAY_ADDRESS is set, then it joins that cluster) -> `serve.run(build_app(args))`
+(the head replicas ask the controller for the expert workers and wait for the placement) -> poll
+GET /health until 200 -> print the base URL -> wait for SIGINT/SIGTERM -> tear down our Serve app
+(`serve.delete(APP_NAME)`: other apps on a shared cluster keep running), the workers, Ray and Redis.
+Joining a cluster (RAY_ADDRESS) needs --redis-url: a redis-server started here listens on loopback,
+which actors on other nodes cannot reach. `nextserve status` finds the cluster through the state file.
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ from nextserve.cluster.app import build_app
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.deployments.controller import get_or_create_controller
 from nextserve.cluster.deployments.expert_worker import EXPERT_RESOURCE, HEAD_RESOURCE
+from nextserve.cluster.cli.usage import UsageError
 from nextserve.cluster.control.redis_server import LocalRedis, free_port
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 600.0
+APP_NAME = "nextserve"
+"""The Serve application `up` deploys and, on Ctrl-C, deletes (and nothing else on the cluster)."""
 LOCAL_CUSTOM_RESOURCES = {EXPERT_RESOURCE: 1024, HEAD_RESOURCE: 1024}
 """A local Ray node plays every node group, so it advertises both custom resources."""
 
@@ -88,9 +93,11 @@ def start(options: UpOptions, redis_url: str) -> str:
             for key, value in throughput_env(options.port).items():
                 os.environ.setdefault(key, value)
             proxy_port = free_port()  # the proxy stays up (Serve's fallback); --port is the gateway's
-        ray.init(namespace="nextserve", resources=LOCAL_CUSTOM_RESOURCES, include_dashboard=False)
+        # "local": a Ray of our own, never another one found by auto-discovery (a user's `ray start`,
+        # another `up`), which would refuse our custom resources.
+        ray.init(address="local", namespace="nextserve", resources=LOCAL_CUSTOM_RESOURCES, include_dashboard=False)
     serve.start(http_options={"host": options.host, "port": proxy_port})
-    serve.run(build_app(app_args.model_dump()), name="nextserve", route_prefix="/")
+    serve.run(build_app(app_args.model_dump()), name=APP_NAME, route_prefix="/")
     base = f"http://{'127.0.0.1' if options.host in ('0.0.0.0', '') else options.host}:{options.port}"
     wait_healthy(base, READY_TIMEOUT_S, app_args.api_key)
     options.state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +109,7 @@ def start(options: UpOptions, redis_url: str) -> str:
 def stop(options: UpOptions, redis_url: str, local_redis: LocalRedis | None) -> None:
     try:
         if ray.is_initialized():
-            serve.shutdown()
+            serve.delete(APP_NAME)  # only ours: a shared cluster may serve other apps
             controller = get_or_create_controller(redis_url, options.app.cluster, options.app.admin_token)
             ray.get(controller.shutdown.remote(), timeout=30)
             ray.kill(controller, no_restart=True)
@@ -113,7 +120,16 @@ def stop(options: UpOptions, redis_url: str, local_redis: LocalRedis | None) -> 
         options.state_file.unlink(missing_ok=True)
 
 
+def check_redis_reachable(ray_address: str | None, redis_url: str) -> None:
+    """Joining a Ray cluster needs a Redis every node reaches: ours would listen on this host's loopback."""
+    if ray_address and not redis_url:
+        raise UsageError(f"RAY_ADDRESS={ray_address} joins a Ray cluster whose other nodes cannot reach a "
+                         f"redis-server started here on 127.0.0.1; pass --redis-url of a Redis the nodes reach "
+                         f"(e.g. redis://HOST:6379/0), or unset RAY_ADDRESS for a local cluster")
+
+
 def run_up(options: UpOptions) -> int:
+    check_redis_reachable(options.ray_address, options.app.redis_url)
     stopped = threading.Event()
     # Before the try: a start that fails (or a Ctrl-C during it) still stops the redis-server it began.
     local_redis = None if options.app.redis_url else LocalRedis()

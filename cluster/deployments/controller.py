@@ -5,7 +5,9 @@ builds the placement for N workers with replication R, starts the named worker a
 the placement with their addresses under a new epoch. `scale(n)` and `rebalance()` move to a new
 placement live (cluster/control/reshard.py). A supervision thread, every second: follows a spec changed in
 Redis (`nextserve scale`), runs a requested or scheduled rebalance, recreates a worker whose actor is
-gone, republishes when a worker restarted on a new address, rewrites what Redis lost, and adds the
+gone, re-syncs a worker that (re)started on a new address (it LoadExperts what its assignment has and it
+lacks, DropExperts what it holds beyond it) before republishing, rewrites everything Redis lost (spec,
+every `assign:{i}`, the placement with its addresses under an epoch above the last), and adds the
 workers' token counters to the load statistics. A restarted controller recovers the spec and the
 placement from Redis and re-attaches to the named workers, which outlive it.
 """
@@ -20,7 +22,7 @@ from typing import Any
 
 import ray
 
-from nextserve.cluster.control import reshard
+from nextserve.cluster.control import reshard, worker_admin
 from nextserve.cluster.deployments.expert_worker import ExpertWorker, actor_options
 from nextserve.cluster.control.rebalance import LoadCollector, measured_imbalance, plan_rebalance
 from nextserve.cluster.control.registry import Registry
@@ -57,6 +59,9 @@ class ControllerActor:
         self.spec: ClusterSpec | None = None
         self.placement: Placement | None = None
         self.workers: dict[int, Any] = {}
+        self.synced: dict[int, str] = {}
+        """worker -> the address at which it was last checked to hold its assignment (`_resync`); another
+        address is a worker that (re)started since: the next supervision round re-syncs it."""
         self.epoch = 0
         self.loads = LoadCollector(self.registry)
         self.last_collect = self.last_rebalance = time.monotonic()
@@ -169,11 +174,22 @@ class ControllerActor:
                 return
             wanted = self.registry.spec()
             if not wanted:
-                self.registry.save_spec(asdict(self.spec))  # Redis came back empty
+                self._restore_registry()
             elif int(wanted["num_workers"]) != self.spec.num_workers:
                 self.scale(int(wanted["num_workers"]))
             self._heal()
             self._collect_and_rebalance()
+
+    def _restore_registry(self) -> None:
+        """Redis came back empty (restarted without persistence, flushed): write the spec and every worker's
+        assignment (what a worker Ray restarts loads); `_heal`, next, re-syncs any worker that restarted
+        meanwhile and republishes the placement with the addresses under an epoch above the last."""
+        assert self.spec is not None and self.placement is not None
+        log.warning("Redis lost the cluster's state; rewriting spec, assignments and placement (epoch > %d)",
+                    self.epoch)
+        self.registry.save_spec(asdict(self.spec))
+        for index in range(self.placement.num_workers):
+            self.registry.set_assignment(index, self.placement.experts_of(index))
 
     def _heal(self) -> None:
         for index, actor in list(self.workers.items()):
@@ -184,9 +200,31 @@ class ControllerActor:
             except ray.exceptions.ActorDiedError:
                 log.warning("expert worker %d is gone; creating it again", index)
                 self.workers[index] = self._create(index)
+        addresses = self._addresses()
+        for index, address in enumerate(addresses):
+            if self.synced.get(index) != address:  # (re)started since: make it hold its assignment first
+                self._resync(index, address)
         current = self.registry.placement()
-        if current is None or list(current.addresses) != self._addresses():
+        if current is None or list(current.addresses) != addresses:
             self._publish()
+
+    def _resync(self, index: int, address: str) -> None:
+        """Make worker `index` hold exactly its experts of the placement. A worker Ray restarts loads its
+        `assign:{i}` from Redis, or its creation arguments when Redis had lost them: older than a scale
+        or rebalance since. Until this runs, heads fail it over (it answers FAILED_PRECONDITION)."""
+        assert self.placement is not None
+        want = set(self.placement.experts_of(index))
+        self.registry.set_assignment(index, sorted(want))
+        held = {(e.layer, e.expert) for e in worker_admin.info(address).experts}
+        missing, extra = sorted(want - held), sorted(held - want)
+        if missing:
+            worker_admin.load_experts(address, missing, self.epoch, self.admin_token)
+        if extra:
+            worker_admin.drop_experts(address, extra, self.epoch, self.admin_token)
+        if missing or extra:
+            log.warning("expert worker %d at %s re-synced: loaded %d experts, dropped %d", index, address,
+                        len(missing), len(extra))
+        self.synced[index] = address
 
     def _collect_and_rebalance(self) -> None:
         assert self.spec is not None

@@ -2,8 +2,9 @@
 
 The app itself is `cluster.gateway.app.build_app`; this file adapts a Serve handle to the head
 deployment into the `EngineClient` it needs. Requests stream from one head replica (Serve routes each
-to the least busy); readiness and the running/waiting counts come from the Redis registry, which sees
-every head and worker.
+to the least busy); the running/waiting counts and the cluster-wide health come from the Redis registry,
+which sees every head and worker. Readiness (this replica can serve now) asks a head replica itself and
+checks in the registry that every expert of the placement has a heartbeating replica.
 """
 
 from __future__ import annotations
@@ -21,8 +22,14 @@ from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.engine.detokenizer import StepOutput
 from nextserve.cluster.engine.stats import EngineStats
 from nextserve.cluster.gateway.app import build_app
-from nextserve.cluster.control.registry import Registry
+from nextserve.cluster.gateway.generation import Readiness
+from nextserve.cluster.control.registry import MemberRecord, PlacementRecord, Registry
 from nextserve.model.sampling import SamplingDefaults, SamplingParams
+
+
+HEAD_PROBE_TIMEOUT_S = 2.0
+"""A head answers `is_serving` in milliseconds; Serve queues a call while no head replica runs, so the
+readiness check stops waiting here (Kubernetes' probe timeout, 5 s in k8s/, leaves room for it)."""
 
 
 class HeadHandleClient:
@@ -77,6 +84,41 @@ class HeadHandleClient:
         heads = [h for h in self.registry.heads() if h.alive]
         return (placement is not None and len(heads) >= self.args.head_replicas
                 and len(workers) >= placement.placement.num_workers)
+
+    async def readiness(self) -> Readiness:
+        """A head replica answers that it serves (within HEAD_PROBE_TIMEOUT_S), and every expert of the
+        placement has a live replica; workers down whose experts have other replicas only degrade."""
+        response = self.heads.is_serving.remote()
+        try:
+            head_serves = await asyncio.wait_for(response, HEAD_PROBE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            response.cancel()
+            return Readiness(False, f"no head replica answered within {HEAD_PROBE_TIMEOUT_S} s")
+        if not head_serves:
+            return Readiness(False, "the head replica has no running engine or no placement to dispatch with")
+        try:
+            record, workers = await asyncio.to_thread(lambda: (self.registry.placement(), self.registry.workers()))
+        except Exception as exc:  # Redis restarting: the heads keep serving on the placement they hold
+            return Readiness(True, f"registry unreachable ({type(exc).__name__}); heads serve their last placement")
+        return expert_readiness(record, workers)
+
+
+def expert_readiness(record: PlacementRecord | None, workers: list[MemberRecord]) -> Readiness:
+    """Ready when every (layer, expert) of the placement has a heartbeating worker; the workers down."""
+    if record is None:  # Redis lost it; the controller rewrites it within a second
+        return Readiness(True, "no placement in the registry; heads serve their last one")
+    placement = record.placement
+    alive = {int(w.fields["index"]) for w in workers if w.alive}
+    down = tuple(i for i in range(placement.num_workers) if i not in alive)
+    if not down:
+        return Readiness(True)
+    for layer in placement.layers:
+        for expert, replicas in enumerate(placement.layer_to_expert_workers[layer]):
+            if not any(w in alive for w in replicas):
+                return Readiness(False, f"layer {layer} expert {expert} has no live replica (workers "
+                                        f"{list(replicas)} are down)", down)
+    return Readiness(True, f"{len(down)} of {placement.num_workers} expert workers down; "
+                           f"their experts are served by other replicas", down)
 
 
 @serve.deployment(

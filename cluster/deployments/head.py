@@ -92,6 +92,10 @@ class HeadDeployment:
         latency, tokens = self.recording.recorder.drain()
         return dataclasses.replace(self.engine.stats(), dispatch_latency_s=latency, expert_tokens=tokens)
 
+    async def is_serving(self) -> bool:
+        """The gateway's readiness probe: this replica could take a request now."""
+        return self.engine.is_running and self.backend.current is not None
+
     def check_health(self) -> None:
         """Serve replaces a replica whose check fails."""
         if not self.engine.is_running:

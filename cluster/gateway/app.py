@@ -2,10 +2,15 @@
 
     POST /v1/completions, /v1/chat/completions         OpenAI (openai_api.py)
     POST /v1/messages, /v1/messages/count_tokens        Anthropic Messages (anthropic_api.py)
-    GET  /v1/models, /health (200 only when the engine is ready), /metrics (Prometheus text)
+    GET  /v1/models, /metrics (Prometheus text)
+    GET  /health/live    200 while this process serves HTTP; checks nothing else (Kubernetes' liveness)
+    GET  /health/ready   200 when this replica can serve a request now: a head reachable, every expert with
+                         a live replica; a degraded cluster (a worker down, R = 2) stays ready and says so
+                         in the body; else 503 (Kubernetes' readiness: the pod leaves the Service)
+    GET  /health         200 only when the whole cluster is up: every head and worker (the operator's view)
 
 /v1 needs the API key, when one is given, as `Authorization: Bearer <key>` or `x-api-key: <key>` (what
-the anthropic SDK sends); /health and /metrics stay open for probes and scrapers. Client mistakes are
+the anthropic SDK sends); /health* and /metrics stay open for probes and scrapers. Client mistakes are
 4xx and anything unexpected a 500, in the error shape of the API the path belongs to, and serving goes
 on. When a client leaves, its engine streams are closed (`aclose`), which aborts the requests.
 """
@@ -24,7 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nextserve.cluster.gateway.anthropic_api import AnthropicApi
-from nextserve.cluster.gateway.generation import EngineClient
+from nextserve.cluster.gateway.generation import EngineClient, Readiness
 from nextserve.cluster.gateway.metrics import GatewayMetrics, RequestCounter
 from nextserve.cluster.gateway.openai_api import OpenAIApi
 from nextserve.cluster.gateway.protocols import anthropic
@@ -124,6 +129,23 @@ class Gateway:
         body = error_body("not ready: heads or expert workers are not up", SERVER_ERROR, code="not_ready")
         return JSONResponse(body, 503)
 
+    async def live(self) -> Response:
+        return JSONResponse({"status": "live"})
+
+    async def ready(self) -> Response:
+        try:
+            readiness = await self.engine.readiness()
+        except Exception as exc:
+            log.warning("readiness check failed", exc_info=True)
+            readiness = Readiness(False, f"the readiness check failed: {exc}")
+        if not readiness.is_ready:
+            body = error_body(f"not ready: {readiness.reason}", SERVER_ERROR, code="not_ready")
+            return JSONResponse({**body, "workers_down": list(readiness.workers_down)}, 503)
+        if readiness.is_degraded:
+            return JSONResponse({"status": "degraded", "reason": readiness.reason,
+                                 "workers_down": list(readiness.workers_down)})
+        return JSONResponse({"status": "ok"})
+
     async def metrics_text(self) -> Response:
         try:
             self.metrics.observe_engine_stats(await self.engine.stats())
@@ -153,5 +175,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
     v1.add_api_route("/models/{model:path}", gateway.retrieve_model, methods=["GET"])
     app.include_router(v1)
     app.add_api_route("/health", gateway.health, methods=["GET"])
+    app.add_api_route("/health/live", gateway.live, methods=["GET"])
+    app.add_api_route("/health/ready", gateway.ready, methods=["GET"])
     app.add_api_route("/metrics", gateway.metrics_text, methods=["GET"])
     return app

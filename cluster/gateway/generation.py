@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from dataclasses import dataclass
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import suppress
 from typing import Protocol
@@ -25,6 +26,20 @@ from nextserve.cluster.engine.detokenizer import StepOutput
 from nextserve.cluster.engine.stats import EngineStats
 from nextserve.cluster.gateway.metrics import GatewayMetrics, RequestTracker
 from nextserve.model.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether this gateway replica can serve a request now (GET /health/ready; Kubernetes' readiness)."""
+    is_ready: bool
+    reason: str = ""
+    """Why not (when not ready), or what is degraded (when ready but not whole)."""
+    workers_down: tuple[int, ...] = ()
+    """Expert workers of the placement not heartbeating: with R >= 2 their experts have other replicas."""
+
+    @property
+    def is_degraded(self) -> bool:
+        return self.is_ready and bool(self.reason or self.workers_down)
 
 
 class EngineClient(Protocol):
@@ -42,7 +57,8 @@ class EngineClient(Protocol):
         ...
 
     async def stats(self) -> EngineStats: ...
-    async def is_ready(self) -> bool: ...  # heads and expert workers are up
+    async def is_ready(self) -> bool: ...  # the whole cluster is up: every head and worker (GET /health)
+    async def readiness(self) -> Readiness: ...  # this replica can serve now: a head, every expert (/health/ready)
 
 
 def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:

@@ -19,6 +19,7 @@ from nextserve.cluster.engine.detokenizer import StepOutput
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.dispatch_recorder import DispatchRecorder
 from nextserve.cluster.engine.stats import EngineStats
+from nextserve.cluster.gateway.generation import Readiness
 from nextserve.model.sampling import SamplingParams
 
 
@@ -53,6 +54,12 @@ class LocalEngineClient:
 
     async def is_ready(self) -> bool:
         return self.engine.is_running
+
+    async def readiness(self) -> Readiness:
+        """Ready while the engine's step loop runs (its experts are in this process)."""
+        if self.engine.is_running:
+            return Readiness(True)
+        return Readiness(False, "the engine's step loop is not running")
 
     def shutdown(self) -> None:
         """Stop the engine; its unfinished requests end with finish_reason ABORT, and /health turns 503."""
