@@ -201,4 +201,4 @@ def test_anthropic_tool_choice_and_errors(claude: anthropic.Anthropic) -> None:
         claude.messages.create(**{**rome, "max_tokens": 0})
     assert e.value.body["type"] == "error" and "max_tokens" in e.value.body["error"]["message"]
     with pytest.raises(anthropic.NotFoundError):
-        claude.messages.create(**{**rome, "model": "claude-sonnet-4-5"})
+        claude.messages.create(**{**rome, "model": "some-other-model"})
