@@ -118,16 +118,19 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[s
     prompt_ids = tokenizer.encode(text, add_special_tokens=False)
     names: tuple[tuple[int, ...], ...] = ()
     if choice.kind == "required":
-        names = tuple(_continuation(tokenizer, text, prompt_ids, f"{name}>\n") for name in schemas)
+        names = tuple(_name_ids(tokenizer, name) for name in schemas)
     return ChatPrompt(prompt_ids, schemas if choice.parses_calls else {}, choice, names)
 
 
-def _continuation(tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int], more: str) -> tuple[int, ...]:
-    """The ids `more` adds after `text` as the tokenizer encodes the two together."""
-    full = tokenizer.encode(text + more, add_special_tokens=False)
-    if full[:len(ids)] == ids:
-        return tuple(full[len(ids):])
-    return tuple(tokenizer.encode(more, add_special_tokens=False))
+def _name_ids(tokenizer: PreTrainedTokenizerBase, name: str) -> tuple[int, ...]:
+    """The ids `NAME>\n` adds after the forced CALL_OPEN. Only the call is encoded, not the whole prompt once
+    per tool: `<tool_call>` is an added token, so the tokenizer splits the text there and what comes before
+    cannot change the ids after it."""
+    opening = tokenizer.encode(CALL_OPEN, add_special_tokens=False)
+    full = tokenizer.encode(f"{CALL_OPEN}{name}>\n", add_special_tokens=False)
+    if full[:len(opening)] == opening:
+        return tuple(full[len(opening):])
+    return tuple(tokenizer.encode(f"{name}>\n", add_special_tokens=False))
 
 
 def _apply(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]],
