@@ -60,6 +60,8 @@ class ChoiceState:
     parser: ToolCallParser | None
     call_ids: list[str] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
+    num_chars: int = 0
+    """Characters of `text` so far (completions report each token's text offset)."""
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
@@ -80,6 +82,7 @@ class ChoiceState:
     def on_output(self, out: StepOutput) -> list[ToolCallEvent]:
         """The events this output adds (all text when no tools are parsed)."""
         self.text.append(out.text)
+        self.num_chars += len(out.text)
         self.logprobs += out.logprobs or []
         self.completion_tokens = out.completion_tokens
         events, self.pending = self.pending, []
@@ -207,7 +210,7 @@ class OpenAIApi:
         try:
             async for i, out in choices:
                 state = states[i]
-                before, offset = len(state.logprobs), len("".join(state.text))
+                before, offset = len(state.logprobs), state.num_chars
                 events = state.on_output(out)
                 logprobs = self._logprobs(job, state.logprobs[before:], offset)
                 deltas = [state.delta(e) for e in events] or ([{"content": ""}] if state.is_first or logprobs else [])
