@@ -431,8 +431,8 @@ def new_tool_use_id() -> str:
 def stop_reason_for(finish_reason: str | Enum, has_tool_calls: bool, stop_sequence: str | None = None) -> StopReason:
     """The engine's finish reason as Anthropic's stop_reason.
 
-    The engine says "stop" both for end-of-sequence and for a matched stop string, without saying which
-    string (see matched_stop_sequence); "length" is max_tokens (even with a tool call: it is cut off).
+    The engine says "stop" both for end-of-sequence and for a matched stop string; StepOutput.stop_string
+    names the string (pass it as `stop_sequence`). "length" is max_tokens (even with a tool call: it is cut off).
     "abort" (the engine stopped or the request was cancelled) has no stop_reason: it raises ValueError,
     and the gateway should send an error (`MessagesStream.error`) instead."""
     reason = finish_reason.value if isinstance(finish_reason, Enum) else finish_reason
