@@ -152,7 +152,7 @@ def build_models(config: Qwen3NextConfig, device: torch.device, dtype: torch.dty
 def _greedy(m: Models, prompts: Tensor, fed: list[Tensor] | None) -> tuple[list[Tensor], list[Tensor]]:
     """prompts [B, L] -> (logits [B, V] float32 CPU per step, tokens [B] fed at each decode step):
     the model's own greedy tokens, or `fed`."""
-    batch = HeadBatch(m.head, prompts.shape[0], m.device)
+    batch = HeadBatch(m.head, prompts.shape[0], m.device, max_new_tokens=CHECK_STEPS)
     logits = batch.prefill(prompts, m.experts).float().cpu()
     all_logits, tokens = [logits], []
     for t in range(CHECK_STEPS):
@@ -193,7 +193,7 @@ def time_batch(m: Models, B: int, prompt_len: int, steps: int, seed: int) -> Bat
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     gen = torch.Generator().manual_seed(seed + B)
-    batch = HeadBatch(m.head, B, device)
+    batch = HeadBatch(m.head, B, device, max_new_tokens=2 * (steps + 1))  # two timed parts decode, each warmed up
     batch.prefill(torch.randint(3, config.vocab_size, (B, prompt_len), generator=gen), m.experts)
     ids = torch.randint(3, config.vocab_size, (B,), generator=gen).to(device)  # [B]
     capture = CapturingExperts(m.experts)

@@ -1,81 +1,110 @@
-"""Per-sequence hybrid cache: KV for full-attention layers, conv + fp32 recurrent state for DeltaNet.
+"""The head's hybrid cache: pools preallocated once, which every running sequence indexes into.
 
-One `SequenceCache` per sequence, so sequences at different positions share a batched step without
-padding one sequence's state into another's (continuous batching). Freed by dropping the object.
+    DeltaNet layer i   conv[i]              [S, C, K]          model dtype  the last K pre-conv inputs
+                       recurrent[i]         [S, nv, dk, dv]    fp32         the delta-rule state
+    attention layer i  key[i], value[i]     [N, bs, nkv, hd]   model dtype  post-norm, post-RoPE K and V
+    all layers         block_table          [S, max_blocks]    int64        each slot's blocks, in order
+
+A sequence owns one slot (its DeltaNet states and its block-table row) for its life, and the blocks
+holding its tokens: token p lives at row p % bs of block block_table[slot, p // bs]. Which sequence owns
+which slot and blocks is decided outside (cluster/engine/block_manager.py); this file holds the tensors,
+so a step reads and writes every sequence's state by index, never one sequence at a time.
+
+What a decode step gathers (the decodes' K/V blocks, their recurrent states when their slots are not one
+run) lands in workspaces kept across steps and layers, grown to the largest step seen: a fresh buffer of
+that size per layer costs more in page faults than the copy itself (measured 4.7x on the CPU at 256
+sequences of 512 tokens). They sit outside the budget and hold at most one layer's gather at a time.
+
+Letters: S = state slots, N = KV blocks, bs = block size, C = conv channels ([Q | K | V] order),
+K = conv kernel, nv = value heads, dk / dv = DeltaNet head dims, nkv = kv heads, hd = head dim.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
-from nextserve.model.config import Qwen3NextConfig
+from nextserve.model.config import LayerType, Qwen3NextConfig
 
 
-@dataclass(slots=True)
-class DeltaNetState:
-    conv: Tensor
-    """[C, K] the last K pre-conv inputs, channels in [Q | K | V] order, model dtype."""
-    recurrent: Tensor
-    """[nv, dk, dv] fp32 (transformers keeps it fp32 even for bf16 models)."""
-
-
-@dataclass(slots=True)
-class KVCache:
-    """Keys and values of one sequence's full-attention layer, in a buffer that doubles when full, so a
-    decode step appends in place instead of copying the whole cache (L = length <= capacity)."""
-    key_buffer: Tensor
-    """[nkv, capacity, hd] post-norm, post-RoPE keys; rows past `length` are unused."""
-    value_buffer: Tensor
-    """[nkv, capacity, hd]"""
-    length: int = 0
+class HybridCache:
+    def __init__(self, config: Qwen3NextConfig, num_slots: int, num_blocks: int, block_size: int,
+                 max_blocks_per_seq: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Uninitialised pools (pages are touched as they are used): a slot's states are zeroed by the
+        first chunk of its sequence (model/layers/deltanet.py), a block when it is assigned."""
+        self.num_slots, self.num_blocks, self.block_size = num_slots, num_blocks, block_size
+        S, N, bs = num_slots, num_blocks, block_size
+        self.conv: dict[int, Tensor] = {}
+        self.recurrent: dict[int, Tensor] = {}
+        self.key: dict[int, Tensor] = {}
+        self.value: dict[int, Tensor] = {}
+        for i, kind in enumerate(config.layer_types):
+            if kind is LayerType.LINEAR_ATTENTION:
+                self.conv[i] = torch.empty(S, config.linear_conv_dim, config.linear_conv_kernel_dim, dtype=dtype,
+                                           device=device)
+                self.recurrent[i] = torch.empty(S, config.linear_num_value_heads, config.linear_key_head_dim,
+                                                config.linear_value_head_dim, dtype=torch.float32, device=device)
+            else:
+                shape = (N, bs, config.num_key_value_heads, config.head_dim)
+                self.key[i] = torch.empty(shape, dtype=dtype, device=device)
+                self.value[i] = torch.empty(shape, dtype=dtype, device=device)
+        self.block_table = torch.zeros(S, max_blocks_per_seq, dtype=torch.int64, device=device)
+        """Entries past a sequence's own blocks are stale or 0: a batched decode reads them masked."""
+        self._kv_workspace = torch.empty(0, dtype=dtype, device=device)
+        self._state_workspace = torch.empty(0, dtype=torch.float32, device=device)
+        self._zero_blocks(torch.zeros(1, dtype=torch.int64, device=device))  # what a fresh table points at
 
     @classmethod
-    def of(cls, key: Tensor, value: Tensor) -> "KVCache":
-        """A cache holding key / value [nkv, t, hd] (copied into a buffer of their own)."""
-        cache = cls(key.new_empty(key.shape), value.new_empty(value.shape))
-        cache.append(key, value)
+    def contiguous(cls, config: Qwen3NextConfig, num_seqs: int, max_tokens: int, block_size: int,
+                   dtype: torch.dtype, device: torch.device) -> "HybridCache":
+        """A cache for a fixed batch (benchmarks, tests): sequence i in slot i, holding up to `max_tokens`
+        tokens in its own run of blocks."""
+        per_seq = -(-max_tokens // block_size)
+        cache = cls(config, num_seqs, num_seqs * per_seq, block_size, per_seq, dtype, device)
+        slots = [s for s in range(num_seqs) for _ in range(per_seq)]
+        cache.assign_blocks(slots, list(range(per_seq)) * num_seqs, list(range(num_seqs * per_seq)))
         return cache
 
     @property
-    def key(self) -> Tensor:  # [nkv, L, hd]
-        return self.key_buffer[:, :self.length]
+    def device(self) -> torch.device:
+        return self.block_table.device
 
-    @property
-    def value(self) -> Tensor:  # [nkv, L, hd]
-        return self.value_buffer[:, :self.length]
+    def assign_blocks(self, slots: Sequence[int], indices: Sequence[int], blocks: Sequence[int]) -> None:
+        """The sequence in slots[j] holds block blocks[j] as its indices[j]-th (one table write for all).
+        The blocks are zeroed: a batched decode reads whole blocks, masked past each sequence's length,
+        and a masked NaN of uninitialised memory would still poison the softmax-weighted sum."""
+        to = dict(dtype=torch.int64, device=self.device)
+        block_ids = torch.tensor(blocks, **to)
+        self.block_table[torch.tensor(slots, **to), torch.tensor(indices, **to)] = block_ids
+        self._zero_blocks(block_ids)
 
-    def append(self, key: Tensor, value: Tensor) -> None:
-        """key / value [nkv, t, hd] after the cached ones."""
-        end = self.length + key.shape[1]
-        if end > self.key_buffer.shape[1]:
-            capacity = max(end, 2 * self.key_buffer.shape[1])
-            for name in ("key_buffer", "value_buffer"):
-                old = getattr(self, name)
-                grown = old.new_empty(old.shape[0], capacity, old.shape[2])
-                grown[:, :self.length] = old[:, :self.length]
-                setattr(self, name, grown)
-        self.key_buffer[:, self.length:end] = key
-        self.value_buffer[:, self.length:end] = value
-        self.length = end
+    def gather_kv(self, layer: int, blocks: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values [n, bs, nkv, hd] of an attention layer's `blocks` [n], in the KV workspace
+        (valid until the next gather)."""
+        pool, n = self.key[layer], blocks.numel()
+        if self._kv_workspace.numel() < 2 * n * pool[0].numel():
+            self._kv_workspace = pool.new_empty(2 * max(n, 2 * self._kv_workspace.numel() // (2 * pool[0].numel())),
+                                                *pool.shape[1:])
+        key, value = self._kv_workspace[:n], self._kv_workspace[n:2 * n]
+        torch.index_select(pool, 0, blocks, out=key)
+        torch.index_select(self.value[layer], 0, blocks, out=value)
+        return key, value
 
+    def gather_recurrent(self, layer: int, slots: Tensor) -> Tensor:
+        """Recurrent states [n, nv, dk, dv] of a DeltaNet layer's `slots` [n], in the state workspace
+        (valid until the next gather; write them back with `index_copy_`)."""
+        pool, n = self.recurrent[layer], slots.numel()
+        if self._state_workspace.numel() < n * pool[0].numel():
+            self._state_workspace = pool.new_empty(max(n, 2 * self._state_workspace.numel() // pool[0].numel()),
+                                                   *pool.shape[1:])
+        return torch.index_select(pool, 0, slots, out=self._state_workspace[:n])
 
-@dataclass(slots=True)
-class SequenceCache:
-    layers: list[DeltaNetState | KVCache | None] = field(default_factory=list)
-    num_cached_tokens: int = 0
-    """Tokens already processed: the position of the next token."""
-
-    @classmethod
-    def empty(cls, config: Qwen3NextConfig) -> "SequenceCache":
-        return cls(layers=[None] * config.num_hidden_layers)
+    def _zero_blocks(self, block_ids: Tensor) -> None:
+        for pool in (*self.key.values(), *self.value.values()):
+            pool.index_fill_(0, block_ids, 0)
 
     def nbytes(self) -> int:
-        total = 0
-        for entry in self.layers:
-            if isinstance(entry, DeltaNetState):
-                total += entry.conv.nbytes + entry.recurrent.nbytes
-            elif isinstance(entry, KVCache):
-                total += entry.key_buffer.nbytes + entry.value_buffer.nbytes
-        return total
+        pools = (*self.conv.values(), *self.recurrent.values(), *self.key.values(), *self.value.values())
+        return sum(t.nbytes for t in pools) + self.block_table.nbytes

@@ -115,7 +115,8 @@ class HeadModel(nn.Module):
     def forward(self, input_ids: Tensor, batch: ForwardBatch, experts: ExpertBackend,
                 all_logits: bool = False) -> Tensor:
         """input_ids [T] (flattened over the batch's sequences) -> logits [B, V] of each sequence's
-        last new token, or [T, V] with all_logits. Advances every sequence's cache by its tokens."""
+        last new token, or [T, V] with all_logits. Writes the new tokens' K/V and states into the batch's
+        cache; the caller counts them (the next step's `num_cached`)."""
         return self.forward_micro_batches([(input_ids, batch)], experts, all_logits)
 
     @torch.inference_mode()
@@ -136,6 +137,4 @@ class HeadModel(nn.Module):
         for i, (_, batch) in enumerate(parts):
             x = _finish(xs[i], pending[i])
             outs.append(x if all_logits else x[batch.last_token_index()])
-            for cache, n in zip(batch.caches, batch.seq_lens):
-                cache.num_cached_tokens += n
         return self.lm_head(self.model.norm(torch.cat(outs) if len(outs) > 1 else outs[0]))

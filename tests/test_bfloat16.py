@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from nextserve.model.cache import SequenceCache
+from nextserve.model.cache import HybridCache
 from nextserve.model.forward_batch import ForwardBatch
 from nextserve.model.loader import load_head, load_local_backend
 
@@ -32,8 +32,8 @@ def test_bfloat16_close_to_transformers_bfloat16(reference: dict, name: str) -> 
     hf_bf16 = copy.deepcopy(ref).to(torch.bfloat16)(ids).logits[0].float()  # the fixture is shared
     head, experts = load_head(path, "bfloat16"), load_local_backend(path, "bfloat16")
     assert head.lm_head.weight.dtype == torch.bfloat16
-    ours = head(ids[0], ForwardBatch.build([100], [SequenceCache.empty(head.config)], torch.device("cpu")),
-                experts, all_logits=True).float()
+    cache = HybridCache.contiguous(head.config, 1, 100, 16, torch.bfloat16, torch.device("cpu"))
+    ours = head(ids[0], ForwardBatch.build([100], [0], [0], cache), experts, all_logits=True).float()
     diff = (ours - hf_bf16).abs().max().item()
     noise = (hf_bf16 - fp32).abs().max().item()
     assert diff <= ABS_TOL and diff <= NOISE_FRACTION * noise, f"bf16 diff {diff} (transformers' bf16 noise {noise})"

@@ -19,7 +19,8 @@ from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nextserve.cluster.engine.detokenizer import IncrementalDetokenizer
-from nextserve.cluster.engine.engine import Engine, EngineError, EngineRequestError, StepOutput, split_micro_batches
+from nextserve.cluster.engine.engine import Engine, EngineError, EngineRequestError, StepOutput
+from nextserve.cluster.engine.model_runner import split_micro_batches
 from nextserve.cluster.engine.scheduler import FinishReason, SchedulerConfig, StepPlan
 from nextserve.model.loader import load_head, load_local_backend
 from nextserve.model.sampling import SamplingParams

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Qwen3NextForCausalLM
 
-from nextserve.model.cache import SequenceCache
+from nextserve.model.cache import HybridCache
 from nextserve.model.forward_batch import ForwardBatch
 from nextserve.model.loader import load_head, load_local_backend
 from nextserve.model.sampling import SamplingParams
@@ -15,6 +15,10 @@ from engine_run import engine_tokens
 TOL = 1e-4
 CPU = torch.device("cpu")
 LENGTHS = [37, 5, 70, 1]  # ragged; 70 crosses a 64-token DeltaNet chunk
+
+
+def _cache(head: object, num_seqs: int, max_tokens: int, block_size: int = 16) -> HybridCache:
+    return HybridCache.contiguous(head.config, num_seqs, max_tokens, block_size, torch.float32, CPU)
 
 
 def _left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,20 +48,22 @@ def test_ragged_prefill_and_32_decode_steps_match_transformers(pair: tuple) -> N
     prompts = _prompts(head.config.vocab_size, LENGTHS)
     ids, mask = _left_padded(prompts)
     out = ref(ids, attention_mask=mask, use_cache=True)
-    caches = [SequenceCache.empty(head.config) for _ in prompts]
+    cache, slots = _cache(head, len(prompts), max(LENGTHS) + 32), list(range(len(prompts)))
     flat = torch.tensor([t for p in prompts for t in p])
-    ours = head(flat, ForwardBatch.build(LENGTHS, caches, CPU), experts, all_logits=True)
+    ours = head(flat, ForwardBatch.build(LENGTHS, [0] * len(prompts), slots, cache), experts, all_logits=True)
+    num_cached = list(LENGTHS)
     for i, p in enumerate(prompts):
         start = sum(LENGTHS[:i])
         diff = (ours[start:start + len(p)] - out.logits[i, -len(p):]).abs().max().item()
         assert diff <= TOL, f"prefill of sequence {i} (len {len(p)}) differs by {diff}"
-    cache, worst = out.past_key_values, 0.0
+    hf_cache, worst = out.past_key_values, 0.0
     next_ids = out.logits[:, -1].argmax(-1)
     for _ in range(32):
         mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
-        out = ref(next_ids[:, None], attention_mask=mask, cache=cache, use_cache=True)
-        cache = out.past_key_values
-        logits = head(next_ids, ForwardBatch.build([1] * len(prompts), caches, CPU), experts)
+        out = ref(next_ids[:, None], attention_mask=mask, cache=hf_cache, use_cache=True)
+        hf_cache = out.past_key_values
+        logits = head(next_ids, ForwardBatch.build([1] * len(prompts), num_cached, slots, cache), experts)
+        num_cached = [n + 1 for n in num_cached]
         worst = max(worst, (logits - out.logits[:, -1]).abs().max().item())
         next_ids = out.logits[:, -1].argmax(-1)
     assert worst <= TOL, f"decode logits differ by {worst}"
@@ -73,18 +79,21 @@ def test_greedy_generation_equals_transformers_generate(pair: tuple) -> None:
         assert got == want[0, len(p):].tolist()
 
 
+@pytest.mark.parametrize("block_size", [16, 32])
 @torch.inference_mode()
-def test_chunked_prefill_continuation_matches_one_shot(pair: tuple) -> None:
-    """A 150-token prompt prefilled in chunks of 40 (cached multi-token continuation) gives the same
-    logits as transformers on the whole prompt."""
+def test_chunked_prefill_continuation_matches_one_shot(pair: tuple, block_size: int) -> None:
+    """A 150-token prompt prefilled in chunks of 40 (cached multi-token continuation; chunks end inside
+    blocks and, with 16-token blocks, on a block boundary at 80) gives the same logits as transformers
+    on the whole prompt."""
     ref, head, experts = pair
     prompt = _prompts(head.config.vocab_size, [150], seed=2)[0]
     want = ref(torch.tensor([prompt])).logits[0]
-    cache = SequenceCache.empty(head.config)
+    cache = _cache(head, 1, 150, block_size)
     got = []
     for s in range(0, 150, 40):
         chunk = prompt[s:s + 40]
-        got.append(head(torch.tensor(chunk), ForwardBatch.build([len(chunk)], [cache], CPU), experts, all_logits=True))
+        got.append(head(torch.tensor(chunk), ForwardBatch.build([len(chunk)], [s], [0], cache), experts,
+                        all_logits=True))
     diff = (torch.cat(got) - want).abs().max().item()
     assert diff <= TOL, f"chunked prefill differs by {diff}"
 

@@ -6,8 +6,12 @@ import pytest
 
 from nextserve.cluster.engine.scheduler import (FinishReason, Request, Scheduler, SchedulerConfig, SequenceState, SequenceStatus,
                                StepPlan)
-from nextserve.model.cache import SequenceCache
+from nextserve.cluster.engine.block_manager import BlockManager
 from nextserve.model.sampling import SamplingParams
+
+
+def _scheduler(config: SchedulerConfig, num_blocks: int = 1000, block_size: int = 16) -> Scheduler:
+    return Scheduler(config, BlockManager(num_blocks, config.max_num_seqs, block_size))
 
 
 def _seq(request_id: str, prompt_len: int, max_tokens: int = 8) -> SequenceState:
@@ -28,7 +32,7 @@ def _tokens(plan: StepPlan) -> dict[str, int]:
 
 
 def test_long_prompt_is_chunked_and_samples_only_at_its_end() -> None:
-    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_tokens_per_step=64, prefill_chunk=32))
+    s = _scheduler(SchedulerConfig(max_num_seqs=4, max_tokens_per_step=64, prefill_chunk=32))
     s.add(_seq("long", 100, max_tokens=2))
     chunks, samples = [], []
     while s.has_work:
@@ -42,7 +46,7 @@ def test_long_prompt_is_chunked_and_samples_only_at_its_end() -> None:
 
 @pytest.mark.parametrize("budget,chunk", [(8, 8), (16, 5), (64, 32), (33, 100)])
 def test_budget_respected_and_decodes_never_starved(budget: int, chunk: int) -> None:
-    s = Scheduler(SchedulerConfig(max_num_seqs=6, max_tokens_per_step=budget, prefill_chunk=chunk))
+    s = _scheduler(SchedulerConfig(max_num_seqs=6, max_tokens_per_step=budget, prefill_chunk=chunk))
     for i in range(3):
         s.add(_seq(f"short{i}", 2, max_tokens=1000))
     _run(s, s.schedule())  # the short prompts prefill together and start decoding
@@ -61,7 +65,7 @@ def test_budget_respected_and_decodes_never_starved(budget: int, chunk: int) -> 
 
 
 def test_fcfs_admission_and_max_num_seqs() -> None:
-    s = Scheduler(SchedulerConfig(max_num_seqs=2, max_tokens_per_step=20, prefill_chunk=16))
+    s = _scheduler(SchedulerConfig(max_num_seqs=2, max_tokens_per_step=20, prefill_chunk=16))
     for name, n, m in [("a", 30, 1), ("b", 2, 1), ("c", 2, 1), ("d", 2, 1)]:
         s.add(_seq(name, n, max_tokens=m))
     plan = s.schedule()
@@ -81,12 +85,12 @@ def test_fcfs_admission_and_max_num_seqs() -> None:
 
 
 def test_abort_frees_running_and_waiting_at_next_schedule() -> None:
-    s = Scheduler(SchedulerConfig(max_num_seqs=1, max_tokens_per_step=8, prefill_chunk=8))
+    s = _scheduler(SchedulerConfig(max_num_seqs=1, max_tokens_per_step=8, prefill_chunk=8))
     run, wait = _seq("run", 4, max_tokens=50), _seq("wait", 4)
     s.add(run)
     s.add(wait)
     _run(s, s.schedule())
-    run.cache = SequenceCache()  # the engine allocates it on the first step
+    assert run.slot is not None and run.block_ids  # admitted: a slot and its prompt's blocks
     assert run.status is SequenceStatus.RUNNING and wait.status is SequenceStatus.WAITING
     assert s.abort("run") and s.abort("wait") and not s.abort("nobody")
     assert run.status is SequenceStatus.RUNNING  # nothing happens until the next schedule
@@ -94,7 +98,8 @@ def test_abort_frees_running_and_waiting_at_next_schedule() -> None:
     assert {seq.request_id for seq in plan.aborted} == {"run", "wait"} and plan.is_empty
     for seq in (run, wait):
         assert seq.status is SequenceStatus.FINISHED and seq.finish_reason is FinishReason.ABORT
-    assert run.cache is None and not s.has_work and "run" not in s
+    assert run.slot is None and not run.block_ids and not s.has_work and "run" not in s
+    assert s.blocks.num_used_blocks == s.blocks.num_used_slots == 0
     s.add(_seq("run", 2))  # the id is free again, and not aborted by the stale request
     assert list(_tokens(s.schedule())) == ["run"]
 

@@ -1,7 +1,7 @@
 """Head engine: the head model plus an expert backend, serving many requests by continuous batching.
 
     generate() (asyncio) --inbox--> engine thread: loop { schedule -> forward -> sample -> detokenize
-        ^                                                  -> stop? finish (cache dropped) }
+        ^                                                  -> stop? finish (blocks and slot freed) }
         |                                                             |
         +---- one OutputStream per request: outputs ready since the consumer last read, merged into one item
 
@@ -9,6 +9,10 @@ The step loop runs in one background thread (torch releases the GIL while it com
 asyncio side only validates, enqueues and awaits. A consumer that falls behind gets every ready token
 in its next item instead of one event per token. A consumer that stops iterating (client disconnect,
 cancel) aborts its request; the next schedule drops the sequence and its cache.
+
+The cache is allocated once, at start, from `CacheConfig.cache_memory_bytes` (KV blocks + state slots,
+model/cache_config.py). When a decode finds no free block the scheduler preempts the most recently
+admitted sequence; it recomputes later and its stream simply goes on (no token is sent twice).
 """
 
 from __future__ import annotations
@@ -25,35 +29,20 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from nextserve.cluster.engine.block_manager import BlockManager
 from nextserve.cluster.engine.detokenizer import (MAX_STOP_CHARS, MAX_STOP_STRINGS, IncrementalDetokenizer, OutputStream,
                                                   StepOutput)
+from nextserve.cluster.engine.model_runner import ModelRunner, head_cache_capacity
 from nextserve.cluster.engine.stats import EngineStats
 from nextserve.cluster.engine.scheduler import (FinishReason, Request, Scheduler, SchedulerConfig, SequenceState, StepPlan)
-from nextserve.model.cache import SequenceCache
+from nextserve.model.cache_config import CacheConfig
 from nextserve.model.expert_backend import ExpertBackend
-from nextserve.model.forward_batch import ForwardBatch
 from nextserve.model.qwen3_next import HeadModel
 from nextserve.model.sampling import (SamplingParams, TokenLogprobs, allowed_next_tokens, make_generator, sample,
                                      token_logprobs)
 from nextserve.router.dispatcher import ExpertsUnavailableError
 
 log = logging.getLogger(__name__)
-
-def split_micro_batches(num_tokens: Sequence[int], parts: int, min_seqs: int) -> list[tuple[int, int]]:
-    """Contiguous [lo, hi) ranges of the step's sequences, about equal in tokens, each with at least
-    `min_seqs` sequences (fewer parts when there are too few sequences)."""
-    parts = max(1, min(parts, len(num_tokens) // min_seqs))
-    total, bounds, acc, lo = sum(num_tokens), [], 0, 0
-    for i, n in enumerate(num_tokens):
-        acc += n
-        remaining_parts = parts - len(bounds) - 1
-        if remaining_parts and acc >= total * (len(bounds) + 1) / parts and i + 1 - lo >= min_seqs \
-                and len(num_tokens) - (i + 1) >= remaining_parts * min_seqs:
-            bounds.append((lo, i + 1))
-            lo = i + 1
-    bounds.append((lo, len(num_tokens)))
-    return bounds
-
 
 class EngineRequestError(ValueError):
     """A request the engine cannot serve (HTTP 400); `param` names the offending field ("prompt",
@@ -84,21 +73,27 @@ class _Entry:
 
 class Engine:
     def __init__(self, head: HeadModel, experts: ExpertBackend, tokenizer: PreTrainedTokenizerBase | None,
-                 config: SchedulerConfig | None = None, max_model_len: int | None = None) -> None:
+                 config: SchedulerConfig | None = None, max_model_len: int | None = None,
+                 cache_config: CacheConfig | None = None) -> None:
         """`tokenizer` None serves token ids only (outputs carry no text; stop strings are refused).
         `max_model_len`: the context the engine admits (prompt + output tokens), at most the model's
-        (max_position_embeddings, the default)."""
+        (max_position_embeddings, the default). `cache_config`: the cache budget and block size."""
         context = head.config.max_position_embeddings
         self.max_model_len = context if max_model_len is None else max_model_len
         if not 2 <= self.max_model_len <= context:
             raise ValueError(f"max_model_len={self.max_model_len} must be in [2, {context}] (the model's context "
                              f"window, max_position_embeddings); lower it or omit it to use the full context")
         self.head, self.experts = head, experts
-        self.scheduler = Scheduler(config or SchedulerConfig())
+        config = config or SchedulerConfig()
+        self.capacity = head_cache_capacity(head, cache_config or CacheConfig(), config.max_num_seqs,
+                                            self.max_model_len)
+        """KV blocks and state slots of the cache (ConfigError at start when the budget holds no sequence)."""
+        self.scheduler = Scheduler(config, BlockManager(self.capacity.num_blocks, self.capacity.num_slots,
+                                                        self.capacity.block_size))
+        self.runner = ModelRunner(head, experts, self.capacity, config)
         self.tokenizer = tokenizer
         self.vocab_size = head.config.vocab_size if tokenizer is None else min(len(tokenizer), head.config.vocab_size)
         """Token ids a prompt may hold: the tokenizer's (the real model pads its embedding past it)."""
-        self._device = head.lm_head.weight.device
         self._lock = threading.Lock()  # guards _inbox, _abort_ids, _request_ids, _is_stopped
         self._inbox: list[_Entry] = []
         self._abort_ids: list[str] = []
@@ -107,7 +102,7 @@ class Engine:
         self._entries: dict[str, _Entry] = {}  # engine thread only, like _outbox
         self._outbox: list[tuple[OutputStream, StepOutput | Exception]] = []
         self._wake = threading.Event()
-        self._stats = EngineStats()
+        self._stats = self._current_stats(num_steps=0)
         self._thread = threading.Thread(target=self._run, name="nextserve-engine", daemon=True)
         self._thread.start()
 
@@ -166,8 +161,10 @@ class Engine:
     def admit(self, request: Request) -> Request:
         """The request as the engine will run it, or EngineRequestError naming the field. The one place
         the serving rules live: the gateway only maps this error to HTTP 400. `max_tokens` is clamped to
-        the room the prompt leaves in `max_model_len` (None: all of it); the sequence then ends with
-        finish_reason "length" there."""
+        the room the prompt leaves in `max_model_len` (None: all the room the context and the cache leave);
+        the sequence then ends with finish_reason "length" there. A request that could not run even alone
+        in the whole cache (prompt + max_tokens past the tokens the budget holds) is refused: it would wait
+        for blocks forever."""
         n, context = len(request.prompt_ids), self.max_model_len
         if n == 0:
             raise EngineRequestError("prompt", "the prompt is empty; send at least one token")
@@ -189,8 +186,19 @@ class Engine:
             raise EngineRequestError("stop", "stop strings need text: this engine serves token ids only "
                                              "(no tokenizer); use stop_token_ids")
         room, asked = context - n, request.params.max_tokens
+        fit = self.capacity.max_tokens  # the tokens one sequence's blocks can hold: the whole pool
+        if n > fit:
+            raise EngineRequestError("prompt", f"the prompt has {n} tokens, more than the {fit} tokens this server's "
+                                               f"cache holds per sequence (--cache-memory); shorten it")
+        cache_room = fit - n + 1  # the last output token is sampled, never cached
+        if asked is not None and min(asked, room) > cache_room:
+            raise EngineRequestError("max_tokens", f"prompt ({n} tokens) + max_tokens ({min(asked, room)}) need "
+                                                   f"{n + min(asked, room) - 1} cached tokens, more than the {fit} "
+                                                   f"this server's cache holds per sequence (--cache-memory); "
+                                                   f"ask for at most {cache_room}")
         if asked is not None and asked <= room:
             return request
+        room = min(room, cache_room)
         return dataclasses.replace(request, params=dataclasses.replace(request.params, max_tokens=room))
 
     def _submit(self, request: Request, stream: OutputStream) -> OutputStream:
@@ -238,35 +246,26 @@ class Engine:
             self._retire(self._entries[seq.request_id], FinishReason.ABORT, [])
         if not plan.is_empty:
             try:
-                self._postprocess(plan, self._forward(plan))
+                self._postprocess(plan, self.runner.run(plan))
             except Exception as exc:  # a failed step (e.g. a lost expert worker) fails its sequences only
                 log.exception("step of %d sequences failed", len(plan.scheduled))
                 for item in plan.scheduled:
                     if not item.seq.is_finished:
                         self._fail(self._entries[item.seq.request_id], exc)
-        self._stats = EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
-                                  self._stats.num_steps + 1)
+        self._stats = self._current_stats(self._stats.num_steps + 1)
         self._flush_outbox()  # after the stats, so a consumer seeing its last item sees it gone from them
+
+    def _current_stats(self, num_steps: int) -> EngineStats:
+        scheduler, blocks = self.scheduler, self.scheduler.blocks
+        return EngineStats(num_running=len(scheduler.running), num_waiting=len(scheduler.waiting), num_steps=num_steps,
+                           blocks_used=blocks.num_used_blocks, blocks_total=blocks.num_blocks,
+                           slots_used=blocks.num_used_slots, slots_total=blocks.num_slots,
+                           num_preemptions=scheduler.num_preemptions)
 
     def _flush_outbox(self) -> None:
         outbox, self._outbox = self._outbox, []
         for stream, item in outbox:
             stream.put(item)
-
-    def _forward(self, plan: StepPlan) -> torch.Tensor:  # -> logits [B, V]
-        caches: list[SequenceCache] = []
-        for item in plan.scheduled:
-            if item.seq.cache is None:  # first step of this sequence
-                item.seq.cache = SequenceCache.empty(self.head.config)
-            caches.append(item.seq.cache)
-        inputs = [item.input_ids() for item in plan.scheduled]
-        parts = []
-        for lo, hi in split_micro_batches([len(x) for x in inputs], self.scheduler.config.micro_batches,
-                                          self.scheduler.config.min_micro_batch_seqs):
-            batch = ForwardBatch.build([len(x) for x in inputs[lo:hi]], caches[lo:hi], self._device)
-            ids = torch.tensor([t for x in inputs[lo:hi] for t in x], dtype=torch.int64, device=self._device)
-            parts.append((ids, batch))
-        return self.head.forward_micro_batches(parts, self.experts)  # rows in plan order
 
     def _postprocess(self, plan: StepPlan, logits: torch.Tensor) -> None:
         argmax = logits.argmax(dim=-1).tolist()  # one device sync for all greedy rows

@@ -1,10 +1,17 @@
-"""Continuous-batching scheduler: which sequences run in the next step, and how many tokens each.
+"""Continuous-batching scheduler: which sequences run in the next step, how many tokens each, and which
+cache blocks and state slots they hold.
 
-    add() -> waiting (FCFS) --schedule()--> running --finish()--> finished (cache dropped)
-                                  |
+    add() -> waiting (FCFS) --schedule()--> running --finish()--> finished (blocks and slot freed)
+                ^                              |
+                +---------- preempted ---------+  (a decode found no free block: the most recently
+                          (first in line)          admitted running sequence gives its blocks back)
           every step: decodes first (1 token each), then prefill chunks of the running sequences
           still prefilling, then newly admitted waiting sequences, while the token budget lasts.
 
+A sequence is admitted only when a state slot and the blocks for its whole prompt are free; a decode
+takes a new block when its length crosses a block boundary. A preempted sequence gives back its blocks
+and slot and goes first in line; readmitted, it prefills its prompt plus every token generated so far
+(recomputed, never sampled again), then samples its next token: its stream goes on where it stopped.
 A long prompt is cut into chunks of at most `prefill_chunk` tokens, so it never holds a step long
 enough to starve the decodes. Pure bookkeeping: no asyncio, no Ray, no tensors; the engine owns the
 forward pass and calls `advance` and `finish` with what it produced.
@@ -18,14 +25,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nextserve.model.cache import SequenceCache
+from nextserve.cluster.engine.block_manager import BlockManager
 from nextserve.model.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64
-    """Sequences running at once (each holds a hybrid cache); more wait in FCFS order."""
+    """Sequences running at once (each holds a state slot; a small cache budget may give fewer slots);
+    more wait in FCFS order."""
     max_tokens_per_step: int = 512
     """Token budget of one batched forward: decodes + prefill chunks. Bounds a step's latency."""
     prefill_chunk: int = 256
@@ -74,16 +82,26 @@ class Request:
 
 @dataclass(slots=True)
 class SequenceState:
-    """One request's progress. `cache` is allocated by the engine on the first step and dropped
-    (set to None) when the sequence finishes, which frees its hybrid state."""
+    """One request's progress and the cache it holds: a state slot and the blocks of its tokens, from
+    admission until it finishes or is preempted."""
     request: Request
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
-    num_prefilled: int = 0
-    """Prompt tokens already run through the model."""
     output_ids: list[int] = field(default_factory=list)
-    cache: SequenceCache | None = None
     generator: torch.Generator | None = None
+    """Seeded sampling state; a preemption leaves it alone (recomputed tokens are not sampled again)."""
+    num_computed_tokens: int = 0
+    """Tokens in the cache: the position of the next token run through the model."""
+    num_prefill_tokens: int = -1
+    """Tokens to run before the next sample: the prompt, or after a preemption the prompt plus every
+    token generated so far. -1: the prompt (set at construction)."""
+    slot: int | None = None
+    block_ids: list[int] = field(default_factory=list)
+    """KV blocks holding tokens [i·bs, (i+1)·bs), in order."""
+
+    def __post_init__(self) -> None:
+        if self.num_prefill_tokens < 0:
+            self.num_prefill_tokens = len(self.request.prompt_ids)
 
     @property
     def request_id(self) -> str:
@@ -95,11 +113,16 @@ class SequenceState:
 
     @property
     def is_prefilling(self) -> bool:
-        return self.num_prefilled < self.num_prompt_tokens
+        return self.num_computed_tokens < self.num_prefill_tokens
 
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output."""
+        prompt, n = self.request.prompt_ids, len(self.request.prompt_ids)
+        return list(prompt[start:end]) + self.output_ids[max(start - n, 0):max(end - n, 0)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,14 +133,13 @@ class ScheduledSeq:
 
     @property
     def samples_token(self) -> bool:
-        """The step completes the prompt (or decodes), so its logits give the next token."""
-        return self.seq.num_prefilled + self.num_scheduled_tokens >= self.seq.num_prompt_tokens
+        """The step completes the prefill (or decodes), so its logits give the next token."""
+        return self.seq.num_computed_tokens + self.num_scheduled_tokens >= self.seq.num_prefill_tokens
 
     def input_ids(self) -> list[int]:
-        seq = self.seq
-        if seq.is_prefilling:
-            return list(seq.request.prompt_ids[seq.num_prefilled:seq.num_prefilled + self.num_scheduled_tokens])
-        return [seq.output_ids[-1]]
+        """A prefill chunk, or for a decode the last sampled token."""
+        start = self.seq.num_computed_tokens
+        return self.seq.token_ids(start, start + self.num_scheduled_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +147,10 @@ class StepPlan:
     scheduled: tuple[ScheduledSeq, ...]
     aborted: tuple[SequenceState, ...]
     """Sequences dropped by this schedule (abort requested); already FINISHED with ABORT."""
+    new_blocks: tuple[tuple[int, int, int], ...] = ()
+    """(slot, index in its block table, block id) of every block handed out by this schedule."""
+    preempted: tuple[SequenceState, ...] = ()
+    """Sequences this schedule preempted (back in the waiting queue, first in line)."""
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -136,10 +162,14 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
         self.config = config
+        self.blocks = blocks
         self.waiting: deque[SequenceState] = deque()
         self.running: list[SequenceState] = []
+        """In admission order: the last one is preempted first."""
+        self.num_preemptions = 0
+        """Preemptions since start."""
         self._by_id: dict[str, SequenceState] = {}
         self._abort_ids: set[str] = set()
 
@@ -168,44 +198,84 @@ class Scheduler:
         aborted = self._drop_aborted()
         budget = self.config.max_tokens_per_step
         scheduled: list[ScheduledSeq] = []
-        for seq in self.running:  # decodes first: one token each, always within budget (see config)
-            if not seq.is_prefilling:
+        new_blocks: list[tuple[int, int, int]] = []
+        preempted: list[SequenceState] = []
+        for seq in list(self.running):  # decodes first: one token each, always within budget (see config)
+            if seq.status is SequenceStatus.RUNNING and not seq.is_prefilling \
+                    and self._grow(seq, seq.num_computed_tokens + 1, new_blocks, preempted):
                 scheduled.append(ScheduledSeq(seq, 1))
                 budget -= 1
-        for seq in self.running:
+        for seq in self.running:  # their blocks were taken at admission
             if seq.is_prefilling and budget > 0:
                 scheduled.append(self._chunk(seq, budget))
                 budget -= scheduled[-1].num_scheduled_tokens
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting.popleft()  # FCFS: the head of the queue always gets in first
+            seq = self.waiting[0]  # FCFS: the head of the queue always gets in first, or no one does
+            if not self.blocks.can_allocate(self.blocks.blocks_for(seq.num_prefill_tokens), slot=True):
+                break
+            self.waiting.popleft()
+            seq.slot = self.blocks.allocate_slot()
+            self._grow(seq, seq.num_prefill_tokens, new_blocks, preempted)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(self._chunk(seq, budget))
             budget -= scheduled[-1].num_scheduled_tokens
-        return StepPlan(tuple(scheduled), tuple(aborted))
+        return StepPlan(tuple(scheduled), tuple(aborted), tuple(new_blocks), tuple(preempted))
 
     def advance(self, item: ScheduledSeq, token_id: int | None) -> None:
-        """Record a finished step for one sequence: the prompt chunk it consumed, the token it sampled."""
-        seq = item.seq
-        if seq.is_prefilling:
-            seq.num_prefilled += item.num_scheduled_tokens
+        """Record a finished step for one sequence: the tokens it ran, the token it sampled."""
+        item.seq.num_computed_tokens += item.num_scheduled_tokens
         if token_id is not None:
-            seq.output_ids.append(token_id)
+            item.seq.output_ids.append(token_id)
 
     def finish(self, seq: SequenceState, reason: FinishReason) -> None:
-        """Leave the batch now; the cache is dropped with the reference."""
+        """Leave the batch now, giving back its blocks and slot."""
         if seq.is_finished:
             return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
-        seq.status, seq.finish_reason, seq.cache = SequenceStatus.FINISHED, reason, None
+        self._free(seq)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         del self._by_id[seq.request_id]
         self._abort_ids.discard(seq.request_id)
 
+    def _grow(self, seq: SequenceState, num_tokens: int, new_blocks: list[tuple[int, int, int]],
+              preempted: list[SequenceState]) -> bool:
+        """Give seq the blocks for num_tokens tokens, preempting the most recently admitted running
+        sequences while none are free; False when seq itself was the one preempted."""
+        need = self.blocks.blocks_for(num_tokens) - len(seq.block_ids)
+        while not self.blocks.can_allocate(need):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        assert seq.slot is not None
+        for block in self.blocks.allocate_blocks(need):
+            new_blocks.append((seq.slot, len(seq.block_ids), block))
+            seq.block_ids.append(block)
+        return True
+
+    def _preempt(self, seq: SequenceState) -> None:
+        """Back to the head of the queue without blocks or slot, to recompute prompt + output."""
+        self.running.remove(seq)
+        self._free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_prefill_tokens = seq.num_prompt_tokens + len(seq.output_ids)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _free(self, seq: SequenceState) -> None:
+        if seq.slot is not None:
+            self.blocks.free_blocks(seq.block_ids)
+            self.blocks.free_slot(seq.slot)
+        seq.slot, seq.block_ids = None, []
+
     def _chunk(self, seq: SequenceState, budget: int) -> ScheduledSeq:
-        left = seq.num_prompt_tokens - seq.num_prefilled
+        left = seq.num_prefill_tokens - seq.num_computed_tokens
         return ScheduledSeq(seq, min(left, self.config.prefill_chunk, budget))
 
     def _drop_aborted(self) -> list[SequenceState]:

@@ -1,8 +1,11 @@
-"""The gated delta rule, in the two forms transformers uses (shared/MODEL.md §4.8).
+"""The gated delta rule, in the two forms transformers uses (shared/MODEL.md §4.8), and the decode step.
 
 `chunk_gated_delta_rule` (prefill and multi-token continuation) keeps transformers' op order so that
-fp32 results agree to ~1e-6; `recurrent_gated_delta_rule` is the one-token decode form. Both take
-per-sequence inputs already expanded to value heads and return the output and the final fp32 state.
+fp32 results agree to ~1e-6; `recurrent_gated_delta_rule` is the token-by-token form, transformers'
+decode and the reference for `gated_delta_step`, the one-token decode the head runs: the same math with
+the state updated in place (in the cache pool itself when the sequences' slots are one run), by batched
+matmuls instead of broadcast products, so the state is read three times and written twice per step with
+no temporary of its size. All take inputs already expanded to value heads.
 
 Letters: B = sequences, T = tokens, h = value heads (nv), dk/dv = key/value head dims.
 """
@@ -87,3 +90,22 @@ def recurrent_gated_delta_rule(
         state = state + k[:, :, t].unsqueeze(-1) * delta.unsqueeze(-2)
         out[:, :, t] = (state * q[:, :, t].unsqueeze(-1)).sum(dim=-2)
     return out.transpose(1, 2).contiguous().to(out_dtype), state
+
+
+def gated_delta_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor) -> Tensor:
+    """One token of each of B sequences: q, k [B, h, dk]; v [B, h, dv]; g, beta [B, h]; state [B, h, dk, dv]
+    fp32 and contiguous, updated in place. Returns out [B, h, dv] in q's dtype. Equal to
+    `recurrent_gated_delta_rule` at T = 1 up to fp32 rounding (matmul reductions over dk)."""
+    out_dtype = q.dtype
+    B, h, dk = k.shape
+    dv = v.shape[-1]
+    q, k, v, beta, g = (x.to(torch.float32) for x in (q, k, v, beta, g))
+    q = l2norm(q) * dk ** -0.5
+    k = l2norm(k)
+    flat = state.view(B * h, dk, dv)
+    state.mul_(g.exp()[..., None, None])
+    kv_mem = torch.bmm(k.reshape(B * h, 1, dk), flat)  # [B·h, 1, dv]
+    delta = (v.reshape(B * h, 1, dv) - kv_mem) * beta.reshape(B * h, 1, 1)
+    flat.baddbmm_(k.reshape(B * h, dk, 1), delta)  # S += k ⊗ δ
+    out = torch.bmm(q.reshape(B * h, 1, dk), flat)  # read after the update
+    return out.view(B, h, dv).to(out_dtype)

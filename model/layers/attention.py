@@ -1,6 +1,7 @@
-"""Gated full attention, MODEL.md §5: q/k RMSNorm, partial RoPE, GQA, sigmoid output gate, KV cache.
+"""Gated full attention, MODEL.md §5: q/k RMSNorm, partial RoPE, GQA, sigmoid output gate, paged KV cache.
 
-Letters: T = tokens in the step, H = hidden, nh/nkv = query/kv heads, hd = head dim, L = cached length.
+Letters: T = tokens in the step, H = hidden, nh/nkv = query/kv heads, hd = head dim, L = cached length,
+N = KV blocks, bs = block size.
 """
 
 from __future__ import annotations
@@ -9,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nextserve.model.cache import KVCache
-from nextserve.model.forward_batch import ForwardBatch
+from nextserve.model.forward_batch import ForwardBatch, PrefixChunk
 from nextserve.model.layers.norm import RMSNorm
 from nextserve.model.layers.rope import apply_partial_rope
 
@@ -28,17 +28,27 @@ class GatedAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
 
-    def _attend(self, q: Tensor, cache: KVCache) -> Tensor:
-        """q [t, nh, hd] against the cache's [nkv, L, hd] (which already holds these t) -> [t, nh·hd].
+    def _attend_decode(self, q: Tensor, batch: ForwardBatch) -> Tensor:
+        """One query per decoding sequence, all in one call: q [B, nh, hd] against each one's blocks of
+        this layer's K/V pools, gathered into [B, L, nkv, hd] and masked past its length -> [B, nh·hd].
         GQA by SDPA's enable_gqa: each query head reads its kv head in place, no repeated copy."""
-        t, L = q.shape[0], cache.length
-        k, v = cache.key[None], cache.value[None]  # [1, nkv, L, hd]
-        qh = q.transpose(0, 1)[None]  # [1, nh, t, hd]
-        if t == 1:
-            o = F.scaled_dot_product_attention(qh, k, v, scale=self.hd ** -0.5, enable_gqa=True)
-        else:  # a chunk continuing a cached prefix (L > t): query i sees keys <= L - t + i
-            mask = torch.ones(t, L, dtype=torch.bool, device=q.device).tril(L - t)
-            o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=self.hd ** -0.5, enable_gqa=True)
+        B, L = q.shape[0], batch.decode_mask.shape[-1]
+        k, v = batch.cache.gather_kv(self.layer_idx, batch.decode_blocks.flatten())  # [B·L/bs, bs, nkv, hd]
+        k = k.view(B, L, self.nkv, self.hd).transpose(1, 2)  # [B, nkv, L, hd]
+        v = v.view(B, L, self.nkv, self.hd).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=batch.decode_mask, scale=self.hd ** -0.5,
+                                           enable_gqa=True)  # [B, nh, 1, hd]
+        return o.reshape(B, self.nh * self.hd)
+
+    def _attend_prefix(self, q: Tensor, key: Tensor, value: Tensor, chunk: PrefixChunk) -> Tensor:
+        """A chunk continuing a cached prefix: q [t, nh, hd] against the L = chunk.length tokens in its
+        blocks (these t included) -> [t, nh·hd]; query i sees keys <= L - t + i."""
+        t, L = q.shape[0], chunk.length
+        k = key[chunk.blocks].flatten(0, 1)[:L].transpose(0, 1)[None]  # [1, nkv, L, hd]
+        v = value[chunk.blocks].flatten(0, 1)[:L].transpose(0, 1)[None]
+        mask = torch.ones(t, L, dtype=torch.bool, device=q.device).tril(L - t)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask, scale=self.hd ** -0.5,
+                                           enable_gqa=True)  # [1, nh, t, hd]
         return o[0].transpose(0, 1).reshape(t, self.nh * self.hd)
 
     def _attend_fresh(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -55,17 +65,16 @@ class GatedAttention(nn.Module):
         q = apply_partial_rope(self.q_norm(q), cos, sin)  # [T, nh, hd]
         k = apply_partial_rope(self.k_norm(self.k_proj(x).view(T, self.nkv, self.hd)), cos, sin)
         v = self.v_proj(x).view(T, self.nkv, self.hd)
+        key, value = batch.cache.key[self.layer_idx], batch.cache.value[self.layer_idx]  # [N, bs, nkv, hd]
+        key.view(-1, self.nkv, self.hd).index_copy_(0, batch.kv_index, k)  # every new token into its block row
+        value.view(-1, self.nkv, self.hd).index_copy_(0, batch.kv_index, v)
         out = x.new_empty(T, self.nh * self.hd)
-        for i, s, e in batch.spans():
-            cache = batch.caches[i]
-            entry = cache.layers[self.layer_idx]
-            k_new, v_new = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)  # [nkv, t, hd]
-            if entry is None:  # a first chunk: attended with its group below
-                cache.layers[self.layer_idx] = KVCache.of(k_new, v_new)
-                continue
-            entry.append(k_new, v_new)
-            out[s:e] = self._attend(q[s:e], entry)
-        for _, rows in batch.fresh_groups:  # rows [B, t]: first chunks of equal length run batched
-            out[rows] = self._attend_fresh(q[rows], k[rows], v[rows])
+        if batch.decode_seqs:
+            rows = batch.decode_rows
+            out[rows] = self._attend_decode(q[rows], batch)
+        for chunk in batch.prefix_chunks:
+            out[chunk.start:chunk.end] = self._attend_prefix(q[chunk.start:chunk.end], key, value, chunk)
+        for group in batch.fresh_groups:  # rows [B, t]: first chunks of equal length run batched
+            out[group.rows] = self._attend_fresh(q[group.rows], k[group.rows], v[group.rows])
         out = out * torch.sigmoid(gate.reshape(T, self.nh * self.hd))
         return self.o_proj(out)

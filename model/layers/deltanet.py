@@ -1,7 +1,8 @@
 """Gated DeltaNet (linear attention) mixer, MODEL.md §4, over a flattened batch of sequences.
 
 Letters: T = tokens in the step, B = sequences, H = hidden, nk/nv = key/value heads, dk/dv = head
-dims, r = nv // nk, C = conv channels (2·nk·dk + nv·dv, [Q | K | V] order), K = conv kernel.
+dims, r = nv // nk, C = conv channels (2·nk·dk + nv·dv, [Q | K | V] order), K = conv kernel,
+S = state slots of the cache pools (model/cache.py).
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nextserve.model.cache import DeltaNetState
+from nextserve.model.cache import HybridCache
 from nextserve.model.forward_batch import ForwardBatch
-from nextserve.model.kernels.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from nextserve.model.kernels.delta_rule import chunk_gated_delta_rule, gated_delta_step
 from nextserve.model.layers.norm import GatedRMSNorm
 
 
@@ -67,45 +68,47 @@ class GatedDeltaNet(nn.Module):
         out = (window.float() * self.conv1d.weight[:, 0].float()).sum(-1)  # [B, C], fp32 like conv1d's accumulator
         return F.silu(out).to(mixed.dtype), window
 
-    def _run_decode(self, mixed: Tensor, beta: Tensor, g: Tensor, states: list[DeltaNetState]) -> Tensor:
-        """One token for each of B sequences with a state. mixed [B, C]; beta, g [B, nv] -> [B, nv, dv]."""
-        conv_state = torch.stack([s.conv for s in states])
-        c, conv_state = self._conv_step(mixed, conv_state)
+    def _run_decode(self, mixed: Tensor, beta: Tensor, g: Tensor, cache: HybridCache,
+                    slots: Tensor | slice) -> Tensor:
+        """One token for each of B sequences, their states in `slots` of this layer's conv [S, C, K] and
+        recurrent [S, nv, dk, dv] pools: updated in place when slots is a slice (one run of slots), else
+        gathered and written back. mixed [B, C]; beta, g [B, nv] -> [B, nv, dv]."""
+        conv_pool, rec_pool = cache.conv[self.layer_idx], cache.recurrent[self.layer_idx]
+        c, window = self._conv_step(mixed, conv_pool[slots])
+        conv_pool[slots] = window  # into the view for a slice, an indexed write otherwise
         q, k, v = self._split_heads(c[:, None])
-        rec = torch.stack([s.recurrent for s in states])
-        o, rec = recurrent_gated_delta_rule(q, k, v, g[:, None], beta[:, None], rec)
-        for i, s in enumerate(states):
-            s.conv, s.recurrent = conv_state[i], rec[i]
-        return o[:, 0]
+        if isinstance(slots, slice):  # one run of slots: the step updates the pool itself
+            return gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g, beta, rec_pool[slots])
+        rec = cache.gather_recurrent(self.layer_idx, slots)
+        o = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g, beta, rec)
+        rec_pool.index_copy_(0, slots, rec)
+        return o
 
-    def _run_chunks(self, mixed: Tensor, beta: Tensor, g: Tensor,
-                    states: list[DeltaNetState | None]) -> tuple[Tensor, list[DeltaNetState]]:
-        """t tokens of each of B sequences (chunked form). mixed [B, t, C]; beta, g [B, t, nv] ->
-        ([B, t, nv, dv], new states). A missing state is zeros, exactly as transformers starts."""
-        conv0 = torch.stack([st.conv if st is not None else mixed.new_zeros(self.conv_dim, self.kernel)
-                             for st in states])  # [B, C, K]
-        rec0 = torch.stack([st.recurrent if st is not None else
-                            torch.zeros(self.nv, self.dk, self.dv, dtype=torch.float32, device=mixed.device)
-                            for st in states])  # [B, nv, dk, dv]
-        c, conv = self._conv(mixed.transpose(1, 2), conv0)
+    def _run_chunks(self, mixed: Tensor, beta: Tensor, g: Tensor, conv_pool: Tensor, rec_pool: Tensor,
+                    slots: Tensor) -> Tensor:
+        """t tokens of each of B sequences (chunked form), from and back to their slots. mixed [B, t, C];
+        beta, g [B, t, nv] -> [B, t, nv, dv]."""
+        c, conv = self._conv(mixed.transpose(1, 2), conv_pool[slots])
+        conv_pool.index_copy_(0, slots, conv)
         q, k, v = self._split_heads(c.transpose(1, 2))
-        o, rec = chunk_gated_delta_rule(q, k, v, g, beta, rec0)
-        return o, [DeltaNetState(conv=conv[b], recurrent=rec[b]) for b in range(len(states))]
+        o, rec = chunk_gated_delta_rule(q, k, v, g, beta, rec_pool[slots])
+        rec_pool.index_copy_(0, slots, rec)
+        return o
 
     def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:  # [T, H] -> [T, H]
         mixed, z, b, a = self._project(x)
         beta = b.sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+        conv_pool, rec_pool = batch.cache.conv[self.layer_idx], batch.cache.recurrent[self.layer_idx]
         out = x.new_empty(x.shape[0], self.nv, self.dv)
         if batch.decode_seqs:
             rows = batch.decode_rows  # [B_dec]
-            states = [batch.caches[i].layers[self.layer_idx] for i in batch.decode_seqs]
-            out[rows] = self._run_decode(mixed[rows], beta[rows], g[rows], states)
-        for seqs, rows in batch.chunk_groups:  # rows [B, t]: chunks of equal length run batched
-            o, new = self._run_chunks(mixed[rows], beta[rows], g[rows],
-                                      [batch.caches[i].layers[self.layer_idx] for i in seqs])
-            out[rows] = o
-            for i, state in zip(seqs, new):
-                batch.caches[i].layers[self.layer_idx] = state
+            out[rows] = self._run_decode(mixed[rows], beta[rows], g[rows], batch.cache, batch.decode_slots)
+        if batch.fresh_groups:  # a first chunk starts from zero states, exactly as transformers does
+            conv_pool.index_fill_(0, batch.fresh_slots, 0)
+            rec_pool.index_fill_(0, batch.fresh_slots, 0)
+        for group in batch.chunk_groups:  # rows [B, t]: chunks of equal length run batched
+            rows = group.rows
+            out[rows] = self._run_chunks(mixed[rows], beta[rows], g[rows], conv_pool, rec_pool, group.slots)
         y = self.norm(out, z)
         return self.out_proj(y.reshape(x.shape[0], self.value_dim))

@@ -1,0 +1,75 @@
+"""The head model over its pooled cache: one scheduled step (a `StepPlan`) in, logits out.
+
+    StepPlan --new blocks--> HybridCache.block_table (one write)
+             --sequences--> micro-batches of ForwardBatch (positions, slots, block rows)
+             --> HeadModel.forward_micro_batches --> logits [B, V], rows in plan order
+
+The runner allocates the cache once, at start, from the budget (`cache_capacity`); the scheduler decides
+which sequence holds which slot and blocks, and counts the tokens each has in the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from nextserve.cluster.engine.scheduler import SchedulerConfig, StepPlan
+from nextserve.model.cache import HybridCache
+from nextserve.model.cache_config import CacheCapacity, CacheConfig, cache_capacity
+from nextserve.model.expert_backend import ExpertBackend
+from nextserve.model.forward_batch import ForwardBatch
+from nextserve.model.qwen3_next import HeadModel
+from nextserve.model.sizes import model_sizes
+
+log = logging.getLogger(__name__)
+
+
+def split_micro_batches(num_tokens: Sequence[int], parts: int, min_seqs: int) -> list[tuple[int, int]]:
+    """Contiguous [lo, hi) ranges of the step's sequences, about equal in tokens, each with at least
+    `min_seqs` sequences (fewer parts when there are too few sequences)."""
+    parts = max(1, min(parts, len(num_tokens) // min_seqs))
+    total, bounds, acc, lo = sum(num_tokens), [], 0, 0
+    for i, n in enumerate(num_tokens):
+        acc += n
+        remaining_parts = parts - len(bounds) - 1
+        if remaining_parts and acc >= total * (len(bounds) + 1) / parts and i + 1 - lo >= min_seqs \
+                and len(num_tokens) - (i + 1) >= remaining_parts * min_seqs:
+            bounds.append((lo, i + 1))
+            lo = i + 1
+    bounds.append((lo, len(num_tokens)))
+    return bounds
+
+
+def head_cache_capacity(head: HeadModel, cache: CacheConfig, max_num_seqs: int, max_model_len: int) -> CacheCapacity:
+    """What `cache` buys for this head's model and dtype (the planner's `cache_capacity`, on the head)."""
+    return cache_capacity(model_sizes(head.config, head.lm_head.weight.dtype), cache, max_num_seqs, max_model_len)
+
+
+class ModelRunner:
+    def __init__(self, head: HeadModel, experts: ExpertBackend, capacity: CacheCapacity,
+                 config: SchedulerConfig) -> None:
+        self.head, self.experts, self.config = head, experts, config
+        device = head.lm_head.weight.device
+        self.cache = HybridCache(head.config, capacity.num_slots, capacity.num_blocks, capacity.block_size,
+                                 capacity.max_blocks_per_seq, head.lm_head.weight.dtype, device)
+        log.info("head cache: %s", capacity.describe())
+
+    def run(self, plan: StepPlan) -> Tensor:
+        """The plan's sequences through the head -> logits [B, V] of each one's last new token."""
+        if plan.new_blocks:
+            slots, indices, blocks = zip(*plan.new_blocks)
+            self.cache.assign_blocks(slots, indices, blocks)
+        items = plan.scheduled
+        inputs = [item.input_ids() for item in items]
+        parts = []
+        for lo, hi in split_micro_batches([len(x) for x in inputs], self.config.micro_batches,
+                                          self.config.min_micro_batch_seqs):
+            seqs = [item.seq for item in items[lo:hi]]
+            batch = ForwardBatch.build([len(x) for x in inputs[lo:hi]], [s.num_computed_tokens for s in seqs],
+                                       [s.slot for s in seqs], self.cache)
+            ids = torch.tensor([t for x in inputs[lo:hi] for t in x], dtype=torch.int64, device=self.cache.device)
+            parts.append((ids, batch))
+        return self.head.forward_micro_batches(parts, self.experts)  # rows in plan order
