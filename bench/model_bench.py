@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from nextserve.bench.head_batch import HeadBatch
+from nextserve.bench.prompt_ids import checkpoint_prompt_token_ids, random_prompts
 from nextserve.model.checkpoint import parse_dtype
 from nextserve.model.loader import load_head, load_local_backend
 
@@ -42,7 +43,7 @@ class ModelBenchResult:
 
 def _time_ours(path: Path, dtype: torch.dtype, prompts: torch.Tensor, steps: int) -> tuple[float, float]:
     head, experts = load_head(path, dtype), load_local_backend(path, dtype)
-    batch = HeadBatch(head, prompts.shape[0], torch.device("cpu"))
+    batch = HeadBatch(head, prompts.shape[0], torch.device("cpu"), max_new_tokens=steps)
     t0 = time.perf_counter()
     logits = batch.prefill(prompts, experts)
     t1 = time.perf_counter()
@@ -69,8 +70,7 @@ def _time_hf(path: Path, dtype: torch.dtype, prompts: torch.Tensor, steps: int) 
 def run_model_bench(path: Path, batch: int, prompt_len: int, decode_tokens: int, dtype: str,
                     repeats: int, seed: int) -> ModelBenchResult:
     torch_dtype = parse_dtype(dtype)
-    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-    prompts = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+    prompts = random_prompts(checkpoint_prompt_token_ids(path), (batch, prompt_len), seed)
     ours = [_time_ours(path, torch_dtype, prompts, decode_tokens) for _ in range(repeats)]
     hf = [_time_hf(path, torch_dtype, prompts, decode_tokens) for _ in range(repeats)]
     pre, dec = min(t[0] for t in ours), min(t[1] for t in ours)

@@ -4,7 +4,7 @@ transformers' own `generate` serving the same requests the way a transformers us
     make_workload (seeded) -> C streaming /v1/completions in flight -> tok/s, TTFT, TPOT (p50, p99), errors
                            -> transformers generate, batches of C, left-padded -> baseline tok/s, ratio
 
-Workload: token-id prompts drawn from the checkpoint's tokenizer (its ids but the special ones; not
+Workload: token-id prompts drawn from the checkpoint's tokenizer (bench/prompt_ids.py: its ids but the special ones; not
 config.vocab_size, which a checkpoint pads past its tokenizer), lengths uniform in [1, L]; outputs uniform in
 [8, M] (`--fixed-lengths`: all L in, M out, a server's worst case); greedy with `ignore_eos`, so both sides
 produce exactly max_tokens. Throughput = output tokens per second of wall time: the server's
@@ -34,9 +34,11 @@ import openai
 import torch
 from matplotlib.figure import Figure
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from nextserve.bench.prompt_ids import checkpoint_prompt_token_ids
 from nextserve.model.checkpoint import parse_dtype
+from nextserve.model.config import ConfigError
 
 MIN_OUTPUT_TOKENS = 8  # outputs are drawn from [8, M]: a TPOT needs a few tokens to mean anything
 PAD_ID = 0  # the baseline's left padding, masked out by attention_mask
@@ -44,7 +46,7 @@ REQUEST_TIMEOUT_S = 600.0
 """Per request; a 32-way run on 2 CPU cores can take minutes, and a timeout is counted as an error."""
 
 
-class BenchError(ValueError):
+class BenchError(ConfigError):
     """A command line that cannot make a workload or reach the server; the message says how to fix it."""
 
 
@@ -76,23 +78,6 @@ class ServeBenchRow:
     tpot_ms_p99: float | None
     baseline_throughput_tok_s: float | None = None
     ratio: float | None = None  # throughput_tok_s / baseline_throughput_tok_s
-
-
-def prompt_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The ids prompts are drawn from: every id below len(tokenizer) (what the server admits) but the
-    special tokens. Not config.vocab_size: Qwen3-Coder-Next pads its embedding to 151,936 rows for a
-    tokenizer of 151,669 tokens, and the server answers 400 to an id in the padding."""
-    special = set(tokenizer.all_special_ids)
-    special |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
-    return [i for i in range(len(tokenizer)) if i not in special]
-
-
-def checkpoint_prompt_token_ids(model_dir: Path) -> list[int]:
-    """prompt_token_ids of the checkpoint's own tokenizer."""
-    if not (model_dir / "config.json").exists():
-        raise BenchError(f"--model {model_dir} is not a checkpoint directory (no config.json); pass the one the "
-                         f"server runs")
-    return prompt_token_ids(AutoTokenizer.from_pretrained(model_dir))
 
 
 def make_workload(num_requests: int, prompt_len: int, max_tokens: int, token_ids: Sequence[int], seed: int,

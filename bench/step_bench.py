@@ -35,6 +35,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from nextserve.bench.head_batch import HeadBatch
+from nextserve.bench.prompt_ids import checkpoint_prompt_token_ids, random_prompts
 from nextserve.bench.dispatch import echo_requests, plan_all_alive, worker_processes
 from nextserve.model.config import Qwen3NextConfig
 from nextserve.model.expert_backend import ExpertBackend, ZeroExperts
@@ -167,7 +168,7 @@ def time_transformers_step(path: Path, prompts: Tensor, steps: int) -> float:
 
 def run_step_bench(path: Path, batch: int, prompt_len: int, steps: int, workers: int, seed: int) -> dict[str, object]:
     config = Qwen3NextConfig.from_json(path)
-    prompts = torch.randint(3, config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+    prompts = random_prompts(checkpoint_prompt_token_ids(path), (batch, prompt_len), seed)
     head, local = load_head(path), load_local_backend(path)
     placement = build_placement(config.moe_layers, config.num_experts, workers, 1)
     admin_token = secrets.token_urlsafe()  # the bench makes no admin calls; the workers still require one

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from nextserve.bench.prompt_ids import checkpoint_prompt_token_ids
 from nextserve.bench.serve_bench import (MIN_OUTPUT_TOKENS, BenchError, RequestResult, add_parser,
-                                         checkpoint_prompt_token_ids, left_pad, make_workload, percentile, run,
+                                         left_pad, make_workload, percentile, run,
                                          summarize, time_per_output_token_s)
 from gateway_local_engine import Server, TinyEngine
 
