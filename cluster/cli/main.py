@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from transformers import AutoTokenizer
 
 from nextserve.bench import dispatch as dispatch_bench
+from nextserve.bench import engine_bench
 from nextserve.bench import gpu_bench
 from nextserve.bench import model_bench
 from nextserve.bench import serve_bench
@@ -124,6 +125,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return gpu_bench.run(args)
     if args.bench == "step":
         return step_bench.run(args, resolve_model(args.model))
+    if args.bench == "engine":
+        return engine_bench.run(args, resolve_model(args.model))
     raise SystemExit(f"unknown benchmark {args.bench!r}")
 
 
@@ -163,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_parser(bench_sub)
     gpu_bench.add_parser(bench_sub)
     step_bench.add_parser(bench_sub)
+    engine_bench.add_parser(bench_sub)
     p.set_defaults(func=cmd_bench)
     return parser
 
