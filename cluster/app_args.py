@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nextserve.cluster.engine.scheduler import SchedulerConfig
+from nextserve.model.cache_config import CacheConfig, parse_cache_memory
 from nextserve.model.config import Qwen3NextConfig
 
 
@@ -42,6 +43,11 @@ class AppArgs(BaseModel):
     """Ping-pong micro-batches per head step (see SchedulerConfig.micro_batches): 2 overlaps the head's
     mixer with the experts' round when they have cores or GPUs of their own; on a CPU box that shares
     its cores between head and workers it costs more than it hides (`nextserve bench step`)."""
+    cache_memory: str = "4GiB"
+    """Each head's cache budget (KV blocks + DeltaNet state slots), allocated at start: a size (`512MiB`,
+    `40GiB`, bytes) or, on a GPU head, a fraction of the device memory left after the weights (`0.9`)."""
+    block_size: int = Field(16, ge=1, le=1024)
+    """Tokens per KV block."""
     head_num_gpus: float = Field(0.0, ge=0)
     """GPUs per head replica (Ray `num_gpus`); a head given one computes on it in the model dtype."""
     dispatch_deadline_s: float = Field(10.0, gt=0)
@@ -56,6 +62,16 @@ class AppArgs(BaseModel):
         """The head engine's step shape (what every head replica builds)."""
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_tokens_per_step=self.max_tokens_per_step,
                                prefill_chunk=self.prefill_chunk, micro_batches=self.micro_batches)
+
+    def cache_config(self, device_free_bytes: int | None = None) -> CacheConfig:
+        """The head's cache budget; `device_free_bytes` (a GPU head's free memory) resolves a fraction."""
+        return CacheConfig(parse_cache_memory(self.cache_memory, device_free_bytes), self.block_size)
+
+    @field_validator("cache_memory")
+    @classmethod
+    def _cache_memory_parses(cls, value: str) -> str:
+        CacheConfig(parse_cache_memory(value, device_free_bytes=2**40))  # a fraction resolves on the head
+        return value
 
     @model_validator(mode="after")
     def _scheduler_fits(self) -> "AppArgs":

@@ -6,8 +6,11 @@ workers (one GPU each), M = head replicas (one GPU each), k = top-k, H = hidden 
 
     usable    = total * (100 - reserve_percent) // 100                      bytes per GPU
     experts   N = smallest N >= R with ceil(E * R / N) * L * bytes_per_expert <= usable
-    heads     per_sequence = kv_bytes_per_token * context + deltanet_state_bytes_per_sequence
+    heads     per_sequence = kv_bytes_per_token * block_size * ceil(context / block_size)
+                             + deltanet_state_bytes_per_sequence
               seqs = (usable - head_weights) // per_sequence;   M = ceil(concurrency / seqs)
+              cache_memory = seqs * per_sequence: each head's --cache-memory, which the engine turns into
+              KV blocks and state slots with the same `cache_capacity` (model/cache_config.py)
     dispatch  L * min(k, N) * H * dtype_bytes * 2 per token (each distinct worker once, out and back)
     host      what the process holds on its GPU + HOST_OVERHEAD_BYTES, rounded up to GiB
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from nextserve.model.cache_config import CacheConfig, cache_capacity
 from nextserve.model.config import ConfigError, Qwen3NextConfig
 from nextserve.model.sizes import ModelSizes
 
@@ -76,6 +80,12 @@ class CapacityPlan:
     deltanet_state_bytes_per_sequence: int
     bytes_per_sequence: int
     max_sequences_per_head: int
+    cache_memory_bytes_per_head: int
+    """The head's --cache-memory (AppArgs.cache_memory): its sequences' KV blocks and state slots."""
+    cache_block_size: int
+    cache_num_blocks: int
+    cache_num_slots: int
+    """What the head's engine allocates from cache_memory_bytes_per_head (the same cache_capacity call)."""
     concurrency: int
     num_head_replicas: int
     dispatch_bytes_per_token_deduped: int
@@ -97,7 +107,8 @@ def _round_up_gib(nbytes: int) -> int:
 
 
 def plan_capacity(config: Qwen3NextConfig, sizes: ModelSizes, gpu: GpuSpec, *, concurrency: int,
-                  context_tokens: int, expert_replicas: int = 1, reserve_percent: int = 10) -> CapacityPlan:
+                  context_tokens: int, expert_replicas: int = 1, reserve_percent: int = 10,
+                  block_size: int = CacheConfig.block_size) -> CapacityPlan:
     """Expert workers and head replicas (one GPU each) for `concurrency` sequences of `context_tokens`."""
     if concurrency < 1 or context_tokens < 1 or expert_replicas < 1 or not 0 <= reserve_percent < 100:
         raise CapacityError(f"need concurrency >= 1 ({concurrency}), context >= 1 ({context_tokens}), "
@@ -111,13 +122,14 @@ def plan_capacity(config: Qwen3NextConfig, sizes: ModelSizes, gpu: GpuSpec, *, c
                             f"{usable:,} B usable on {gpu.name}; pick a larger GPU")
     num_workers = max(_ceil_div(num_experts * expert_replicas, max_per_worker), expert_replicas)
     per_worker = _ceil_div(num_experts * expert_replicas, num_workers)
-    kv = sizes.kv_bytes_per_token * context_tokens
+    kv = sizes.kv_bytes_per_token * block_size * _ceil_div(context_tokens, block_size)
     per_sequence = kv + sizes.deltanet_state_bytes_per_sequence
     max_seqs = (usable - sizes.bytes_per_head_replica) // per_sequence
     if max_seqs < 1:
         raise CapacityError(f"a head replica on {gpu.name} has {usable:,} B usable: head weights "
                             f"{sizes.bytes_per_head_replica:,} B + one sequence of {context_tokens:,} tokens "
                             f"({per_sequence:,} B) do not fit; lower --context or pick a larger GPU")
+    cache = cache_capacity(sizes, CacheConfig(max_seqs * per_sequence, block_size), max_seqs, context_tokens)
     dispatch_per_worker = num_layers * config.hidden_size * sizes.dtype_bytes * 2
     return CapacityPlan(
         gpu=gpu.name, gpu_total_bytes=gpu.total_bytes, reserve_percent=reserve_percent,
@@ -126,7 +138,9 @@ def plan_capacity(config: Qwen3NextConfig, sizes: ModelSizes, gpu: GpuSpec, *, c
         bytes_per_expert_worker=per_worker * bytes_per_expert_row, head_weight_bytes=sizes.bytes_per_head_replica,
         context_tokens=context_tokens, kv_bytes_per_sequence=kv,
         deltanet_state_bytes_per_sequence=sizes.deltanet_state_bytes_per_sequence, bytes_per_sequence=per_sequence,
-        max_sequences_per_head=max_seqs, concurrency=concurrency, num_head_replicas=_ceil_div(concurrency, max_seqs),
+        max_sequences_per_head=max_seqs, cache_memory_bytes_per_head=max_seqs * per_sequence,
+        cache_block_size=block_size, cache_num_blocks=cache.num_blocks, cache_num_slots=cache.num_slots,
+        concurrency=concurrency, num_head_replicas=_ceil_div(concurrency, max_seqs),
         dispatch_bytes_per_token_deduped=dispatch_per_worker * min(config.num_experts_per_tok, num_workers),
         host_memory_bytes_expert=_round_up_gib(per_worker * bytes_per_expert_row + HOST_OVERHEAD_BYTES),
         host_memory_bytes_head=_round_up_gib(sizes.bytes_per_head_replica + max_seqs * per_sequence

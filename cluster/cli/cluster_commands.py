@@ -38,7 +38,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                   cluster=args.cluster, api_key=args.api_key or os.environ.get("NEXTSERVE_API_KEY"),
                   unavailable_wait_s=args.unavailable_wait_s, rebalance_every_s=args.rebalance_every_s,
                   micro_batches=args.micro_batches, head_num_gpus=args.head_gpus,
-                  max_model_len=args.max_model_len,
+                  max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                  cache_memory=args.cache_memory, block_size=args.block_size,
                   admin_token=secrets.token_urlsafe(32))  # fresh per `up`: what LoadExperts/DropExperts need
     return run_up(UpOptions(app=app, host=args.host, port=args.port, ray_address=os.environ.get("RAY_ADDRESS"),
                             state_file=state_file(args.cluster), direct_ingress=not args.no_direct_ingress))
@@ -86,7 +87,9 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"load {w['load_tokens']:>9}  {'alive' if w['alive'] else 'DEAD'}")
     for h in status["heads"]:  # type: ignore[union-attr]
         print(f"head {h['id']}  pid {h['pid']}  epoch {h.get('epoch', '-')}  running {h.get('num_running', 0)}  "
-              f"waiting {h.get('num_waiting', 0)}  {'alive' if h['alive'] else 'DEAD'}")
+              f"waiting {h.get('num_waiting', 0)}  blocks {h.get('blocks_used', 0)}/{h.get('blocks_total', '-')}  "
+              f"slots {h.get('slots_used', 0)}/{h.get('slots_total', '-')}  "
+              f"preemptions {h.get('num_preemptions', 0)}  {'alive' if h['alive'] else 'DEAD'}")
     return 0
 
 
@@ -154,6 +157,11 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rebalance-every-s", type=float, default=0.0, help="scheduled rebalancing (0 = on demand)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="the context the server admits, prompt + output tokens (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences a head replica runs at once")
+    p.add_argument("--cache-memory", default="4GiB",
+                   help="each head's KV + DeltaNet state budget: a size (512MiB, 40GiB) or, on a GPU head, a "
+                        "fraction of the memory left after the weights (0.9)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     p.add_argument("--micro-batches", type=int, default=1,
                    help="ping-pong micro-batches per head step (2 overlaps head math with the expert round)")
     p.add_argument("--head-gpus", type=float, default=0.0, help="GPUs per head replica (0: heads on CPU)")

@@ -42,10 +42,14 @@ def _arithmetic(plan: CapacityPlan, config: Qwen3NextConfig, sizes: ModelSizes) 
         f"{plan.experts_per_layer_per_worker} per layer each = {plan.bytes_per_expert_worker:,} B "
         f"({_gib(plan.bytes_per_expert_worker)}).",
         f"Heads: weights {plan.head_weight_bytes:,} B; a sequence of {plan.context_tokens:,} tokens holds KV "
-        f"{sizes.kv_bytes_per_token:,} B x {plan.context_tokens:,} = {plan.kv_bytes_per_sequence:,} B",
+        f"{sizes.kv_bytes_per_token:,} B x {plan.cache_block_size} x ceil({plan.context_tokens:,} / "
+        f"{plan.cache_block_size}) = {plan.kv_bytes_per_sequence:,} B",
         f"  + DeltaNet state {plan.deltanet_state_bytes_per_sequence:,} B = {plan.bytes_per_sequence:,} B",
         f"  -> ({plan.usable_bytes_per_gpu:,} - {plan.head_weight_bytes:,}) // {plan.bytes_per_sequence:,} = "
         f"{plan.max_sequences_per_head} sequences per head replica (max_num_seqs)",
+        f"  -> cache_memory {plan.max_sequences_per_head} x {plan.bytes_per_sequence:,} = "
+        f"{plan.cache_memory_bytes_per_head:,} B: {plan.cache_num_blocks:,} KV blocks of {plan.cache_block_size} "
+        f"tokens + {plan.cache_num_slots} state slots",
         f"  -> concurrency {plan.concurrency} needs M = ceil({plan.concurrency} / {plan.max_sequences_per_head}) = "
         f"{plan.num_head_replicas} head replicas.",
         f"Dispatch: {L} layers x min({k}, {N}) workers x {H} x {nbytes} B x 2 = "
@@ -69,6 +73,8 @@ def _serve_config(plan: CapacityPlan, model_dir_name: str, dtype: str) -> list[s
         f"      expert_replicas: {plan.expert_replicas}",
         f"      head_replicas: {plan.num_head_replicas}",
         f"      max_num_seqs: {plan.max_sequences_per_head}",
+        f"      cache_memory: '{plan.cache_memory_bytes_per_head}'",
+        f"      block_size: {plan.cache_block_size}",
         f"      max_tokens_per_step: {max(512, plan.max_sequences_per_head)}",  # a full decode batch fits a step
         "      head_num_gpus: 1",  # each heads pod has one GPU (gpu-patch.yaml); the replica takes it
         "      micro_batches: 2",  # ping-pong: the head's GPU computes while the expert round flies

@@ -10,7 +10,7 @@ Keys (prefix `nextserve:{cluster}`, cluster "default" unless named):
 | `{p}:workers` | set | worker indices ever registered |
 | `{p}:worker:{i}` | hash | index, address, pid, node, num_experts, actor, heartbeat (unix s) |
 | `{p}:heads` | set | head replica ids |
-| `{p}:head:{id}` | hash | id, pid, node, epoch (the placement it dispatches with), heartbeat |
+| `{p}:head:{id}` | hash | id, pid, node, epoch (the placement it dispatches with), the load fields of EngineStats (running, waiting, cache blocks and slots used/total, preemptions), heartbeat |
 | `{p}:assign:{i}` | string | JSON [[layer, expert], ...] worker i must hold (a restarted worker loads these) |
 | `{p}:load` | hash | "layer:expert" -> tokens served since the last rebalance (summed over workers) |
 | `{p}:worker_load` | hash | "worker:layer" -> tokens served since the last rebalance |

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.engine.detokenizer import StepOutput
-from nextserve.cluster.engine.stats import EngineStats
+from nextserve.cluster.engine.stats import EngineStats, summed_load
 from nextserve.cluster.gateway.app import build_app
 from nextserve.cluster.gateway.generation import Readiness
 from nextserve.cluster.control.registry import MemberRecord, PlacementRecord, Registry
@@ -67,12 +67,12 @@ class HeadHandleClient:
                 stream.cancel()  # the client left: the head's generator is cancelled and aborts the sequence
 
     async def stats(self) -> EngineStats:
-        """One head's drained dispatch deltas; running/waiting summed over every live head (from Redis)."""
+        """One head's drained dispatch deltas; the load fields (queue, cache, preemptions) summed over every
+        live head (from their Redis heartbeats)."""
         one: EngineStats = await self.heads.stats.remote()
         # The sync Redis client off the loop: a slow Redis must not stall the streams this loop serves.
         heads = [h for h in await asyncio.to_thread(self.registry.heads) if h.alive]
-        return dataclasses.replace(one, num_running=sum(int(h.fields.get("num_running", 0)) for h in heads),
-                                   num_waiting=sum(int(h.fields.get("num_waiting", 0)) for h in heads))
+        return dataclasses.replace(one, **summed_load(h.fields for h in heads))
 
     async def is_ready(self) -> bool:
         """Every head replica and every expert worker heartbeating, and a placement published."""

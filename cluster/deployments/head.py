@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import AsyncGenerator
 
 import ray
+import torch
 from ray import serve
 from transformers import AutoTokenizer
 
@@ -60,8 +61,9 @@ class HeadDeployment:
         experts: ExpertBackend = self.recording
         if device.type != "cpu":
             experts = DeviceExpertBackend(self.recording, device)
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None  # after the weights
         self.engine = Engine(head, experts, AutoTokenizer.from_pretrained(args.model), args.scheduler_config(),
-                             args.context_length())
+                             args.context_length(), args.cache_config(free))
         self.head_id = serve.get_replica_context().replica_id.unique_id
         self.registry.register_head(self.head_id, {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()})
         self._stop = threading.Event()
@@ -73,7 +75,7 @@ class HeadDeployment:
                 stats = self.engine.stats()
                 self.registry.register_head(self.head_id, {
                     "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "epoch": self.backend.epoch,
-                    "num_running": stats.num_running, "num_waiting": stats.num_waiting})
+                    **stats.load_fields()})
             except Exception as exc:  # Redis restarting: keep serving
                 log.warning("head heartbeat failed: %s", exc)
 

@@ -42,6 +42,19 @@ class GatewayMetrics:
                                          buckets=LATENCY_BUCKETS_S, registry=r)
         self.num_running = Gauge(f"{PREFIX}_num_requests_running", "Sequences in the running batch", registry=r)
         self.num_waiting = Gauge(f"{PREFIX}_num_requests_waiting", "Sequences waiting to run", registry=r)
+        self.cache_blocks_used = Gauge(f"{PREFIX}_cache_blocks_used", "KV cache blocks held by running sequences",
+                                       registry=r)
+        self.cache_blocks_total = Gauge(f"{PREFIX}_cache_blocks_total", "KV cache blocks of the heads' budgets",
+                                        registry=r)
+        self.cache_slots_used = Gauge(f"{PREFIX}_cache_slots_used", "DeltaNet state slots held by running "
+                                      "sequences", registry=r)
+        self.cache_slots_total = Gauge(f"{PREFIX}_cache_slots_total", "DeltaNet state slots of the heads' budgets",
+                                       registry=r)
+        self.preemptions = Counter(f"{PREFIX}_num_preemptions", "Sequences preempted for want of cache blocks "
+                                   "(recomputed later)", registry=r)
+        self._preemptions_seen = 0
+        """The heads' summed preemption count at the previous scrape: the counter grows by the difference
+        (a head that restarts or leaves lowers the sum; the counter then resumes from the new value)."""
         self.dispatch_latency = Histogram(f"{PREFIX}_dispatch_latency_seconds", "Latency of one MoE dispatch "
                                           "round, per layer", ["layer"], buckets=DISPATCH_BUCKETS_S, registry=r)
         self.expert_tokens = Counter(f"{PREFIX}_expert_tokens", "Tokens routed to each expert",
@@ -50,6 +63,12 @@ class GatewayMetrics:
     def observe_engine_stats(self, stats: EngineStats) -> None:
         self.num_running.set(stats.num_running)
         self.num_waiting.set(stats.num_waiting)
+        self.cache_blocks_used.set(stats.blocks_used)
+        self.cache_blocks_total.set(stats.blocks_total)
+        self.cache_slots_used.set(stats.slots_used)
+        self.cache_slots_total.set(stats.slots_total)
+        self.preemptions.inc(max(0, stats.num_preemptions - self._preemptions_seen))
+        self._preemptions_seen = stats.num_preemptions
         for layer, samples in stats.dispatch_latency_s.items():
             child = self.dispatch_latency.labels(layer=str(layer))
             for s in samples:
