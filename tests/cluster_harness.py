@@ -19,11 +19,15 @@ UP_TIMEOUT_S = 240.0
 
 
 class UpProcess:
-    def __init__(self, model: Path, cache: Path, workers: int, extra: list[str] | None = None) -> None:
+    def __init__(self, model: Path, cache: Path, workers: int, extra: list[str] | None = None,
+                 ray_address: str | None = None) -> None:
+        """`ray_address`: join that Ray cluster (RAY_ADDRESS), else `up` starts a local one."""
         self.port = free_port()
         self.cache = cache
         self.env = {**os.environ, "NEXTSERVE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
         self.env.pop("RAY_ADDRESS", None)
+        if ray_address:
+            self.env["RAY_ADDRESS"] = ray_address
         cmd = [sys.executable, "-m", "nextserve.cluster.cli", "up", "--model", str(model), "--model-name", "tiny",
                "--expert-workers", str(workers), "--port", str(self.port), *(extra or [])]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

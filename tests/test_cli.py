@@ -21,6 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.cli import up
+from nextserve.cluster.cli.up import check_redis_reaches_nodes
+from nextserve.cluster.cli.usage import UsageError
 from nextserve.model.tiny import TINY_VERSION
 from nextserve.model.tiny import TINY_CONFIG
 
@@ -185,6 +187,14 @@ def test_up_joining_a_ray_cluster_without_redis_url_refuses(tiny_dir: Path) -> N
     result = _run(["up", "--model", str(tiny_dir)], env=NO_CLUSTER)
     _one_line_error(result, "RAY_ADDRESS=127.0.0.1:1", "--redis-url")
     assert time.monotonic() - started < 60  # refused before starting Redis or joining Ray
+
+
+def test_a_loopback_redis_is_refused_only_when_a_ray_node_is_on_another_host() -> None:
+    check_redis_reaches_nodes("redis://127.0.0.1:6379/0", "10.0.0.5", {"10.0.0.5"})  # one host: it reaches
+    check_redis_reaches_nodes("redis://10.0.0.5:6379/0", "10.0.0.5", {"10.0.0.5", "10.0.0.6"})
+    for url in ("redis://127.0.0.1:6379/0", "redis://localhost:6379", "redis://[::1]:6379"):
+        with pytest.raises(UsageError, match=r"nodes on 10.0.0.6 cannot reach; .*redis://10.0.0.5:6379/0"):
+            check_redis_reaches_nodes(url, "10.0.0.5", {"10.0.0.5", "10.0.0.6"})
 
 
 class _Stop(Exception):

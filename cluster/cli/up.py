@@ -22,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import ray
 from ray import serve
@@ -88,6 +89,8 @@ def start(options: UpOptions, redis_url: str) -> str:
     proxy_port = options.port
     if options.ray_address:  # an existing cluster keeps its own Serve settings (its proxy serves HTTP)
         ray.init(address=options.ray_address, namespace="nextserve")
+        check_redis_reaches_nodes(redis_url, ray.util.get_node_ip_address(),
+                                  {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
     else:
         if options.direct_ingress:  # the local Ray's processes inherit this environment
             for key, value in throughput_env(options.port).items():
@@ -96,7 +99,10 @@ def start(options: UpOptions, redis_url: str) -> str:
         # "local": a Ray of our own, never another one found by auto-discovery (a user's `ray start`,
         # another `up`), which would refuse our custom resources.
         ray.init(address="local", namespace="nextserve", resources=LOCAL_CUSTOM_RESOURCES, include_dashboard=False)
-    serve.start(http_options={"host": options.host, "port": proxy_port})
+    # Joining a cluster: one proxy, on the Ray head (the URL printed below), not one per node: a node that
+    # leaves takes the connections through its proxy with it (and colocated proxies share the port).
+    serve.start(proxy_location="HeadOnly" if options.ray_address else None,
+                http_options={"host": options.host, "port": proxy_port})
     serve.run(build_app(app_args.model_dump()), name=APP_NAME, route_prefix="/")
     base = f"http://{'127.0.0.1' if options.host in ('0.0.0.0', '') else options.host}:{options.port}"
     wait_healthy(base, READY_TIMEOUT_S, app_args.api_key)
@@ -126,6 +132,19 @@ def check_redis_reachable(ray_address: str | None, redis_url: str) -> None:
         raise UsageError(f"RAY_ADDRESS={ray_address} joins a Ray cluster whose other nodes cannot reach a "
                          f"redis-server started here on 127.0.0.1; pass --redis-url of a Redis the nodes reach "
                          f"(e.g. redis://HOST:6379/0), or unset RAY_ADDRESS for a local cluster")
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def check_redis_reaches_nodes(redis_url: str, this_ip: str, node_ips: set[str]) -> None:
+    """A Redis on this host's loopback serves only nodes on this host: refuse it when a node is elsewhere."""
+    host = urlsplit(redis_url).hostname or ""
+    elsewhere = sorted(node_ips - {this_ip})
+    if (host in LOOPBACK_HOSTS or host.startswith("127.")) and elsewhere:
+        raise UsageError(f"--redis-url {redis_url} is this host's loopback, which the Ray nodes on "
+                         f"{', '.join(elsewhere)} cannot reach; pass the URL of a Redis every node reaches "
+                         f"(e.g. redis://{this_ip}:6379/0)")
 
 
 def run_up(options: UpOptions) -> int:

@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import AsyncGenerator
 
 from fastapi import FastAPI
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.engine.detokenizer import StepOutput
+from nextserve.cluster.engine.engine import EngineUnavailableError
 from nextserve.cluster.engine.stats import EngineStats, summed_load
 from nextserve.cluster.gateway.app import build_app
 from nextserve.cluster.gateway.generation import Readiness
 from nextserve.cluster.control.registry import MemberRecord, PlacementRecord, Registry
 from nextserve.model.sampling import SamplingDefaults, SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 HEAD_PROBE_TIMEOUT_S = 2.0
@@ -62,6 +67,10 @@ class HeadHandleClient:
                     raise item
                 finished = item.finish_reason is not None
                 yield item
+        except RayActorError as exc:  # the head replica (or its node) died: its sequences are gone
+            log.warning("request %s: its head replica was lost: %s", request_id, exc)
+            raise EngineUnavailableError("the head replica serving this request was lost (its process or node "
+                                         "died); retry it: new requests go to the remaining head replicas") from None
         finally:
             if not finished:
                 stream.cancel()  # the client left: the head's generator is cancelled and aborts the sequence
