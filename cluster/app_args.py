@@ -27,6 +27,9 @@ class AppArgs(BaseModel):
     expert_replicas: int = Field(1, ge=1)
     """R: distinct workers holding every expert, so at most expert_workers."""
     head_replicas: int = Field(1, ge=1)
+    max_experts_per_worker: int | None = Field(None, ge=1)
+    """The most (layer, expert) pairs an expert worker may hold at any moment (its memory: `nextserve plan`
+    computes it); scaling and rebalancing move in waves within it. None: no bound."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     redis_url: str = ""
     """Empty only before `nextserve up` fills in the local redis-server it started."""
@@ -161,4 +164,5 @@ class AppArgs(BaseModel):
 
     def cluster_spec(self) -> dict[str, object]:
         return {"model": self.model, "dtype": self.dtype, "num_workers": self.expert_workers,
-                "replication": self.expert_replicas, "rebalance_every_s": self.rebalance_every_s}
+                "replication": self.expert_replicas, "rebalance_every_s": self.rebalance_every_s,
+                "max_experts_per_worker": self.max_experts_per_worker}

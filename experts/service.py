@@ -39,11 +39,15 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self._stats_lock = threading.Lock()
         self._calls = self._hidden_bytes = 0
         self._inflight = 0
+        self._inflight_by_epoch: dict[int, int] = {}
+        """Dispatch calls being computed, by the epoch they were sent under: the controller drains a
+        placement change on it (cluster/control/reshard.py)."""
 
     async def Dispatch(self, request: expert_pb2.DispatchRequest,
                        context: grpc.aio.ServicerContext) -> expert_pb2.DispatchReply:
         loop = asyncio.get_running_loop()
-        self._inflight += 1  # only touched on the loop thread
+        self._inflight += 1  # only touched on the loop thread, like _inflight_by_epoch
+        self._inflight_by_epoch[request.epoch] = self._inflight_by_epoch.get(request.epoch, 0) + 1
         try:
             if len(request.expert_ids) <= INLINE_MAX_PAIRS:
                 reply = self._serve(request)
@@ -58,6 +62,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
             self._inflight -= 1
+            left = self._inflight_by_epoch.pop(request.epoch) - 1
+            if left:
+                self._inflight_by_epoch[request.epoch] = left
         return reply
 
     def _serve(self, request: expert_pb2.DispatchRequest) -> expert_pb2.DispatchReply:
@@ -84,7 +91,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
                          for l, e in self.store.pairs()],
                 dtype=TORCH_TO_DTYPE[self.store.dtype], epoch=self.store.epoch,
                 hidden_size=self.store.config.hidden_size, dispatch_calls=self._calls,
-                hidden_bytes=self._hidden_bytes, inflight=self._inflight)
+                hidden_bytes=self._hidden_bytes, inflight=self._inflight,
+                inflight_by_epoch=dict(self._inflight_by_epoch))
 
     async def LoadExperts(self, request: expert_pb2.LoadExpertsRequest,
                           context: grpc.aio.ServicerContext) -> expert_pb2.InfoReply:

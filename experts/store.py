@@ -53,6 +53,8 @@ class ExpertStore:
         self._write_lock = threading.Lock()
         self._count_lock = threading.Lock()
         self._served: dict[int, Tensor] = {}  # layer -> [E] int64 tokens served since the expert was loaded
+        self.peak_pairs = 0
+        """The most (layer, expert) pairs held at once since start: what a live move must keep within memory."""
 
     def snapshot(self) -> dict[int, LayerTable]:
         """The current tables; never mutated after publication, safe to use without a lock."""
@@ -104,6 +106,7 @@ class ExpertStore:
 
     def _publish(self, tables: dict[int, LayerTable], epoch: int | None) -> None:
         self._tables = tables
+        self.peak_pairs = max(self.peak_pairs, sum(len(t.expert_ids) for t in tables.values()))
         if epoch is not None:
             self.epoch = epoch
 

@@ -6,6 +6,8 @@ workers (one GPU each), M = head replicas (one GPU each), k = top-k, H = hidden 
 
     usable    = total * (100 - reserve_percent) // 100                      bytes per GPU
     experts   N = smallest N >= R with ceil(E * R / N) * L * bytes_per_expert <= usable
+              max_experts_per_worker = (usable // bytes_per_expert): what a worker may hold at any moment,
+              so a live scale or rebalance moves in waves within it (cluster/control/reshard.py)
     heads     per_sequence = kv_bytes_per_token * block_size * ceil(context / block_size)
                              + deltanet_state_bytes_per_sequence
               seqs = (usable - head_weights) // per_sequence;   M = ceil(concurrency / seqs)
@@ -73,6 +75,8 @@ class CapacityPlan:
     """The most experts of one layer a worker can hold within usable memory."""
     experts_per_layer_per_worker: int
     """What each worker holds with N workers: ceil(E * R / N) (the placement balances within one)."""
+    max_experts_per_worker: int
+    """(layer, expert) pairs that fit a worker's usable memory: the bound live moves keep (AppArgs)."""
     bytes_per_expert_worker: int
     head_weight_bytes: int
     context_tokens: int
@@ -135,6 +139,7 @@ def plan_capacity(config: Qwen3NextConfig, sizes: ModelSizes, gpu: GpuSpec, *, c
         gpu=gpu.name, gpu_total_bytes=gpu.total_bytes, reserve_percent=reserve_percent,
         usable_bytes_per_gpu=usable, expert_replicas=expert_replicas, num_expert_workers=num_workers,
         max_experts_per_layer_per_worker=max_per_worker, experts_per_layer_per_worker=per_worker,
+        max_experts_per_worker=usable // sizes.bytes_per_routed_expert,
         bytes_per_expert_worker=per_worker * bytes_per_expert_row, head_weight_bytes=sizes.bytes_per_head_replica,
         context_tokens=context_tokens, kv_bytes_per_sequence=kv,
         deltanet_state_bytes_per_sequence=sizes.deltanet_state_bytes_per_sequence, bytes_per_sequence=per_sequence,

@@ -73,7 +73,14 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("experts", "dtype", "epoch", "hidden_size", "dispatch_calls", "hidden_bytes", "inflight")
+    __slots__ = ("experts", "dtype", "epoch", "hidden_size", "dispatch_calls", "hidden_bytes", "inflight", "inflight_by_epoch")
+    class InflightByEpochEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +88,7 @@ class InfoReply(_message.Message):
     DISPATCH_CALLS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_BYTES_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_BY_EPOCH_FIELD_NUMBER: _ClassVar[int]
     experts: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
     dtype: DType
     epoch: int
@@ -88,7 +96,8 @@ class InfoReply(_message.Message):
     dispatch_calls: int
     hidden_bytes: int
     inflight: int
-    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., dtype: _Optional[_Union[DType, str]] = ..., epoch: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dispatch_calls: _Optional[int] = ..., hidden_bytes: _Optional[int] = ..., inflight: _Optional[int] = ...) -> None: ...
+    inflight_by_epoch: _containers.ScalarMap[int, int]
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., dtype: _Optional[_Union[DType, str]] = ..., epoch: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dispatch_calls: _Optional[int] = ..., hidden_bytes: _Optional[int] = ..., inflight: _Optional[int] = ..., inflight_by_epoch: _Optional[_Mapping[int, int]] = ...) -> None: ...
 
 class LoadExpertsRequest(_message.Message):
     __slots__ = ("experts", "epoch")

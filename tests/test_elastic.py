@@ -1,5 +1,6 @@
 """Elastic, fault-tolerant experts under live traffic (real Ray, real Redis, real gRPC, real HTTP):
-scaling 2 -> 4 -> 3, a SIGKILLed worker with R = 2 and with R = 1, load-aware rebalancing, chaos."""
+scaling 2 -> 4 -> 3, scaling in waves within each worker's memory, a SIGKILLed worker with R = 2 and
+with R = 1, load-aware rebalancing, chaos."""
 
 from __future__ import annotations
 
@@ -71,6 +72,37 @@ def _run_streams(up: UpProcess, prompts: list[list[int]], max_tokens: int, durin
         futures = [pool.submit(_stream, up.base_url, p, max_tokens) for p in prompts]
         during()
         return [f.result(timeout=600) for f in futures]
+
+
+# Also its own cluster, before the module's R = 2 one exists.
+def test_scaling_moves_in_waves_within_max_experts_per_worker(tiny_dir: Path, tmp_path: Path,
+                                                              reference: tuple) -> None:
+    """3 -> 4 workers (R = 1): 171 pairs each today, 128 after, up to 256 on a worker in one step; with at
+    most 176 allowed it goes in waves, under streams that stay exact, and no worker ever held more (each
+    reports the most it held at once). A scale to 2 workers (256 each) cannot fit: one line, exit 2."""
+    bound = 176
+    up = UpProcess(tiny_dir, tmp_path, 3, ["--max-experts-per-worker", str(bound)])
+    try:
+        prompts = _prompts(4)
+        epoch_before = up.status()["epoch"]
+
+        def scale() -> None:
+            result = up.cli("scale", "--expert-workers", "4", "--wait-s", "300")
+            assert result.returncode == 0, result.stderr
+
+        got = _run_streams(up, prompts, 120, scale)
+        assert got == [_expected(reference, p, 120) for p in prompts]
+        status = up.status()
+        assert status["epoch"] >= epoch_before + 2  # more than one step
+        wait_for(lambda: all("peak_experts" in w for w in up.status()["workers"]), 10, "a heartbeat")
+        peaks = [w["peak_experts"] for w in up.status()["workers"]]
+        assert len(peaks) == 4 and max(peaks) <= bound, peaks
+        refused = up.cli("scale", "--expert-workers", "2")
+        assert refused.returncode == 2 and "max_experts_per_worker=176" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        assert len(up.status()["workers"]) == 4
+    finally:
+        up.interrupt()
 
 
 # First: it runs its own cluster, before the module's R = 2 cluster exists (2 cores, one at a time).

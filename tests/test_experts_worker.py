@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nextserve.bench.dispatch import REPO_ROOT, worker_processes
-from nextserve.cluster.control import worker_admin
+from nextserve.cluster.control import reshard, worker_admin
 from nextserve.experts.server import BackgroundWorkers, Worker, parse_experts
 from nextserve.model.loader import load_local_backend
 from nextserve.proto import expert_pb2, expert_pb2_grpc
@@ -267,3 +268,19 @@ def test_worker_process_requires_the_token_it_was_started_with(served: Served) -
 @pytest.mark.unit
 def test_parse_experts() -> None:
     assert parse_experts("0:1,2; 3:4;") == [(0, 1), (0, 2), (3, 4)]
+
+
+def test_drain_returns_once_no_call_of_an_older_epoch_is_in_flight(served: Served) -> None:
+    """The controller drains a placement change on the workers' own count of calls in flight per epoch
+    (InfoReply.inflight_by_epoch), not on a timer."""
+    address = f"127.0.0.1:{served.worker.port}"
+    request, _ = good_request(12_000, seed=5)  # large (3 MB, under the channel's 4 MB): computed on the pool
+    futures: list = []
+    deadline = time.monotonic() + 20
+    while not served.stub.Info(expert_pb2.InfoRequest()).inflight_by_epoch.get(request.epoch):
+        assert time.monotonic() < deadline, "never saw a call in flight"
+        futures.append(served.stub.Dispatch.future(request, timeout=60))
+    reshard.drain([address], request.epoch + 1)
+    assert not served.stub.Info(expert_pb2.InfoRequest()).inflight_by_epoch.get(request.epoch)
+    assert all(f.result().num_tokens == 12_000 for f in futures)
+    assert dict(served.stub.Info(expert_pb2.InfoRequest()).inflight_by_epoch) == {}

@@ -23,8 +23,10 @@ from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.cli.model_paths import cache_dir, resolve_model
 from nextserve.cluster.control.rebalance import measured_imbalance
 from nextserve.cluster.control.registry import Registry, RegistryUnreachableError, redacted_url
+from nextserve.cluster.control.reshard import ReshardError, plan_waves
 from nextserve.cluster.cli.up import UpOptions, read_state, run_up
-from nextserve.model.config import ConfigError
+from nextserve.model.config import ConfigError, Qwen3NextConfig
+from nextserve.router.placement import build_placement
 
 
 def state_file(cluster: str) -> Path:
@@ -40,6 +42,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                   micro_batches=args.micro_batches, head_num_gpus=args.head_gpus,
                   max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                   cache_memory=args.cache_memory, block_size=args.block_size,
+                  max_experts_per_worker=args.max_experts_per_worker,
                   admin_token=secrets.token_urlsafe(32))  # fresh per `up`: what LoadExperts/DropExperts need
     return run_up(UpOptions(app=app, host=args.host, port=args.port, ray_address=os.environ.get("RAY_ADDRESS"),
                             state_file=state_file(args.cluster), direct_ingress=not args.no_direct_ingress))
@@ -113,6 +116,14 @@ def _scale(registry: Registry, args: argparse.Namespace) -> int:
     if args.expert_workers < int(spec["replication"]):
         raise ConfigError(f"--expert-workers {args.expert_workers} is below the replication factor "
                           f"{spec['replication']}; every expert needs that many distinct workers")
+    record = registry.placement()
+    if record is not None:  # refused here, in one line, rather than by the controller in its log
+        config = Qwen3NextConfig.from_json(spec["model"])
+        new = build_placement(config.moe_layers, config.num_experts, args.expert_workers, int(spec["replication"]))
+        try:
+            plan_waves(record.placement, new, spec.get("max_experts_per_worker"))
+        except ReshardError as exc:
+            raise ConfigError(f"--expert-workers {args.expert_workers}: {exc}") from None
     registry.save_spec({**spec, "num_workers": args.expert_workers})
 
     def done() -> bool:
@@ -146,6 +157,8 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert-workers", type=int, default=2)
     p.add_argument("--expert-replicas", type=int, default=1, help="replicas of every expert (R)")
     p.add_argument("--head-replicas", type=int, default=1)
+    p.add_argument("--max-experts-per-worker", type=int, default=None,
+                   help="the most (layer, expert) pairs a worker may hold at once; scaling moves in waves within it")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--redis-url", help="an existing Redis (default: start a local redis-server)")

@@ -41,6 +41,9 @@ def _arithmetic(plan: CapacityPlan, config: Qwen3NextConfig, sizes: ModelSizes) 
         f"  -> N = ceil({E * R} / {plan.max_experts_per_layer_per_worker}) = {N} expert workers, "
         f"{plan.experts_per_layer_per_worker} per layer each = {plan.bytes_per_expert_worker:,} B "
         f"({_gib(plan.bytes_per_expert_worker)}).",
+        f"  Live moves: at most {plan.usable_bytes_per_gpu:,} // {sizes.bytes_per_routed_expert:,} = "
+        f"{plan.max_experts_per_worker:,} (layer, expert) pairs on a worker at any moment "
+        f"(max_experts_per_worker): a scale or rebalance moves in waves within it.",
         f"Heads: weights {plan.head_weight_bytes:,} B; a sequence of {plan.context_tokens:,} tokens holds KV "
         f"{sizes.kv_bytes_per_token:,} B x {plan.cache_block_size} x ceil({plan.context_tokens:,} / "
         f"{plan.cache_block_size}) = {plan.kv_bytes_per_sequence:,} B",
@@ -71,6 +74,7 @@ def _serve_config(plan: CapacityPlan, model_dir_name: str, dtype: str) -> list[s
         f"      dtype: {dtype}",
         f"      expert_workers: {plan.num_expert_workers}",
         f"      expert_replicas: {plan.expert_replicas}",
+        f"      max_experts_per_worker: {plan.max_experts_per_worker}",
         f"      head_replicas: {plan.num_head_replicas}",
         f"      max_num_seqs: {plan.max_sequences_per_head}",
         f"      cache_memory: '{plan.cache_memory_bytes_per_head}'",

@@ -8,7 +8,7 @@ Keys (prefix `nextserve:{cluster}`, cluster "default" unless named):
 | `{p}:epoch` | string | the last placement epoch, an integer only ever INCRed |
 | `{p}:placement` | hash | epoch, placement (router.placement JSON), addresses (JSON list by worker index) |
 | `{p}:workers` | set | worker indices ever registered |
-| `{p}:worker:{i}` | hash | index, address, pid, node, num_experts, actor, heartbeat (unix s) |
+| `{p}:worker:{i}` | hash | index, address, pid, node, num_experts, peak_experts (the most held at once), actor, heartbeat (unix s) |
 | `{p}:heads` | set | head replica ids |
 | `{p}:head:{id}` | hash | id, pid, node, epoch (the placement it dispatches with), the load fields of EngineStats (running, waiting, cache blocks and slots used/total, preemptions), heartbeat |
 | `{p}:assign:{i}` | string | JSON [[layer, expert], ...] worker i must hold (a restarted worker loads these) |

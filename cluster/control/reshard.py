@@ -1,14 +1,20 @@
 """Moving from one placement to another under live traffic (scaling, rebalancing, no stop-the-world).
 
-    grow:     new workers start with their experts; surviving workers LoadExperts what they gain
-              (they keep what they had: old and new placements are both servable)
-    publish:  the new placement under a new epoch, only once every expert of it is loaded
-    switch:   heads pick the epoch up between MoE layers (250 ms poll); wait until every live head
-              reports it, plus a grace period for the calls in flight on the old placement
-    shrink:   surviving workers DropExperts what they lost; retired workers stop and are killed
+    waves:    old -> P1 -> ... -> new, each step small enough that no worker holds more than its
+              memory allows (`max_experts_per_worker`) at any moment: `plan_waves`, pure
+    per step  grow:     new workers start with their experts; surviving workers LoadExperts what they
+                        gain (they keep what they had: both placements are servable)
+              publish:  the step's placement under a new epoch, once every expert of it is loaded
+              switch:   heads pick the epoch up between MoE layers (250 ms poll); wait until every
+                        live head reports it
+              drain:    wait until no worker computes a Dispatch of an older epoch (its count of calls
+                        in flight per epoch, InfoReply.inflight_by_epoch), not a timer
+              shrink:   surviving workers DropExperts what they lost; retired workers stop, are killed
 
-A worker's Redis assignment is always what it must hold now (old ∪ new during the move), so a worker
-that Ray restarts mid-move comes back holding the right experts.
+A worker's Redis assignment is always what it must hold now (the step's old ∪ new), so a worker that
+Ray restarts mid-move comes back holding the right experts. A call that still reaches a worker for an
+expert it dropped is answered FAILED_PRECONDITION and failed over by the head: draining avoids that
+cost, it is not what keeps the answers right.
 """
 
 from __future__ import annotations
@@ -28,8 +34,76 @@ log = logging.getLogger(__name__)
 
 SWITCH_TIMEOUT_S = 15.0
 """How long to wait for every live head to report the new epoch (they poll every 250 ms)."""
-DRAIN_GRACE_S = 2.0
-"""After the switch: a step in flight on the old placement finishes its MoE layer in well under this."""
+DRAIN_TIMEOUT_S = 30.0
+"""The most a step waits for the calls of older epochs to finish (one MoE round takes milliseconds; a
+worker that stays busy past this is logged and the move goes on: its late calls fail over)."""
+DRAIN_POLL_S = 0.05
+
+
+class ReshardError(RuntimeError):
+    """A move that cannot keep every worker within its memory; the message names the workers and the room."""
+
+
+def check_fits(placement: Placement, max_experts_per_worker: int | None) -> None:
+    """ReshardError when a worker of `placement` would hold more than `max_experts_per_worker` pairs."""
+    if max_experts_per_worker is None:
+        return
+    counts = [len(placement.experts_of(w)) for w in range(placement.num_workers)]
+    if max(counts, default=0) > max_experts_per_worker:
+        raise ReshardError(f"{placement.num_workers} workers would hold up to {max(counts)} (layer, expert) pairs "
+                           f"each, more than max_experts_per_worker={max_experts_per_worker}; use more workers "
+                           f"or raise max_experts_per_worker (nextserve plan computes what a GPU holds)")
+
+
+def plan_waves(old: Placement, new: Placement, max_experts_per_worker: int | None) -> list[Placement]:
+    """The placements to step through from `old` to `new` (the last one is `new`), so that during each
+    step (holding the previous placement's experts ∪ the next one's) no worker holds more than
+    `max_experts_per_worker` (layer, expert) pairs; None: one step.
+
+    Greedy, expert by expert: an expert moves to its new workers in the first wave where every worker
+    it gains has room (a worker's room grows only after a wave ends, when it drops what it lost). The
+    intermediate placements keep every expert on >= R workers (its old set or its new set) and keep the
+    retiring workers until the last wave."""
+    check_fits(new, max_experts_per_worker)
+    if max_experts_per_worker is None or old.layers != new.layers or old.num_experts != new.num_experts:
+        return [new]
+    width = max(old.num_workers, new.num_workers)
+    current = {layer: [tuple(ws) for ws in old.layer_to_expert_workers[layer]] for layer in old.layers}
+    waves: list[Placement] = []
+    while True:
+        held = [0] * width
+        for experts in current.values():
+            for ws in experts:
+                for w in ws:
+                    held[w] += 1
+        over = [w for w in range(width) if held[w] > max_experts_per_worker]
+        if over and not waves:
+            raise ReshardError(f"workers {over} already hold more than max_experts_per_worker="
+                               f"{max_experts_per_worker} pairs ({[held[w] for w in over]}); raise it")
+        moved = False
+        nxt = {layer: list(experts) for layer, experts in current.items()}
+        for layer in new.layers:
+            for e, target in enumerate(new.layer_to_expert_workers[layer]):
+                now = current[layer][e]
+                if set(now) == set(target):
+                    continue
+                gained = [w for w in target if w not in now]
+                if all(held[w] + 1 <= max_experts_per_worker for w in gained):
+                    for w in gained:
+                        held[w] += 1  # loaded in this wave, before anything is dropped
+                    nxt[layer][e] = tuple(target)
+                    moved = True
+        if not moved:
+            short = sorted({w for layer in new.layers for e, target in enumerate(new.layer_to_expert_workers[layer])
+                            for w in target if w not in current[layer][e]})
+            raise ReshardError(f"no expert can move without a worker holding more than max_experts_per_worker="
+                               f"{max_experts_per_worker} pairs: workers {short} are full ({[held[w] for w in short]}); "
+                               f"raise max_experts_per_worker or move in smaller scale steps")
+        if all(set(nxt[layer][e]) == set(new.layer_to_expert_workers[layer][e])
+               for layer in new.layers for e in range(new.num_experts)):
+            return waves + [new]
+        waves.append(Placement(width, new.replication, {layer: tuple(ws) for layer, ws in nxt.items()}))
+        current = {layer: list(ws) for layer, ws in nxt.items()}
 
 
 def pairs_of(placement: Placement | None, worker: int) -> set[tuple[int, int]]:
@@ -60,11 +134,32 @@ def wait_for_switch(registry: Registry, epoch: int) -> None:
     while time.monotonic() < deadline:
         heads = [h for h in registry.heads() if h.alive]
         if all(int(h.fields.get("epoch", 0)) >= epoch for h in heads):
-            break
+            return
         time.sleep(0.1)
-    else:
-        log.warning("not every head reported epoch %d within %s s; shrinking anyway", epoch, SWITCH_TIMEOUT_S)
-    time.sleep(DRAIN_GRACE_S)
+    log.warning("not every head reported epoch %d within %s s; shrinking anyway", epoch, SWITCH_TIMEOUT_S)
+
+
+def drain(addresses: list[str], epoch: int) -> None:
+    """Wait until none of `addresses` computes a Dispatch sent under an epoch below `epoch`."""
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    pending = list(addresses)
+    while pending:
+        busy = []
+        for address in pending:
+            try:
+                calls = worker_admin.info(address).inflight_by_epoch
+            except Exception as exc:  # gone or restarting: nothing of ours runs there
+                log.info("drain: worker at %s did not answer (%s)", address, exc)
+                continue
+            if any(n for e, n in calls.items() if e < epoch):
+                busy.append(address)
+        pending = busy
+        if pending and time.monotonic() > deadline:
+            log.warning("workers %s still compute calls older than epoch %d after %s s; going on", pending, epoch,
+                        DRAIN_TIMEOUT_S)
+            return
+        if pending:
+            time.sleep(DRAIN_POLL_S)
 
 
 def shrink(registry: Registry, workers: dict[int, Any], old: Placement | None, new: Placement, epoch: int,

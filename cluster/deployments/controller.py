@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterable
 from typing import Any
 
 import ray
@@ -47,6 +48,9 @@ class ClusterSpec:
     replication: int
     rebalance_every_s: float = 0.0
     """0 disables scheduled rebalancing (`nextserve rebalance` still works)."""
+    max_experts_per_worker: int | None = None
+    """The most (layer, expert) pairs a worker may hold at any moment (its memory; `nextserve plan`
+    computes it): scaling and rebalancing move in waves within it. None: no bound (one step)."""
 
 
 class ControllerActor:
@@ -88,6 +92,7 @@ class ControllerActor:
             if self.placement is None:
                 self.placement = build_placement(config.moe_layers, config.num_experts, wanted.num_workers,
                                                  wanted.replication)
+            reshard.check_fits(self.placement, wanted.max_experts_per_worker)
             self.spec = replace(wanted, num_workers=self.placement.num_workers)
             reshard.grow(self.registry, self.workers, None, self.placement, self._create, self.epoch,
                          self.admin_token)
@@ -103,8 +108,8 @@ class ControllerActor:
                 return self.epoch
             config = Qwen3NextConfig.from_json(self.spec.model)
             new = build_placement(config.moe_layers, config.num_experts, num_workers, self.spec.replication)
+            epoch = self._move(new)  # a ReshardError (does not fit) is raised before anything moves
             self.spec = replace(self.spec, num_workers=num_workers)
-            epoch = self._move(new)
             self.registry.save_spec(asdict(self.spec))
             self.loads.reset()
             return epoch
@@ -121,7 +126,12 @@ class ControllerActor:
             before = measured_imbalance(self.registry.worker_load(), self.placement.num_workers)
             new, predicted = plan_rebalance(self.placement, load, self.epoch)
             moved = movement(self.placement, new)
-            epoch = self._move(new)
+            try:
+                epoch = self._move(new)
+            except reshard.ReshardError as exc:
+                report = {"skipped": f"the rebalanced placement does not fit: {exc}", "at": time.time()}
+                self.registry.set_rebalance_report(report)
+                return report
             self.loads.reset()
             self.last_rebalance = time.monotonic()
             report = {"epoch": epoch, "measured_before": before, "pairs_loaded": moved, "at": time.time(), **predicted}
@@ -129,14 +139,22 @@ class ControllerActor:
             return report
 
     def _move(self, new: Placement) -> int:
-        old = self.placement
-        reshard.grow(self.registry, self.workers, old, new, self._create, self.epoch, self.admin_token)
-        self._wait_ready()
-        self.placement = new
-        epoch = self._publish()
-        reshard.wait_for_switch(self.registry, epoch)
-        reshard.shrink(self.registry, self.workers, old, new, epoch, self.admin_token)
-        return epoch
+        """Step from the current placement to `new` in waves that keep every worker within
+        `max_experts_per_worker` (reshard.plan_waves); each wave: grow, publish, switch, drain, shrink."""
+        assert self.spec is not None and self.placement is not None
+        waves = reshard.plan_waves(self.placement, new, self.spec.max_experts_per_worker)
+        if len(waves) > 1:
+            log.info("moving in %d waves (max %s experts per worker)", len(waves), self.spec.max_experts_per_worker)
+        for step in waves:
+            old = self.placement
+            reshard.grow(self.registry, self.workers, old, step, self._create, self.epoch, self.admin_token)
+            self._wait_ready()
+            self.placement = step
+            epoch = self._publish()
+            reshard.wait_for_switch(self.registry, epoch)
+            reshard.drain(self._addresses_of(sorted(self.workers)), epoch)
+            reshard.shrink(self.registry, self.workers, old, step, epoch, self.admin_token)
+        return self.epoch
 
     def _create(self, index: int) -> Any:
         assert self.spec is not None and self.placement is not None
@@ -150,8 +168,10 @@ class ControllerActor:
 
     def _addresses(self) -> list[str]:
         assert self.placement is not None
-        described = ray.get([self.workers[i].describe.remote() for i in range(self.placement.num_workers)],
-                            timeout=WORKER_READY_TIMEOUT_S)
+        return self._addresses_of(range(self.placement.num_workers))
+
+    def _addresses_of(self, indices: Iterable[int]) -> list[str]:
+        described = ray.get([self.workers[i].describe.remote() for i in indices], timeout=WORKER_READY_TIMEOUT_S)
         return [str(d["address"]) for d in described]
 
     def _publish(self) -> int:
@@ -176,7 +196,11 @@ class ControllerActor:
             if not wanted:
                 self._restore_registry()
             elif int(wanted["num_workers"]) != self.spec.num_workers:
-                self.scale(int(wanted["num_workers"]))
+                try:
+                    self.scale(int(wanted["num_workers"]))
+                except reshard.ReshardError as exc:  # `nextserve scale` checks first; someone wrote Redis directly
+                    log.error("scaling to %s workers refused: %s", wanted["num_workers"], exc)
+                    self.registry.save_spec(asdict(self.spec))
             self._heal()
             self._collect_and_rebalance()
 

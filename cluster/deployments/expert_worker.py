@@ -58,6 +58,7 @@ class ExpertWorkerActor:
             try:
                 # The whole record, not only the beat: after a Redis restart the worker re-appears.
                 self.fields["num_experts"] = len(self.worker.store.pairs())
+                self.fields["peak_experts"] = self.worker.store.peak_pairs
                 self.registry.register_worker(self.index, self.fields)
             except Exception as exc:  # Redis down or restarting: keep serving, try again next beat
                 log.warning("worker %d heartbeat failed: %s", self.index, exc)
