@@ -115,8 +115,17 @@ def echo_requests(backend: RemoteExpertBackend, layer: int, hidden: torch.Tensor
         reply_size = expert_pb2.DispatchReply(num_tokens=b.tokens.numel(), hidden_size=H, dtype=request.dtype,
                                               partial=bytes(b.tokens.numel() * H * size)).ByteSize()
         out.append((b.worker, expert_pb2.EchoRequest(payload=bytes(request.ByteSize()), reply_bytes=reply_size)))
-    workers_per_token = sum(b.tokens.numel() for b in batches) / ids.shape[0]  # each token once per worker
-    return out, workers_per_token * H * size * 2
+    return out, min_bytes_per_token(backend.placement, layer, ids, H, size)
+
+
+def min_bytes_per_token(placement: Placement, layer: int, ids: torch.Tensor, hidden_size: int, dtype_bytes: int) -> float:
+    """The floor of a round's payload, from the placement alone (not the dispatcher's plan): each token's
+    hidden state goes once to every distinct worker owning one of its experts (the first replica: the
+    floor for R = 1, what the bench runs) and comes back once from each as a partial sum. ids [T, k]."""
+    owner = torch.tensor([placement.workers_of(layer, e)[0] for e in range(placement.num_experts)])  # [E]
+    workers = owner[ids]  # [T, k]
+    distinct = sum(len(set(row)) for row in workers.tolist())
+    return distinct / ids.shape[0] * hidden_size * dtype_bytes * 2
 
 
 def time_rounds(fn: Callable[[], object], rounds: int) -> list[float]:
@@ -152,7 +161,8 @@ def measure(backend: RemoteExpertBackend, tokens: int, top_k: int, num_experts: 
         e_ms += time_rounds(echo, 10)
     d50, e50 = statistics.median(d_ms), statistics.median(e_ms)
     return {"dispatch_ms_p50": round(d50, 4), "echo_ms_p50": round(e50, 4), "ratio_to_echo": round(d50 / e50, 3),
-            "bytes_per_token": round(sent / max(tokens, 1), 1), "min_bytes_per_token": round(min_bytes, 1)}
+            "bytes_per_token": round(sent / max(tokens, 1), 1), "min_bytes_per_token": round(min_bytes, 1),
+            "bytes_ratio_to_min": round(sent / max(tokens, 1) / min_bytes, 4)}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
