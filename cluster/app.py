@@ -11,15 +11,19 @@ import os
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.deployments.gateway import GatewayDeployment
 from nextserve.cluster.deployments.head import HeadDeployment
+from nextserve.cluster.deployments.prefix_router import PrefixAffinityRouter
 
 
 def build_app(args: dict[str, Any]) -> Application:
     app_args = AppArgs(**args).with_redis_password(os.environ).with_admin_token(os.environ)  # the one env read
-    options: dict[str, Any] = {"num_replicas": app_args.head_replicas}
+    options: dict[str, Any] = {"num_replicas": app_args.head_replicas,
+                               # a conversation keeps landing on the head that holds its prefix cache
+                               "request_router_config": RequestRouterConfig(request_router_class=PrefixAffinityRouter)}
     if app_args.head_num_gpus:
         options["ray_actor_options"] = {**HeadDeployment.ray_actor_options, "num_gpus": app_args.head_num_gpus}
     heads = HeadDeployment.options(**options).bind(app_args)

@@ -32,7 +32,10 @@ from nextserve.cluster.deployments.expert_worker import EXPERT_RESOURCE, HEAD_RE
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "The quick brown fox", "class Tree:",
-           "for i in range(10):", "# a comment about parsing"]
+           "for i in range(10):", "# a comment about parsing", "return x + y", "Hello there",
+           "while True:", "print('done')"]
+"""Ten prompts: the heads' router spreads them by prefix over the two head replicas (each gets none with
+probability 2 / 2**10), so the head whose node is removed holds some of them."""
 MAX_TOKENS = 40
 LONG_MAX_TOKENS = 200
 """The streams a heads node is removed under: long enough to be running when it goes."""

@@ -1,0 +1,64 @@
+"""Which head replica a request goes to: the one most likely to hold its prompt's prefix in its cache.
+
+    gateway's handle --generate(request_id, prompt_ids, ...)--> PrefixAffinityRouter.choose_replicas
+        key = hash(prompt_ids[:ROUTE_PREFIX_TOKENS])           (None for calls without a prompt)
+        ranked = replicas by rendezvous hash of (key, replica)  (highest random weight first)
+        first choice ranked[0], unless it has IMBALANCE more requests queued than the least loaded one:
+        then the least loaded (Serve's own probing picks among them)
+
+Rendezvous hashing keeps a key on its replica while replicas come and go: adding or removing one of M
+replicas moves only the keys that rank it first (about 1/M of the conversations, whose next turn then
+prefills cold once); every other conversation keeps landing where its cache is. The key is the first
+ROUTE_PREFIX_TOKENS tokens: an agent's conversations that share that much (one system prompt) share a
+replica while the load stays within IMBALANCE, and spread over the others past it.
+
+Runs inside the gateway's process (Serve's handle-side router; RequestRouter is a Ray Serve alpha API).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+ROUTE_PREFIX_TOKENS = 256
+"""Prompt tokens that choose the replica (a multiple of the KV block size)."""
+IMBALANCE = 8
+"""Requests the preferred replica may have queued beyond the least loaded one before it is passed over."""
+
+
+def prefix_key(prompt_ids: Sequence[int]) -> bytes:
+    """A stable key of the prompt's first ROUTE_PREFIX_TOKENS tokens (the same in every gateway process)."""
+    head = list(prompt_ids[:ROUTE_PREFIX_TOKENS])
+    return hashlib.blake2b(struct.pack(f"<{len(head)}q", *head), digest_size=16).digest()
+
+
+def rank_replicas(key: bytes, replica_ids: Sequence[str]) -> list[str]:
+    """`replica_ids` by rendezvous (highest random weight) hashing of `key`: the first is the key's home."""
+    def weight(replica_id: str) -> bytes:
+        return hashlib.blake2b(key + replica_id.encode(), digest_size=8).digest()
+    return sorted(replica_ids, key=weight, reverse=True)
+
+
+class PrefixAffinityRouter(RequestRouter):
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        prompt = _prompt_of(pending_request)
+        if prompt is None or len(candidate_replicas) < 2:
+            return [candidate_replicas]  # stats / probes: the least loaded
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        ranked = [by_id[i] for i in rank_replicas(prefix_key(prompt), list(by_id))]
+        queued = [self.replica_queue_len_cache.get(r.replica_id) or 0 for r in ranked]
+        if queued[0] - min(queued) > IMBALANCE:
+            return [candidate_replicas]
+        return [ranked[:1], ranked[1:]]
+
+
+def _prompt_of(pending_request: PendingRequest | None) -> Sequence[int] | None:
+    """The prompt ids of a HeadDeployment.generate call (request_id, prompt_ids, params, stop), else None."""
+    if pending_request is None or pending_request.metadata.call_method != "generate" or len(pending_request.args) < 2:
+        return None
+    prompt = pending_request.args[1]
+    return prompt if isinstance(prompt, (list, tuple)) and prompt else None

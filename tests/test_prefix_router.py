@@ -1,0 +1,31 @@
+"""Routing a request to the head replica most likely to hold its prefix: the key is the prompt's first
+ROUTE_PREFIX_TOKENS tokens, replicas are ranked by rendezvous hashing, and a replica joining or leaving
+moves only the keys it owns (about 1/M of them), not all of them as `hash % M` would."""
+
+from __future__ import annotations
+
+import random
+
+from nextserve.cluster.deployments.prefix_router import ROUTE_PREFIX_TOKENS, prefix_key, rank_replicas
+
+
+def test_the_key_is_the_prefix_only() -> None:
+    shared = list(range(ROUTE_PREFIX_TOKENS))
+    assert prefix_key(shared + [1, 2, 3]) == prefix_key(shared + [9])  # same system prompt, other turns
+    assert prefix_key([5, 6]) != prefix_key([5, 7])
+    assert prefix_key([5, 6]) == prefix_key((5, 6))  # lists and tuples alike (Ray may pass either)
+
+
+def test_rendezvous_ranking_moves_only_the_keys_of_the_replica_that_changed() -> None:
+    rng = random.Random(0)
+    keys = [prefix_key([rng.randrange(2000) for _ in range(20)]) for _ in range(2000)]
+    four = ["a", "b", "c", "d"]
+    home = {k: rank_replicas(k, four)[0] for k in keys}
+    counts = {r: sum(h == r for h in home.values()) for r in four}
+    assert min(counts.values()) > 400  # spread: ~500 each
+    five = {k: rank_replicas(k, four + ["e"])[0] for k in keys}
+    moved = [k for k in keys if five[k] != home[k]]
+    assert all(five[k] == "e" for k in moved) and 300 < len(moved) < 500  # ~1/5, all to the newcomer
+    three = {k: rank_replicas(k, ["a", "b", "d"])[0] for k in keys}
+    assert all(three[k] == home[k] for k in keys if home[k] != "c")  # only c's keys move
+    assert rank_replicas(keys[0], four) == rank_replicas(keys[0], list(reversed(four)))  # order-free
