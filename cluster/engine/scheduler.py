@@ -23,7 +23,7 @@ and it prefills the rest as continuing chunks. Snapshots of the DeltaNet state a
 (StepPlan.saves) where a sequence's computed tokens reach
 
     a multiple of `snapshot_every`   (prefill chunks end there)          -> published at once
-    the prefill's last full block    (when the prefill is >= snapshot_every tokens; one chunk ends there)
+    the prefill's last full block    (one chunk ends there: one more step when it would not have)
     any block boundary in decode     -> the sequence's "tail": one snapshot it holds and overwrites,
                                         published when it finishes (not on abort) or is preempted
 
@@ -387,9 +387,9 @@ class Scheduler:
         end = start + min(seq.num_prefill_tokens - start, self.config.prefill_chunk, budget)
         if self.blocks.is_prefix_caching:
             every, bs = self.blocks.snapshot_every, self.blocks.block_size
-            points = [(start // every + 1) * every]
-            if seq.num_prefill_tokens >= every:  # the last full block of a long prefill: one more chunk
-                points.append(seq.num_prefill_tokens // bs * bs)
+            # the last full block of the prefill too: its tail, at the cost of one more chunk when the
+            # prefill's last block boundary falls inside what would have been its last chunk
+            points = ((start // every + 1) * every, seq.num_prefill_tokens // bs * bs)
             end = min([end] + [p for p in points if start < p < end])
         return self._with_snapshot(seq, end - start)
 
@@ -400,8 +400,7 @@ class Scheduler:
         if not self.blocks.is_prefix_caching or end % bs:
             return ScheduledSeq(seq, n)
         publishes = end % every == 0
-        is_point = publishes or n == 1 or (seq.is_prefilling and end == seq.num_prefill_tokens // bs * bs
-                                           and seq.num_prefill_tokens >= every)
+        is_point = publishes or n == 1 or (seq.is_prefilling and end == seq.num_prefill_tokens // bs * bs)
         if not is_point or self.blocks.cache.has_snapshot(self._keys(seq, end // bs)[-1]):
             return ScheduledSeq(seq, n)
         if seq.snapshot_id is None:
