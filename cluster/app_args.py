@@ -51,6 +51,11 @@ class AppArgs(BaseModel):
     `40GiB`, bytes) or, on a GPU head, a fraction of the device memory left after the weights (`0.9`)."""
     block_size: int = Field(16, ge=1, le=1024)
     """Tokens per KV block."""
+    enable_prefix_cache: bool = True
+    """Keep KV blocks and DeltaNet state snapshots of finished requests for later ones that resend the
+    same prefix (CacheConfig.enable_prefix_cache)."""
+    prefix_snapshot_every: int = Field(256, ge=1)
+    """Tokens between prefill state snapshots, a multiple of block_size (CacheConfig.prefix_snapshot_every)."""
     head_num_gpus: float = Field(0.0, ge=0)
     """GPUs per head replica (Ray `num_gpus`); a head given one computes on it in the model dtype."""
     dispatch_deadline_s: float = Field(10.0, gt=0)
@@ -68,7 +73,8 @@ class AppArgs(BaseModel):
 
     def cache_config(self, device_free_bytes: int | None = None) -> CacheConfig:
         """The head's cache budget; `device_free_bytes` (a GPU head's free memory) resolves a fraction."""
-        return CacheConfig(parse_cache_memory(self.cache_memory, device_free_bytes), self.block_size)
+        return CacheConfig(parse_cache_memory(self.cache_memory, device_free_bytes), self.block_size,
+                           enable_prefix_cache=self.enable_prefix_cache, prefix_snapshot_every=self.prefix_snapshot_every)
 
     @field_validator("cache_memory")
     @classmethod
@@ -81,6 +87,7 @@ class AppArgs(BaseModel):
         """Fields that constrain each other fail here, naming both, not in every head replica's start."""
         try:
             self.scheduler_config()
+            self.cache_config(device_free_bytes=2**40)  # prefix_snapshot_every against block_size
         except ValueError as exc:
             raise ValueError(str(exc)) from None
         return self

@@ -4,18 +4,23 @@
                        recurrent[i]         [S, nv, dk, dv]    fp32         the delta-rule state
     attention layer i  key[i], value[i]     [N, bs, nkv, hd]   model dtype  post-norm, post-RoPE K and V
     all layers         block_table          [S, max_blocks]    int64        each slot's blocks, in order
+    DeltaNet layer i   snapshot_conv[i]     [P, C, K]          model dtype  prefix-cache snapshots of
+                       snapshot_recurrent[i][P, nv, dk, dv]    fp32         the states at a block boundary
 
 A sequence owns one slot (its DeltaNet states and its block-table row) for its life, and the blocks
 holding its tokens: token p lives at row p % bs of block block_table[slot, p // bs]. Which sequence owns
 which slot and blocks is decided outside (cluster/engine/block_manager.py); this file holds the tensors,
-so a step reads and writes every sequence's state by index, never one sequence at a time.
+so a step reads and writes every sequence's state by index, never one sequence at a time. A full block
+may be in several sequences' tables at once (the prefix cache shares it; nobody writes it again), and a
+snapshot is copied into a slot to resume a cached prefix, or out of one after a step (one indexed copy
+per DeltaNet layer for all the step's sequences).
 
 What a decode step gathers (the decodes' K/V blocks, their recurrent states when their slots are not one
 run) lands in workspaces kept across steps and layers, grown to the largest step seen: a fresh buffer of
 that size per layer costs more in page faults than the copy itself (measured 4.7x on the CPU at 256
 sequences of 512 tokens). They sit outside the budget and hold at most one layer's gather at a time.
 
-Letters: S = state slots, N = KV blocks, bs = block size, C = conv channels ([Q | K | V] order),
+Letters: S = state slots, P = state snapshots, N = KV blocks, bs = block size, C = conv channels ([Q | K | V] order),
 K = conv kernel, nv = value heads, dk / dv = DeltaNet head dims, nkv = kv heads, hd = head dim.
 """
 
@@ -31,7 +36,7 @@ from nextserve.model.config import LayerType, Qwen3NextConfig
 
 class HybridCache:
     def __init__(self, config: Qwen3NextConfig, num_slots: int, num_blocks: int, block_size: int,
-                 max_blocks_per_seq: int, dtype: torch.dtype, device: torch.device) -> None:
+                 max_blocks_per_seq: int, dtype: torch.dtype, device: torch.device, num_snapshots: int = 0) -> None:
         """Uninitialised pools (pages are touched as they are used): a slot's states are zeroed by the
         first chunk of its sequence (model/layers/deltanet.py), a block when it is assigned."""
         self.num_slots, self.num_blocks, self.block_size = num_slots, num_blocks, block_size
@@ -40,12 +45,17 @@ class HybridCache:
         self.recurrent: dict[int, Tensor] = {}
         self.key: dict[int, Tensor] = {}
         self.value: dict[int, Tensor] = {}
+        self.snapshot_conv: dict[int, Tensor] = {}
+        self.snapshot_recurrent: dict[int, Tensor] = {}
         for i, kind in enumerate(config.layer_types):
             if kind is LayerType.LINEAR_ATTENTION:
-                self.conv[i] = torch.empty(S, config.linear_conv_dim, config.linear_conv_kernel_dim, dtype=dtype,
-                                           device=device)
-                self.recurrent[i] = torch.empty(S, config.linear_num_value_heads, config.linear_key_head_dim,
-                                                config.linear_value_head_dim, dtype=torch.float32, device=device)
+                conv = (config.linear_conv_dim, config.linear_conv_kernel_dim)
+                recurrent = (config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim)
+                self.conv[i] = torch.empty(S, *conv, dtype=dtype, device=device)
+                self.recurrent[i] = torch.empty(S, *recurrent, dtype=torch.float32, device=device)
+                self.snapshot_conv[i] = torch.empty(num_snapshots, *conv, dtype=dtype, device=device)
+                self.snapshot_recurrent[i] = torch.empty(num_snapshots, *recurrent, dtype=torch.float32,
+                                                         device=device)
             else:
                 shape = (N, bs, config.num_key_value_heads, config.head_dim)
                 self.key[i] = torch.empty(shape, dtype=dtype, device=device)
@@ -71,14 +81,33 @@ class HybridCache:
     def device(self) -> torch.device:
         return self.block_table.device
 
-    def assign_blocks(self, slots: Sequence[int], indices: Sequence[int], blocks: Sequence[int]) -> None:
+    def assign_blocks(self, slots: Sequence[int], indices: Sequence[int], blocks: Sequence[int],
+                      zero: bool = True) -> None:
         """The sequence in slots[j] holds block blocks[j] as its indices[j]-th (one table write for all).
-        The blocks are zeroed: a batched decode reads whole blocks, masked past each sequence's length,
-        and a masked NaN of uninitialised memory would still poison the softmax-weighted sum."""
+        New blocks are zeroed: a batched decode reads whole blocks, masked past each sequence's length,
+        and a masked NaN of uninitialised memory would still poison the softmax-weighted sum. Shared
+        (prefix-cached) blocks are not: `zero` False."""
         to = dict(dtype=torch.int64, device=self.device)
         block_ids = torch.tensor(blocks, **to)
         self.block_table[torch.tensor(slots, **to), torch.tensor(indices, **to)] = block_ids
-        self._zero_blocks(block_ids)
+        if zero:
+            self._zero_blocks(block_ids)
+
+    def restore_states(self, snapshots: Sequence[int], slots: Sequence[int]) -> None:
+        """Every DeltaNet layer's conv and recurrent state of slots[j] := snapshot snapshots[j]."""
+        self._copy_states(self.snapshot_conv, self.snapshot_recurrent, snapshots, self.conv, self.recurrent, slots)
+
+    def save_states(self, slots: Sequence[int], snapshots: Sequence[int]) -> None:
+        """Snapshot snapshots[j] := every DeltaNet layer's conv and recurrent state of slots[j]."""
+        self._copy_states(self.conv, self.recurrent, slots, self.snapshot_conv, self.snapshot_recurrent, snapshots)
+
+    def _copy_states(self, src_conv: dict[int, Tensor], src_recurrent: dict[int, Tensor], src: Sequence[int],
+                     dst_conv: dict[int, Tensor], dst_recurrent: dict[int, Tensor], dst: Sequence[int]) -> None:
+        to = dict(dtype=torch.int64, device=self.device)
+        src_ids, dst_ids = torch.tensor(src, **to), torch.tensor(dst, **to)
+        for i in src_conv:  # [n, C, K] and [n, nv, dk, dv] per layer, one gather and one scatter each
+            dst_conv[i].index_copy_(0, dst_ids, src_conv[i].index_select(0, src_ids))
+            dst_recurrent[i].index_copy_(0, dst_ids, src_recurrent[i].index_select(0, src_ids))
 
     def gather_kv(self, layer: int, blocks: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values [n, bs, nkv, hd] of an attention layer's `blocks` [n], in the KV workspace
@@ -106,5 +135,6 @@ class HybridCache:
             pool.index_fill_(0, block_ids, 0)
 
     def nbytes(self) -> int:
-        pools = (*self.conv.values(), *self.recurrent.values(), *self.key.values(), *self.value.values())
+        pools = (*self.conv.values(), *self.recurrent.values(), *self.key.values(), *self.value.values(),
+                 *self.snapshot_conv.values(), *self.snapshot_recurrent.values())
         return sum(t.nbytes for t in pools) + self.block_table.nbytes

@@ -1,12 +1,14 @@
 """The head's cache budget: how many bytes the hybrid cache may hold, and what they buy.
 
 A head preallocates its whole cache at start (model/cache.py): KV blocks of `block_size` tokens for the
-full-attention layers, and one state slot per running sequence for the DeltaNet layers. `cache_capacity`
-turns a byte budget into those two counts; the engine and the capacity planner (`nextserve plan`) both
+full-attention layers, one state slot per running sequence for the DeltaNet layers, and the prefix
+cache's state snapshots (a slot's worth each). `cache_capacity` turns a byte budget into those counts; the engine and the capacity planner (`nextserve plan`) both
 call it, so they compute the same numbers. Pure arithmetic over `ModelSizes`; no tensors, no I/O.
 
     bytes_per_block = block_size * kv_bytes_per_token            (K and V, every full-attention layer)
     bytes_per_slot  = deltanet_state_bytes_per_sequence          (conv + fp32 recurrent, every DeltaNet layer)
+    num_snapshots   = budget * prefix_snapshot_memory_fraction // bytes_per_slot     (0 when disabled, and
+                      fewer when the rest could not hold one sequence); budget -= their bytes
     kv_reserve      = min(one sequence at max_model_len, budget / 2)
     num_slots       = min(max_num_seqs, (budget - kv_reserve) // bytes_per_slot)            (>= 1)
     num_blocks      = min((budget - num_slots * bytes_per_slot) // bytes_per_block,
@@ -46,12 +48,30 @@ class CacheConfig:
     block_size: int = 16
     """Tokens per KV block. 16 as vLLM: a sequence wastes < 16 tokens of KV; larger blocks (32, 64) mean
     fewer table entries and gathers per decode, at more waste."""
+    enable_prefix_cache: bool = True
+    """Keep full KV blocks and DeltaNet state snapshots after their sequence, so a request that resends a
+    prefix (an agent's system prompt, tools and conversation so far) prefills only what is new."""
+    prefix_snapshot_every: int = 256
+    """Tokens between the state snapshots a prefill takes (a multiple of block_size): a hit restores the
+    last snapshot inside the shared prefix, so up to this many shared tokens are run again. 256: on the
+    published model a snapshot (74 MiB) costs as much as ~3,200 tokens of KV, so one per 256 tokens keeps
+    the pool from flooding on a long prompt while re-running at most one prefill chunk."""
+    prefix_snapshot_memory_fraction: float = 0.2
+    """Share of cache_memory_bytes for the snapshot pool. 0.2: on the published model at 4 GiB, 11
+    snapshots beside 22 running sequences (27 without them); enough for the last boundary of a few conversations plus the
+    snapshots of a shared system prompt. The snapshots' blocks come out of the rest of the budget."""
 
     def __post_init__(self) -> None:
         if self.cache_memory_bytes < 1:
             raise CacheConfigError(f"cache_memory_bytes must be >= 1, got {self.cache_memory_bytes}")
         if not 1 <= self.block_size <= 1024:
             raise CacheConfigError(f"block_size must be in [1, 1024] tokens (16-64 serve best), got {self.block_size}")
+        if self.prefix_snapshot_every < 1 or self.prefix_snapshot_every % self.block_size:
+            raise CacheConfigError(f"prefix_snapshot_every ({self.prefix_snapshot_every}) must be a positive multiple "
+                                   f"of block_size ({self.block_size}); e.g. {self.block_size * 16}")
+        if not 0 <= self.prefix_snapshot_memory_fraction < 1:
+            raise CacheConfigError(f"prefix_snapshot_memory_fraction must be in [0, 1), got "
+                                   f"{self.prefix_snapshot_memory_fraction}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +83,9 @@ class CacheCapacity:
     bytes_per_block: int
     bytes_per_slot: int
     max_model_len: int
+    num_snapshots: int = 0
+    """Prefix-cache state snapshots (bytes_per_slot each); 0: no prefix cache."""
+    snapshot_every: int = CacheConfig.prefix_snapshot_every
 
     @property
     def max_tokens(self) -> int:
@@ -76,11 +99,12 @@ class CacheCapacity:
 
     @property
     def total_bytes(self) -> int:
-        return self.num_blocks * self.bytes_per_block + self.num_slots * self.bytes_per_slot
+        return self.num_blocks * self.bytes_per_block + (self.num_slots + self.num_snapshots) * self.bytes_per_slot
 
     def describe(self) -> str:
         return (f"{self.num_blocks} KV blocks of {self.block_size} tokens ({self.max_tokens} tokens) and "
-                f"{self.num_slots} state slots (sequences), {self.total_bytes / MiB:.1f} MiB")
+                f"{self.num_slots} state slots (sequences), {self.num_snapshots} prefix-cache snapshots, "
+                f"{self.total_bytes / MiB:.1f} MiB")
 
 
 def cache_capacity(sizes: ModelSizes, cache: CacheConfig, max_num_seqs: int, max_model_len: int) -> CacheCapacity:
@@ -92,6 +116,11 @@ def cache_capacity(sizes: ModelSizes, cache: CacheConfig, max_num_seqs: int, max
         raise CacheConfigError(f"a cache of {budget:,} B cannot hold one sequence: one state slot is "
                                f"{bytes_per_slot:,} B and one KV block of {bs} tokens {bytes_per_block:,} B; "
                                f"raise --cache-memory to at least {bytes_per_slot + bytes_per_block:,} B")
+    num_snapshots = 0
+    if cache.enable_prefix_cache and bytes_per_slot:  # what the rest leaves for one sequence, at most
+        num_snapshots = min(int(budget * cache.prefix_snapshot_memory_fraction) // bytes_per_slot,
+                            (budget - bytes_per_block - bytes_per_slot) // bytes_per_slot)
+        budget -= num_snapshots * bytes_per_slot
     blocks_per_seq = -(-max_model_len // bs)
     kv_reserve = min(blocks_per_seq * bytes_per_block, budget // 2)
     # max(..., 1): a model without DeltaNet layers has 0-byte slots, then the count is max_num_seqs.
@@ -99,7 +128,8 @@ def cache_capacity(sizes: ModelSizes, cache: CacheConfig, max_num_seqs: int, max
     num_slots = max(1, min(max_num_seqs, by_budget))
     by_budget = (budget - num_slots * bytes_per_slot) // bytes_per_block if bytes_per_block else blocks_per_seq
     num_blocks = max(1, min(by_budget, num_slots * blocks_per_seq))
-    return CacheCapacity(bs, num_blocks, num_slots, bytes_per_block, bytes_per_slot, max_model_len)
+    return CacheCapacity(bs, num_blocks, num_slots, bytes_per_block, bytes_per_slot, max_model_len, num_snapshots,
+                         cache.prefix_snapshot_every)
 
 
 def parse_memory_size(text: str) -> int:

@@ -33,13 +33,20 @@ def small(reference: dict) -> Model:
 def make_engine() -> Iterator[Callable[..., Engine]]:
     engines: list[Engine] = []
 
-    def make(model: Model, slots: int, blocks: int, block_size: int, **config: int) -> Engine:
-        """An engine whose cache holds exactly `slots` sequences and `blocks` KV blocks."""
-        sizes = model_sizes(model[0].config, torch.float32)
-        budget = slots * sizes.deltanet_state_bytes_per_sequence + blocks * block_size * sizes.kv_bytes_per_token
+    def make(model: Model, slots: int, blocks: int, block_size: int, snapshots: int = 0,
+             snapshot_every: int | None = None, **config: int) -> Engine:
+        """An engine whose cache holds exactly `slots` sequences, `blocks` KV blocks and `snapshots`
+        prefix-cache snapshots (0: no prefix cache), one every `snapshot_every` tokens (a block's)."""
+        state = model_sizes(model[0].config, torch.float32).deltanet_state_bytes_per_sequence
+        budget = (slots + snapshots) * state + blocks * block_size * model_sizes(model[0].config,
+                                                                                torch.float32).kv_bytes_per_token
+        fraction = (snapshots * state + state // 2) / budget  # floors to exactly `snapshots` snapshots
+        cache = CacheConfig(budget, block_size, prefix_snapshot_every=snapshot_every or block_size,
+                            prefix_snapshot_memory_fraction=fraction)
         engines.append(Engine(model[0], model[1], None, SchedulerConfig(max_num_seqs=slots, **config),
-                              cache_config=CacheConfig(budget, block_size)))
-        assert (engines[-1].capacity.num_slots, engines[-1].capacity.num_blocks) == (slots, blocks)
+                              cache_config=cache))
+        capacity = engines[-1].capacity
+        assert (capacity.num_slots, capacity.num_blocks, capacity.num_snapshots) == (slots, blocks, snapshots)
         return engines[-1]
 
     yield make
@@ -126,11 +133,14 @@ def test_capacity_of_the_published_model_and_the_tiny_one() -> None:
     sizes = model_sizes(config, torch.bfloat16)
     context = config.max_position_embeddings  # 262,144: 6 GiB of KV for one full sequence
     four = cache_capacity(sizes, CacheConfig(4 * GiB), 64, context)  # the reserve is half the budget
-    assert (four.num_slots, four.num_blocks, four.max_tokens) == (27, 5576, 89216)
+    # 0.2 of it buys 11 snapshots of 77,856,768 B; the rest as before
+    assert (four.num_snapshots, four.num_slots, four.num_blocks, four.max_tokens) == (11, 22, 4388, 70208)
+    plain = cache_capacity(sizes, CacheConfig(4 * GiB, enable_prefix_cache=False), 64, context)
+    assert (plain.num_snapshots, plain.num_slots, plain.num_blocks, plain.max_tokens) == (0, 27, 5576, 89216)
     forty = cache_capacity(sizes, CacheConfig(40 * GiB, 32), 64, context)  # a full sequence's reserve
     assert forty.num_slots == 64 and forty.max_tokens >= context and forty.total_bytes <= 40 * GiB
-    small = cache_capacity(sizes, CacheConfig(128 * MiB), 64, context)
-    assert small.num_slots == 1 and small.num_blocks == (128 * MiB - 77_856_768) // (16 * 24_576)
+    small = cache_capacity(sizes, CacheConfig(128 * MiB), 64, context)  # no room for a snapshot
+    assert small.num_snapshots == 0 and small.num_slots == 1 and small.num_blocks == (128 * MiB - 77_856_768) // (16 * 24_576)
     with pytest.raises(CacheConfigError, match="at least 78,249,984 B"):
         cache_capacity(sizes, CacheConfig(64 * MiB), 64, context)
     # blocks no slot could ever fill are not allocated: 4 sequences of 512 tokens
@@ -156,7 +166,8 @@ def test_the_planned_cache_is_the_cache_a_head_allocates(small: Model) -> None:
     plan = plan_capacity(head.config, sizes, gpu, concurrency=8, context_tokens=context, reserve_percent=0)
     assert plan.max_sequences_per_head == 3 and plan.num_head_replicas == 3
     engine = Engine(head, experts, None, SchedulerConfig(max_num_seqs=plan.max_sequences_per_head), context,
-                    CacheConfig(plan.cache_memory_bytes_per_head, plan.cache_block_size))
+                    CacheConfig(plan.cache_memory_bytes_per_head, plan.cache_block_size,
+                                enable_prefix_cache=False))  # TODO(issue-14): the planner's snapshot share
     try:
         assert (engine.capacity.num_slots, engine.capacity.num_blocks) == (plan.cache_num_slots, plan.cache_num_blocks)
         assert plan.cache_num_slots == 3 and plan.cache_num_blocks * 16 >= 3 * context

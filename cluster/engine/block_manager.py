@@ -1,16 +1,16 @@
-"""Who owns which part of the head's cache pools: free lists of KV blocks and DeltaNet state slots.
+"""Who owns which part of the head's cache pools: DeltaNet state slots, KV blocks and state snapshots.
 
 Pure bookkeeping over ids (the tensors are model/cache.py's): a running sequence holds one slot for its
-life and the blocks its tokens fill. Ids come off a stack (the most recently freed first), in O(1);
-freeing an id that is already free (or was never handed out) raises, so a double free shows at once
-instead of two sequences sharing a block.
+life and references the blocks its tokens fill. Slots come off a stack (the most recently freed first),
+in O(1); blocks and snapshots are the prefix cache's (cluster/engine/prefix_cache.py: refcounts, keys,
+LRU), so a block a sequence releases may stay cached for the next request with the same prefix.
+Freeing an id that is already free (or was never handed out) raises, so a double free shows at once
+instead of two sequences writing one block.
 """
 
 from __future__ import annotations
 
-
-class CacheAccountingError(RuntimeError):
-    """A block or slot freed twice, or one that does not exist: a bug in the caller, named with the id."""
+from nextserve.cluster.engine.prefix_cache import CacheAccountingError, PrefixCache
 
 
 class _IdPool:
@@ -44,16 +44,28 @@ class _IdPool:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, num_slots: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, num_slots: int, block_size: int, num_snapshots: int = 0,
+                 snapshot_every: int | None = None) -> None:
+        """`num_snapshots` > 0 turns the prefix cache on: full blocks are keyed and kept after their
+        sequence, and state snapshots are taken every `snapshot_every` tokens (a multiple of
+        `block_size`) and at each sequence's last block boundary."""
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        self.block_size = block_size
-        self._blocks = _IdPool("block", num_blocks)
+        snapshot_every = snapshot_every or block_size
+        if snapshot_every % block_size:
+            raise ValueError(f"snapshot_every ({snapshot_every}) must be a multiple of block_size ({block_size})")
+        self.block_size, self.snapshot_every = block_size, snapshot_every
+        self.cache = PrefixCache(num_blocks, num_snapshots)
         self._slots = _IdPool("slot", num_slots)
 
     @property
+    def is_prefix_caching(self) -> bool:
+        """Blocks are kept and looked up by content: there are snapshots to restore the DeltaNet state."""
+        return self.cache.num_snapshots > 0
+
+    @property
     def num_blocks(self) -> int:
-        return self._blocks.size
+        return self.cache.num_blocks
 
     @property
     def num_slots(self) -> int:
@@ -61,7 +73,13 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return self._blocks.num_free
+        """Blocks holding nothing (cached ones are not counted: see num_cached_blocks)."""
+        return self.cache.num_free_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks holding a prefix no running sequence references: kept until allocation evicts them."""
+        return self.cache.num_cached_blocks
 
     @property
     def num_free_slots(self) -> int:
@@ -69,7 +87,8 @@ class BlockManager:
 
     @property
     def num_used_blocks(self) -> int:
-        return self._blocks.size - self._blocks.num_free
+        """Blocks referenced by running sequences."""
+        return self.cache.num_used_blocks
 
     @property
     def num_used_slots(self) -> int:
@@ -79,17 +98,20 @@ class BlockManager:
         """Blocks that hold num_tokens tokens."""
         return -(-num_tokens // self.block_size)
 
-    def can_allocate(self, num_blocks: int, slot: bool = False) -> bool:
-        return num_blocks <= self._blocks.num_free and (not slot or self._slots.num_free > 0)
+    def can_allocate(self, num_blocks: int, slot: bool = False, reusing: list[int] | None = None) -> bool:
+        """num_blocks new blocks (evicting cached ones as needed) after acquiring the hit blocks
+        `reusing`, and a slot when `slot`."""
+        return num_blocks <= self.cache.num_allocatable(reusing or ()) and (not slot or self._slots.num_free > 0)
 
     def allocate_slot(self) -> int:
         return self._slots.take(1)[0]
 
     def allocate_blocks(self, n: int) -> list[int]:
-        return self._blocks.take(n)
+        return self.cache.allocate(n)
 
     def free_slot(self, slot: int) -> None:
         self._slots.give_back([slot])
 
     def free_blocks(self, blocks: list[int]) -> None:
-        self._blocks.give_back(blocks)
+        """Drop one reference to each block (release a sequence's in reverse, leaves first)."""
+        self.cache.release(blocks)

@@ -149,13 +149,15 @@ class StepOutput:
     """One per token of `token_ids`, when the request asked for logprobs."""
     stop_string: str | None = None
     """The stop string that ended the request (finish_reason STOP by a stop string, not a stop token)."""
+    cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache (not prefilled), as prompt_tokens on every output."""
 
     def merge(self, later: StepOutput) -> StepOutput:
         logprobs = None if self.logprobs is None and later.logprobs is None else \
             (self.logprobs or []) + (later.logprobs or [])
         return StepOutput(self.request_id, self.token_ids + later.token_ids, self.text + later.text,
                           later.finish_reason, later.prompt_tokens, later.completion_tokens, logprobs,
-                          later.stop_string)
+                          later.stop_string, later.cached_tokens)
 
 
 class OutputStream:

@@ -11,8 +11,11 @@ in its next item instead of one event per token. A consumer that stops iterating
 cancel) aborts its request; the next schedule drops the sequence and its cache.
 
 The cache is allocated once, at start, from `CacheConfig.cache_memory_bytes` (KV blocks + state slots,
-model/cache_config.py). When a decode finds no free block the scheduler preempts the most recently
-admitted sequence; it recomputes later and its stream simply goes on (no token is sent twice).
+model/cache_config.py). When a decode finds no free block the scheduler evicts prefix-cached blocks,
+then preempts the most recently admitted sequence; it recomputes later and its stream simply goes on
+(no token is sent twice). A request whose prompt starts like an earlier one's restores that prefix from
+the prefix cache (cluster/engine/prefix_cache.py) and prefills only the rest; its outputs report the
+prompt tokens it did not run (`StepOutput.cached_tokens`).
 """
 
 from __future__ import annotations
@@ -89,7 +92,8 @@ class Engine:
                                             self.max_model_len)
         """KV blocks and state slots of the cache (ConfigError at start when the budget holds no sequence)."""
         self.scheduler = Scheduler(config, BlockManager(self.capacity.num_blocks, self.capacity.num_slots,
-                                                        self.capacity.block_size))
+                                                        self.capacity.block_size, self.capacity.num_snapshots,
+                                                        self.capacity.snapshot_every))
         self.runner = ModelRunner(head, experts, self.capacity, config)
         self.tokenizer = tokenizer
         self.vocab_size = head.config.vocab_size if tokenizer is None else min(len(tokenizer), head.config.vocab_size)
@@ -260,7 +264,10 @@ class Engine:
         return EngineStats(num_running=len(scheduler.running), num_waiting=len(scheduler.waiting), num_steps=num_steps,
                            blocks_used=blocks.num_used_blocks, blocks_total=blocks.num_blocks,
                            slots_used=blocks.num_used_slots, slots_total=blocks.num_slots,
-                           num_preemptions=scheduler.num_preemptions)
+                           num_preemptions=scheduler.num_preemptions, blocks_cached=blocks.num_cached_blocks,
+                           snapshots_used=blocks.cache.num_used_snapshots, snapshots_total=blocks.cache.num_snapshots,
+                           prefix_cache_queried_tokens=scheduler.prefix_queried_tokens,
+                           prefix_cache_hit_tokens=scheduler.prefix_hit_tokens)
 
     def _flush_outbox(self) -> None:
         outbox, self._outbox = self._outbox, []
@@ -328,4 +335,4 @@ class Engine:
     def _output(seq: SequenceState, token_ids: list[int], text: str, reason: FinishReason | None,
                 logprobs: list[TokenLogprobs] | None = None, stop_string: str | None = None) -> StepOutput:
         return StepOutput(seq.request_id, token_ids, text, reason, seq.num_prompt_tokens, len(seq.output_ids),
-                          logprobs, stop_string)
+                          logprobs, stop_string, seq.num_cached_prompt_tokens)

@@ -1,8 +1,10 @@
 """The head model over its pooled cache: one scheduled step (a `StepPlan`) in, logits out.
 
-    StepPlan --new blocks--> HybridCache.block_table (one write)
+    StepPlan --new and shared blocks--> HybridCache.block_table (one write each)
+             --restores--> snapshots into the admitted sequences' slots (prefix-cache hits)
              --sequences--> micro-batches of ForwardBatch (positions, slots, block rows)
              --> HeadModel.forward_micro_batches --> logits [B, V], rows in plan order
+             --saves--> slots' states into snapshots (sequences that reached a snapshot boundary)
 
 The runner allocates the cache once, at start, from the budget (`cache_capacity`); the scheduler decides
 which sequence holds which slot and blocks, and counts the tokens each has in the cache.
@@ -54,7 +56,8 @@ class ModelRunner:
         self.head, self.experts, self.config = head, experts, config
         device = head.lm_head.weight.device
         self.cache = HybridCache(head.config, capacity.num_slots, capacity.num_blocks, capacity.block_size,
-                                 capacity.max_blocks_per_seq, head.lm_head.weight.dtype, device)
+                                 capacity.max_blocks_per_seq, head.lm_head.weight.dtype, device,
+                                 capacity.num_snapshots)
         log.info("head cache: %s", capacity.describe())
 
     def run(self, plan: StepPlan) -> Tensor:
@@ -62,6 +65,11 @@ class ModelRunner:
         if plan.new_blocks:
             slots, indices, blocks = zip(*plan.new_blocks)
             self.cache.assign_blocks(slots, indices, blocks)
+        if plan.shared_blocks:
+            slots, indices, blocks = zip(*plan.shared_blocks)
+            self.cache.assign_blocks(slots, indices, blocks, zero=False)
+        if plan.restores:
+            self.cache.restore_states(*zip(*plan.restores))
         items = plan.scheduled
         inputs = [item.input_ids() for item in items]
         parts = []
@@ -72,4 +80,7 @@ class ModelRunner:
                                        [s.slot for s in seqs], self.cache)
             ids = torch.tensor([t for x in inputs[lo:hi] for t in x], dtype=torch.int64, device=self.cache.device)
             parts.append((ids, batch))
-        return self.head.forward_micro_batches(parts, self.experts)  # rows in plan order
+        logits = self.head.forward_micro_batches(parts, self.experts)  # rows in plan order
+        if plan.saves:
+            self.cache.save_states(*zip(*plan.saves))
+        return logits

@@ -13,7 +13,22 @@ takes a new block when its length crosses a block boundary. A preempted sequence
 and slot and goes first in line; readmitted, it prefills its prompt plus every token generated so far
 (recomputed, never sampled again), then samples its next token: its stream goes on where it stopped.
 A long prompt is cut into chunks of at most `prefill_chunk` tokens, so it never holds a step long
-enough to starve the decodes. Pure bookkeeping: no asyncio, no Ray, no tensors; the engine owns the
+enough to starve the decodes.
+
+Prefix cache (cluster/engine/prefix_cache.py), when the block manager has snapshots: admission looks up
+the longest prefix of the tokens to prefill whose blocks are cached and whose last block has a state
+snapshot, capped at (tokens - 1) rounded down to a block (the last token is always run: its logits give
+the next token); the sequence references those blocks, its slot gets the snapshot (StepPlan.restores),
+and it prefills the rest as continuing chunks. Snapshots of the DeltaNet state are taken after a step
+(StepPlan.saves) where a sequence's computed tokens reach
+
+    a multiple of `snapshot_every`   (prefill chunks end there)          -> published at once
+    the prefill's last full block    (one chunk ends there: one more step when it would not have)
+    any block boundary in decode     -> the sequence's "tail": one snapshot it holds and overwrites,
+                                        published when it finishes (not on abort) or is preempted
+
+so the next agent turn (prompt = previous prompt + output + new text) hits up to the last block
+boundary the previous turn computed. Full blocks are keyed as they fill, after their step. Pure bookkeeping: no asyncio, no Ray, no tensors; the engine owns the
 forward pass and calls `advance` and `finish` with what it produced.
 """
 
@@ -26,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nextserve.cluster.engine.block_manager import BlockManager
+from nextserve.cluster.engine.prefix_cache import BlockKey, block_key
 from nextserve.model.sampling import SamplingParams
 
 
@@ -97,7 +113,17 @@ class SequenceState:
     token generated so far. -1: the prompt (set at construction)."""
     slot: int | None = None
     block_ids: list[int] = field(default_factory=list)
-    """KV blocks holding tokens [i·bs, (i+1)·bs), in order."""
+    """KV blocks holding tokens [i·bs, (i+1)·bs), in order (full ones may be shared)."""
+    block_keys: list[BlockKey] = field(default_factory=list)
+    """Prefix-cache keys of the first full blocks of prompt + output (tokens that never change)."""
+    num_keyed_blocks: int = 0
+    """Of block_ids, the first ones already registered with the prefix cache (or hit there)."""
+    snapshot_id: int | None = None
+    """A state snapshot this sequence holds: being filled by its step, or its tail."""
+    snapshot_tokens: int = 0
+    """The tokens the held snapshot's state is after; 0: not filled yet."""
+    num_cached_prompt_tokens: int = 0
+    """Prompt tokens its (last) prefill of the prompt found in the prefix cache."""
 
     def __post_init__(self) -> None:
         if self.num_prefill_tokens < 0:
@@ -130,6 +156,10 @@ class ScheduledSeq:
     seq: SequenceState
     num_scheduled_tokens: int
     """New tokens this sequence brings to the step: a prefill chunk, or 1 for a decode."""
+    snapshot_id: int | None = None
+    """The snapshot its state is copied into after the step (StepPlan.saves), if any."""
+    publishes_snapshot: bool = False
+    """That snapshot is published once the step succeeded (else the sequence keeps it as its tail)."""
 
     @property
     def samples_token(self) -> bool:
@@ -151,6 +181,12 @@ class StepPlan:
     """(slot, index in its block table, block id) of every block handed out by this schedule."""
     preempted: tuple[SequenceState, ...] = ()
     """Sequences this schedule preempted (back in the waiting queue, first in line)."""
+    shared_blocks: tuple[tuple[int, int, int], ...] = ()
+    """(slot, index, block id) of every cached block a newly admitted sequence references (not zeroed)."""
+    restores: tuple[tuple[int, int], ...] = ()
+    """(snapshot, slot): copy the snapshot's DeltaNet states into the slot before the step."""
+    saves: tuple[tuple[int, int], ...] = ()
+    """(slot, snapshot): copy the slot's DeltaNet states into the snapshot after the step."""
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -170,6 +206,10 @@ class Scheduler:
         """In admission order: the last one is preempted first."""
         self.num_preemptions = 0
         """Preemptions since start."""
+        self.prefix_queried_tokens = 0
+        """Tokens to prefill looked up in the prefix cache at admissions since start (readmissions too)."""
+        self.prefix_hit_tokens = 0
+        """Of those, tokens found (not run)."""
         self._by_id: dict[str, SequenceState] = {}
         self._abort_ids: set[str] = set()
 
@@ -199,11 +239,13 @@ class Scheduler:
         budget = self.config.max_tokens_per_step
         scheduled: list[ScheduledSeq] = []
         new_blocks: list[tuple[int, int, int]] = []
+        shared_blocks: list[tuple[int, int, int]] = []
+        restores: list[tuple[int, int]] = []
         preempted: list[SequenceState] = []
         for seq in list(self.running):  # decodes first: one token each, always within budget (see config)
             if seq.status is SequenceStatus.RUNNING and not seq.is_prefilling \
                     and self._grow(seq, seq.num_computed_tokens + 1, new_blocks, preempted):
-                scheduled.append(ScheduledSeq(seq, 1))
+                scheduled.append(self._with_snapshot(seq, 1))
                 budget -= 1
         for seq in self.running:  # their blocks were taken at admission
             if seq.is_prefilling and budget > 0:
@@ -211,32 +253,52 @@ class Scheduler:
                 budget -= scheduled[-1].num_scheduled_tokens
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]  # FCFS: the head of the queue always gets in first, or no one does
-            if not self.blocks.can_allocate(self.blocks.blocks_for(seq.num_prefill_tokens), slot=True):
+            hit_blocks, snapshot = self._lookup(seq)
+            need = self.blocks.blocks_for(seq.num_prefill_tokens) - len(hit_blocks)
+            if not self.blocks.can_allocate(need, slot=True, reusing=hit_blocks):
                 break
             self.waiting.popleft()
             seq.slot = self.blocks.allocate_slot()
+            self._reference(seq, hit_blocks, snapshot, shared_blocks, restores)
             self._grow(seq, seq.num_prefill_tokens, new_blocks, preempted)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(self._chunk(seq, budget))
             budget -= scheduled[-1].num_scheduled_tokens
-        return StepPlan(tuple(scheduled), tuple(aborted), tuple(new_blocks), tuple(preempted))
+        saves = tuple((item.seq.slot, item.snapshot_id) for item in scheduled if item.snapshot_id is not None)
+        return StepPlan(tuple(scheduled), tuple(aborted), tuple(new_blocks), tuple(preempted), tuple(shared_blocks),
+                        tuple(restores), saves)  # type: ignore[arg-type]
 
     def advance(self, item: ScheduledSeq, token_id: int | None) -> None:
-        """Record a finished step for one sequence: the tokens it ran, the token it sampled."""
-        item.seq.num_computed_tokens += item.num_scheduled_tokens
+        """Record a finished step for one sequence: the tokens it ran, the token it sampled; key the
+        blocks it filled and publish the snapshot it took."""
+        seq = item.seq
+        seq.num_computed_tokens += item.num_scheduled_tokens
         if token_id is not None:
-            item.seq.output_ids.append(token_id)
+            seq.output_ids.append(token_id)
+        if not self.blocks.is_prefix_caching:
+            return
+        num_full = seq.num_computed_tokens // self.blocks.block_size
+        keys = self._keys(seq, num_full)
+        for i in range(seq.num_keyed_blocks, num_full):
+            self.blocks.cache.register(seq.block_ids[i], keys[i])
+        seq.num_keyed_blocks = max(seq.num_keyed_blocks, num_full)
+        if item.snapshot_id is not None:
+            seq.snapshot_tokens = seq.num_computed_tokens
+            if item.publishes_snapshot:
+                self.blocks.cache.publish_snapshot(item.snapshot_id, keys[num_full - 1])
+                seq.snapshot_id, seq.snapshot_tokens = None, 0
 
     def finish(self, seq: SequenceState, reason: FinishReason) -> None:
-        """Leave the batch now, giving back its blocks and slot."""
+        """Leave the batch now, giving back its blocks and slot (and publishing its tail snapshot, unless
+        aborted: a failed step may have left it half written)."""
         if seq.is_finished:
             return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
-        self._free(seq)
+        self._free(seq, publish=reason is not FinishReason.ABORT)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         del self._by_id[seq.request_id]
         self._abort_ids.discard(seq.request_id)
@@ -259,24 +321,93 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: SequenceState) -> None:
-        """Back to the head of the queue without blocks or slot, to recompute prompt + output."""
+        """Back to the head of the queue without blocks or slot, to recompute prompt + output (from the
+        prefix cache as far as its blocks and tail snapshot survive there)."""
         self.running.remove(seq)
-        self._free(seq)
+        self._free(seq, publish=True)
         seq.num_computed_tokens = 0
         seq.num_prefill_tokens = seq.num_prompt_tokens + len(seq.output_ids)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def _free(self, seq: SequenceState) -> None:
+    def _free(self, seq: SequenceState, publish: bool) -> None:
         if seq.slot is not None:
-            self.blocks.free_blocks(seq.block_ids)
+            self.blocks.free_blocks(seq.block_ids[::-1])  # leaves first: the root is evicted last
             self.blocks.free_slot(seq.slot)
-        seq.slot, seq.block_ids = None, []
+        if seq.snapshot_id is not None:
+            if publish and seq.snapshot_tokens:
+                key = self._keys(seq, seq.snapshot_tokens // self.blocks.block_size)[-1]
+                self.blocks.cache.publish_snapshot(seq.snapshot_id, key)
+            else:
+                self.blocks.cache.free_snapshot(seq.snapshot_id)
+        seq.slot, seq.block_ids, seq.num_keyed_blocks = None, [], 0
+        seq.snapshot_id, seq.snapshot_tokens = None, 0
+
+    def _keys(self, seq: SequenceState, num_blocks: int) -> list[BlockKey]:
+        """The keys of seq's first num_blocks full blocks (computed once, kept on the sequence)."""
+        keys, bs = seq.block_keys, self.blocks.block_size
+        for i in range(len(keys), num_blocks):
+            keys.append(block_key(keys[i - 1] if i else None, seq.token_ids(i * bs, (i + 1) * bs)))
+        return keys[:num_blocks]
+
+    def _lookup(self, seq: SequenceState) -> tuple[list[int], int | None]:
+        """The longest cached prefix of seq's tokens to prefill with a snapshot at its end: its blocks
+        and the snapshot, or ([], None)."""
+        if not self.blocks.is_prefix_caching:
+            return [], None
+        keys = self._keys(seq, (seq.num_prefill_tokens - 1) // self.blocks.block_size)
+        blocks = self.blocks.cache.match(keys)
+        for n in range(len(blocks), 0, -1):
+            snapshot = self.blocks.cache.snapshot_for(keys[n - 1])
+            if snapshot is not None:
+                return blocks[:n], snapshot
+        return [], None
+
+    def _reference(self, seq: SequenceState, hit_blocks: list[int], snapshot: int | None,
+                   shared_blocks: list[tuple[int, int, int]], restores: list[tuple[int, int]]) -> None:
+        """A newly admitted seq starts after its prefix-cache hit: the hit blocks referenced in its
+        table, the snapshot restored into its slot."""
+        assert seq.slot is not None and not seq.block_ids
+        num_hit = len(hit_blocks) * self.blocks.block_size
+        self.prefix_queried_tokens += seq.num_prefill_tokens
+        self.prefix_hit_tokens += num_hit
+        if not seq.output_ids:
+            seq.num_cached_prompt_tokens = num_hit
+        if snapshot is None:
+            return
+        self.blocks.cache.acquire(hit_blocks)
+        shared_blocks.extend((seq.slot, i, block) for i, block in enumerate(hit_blocks))
+        seq.block_ids, seq.num_keyed_blocks, seq.num_computed_tokens = list(hit_blocks), len(hit_blocks), num_hit
+        restores.append((snapshot, seq.slot))
 
     def _chunk(self, seq: SequenceState, budget: int) -> ScheduledSeq:
-        left = seq.num_prefill_tokens - seq.num_computed_tokens
-        return ScheduledSeq(seq, min(left, self.config.prefill_chunk, budget))
+        """The next prefill chunk, ending at the next snapshot boundary when one comes before its end."""
+        start = seq.num_computed_tokens
+        end = start + min(seq.num_prefill_tokens - start, self.config.prefill_chunk, budget)
+        if self.blocks.is_prefix_caching:
+            every, bs = self.blocks.snapshot_every, self.blocks.block_size
+            # the last full block of the prefill too: its tail, at the cost of one more chunk when the
+            # prefill's last block boundary falls inside what would have been its last chunk
+            points = ((start // every + 1) * every, seq.num_prefill_tokens // bs * bs)
+            end = min([end] + [p for p in points if start < p < end])
+        return self._with_snapshot(seq, end - start)
+
+    def _with_snapshot(self, seq: SequenceState, n: int) -> ScheduledSeq:
+        """seq running n tokens, with a snapshot to take after the step when they end on a boundary
+        worth one (module docstring): into the snapshot seq holds, else a new one."""
+        end, every, bs = seq.num_computed_tokens + n, self.blocks.snapshot_every, self.blocks.block_size
+        if not self.blocks.is_prefix_caching or end % bs:
+            return ScheduledSeq(seq, n)
+        publishes = end % every == 0
+        is_point = publishes or n == 1 or (seq.is_prefilling and end == seq.num_prefill_tokens // bs * bs)
+        if not is_point or self.blocks.cache.has_snapshot(self._keys(seq, end // bs)[-1]):
+            return ScheduledSeq(seq, n)
+        if seq.snapshot_id is None:
+            seq.snapshot_id, seq.snapshot_tokens = self.blocks.cache.take_snapshot(is_tail=not publishes), 0
+            if seq.snapshot_id is None:
+                return ScheduledSeq(seq, n)
+        return ScheduledSeq(seq, n, seq.snapshot_id, publishes)
 
     def _drop_aborted(self) -> list[SequenceState]:
         aborted = [self._by_id[i] for i in self._abort_ids if i in self._by_id]

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 LOAD_FIELDS = ("num_running", "num_waiting", "blocks_used", "blocks_total", "slots_used", "slots_total",
-               "num_preemptions")
+               "num_preemptions", "blocks_cached", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens")
 """The fields a head publishes with its heartbeat and the gateway sums over heads."""
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +39,17 @@ class EngineStats:
     """State slots of the cache: the most sequences that can run at once."""
     num_preemptions: int = 0
     """Sequences preempted (blocks taken back, recomputed later) since this head started."""
+    blocks_cached: int = 0
+    """KV blocks no running sequence holds, kept for the prefix cache (evicted when blocks run out):
+    blocks_used + blocks_cached + free blocks = blocks_total."""
+    snapshots_used: int = 0
+    """Prefix-cache state snapshots holding a state now."""
+    snapshots_total: int = 0
+    """Snapshots of the cache (its budget's share, fixed at start; 0 without a prefix cache)."""
+    prefix_cache_queried_tokens: int = 0
+    """Tokens to prefill that admissions looked up in the prefix cache since start (readmissions too)."""
+    prefix_cache_hit_tokens: int = 0
+    """Of those, tokens found there and not run."""
 
     def load_fields(self) -> dict[str, int]:
         """The load fields, for the head's registry entry."""
