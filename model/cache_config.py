@@ -107,6 +107,16 @@ class CacheCapacity:
                 f"{self.total_bytes / MiB:.1f} MiB")
 
 
+def snapshot_count(sizes: ModelSizes, cache: CacheConfig) -> int:
+    """The prefix cache's state snapshots in `cache`'s budget: its share, leaving room for one sequence."""
+    bytes_per_block = cache.block_size * sizes.kv_bytes_per_token
+    bytes_per_slot, budget = sizes.deltanet_state_bytes_per_sequence, cache.cache_memory_bytes
+    if not cache.enable_prefix_cache or not bytes_per_slot:
+        return 0
+    return max(0, min(int(budget * cache.prefix_snapshot_memory_fraction) // bytes_per_slot,
+                      (budget - bytes_per_block - bytes_per_slot) // bytes_per_slot))
+
+
 def cache_capacity(sizes: ModelSizes, cache: CacheConfig, max_num_seqs: int, max_model_len: int) -> CacheCapacity:
     """KV blocks and state slots that `cache.cache_memory_bytes` buys (see the module docstring)."""
     budget, bs = cache.cache_memory_bytes, cache.block_size
@@ -116,11 +126,8 @@ def cache_capacity(sizes: ModelSizes, cache: CacheConfig, max_num_seqs: int, max
         raise CacheConfigError(f"a cache of {budget:,} B cannot hold one sequence: one state slot is "
                                f"{bytes_per_slot:,} B and one KV block of {bs} tokens {bytes_per_block:,} B; "
                                f"raise --cache-memory to at least {bytes_per_slot + bytes_per_block:,} B")
-    num_snapshots = 0
-    if cache.enable_prefix_cache and bytes_per_slot:  # what the rest leaves for one sequence, at most
-        num_snapshots = min(int(budget * cache.prefix_snapshot_memory_fraction) // bytes_per_slot,
-                            (budget - bytes_per_block - bytes_per_slot) // bytes_per_slot)
-        budget -= num_snapshots * bytes_per_slot
+    num_snapshots = snapshot_count(sizes, cache)
+    budget -= num_snapshots * bytes_per_slot
     blocks_per_seq = -(-max_model_len // bs)
     kv_reserve = min(blocks_per_seq * bytes_per_block, budget // 2)
     # max(..., 1): a model without DeltaNet layers has 0-byte slots, then the count is max_num_seqs.

@@ -8,13 +8,13 @@ workers (one GPU each), M = head replicas (one GPU each), k = top-k, H = hidden 
     experts   N = smallest N >= R with ceil(E * R / N) * L * bytes_per_expert <= usable
               max_experts_per_worker = (usable // bytes_per_expert): what a worker may hold at any moment,
               so a live scale or rebalance moves in waves within it (cluster/control/reshard.py)
-    heads     per_sequence = kv_bytes_per_token * block_size * ceil(context / block_size)
+    heads     cache_memory = usable - head_weights: each head's --cache-memory, of which the prefix cache's
+                             snapshot pool takes its share (snapshot_count, model/cache_config.py)
+              per_sequence = kv_bytes_per_token * block_size * ceil(context / block_size)
                              + deltanet_state_bytes_per_sequence
-              seqs = (usable - head_weights) // per_sequence;   M = ceil(concurrency / seqs)
-              cache_memory = seqs * per_sequence: each head's --cache-memory, which the engine turns into
-              KV blocks and state slots with the same `cache_capacity` (model/cache_config.py), planned
-              without the prefix cache's snapshot pool: TODO(issue-14) reserve its share here, a head
-              given this budget with the prefix cache on holds ~20% fewer sequences than planned
+              seqs = (cache_memory - snapshots * state_bytes) // per_sequence;   M = ceil(concurrency / seqs)
+              the engine turns cache_memory into KV blocks, seqs state slots and the snapshots with the
+              same `cache_capacity`, given max_num_seqs = seqs
     dispatch  L * min(k, N) * H * dtype_bytes * 2 per token (each distinct worker once, out and back)
     host      what the process holds on its GPU + HOST_OVERHEAD_BYTES, rounded up to GiB
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from nextserve.model.cache_config import CacheConfig, cache_capacity
+from nextserve.model.cache_config import CacheConfig, cache_capacity, snapshot_count
 from nextserve.model.config import ConfigError, Qwen3NextConfig
 from nextserve.model.sizes import ModelSizes
 
@@ -91,6 +91,7 @@ class CapacityPlan:
     cache_block_size: int
     cache_num_blocks: int
     cache_num_slots: int
+    cache_num_snapshots: int
     """What the head's engine allocates from cache_memory_bytes_per_head (the same cache_capacity call)."""
     concurrency: int
     num_head_replicas: int
@@ -130,13 +131,14 @@ def plan_capacity(config: Qwen3NextConfig, sizes: ModelSizes, gpu: GpuSpec, *, c
     per_worker = _ceil_div(num_experts * expert_replicas, num_workers)
     kv = sizes.kv_bytes_per_token * block_size * _ceil_div(context_tokens, block_size)
     per_sequence = kv + sizes.deltanet_state_bytes_per_sequence
-    max_seqs = (usable - sizes.bytes_per_head_replica) // per_sequence
+    cache_memory = usable - sizes.bytes_per_head_replica
+    snapshots = snapshot_count(sizes, CacheConfig(max(cache_memory, 1), block_size))
+    max_seqs = (cache_memory - snapshots * sizes.deltanet_state_bytes_per_sequence) // per_sequence
     if max_seqs < 1:
         raise CapacityError(f"a head replica on {gpu.name} has {usable:,} B usable: head weights "
                             f"{sizes.bytes_per_head_replica:,} B + one sequence of {context_tokens:,} tokens "
                             f"({per_sequence:,} B) do not fit; lower --context or pick a larger GPU")
-    cache = cache_capacity(sizes, CacheConfig(max_seqs * per_sequence, block_size, enable_prefix_cache=False),
-                           max_seqs, context_tokens)
+    cache = cache_capacity(sizes, CacheConfig(cache_memory, block_size), max_seqs, context_tokens)
     dispatch_per_worker = num_layers * config.hidden_size * sizes.dtype_bytes * 2
     return CapacityPlan(
         gpu=gpu.name, gpu_total_bytes=gpu.total_bytes, reserve_percent=reserve_percent,
@@ -146,11 +148,12 @@ def plan_capacity(config: Qwen3NextConfig, sizes: ModelSizes, gpu: GpuSpec, *, c
         bytes_per_expert_worker=per_worker * bytes_per_expert_row, head_weight_bytes=sizes.bytes_per_head_replica,
         context_tokens=context_tokens, kv_bytes_per_sequence=kv,
         deltanet_state_bytes_per_sequence=sizes.deltanet_state_bytes_per_sequence, bytes_per_sequence=per_sequence,
-        max_sequences_per_head=max_seqs, cache_memory_bytes_per_head=max_seqs * per_sequence,
+        max_sequences_per_head=max_seqs, cache_memory_bytes_per_head=cache_memory,
         cache_block_size=block_size, cache_num_blocks=cache.num_blocks, cache_num_slots=cache.num_slots,
+        cache_num_snapshots=cache.num_snapshots,
         concurrency=concurrency, num_head_replicas=_ceil_div(concurrency, max_seqs),
         dispatch_bytes_per_token_deduped=dispatch_per_worker * min(config.num_experts_per_tok, num_workers),
         host_memory_bytes_expert=_round_up_gib(per_worker * bytes_per_expert_row + HOST_OVERHEAD_BYTES),
-        host_memory_bytes_head=_round_up_gib(sizes.bytes_per_head_replica + max_seqs * per_sequence
+        host_memory_bytes_head=_round_up_gib(sizes.bytes_per_head_replica + cache_memory
                                              + HOST_OVERHEAD_BYTES),
     )

@@ -156,20 +156,25 @@ def test_memory_sizes_parse_with_units() -> None:
 
 
 def test_the_planned_cache_is_the_cache_a_head_allocates(small: Model) -> None:
-    """`nextserve plan` sizes a head's --cache-memory for its sequences at full context; a head given
-    that budget (and the planned max_num_seqs) allocates the planned blocks and slots, and every
-    planned sequence fits at full context at once."""
+    """`nextserve plan` gives a head all the memory its weights leave as --cache-memory, the prefix cache's
+    snapshots their share of it, and the rest to sequences at full context; a head given that budget (and
+    the planned max_num_seqs) allocates the planned blocks, slots and snapshots, and every planned
+    sequence fits at full context at once."""
     head, experts = small
     sizes, context = model_sizes(head.config, torch.float32), 200
     per_sequence = sizes.kv_bytes_per_token * 16 * 13 + sizes.deltanet_state_bytes_per_sequence  # 13 blocks
-    gpu = GpuSpec("test", sizes.bytes_per_head_replica + 3 * per_sequence + per_sequence // 2, "test")
+    gpu = GpuSpec("test", sizes.bytes_per_head_replica + 4 * per_sequence, "test")
     plan = plan_capacity(head.config, sizes, gpu, concurrency=8, context_tokens=context, reserve_percent=0)
-    assert plan.max_sequences_per_head == 3 and plan.num_head_replicas == 3
+    snapshots = int(4 * per_sequence * 0.2) // sizes.deltanet_state_bytes_per_sequence
+    assert plan.cache_num_snapshots == snapshots >= 1
+    seqs = (4 * per_sequence - snapshots * sizes.deltanet_state_bytes_per_sequence) // per_sequence
+    assert plan.max_sequences_per_head == seqs == 3 and plan.num_head_replicas == 3
     engine = Engine(head, experts, None, SchedulerConfig(max_num_seqs=plan.max_sequences_per_head), context,
-                    CacheConfig(plan.cache_memory_bytes_per_head, plan.cache_block_size,
-                                enable_prefix_cache=False))  # TODO(issue-14): the planner's snapshot share
+                    CacheConfig(plan.cache_memory_bytes_per_head, plan.cache_block_size))
     try:
-        assert (engine.capacity.num_slots, engine.capacity.num_blocks) == (plan.cache_num_slots, plan.cache_num_blocks)
+        capacity = engine.capacity
+        assert (capacity.num_slots, capacity.num_blocks, capacity.num_snapshots) == \
+            (plan.cache_num_slots, plan.cache_num_blocks, plan.cache_num_snapshots)
         assert plan.cache_num_slots == 3 and plan.cache_num_blocks * 16 >= 3 * context
         outs = engine.generate_sync([_prompt(context - 4, 320, seed=s) for s in range(3)],
                                     [SamplingParams(max_tokens=4, ignore_eos=True)] * 3)

@@ -47,9 +47,13 @@ def test_h100_plan_by_hand() -> None:
     assert plan.bytes_per_expert_worker == 171 * ROW_BYTES == 51_640_270_848
     assert plan.kv_bytes_per_sequence == 24_576 * 32_768 == 805_306_368
     assert plan.bytes_per_sequence == 805_306_368 + 77_856_768 == 883_163_136
-    # (76,968,728,985 − 4,729,959,936) = 72,238,769,049; 81 × 883,163,136 = 71,536,214,016 fits, 82 × does not
-    assert plan.max_sequences_per_head == 81
-    assert plan.num_head_replicas == 4  # ceil(256 / 81)
+    # cache_memory = 76,968,728,985 − 4,729,959,936 = 72,238,769,049; the prefix cache's 20 % share,
+    # 14,447,753,809 B, holds 185 snapshots of 77,856,768 B (14,403,502,080 B); the rest, 57,835,266,969 B,
+    # holds 65 sequences of 883,163,136 B (57,405,603,840 B; 66 would be 58,288,766,976)
+    assert plan.cache_memory_bytes_per_head == 72_238_769_049 and plan.cache_num_snapshots == 185
+    assert plan.max_sequences_per_head == plan.cache_num_slots == 65
+    assert plan.cache_num_blocks == 65 * 2048  # each slot's 32,768 tokens in blocks of 16
+    assert plan.num_head_replicas == 4  # ceil(256 / 65)
     assert plan.dispatch_bytes_per_token_deduped == 48 * 3 * 2048 * 2 * 2 == 1_179_648
     assert SIZES.dispatch_bytes_per_token == 48 * 10 * 2048 * 2 * 2 == 3_932_160  # no dedup
     assert plan.host_memory_bytes_expert == 57 * GiB  # 51,640,270,848 + 8 GiB = 56.09 GiB, rounded up
@@ -61,8 +65,10 @@ def test_h200_and_a100_plans_by_hand() -> None:
     assert h200.max_experts_per_layer_per_worker == 449  # 449 × 301,989,888 = 135,593,459,712
     assert (h200.num_expert_workers, h200.experts_per_layer_per_worker) == (2, 256)
     assert h200.bytes_per_expert_worker == 72 * GiB
-    assert h200.max_sequences_per_head == 148  # 130,949,378,150 // 883,163,136
-    assert h200.num_head_replicas == 2
+    # 130,949,378,150 B of cache: 336 snapshots (26,159,874,048 B, within 20 %), then the rest
+    # 104,789,504,102 // 883,163,136 = 118 sequences
+    assert (h200.cache_num_snapshots, h200.max_sequences_per_head) == (336, 118)
+    assert h200.num_head_replicas == 3
     a100 = plan_capacity(CONFIG, SIZES, GPUS["a100-80gb"], concurrency=1, context_tokens=1)
     assert a100.usable_bytes_per_gpu == 72 * GiB == 256 * ROW_BYTES  # exactly two workers' worth
     assert (a100.num_expert_workers, a100.bytes_per_expert_worker) == (2, 72 * GiB)
@@ -102,7 +108,7 @@ def test_plan_json_with_a_gpu_adds_the_capacity(capsys: pytest.CaptureFixture[st
     assert main(["plan", "--gpu", "h200", "--concurrency", "256", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["bytes_all_routed_experts"] == 154_618_822_656
-    assert (out["capacity"]["num_expert_workers"], out["capacity"]["num_head_replicas"]) == (2, 2)
+    assert (out["capacity"]["num_expert_workers"], out["capacity"]["num_head_replicas"]) == (2, 3)
 
 
 def test_emit_overlay_needs_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:

@@ -48,11 +48,12 @@ def _arithmetic(plan: CapacityPlan, config: Qwen3NextConfig, sizes: ModelSizes) 
         f"{sizes.kv_bytes_per_token:,} B x {plan.cache_block_size} x ceil({plan.context_tokens:,} / "
         f"{plan.cache_block_size}) = {plan.kv_bytes_per_sequence:,} B",
         f"  + DeltaNet state {plan.deltanet_state_bytes_per_sequence:,} B = {plan.bytes_per_sequence:,} B",
-        f"  -> ({plan.usable_bytes_per_gpu:,} - {plan.head_weight_bytes:,}) // {plan.bytes_per_sequence:,} = "
-        f"{plan.max_sequences_per_head} sequences per head replica (max_num_seqs)",
-        f"  -> cache_memory {plan.max_sequences_per_head} x {plan.bytes_per_sequence:,} = "
-        f"{plan.cache_memory_bytes_per_head:,} B: {plan.cache_num_blocks:,} KV blocks of {plan.cache_block_size} "
-        f"tokens + {plan.cache_num_slots} state slots",
+        f"  cache_memory = {plan.usable_bytes_per_gpu:,} - {plan.head_weight_bytes:,} = "
+        f"{plan.cache_memory_bytes_per_head:,} B, of which {plan.cache_num_snapshots} prefix-cache snapshots x "
+        f"{plan.deltanet_state_bytes_per_sequence:,} B (its share)",
+        f"  -> the rest // {plan.bytes_per_sequence:,} = {plan.max_sequences_per_head} sequences per head replica "
+        f"(max_num_seqs): {plan.cache_num_blocks:,} KV blocks of {plan.cache_block_size} tokens + "
+        f"{plan.cache_num_slots} state slots",
         f"  -> concurrency {plan.concurrency} needs M = ceil({plan.concurrency} / {plan.max_sequences_per_head}) = "
         f"{plan.num_head_replicas} head replicas.",
         f"Dispatch: {L} layers x min({k}, {N}) workers x {H} x {nbytes} B x 2 = "
