@@ -195,3 +195,51 @@ def test_restarting_redis_does_not_stop_serving(up: UpProcess) -> None:
              "workers and placement to be written back to the new Redis")
     assert up.status()["spec"]["num_workers"] == WORKERS
     assert _complete(up) == want
+
+
+def _first_token_s(client: openai.OpenAI, prompt: list[int], max_tokens: int) -> tuple[float, str, int]:
+    """A streamed greedy completion: (seconds to its first token, its text, usage's cached_tokens)."""
+    start, first, text, cached = time.monotonic(), None, [], -1
+    for chunk in client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                           stream=True, stream_options={"include_usage": True},
+                                           extra_body={"ignore_eos": True}):
+        if chunk.choices and chunk.choices[0].text and first is None:
+            first = time.monotonic() - start
+        text += [c.text for c in chunk.choices]
+        if chunk.usage is not None:
+            cached = chunk.usage.prompt_tokens_details.cached_tokens
+    assert first is not None
+    return first, "".join(text), cached
+
+
+def test_a_shared_prefix_is_served_from_the_cache(up: UpProcess, reference: tuple) -> None:
+    """Requests sharing a 2,600-token prefix with different suffixes: the later ones report the prefix as
+    cached_tokens (OpenAI and Anthropic), stream their first token sooner than a cold request of the same
+    length, and produce transformers' greedy tokens all the same."""
+    model, tok = reference
+    g = torch.Generator().manual_seed(21)
+    prefix = torch.randint(3, len(tok) - 64, (2600,), generator=g).tolist()  # ids below the tokenizer's
+    client = openai.OpenAI(base_url=f"{up.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+    first = prefix + [100, 101, 102]
+    cold_s, _, cold_cached = _first_token_s(client, first, 4)
+    assert cold_cached == 0
+    hits, colds = [], []
+    for i in range(3):
+        suffix = [200 + i, 300 + i, 400 + i, 500 + i]
+        hit_s, text, cached = _first_token_s(client, prefix + suffix, 8)
+        assert cached >= 0.9 * len(prefix), cached  # to its last snapshot: every 256 tokens (2,560)
+        assert text == _hf_text(reference, prefix + suffix, 8).rstrip("\ufffd")  # a cut UTF-8 tail is held back
+        other = torch.randint(3, len(tok) - 64, (2604,), generator=g).tolist()  # same length, nothing shared
+        miss_s, _, miss_cached = _first_token_s(client, other, 1)
+        assert miss_cached == 0
+        hits.append(hit_s)
+        colds.append(miss_s)
+    print(f"TTFT, 2,604-token prompts: cold {sorted(colds)} s, sharing 2,600 tokens {sorted(hits)} s")
+    assert sorted(hits)[1] < sorted(colds)[1]  # medians of three: the hit skips the prefix's prefill
+    reply = httpx.post(f"{up.base_url}/v1/messages", timeout=300, json={
+        "model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": tok.decode(prefix[:600])}]})
+    again = httpx.post(f"{up.base_url}/v1/messages", timeout=300, json={
+        "model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": tok.decode(prefix[:600]) + " x"}]})
+    usage, before = again.json()["usage"], reply.json()["usage"]
+    assert before["cache_read_input_tokens"] == 0 and usage["cache_read_input_tokens"] > 0
+    assert usage["input_tokens"] + usage["cache_read_input_tokens"] > before["input_tokens"]

@@ -206,7 +206,9 @@ def test_error_body_shape() -> None:
 
 def test_response_bodies() -> None:
     usage = Usage(3, 4)
-    assert usage.as_dict() == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert usage.as_dict() == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                               "prompt_tokens_details": {"cached_tokens": 0}}
+    assert Usage(40, 4, 32).as_dict()["prompt_tokens_details"] == {"cached_tokens": 32}
     h = ResponseHeader(Endpoint.COMPLETIONS, "cmpl-1", 100, "m")
     body = response_body(h, [choice_body(h.endpoint, 0, "out", None, "length", None)], usage)
     assert body == {"id": "cmpl-1", "object": "text_completion", "created": 100, "model": "m",

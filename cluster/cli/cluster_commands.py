@@ -42,6 +42,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                   micro_batches=args.micro_batches, head_num_gpus=args.head_gpus,
                   max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                   cache_memory=args.cache_memory, block_size=args.block_size,
+                  enable_prefix_cache=not args.no_prefix_cache, prefix_snapshot_every=args.prefix_snapshot_every,
                   max_experts_per_worker=args.max_experts_per_worker,
                   admin_token=secrets.token_urlsafe(32))  # fresh per `up`: what LoadExperts/DropExperts need
     return run_up(UpOptions(app=app, host=args.host, port=args.port, ray_address=os.environ.get("RAY_ADDRESS"),
@@ -92,7 +93,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"head {h['id']}  pid {h['pid']}  epoch {h.get('epoch', '-')}  running {h.get('num_running', 0)}  "
               f"waiting {h.get('num_waiting', 0)}  blocks {h.get('blocks_used', 0)}/{h.get('blocks_total', '-')}  "
               f"slots {h.get('slots_used', 0)}/{h.get('slots_total', '-')}  "
-              f"preemptions {h.get('num_preemptions', 0)}  {'alive' if h['alive'] else 'DEAD'}")
+              f"preemptions {h.get('num_preemptions', 0)}  cached blocks {h.get('blocks_cached', 0)}  "
+              f"prefix hits {h.get('prefix_cache_hit_tokens', 0)}/{h.get('prefix_cache_queried_tokens', 0)} tokens  "
+              f"{'alive' if h['alive'] else 'DEAD'}")
     return 0
 
 
@@ -175,6 +178,10 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
                    help="each head's KV + DeltaNet state budget: a size (512MiB, 40GiB) or, on a GPU head, a "
                         "fraction of the memory left after the weights (0.9)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not keep KV blocks and DeltaNet state snapshots for prompts that share a prefix")
+    p.add_argument("--prefix-snapshot-every", type=int, default=256,
+                   help="tokens between the prefix cache's state snapshots in a prefill (a multiple of --block-size)")
     p.add_argument("--micro-batches", type=int, default=1,
                    help="ping-pong micro-batches per head step (2 overlaps head math with the expert round)")
     p.add_argument("--head-gpus", type=float, default=0.0, help="GPUs per head replica (0: heads on CPU)")

@@ -76,14 +76,15 @@ class AnthropicApi:
         parsed = parse_tool_calls(chat.choice.forced_prefix + "".join(text), chat.tool_schemas,
                                   max_calls=None if chat.choice.parallel else 1)
         stop_reason = stop_reason_for(last.finish_reason, bool(parsed.tool_calls), last.stop_string)
-        usage = MessageUsage.from_prompt(choices.prompt_tokens, last.completion_tokens)
+        usage = MessageUsage.from_prompt(choices.prompt_tokens, last.completion_tokens, choices.cached_tokens)
         return JSONResponse(message_response(message_id, self.model_name, parsed, stop_reason, usage,
                                              last.stop_string if stop_reason == "stop_sequence" else None))
 
     async def _events(self, choices: Choices, chat: ChatPrompt, message_id: str) -> AsyncIterator[str]:
         stream = MessagesStream()
         parser = ToolCallParser(chat.tool_schemas, max_calls=None if chat.choice.parallel else 1)
-        yield stream.start(message_id, self.model_name, choices.prompt_tokens)
+        yield stream.start(message_id, self.model_name, choices.prompt_tokens - choices.cached_tokens,
+                           choices.cached_tokens)
         yield stream.ping()
         pending = parser.feed(chat.choice.forced_prefix)
         try:

@@ -76,6 +76,8 @@ class Choices:
                  trackers: list[RequestTracker]) -> None:
         self.firsts, self.streams, self.trackers = firsts, streams, trackers
         self.prompt_tokens = firsts[0].prompt_tokens
+        self.cached_tokens = firsts[0].cached_tokens
+        """Of the prompt, the tokens the head served from its prefix cache (the first choice's)."""
 
     @property
     def n(self) -> int:

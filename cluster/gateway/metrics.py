@@ -50,10 +50,16 @@ class GatewayMetrics:
                                       "sequences", registry=r)
         self.cache_slots_total = Gauge(f"{PREFIX}_cache_slots_total", "DeltaNet state slots of the heads' budgets",
                                        registry=r)
+        self.cache_blocks_cached = Gauge(f"{PREFIX}_cache_blocks_cached", "KV cache blocks no sequence holds, kept "
+                                         "for the prefix cache (evicted first when blocks run out)", registry=r)
         self.preemptions = Counter(f"{PREFIX}_num_preemptions", "Sequences preempted for want of cache blocks "
                                    "(recomputed later)", registry=r)
-        self._preemptions_seen = 0
-        """The heads' summed preemption count at the previous scrape: the counter grows by the difference
+        self.prefix_cache_queries = Counter(f"{PREFIX}_prefix_cache_queries", "Prompt tokens looked up in the "
+                                            "heads' prefix caches (hit rate = hits / queries)", registry=r)
+        self.prefix_cache_hits = Counter(f"{PREFIX}_prefix_cache_hits", "Prompt tokens served from the heads' "
+                                         "prefix caches instead of prefilled", registry=r)
+        self._totals_seen: dict[str, int] = {}
+        """The heads' summed cumulative counts at the previous scrape: each counter grows by the difference
         (a head that restarts or leaves lowers the sum; the counter then resumes from the new value)."""
         self.dispatch_latency = Histogram(f"{PREFIX}_dispatch_latency_seconds", "Latency of one MoE dispatch "
                                           "round, per layer", ["layer"], buckets=DISPATCH_BUCKETS_S, registry=r)
@@ -67,8 +73,13 @@ class GatewayMetrics:
         self.cache_blocks_total.set(stats.blocks_total)
         self.cache_slots_used.set(stats.slots_used)
         self.cache_slots_total.set(stats.slots_total)
-        self.preemptions.inc(max(0, stats.num_preemptions - self._preemptions_seen))
-        self._preemptions_seen = stats.num_preemptions
+        self.cache_blocks_cached.set(stats.blocks_cached)
+        for counter, name in ((self.preemptions, "num_preemptions"),
+                              (self.prefix_cache_queries, "prefix_cache_queried_tokens"),
+                              (self.prefix_cache_hits, "prefix_cache_hit_tokens")):
+            total = getattr(stats, name)
+            counter.inc(max(0, total - self._totals_seen.get(name, 0)))
+            self._totals_seen[name] = total
         for layer, samples in stats.dispatch_latency_s.items():
             child = self.dispatch_latency.labels(layer=str(layer))
             for s in samples:

@@ -178,7 +178,7 @@ class OpenAIApi:
             states[i].on_output(out)
             if out.finish_reason is None and await request.is_disconnected():
                 return Response(status_code=499)  # nobody reads it; leaving the loop aborts the engine requests
-        usage = Usage(choices.prompt_tokens, sum(s.completion_tokens for s in states))
+        usage = Usage(choices.prompt_tokens, sum(s.completion_tokens for s in states), choices.cached_tokens)
         return JSONResponse(response_body(job.header, [self._choice_body(job, s) for s in states], usage))
 
     def _choice_body(self, job: Job, state: ChoiceState) -> dict[str, Any]:
@@ -226,5 +226,6 @@ class OpenAIApi:
             yield SSE_DONE
             return
         if include_usage:
-            yield sse(usage_chunk_body(h, Usage(choices.prompt_tokens, sum(s.completion_tokens for s in states))))
+            yield sse(usage_chunk_body(h, Usage(choices.prompt_tokens, sum(s.completion_tokens for s in states),
+                                                choices.cached_tokens)))
         yield SSE_DONE
