@@ -62,6 +62,8 @@ class RequestResult:
     ttft_s: float | None
     tpot_s: float | None
     error: str | None = None
+    cached_tokens: int = 0
+    """usage.prompt_tokens_details.cached_tokens: prompt tokens the server took from its prefix cache."""
 
 
 @dataclass(frozen=True)
@@ -78,25 +80,37 @@ class ServeBenchRow:
     tpot_ms_p99: float | None
     baseline_throughput_tok_s: float | None = None
     ratio: float | None = None  # throughput_tok_s / baseline_throughput_tok_s
+    workload: str = "mixed"
+    """"mixed" (the default workload); with --shared-prefix, "shared-prefix" and its "cold" twin."""
+    cached_tokens_mean: float = 0.0
+    """Mean prompt tokens per request the server served from its prefix cache."""
 
 
 def make_workload(num_requests: int, prompt_len: int, max_tokens: int, token_ids: Sequence[int], seed: int,
-                  fixed_lengths: bool = False) -> list[BenchRequest]:
+                  fixed_lengths: bool = False, shared_prefix: int = 0) -> list[BenchRequest]:
     """`num_requests` requests: prompts of [1, prompt_len] ids drawn from `token_ids`, outputs of
-    [8, max_tokens] tokens (exactly prompt_len and max_tokens with `fixed_lengths`); same seed, same list."""
+    [8, max_tokens] tokens (exactly prompt_len and max_tokens with `fixed_lengths`); same seed, same list.
+    `shared_prefix` > 0: every prompt starts with the same `shared_prefix` ids (drawn once), then its own."""
     shortest = 1 if fixed_lengths else MIN_OUTPUT_TOKENS
     if min(num_requests, prompt_len) < 1 or max_tokens < shortest or not token_ids:
         raise BenchError(f"need --requests >= 1 (got {num_requests}), --prompt-len >= 1 ({prompt_len}), --max-tokens "
                          f">= {shortest} ({max_tokens}; outputs are drawn from [{MIN_OUTPUT_TOKENS}, M] unless "
                          f"--fixed-lengths) and regular tokens to draw prompts from ({len(token_ids)})")
     rng = random.Random(seed)
+    prefix = tuple(rng.choice(token_ids) for _ in range(shared_prefix))
     workload = []
     for _ in range(num_requests):
         num_in = prompt_len if fixed_lengths else rng.randint(1, prompt_len)
         num_out = max_tokens if fixed_lengths else rng.randint(MIN_OUTPUT_TOKENS, max_tokens)
         prompt = tuple(rng.choice(token_ids) for _ in range(num_in))
-        workload.append(BenchRequest(prompt, num_out))
+        workload.append(BenchRequest(prefix + prompt, num_out))
     return workload
+
+
+def cold_twin(workload: Sequence[BenchRequest], token_ids: Sequence[int], seed: int) -> list[BenchRequest]:
+    """The same lengths with every prompt drawn afresh: nothing shared, so nothing to find in a prefix cache."""
+    rng = random.Random(seed + 1)
+    return [BenchRequest(tuple(rng.choice(token_ids) for _ in r.prompt_ids), r.max_tokens) for r in workload]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -117,7 +131,8 @@ def _ms_percentile(values_s: list[float], q: float) -> float | None:
     return percentile(values_s, q) * 1e3 if values_s else None
 
 
-def summarize(concurrency: int, results: Sequence[RequestResult], duration_s: float) -> ServeBenchRow:
+def summarize(concurrency: int, results: Sequence[RequestResult], duration_s: float,
+              workload: str = "mixed") -> ServeBenchRow:
     """One row from the per-request results of a run that took `duration_s` of wall time."""
     ok = [r for r in results if r.error is None]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
@@ -125,7 +140,8 @@ def summarize(concurrency: int, results: Sequence[RequestResult], duration_s: fl
     tokens = sum(r.output_tokens for r in ok)
     return ServeBenchRow(concurrency, len(results), len(results) - len(ok), tokens, duration_s,
                          tokens / duration_s if duration_s > 0 else 0.0, _ms_percentile(ttft, 50),
-                         _ms_percentile(ttft, 99), _ms_percentile(tpot, 50), _ms_percentile(tpot, 99))
+                         _ms_percentile(ttft, 99), _ms_percentile(tpot, 50), _ms_percentile(tpot, 99),
+                         workload=workload, cached_tokens_mean=sum(r.cached_tokens for r in ok) / max(len(ok), 1))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +153,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> tuple[to
 
 async def _send(client: openai.AsyncOpenAI, model_name: str, req: BenchRequest) -> RequestResult:
     """One greedy streaming completion; tokens from usage, times from the chunks' arrival."""
-    start, first, last, tokens = time.perf_counter(), None, 0.0, None
+    start, first, last, tokens, cached = time.perf_counter(), None, 0.0, None, 0
     try:
         stream = await client.completions.create(
             model=model_name, prompt=list(req.prompt_ids), max_tokens=req.max_tokens, temperature=0,
@@ -149,15 +165,17 @@ async def _send(client: openai.AsyncOpenAI, model_name: str, req: BenchRequest) 
                 last = now
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens
+                details = chunk.usage.prompt_tokens_details
+                cached = details.cached_tokens or 0 if details is not None else 0
     except openai.OpenAIError as e:
         return RequestResult(0, None, None, f"{type(e).__name__}: {e}")
     if first is None or tokens is None:
         return RequestResult(0, None, None, "the stream ended without tokens or usage")
-    return RequestResult(tokens, first - start, time_per_output_token_s(first, last, tokens))
+    return RequestResult(tokens, first - start, time_per_output_token_s(first, last, tokens), None, cached)
 
 
 async def _run_served(client: openai.AsyncOpenAI, model_name: str, workload: list[BenchRequest],
-                      concurrency: int) -> ServeBenchRow:
+                      concurrency: int, name: str = "mixed") -> ServeBenchRow:
     gate = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(workload), desc=f"served c={concurrency}", unit="req", file=sys.stderr)
 
@@ -170,12 +188,13 @@ async def _run_served(client: openai.AsyncOpenAI, model_name: str, workload: lis
     start = time.perf_counter()
     results = await asyncio.gather(*(limited(r) for r in workload))
     bar.close()
-    return summarize(concurrency, results, time.perf_counter() - start)
+    return summarize(concurrency, results, time.perf_counter() - start, name)
 
 
 async def _served_sweep(url: str, api_key: str, model_name: str | None, workload: list[BenchRequest],
-                        concurrencies: list[int]) -> list[ServeBenchRow]:
-    """The workload at each concurrency, after one warm-up request; the served name defaults to /v1/models'."""
+                        concurrencies: list[int], cold: list[BenchRequest] | None = None) -> list[ServeBenchRow]:
+    """The workload at each concurrency, after one warm-up request; the served name defaults to /v1/models'.
+    With `cold` (--shared-prefix), each concurrency runs the shared-prefix workload, then its cold twin."""
     async with openai.AsyncOpenAI(base_url=f"{url.rstrip('/')}/v1", api_key=api_key, max_retries=0,
                                   timeout=REQUEST_TIMEOUT_S) as client:
         try:
@@ -185,7 +204,13 @@ async def _served_sweep(url: str, api_key: str, model_name: str | None, workload
         warmup = await _send(client, model_name, workload[0])
         if warmup.error is not None:
             raise BenchError(f"the warm-up request to {url} failed: {warmup.error}")
-        return [await _run_served(client, model_name, workload, c) for c in concurrencies]
+        if cold is None:
+            return [await _run_served(client, model_name, workload, c) for c in concurrencies]
+        rows = []
+        for c in concurrencies:
+            rows.append(await _run_served(client, model_name, workload, c, "shared-prefix"))
+            rows.append(await _run_served(client, model_name, cold, c, "cold"))
+        return rows
 
 
 def load_transformers(model_dir: Path, dtype: str) -> PreTrainedModel:
@@ -236,10 +261,10 @@ def plot_curve(rows: Sequence[ServeBenchRow], path: Path) -> None:
 def format_table(rows: Sequence[ServeBenchRow]) -> str:
     """A readable table: the row's fields but duration_s, in their order; "-" where not measured."""
     names = ["conc", "reqs", "errors", "out_tok", "tok/s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms",
-             "tpot_p99_ms", "transformers_tok/s", "ratio"]
+             "tpot_p99_ms", "transformers_tok/s", "ratio", "workload     ", "cached_mean"]
     lines = ["  ".join(names)]
     for r in rows:
-        cells = ["-" if v is None else str(v) if isinstance(v, int) else f"{v:.{2 if k == 'ratio' else 1}f}"
+        cells = ["-" if v is None else str(v) if isinstance(v, (int, str)) else f"{v:.{2 if k == 'ratio' else 1}f}"
                  for k, v in asdict(r).items() if k != "duration_s"]
         lines.append("  ".join(c.rjust(len(n)) for c, n in zip(cells, names)))
     return "\n".join(lines)
@@ -267,6 +292,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-len", type=int, default=128, help="longest prompt (every prompt's with --fixed-lengths)")
     p.add_argument("--max-tokens", type=int, default=64, help="longest output (every output's with --fixed-lengths)")
     p.add_argument("--fixed-lengths", action="store_true", help="every request L in and M out (worst case)")
+    p.add_argument("--shared-prefix", type=int, default=0, metavar="TOKENS",
+                   help="every prompt starts with the same TOKENS ids (then its own); each concurrency also runs "
+                        "a cold twin of the same lengths, sharing nothing: TTFT with and without prefix-cache hits")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the baseline's; match the server")
     p.add_argument("--vs-transformers", action="store_true", help="also run transformers' generate as the baseline")
     p.add_argument("--json", action="store_true", help="one JSON line per concurrency")
@@ -277,8 +305,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         token_ids = checkpoint_prompt_token_ids(args.model)
         workload = make_workload(args.requests, args.prompt_len, args.max_tokens, token_ids, args.seed,
-                                 args.fixed_lengths)
-        rows = asyncio.run(_served_sweep(args.url, args.api_key, args.model_name, workload, args.concurrency))
+                                 args.fixed_lengths, args.shared_prefix)
+        cold = cold_twin(workload, token_ids, args.seed) if args.shared_prefix else None
+        rows = asyncio.run(_served_sweep(args.url, args.api_key, args.model_name, workload, args.concurrency, cold))
     except BenchError as e:
         print(f"nextserve: error: {e}", file=sys.stderr)
         return 2

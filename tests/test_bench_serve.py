@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from nextserve.bench.prompt_ids import checkpoint_prompt_token_ids
-from nextserve.bench.serve_bench import (MIN_OUTPUT_TOKENS, BenchError, RequestResult, add_parser,
+from nextserve.bench.serve_bench import (MIN_OUTPUT_TOKENS, BenchError, RequestResult, add_parser, cold_twin,
                                          left_pad, make_workload, percentile, run,
                                          summarize, time_per_output_token_s)
 from gateway_local_engine import Server, TinyEngine
@@ -134,3 +134,26 @@ def test_unreachable_gateway_is_a_clear_error(tiny_dir: Path, capsys: pytest.Cap
     args = parse(["--url", "http://127.0.0.1:9", "--model", str(tiny_dir), "--requests", "2"])
     assert run(args) == 2
     assert "is `nextserve up` running" in capsys.readouterr().err
+
+
+def test_shared_prefix_workload_and_its_cold_twin(tiny_dir: Path) -> None:
+    ids = checkpoint_prompt_token_ids(tiny_dir)
+    shared = make_workload(8, 16, 12, ids, seed=4, shared_prefix=40)
+    prefix = shared[0].prompt_ids[:40]
+    assert all(r.prompt_ids[:40] == prefix and 41 <= len(r.prompt_ids) <= 56 for r in shared)
+    cold = cold_twin(shared, ids, seed=4)
+    assert [len(r.prompt_ids) for r in cold] == [len(r.prompt_ids) for r in shared]
+    assert [r.max_tokens for r in cold] == [r.max_tokens for r in shared]
+    assert len({r.prompt_ids[:40] for r in cold}) == 8  # nothing shared
+
+
+@pytest.mark.timeout(60)
+def test_shared_prefix_runs_the_shared_and_the_cold_workload(server: Server, tiny_dir: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse(["--url", server.url, "--model", str(tiny_dir), "--requests", "4", "--concurrency", "2",
+                  "--prompt-len", "8", "--max-tokens", "8", "--shared-prefix", "48", "--json"])
+    assert run(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["workload"] for r in rows] == ["shared-prefix", "cold"]
+    assert all(r["errors"] == 0 and r["requests"] == 4 and r["ttft_ms_p50"] > 0 for r in rows)
+    assert rows[1]["cached_tokens_mean"] == 0  # the cold twin shares nothing
