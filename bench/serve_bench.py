@@ -26,7 +26,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -87,17 +87,19 @@ class ServeBenchRow:
 
 
 def make_workload(num_requests: int, prompt_len: int, max_tokens: int, token_ids: Sequence[int], seed: int,
-                  fixed_lengths: bool = False, shared_prefix: int = 0) -> list[BenchRequest]:
+                  fixed_lengths: bool = False, shared_prefix: int = 0, prefix_seed: int | None = None) -> list[BenchRequest]:
     """`num_requests` requests: prompts of [1, prompt_len] ids drawn from `token_ids`, outputs of
     [8, max_tokens] tokens (exactly prompt_len and max_tokens with `fixed_lengths`); same seed, same list.
-    `shared_prefix` > 0: every prompt starts with the same `shared_prefix` ids (drawn once), then its own."""
+    `shared_prefix` > 0: every prompt starts with the same `shared_prefix` ids (drawn once, from
+    `prefix_seed`, default `seed`), then its own."""
     shortest = 1 if fixed_lengths else MIN_OUTPUT_TOKENS
     if min(num_requests, prompt_len) < 1 or max_tokens < shortest or not token_ids:
         raise BenchError(f"need --requests >= 1 (got {num_requests}), --prompt-len >= 1 ({prompt_len}), --max-tokens "
                          f">= {shortest} ({max_tokens}; outputs are drawn from [{MIN_OUTPUT_TOKENS}, M] unless "
                          f"--fixed-lengths) and regular tokens to draw prompts from ({len(token_ids)})")
     rng = random.Random(seed)
-    prefix = tuple(rng.choice(token_ids) for _ in range(shared_prefix))
+    prefix_rng = rng if prefix_seed is None else random.Random(prefix_seed)
+    prefix = tuple(prefix_rng.choice(token_ids) for _ in range(shared_prefix))
     workload = []
     for _ in range(num_requests):
         num_in = prompt_len if fixed_lengths else rng.randint(1, prompt_len)
@@ -192,9 +194,12 @@ async def _run_served(client: openai.AsyncOpenAI, model_name: str, workload: lis
 
 
 async def _served_sweep(url: str, api_key: str, model_name: str | None, workload: list[BenchRequest],
-                        concurrencies: list[int], cold: list[BenchRequest] | None = None) -> list[ServeBenchRow]:
+                        concurrencies: list[int],
+                        fresh: Callable[[int], tuple[list[BenchRequest], list[BenchRequest]]] | None = None
+                        ) -> list[ServeBenchRow]:
     """The workload at each concurrency, after one warm-up request; the served name defaults to /v1/models'.
-    With `cold` (--shared-prefix), each concurrency runs the shared-prefix workload, then its cold twin."""
+    With `fresh` (--shared-prefix): for the i-th concurrency, fresh(i) gives a shared-prefix workload (the
+    one prefix, new suffixes) and its cold twin, each never sent before, run one after the other."""
     async with openai.AsyncOpenAI(base_url=f"{url.rstrip('/')}/v1", api_key=api_key, max_retries=0,
                                   timeout=REQUEST_TIMEOUT_S) as client:
         try:
@@ -204,11 +209,12 @@ async def _served_sweep(url: str, api_key: str, model_name: str | None, workload
         warmup = await _send(client, model_name, workload[0])
         if warmup.error is not None:
             raise BenchError(f"the warm-up request to {url} failed: {warmup.error}")
-        if cold is None:
+        if fresh is None:
             return [await _run_served(client, model_name, workload, c) for c in concurrencies]
         rows = []
-        for c in concurrencies:
-            rows.append(await _run_served(client, model_name, workload, c, "shared-prefix"))
+        for i, c in enumerate(concurrencies):
+            shared, cold = fresh(i)
+            rows.append(await _run_served(client, model_name, shared, c, "shared-prefix"))
             rows.append(await _run_served(client, model_name, cold, c, "cold"))
         return rows
 
@@ -306,8 +312,15 @@ def run(args: argparse.Namespace) -> int:
         token_ids = checkpoint_prompt_token_ids(args.model)
         workload = make_workload(args.requests, args.prompt_len, args.max_tokens, token_ids, args.seed,
                                  args.fixed_lengths, args.shared_prefix)
-        cold = cold_twin(workload, token_ids, args.seed) if args.shared_prefix else None
-        rows = asyncio.run(_served_sweep(args.url, args.api_key, args.model_name, workload, args.concurrency, cold))
+
+        def fresh(i: int) -> tuple[list[BenchRequest], list[BenchRequest]]:
+            seed = args.seed + 7919 * (i + 1)  # new suffixes and cold prompts per concurrency: none seen before
+            shared = make_workload(args.requests, args.prompt_len, args.max_tokens, token_ids, seed,
+                                   args.fixed_lengths, args.shared_prefix, prefix_seed=args.seed)
+            return shared, cold_twin(shared, token_ids, seed)
+
+        rows = asyncio.run(_served_sweep(args.url, args.api_key, args.model_name, workload, args.concurrency,
+                                         fresh if args.shared_prefix else None))
     except BenchError as e:
         print(f"nextserve: error: {e}", file=sys.stderr)
         return 2
