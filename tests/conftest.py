@@ -9,6 +9,9 @@ import torch
 from transformers import Qwen3NextForCausalLM
 
 from hf_reference import AWKWARD, SMALL, build_reference, save_reference
+from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.expert_backend import LocalExpertBackend
+from nextserve.model.qwen3_next import HeadModel
 from nextserve.model.tiny import make_tiny
 
 CONFIGS = {"small": SMALL, "awkward": AWKWARD}
@@ -31,6 +34,13 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Qwen3
         path = save_reference(model, tmp_path_factory.mktemp(f"ref_{name}"), max_shard_size="100KB")
         out[name] = (model, path)
     return out
+
+
+@pytest.fixture(scope="module")
+def small(reference: dict[str, tuple[Qwen3NextForCausalLM, Path]]) -> tuple[HeadModel, LocalExpertBackend]:
+    """Our head and in-process experts on the "small" reference checkpoint."""
+    _, path = reference["small"]
+    return load_head(path), load_local_backend(path)
 
 
 @pytest.fixture(scope="session")

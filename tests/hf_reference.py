@@ -57,3 +57,10 @@ def save_reference(model: Qwen3NextForCausalLM, path: Path, max_shard_size: str 
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     return path
+
+
+def hf_greedy(model: Qwen3NextForCausalLM, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of `prompt`, `n` tokens (no EOS stop on a reference model)."""
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

@@ -10,23 +10,18 @@ from typing import Any
 import pytest
 import torch
 
+from engine_run import random_prompt
+from hf_reference import hf_greedy
 from nextserve.cluster.engine.engine import Engine, EngineRequestError
 from nextserve.cluster.engine.scheduler import FinishReason, SchedulerConfig, StepPlan
 from nextserve.model.cache_config import (GiB, MiB, CacheConfig, CacheConfigError, cache_capacity,
                                           parse_cache_memory, parse_memory_size)
 from nextserve.model.capacity import GpuSpec, plan_capacity
 from nextserve.model.config import PUBLISHED_CONFIGS, Qwen3NextConfig
-from nextserve.model.loader import load_head, load_local_backend
 from nextserve.model.sampling import SamplingParams
 from nextserve.model.sizes import model_sizes
 
 Model = tuple[Any, Any]
-
-
-@pytest.fixture(scope="module")
-def small(reference: dict) -> Model:
-    _, path = reference["small"]
-    return load_head(path), load_local_backend(path)
 
 
 @pytest.fixture
@@ -54,14 +49,6 @@ def make_engine() -> Iterator[Callable[..., Engine]]:
         engine.shutdown()
 
 
-def _prompt(n: int, vocab: int, seed: int) -> list[int]:
-    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 def _spy_preempted(engine: Engine) -> list[str]:
@@ -88,10 +75,10 @@ def test_greedy_equals_transformers_across_preemption(block_size: int, blocks: i
     engine = make_engine(small, 4, blocks, block_size, max_tokens_per_step=48, prefill_chunk=16)
     preempted = _spy_preempted(engine)
     lengths, max_tokens = (16, 32, 45, 7, 100, 64), (40, 30, 40, 60, 40, 50)
-    prompts = [_prompt(n, 320, seed=40 + i) for i, n in enumerate(lengths)]
+    prompts = [random_prompt(n, 320, seed=40 + i) for i, n in enumerate(lengths)]
     outs = engine.generate_sync(prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens])
     for prompt, m, out in zip(prompts, max_tokens, outs):
-        assert out.token_ids == _hf_greedy(hf_model, prompt, m)
+        assert out.token_ids == hf_greedy(hf_model, prompt, m)
         assert out.finish_reason is FinishReason.LENGTH and out.completion_tokens == m
     stats = engine.stats()
     assert len(preempted) >= 2 and stats.num_preemptions == len(preempted)
@@ -104,7 +91,7 @@ def test_seeded_sampling_continues_its_stream_across_preemption(small: Model, ma
     roomy, tight = make_engine(small, 2, 64, 16), make_engine(small, 2, 6, 16, max_tokens_per_step=32, prefill_chunk=16)
     greedy = SamplingParams(max_tokens=50, ignore_eos=True)
     seeded = SamplingParams(max_tokens=30, temperature=0.8, top_k=50, seed=7, ignore_eos=True)
-    prompts = [_prompt(40, 320, seed=1), _prompt(10, 320, seed=2)]
+    prompts = [random_prompt(40, 320, seed=1), random_prompt(10, 320, seed=2)]
     preempted = _spy_preempted(tight)
     alone = [roomy.generate_sync([p], params)[0].token_ids for p, params in zip(prompts, (greedy, seeded))]
     both = tight.generate_sync(prompts, [greedy, seeded])
@@ -176,7 +163,7 @@ def test_the_planned_cache_is_the_cache_a_head_allocates(small: Model) -> None:
         assert (capacity.num_slots, capacity.num_blocks, capacity.num_snapshots) == \
             (plan.cache_num_slots, plan.cache_num_blocks, plan.cache_num_snapshots)
         assert plan.cache_num_slots == 3 and plan.cache_num_blocks * 16 >= 3 * context
-        outs = engine.generate_sync([_prompt(context - 4, 320, seed=s) for s in range(3)],
+        outs = engine.generate_sync([random_prompt(context - 4, 320, seed=s) for s in range(3)],
                                     [SamplingParams(max_tokens=4, ignore_eos=True)] * 3)
         assert [len(o.token_ids) for o in outs] == [4, 4, 4] and engine.scheduler.num_preemptions == 0
     finally:

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from engine_run import random_prompt
+from hf_reference import hf_greedy
 from nextserve.cluster.engine.detokenizer import IncrementalDetokenizer
 from nextserve.cluster.engine.engine import Engine, EngineError, EngineRequestError, StepOutput
 from nextserve.cluster.engine.model_runner import split_micro_batches
@@ -61,14 +63,6 @@ def make_engine(tokenizer: PreTrainedTokenizerBase) -> Iterator[Callable[..., En
         engine.shutdown()
 
 
-def _prompt(n: int, vocab: int, seed: int) -> list[int]:
-    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 async def _collect(engine: Engine, request_id: str, prompt: list[int], params: SamplingParams,
@@ -96,13 +90,13 @@ def test_concurrent_greedy_equals_transformers(name: str, reference: dict, ref_m
     hf_model = reference[name][0]
     engine = make_engine(ref_models[name], max_num_seqs=4, max_tokens_per_step=48, prefill_chunk=16)
     lengths, max_tokens = (1, 5, 17, 33, 2, 60, 9, 100), (12, 3, 20, 8, 16, 5, 10, 6)
-    prompts = [_prompt(n, hf_model.config.vocab_size, seed=i) for i, n in enumerate(lengths)]
+    prompts = [random_prompt(n, hf_model.config.vocab_size, seed=i) for i, n in enumerate(lengths)]
     params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens]
     plans = _spy_plans(engine)
     outs = engine.generate_sync(prompts, params)
     assert max(len(p) for p in plans) >= 4 and any(len(p) == 1 for p in plans)  # the batch changed shape
     for prompt, m, out in zip(prompts, max_tokens, outs):
-        assert out.token_ids == _hf_greedy(hf_model, prompt, m)
+        assert out.token_ids == hf_greedy(hf_model, prompt, m)
         assert out.finish_reason is FinishReason.LENGTH
         assert (out.prompt_tokens, out.completion_tokens) == (len(prompt), m)
     assert engine.stats().num_running == engine.stats().num_waiting == 0
@@ -123,11 +117,11 @@ def test_micro_batches_ping_pong_equal_transformers(reference: dict, ref_models:
 
     engine.head.forward_micro_batches = spy  # type: ignore[method-assign]
     lengths, max_tokens = (3, 21, 8, 40, 1, 13), (9, 14, 5, 11, 16, 7)
-    prompts = [_prompt(n, hf_model.config.vocab_size, seed=20 + i) for i, n in enumerate(lengths)]
+    prompts = [random_prompt(n, hf_model.config.vocab_size, seed=20 + i) for i, n in enumerate(lengths)]
     outs = engine.generate_sync(prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens])
     assert 2 in calls and 1 in calls  # split while >= 4 sequences ran, whole below that
     for prompt, m, out in zip(prompts, max_tokens, outs):
-        assert out.token_ids == _hf_greedy(hf_model, prompt, m)
+        assert out.token_ids == hf_greedy(hf_model, prompt, m)
 
 
 def test_split_micro_batches_balances_tokens_and_keeps_order() -> None:
@@ -142,10 +136,10 @@ def test_long_prompt_prefills_in_chunks_while_others_decode(reference: dict, sma
                                                            make_engine: Callable) -> None:
     engine = make_engine(small, max_num_seqs=8, max_tokens_per_step=64, prefill_chunk=32)
     plans = _spy_plans(engine)
-    long_prompt = _prompt(100, 320, seed=9)
+    long_prompt = random_prompt(100, 320, seed=9)
 
     async def main() -> list[StepOutput]:
-        shorts = [engine.generate(f"short{i}", _prompt(4, 320, seed=i), SamplingParams(max_tokens=40,
+        shorts = [engine.generate(f"short{i}", random_prompt(4, 320, seed=i), SamplingParams(max_tokens=40,
                                                                                          ignore_eos=True))
                   for i in range(2)]
         for gen in shorts:
@@ -160,7 +154,7 @@ def test_long_prompt_prefills_in_chunks_while_others_decode(reference: dict, sma
     assert [p["long"] for p in long_steps[:4]] == [32, 32, 32, 4]
     assert all(p.get("short0") == 1 and p.get("short1") == 1 for p in long_steps[:4])  # decodes kept going
     assert all(sum(p.values()) <= 64 for p in plans)
-    assert [t for out in long_outs for t in out.token_ids] == _hf_greedy(reference["small"][0], long_prompt, 5)
+    assert [t for out in long_outs for t in out.token_ids] == hf_greedy(reference["small"][0], long_prompt, 5)
 
 
 async def _drain(gen: Any) -> None:
@@ -220,11 +214,11 @@ def test_stop_token_id_ends_without_its_text(tiny: Model, make_engine: Callable,
 
 def test_seeded_sampling_reproducible_in_any_batch(tiny: Model, make_engine: Callable) -> None:
     engine = make_engine(tiny)
-    prompt = _prompt(7, 2048, seed=3)
+    prompt = random_prompt(7, 2048, seed=3)
     seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=100, seed=1234, ignore_eos=True)
     alone = engine.generate_sync([prompt], seeded)[0].token_ids
     others = [SamplingParams(max_tokens=10, temperature=1.0, seed=s, ignore_eos=True) for s in (1, 2)]
-    batched = engine.generate_sync([_prompt(30, 2048, 4), prompt, _prompt(3, 2048, 5)],
+    batched = engine.generate_sync([random_prompt(30, 2048, 4), prompt, random_prompt(3, 2048, 5)],
                                    [others[0], seeded, others[1]])[1].token_ids
     other_seed = engine.generate_sync([prompt], SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95,
                                                                top_k=100, seed=99, ignore_eos=True))[0]
@@ -239,14 +233,14 @@ def test_cancel_and_abort_free_the_sequence(tiny: Model, make_engine: Callable) 
         got: list[StepOutput] = []
 
         async def consume() -> None:
-            async for out in engine.generate("cancelled", _prompt(5, 2048, 1), params):
+            async for out in engine.generate("cancelled", random_prompt(5, 2048, 1), params):
                 got.append(out)
 
         task = asyncio.create_task(consume())
         while len(got) < 2:
             await asyncio.sleep(0.01)
         task.cancel()  # what a client disconnect does to the request's handler
-        aborted = engine.generate("aborted", _prompt(5, 2048, 2), params)
+        aborted = engine.generate("aborted", random_prompt(5, 2048, 2), params)
         first = await anext(aborted)
         engine.abort("aborted")
         return [first] + [out async for out in aborted]

@@ -14,22 +14,17 @@ from typing import Any
 import pytest
 import torch
 
+from engine_run import random_prompt
+from hf_reference import hf_greedy
 from nextserve.cluster.engine.detokenizer import StepOutput
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.scheduler import SchedulerConfig, StepPlan
 from nextserve.model.cache_config import CacheConfig
-from nextserve.model.loader import load_head, load_local_backend
 from nextserve.model.sampling import SamplingParams
 from nextserve.model.sizes import model_sizes
 
 Model = tuple[Any, Any]
 BS = 16
-
-
-@pytest.fixture(scope="module")
-def small(reference: dict) -> Model:
-    _, path = reference["small"]
-    return load_head(path), load_local_backend(path)
 
 
 @pytest.fixture
@@ -57,16 +52,6 @@ def make_engine() -> Iterator[Callable[..., Engine]]:
         engine.shutdown()
 
 
-def _tokens(n: int, seed: int) -> list[int]:
-    return torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 def _one(engine: Engine, prompt: list[int], n: int) -> StepOutput:
     return engine.generate_sync([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0]
 
@@ -90,13 +75,13 @@ def test_shared_prefix_then_different_suffixes(every: int, shared: int, hit: int
                                                make_engine: Callable) -> None:
     hf_model = reference["small"][0]
     engine = make_engine(small, 2, 40, 8, snapshot_every=every)
-    prefix = _tokens(shared, seed=1)
-    first, second = prefix + _tokens(30, seed=2), prefix + _tokens(30, seed=3)
+    prefix = random_prompt(shared, 320, seed=1)
+    first, second = prefix + random_prompt(30, 320, seed=2), prefix + random_prompt(30, 320, seed=3)
     out1 = _one(engine, first, 6)
     out2 = _one(engine, second, 6)
     assert out1.cached_tokens == 0 and out2.cached_tokens == hit and out2.prompt_tokens == shared + 30
-    assert out1.token_ids == _hf_greedy(hf_model, first, 6)
-    assert out2.token_ids == _hf_greedy(hf_model, second, 6)
+    assert out1.token_ids == hf_greedy(hf_model, first, 6)
+    assert out2.token_ids == hf_greedy(hf_model, second, 6)
     assert engine.stats().prefix_cache_hit_tokens == hit
     _check_books(engine)
 
@@ -106,24 +91,24 @@ def test_the_next_turn_hits_past_the_previous_prompt(reference: dict, small: Mod
     computed (its tail snapshot, published at finish), inside turn 1's output."""
     hf_model = reference["small"][0]
     engine = make_engine(small, 2, 40, 8, snapshot_every=64)
-    prompt = _tokens(30, seed=4)
+    prompt = random_prompt(30, 320, seed=4)
     out1 = _one(engine, prompt, 30)
-    turn2 = prompt + out1.token_ids + _tokens(10, seed=5)
+    turn2 = prompt + out1.token_ids + random_prompt(10, 320, seed=5)
     out2 = _one(engine, turn2, 8)
     computed = 30 + 30 - 1  # the last sampled token of turn 1 never ran through the model
     assert out2.cached_tokens == computed // BS * BS == 48 > len(prompt)
-    assert out1.token_ids == _hf_greedy(hf_model, prompt, 30)
-    assert out2.token_ids == _hf_greedy(hf_model, turn2, 8)
+    assert out1.token_ids == hf_greedy(hf_model, prompt, 30)
+    assert out2.token_ids == hf_greedy(hf_model, turn2, 8)
     _check_books(engine)
 
 
 def test_switched_off_nothing_is_cached(reference: dict, small: Model, make_engine: Callable) -> None:
     engine = make_engine(small, 2, 40, 8, enable=False)
-    prompt = _tokens(50, seed=6)
+    prompt = random_prompt(50, 320, seed=6)
     outs = [_one(engine, prompt, 4) for _ in range(2)]
     assert [o.cached_tokens for o in outs] == [0, 0] and outs[0].token_ids == outs[1].token_ids
     assert engine.stats().blocks_cached == 0 and engine.stats().prefix_cache_hit_tokens == 0
-    assert outs[1].token_ids == _hf_greedy(reference["small"][0], prompt, 4)
+    assert outs[1].token_ids == hf_greedy(reference["small"][0], prompt, 4)
 
 
 def _spy(engine: Engine) -> tuple[list[str], dict[str, int]]:
@@ -159,12 +144,12 @@ def test_eviction_and_preemption_of_shared_blocks(reference: dict, small: Model,
         preempt(seq)
 
     engine.scheduler._preempt = spy_preempt  # type: ignore[method-assign]
-    prefixes = [_tokens(32, seed=10 + i) for i in range(3)]
-    prompts = [prefixes[i % 3] + _tokens(5 + 3 * i, seed=20 + i) for i in range(8)]
+    prefixes = [random_prompt(32, 320, seed=10 + i) for i in range(3)]
+    prompts = [prefixes[i % 3] + random_prompt(5 + 3 * i, 320, seed=20 + i) for i in range(8)]
     _one(engine, prefixes[0] + [5], 2)  # a cached prefix before the crowd arrives
     outs = engine.generate_sync(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
-        assert out.token_ids == _hf_greedy(hf_model, prompt, 24)
+        assert out.token_ids == hf_greedy(hf_model, prompt, 24)
     assert any(shared_when_preempted) and len(preempted) == len(shared_when_preempted)
     assert any(o.cached_tokens > 0 for o in outs)
     _check_books(engine)
@@ -175,8 +160,8 @@ def test_random_requests_keep_the_books(small: Model, make_engine: Callable) -> 
     4 snapshots: all finish, the tokens equal an engine without the prefix cache (itself equal to
     transformers above and in test_cache_budget), the pools never grow, and nothing leaks."""
     rng = random.Random(7)
-    prefixes = [_tokens(rng.randint(8, 70), seed=100 + i) for i in range(6)]
-    prompts = [rng.choice(prefixes)[:rng.randint(5, 70)] + _tokens(rng.randint(1, 20), seed=200 + i)
+    prefixes = [random_prompt(rng.randint(8, 70), 320, seed=100 + i) for i in range(6)]
+    prompts = [rng.choice(prefixes)[:rng.randint(5, 70)] + random_prompt(rng.randint(1, 20), 320, seed=200 + i)
                for i in range(200)]
     params = [SamplingParams(max_tokens=rng.randint(1, 10), ignore_eos=True) for _ in prompts]
     cached = make_engine(small, 5, 30, 4, snapshot_every=32, max_tokens_per_step=64, prefill_chunk=32)
@@ -198,7 +183,7 @@ def test_prefill_work_stays_flat_over_a_conversation(reference: dict, small: Mod
     _, prefilled = _spy(engine)
     history: list[int] = []
     for turn in range(8):
-        new = _tokens(18 + turn % 5, seed=300 + turn)
+        new = random_prompt(18 + turn % 5, 320, seed=300 + turn)
         prompt = history + new
         out = engine.generate_sync([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0]
         (work,) = prefilled.values()  # this turn's request alone
@@ -208,5 +193,5 @@ def test_prefill_work_stays_flat_over_a_conversation(reference: dict, small: Mod
             assert work <= len(new) + BS, (turn, work, len(prompt))
         history = prompt + out.token_ids
     assert len(history) > 200
-    assert out.token_ids == _hf_greedy(hf_model, prompt, 8)
+    assert out.token_ids == hf_greedy(hf_model, prompt, 8)
     _check_books(engine)
