@@ -119,7 +119,8 @@ class EngineDecoder:
         sizes = model_sizes(head.config, head.lm_head.weight.dtype)
         block_size = CacheConfig.block_size
         per_seq = -(-max_len // block_size) * block_size * sizes.kv_bytes_per_token
-        cache = CacheConfig(B * (sizes.deltanet_state_bytes_per_sequence + per_seq), block_size)  # no preemption
+        # Room for every sequence (no preemption) and no prefix cache: the decode step alone is measured.
+        cache = CacheConfig(B * (sizes.deltanet_state_bytes_per_sequence + per_seq), block_size, enable_prefix_cache=False)
         config = SchedulerConfig(max_num_seqs=B, max_tokens_per_step=B + PREFILL_TOKENS_PER_STEP, prefill_chunk=L)
         capacity = head_cache_capacity(head, cache, B, max_len)
         self.scheduler = Scheduler(config, BlockManager(capacity.num_blocks, capacity.num_slots, block_size))
@@ -198,7 +199,7 @@ def run_pressure(path: Path, head: HeadModel, experts: ExpertBackend, dtype: tor
     # A state slot for every request (they may all run) and a quarter of their KV: the KV is what grows.
     budget = requests * sizes.deltanet_state_bytes_per_sequence + requests * kv_per_seq // 4
     engine = Engine(head, experts, None, SchedulerConfig(max_num_seqs=requests), prompt_len + max_tokens,
-                    CacheConfig(budget, block))
+                    CacheConfig(budget, block, enable_prefix_cache=False))  # the budget is all slots and KV
     prompts = random_prompts(checkpoint_prompt_token_ids(path), (requests, prompt_len), seed).tolist()
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     try:

@@ -24,12 +24,13 @@ from nextserve.model.sizes import model_sizes
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-CACHE_MEMORY, MAX_NUM_SEQS, MAX_MODEL_LEN, MAX_TOKENS = "2MiB", 8, 1024, 150
+CACHE_MEMORY, MAX_NUM_SEQS, MAX_MODEL_LEN, MAX_TOKENS = "2MiB", 8, 1024, 200
 
 
 @pytest.fixture(scope="module")
 def capacity(tiny_dir: Path) -> CacheCapacity:
-    """What the head makes of the budget: 4 state slots and 34 blocks (544 tokens) on the tiny model."""
+    """What the head makes of the budget: 3 state slots, 34 blocks (544 tokens) and 1 prefix-cache snapshot
+    on the tiny model."""
     sizes = model_sizes(Qwen3NextConfig.from_json(tiny_dir), torch.float32)
     return cache_capacity(sizes, CacheConfig(parse_memory_size(CACHE_MEMORY)), MAX_NUM_SEQS, MAX_MODEL_LEN)
 

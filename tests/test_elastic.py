@@ -182,12 +182,13 @@ def test_a_hung_worker_with_two_replicas_stays_ready_and_says_degraded(replicate
 
 
 def test_rebalance_lowers_the_measured_imbalance(replicated: UpProcess) -> None:
-    skewed = [[1000] * 200, [777] * 200]  # a repeated token routes every position to the same experts
+    skewed = [[1000] * 199, [777] * 199]  # a repeated token routes every position to the same experts
+    first = iter(range(3, 2000))  # a new first token each time: no prompt is found in the prefix cache
 
     def measure() -> float:
         for prompt in skewed * 2:
             r = httpx.post(f"{replicated.base_url}/v1/completions", timeout=120,
-                           json={"model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0})
+                           json={"model": "tiny", "prompt": [next(first)] + prompt, "max_tokens": 4, "temperature": 0})
             assert r.status_code == 200
         wait_for(lambda: replicated.status()["load_imbalance"] is not None, 10, "load statistics")
         time.sleep(3)  # the controller collects the counters every 2 s

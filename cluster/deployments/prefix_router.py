@@ -21,7 +21,8 @@ import hashlib
 import struct
 from collections.abc import Sequence
 
-from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import (FIFOMixin, LocalityMixin, MultiplexMixin, PendingRequest, RequestRouter,
+                                     RunningReplica)
 
 ROUTE_PREFIX_TOKENS = 256
 """Prompt tokens that choose the replica (a multiple of the KV block size)."""
@@ -42,9 +43,16 @@ def rank_replicas(key: bytes, replica_ids: Sequence[str]) -> list[str]:
     return sorted(replica_ids, key=weight, reverse=True)
 
 
-class PrefixAffinityRouter(RequestRouter):
+class PrefixAffinityRouter(FIFOMixin, MultiplexMixin, LocalityMixin, RequestRouter):
+    """Serve's request router for the heads' handle, on the mixins of Serve's default router (FIFO
+    matching of found replicas to waiting requests needs the multiplex bookkeeping)."""
+
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            # Every round offers every replica, so the next round must back off: without it Serve's routing
+            # task retries at once, never yielding to the loop that answers its queue-length probes.
+            pending_request.routing_context.should_backoff = True
         prompt = _prompt_of(pending_request)
         if prompt is None or len(candidate_replicas) < 2:
             return [candidate_replicas]  # stats / probes: the least loaded
