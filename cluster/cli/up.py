@@ -33,6 +33,7 @@ from nextserve.cluster.deployments.controller import get_or_create_controller
 from nextserve.cluster.deployments.expert_worker import EXPERT_RESOURCE, HEAD_RESOURCE
 from nextserve.cluster.cli.usage import UsageError
 from nextserve.cluster.control.redis_server import LocalRedis, free_port
+from nextserve.cluster.control.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +96,11 @@ def start(options: UpOptions, redis_url: str) -> str:
         if options.direct_ingress:  # the local Ray's processes inherit this environment
             for key, value in throughput_env(options.port).items():
                 os.environ.setdefault(key, value)
-            proxy_port = free_port()  # the proxy stays up (Serve's fallback); --port is the gateway's
         # "local": a Ray of our own, never another one found by auto-discovery (a user's `ray start`,
         # another `up`), which would refuse our custom resources.
         ray.init(address="local", namespace="nextserve", resources=LOCAL_CUSTOM_RESOURCES, include_dashboard=False)
+        if options.direct_ingress:  # picked after Ray's own processes took their ports, so none takes this one
+            proxy_port = free_port()  # the proxy stays up (Serve's fallback); --port is the gateway's
     # Joining a cluster: one proxy, on the Ray head (the URL printed below), not one per node: a node that
     # leaves takes the connections through its proxy with it (and colocated proxies share the port).
     serve.start(proxy_location="HeadOnly" if options.ray_address else None,
@@ -112,12 +114,25 @@ def start(options: UpOptions, redis_url: str) -> str:
     return base
 
 
+def _kill_workers(redis_url: str, cluster: str) -> None:
+    """Kill the cluster's named expert worker actors (detached: they would outlive this `up`)."""
+    for worker in Registry(redis_url, cluster).workers():
+        try:
+            ray.kill(ray.get_actor(worker.fields["actor"], namespace="nextserve"), no_restart=True)
+        except (ValueError, KeyError):  # gone already, or registered without a name
+            pass
+
+
 def stop(options: UpOptions, redis_url: str, local_redis: LocalRedis | None) -> None:
     try:
         if ray.is_initialized():
             serve.delete(APP_NAME)  # only ours: a shared cluster may serve other apps
             controller = get_or_create_controller(redis_url, options.app.cluster, options.app.admin_token)
-            ray.get(controller.shutdown.remote(), timeout=30)
+            try:
+                ray.get(controller.shutdown.remote(), timeout=30)
+            except ray.exceptions.GetTimeoutError:  # busy healing a lost node: kill its workers here
+                log.warning("the controller did not stop its expert workers within 30 s; killing them")
+                _kill_workers(redis_url, options.app.cluster)
             ray.kill(controller, no_restart=True)
     finally:
         ray.shutdown()

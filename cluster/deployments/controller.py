@@ -270,11 +270,11 @@ class ControllerActor:
     def shutdown(self) -> None:
         """Stop and kill every worker (they are detached: they would outlive the job)."""
         with self.lock:
+            # All at once, a bounded wait: a worker whose node is gone is pending a restart that never
+            # comes, and its stop would wait forever (one at a time, they outlasted `up`'s Ctrl-C).
+            stops = [actor.stop.remote() for actor in self.workers.values()]
+            ray.wait(stops, num_returns=len(stops), timeout=10)
             for actor in self.workers.values():
-                try:
-                    ray.get(actor.stop.remote(), timeout=10)
-                except Exception:  # already dead
-                    pass
                 ray.kill(actor, no_restart=True)
             self.workers.clear()
             self.spec = None
