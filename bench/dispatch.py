@@ -6,6 +6,11 @@ start W `python -m nextserve.experts.server` subprocesses with a balanced placem
 for T tokens -> alternate dispatch rounds and echo rounds (same channels, same event-loop thread,
 same bytes per worker) -> medians, ratio, bytes per token.
 
+Bytes are checked without trusting the dispatcher: the hidden-state bytes the workers counted as
+received over the timed rounds (their Info), twice (the partial sums come back in the same shape),
+against a floor from the placement alone (`min_bytes_per_token`). A plan that sent a token twice would
+show as `bytes_ratio_to_min` above 1.
+
 Run:  python -m bench.dispatch --workers 4 --tokens 64 --json
 """
 
@@ -106,7 +111,7 @@ def plan_all_alive(placement: Placement, layer: int, pairs: Assignments) -> list
 
 def echo_requests(backend: RemoteExpertBackend, layer: int, hidden: torch.Tensor, ids: torch.Tensor,
                   weights: torch.Tensor) -> tuple[list[tuple[int, expert_pb2.EchoRequest]], float]:
-    """Per worker, an Echo of its Dispatch's exact request/reply sizes; and the min bytes per token."""
+    """Per worker, an Echo of its first-round Dispatch's exact request/reply sizes; and the min bytes per token."""
     batches = plan_all_alive(backend.placement, layer, Assignments.from_topk(ids, weights.to(backend.dtype)))
     H, size = hidden.shape[1], backend.dtype.itemsize
     out = []
@@ -119,9 +124,10 @@ def echo_requests(backend: RemoteExpertBackend, layer: int, hidden: torch.Tensor
 
 
 def min_bytes_per_token(placement: Placement, layer: int, ids: torch.Tensor, hidden_size: int, dtype_bytes: int) -> float:
-    """The floor of a round's payload, from the placement alone (not the dispatcher's plan): each token's
-    hidden state goes once to every distinct worker owning one of its experts (the first replica: the
-    floor for R = 1, what the bench runs) and comes back once from each as a partial sum. ids [T, k]."""
+    """The floor of a round's hidden-state payload, from the placement alone (not the dispatcher's plan):
+    each token's hidden state goes once to every distinct worker owning one of its experts (the first
+    replica: the floor for R = 1, what the bench runs) and comes back once from each as a partial sum.
+    ids [T, k]."""
     owner = torch.tensor([placement.workers_of(layer, e)[0] for e in range(placement.num_experts)])  # [E]
     workers = owner[ids]  # [T, k]
     distinct = sum(len(set(row)) for row in workers.tolist())
@@ -154,15 +160,23 @@ def measure(backend: RemoteExpertBackend, tokens: int, top_k: int, num_experts: 
     echo = lambda: backend.channels.run(echo_round()).result()  # noqa: E731
     for _ in range(20):  # warm up channels, allocators, caches
         dispatch(), echo()
-    sent = sum(len(req.payload) + req.reply_bytes for _, req in echoes)  # a Dispatch round's exact sizes
+    wire = sum(len(req.payload) + req.reply_bytes for _, req in echoes)  # a Dispatch round's message sizes
+    received = workers_hidden_bytes(backend)
     d_ms, e_ms = [], []
     for _ in range(rounds // 10):  # interleave so drift hits both alike
         d_ms += time_rounds(dispatch, 10)
         e_ms += time_rounds(echo, 10)
+    hidden_bytes = (workers_hidden_bytes(backend) - received) * 2 / len(d_ms)  # per round, sent and returned
     d50, e50 = statistics.median(d_ms), statistics.median(e_ms)
     return {"dispatch_ms_p50": round(d50, 4), "echo_ms_p50": round(e50, 4), "ratio_to_echo": round(d50 / e50, 3),
-            "bytes_per_token": round(sent / max(tokens, 1), 1), "min_bytes_per_token": round(min_bytes, 1),
-            "bytes_ratio_to_min": round(sent / max(tokens, 1) / min_bytes, 4)}
+            "bytes_per_token": round(hidden_bytes / max(tokens, 1), 1), "min_bytes_per_token": round(min_bytes, 1),
+            "bytes_ratio_to_min": round(hidden_bytes / max(tokens, 1) / min_bytes, 4),
+            "wire_bytes_per_token": round(wire / max(tokens, 1), 1)}
+
+
+def workers_hidden_bytes(backend: RemoteExpertBackend) -> int:
+    """Hidden-state bytes all workers have received in Dispatch calls so far (their own count)."""
+    return sum(info.hidden_bytes for info in backend.channels.run(backend.fetch_info()).result())
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -36,7 +36,12 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from nextserve.bench.process_cpu import ROLES, cluster_processes, cpu_by_role, cpu_snapshot
 from nextserve.bench.prompt_ids import checkpoint_prompt_token_ids
+from nextserve.cluster.app_args import AppArgs
+from nextserve.cluster.engine.engine import Engine
+from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.sampling import SamplingParams
 from nextserve.model.checkpoint import parse_dtype
 from nextserve.model.config import ConfigError
 
@@ -84,6 +89,13 @@ class ServeBenchRow:
     """"mixed" (the default workload); with --shared-prefix, "shared-prefix" and its "cold" twin."""
     cached_tokens_mean: float = 0.0
     """Mean prompt tokens per request the server served from its prefix cache."""
+    in_process_tok_s: float | None = None
+    """--in-process: the same engine with its experts in the benchmark's process, on the same workload."""
+    tax: float | None = None  # throughput_tok_s / in_process_tok_s: what the distribution costs (< 1)
+    cpu_ms_per_token: dict[str, float] | None = None
+    """--cpu: CPU of this machine's cluster processes per output token, by role (process_cpu.ROLES) and "total"."""
+    in_process_cpu_ms_per_token: float | None = None
+    """--in-process with --cpu: the benchmark process's CPU per token while the in-process engine ran."""
 
 
 def make_workload(num_requests: int, prompt_len: int, max_tokens: int, token_ids: Sequence[int], seed: int,
@@ -177,7 +189,9 @@ async def _send(client: openai.AsyncOpenAI, model_name: str, req: BenchRequest) 
 
 
 async def _run_served(client: openai.AsyncOpenAI, model_name: str, workload: list[BenchRequest],
-                      concurrency: int, name: str = "mixed") -> ServeBenchRow:
+                      concurrency: int, name: str = "mixed", measure_cpu: bool = False) -> ServeBenchRow:
+    processes = cluster_processes() if measure_cpu else {}
+    cpu_before = cpu_snapshot(processes)
     gate = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(workload), desc=f"served c={concurrency}", unit="req", file=sys.stderr)
 
@@ -190,13 +204,18 @@ async def _run_served(client: openai.AsyncOpenAI, model_name: str, workload: lis
     start = time.perf_counter()
     results = await asyncio.gather(*(limited(r) for r in workload))
     bar.close()
-    return summarize(concurrency, results, time.perf_counter() - start, name)
+    row = summarize(concurrency, results, time.perf_counter() - start, name)
+    if not measure_cpu:
+        return row
+    spent = cpu_by_role(processes, cpu_before, cpu_snapshot(processes))
+    per_token = {role: s * 1e3 / max(row.output_tokens, 1) for role, s in spent.items()}
+    return replace(row, cpu_ms_per_token={**per_token, "total": sum(per_token.values())})
 
 
 async def _served_sweep(url: str, api_key: str, model_name: str | None, workload: list[BenchRequest],
                         concurrencies: list[int],
-                        fresh: Callable[[int], tuple[list[BenchRequest], list[BenchRequest]]] | None = None
-                        ) -> list[ServeBenchRow]:
+                        fresh: Callable[[int], tuple[list[BenchRequest], list[BenchRequest]]] | None = None,
+                        measure_cpu: bool = False) -> list[ServeBenchRow]:
     """The workload at each concurrency, after one warm-up request; the served name defaults to /v1/models'.
     With `fresh` (--shared-prefix): for the i-th concurrency, fresh(i) gives a shared-prefix workload (the
     one prefix, new suffixes) and its cold twin, each never sent before, run one after the other."""
@@ -210,12 +229,12 @@ async def _served_sweep(url: str, api_key: str, model_name: str | None, workload
         if warmup.error is not None:
             raise BenchError(f"the warm-up request to {url} failed: {warmup.error}")
         if fresh is None:
-            return [await _run_served(client, model_name, workload, c) for c in concurrencies]
+            return [await _run_served(client, model_name, workload, c, measure_cpu=measure_cpu) for c in concurrencies]
         rows = []
         for i, c in enumerate(concurrencies):
             shared, cold = fresh(i)
-            rows.append(await _run_served(client, model_name, shared, c, "shared-prefix"))
-            rows.append(await _run_served(client, model_name, cold, c, "cold"))
+            rows.append(await _run_served(client, model_name, shared, c, "shared-prefix", measure_cpu))
+            rows.append(await _run_served(client, model_name, cold, c, "cold", measure_cpu))
         return rows
 
 
@@ -242,6 +261,42 @@ def transformers_throughput(model: PreTrainedModel, workload: list[BenchRequest]
     return sum(r.max_tokens for r in workload) / (time.perf_counter() - start)
 
 
+def in_process_engine(model_dir: Path, dtype: str) -> Engine:
+    """The served head engine (nextserve up's default scheduler and cache settings) with every routed
+    expert in this process: the cluster's work without its distribution."""
+    args = AppArgs(model=str(model_dir), dtype=dtype)
+    return Engine(load_head(model_dir, dtype), load_local_backend(model_dir, dtype), None, args.scheduler_config(),
+                  args.context_length(), args.cache_config())
+
+
+def in_process_throughput(engine: Engine, workload: list[BenchRequest], concurrency: int) -> tuple[float, float]:
+    """(output tokens/s, CPU ms per token of this process) of `engine` serving the workload greedily with
+    `concurrency` requests in flight, like the served run (ignore_eos, exactly max_tokens each), on one
+    torch thread like a head replica (measured on 2 cores: 533 tok/s with 1 thread, 219 with 2, whose
+    idle OpenMP threads spin against the engine's own)."""
+
+    async def serve_all(requests: list[BenchRequest]) -> int:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(i: int, req: BenchRequest) -> int:
+            params = SamplingParams(temperature=0.0, max_tokens=req.max_tokens, ignore_eos=True)
+            async with gate:
+                return sum([len(out.token_ids) async for out in engine.generate(f"peer-{i}", req.prompt_ids, params)])
+
+        return sum(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a head replica computes (cluster/deployments/actor_threads.py)
+    try:
+        asyncio.run(serve_all(workload[:1]))  # warm-up, like the served run's (a whole pass would fill the prefix cache)
+        cpu0, start = time.process_time(), time.perf_counter()
+        tokens = asyncio.run(serve_all(workload))
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    finally:
+        torch.set_num_threads(threads)
+    return tokens / wall, cpu * 1e3 / max(tokens, 1)
+
+
 def plot_curve(rows: Sequence[ServeBenchRow], path: Path) -> None:
     """Throughput (served, and transformers when measured) and p50/p99 TTFT and TPOT against concurrency."""
     fig = Figure(figsize=(11, 4.2), layout="constrained")
@@ -265,14 +320,30 @@ def plot_curve(rows: Sequence[ServeBenchRow], path: Path) -> None:
 
 
 def format_table(rows: Sequence[ServeBenchRow]) -> str:
-    """A readable table: the row's fields but duration_s, in their order; "-" where not measured."""
-    names = ["conc", "reqs", "errors", "out_tok", "tok/s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms",
-             "tpot_p99_ms", "transformers_tok/s", "ratio", "workload     ", "cached_mean"]
-    lines = ["  ".join(names)]
+    """A readable table, "-" where not measured; with --cpu, a second one: CPU ms per token by role."""
+    columns = [("conc", "concurrency"), ("reqs", "requests"), ("errors", "errors"), ("out_tok", "output_tokens"),
+               ("tok/s", "throughput_tok_s"), ("ttft_p50_ms", "ttft_ms_p50"), ("ttft_p99_ms", "ttft_ms_p99"),
+               ("tpot_p50_ms", "tpot_ms_p50"), ("tpot_p99_ms", "tpot_ms_p99"),
+               ("transformers_tok/s", "baseline_throughput_tok_s"), ("ratio", "ratio"),
+               ("in_process_tok/s", "in_process_tok_s"), ("tax", "tax"), ("workload     ", "workload"),
+               ("cached_mean", "cached_tokens_mean")]
+    lines = ["  ".join(name for name, _ in columns)]
     for r in rows:
-        cells = ["-" if v is None else str(v) if isinstance(v, (int, str)) else f"{v:.{2 if k == 'ratio' else 1}f}"
-                 for k, v in asdict(r).items() if k != "duration_s"]
-        lines.append("  ".join(c.rjust(len(n)) for c, n in zip(cells, names)))
+        cells = []
+        for name, field in columns:
+            v = getattr(r, field)
+            cells.append("-" if v is None else str(v) if isinstance(v, (int, str)) else
+                         f"{v:.{2 if field in ('ratio', 'tax') else 1}f}")
+        lines.append("  ".join(c.rjust(len(n)) for c, (n, _) in zip(cells, columns)))
+    if any(r.cpu_ms_per_token for r in rows):
+        names = ["conc", *ROLES, "total", "in_process", "total/in_process"]
+        lines += ["", "CPU ms per output token (this machine's cluster processes):", "  ".join(names)]
+        for r in rows:
+            cpu = r.cpu_ms_per_token or {}
+            peer = r.in_process_cpu_ms_per_token
+            cells = [str(r.concurrency), *(f"{cpu.get(k, 0.0):.2f}" for k in (*ROLES, "total")),
+                     "-" if peer is None else f"{peer:.2f}", "-" if peer is None else f"{cpu['total'] / peer:.2f}"]
+            lines.append("  ".join(c.rjust(len(n)) for c, n in zip(cells, names)))
     return "\n".join(lines)
 
 
@@ -303,12 +374,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "a cold twin of the same lengths, sharing nothing: TTFT with and without prefix-cache hits")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the baseline's; match the server")
     p.add_argument("--vs-transformers", action="store_true", help="also run transformers' generate as the baseline")
+    p.add_argument("--in-process", action="store_true",
+                   help="also run the same engine with its experts in this process (the distribution tax: tok/s ratio)")
+    p.add_argument("--cpu", action="store_true",
+                   help="CPU per output token of this machine's cluster processes by role (a local server only)")
     p.add_argument("--json", action="store_true", help="one JSON line per concurrency")
     p.add_argument("--plot", type=Path, help="draw the curve to this PNG (and its rows to the .json beside it)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.in_process and args.shared_prefix:
+            raise BenchError("--in-process runs the default workload; drop --shared-prefix for it (or run them apart)")
         token_ids = checkpoint_prompt_token_ids(args.model)
         workload = make_workload(args.requests, args.prompt_len, args.max_tokens, token_ids, args.seed,
                                  args.fixed_lengths, args.shared_prefix)
@@ -320,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
             return shared, cold_twin(shared, token_ids, seed)
 
         rows = asyncio.run(_served_sweep(args.url, args.api_key, args.model_name, workload, args.concurrency,
-                                         fresh if args.shared_prefix else None))
+                                         fresh if args.shared_prefix else None, args.cpu))
     except BenchError as e:
         print(f"nextserve: error: {e}", file=sys.stderr)
         return 2
@@ -328,6 +405,14 @@ def run(args: argparse.Namespace) -> int:
         model = load_transformers(args.model, args.dtype)
         baselines = [transformers_throughput(model, workload, r.concurrency) for r in rows]
         rows = [replace(r, baseline_throughput_tok_s=b, ratio=r.throughput_tok_s / b) for r, b in zip(rows, baselines)]
+    if args.in_process:
+        engine = in_process_engine(args.model, args.dtype)
+        try:
+            peers = [in_process_throughput(engine, workload, r.concurrency) for r in rows]
+        finally:
+            engine.shutdown()
+        rows = [replace(r, in_process_tok_s=tok_s, tax=r.throughput_tok_s / tok_s,
+                        in_process_cpu_ms_per_token=cpu_ms if args.cpu else None) for r, (tok_s, cpu_ms) in zip(rows, peers)]
     lines = [json.dumps(asdict(r)) for r in rows]
     if args.plot:
         plot_curve(rows, args.plot)

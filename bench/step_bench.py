@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import secrets
 import statistics
 import sys
@@ -37,6 +36,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from nextserve.bench.head_batch import HeadBatch
 from nextserve.bench.prompt_ids import checkpoint_prompt_token_ids, random_prompts
 from nextserve.bench.dispatch import echo_requests, plan_all_alive, worker_processes
+from nextserve.bench.process_cpu import process_cpu_s, thread_cpu_s
 from nextserve.model.config import Qwen3NextConfig
 from nextserve.model.expert_backend import ExpertBackend, ZeroExperts
 from nextserve.model.loader import load_head, load_local_backend
@@ -69,21 +69,6 @@ class TimedResult:
             return self.future.result()
         finally:
             self.backend.wait_s += time.perf_counter() - start
-
-
-def _stat_cpu_s(stat_path: str) -> float:
-    """utime + stime of a /proc stat file, in seconds (Linux)."""
-    fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_s(pid: int) -> float:
-    return _stat_cpu_s(f"/proc/{pid}/stat")
-
-
-def thread_cpu_s(native_id: int | None) -> float:
-    """CPU seconds of one thread of this process (0 for none)."""
-    return _stat_cpu_s(f"/proc/self/task/{native_id}/stat") if native_id else 0.0
 
 
 @dataclass

@@ -20,7 +20,9 @@ from torch import Tensor
 from nextserve.experts.store import LayerTable
 from nextserve.model.layers.experts import Assignments, experts_forward
 from nextserve.proto import expert_pb2
-from nextserve.proto.codec import TORCH_TO_DTYPE, frombuffer
+from nextserve.proto.codec import INDEX_DTYPE, TORCH_TO_DTYPE, frombuffer
+
+INDEX_BYTES = INDEX_DTYPE.itemsize
 
 
 class InvalidDispatch(ValueError):
@@ -42,42 +44,56 @@ class DispatchBatch:
     weights: Tensor  # [P]
 
 
-def _check_sizes(req: expert_pb2.DispatchRequest, hidden: bytes, weights: bytes, counts: Tensor,
-                 dtype: torch.dtype, hidden_size: int) -> None:
-    """Check dtype, shape and byte counts against each other (hidden / weights: the fields' bytes, read
-    once by the caller: each read of a bytes field copies it; counts [t] int64)."""
+def _check_sizes(req: expert_pb2.DispatchRequest, hidden: bytes, counts: bytes, dtype: torch.dtype,
+                 hidden_size: int) -> None:
+    """dtype, shape and the byte counts of hidden and counts against each other (hidden / counts: the
+    fields' bytes, read once by the caller: each read of a bytes field copies it)."""
     if req.dtype != TORCH_TO_DTYPE[dtype]:
         raise InvalidDispatch(f"dtype {expert_pb2.DType.Name(req.dtype)} does not match the worker's "
-                              f"{expert_pb2.DType.Name(TORCH_TO_DTYPE[dtype])}")
+                              f"{expert_pb2.DType.Name(TORCH_TO_DTYPE[dtype])}; send the model's dtype")
     if req.hidden_size != hidden_size:
         raise InvalidDispatch(f"hidden_size {req.hidden_size} does not match the model's {hidden_size}")
-    size = dtype.itemsize
-    t = req.num_tokens
+    size, t = dtype.itemsize, req.num_tokens
     if len(hidden) != t * hidden_size * size:
         raise InvalidDispatch(f"hidden has {len(hidden)} bytes; num_tokens {t} x hidden_size "
                               f"{hidden_size} x {size} bytes needs {t * hidden_size * size}")
-    if counts.numel() != t:
-        raise InvalidDispatch(f"counts has {counts.numel()} entries for num_tokens {t}")
+    if len(counts) != t * INDEX_BYTES:
+        raise InvalidDispatch(f"counts has {len(counts)} bytes; num_tokens {t} x {INDEX_BYTES} bytes (int32) "
+                              f"needs {t * INDEX_BYTES}")
+
+
+def _check_pairs(counts: Tensor, expert_ids: bytes, weights: bytes, dtype: torch.dtype) -> int:
+    """counts [t] int32 >= 1 each; the pair arrays' byte counts against sum(counts) -> the pairs P."""
+    if counts.numel() and int(counts.min()) < 1:
+        i = int((counts < 1).nonzero()[0])
+        raise InvalidDispatch(f"counts[{i}] is {int(counts[i])}; every token sent needs >= 1 (expert, weight) pair")
     num_pairs = int(counts.sum())
-    if len(req.expert_ids) != num_pairs:
-        raise InvalidDispatch(f"expert_ids has {len(req.expert_ids)} entries; sum(counts) is {num_pairs}")
-    if len(weights) != num_pairs * size:
-        raise InvalidDispatch(f"weights has {len(weights)} bytes; {num_pairs} pairs x {size} bytes "
-                              f"needs {num_pairs * size}")
+    if len(expert_ids) != num_pairs * INDEX_BYTES:
+        raise InvalidDispatch(f"expert_ids has {len(expert_ids)} bytes; sum(counts) {num_pairs} pairs x "
+                              f"{INDEX_BYTES} bytes (int32) needs {num_pairs * INDEX_BYTES}")
+    if len(weights) != num_pairs * dtype.itemsize:
+        raise InvalidDispatch(f"weights has {len(weights)} bytes; {num_pairs} pairs x {dtype.itemsize} bytes "
+                              f"needs {num_pairs * dtype.itemsize}")
+    return num_pairs
 
 
 def decode_dispatch(req: expert_pb2.DispatchRequest, tables: dict[int, LayerTable], dtype: torch.dtype,
                     hidden_size: int, num_experts: int) -> DispatchBatch:
+    """Validate and view the request's bytes as tensors: no Python work per token or pair."""
     table = tables.get(req.layer)
     if table is None:
         raise ExpertsNotHeld(f"layer {req.layer} is not served by this worker (layers held: {sorted(tables)})")
-    hidden_bytes, weight_bytes = req.hidden, req.weights
-    counts = torch.tensor(req.counts, dtype=torch.int64)  # [t]
-    _check_sizes(req, hidden_bytes, weight_bytes, counts, dtype, hidden_size)
-    experts = torch.tensor(req.expert_ids, dtype=torch.int64)  # [P]
-    if experts.numel() and int(experts.max()) >= num_experts:
-        bad = int(experts[experts >= num_experts][0])
-        raise InvalidDispatch(f"expert {bad} of layer {req.layer} is outside [0, {num_experts})")
+    hidden_bytes, count_bytes, id_bytes, weight_bytes = req.hidden, req.counts, req.expert_ids, req.weights
+    _check_sizes(req, hidden_bytes, count_bytes, dtype, hidden_size)
+    counts = frombuffer(count_bytes, INDEX_DTYPE)  # [t]
+    _check_pairs(counts, id_bytes, weight_bytes, dtype)
+    experts = frombuffer(id_bytes, INDEX_DTYPE).to(torch.int64)  # [P]
+    if experts.numel():
+        low, high = torch.aminmax(experts)
+        if int(low) < 0 or int(high) >= num_experts:
+            bad = int(experts[(experts < 0) | (experts >= num_experts)][0])
+            raise InvalidDispatch(f"expert_ids holds {bad} (layer {req.layer}), outside [0, {num_experts}); "
+                                  f"send global expert ids of the model")
     rows = table.global_to_row[experts]  # [P]
     if bool((rows < 0).any()):
         bad = int(experts[rows < 0][0])
@@ -90,7 +106,7 @@ def decode_dispatch(req: expert_pb2.DispatchRequest, tables: dict[int, LayerTabl
                               f"routing weights must be finite")
     t = req.num_tokens
     hidden = frombuffer(hidden_bytes, dtype).view(t, hidden_size)  # [t, H]
-    token = torch.repeat_interleave(torch.arange(t), counts)  # [P]
+    token = torch.repeat_interleave(torch.arange(t), counts.to(torch.int64))  # [P]
     return DispatchBatch(req.layer, table, hidden, token, experts, rows, weights)
 
 

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from nextserve.experts.compute import ExpertsNotHeld, InvalidDispatch, compute_partial, decode_dispatch
+from nextserve.experts.compute import INDEX_BYTES, ExpertsNotHeld, InvalidDispatch, compute_partial, decode_dispatch
 from nextserve.experts.store import ExpertStore
 from nextserve.model.checkpoint import CheckpointError
 from nextserve.proto import expert_pb2, expert_pb2_grpc
@@ -49,7 +49,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self._inflight += 1  # only touched on the loop thread, like _inflight_by_epoch
         self._inflight_by_epoch[request.epoch] = self._inflight_by_epoch.get(request.epoch, 0) + 1
         try:
-            if len(request.expert_ids) <= INLINE_MAX_PAIRS:
+            if len(request.expert_ids) <= INLINE_MAX_PAIRS * INDEX_BYTES:
                 reply = self._serve(request)
             else:
                 reply = await loop.run_in_executor(self.executor, self._serve, request)

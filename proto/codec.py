@@ -1,5 +1,5 @@
 """What both ends of proto/expert.proto share, hand-written beside the generated modules: the dtype
-enum <-> torch, tensors <-> raw row-major bytes, and the message size limit.
+enum <-> torch, tensors and index arrays <-> raw row-major bytes, and the message size limit.
 
 router/ and experts/ never import each other; both import this.
 """
@@ -15,6 +15,9 @@ from nextserve.proto import expert_pb2
 
 DTYPE_TO_TORCH = {expert_pb2.DTYPE_FLOAT32: torch.float32, expert_pb2.DTYPE_BFLOAT16: torch.bfloat16}
 TORCH_TO_DTYPE = {v: k for k, v in DTYPE_TO_TORCH.items()}
+
+INDEX_DTYPE = torch.int32
+"""DispatchRequest's counts and expert_ids: raw little-endian int32 (a real layer has 512 experts)."""
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 """Both directions, on workers and heads. A Qwen3-Next prefill batch of 16384 tokens is 16384 x 2048

@@ -17,26 +17,26 @@ DTYPE_FLOAT32: DType
 DTYPE_BFLOAT16: DType
 
 class DispatchRequest(_message.Message):
-    __slots__ = ("layer", "epoch", "dtype", "num_tokens", "hidden_size", "hidden", "counts", "expert_ids", "weights")
+    __slots__ = ("layer", "epoch", "dtype", "num_tokens", "hidden_size", "hidden", "weights", "counts", "expert_ids")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
-    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     epoch: int
     dtype: DType
     num_tokens: int
     hidden_size: int
     hidden: bytes
-    counts: _containers.RepeatedScalarFieldContainer[int]
-    expert_ids: _containers.RepeatedScalarFieldContainer[int]
     weights: bytes
-    def __init__(self, layer: _Optional[int] = ..., epoch: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., num_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., hidden: _Optional[bytes] = ..., counts: _Optional[_Iterable[int]] = ..., expert_ids: _Optional[_Iterable[int]] = ..., weights: _Optional[bytes] = ...) -> None: ...
+    counts: bytes
+    expert_ids: bytes
+    def __init__(self, layer: _Optional[int] = ..., epoch: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., num_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., hidden: _Optional[bytes] = ..., weights: _Optional[bytes] = ..., counts: _Optional[bytes] = ..., expert_ids: _Optional[bytes] = ...) -> None: ...
 
 class DispatchReply(_message.Message):
     __slots__ = ("num_tokens", "hidden_size", "dtype", "partial")

@@ -1,6 +1,6 @@
 """Router side of the wire format (proto/expert.proto): WorkerBatch -> DispatchRequest, reply -> [t, H].
 
-Tensors travel as raw row-major bytes in the model dtype. The worker's side is experts/compute.py
+Tensors travel as raw row-major bytes in the model dtype, counts and expert ids as int32 bytes. The worker's side is experts/compute.py
 (kept separate: router/ and experts/ both depend on proto/ and model/, never on each other).
 Letters: t = tokens in the request, H = hidden, P = pairs.
 """
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from nextserve.proto import expert_pb2
-from nextserve.proto.codec import TORCH_TO_DTYPE, frombuffer, tensor_bytes
+from nextserve.proto.codec import INDEX_DTYPE, TORCH_TO_DTYPE, frombuffer, tensor_bytes
 from nextserve.router.plan import WorkerBatch
 
 
@@ -21,8 +21,8 @@ def encode_request(layer: int, epoch: int, hidden: Tensor, batch: WorkerBatch,
     return expert_pb2.DispatchRequest(
         layer=layer, epoch=epoch, dtype=TORCH_TO_DTYPE[dtype], num_tokens=batch.tokens.numel(),
         hidden_size=hidden.shape[1], hidden=tensor_bytes(hidden[batch.tokens]),  # [t, H]
-        counts=batch.counts.tolist(), expert_ids=batch.experts.tolist(),
-        weights=tensor_bytes(batch.weights.to(dtype)))  # [P]
+        counts=tensor_bytes(batch.counts.to(INDEX_DTYPE)), expert_ids=tensor_bytes(batch.experts.to(INDEX_DTYPE)),
+        weights=tensor_bytes(batch.weights.to(dtype)))  # [t], [P], [P]
 
 
 def decode_partial(reply: expert_pb2.DispatchReply, num_tokens: int, hidden_size: int,

@@ -1,15 +1,19 @@
-"""`nextserve bench dispatch`: its byte floor comes from the placement, not from the dispatcher's plan
-(so a plan that sent a token twice to one worker would show as bytes over the floor), and a short run
-against real worker processes reports the round, the echo floor and the bytes."""
+"""`nextserve bench dispatch`: its byte floor comes from the placement and its byte count from the
+workers, neither from the dispatcher's plan (a plan that sends a token twice shows, below), and a short
+run against real worker processes reports the round, the echo floor and the bytes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import pytest
 import torch
 
 from nextserve.bench.dispatch import main, min_bytes_per_token
+from nextserve.router import dispatcher
 from nextserve.router.placement import Placement
+from nextserve.router.plan import WorkerBatch, plan_batches
 
 
 def test_the_byte_floor_counts_each_token_once_per_distinct_owner() -> None:
@@ -22,4 +26,19 @@ def test_a_short_run_reports_the_round_against_its_floors(capsys: object) -> Non
     assert main(["--workers", "2", "--tokens", "16", "--rounds", "20", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)  # type: ignore[attr-defined]
     assert result["dispatch_ms_p50"] > 0 and result["echo_ms_p50"] > 0
-    assert 1.0 <= result["bytes_ratio_to_min"] < 1.2  # the payload above the floor: ids, weights, framing
+    assert result["bytes_ratio_to_min"] == pytest.approx(1.0)  # each token's hidden state once per owner
+    assert result["wire_bytes_per_token"] > result["bytes_per_token"]  # + ids, weights, framing
+
+
+def test_a_plan_that_sends_tokens_twice_fails_the_byte_check(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Each worker batch sent as two calls of half the weight: the sums stay right, the bytes double, and
+    the bench (counting at the workers against the placement's floor) reports it."""
+
+    def duplicating(*args: object, **kwargs: object) -> list[WorkerBatch]:
+        halves = [dataclasses.replace(b, weights=b.weights / 2) for b in plan_batches(*args, **kwargs)]
+        return halves + halves
+
+    monkeypatch.setattr(dispatcher, "plan_batches", duplicating)
+    assert main(["--workers", "2", "--tokens", "16", "--rounds", "20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bytes_ratio_to_min"] == pytest.approx(2.0)

@@ -157,3 +157,21 @@ def test_shared_prefix_runs_the_shared_and_the_cold_workload(server: Server, tin
     assert [r["workload"] for r in rows] == ["shared-prefix", "cold"]
     assert all(r["errors"] == 0 and r["requests"] == 4 and r["ttft_ms_p50"] > 0 for r in rows)
     assert rows[1]["cached_tokens_mean"] == 0  # the cold twin shares nothing
+
+
+@pytest.mark.timeout(120)
+def test_in_process_peer_and_cpu_table(server: Server, tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--in-process runs the same workload on the same engine with in-process experts (the tax is the ratio);
+    --cpu adds the per-token CPU table (roles of this machine's cluster processes; none run for this
+    in-process test server, so the served side reads 0 and only the table's shape is checked here)."""
+    args = parse(["--url", server.url, "--model", str(tiny_dir), "--requests", "4", "--concurrency", "2",
+                  "--prompt-len", "8", "--max-tokens", "8", "--in-process", "--cpu"])
+    assert run(args) == 0
+    out = capsys.readouterr().out
+    header, row = out.splitlines()[:2]
+    cells = dict(zip(header.split(), row.split()))
+    assert float(cells["in_process_tok/s"]) > 0 and float(cells["tax"]) > 0
+    assert "CPU ms per output token" in out and "head" in out and "in_process" in out
+    args = parse(["--url", server.url, "--model", str(tiny_dir), "--in-process", "--shared-prefix", "8"])
+    assert run(args) == 2
+    assert "--in-process runs the default workload" in capsys.readouterr().err

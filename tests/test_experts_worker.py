@@ -52,6 +52,10 @@ def served(reference: dict) -> Iterator[Served]:
     workers.close()
 
 
+def int32_bytes(values: list[int]) -> bytes:
+    return torch.tensor(values, dtype=torch.int32).numpy().tobytes()
+
+
 def good_request(num_tokens: int = 3, layer: int = 0, seed: int = 0) -> tuple[expert_pb2.DispatchRequest, tuple]:
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(num_tokens, 64, generator=g)
@@ -59,8 +63,8 @@ def good_request(num_tokens: int = 3, layer: int = 0, seed: int = 0) -> tuple[ex
     weights = torch.rand(num_tokens, 2, generator=g)
     request = expert_pb2.DispatchRequest(
         layer=layer, dtype=expert_pb2.DTYPE_FLOAT32, num_tokens=num_tokens, hidden_size=64,
-        hidden=hidden.numpy().tobytes(), counts=[2] * num_tokens, expert_ids=ids.reshape(-1).tolist(),
-        weights=weights.numpy().tobytes())
+        hidden=hidden.numpy().tobytes(), counts=int32_bytes([2] * num_tokens),
+        expert_ids=int32_bytes(ids.reshape(-1).tolist()), weights=weights.numpy().tobytes())
     return request, (hidden, ids, weights)
 
 
@@ -79,11 +83,17 @@ def _bad(field: str, value: object) -> expert_pb2.DispatchRequest:
         w[value] = float("nan") if value == 1 else float("inf")
         request.weights = w.numpy().tobytes()
     elif field == "expert_ids":
-        request.expert_ids[0] = value
+        ids = torch.frombuffer(bytearray(request.expert_ids), dtype=torch.int32).clone()
+        ids[0] = value
+        request.expert_ids = ids.numpy().tobytes()
+    elif field == "expert_ids_bytes":
+        request.expert_ids = request.expert_ids[:value]
     elif field == "hidden":
         request.hidden = request.hidden[:value]
     elif field == "counts":
-        request.counts[:] = value
+        request.counts = int32_bytes(value)
+    elif field == "counts_bytes":
+        request.counts = request.counts[:value]
     else:
         setattr(request, field, value)
     return request
@@ -96,13 +106,18 @@ NOT_HELD = [
 ]
 """Well-formed requests for what the worker does not hold: FAILED_PRECONDITION, which heads fail over."""
 BAD = [
-    ("expert_ids", 4000, "expert 4000 of layer 0 is outside \\[0, 16\\)"),
+    ("expert_ids", 4000, "expert_ids holds 4000 \\(layer 0\\), outside \\[0, 16\\)"),
+    ("expert_ids", -3, "expert_ids holds -3 \\(layer 0\\), outside \\[0, 16\\)"),
+    ("expert_ids_bytes", 23, "expert_ids has 23 bytes; sum\\(counts\\) 6 pairs x 4 bytes \\(int32\\) needs 24"),
     ("dtype", expert_pb2.DTYPE_BFLOAT16, "dtype DTYPE_BFLOAT16 does not match the worker's DTYPE_FLOAT32"),
     ("hidden_size", 65, "hidden_size 65 does not match the model's 64"),
     ("num_tokens", 4, "num_tokens 4"),
     ("hidden", 100, "hidden has 100 bytes"),
-    ("counts", [2, 2], "counts has 2 entries for num_tokens 3"),
-    ("counts", [2, 2, 3], "sum\\(counts\\) is 7"),
+    ("counts", [2, 2], "counts has 8 bytes; num_tokens 3 x 4 bytes \\(int32\\) needs 12"),
+    ("counts_bytes", 11, "counts has 11 bytes"),
+    ("counts", [2, 0, 4], "counts\\[1\\] is 0; every token sent needs >= 1"),
+    ("counts", [2, -1, 5], "counts\\[1\\] is -1"),
+    ("counts", [2, 2, 3], "expert_ids has 24 bytes; sum\\(counts\\) 7 pairs"),
     ("weights", b"\0" * 8, "weights has 8 bytes"),
     ("nan_weight", 1, "weights\\[1\\] is nan"),
     ("nan_weight", 4, "weights\\[4\\] is inf"),
@@ -145,8 +160,7 @@ def test_info_counts_tokens_served_per_expert(served: Served) -> None:
 
 def test_load_and_drop_experts(served: Served) -> None:
     request, _ = good_request(layer=0)
-    request.layer, request.expert_ids[0] = 1, 4
-    request.expert_ids[:] = [4, 5] * 3
+    request.layer, request.expert_ids = 1, int32_bytes([4, 5] * 3)
     with pytest.raises(grpc.RpcError, match="layer 1 is not served"):
         served.stub.Dispatch(request, timeout=10)
     info = served.stub.LoadExperts(expert_pb2.LoadExpertsRequest(
