@@ -42,10 +42,11 @@ class AppArgs(BaseModel):
     max_num_seqs: int = Field(64, ge=1)
     max_tokens_per_step: int = Field(512, ge=1)
     prefill_chunk: int = Field(256, ge=1)
-    micro_batches: int = Field(1, ge=1)
+    micro_batches: int | Literal["auto"] = "auto"
     """Ping-pong micro-batches per head step (see SchedulerConfig.micro_batches): 2 overlaps the head's
-    mixer with the experts' round when they have cores or GPUs of their own; on a CPU box that shares
-    its cores between head and workers it costs more than it hides (`nextserve bench step`)."""
+    mixer with the experts' round when they have GPUs of their own; on a CPU box that shares its cores
+    between head and workers it costs more than it hides. "auto": each head replica chooses
+    (SchedulerConfig.auto_micro_batches) from its device and the cluster's."""
     cache_memory: str = "4GiB"
     """Each head's cache budget (KV blocks + DeltaNet state slots), allocated at start: a size (`512MiB`,
     `40GiB`, bytes) or, on a GPU head, a fraction of the device memory left after the weights (`0.9`)."""
@@ -66,10 +67,12 @@ class AppArgs(BaseModel):
     rebalance_every_s: float = Field(0.0, ge=0)
     """Scheduled load-aware rebalancing period; 0 = only on demand (`nextserve rebalance`)."""
 
-    def scheduler_config(self) -> SchedulerConfig:
-        """The head engine's step shape (what every head replica builds)."""
+    def scheduler_config(self, head_on_accelerator: bool = False, experts_on_accelerators: bool = False) -> SchedulerConfig:
+        """The head engine's step shape (what every head replica builds); the devices resolve "auto"."""
+        micro_batches = (SchedulerConfig.auto_micro_batches(head_on_accelerator, experts_on_accelerators)
+                         if self.micro_batches == "auto" else self.micro_batches)
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_tokens_per_step=self.max_tokens_per_step,
-                               prefill_chunk=self.prefill_chunk, micro_batches=self.micro_batches)
+                               prefill_chunk=self.prefill_chunk, micro_batches=micro_batches)
 
     def cache_config(self, device_free_bytes: int | None = None) -> CacheConfig:
         """The head's cache budget; `device_free_bytes` (a GPU head's free memory) resolves a fraction."""

@@ -1,8 +1,8 @@
-"""Which device a process computes on, and the expert-backend adapter for a head on an accelerator.
+"""Which device a process computes on, and a head's routed-expert result on its accelerator.
 
 The wire between heads and expert workers carries CPU bytes. A head on CUDA therefore hands its
-backend CPU tensors and gets a CPU result back, which `DeviceExpertBackend` moves to the head's
-device. Letters: T = tokens, H = hidden, k = experts per token.
+backend CPU tensors and gets a CPU result back, which `DeviceResult` moves to the head's device
+(cluster/control/epoch_follower.py hands it out). Letters: T = tokens, H = hidden.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from nextserve.model.config import ConfigError
-from nextserve.model.expert_backend import ExpertBackend
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -28,18 +27,6 @@ def resolve_device(requested: str) -> torch.device:
         raise ConfigError("device 'cuda' was asked for, but torch sees no CUDA GPU "
                           f"(torch {torch.__version__}); use 'cpu' or 'auto'")
     return torch.device(requested)
-
-
-class DeviceExpertBackend:
-    """Wraps a backend that takes and returns CPU tensors (the remote one) for a head on `device`."""
-
-    def __init__(self, inner: ExpertBackend, device: torch.device) -> None:
-        self.inner = inner
-        self.device = device
-
-    def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> "DeviceResult":
-        """hidden [T, H], ids / weights [T, k] on the head's device -> a result of [T, H] on it."""
-        return DeviceResult(self.inner.submit(layer, hidden.cpu(), ids.cpu(), weights.cpu()), self.device)
 
 
 class DeviceResult:

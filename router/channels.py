@@ -2,6 +2,8 @@
 
 A head's forward runs on ordinary threads; `run` hands a coroutine to the loop thread and returns a
 `concurrent.futures.Future`, so the head can keep computing (the shared expert) while calls fly.
+The loop thread is the channels' own, or one shared by several sets of channels (a head keeps one for
+every placement epoch it follows: cluster/control/epoch_follower.py), which they then never stop.
 """
 
 from __future__ import annotations
@@ -28,13 +30,33 @@ CHANNEL_OPTIONS = [
 ]
 
 
-class WorkerChannels:
-    def __init__(self, addresses: Sequence[str]) -> None:
-        self.addresses = list(addresses)
+class DispatchLoop:
+    """An asyncio loop on a daemon thread of its own, for gRPC channels to expert workers."""
+
+    def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="expert-dispatch", daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="expert-dispatch", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> "Future[T]":
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join()
+            self.loop.close()
+
+
+class WorkerChannels:
+    def __init__(self, addresses: Sequence[str], loop: DispatchLoop | None = None) -> None:
+        """On `loop` (shared, left running by `close`), else on a loop thread of their own."""
+        self.addresses = list(addresses)
+        self._owns_loop = loop is None
+        self._loop = loop or DispatchLoop()
+        self.loop = self._loop.loop
         self._channels: list[grpc.aio.Channel] = []
+        self._is_closed = False
         self.stubs: list[expert_pb2_grpc.ExpertServiceStub] = self.run(self._open()).result()
 
     async def _open(self) -> list[expert_pb2_grpc.ExpertServiceStub]:
@@ -44,19 +66,19 @@ class WorkerChannels:
     @property
     def thread_id(self) -> int | None:
         """The OS id of the loop thread (for CPU accounting in benchmarks)."""
-        return self._thread.native_id
+        return self._loop.thread.native_id
 
     def run(self, coro: Coroutine[Any, Any, T]) -> "Future[T]":
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def close(self) -> None:
-        if not self._thread.is_alive():
+        if self._is_closed or not self._loop.thread.is_alive():
             return
+        self._is_closed = True
 
         async def _close() -> None:
             await asyncio.gather(*(c.close() for c in self._channels))
 
         self.run(_close()).result()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
-        self.loop.close()
+        if self._owns_loop:
+            self._loop.stop()

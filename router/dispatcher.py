@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from nextserve.proto import expert_pb2
-from nextserve.router.channels import WorkerChannels
+from nextserve.router.channels import DispatchLoop, WorkerChannels
 from nextserve.router.placement import Placement
 from nextserve.model.layers.experts import Assignments
 from nextserve.router.plan import WorkerBatch, alive_replicas, plan_batches, replica_table, unavailable_experts
@@ -57,7 +57,8 @@ class RemoteExpertBackend:
     """`model.expert_backend.ExpertBackend` over gRPC expert workers (addresses[i] is worker i)."""
 
     def __init__(self, addresses: Sequence[str], placement: Placement, dtype: torch.dtype = torch.float32,
-                 deadline_s: float = 5.0, retry_dead_after_s: float = 10.0) -> None:
+                 deadline_s: float = 5.0, retry_dead_after_s: float = 10.0, loop: DispatchLoop | None = None) -> None:
+        """`loop`: a shared loop thread for the channels (else they get their own; see router/channels.py)."""
         if len(addresses) != placement.num_workers:
             raise ValueError(f"{len(addresses)} addresses for a placement of {placement.num_workers} workers")
         if dtype not in TORCH_TO_DTYPE:
@@ -66,14 +67,14 @@ class RemoteExpertBackend:
         self.dtype = dtype
         self.deadline_s = deadline_s
         self.retry_dead_after_s = retry_dead_after_s
-        self.channels = WorkerChannels(addresses)
+        self.channels = WorkerChannels(addresses, loop)
         self._replicas = {layer: replica_table(placement, layer) for layer in placement.layers}
         self._dead_since: dict[int, float] = {}  # worker -> monotonic time; loop thread only
         self._alive: dict[tuple[int, tuple[int, ...]], Tensor] = {}  # (layer, dead) -> [E, R]
 
     def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> "Future[Tensor]":
         """hidden [T, H], ids/weights [T, k] -> Future of the routed-expert output [T, H]."""
-        return self.channels.run(self.dispatch(layer, hidden.detach(), ids, weights.to(self.dtype)))
+        return self.channels.run(self.dispatch(layer, hidden, ids, weights))
 
     def close(self) -> None:
         self.channels.close()
@@ -85,13 +86,14 @@ class RemoteExpertBackend:
         self.close()
 
     async def dispatch(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+        """hidden [T, H], ids/weights [T, k] (CPU) -> the routed-expert output [T, H]; on the channels' loop."""
         if layer not in self._replicas:
             raise ValueError(f"layer {layer} is not in the placement (layers {list(self._replicas)})")
         out = torch.zeros(hidden.shape, dtype=self.dtype)  # [T, H]
         if hidden.shape[0] == 0:
             return out
-        hidden = hidden.to(self.dtype).contiguous()
-        pairs = Assignments.from_topk(ids, weights)
+        hidden = hidden.detach().to(self.dtype).contiguous()
+        pairs = Assignments.from_topk(ids, weights.to(self.dtype))
         pending = torch.arange(pairs.token.numel())
         partials: list[tuple[int, int, Tensor, Tensor]] = []  # (worker, round, tokens [t], partial [t, H])
         # Each failed round marks >= 1 worker dead, so N + 1 rounds reach either success or a round

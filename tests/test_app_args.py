@@ -43,6 +43,14 @@ def test_scheduler_fields_that_clash_fail_at_validation_naming_both(tiny_dir: Pa
         AppArgs(model=str(tiny_dir), max_num_seqs=700)
     args = AppArgs(model=str(tiny_dir), max_num_seqs=700, max_tokens_per_step=700, micro_batches=2)
     assert (args.scheduler_config().max_num_seqs, args.scheduler_config().micro_batches) == (700, 2)
+    auto = AppArgs(model=str(tiny_dir))  # the default: each head chooses from the devices
+    assert auto.micro_batches == "auto"
+    assert [auto.scheduler_config(head, experts).micro_batches
+            for head, experts in [(False, False), (True, False), (False, True), (True, True)]] == [1, 1, 1, 2]
+    assert args.scheduler_config(True, True).micro_batches == 2 and \
+        AppArgs(model=str(tiny_dir), micro_batches=1).scheduler_config(True, True).micro_batches == 1
+    with pytest.raises(ValueError, match="micro_batches"):
+        AppArgs(model=str(tiny_dir), micro_batches=0)
 
 
 def test_admin_token_from_the_named_variable(tiny_dir: Path) -> None:

@@ -1,20 +1,17 @@
-"""model/device.py: the device choice, and the adapter that gives a head on a GPU a CPU-wire backend;
-with CUDA, an expert store on the GPU against the CPU one (skipped without a GPU)."""
+"""model/device.py: the device choice; with CUDA, an expert store on the GPU against the CPU one (skipped
+without a GPU). A head's result on its GPU: tests/test_epoch_follower.py."""
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor
 
 from nextserve.experts.compute import DispatchBatch, compute_partial
 from nextserve.experts.store import ExpertStore
 from nextserve.model.config import ConfigError
-from nextserve.model.device import DeviceExpertBackend, resolve_device
-from nextserve.model.expert_backend import LocalExpertBackend
+from nextserve.model.device import resolve_device
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -27,50 +24,6 @@ def test_resolve_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="torch sees no CUDA GPU"):
             resolve_device("cuda")
-
-
-def _local(E: int = 6, H: int = 16, I: int = 8) -> LocalExpertBackend:
-    g = torch.Generator().manual_seed(0)
-    return LocalExpertBackend({0: torch.randn(E, 2 * I, H, generator=g)}, {0: torch.randn(E, H, I, generator=g)})
-
-
-def _inputs(T: int = 5, H: int = 16, E: int = 6, k: int = 2) -> tuple[Tensor, Tensor, Tensor]:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.rand(T, E, generator=g).topk(k, dim=1).indices
-    return torch.randn(T, H, generator=g), ids, torch.rand(T, k, generator=g)
-
-
-def test_device_backend_on_cpu_passes_the_inner_result_through() -> None:
-    local, (hidden, ids, weights) = _local(), _inputs()
-    got = DeviceExpertBackend(local, torch.device("cpu")).submit(0, hidden, ids, weights).result()
-    assert torch.equal(got, local.forward(0, hidden, ids, weights))
-
-
-def test_device_backend_passes_the_inner_failure_on() -> None:
-    class Failing:
-        def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> "Future[Tensor]":
-            future: Future[Tensor] = Future()
-            future.set_exception(RuntimeError("worker gone"))
-            return future
-
-    with pytest.raises(RuntimeError, match="worker gone"):
-        DeviceExpertBackend(Failing(), torch.device("cpu")).submit(0, *_inputs()).result(timeout=5)
-
-
-@needs_cuda
-def test_device_backend_brings_the_result_to_the_head_device() -> None:
-    local, (hidden, ids, weights) = _local(), _inputs()
-    seen: list[str] = []
-
-    class Recording:  # what the remote backend would be handed: it serialises CPU tensors only
-        def submit(self, layer: int, h: Tensor, i: Tensor, w: Tensor) -> "Future[Tensor]":
-            seen.extend(t.device.type for t in (h, i, w))
-            return local.submit(layer, h, i, w)
-
-    backend = DeviceExpertBackend(Recording(), torch.device("cuda"))
-    got = backend.submit(0, hidden.cuda(), ids.cuda(), weights.cuda()).result(timeout=30)
-    assert seen == ["cpu"] * 3 and got.device.type == "cuda"
-    torch.testing.assert_close(got.cpu(), local.forward(0, hidden, ids, weights))
 
 
 @needs_cuda

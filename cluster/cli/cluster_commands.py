@@ -148,6 +148,19 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
     return 0
 
 
+def micro_batches_arg(text: str) -> int | str:
+    """--micro-batches: 'auto' or a count >= 1."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a count >= 1, got {text!r}")
+    return value
+
+
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", help="default: the cluster `nextserve up` started")
     p.add_argument("--cluster", default="default", help="registry namespace in Redis")
@@ -182,8 +195,9 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
                    help="do not keep KV blocks and DeltaNet state snapshots for prompts that share a prefix")
     p.add_argument("--prefix-snapshot-every", type=int, default=256,
                    help="tokens between the prefix cache's state snapshots in a prefill (a multiple of --block-size)")
-    p.add_argument("--micro-batches", type=int, default=1,
-                   help="ping-pong micro-batches per head step (2 overlaps head math with the expert round)")
+    p.add_argument("--micro-batches", type=micro_batches_arg, default="auto",
+                   help="ping-pong micro-batches per head step (2 overlaps head math with the expert round); "
+                        "auto (default): 2 when heads and experts have GPUs, else 1")
     p.add_argument("--head-gpus", type=float, default=0.0, help="GPUs per head replica (0: heads on CPU)")
     p.add_argument("--no-direct-ingress", action="store_true",
                    help="serve HTTP through Ray Serve's proxy instead of the gateway replica itself "

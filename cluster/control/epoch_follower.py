@@ -1,23 +1,35 @@
-"""An `ExpertBackend` that follows the placement epoch published in Redis.
+"""A head's expert backend: the routed experts over gRPC, following the placement epoch in Redis.
+
+The one object between a head's forward and the wire (the head used to stack four: device, recording,
+epoch following, remote). `submit` hands one coroutine to the dispatch loop thread and returns its
+future; the coroutine dispatches on the current epoch's `RemoteExpertBackend` (plan, calls, replica
+failover), waits for a new epoch when some expert has no live worker, and records the round's latency
+and routed tokens for /metrics. A head on an accelerator gets a `DeviceResult`: the CPU result moved
+to its device by the head's own thread.
 
 A watcher thread polls the registry's epoch (cheap: one HGET) and, on a new epoch, builds a
-`RemoteExpertBackend` for the new placement and addresses, then swaps it in. A step already in flight
-finishes on the backend it started with (the old channels close after a grace period); the next
-MoE layer uses the new one. Both hold the same weights, so the swap changes no result. If Redis is
-unreachable the current backend keeps serving.
+`RemoteExpertBackend` for the new placement and addresses on the same loop thread, then swaps it in. A
+round already in flight finishes on the backend it started with (the old channels close after a grace
+period); the next MoE layer uses the new one. Both hold the same weights, so the swap changes no
+result. If Redis is unreachable the current backend keeps serving.
+Letters: T = tokens, H = hidden, k = experts per token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 from torch import Tensor
 
 from nextserve.cluster.control.registry import Registry
+from nextserve.cluster.engine.dispatch_recorder import DispatchRecorder
+from nextserve.model.device import DeviceResult
+from nextserve.router.channels import DispatchLoop
 from nextserve.router.dispatcher import ExpertsUnavailableError, RemoteExpertBackend
 
 log = logging.getLogger(__name__)
@@ -28,19 +40,25 @@ CLOSE_GRACE_S = 30.0
 
 
 class EpochFollowingBackend:
-    def __init__(self, registry: Registry, dtype: torch.dtype, deadline_s: float, unavailable_wait_s: float = 30.0,
+    def __init__(self, registry: Registry, dtype: torch.dtype, deadline_s: float, num_experts: int,
+                 unavailable_wait_s: float = 30.0, device: torch.device = torch.device("cpu"),
                  wait_s: float = 300.0) -> None:
+        """Waits up to `wait_s` for a placement in Redis. `num_experts` sizes the routed-token counts."""
         self.registry = registry
         self.dtype = dtype
         self.deadline_s = deadline_s
+        self.num_experts = num_experts
         self.unavailable_wait_s = unavailable_wait_s
-        self._retries = ThreadPoolExecutor(2, thread_name_prefix="unavailable-wait")
+        self.device = device
+        self.recorder = DispatchRecorder()
+        self.loop = DispatchLoop()
         self.epoch = 0
         self.current: RemoteExpertBackend | None = None
         self._stop = threading.Event()
         deadline = time.monotonic() + wait_s
         while not self.refresh():
             if time.monotonic() > deadline:
+                self.loop.stop()
                 raise TimeoutError(f"no placement appeared in Redis ({registry.url}) within {wait_s} s")
             time.sleep(POLL_S)
         threading.Thread(target=self._watch, name="epoch-follower", daemon=True).start()
@@ -52,7 +70,8 @@ class EpochFollowingBackend:
         record = self.registry.placement()
         if record is None or record.epoch == self.epoch:
             return self.current is not None
-        backend = RemoteExpertBackend(list(record.addresses), record.placement, self.dtype, self.deadline_s)
+        backend = RemoteExpertBackend(list(record.addresses), record.placement, self.dtype, self.deadline_s,
+                                      loop=self.loop)
         old, self.current, self.epoch = self.current, backend, record.epoch
         log.info("dispatching with placement epoch %d (%s)", record.epoch, ", ".join(record.addresses))
         if old is not None:
@@ -66,39 +85,36 @@ class EpochFollowingBackend:
             except Exception as exc:  # Redis restarting: keep the current backend
                 log.debug("epoch poll failed: %s", exc)
 
-    def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> "Future[Tensor]":
-        """hidden [T, H], ids / weights [T, k] -> Future of [T, H]."""
-        outer: Future[Tensor] = Future()
-        self._attempt(outer, (layer, hidden, ids, weights), time.monotonic() + self.unavailable_wait_s)
-        return outer
+    def submit(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> "Future[Tensor] | DeviceResult":
+        """hidden [T, H], ids / weights [T, k] on the head's device -> a future of [T, H] on it."""
+        if self.device.type != "cpu":  # the wire carries CPU bytes (model/device.py)
+            hidden, ids, weights = hidden.cpu(), ids.cpu(), weights.cpu()
+        future = self.loop.run(self._dispatch(layer, hidden, ids, weights))
+        return future if self.device.type == "cpu" else DeviceResult(future, self.device)
 
-    def _attempt(self, outer: "Future[Tensor]", args: tuple[int, Tensor, Tensor, Tensor], give_up_at: float) -> None:
-        assert self.current is not None
-        epoch = self.epoch
-
-        def done(inner: "Future[Tensor]") -> None:
-            exc = inner.exception()
-            if exc is None:
-                outer.set_result(inner.result())
-            elif isinstance(exc, ExpertsUnavailableError) and time.monotonic() < give_up_at:
-                self._retries.submit(self._retry_on_new_epoch, outer, args, give_up_at, epoch, exc)
-            else:
-                outer.set_exception(exc)
-
-        self.current.submit(*args).add_done_callback(done)
-
-    def _retry_on_new_epoch(self, outer: "Future[Tensor]", args: tuple[int, Tensor, Tensor, Tensor],
-                            give_up_at: float, epoch: int, exc: BaseException) -> None:
-        while self.epoch == epoch and time.monotonic() < give_up_at:
-            time.sleep(POLL_S / 5)
-        if self.epoch == epoch:
-            outer.set_exception(exc)
-        else:
-            log.info("layer %d: retrying on placement epoch %d", args[0], self.epoch)
-            self._attempt(outer, args, give_up_at)
+    async def _dispatch(self, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+        """On the loop thread: the current epoch's round; with experts unavailable, the next epoch's once
+        one is published (within `unavailable_wait_s`), else the error."""
+        start = time.perf_counter()
+        self.recorder.record_tokens(layer, ids, self.num_experts)
+        give_up_at = time.monotonic() + self.unavailable_wait_s
+        while True:
+            assert self.current is not None
+            backend, epoch = self.current, self.epoch
+            try:
+                out = await backend.dispatch(layer, hidden, ids, weights)
+                break
+            except ExpertsUnavailableError:
+                while self.epoch == epoch and time.monotonic() < give_up_at:
+                    await asyncio.sleep(POLL_S / 5)
+                if self.epoch == epoch:
+                    raise
+                log.info("layer %d: retrying on placement epoch %d", layer, self.epoch)
+        self.recorder.record_latency(layer, time.perf_counter() - start)
+        return out
 
     def close(self) -> None:
         self._stop.set()
-        self._retries.shutdown(wait=False)
         if self.current is not None:
             self.current.close()
+        self.loop.stop()

@@ -24,7 +24,7 @@ from typing import Any
 import ray
 
 from nextserve.cluster.control import reshard, worker_admin
-from nextserve.cluster.deployments.expert_worker import ExpertWorker, actor_options
+from nextserve.cluster.deployments.expert_worker import ExpertWorker, actor_options, experts_use_gpus
 from nextserve.cluster.control.rebalance import LoadCollector, measured_imbalance, plan_rebalance
 from nextserve.cluster.control.registry import Registry
 from nextserve.model.config import Qwen3NextConfig
@@ -158,8 +158,7 @@ class ControllerActor:
 
     def _create(self, index: int) -> Any:
         assert self.spec is not None and self.placement is not None
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        return ExpertWorker.options(**actor_options(index, self.cluster, use_gpu), get_if_exists=True).remote(
+        return ExpertWorker.options(**actor_options(index, self.cluster, experts_use_gpus()), get_if_exists=True).remote(
             index, self.spec.model, self.placement.experts_of(index), self.spec.dtype, self.registry.url,
             self.cluster, self.epoch, self.admin_token)
 

@@ -71,6 +71,11 @@ class ExpertWorkerActor:
         self.background.close()
 
 
+def experts_use_gpus() -> bool:
+    """Whether expert workers are given a GPU each: whenever the Ray cluster has GPUs."""
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
 def actor_options(index: int, cluster: str, use_gpu: bool) -> dict[str, object]:
     """Ray options of worker `index`: a named detached actor that Ray restarts when it dies."""
     options: dict[str, object] = {

@@ -1,8 +1,9 @@
 """The head deployment: the head model + the router's remote expert backend + the batching engine.
 
-Init: ask the controller for the expert workers (idempotent) -> follow the placement epoch from Redis
--> load the head's tensors only (onto its GPU when Ray gave the replica one and torch sees CUDA; the
-experts' wire stays CPU bytes, see model/device.py) -> start the engine -> register in Redis and
+Init: ask the controller for the expert workers (idempotent) -> load the head's tensors only (onto its
+GPU when Ray gave the replica one and torch sees CUDA; the experts' wire stays CPU bytes, see
+model/device.py) -> its one expert backend, following the placement epoch from Redis and recording
+for /metrics (cluster/control/epoch_follower.py) -> start the engine -> register in Redis and
 heartbeat (with the running / waiting counts and the epoch in use). `generate` streams the engine's
 typed outputs and errors, `stats` the engine's stats: Ray pickles them, nothing goes through dicts.
 """
@@ -23,16 +24,14 @@ from transformers import AutoTokenizer
 from nextserve.cluster.deployments.actor_threads import use_assigned_cpus
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.deployments.controller import get_or_create_controller
-from nextserve.cluster.engine.dispatch_recorder import RecordingBackend
 from nextserve.cluster.engine.detokenizer import StepOutput
 from nextserve.cluster.engine.engine import Engine, EngineError, EngineRequestError, EngineUnavailableError
 from nextserve.cluster.engine.stats import EngineStats
 from nextserve.cluster.control.epoch_follower import EpochFollowingBackend
-from nextserve.cluster.deployments.expert_worker import HEAD_RESOURCE
+from nextserve.cluster.deployments.expert_worker import HEAD_RESOURCE, experts_use_gpus
 from nextserve.cluster.control.registry import HEARTBEAT_S, Registry
 from nextserve.model.checkpoint import parse_dtype
-from nextserve.model.device import DeviceExpertBackend, resolve_device
-from nextserve.model.expert_backend import ExpertBackend
+from nextserve.model.device import resolve_device
 from nextserve.model.loader import load_head
 from nextserve.model.sampling import SamplingParams
 
@@ -54,15 +53,15 @@ class HeadDeployment:
         ray.get(controller.ensure.remote(args.cluster_spec()))
         self.registry = Registry(args.redis_url, args.cluster)
         dtype = parse_dtype(args.dtype)
-        self.backend = EpochFollowingBackend(self.registry, dtype, args.dispatch_deadline_s, args.unavailable_wait_s)
         device = resolve_device("auto" if ray.get_gpu_ids() else "cpu")
         head = load_head(args.model, dtype, device)
-        self.recording = RecordingBackend(self.backend, head.config.num_experts)
-        experts: ExpertBackend = self.recording
-        if device.type != "cpu":
-            experts = DeviceExpertBackend(self.recording, device)
+        self.backend = EpochFollowingBackend(self.registry, dtype, args.dispatch_deadline_s, head.config.num_experts,
+                                             args.unavailable_wait_s, device)
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None  # after the weights
-        self.engine = Engine(head, experts, AutoTokenizer.from_pretrained(args.model), args.scheduler_config(),
+        scheduler = args.scheduler_config(device.type != "cpu", experts_use_gpus())
+        log.info("head on %s, %d micro-batch(es) per step (--micro-batches %s)", device, scheduler.micro_batches,
+                 args.micro_batches)
+        self.engine = Engine(head, self.backend, AutoTokenizer.from_pretrained(args.model), scheduler,
                              args.context_length(), args.cache_config(free))
         self.head_id = serve.get_replica_context().replica_id.unique_id
         self.registry.register_head(self.head_id, {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()})
@@ -91,7 +90,7 @@ class HeadDeployment:
             yield exc
 
     async def stats(self) -> EngineStats:
-        latency, tokens = self.recording.recorder.drain()
+        latency, tokens = self.backend.recorder.drain()
         return dataclasses.replace(self.engine.stats(), dispatch_latency_s=latency, expert_tokens=tokens)
 
     async def is_serving(self) -> bool:
