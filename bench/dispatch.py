@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -123,6 +124,26 @@ def echo_requests(backend: RemoteExpertBackend, layer: int, hidden: torch.Tensor
     return out, min_bytes_per_token(backend.placement, layer, ids, H, size)
 
 
+def echo_round(backend: RemoteExpertBackend,
+               echoes: list[tuple[int, expert_pb2.EchoRequest]]) -> Callable[[], None]:
+    """A blocking echo round: each worker's Echo on an EchoStream opened once (the floor of the
+    DispatchStream messages a round sends), concurrently, like a dispatch round."""
+    calls = {w: backend.channels.run(_open_echo_stream(backend.channels.stubs[w])).result() for w, _ in echoes}
+
+    async def one(w: int, request: expert_pb2.EchoRequest) -> None:
+        await calls[w].write(request)
+        await calls[w].read()
+
+    async def round_() -> None:
+        await asyncio.gather(*(one(w, req) for w, req in echoes))
+
+    return lambda: backend.channels.run(round_()).result()
+
+
+async def _open_echo_stream(stub: Any) -> Any:
+    return stub.EchoStream()
+
+
 def min_bytes_per_token(placement: Placement, layer: int, ids: torch.Tensor, hidden_size: int, dtype_bytes: int) -> float:
     """The floor of a round's hidden-state payload, from the placement alone (not the dispatcher's plan):
     each token's hidden state goes once to every distinct worker owning one of its experts (the first
@@ -151,13 +172,8 @@ def measure(backend: RemoteExpertBackend, tokens: int, top_k: int, num_experts: 
     weights = torch.rand(tokens, top_k, generator=g).softmax(dim=1)
     layer = backend.placement.layers[0]
     echoes, min_bytes = echo_requests(backend, layer, hidden, ids, weights)
-    stubs = backend.channels.stubs
-
-    async def echo_round() -> None:
-        await asyncio.gather(*(stubs[w].Echo(req, timeout=backend.deadline_s) for w, req in echoes))
-
     dispatch = lambda: backend.submit(layer, hidden, ids, weights).result()  # noqa: E731
-    echo = lambda: backend.channels.run(echo_round()).result()  # noqa: E731
+    echo = echo_round(backend, echoes)
     for _ in range(20):  # warm up channels, allocators, caches
         dispatch(), echo()
     wire = sum(len(req.payload) + req.reply_bytes for _, req in echoes)  # a Dispatch round's message sizes

@@ -17,7 +17,6 @@ transformers' own decode step on the same checkpoint and batch. Letters: B = bat
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import secrets
 import statistics
@@ -35,7 +34,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from nextserve.bench.head_batch import HeadBatch
 from nextserve.bench.prompt_ids import checkpoint_prompt_token_ids, random_prompts
-from nextserve.bench.dispatch import echo_requests, plan_all_alive, worker_processes
+from nextserve.bench.dispatch import echo_requests, echo_round, plan_all_alive, worker_processes
 from nextserve.bench.process_cpu import process_cpu_s, thread_cpu_s
 from nextserve.model.config import Qwen3NextConfig
 from nextserve.model.expert_backend import ExpertBackend, ZeroExperts
@@ -127,14 +126,9 @@ def _median_ms(fn: Callable[[], object], rounds: int) -> float:
 
 def time_echo(backend: RemoteExpertBackend, layer: int, hidden: Tensor, ids: Tensor, weights: Tensor,
               rounds: int = 50) -> float:
-    """ms of one layer round's gRPC floor: an Echo of the same request and reply sizes to each worker."""
-    echoes, _ = echo_requests(backend, layer, hidden, ids, weights)
-    stubs = backend.channels.stubs
-
-    async def round_() -> None:
-        await asyncio.gather(*(stubs[w].Echo(req, timeout=backend.deadline_s) for w, req in echoes))
-
-    return _median_ms(lambda: backend.channels.run(round_()).result(), rounds)
+    """ms of one layer round's gRPC floor: an Echo of the same request and reply sizes to each worker, on
+    a stream like the dispatch's."""
+    return _median_ms(echo_round(backend, echo_requests(backend, layer, hidden, ids, weights)[0]), rounds)
 
 
 @torch.inference_mode()

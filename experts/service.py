@@ -1,5 +1,7 @@
 """The ExpertService servicer: gRPC calls in, `experts.compute` and `experts.store` do the work.
 
+Dispatch comes as unary calls or, from heads, as messages of a DispatchStream; both share `_dispatch`
+(a stream's failed message gets a reply with its status instead of ending the stream).
 Decoding and compute of large requests run in a thread pool (torch releases the GIL in its kernels),
 so the asyncio loop keeps accepting calls from several heads while others compute; small requests
 are computed inline (see INLINE_MAX_PAIRS); weight tables are copy-on-write
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -21,7 +24,7 @@ from nextserve.experts.compute import INDEX_BYTES, ExpertsNotHeld, InvalidDispat
 from nextserve.experts.store import ExpertStore
 from nextserve.model.checkpoint import CheckpointError
 from nextserve.proto import expert_pb2, expert_pb2_grpc
-from nextserve.proto.codec import MAX_MESSAGE_BYTES, TORCH_TO_DTYPE, tensor_bytes
+from nextserve.proto.codec import MAX_MESSAGE_BYTES, STATUS_BY_VALUE, TORCH_TO_DTYPE, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -45,27 +48,37 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
     async def Dispatch(self, request: expert_pb2.DispatchRequest,
                        context: grpc.aio.ServicerContext) -> expert_pb2.DispatchReply:
-        loop = asyncio.get_running_loop()
+        reply = await self._dispatch(request)
+        if reply.error_code:
+            await context.abort(STATUS_BY_VALUE[reply.error_code], reply.error)
+        return reply
+
+    async def DispatchStream(self, requests: AsyncIterator[expert_pb2.DispatchRequest],
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[expert_pb2.DispatchReply]:
+        """A head's stream: each request's reply in order, a failed one carrying its status (the stream goes on)."""
+        async for request in requests:
+            yield await self._dispatch(request)
+
+    async def _dispatch(self, request: expert_pb2.DispatchRequest) -> expert_pb2.DispatchReply:
+        """One Dispatch's reply, or one with error_code / error set (what a unary call aborts with)."""
         self._inflight += 1  # only touched on the loop thread, like _inflight_by_epoch
         self._inflight_by_epoch[request.epoch] = self._inflight_by_epoch.get(request.epoch, 0) + 1
         try:
             if len(request.expert_ids) <= INLINE_MAX_PAIRS * INDEX_BYTES:
-                reply = self._serve(request)
-            else:
-                reply = await loop.run_in_executor(self.executor, self._serve, request)
+                return self._serve(request)
+            return await asyncio.get_running_loop().run_in_executor(self.executor, self._serve, request)
         except ExpertsNotHeld as exc:  # the caller's placement is not what this worker holds: it fails over
             log.info("Dispatch for experts not held (epoch %d here, %d asked): %s", self.store.epoch,
                      request.epoch, exc)
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            return _failed(request, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except InvalidDispatch as exc:
             log.info("rejected Dispatch: %s", exc)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return _failed(request, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
             self._inflight -= 1
             left = self._inflight_by_epoch.pop(request.epoch) - 1
             if left:
                 self._inflight_by_epoch[request.epoch] = left
-        return reply
 
     def _serve(self, request: expert_pb2.DispatchRequest) -> expert_pb2.DispatchReply:
         """Runs on a pool thread: decode, validate, compute, encode, count."""
@@ -74,7 +87,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         partial = compute_partial(batch)  # [t, H]
         store.record(batch.layer, batch.experts)
         reply = expert_pb2.DispatchReply(num_tokens=request.num_tokens, hidden_size=request.hidden_size,
-                                         dtype=request.dtype, partial=tensor_bytes(partial))
+                                         dtype=request.dtype, partial=tensor_bytes(partial), call_id=request.call_id)
         with self._stats_lock:  # counts from the decoded tensors: re-reading or re-sizing a message copies it
             self._calls += 1
             self._hidden_bytes += batch.hidden.nbytes
@@ -113,6 +126,20 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
     async def Echo(self, request: expert_pb2.EchoRequest, context: grpc.aio.ServicerContext) -> expert_pb2.EchoReply:
         if request.reply_bytes > MAX_MESSAGE_BYTES:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"reply_bytes {request.reply_bytes} exceeds the "
-                                                                   f"message limit {MAX_MESSAGE_BYTES}; ask for less")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _echo_too_big(request))
         return expert_pb2.EchoReply(payload=bytes(request.reply_bytes))
+
+    async def EchoStream(self, requests: AsyncIterator[expert_pb2.EchoRequest],
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[expert_pb2.EchoReply]:
+        async for request in requests:
+            if request.reply_bytes > MAX_MESSAGE_BYTES:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _echo_too_big(request))
+            yield expert_pb2.EchoReply(payload=bytes(request.reply_bytes))
+
+
+def _echo_too_big(request: expert_pb2.EchoRequest) -> str:
+    return f"reply_bytes {request.reply_bytes} exceeds the message limit {MAX_MESSAGE_BYTES}; ask for less"
+
+
+def _failed(request: expert_pb2.DispatchRequest, code: grpc.StatusCode, message: str) -> expert_pb2.DispatchReply:
+    return expert_pb2.DispatchReply(call_id=request.call_id, error_code=code.value[0], error=message)

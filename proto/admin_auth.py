@@ -19,7 +19,7 @@ import grpc
 from nextserve.proto import expert_pb2
 
 SERVICE = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"]
-OPEN_METHODS = frozenset({"Dispatch", "Info", "Echo"})
+OPEN_METHODS = frozenset({"Dispatch", "DispatchStream", "Info", "Echo", "EchoStream"})
 """Callable without the token: they change no placement (Dispatch only counts the tokens it serves)."""
 ADMIN_METHODS = frozenset(m.name for m in SERVICE.methods) - OPEN_METHODS
 AUTHORIZATION_KEY = "authorization"

@@ -1,5 +1,6 @@
 """What both ends of proto/expert.proto share, hand-written beside the generated modules: the dtype
-enum <-> torch, tensors and index arrays <-> raw row-major bytes, and the message size limit.
+enum <-> torch, tensors and index arrays <-> raw row-major bytes, status codes in replies, and the
+message size limit.
 
 router/ and experts/ never import each other; both import this.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 
+import grpc
 import torch
 from torch import Tensor
 
@@ -18,6 +20,9 @@ TORCH_TO_DTYPE = {v: k for k, v in DTYPE_TO_TORCH.items()}
 
 INDEX_DTYPE = torch.int32
 """DispatchRequest's counts and expert_ids: raw little-endian int32 (a real layer has 512 experts)."""
+
+STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+"""DispatchReply.error_code (the number gRPC puts on the wire for a status) -> grpc.StatusCode."""
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 """Both directions, on workers and heads. A Qwen3-Next prefill batch of 16384 tokens is 16384 x 2048

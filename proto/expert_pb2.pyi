@@ -17,7 +17,7 @@ DTYPE_FLOAT32: DType
 DTYPE_BFLOAT16: DType
 
 class DispatchRequest(_message.Message):
-    __slots__ = ("layer", "epoch", "dtype", "num_tokens", "hidden_size", "hidden", "weights", "counts", "expert_ids")
+    __slots__ = ("layer", "epoch", "dtype", "num_tokens", "hidden_size", "hidden", "weights", "counts", "expert_ids", "call_id")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class DispatchRequest(_message.Message):
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
     layer: int
     epoch: int
     dtype: DType
@@ -36,19 +37,26 @@ class DispatchRequest(_message.Message):
     weights: bytes
     counts: bytes
     expert_ids: bytes
-    def __init__(self, layer: _Optional[int] = ..., epoch: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., num_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., hidden: _Optional[bytes] = ..., weights: _Optional[bytes] = ..., counts: _Optional[bytes] = ..., expert_ids: _Optional[bytes] = ...) -> None: ...
+    call_id: int
+    def __init__(self, layer: _Optional[int] = ..., epoch: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., num_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., hidden: _Optional[bytes] = ..., weights: _Optional[bytes] = ..., counts: _Optional[bytes] = ..., expert_ids: _Optional[bytes] = ..., call_id: _Optional[int] = ...) -> None: ...
 
 class DispatchReply(_message.Message):
-    __slots__ = ("num_tokens", "hidden_size", "dtype", "partial")
+    __slots__ = ("num_tokens", "hidden_size", "dtype", "partial", "call_id", "error_code", "error")
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     num_tokens: int
     hidden_size: int
     dtype: DType
     partial: bytes
-    def __init__(self, num_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., partial: _Optional[bytes] = ...) -> None: ...
+    call_id: int
+    error_code: int
+    error: str
+    def __init__(self, num_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., partial: _Optional[bytes] = ..., call_id: _Optional[int] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ExpertKey(_message.Message):
     __slots__ = ("layer", "expert")

@@ -39,6 +39,11 @@ class ExpertServiceStub:
                 request_serializer=nextserve_dot_proto_dot_expert__pb2.DispatchRequest.SerializeToString,
                 response_deserializer=nextserve_dot_proto_dot_expert__pb2.DispatchReply.FromString,
                 _registered_method=True)
+        self.DispatchStream = channel.stream_stream(
+                '/nextserve.expert.v1.ExpertService/DispatchStream',
+                request_serializer=nextserve_dot_proto_dot_expert__pb2.DispatchRequest.SerializeToString,
+                response_deserializer=nextserve_dot_proto_dot_expert__pb2.DispatchReply.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/nextserve.expert.v1.ExpertService/Info',
                 request_serializer=nextserve_dot_proto_dot_expert__pb2.InfoRequest.SerializeToString,
@@ -59,6 +64,11 @@ class ExpertServiceStub:
                 request_serializer=nextserve_dot_proto_dot_expert__pb2.EchoRequest.SerializeToString,
                 response_deserializer=nextserve_dot_proto_dot_expert__pb2.EchoReply.FromString,
                 _registered_method=True)
+        self.EchoStream = channel.stream_stream(
+                '/nextserve.expert.v1.ExpertService/EchoStream',
+                request_serializer=nextserve_dot_proto_dot_expert__pb2.EchoRequest.SerializeToString,
+                response_deserializer=nextserve_dot_proto_dot_expert__pb2.EchoReply.FromString,
+                _registered_method=True)
 
 
 class ExpertServiceServicer:
@@ -66,6 +76,14 @@ class ExpertServiceServicer:
 
     def Dispatch(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DispatchStream(self, request_iterator, context):
+        """What heads use: one stream per head and worker, a reply per request; a bad request fails only its
+        reply (error_code), the stream goes on.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -98,11 +116,23 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EchoStream(self, request_iterator, context):
+        """The same over a stream (the floor of DispatchStream).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Dispatch': grpc.unary_unary_rpc_method_handler(
                     servicer.Dispatch,
+                    request_deserializer=nextserve_dot_proto_dot_expert__pb2.DispatchRequest.FromString,
+                    response_serializer=nextserve_dot_proto_dot_expert__pb2.DispatchReply.SerializeToString,
+            ),
+            'DispatchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.DispatchStream,
                     request_deserializer=nextserve_dot_proto_dot_expert__pb2.DispatchRequest.FromString,
                     response_serializer=nextserve_dot_proto_dot_expert__pb2.DispatchReply.SerializeToString,
             ),
@@ -123,6 +153,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
             ),
             'Echo': grpc.unary_unary_rpc_method_handler(
                     servicer.Echo,
+                    request_deserializer=nextserve_dot_proto_dot_expert__pb2.EchoRequest.FromString,
+                    response_serializer=nextserve_dot_proto_dot_expert__pb2.EchoReply.SerializeToString,
+            ),
+            'EchoStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.EchoStream,
                     request_deserializer=nextserve_dot_proto_dot_expert__pb2.EchoRequest.FromString,
                     response_serializer=nextserve_dot_proto_dot_expert__pb2.EchoReply.SerializeToString,
             ),
@@ -152,6 +187,33 @@ class ExpertService:
             request,
             target,
             '/nextserve.expert.v1.ExpertService/Dispatch',
+            nextserve_dot_proto_dot_expert__pb2.DispatchRequest.SerializeToString,
+            nextserve_dot_proto_dot_expert__pb2.DispatchReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DispatchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/nextserve.expert.v1.ExpertService/DispatchStream',
             nextserve_dot_proto_dot_expert__pb2.DispatchRequest.SerializeToString,
             nextserve_dot_proto_dot_expert__pb2.DispatchReply.FromString,
             options,
@@ -260,6 +322,33 @@ class ExpertService:
             request,
             target,
             '/nextserve.expert.v1.ExpertService/Echo',
+            nextserve_dot_proto_dot_expert__pb2.EchoRequest.SerializeToString,
+            nextserve_dot_proto_dot_expert__pb2.EchoReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EchoStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/nextserve.expert.v1.ExpertService/EchoStream',
             nextserve_dot_proto_dot_expert__pb2.EchoRequest.SerializeToString,
             nextserve_dot_proto_dot_expert__pb2.EchoReply.FromString,
             options,

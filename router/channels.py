@@ -18,6 +18,7 @@ import grpc
 
 from nextserve.proto import expert_pb2_grpc
 from nextserve.proto.codec import MESSAGE_SIZE_OPTIONS
+from nextserve.router.worker_stream import WorkerStream
 
 T = TypeVar("T")
 
@@ -58,6 +59,8 @@ class WorkerChannels:
         self._channels: list[grpc.aio.Channel] = []
         self._is_closed = False
         self.stubs: list[expert_pb2_grpc.ExpertServiceStub] = self.run(self._open()).result()
+        self.streams = [WorkerStream(stub, a) for stub, a in zip(self.stubs, self.addresses)]
+        """Each worker's DispatchStream (opened on first use; loop thread only)."""
 
     async def _open(self) -> list[expert_pb2_grpc.ExpertServiceStub]:
         self._channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self.addresses]

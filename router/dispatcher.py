@@ -29,6 +29,7 @@ from nextserve.router.placement import Placement
 from nextserve.model.layers.experts import Assignments
 from nextserve.router.plan import WorkerBatch, alive_replicas, plan_batches, replica_table, unavailable_experts
 from nextserve.router.wire import TORCH_TO_DTYPE, decode_partial, encode_request
+from nextserve.router.worker_stream import WorkerCallError
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +124,13 @@ class RemoteExpertBackend:
         if isinstance(result, Tensor):
             partials.append((batch.worker, round_, batch.tokens, result))
             return None
-        if isinstance(result, grpc.aio.AioRpcError) and result.code() in FAILOVER_CODES:
+        if isinstance(result, WorkerCallError) and result.code() in FAILOVER_CODES:
             log.warning("expert worker %d (%s) failed: %s %s; failing over its %d tokens", batch.worker,
                         self.channels.addresses[batch.worker], result.code().name, result.details(),
                         batch.tokens.numel())
             self._dead_since[batch.worker] = time.monotonic()
             return batch.pair_index
-        if isinstance(result, grpc.aio.AioRpcError):
+        if isinstance(result, WorkerCallError):
             raise DispatchError(f"worker {batch.worker} ({self.channels.addresses[batch.worker]}) "
                                 f"rejected the request: {result.code().name}: {result.details()}") from result
         raise result
@@ -149,7 +150,7 @@ class RemoteExpertBackend:
 
     async def _call(self, layer: int, hidden: Tensor, batch: WorkerBatch) -> Tensor:
         request = encode_request(layer, self.placement.epoch, hidden, batch, self.dtype)
-        reply = await self.channels.stubs[batch.worker].Dispatch(request, timeout=self.deadline_s)
+        reply = await self.channels.streams[batch.worker].dispatch(request, timeout=self.deadline_s)
         return decode_partial(reply, batch.tokens.numel(), hidden.shape[1], self.dtype)
 
     async def fetch_info(self) -> list[expert_pb2.InfoReply]:

@@ -25,7 +25,9 @@ from nextserve.experts.server import BackgroundWorkers, Worker, parse_experts
 from nextserve.model.loader import load_local_backend
 from nextserve.proto import expert_pb2, expert_pb2_grpc
 from nextserve.proto.admin_auth import ADMIN_METHODS, SERVICE, admin_metadata
+from nextserve.router.channels import WorkerChannels
 from nextserve.router.placement import build_placement
+from nextserve.router.worker_stream import WorkerCallError
 
 pytestmark = pytest.mark.grpc
 HELD = [(0, e) for e in range(8)] + [(2, 3), (2, 9)]
@@ -222,9 +224,9 @@ def test_admin_calls_without_the_token_are_unauthenticated_and_change_nothing(
 def test_every_state_changing_method_is_an_admin_method() -> None:
     """A new ExpertService method needs the token unless it is listed open; this pins the list."""
     assert ADMIN_METHODS == {"LoadExperts", "DropExperts"}
-    assert {m.name for m in SERVICE.methods} == ADMIN_METHODS | {"Dispatch", "Info", "Echo"}
-    for method in SERVICE.methods:  # the refusal handler is unary-unary
-        assert not (method.client_streaming or method.server_streaming), method.name
+    assert {m.name for m in SERVICE.methods} == ADMIN_METHODS | {"Dispatch", "DispatchStream", "Info", "Echo", "EchoStream"}
+    for method in SERVICE.methods:  # the refusal handler is unary-unary: admin methods must be too
+        assert method.name not in ADMIN_METHODS or not (method.client_streaming or method.server_streaming)
 
 
 def test_worker_admin_sends_the_cluster_token(served: Served) -> None:
@@ -298,3 +300,47 @@ def test_drain_returns_once_no_call_of_an_older_epoch_is_in_flight(served: Serve
     assert not served.stub.Info(expert_pb2.InfoRequest()).inflight_by_epoch.get(request.epoch)
     assert all(f.result().num_tokens == 12_000 for f in futures)
     assert dict(served.stub.Info(expert_pb2.InfoRequest()).inflight_by_epoch) == {}
+
+
+@pytest.mark.parametrize("field,value,message", BAD[:6], ids=[f"{f}={str(v)[:12]}" for f, v, _ in BAD[:6]])
+def test_a_bad_message_on_a_dispatch_stream_fails_only_its_reply(served: Served, field: str, value: object,
+                                                                  message: str) -> None:
+    """On a head's DispatchStream a bad request gets a reply with INVALID_ARGUMENT naming the field; the
+    stream goes on and answers the next request, each reply with its request's call_id."""
+    good, (hidden, ids, weights) = good_request(4, seed=2)
+    bad = _bad(field, value)
+    good.call_id, bad.call_id = 7, 8
+    second = expert_pb2.DispatchRequest()
+    second.CopyFrom(good)
+    second.call_id = 9
+    replies = list(served.stub.DispatchStream(iter([good, bad, second]), timeout=10))
+    assert [r.call_id for r in replies] == [7, 8, 9]
+    assert replies[1].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and not replies[1].partial
+    assert re.search(message, replies[1].error), replies[1].error
+    want = load_local_backend(served.path).forward(0, hidden, ids, weights)
+    for reply in (replies[0], replies[2]):
+        assert reply.error_code == 0
+        got = torch.frombuffer(bytearray(reply.partial), dtype=torch.float32).view(4, 64)
+        assert (got - want).abs().max().item() <= 1e-6
+
+
+def test_worker_stream_keeps_its_stream_across_a_failed_reply(served: Served) -> None:
+    """router/worker_stream.py on a real worker: a reply's error fails only that request (as a
+    WorkerCallError with its status), the next request goes on the same stream; a deadline resets it."""
+    channels = WorkerChannels([f"127.0.0.1:{served.worker.port}"])
+    stream = channels.streams[0]
+    try:
+        bad = _bad("counts", [2, 2])
+        with pytest.raises(WorkerCallError, match="counts has 8 bytes") as err:
+            channels.run(stream.dispatch(bad, timeout=10)).result()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        opened = stream._call
+        request, _ = good_request(3, seed=4)
+        assert len(channels.run(stream.dispatch(request, timeout=10)).result().partial) == 3 * 64 * 4
+        assert stream._call is opened is not None  # one stream for both
+        with pytest.raises(WorkerCallError) as err:
+            channels.run(stream.dispatch(good_request(3000, seed=5)[0], timeout=0.001)).result()
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and stream._call is None
+        assert len(channels.run(stream.dispatch(request, timeout=10)).result().partial) == 3 * 64 * 4  # reopened
+    finally:
+        channels.close()

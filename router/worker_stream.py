@@ -1,0 +1,114 @@
+"""One head's long-lived DispatchStream to one expert worker, shared by every round in flight.
+
+    dispatch(request, timeout) -> call_id stamped -> written (one writer at a time) -> the reader task
+    matches the reply by call_id -> reply, or WorkerCallError
+
+A message on an open stream costs each end about half a unary call (measured with 32 x 256 float32
+payloads on 2 cores: server 175 vs 360 us of CPU, client 156 vs 240 us, round trip 299 vs 589 us).
+The stream opens on first use and again after it failed. A failure of the stream (worker gone,
+connection reset) fails every request in flight on it with the stream's status; a request not answered
+within its timeout fails with DEADLINE_EXCEEDED and resets the stream (a worker that stopped answering
+is treated as gone); a reply with an error_code fails only its request. Runs on the channels' loop
+thread only (router/channels.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from nextserve.proto import expert_pb2, expert_pb2_grpc
+from nextserve.proto.codec import STATUS_BY_VALUE
+
+log = logging.getLogger(__name__)
+
+
+class WorkerCallError(Exception):
+    """A Dispatch to one worker failed, with the gRPC status it failed with (`code()`, `details()`, as an
+    `AioRpcError` has them): the stream's, the reply's, or DEADLINE_EXCEEDED."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class WorkerStream:
+    def __init__(self, stub: expert_pb2_grpc.ExpertServiceStub, address: str) -> None:
+        self.stub, self.address = stub, address
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._pending: dict[int, asyncio.Future[expert_pb2.DispatchReply]] = {}  # of the open call
+        self._write_lock = asyncio.Lock()
+        self._next_id = 0
+
+    async def dispatch(self, request: expert_pb2.DispatchRequest, timeout: float) -> expert_pb2.DispatchReply:
+        """Send `request` (its call_id is set here) and wait up to `timeout` s for its reply."""
+        if self._call is None:
+            self._open()
+        call, pending = self._call, self._pending
+        assert call is not None
+        self._next_id += 1
+        request.call_id = self._next_id
+        future: asyncio.Future[expert_pb2.DispatchReply] = asyncio.get_running_loop().create_future()
+        pending[request.call_id] = future
+        try:
+            async with self._write_lock:
+                await call.write(request)
+            reply = await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            error = WorkerCallError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply from {self.address} within "
+                                                                        f"{timeout} s; the stream is reset")
+            self._fail(call, pending, error)
+            raise error from None
+        except grpc.aio.AioRpcError as exc:  # the write failed: the stream is gone
+            error = WorkerCallError(exc.code(), exc.details() or "")
+            self._fail(call, pending, error)
+            raise error from None
+        except asyncio.InvalidStateError:  # written after the stream ended without an error status
+            error = WorkerCallError(grpc.StatusCode.UNAVAILABLE, f"the dispatch stream to {self.address} ended")
+            self._fail(call, pending, error)
+            raise error from None
+        finally:
+            pending.pop(request.call_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # failed here as well as by the stream's end: retrieved, no warning
+        if reply.error_code:
+            raise WorkerCallError(STATUS_BY_VALUE[reply.error_code], reply.error)
+        return reply
+
+    def _open(self) -> None:
+        self._call, self._pending = self.stub.DispatchStream(), {}
+        asyncio.ensure_future(self._read(self._call, self._pending))
+
+    async def _read(self, call: grpc.aio.StreamStreamCall,
+                    pending: dict[int, asyncio.Future[expert_pb2.DispatchReply]]) -> None:
+        """Hand each reply to its request; when the stream ends, fail what is left on it."""
+        try:
+            while (reply := await call.read()) is not grpc.aio.EOF:
+                future = pending.get(reply.call_id)
+                if future is not None and not future.done():
+                    future.set_result(reply)
+            error = WorkerCallError(grpc.StatusCode.UNAVAILABLE, f"{self.address} ended the dispatch stream")
+        except grpc.aio.AioRpcError as exc:
+            error = WorkerCallError(exc.code(), exc.details() or "")
+        except asyncio.CancelledError:
+            error = WorkerCallError(grpc.StatusCode.CANCELLED, f"the dispatch stream to {self.address} was closed")
+        self._fail(call, pending, error)
+
+    def _fail(self, call: grpc.aio.StreamStreamCall, pending: dict[int, asyncio.Future[expert_pb2.DispatchReply]],
+              error: WorkerCallError) -> None:
+        """End `call` (if it is still the open one, the next dispatch opens another) and fail the requests
+        in flight on it (`pending`, its own)."""
+        if self._call is call:
+            self._call = None
+            call.cancel()
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)
