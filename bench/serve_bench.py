@@ -93,7 +93,8 @@ class ServeBenchRow:
     """--in-process: the same engine with its experts in the benchmark's process, on the same workload."""
     tax: float | None = None  # throughput_tok_s / in_process_tok_s: what the distribution costs (< 1)
     cpu_ms_per_token: dict[str, float] | None = None
-    """--cpu: CPU of this machine's cluster processes per output token, by role (process_cpu.ROLES) and "total"."""
+    """--cpu: CPU of this machine's cluster processes per output token, by role (process_cpu.ROLES) and
+    "total"; "client": this benchmark's own (the HTTP clients), not in the total."""
     in_process_cpu_ms_per_token: float | None = None
     """--in-process with --cpu: the benchmark process's CPU per token while the in-process engine ran."""
 
@@ -191,7 +192,7 @@ async def _send(client: openai.AsyncOpenAI, model_name: str, req: BenchRequest) 
 async def _run_served(client: openai.AsyncOpenAI, model_name: str, workload: list[BenchRequest],
                       concurrency: int, name: str = "mixed", measure_cpu: bool = False) -> ServeBenchRow:
     processes = cluster_processes() if measure_cpu else {}
-    cpu_before = cpu_snapshot(processes)
+    cpu_before, client_before = cpu_snapshot(processes), time.process_time()
     gate = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(workload), desc=f"served c={concurrency}", unit="req", file=sys.stderr)
 
@@ -209,7 +210,8 @@ async def _run_served(client: openai.AsyncOpenAI, model_name: str, workload: lis
         return row
     spent = cpu_by_role(processes, cpu_before, cpu_snapshot(processes))
     per_token = {role: s * 1e3 / max(row.output_tokens, 1) for role, s in spent.items()}
-    return replace(row, cpu_ms_per_token={**per_token, "total": sum(per_token.values())})
+    client = (time.process_time() - client_before) * 1e3 / max(row.output_tokens, 1)
+    return replace(row, cpu_ms_per_token={**per_token, "total": sum(per_token.values()), "client": client})
 
 
 async def _served_sweep(url: str, api_key: str, model_name: str | None, workload: list[BenchRequest],
@@ -336,13 +338,14 @@ def format_table(rows: Sequence[ServeBenchRow]) -> str:
                          f"{v:.{2 if field in ('ratio', 'tax') else 1}f}")
         lines.append("  ".join(c.rjust(len(n)) for c, (n, _) in zip(cells, columns)))
     if any(r.cpu_ms_per_token for r in rows):
-        names = ["conc", *ROLES, "total", "in_process", "total/in_process"]
+        names = ["conc", *ROLES, "total", "in_process", "total/in_process", "bench_client"]
         lines += ["", "CPU ms per output token (this machine's cluster processes):", "  ".join(names)]
         for r in rows:
             cpu = r.cpu_ms_per_token or {}
             peer = r.in_process_cpu_ms_per_token
             cells = [str(r.concurrency), *(f"{cpu.get(k, 0.0):.2f}" for k in (*ROLES, "total")),
-                     "-" if peer is None else f"{peer:.2f}", "-" if peer is None else f"{cpu['total'] / peer:.2f}"]
+                     "-" if peer is None else f"{peer:.2f}", "-" if peer is None else f"{cpu['total'] / peer:.2f}",
+                     f"{cpu.get('client', 0.0):.2f}"]
             lines.append("  ".join(c.rjust(len(n)) for c, n in zip(cells, names)))
     return "\n".join(lines)
 

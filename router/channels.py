@@ -80,6 +80,7 @@ class WorkerChannels:
         self._is_closed = True
 
         async def _close() -> None:
+            await asyncio.gather(*(s.close() for s in self.streams))
             await asyncio.gather(*(c.close() for c in self._channels))
 
         self.run(_close()).result()

@@ -29,7 +29,7 @@ from nextserve.router.placement import Placement
 from nextserve.model.layers.experts import Assignments
 from nextserve.router.plan import WorkerBatch, alive_replicas, plan_batches, replica_table, unavailable_experts
 from nextserve.router.wire import TORCH_TO_DTYPE, decode_partial, encode_request
-from nextserve.router.worker_stream import WorkerCallError
+from nextserve.router.worker_stream import WorkerCallError, reply_of
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,7 @@ class RemoteExpertBackend:
             if missing:
                 raise ExpertsUnavailableError(layer, missing, sorted(self._dead_since))
             batches = plan_batches(pairs, pending, replicas, self.placement.num_workers)
-            results = await asyncio.gather(*(self._call(layer, hidden, b) for b in batches),
-                                           return_exceptions=True)
+            results = await self._round(layer, hidden, batches)
             failed = [self._check(b, r, partials, round_) for b, r in zip(batches, results)]
             failed = [f for f in failed if f is not None]
             if not failed:
@@ -148,10 +147,23 @@ class RemoteExpertBackend:
             self._alive[key] = alive_replicas(self._replicas[layer], alive)
         return self._alive[key]
 
-    async def _call(self, layer: int, hidden: Tensor, batch: WorkerBatch) -> Tensor:
-        request = encode_request(layer, self.placement.epoch, hidden, batch, self.dtype)
-        reply = await self.channels.streams[batch.worker].dispatch(request, timeout=self.deadline_s)
-        return decode_partial(reply, batch.tokens.numel(), hidden.shape[1], self.dtype)
+    async def _round(self, layer: int, hidden: Tensor, batches: list[WorkerBatch]) -> list[Tensor | BaseException]:
+        """Each batch's message written to its worker's stream, then one wait for all replies within
+        the deadline (no task or timer per call) -> each batch's partial [t, H], or its error."""
+        streams = [self.channels.streams[b.worker] for b in batches]
+        futures = [await s.send(encode_request(layer, self.placement.epoch, hidden, b, self.dtype))
+                   for s, b in zip(streams, batches)]
+        _, late = await asyncio.wait(futures, timeout=self.deadline_s)
+        results: list[Tensor | BaseException] = []
+        for stream, batch, future in zip(streams, batches, futures):
+            if future in late:
+                stream.expire(future, self.deadline_s)
+            try:
+                reply = reply_of(future)
+                results.append(decode_partial(reply, batch.tokens.numel(), hidden.shape[1], self.dtype))
+            except Exception as exc:  # noqa: BLE001 - sorted by _check: failover, rejection, or a bug
+                results.append(exc)
+        return results
 
     async def fetch_info(self) -> list[expert_pb2.InfoReply]:
         """Every worker's Info (held experts, tokens served, bytes); run it with `channels.run`."""
