@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.cli import up
-from nextserve.cluster.cli.up import check_redis_reaches_nodes
+from nextserve.cluster.cli.up import check_redis_reaches_nodes, wait_port_free
 from nextserve.cluster.cli.usage import UsageError
 from nextserve.model.tiny import TINY_VERSION
 from nextserve.model.tiny import TINY_CONFIG
@@ -195,6 +196,21 @@ def test_a_loopback_redis_is_refused_only_when_a_ray_node_is_on_another_host() -
     for url in ("redis://127.0.0.1:6379/0", "redis://localhost:6379", "redis://[::1]:6379"):
         with pytest.raises(UsageError, match=r"nodes on 10.0.0.6 cannot reach; .*redis://10.0.0.5:6379/0"):
             check_redis_reaches_nodes(url, "10.0.0.5", {"10.0.0.5", "10.0.0.6"})
+
+
+def test_up_waits_for_its_port_and_names_it_when_it_stays_taken() -> None:
+    """A server still listening on --port (another `up`, or one stopping) would make Serve move the gateway
+    to another port while `up` waits on this one: `up` waits for it, then refuses naming it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UsageError, match=f"--port {port} on 127.0.0.1 is in use .*pass another --port"):
+            wait_port_free("127.0.0.1", port, timeout_s=0.5)
+        releaser = threading.Timer(0.3, taken.close)
+        releaser.start()
+        wait_port_free("127.0.0.1", port, timeout_s=10)  # free once the listener is gone
+        releaser.join()
 
 
 class _Stop(Exception):

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -85,9 +86,33 @@ def wait_healthy(url: str, timeout_s: float, api_key: str | None) -> None:
     raise TimeoutError(f"{url}/health did not turn 200 within {timeout_s} s")
 
 
+PORT_FREE_WAIT_S = 15.0
+"""How long `up` waits for --port to be released (a server stopped just before may still hold it)."""
+
+
+def wait_port_free(host: str, port: int, timeout_s: float = PORT_FREE_WAIT_S) -> None:
+    """Return once `port` can be listened on at `host` (as the gateway will: SO_REUSEADDR, so sockets in
+    TIME_WAIT do not count); UsageError naming it after `timeout_s`. Without this check Serve would put
+    the gateway on the next free port, and `up` would wait for a URL nobody serves."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+                return
+            except OSError as exc:
+                if time.monotonic() >= deadline:
+                    raise UsageError(f"--port {port} on {host} is in use ({exc.strerror}); stop what listens "
+                                     f"there (another `nextserve up`?) or pass another --port") from None
+        time.sleep(0.25)
+
+
 def start(options: UpOptions, redis_url: str) -> str:
     app_args = options.app.model_copy(update={"redis_url": redis_url})
     proxy_port = options.port
+    if not options.ray_address:  # a local cluster serves --port on this host
+        wait_port_free(options.host or "0.0.0.0", options.port)
     if options.ray_address:  # an existing cluster keeps its own Serve settings (its proxy serves HTTP)
         ray.init(address=options.ray_address, namespace="nextserve")
         check_redis_reaches_nodes(redis_url, ray.util.get_node_ip_address(),
