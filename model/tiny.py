@@ -55,12 +55,16 @@ def _perturb(model: Qwen3NextForCausalLM, gen: torch.Generator) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
-def make_tiny(out_dir: str | Path) -> Path:
-    """Write the tiny checkpoint (config, sharded safetensors + index, tokenizer, chat template)."""
+def make_tiny(out_dir: str | Path, pad_vocab: int = 0) -> Path:
+    """Write the tiny checkpoint (config, sharded safetensors + index, tokenizer, chat template).
+    `pad_vocab` > 0: the embedding and lm_head get that many rows past the tokenizer's 2048, as
+    Qwen3-Coder-Next's do (151,936 rows for 151,669 tokens); the tokenizer is the same."""
+    if pad_vocab < 0:
+        raise ValueError(f"pad_vocab must be >= 0, got {pad_vocab}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(TINY_SEED)
-    config = HFConfig(**TINY_CONFIG)
+    config = HFConfig(**{**TINY_CONFIG, "vocab_size": TINY_CONFIG["vocab_size"] + pad_vocab})
     model = Qwen3NextForCausalLM(config).to(torch.bfloat16).eval()
     _perturb(model, torch.Generator().manual_seed(TINY_SEED + 1))
     model.save_pretrained(out, max_shard_size=TINY_SHARD_SIZE)

@@ -54,6 +54,23 @@ def test_make_tiny_is_deterministic_and_loads_in_transformers(tiny_dir: Path, tm
     assert len(tok) == TINY_CONFIG["vocab_size"] and tok.eos_token_id == TINY_CONFIG["eos_token_id"]
 
 
+def test_make_tiny_pads_the_vocabulary_past_the_tokenizer_like_the_real_model(tmp_path: Path) -> None:
+    """--pad-vocab 267: Qwen3-Coder-Next's 151,936 embedding rows for 151,669 tokens, at tiny size; the
+    served greedy text equals transformers' on it (generate names nothing past the tokenizer)."""
+    result = _run(["make-tiny", "--pad-vocab", "267", str(tmp_path / "padded")])
+    assert result.returncode == 0, result.stderr
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "padded", dtype=torch.float32)
+    assert model.config.vocab_size == TINY_CONFIG["vocab_size"] + 267
+    assert model.get_input_embeddings().weight.shape[0] == model.lm_head.weight.shape[0] == 2048 + 267
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "padded")) == TINY_CONFIG["vocab_size"]
+    generated = _run(["generate", "--model", str(tmp_path / "padded"), "--max-tokens", "8", "--json", "def main"])
+    assert generated.returncode == 0, generated.stderr
+    tok = AutoTokenizer.from_pretrained(tmp_path / "padded")
+    ids = tok("def main", return_tensors="pt").input_ids
+    want = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert json.loads(generated.stdout.splitlines()[0])["token_ids"] == want
+
+
 def test_generate_json_matches_transformers(tiny_dir: Path) -> None:
     prompts = ["def fibonacci(n):", "The quick brown fox"]
     result = _run(["generate", "--model", str(tiny_dir), "--max-tokens", "12", "--json", *prompts])

@@ -46,7 +46,7 @@ log = logging.getLogger("nextserve")
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    print(make_tiny(args.dir))
+    print(make_tiny(args.dir, args.pad_vocab))
     return 0
 
 
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_commands(sub)
     p = sub.add_parser("make-tiny", help="write the tiny default checkpoint to DIR")
     p.add_argument("dir", type=Path)
+    p.add_argument("--pad-vocab", type=int, default=0, metavar="ROWS",
+                   help="embedding rows past the tokenizer (Qwen3-Coder-Next has 267), for testing padded vocabularies")
     p.set_defaults(func=cmd_make_tiny)
     p = sub.add_parser("generate", help="generate in one process (head model + local experts)")
     p.add_argument("--model", default="tiny", help="checkpoint dir, or 'tiny' (made on first use)")
