@@ -86,15 +86,16 @@ def wait_healthy(url: str, timeout_s: float, api_key: str | None) -> None:
     raise TimeoutError(f"{url}/health did not turn 200 within {timeout_s} s")
 
 
-PORT_FREE_WAIT_S = 15.0
-"""How long `up` waits for --port to be released (a server stopped just before may still hold it)."""
+PORT_FREE_WAIT_S = 60.0
+"""How long `up` waits for --port to be released: a server stopped just before may still hold it while
+Ray's worker processes exit (seen here: over 15 s)."""
 
 
 def wait_port_free(host: str, port: int, timeout_s: float = PORT_FREE_WAIT_S) -> None:
     """Return once `port` can be listened on at `host` (as the gateway will: SO_REUSEADDR, so sockets in
     TIME_WAIT do not count); UsageError naming it after `timeout_s`. Without this check Serve would put
     the gateway on the next free port, and `up` would wait for a URL nobody serves."""
-    deadline = time.monotonic() + timeout_s
+    deadline, is_waiting = time.monotonic() + timeout_s, False
     while True:
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -102,6 +103,9 @@ def wait_port_free(host: str, port: int, timeout_s: float = PORT_FREE_WAIT_S) ->
                 s.bind((host, port))
                 return
             except OSError as exc:
+                if not is_waiting:
+                    print(f"nextserve: --port {port} is in use; waiting up to {timeout_s:.0f} s for it", flush=True)
+                    is_waiting = True
                 if time.monotonic() >= deadline:
                     raise UsageError(f"--port {port} on {host} is in use ({exc.strerror}); stop what listens "
                                      f"there (another `nextserve up`?) or pass another --port") from None
