@@ -11,6 +11,10 @@ received over the timed rounds (their Info), twice (the partial sums come back i
 against a floor from the placement alone (`min_bytes_per_token`). A plan that sent a token twice would
 show as `bytes_ratio_to_min` above 1.
 
+The floor is an Echo of the same bytes on a stream, like the round's DispatchStream messages
+(`echo_ms_p50`, `ratio_to_echo`); a unary Echo per worker (what a round cost as unary calls before)
+is timed beside it (`unary_echo_ms_p50`, `ratio_to_unary_echo`).
+
 Run:  python -m bench.dispatch --workers 4 --tokens 64 --json
 """
 
@@ -27,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +39,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from nextserve.bench.process_cpu import process_cpu_s
 from nextserve.model.config import Qwen3NextConfig
 from nextserve.model.tiny import TINY_CONFIG
 from nextserve.proto import expert_pb2
@@ -165,7 +170,9 @@ def time_rounds(fn: Callable[[], object], rounds: int) -> list[float]:
 
 
 def measure(backend: RemoteExpertBackend, tokens: int, top_k: int, num_experts: int, hidden_size: int,
-            rounds: int, seed: int = 0) -> dict[str, float]:
+            rounds: int, seed: int = 0, worker_pids: Sequence[int] = ()) -> dict[str, float]:
+    """Medians of interleaved dispatch and echo rounds, bytes, and (with `worker_pids`) the CPU each kind
+    of round costs this process (all its threads) and the workers (summed)."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(tokens, hidden_size, generator=g)
     ids = torch.rand(tokens, num_experts, generator=g).topk(top_k, dim=1).indices
@@ -174,20 +181,38 @@ def measure(backend: RemoteExpertBackend, tokens: int, top_k: int, num_experts: 
     echoes, min_bytes = echo_requests(backend, layer, hidden, ids, weights)
     dispatch = lambda: backend.submit(layer, hidden, ids, weights).result()  # noqa: E731
     echo = echo_round(backend, echoes)
+    stubs = backend.channels.stubs
+
+    async def unary_round() -> None:
+        await asyncio.gather(*(stubs[w].Echo(req, timeout=backend.deadline_s) for w, req in echoes))
+
+    unary = lambda: backend.channels.run(unary_round()).result()  # noqa: E731
     for _ in range(20):  # warm up channels, allocators, caches
-        dispatch(), echo()
+        dispatch(), echo(), unary()
     wire = sum(len(req.payload) + req.reply_bytes for _, req in echoes)  # a Dispatch round's message sizes
     received = workers_hidden_bytes(backend)
-    d_ms, e_ms = [], []
-    for _ in range(rounds // 10):  # interleave so drift hits both alike
-        d_ms += time_rounds(dispatch, 10)
-        e_ms += time_rounds(echo, 10)
+    d_ms, e_ms, u_ms = [], [], []
+    cpu = {kind: [0.0, 0.0] for kind in ("dispatch", "echo")}  # kind -> [client s, workers s]
+
+    def timed(kind: str, fn: Callable[[], object], into: list[float]) -> None:
+        client, workers = time.process_time(), sum(map(process_cpu_s, worker_pids))
+        into += time_rounds(fn, 10)
+        cpu[kind][0] += time.process_time() - client
+        cpu[kind][1] += sum(map(process_cpu_s, worker_pids)) - workers
+
+    for _ in range(rounds // 10):  # interleave so drift hits every kind alike
+        timed("dispatch", dispatch, d_ms)
+        timed("echo", echo, e_ms)
+        u_ms += time_rounds(unary, 10)
     hidden_bytes = (workers_hidden_bytes(backend) - received) * 2 / len(d_ms)  # per round, sent and returned
-    d50, e50 = statistics.median(d_ms), statistics.median(e_ms)
+    d50, e50, u50 = statistics.median(d_ms), statistics.median(e_ms), statistics.median(u_ms)
     return {"dispatch_ms_p50": round(d50, 4), "echo_ms_p50": round(e50, 4), "ratio_to_echo": round(d50 / e50, 3),
+            "unary_echo_ms_p50": round(u50, 4), "ratio_to_unary_echo": round(d50 / u50, 3),
             "bytes_per_token": round(hidden_bytes / max(tokens, 1), 1), "min_bytes_per_token": round(min_bytes, 1),
             "bytes_ratio_to_min": round(hidden_bytes / max(tokens, 1) / min_bytes, 4),
-            "wire_bytes_per_token": round(wire / max(tokens, 1), 1)}
+            "wire_bytes_per_token": round(wire / max(tokens, 1), 1),
+            **({f"{kind}_{side}_cpu_ms_per_round": round(cpu[kind][i] * 1e3 / len(d_ms), 3)
+                for kind in cpu for i, side in enumerate(("client", "workers"))} if worker_pids else {})}
 
 
 def workers_hidden_bytes(backend: RemoteExpertBackend) -> int:
@@ -219,10 +244,10 @@ def run(args: argparse.Namespace) -> int:
         config = Qwen3NextConfig.from_json(model_dir)
         placement = build_placement(config.moe_layers[:1], config.num_experts, args.workers, 1)
         admin_token = secrets.token_urlsafe()  # the bench makes no admin calls; the workers still require one
-        with worker_processes(Path(model_dir), placement, args.dtype, admin_token) as (_, addresses), \
+        with worker_processes(Path(model_dir), placement, args.dtype, admin_token) as (procs, addresses), \
                 RemoteExpertBackend(addresses, placement, getattr(torch, args.dtype), deadline_s=10.0) as backend:
             result = measure(backend, args.tokens, config.num_experts_per_tok, config.num_experts,
-                             config.hidden_size, args.rounds)
+                             config.hidden_size, args.rounds, worker_pids=[p.pid for p in procs])
     result = {"workers": args.workers, "tokens": args.tokens, "dtype": args.dtype, **result}
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
