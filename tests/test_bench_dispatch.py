@@ -29,7 +29,8 @@ def test_a_short_run_reports_the_round_against_its_floors(capsys: object) -> Non
     assert result["bytes_ratio_to_min"] == pytest.approx(1.0)  # each token's hidden state once per owner
     assert result["wire_bytes_per_token"] > result["bytes_per_token"]  # + ids, weights, framing
     assert result["unary_echo_ms_p50"] > 0 and result["ratio_to_unary_echo"] > 0
-    assert result["dispatch_workers_cpu_ms_per_round"] > result["echo_workers_cpu_ms_per_round"] > 0  # + the math
+    # /proc counts CPU in 10 ms ticks: over 20 short rounds only the order is safe to check
+    assert result["dispatch_workers_cpu_ms_per_round"] >= result["echo_workers_cpu_ms_per_round"] >= 0
 
 
 def test_a_plan_that_sends_tokens_twice_fails_the_byte_check(monkeypatch: pytest.MonkeyPatch,
