@@ -151,7 +151,7 @@ class RemoteExpertBackend:
         """Each batch's message written to its worker's stream, then one wait for all replies within
         the deadline (no task or timer per call) -> each batch's partial [t, H], or its error."""
         streams = [self.channels.streams[b.worker] for b in batches]
-        futures = [await s.send(encode_request(layer, self.placement.epoch, hidden, b, self.dtype))
+        futures = [await s.send(encode_request(layer, self.placement.epoch, hidden, b, self.dtype), self.deadline_s)
                    for s, b in zip(streams, batches)]
         _, late = await asyncio.wait(futures, timeout=self.deadline_s)
         results: list[Tensor | BaseException] = []

@@ -57,9 +57,11 @@ class WorkerStream:
         self._next_id = 0
         self._reader: asyncio.Future[None] | None = None
 
-    async def send(self, request: expert_pb2.DispatchRequest) -> "asyncio.Future[expert_pb2.DispatchReply]":
+    async def send(self, request: expert_pb2.DispatchRequest,
+                   timeout: float) -> "asyncio.Future[expert_pb2.DispatchReply]":
         """Write `request` (its call_id is set here); -> the future of its reply, which fails with a
-        WorkerCallError (the reply's status, or the stream's end). A write that fails fails the future."""
+        WorkerCallError (the reply's status, or the stream's end). A write that fails, or that cannot be
+        made within `timeout` s (a worker that stopped reading), fails the future and the stream."""
         if self._call is None:
             self._open()
         call, pending = self._call, self._pending
@@ -70,8 +72,11 @@ class WorkerStream:
         pending[request.call_id] = future
         future.add_done_callback(lambda _: pending.pop(request.call_id, None))
         try:
-            async with self._write_lock:
+            async with asyncio.timeout(timeout), self._write_lock:
                 await call.write(request)
+        except TimeoutError:
+            self._fail(call, pending, WorkerCallError(grpc.StatusCode.DEADLINE_EXCEEDED, f"could not write to "
+                                                      f"{self.address} within {timeout} s; the stream is reset"))
         except grpc.aio.AioRpcError as exc:  # the stream is gone
             self._fail(call, pending, WorkerCallError(exc.code(), exc.details() or ""))
         except asyncio.InvalidStateError:  # written after the stream ended without an error status
@@ -91,7 +96,7 @@ class WorkerStream:
 
     async def dispatch(self, request: expert_pb2.DispatchRequest, timeout: float) -> expert_pb2.DispatchReply:
         """One request and its reply (a round of several uses `send` and waits once for all)."""
-        future = await self.send(request)
+        future = await self.send(request, timeout)
         done, _ = await asyncio.wait((future,), timeout=timeout)
         if not done:
             self.expire(future, timeout)
