@@ -18,7 +18,8 @@ ROLES = ("head", "experts", "gateway", "ray")
 _ROLE_MARKERS = (("head", ("HeadDeployment",)),
                  ("experts", ("ExpertWorkerActor", "nextserve.experts.server")),
                  ("gateway", ("GatewayDeployment",)),
-                 ("ray", ("ray", "redis-server", "nextserve up")))
+                 ("ray", ("ray::", "raylet", "gcs_server", "/ray/", "redis-server", "nextserve up",
+                          "nextserve.cluster.cli up")))
 
 
 def _stat_cpu_s(stat_path: str) -> float:
@@ -92,7 +93,8 @@ def cpu_snapshot(processes: Mapping[int, str]) -> dict[int, float]:
 
 
 def cpu_by_role(processes: Mapping[int, str], before: Mapping[int, float], after: Mapping[int, float]) -> dict[str, float]:
-    """role -> CPU seconds spent between two snapshots (a process seen only after counts from 0)."""
+    """role -> CPU seconds spent between two snapshots (a process seen only after counts from 0; take
+    `processes` at the end so that it knows those too)."""
     spent = dict.fromkeys(ROLES, 0.0)
     for pid, end in after.items():
         spent[processes[pid]] += end - before.get(pid, 0.0)

@@ -208,6 +208,7 @@ async def _run_served(client: openai.AsyncOpenAI, model_name: str, workload: lis
     row = summarize(concurrency, results, time.perf_counter() - start, name)
     if not measure_cpu:
         return row
+    processes = cluster_processes()  # again: a process started during the run counts from 0
     spent = cpu_by_role(processes, cpu_before, cpu_snapshot(processes))
     per_token = {role: s * 1e3 / max(row.output_tokens, 1) for role, s in spent.items()}
     client = (time.process_time() - client_before) * 1e3 / max(row.output_tokens, 1)
@@ -378,7 +379,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the baseline's; match the server")
     p.add_argument("--vs-transformers", action="store_true", help="also run transformers' generate as the baseline")
     p.add_argument("--in-process", action="store_true",
-                   help="also run the same engine with its experts in this process (the distribution tax: tok/s ratio)")
+                   help="also run the same engine (nextserve up's default settings) with its experts in this process "
+                        "(the distribution tax: tok/s ratio)")
     p.add_argument("--cpu", action="store_true",
                    help="CPU per output token of this machine's cluster processes by role (a local server only)")
     p.add_argument("--json", action="store_true", help="one JSON line per concurrency")

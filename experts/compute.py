@@ -49,7 +49,8 @@ def _check_sizes(req: expert_pb2.DispatchRequest, hidden: bytes, counts: bytes, 
     """dtype, shape and the byte counts of hidden and counts against each other (hidden / counts: the
     fields' bytes, read once by the caller: each read of a bytes field copies it)."""
     if req.dtype != TORCH_TO_DTYPE[dtype]:
-        raise InvalidDispatch(f"dtype {expert_pb2.DType.Name(req.dtype)} does not match the worker's "
+        sent = expert_pb2.DType.Name(req.dtype) if req.dtype in expert_pb2.DType.values() else str(req.dtype)
+        raise InvalidDispatch(f"dtype {sent} does not match the worker's "
                               f"{expert_pb2.DType.Name(TORCH_TO_DTYPE[dtype])}; send the model's dtype")
     if req.hidden_size != hidden_size:
         raise InvalidDispatch(f"hidden_size {req.hidden_size} does not match the model's {hidden_size}")

@@ -55,7 +55,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
     async def DispatchStream(self, requests: AsyncIterator[expert_pb2.DispatchRequest],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[expert_pb2.DispatchReply]:
-        """A head's stream: each request's reply in order, a failed one carrying its status (the stream goes on)."""
+        """A head's stream: each request's reply in order, a failed one carrying its status (the stream goes on).
+        One stream's messages are served one after another (a head's micro-batches queue behind each other
+        here; other heads' streams are served between them as the loop allows)."""
         async for request in requests:
             yield await self._dispatch(request)
 
@@ -74,6 +76,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         except InvalidDispatch as exc:
             log.info("rejected Dispatch: %s", exc)
             return _failed(request, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug or the device (out of memory): this message fails, a
+            log.exception("Dispatch failed")  # head's stream (its other messages) goes on
+            return _failed(request, grpc.StatusCode.INTERNAL, f"the worker failed: {type(exc).__name__}: {exc}")
         finally:
             self._inflight -= 1
             left = self._inflight_by_epoch.pop(request.epoch) - 1

@@ -148,12 +148,14 @@ class RemoteExpertBackend:
         return self._alive[key]
 
     async def _round(self, layer: int, hidden: Tensor, batches: list[WorkerBatch]) -> list[Tensor | BaseException]:
-        """Each batch's message written to its worker's stream, then one wait for all replies within
-        the deadline (no task or timer per call) -> each batch's partial [t, H], or its error."""
+        """Each batch's message written to its worker's stream, then one wait for all replies, all within
+        one deadline (no task or timer per call) -> each batch's partial [t, H], or its error."""
         streams = [self.channels.streams[b.worker] for b in batches]
-        futures = [await s.send(encode_request(layer, self.placement.epoch, hidden, b, self.dtype), self.deadline_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deadline_s  # one for the whole round, writes included
+        futures = [await s.send(encode_request(layer, self.placement.epoch, hidden, b, self.dtype), deadline)
                    for s, b in zip(streams, batches)]
-        _, late = await asyncio.wait(futures, timeout=self.deadline_s)
+        _, late = await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
         results: list[Tensor | BaseException] = []
         for stream, batch, future in zip(streams, batches, futures):
             if future in late:

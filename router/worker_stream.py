@@ -58,10 +58,11 @@ class WorkerStream:
         self._reader: asyncio.Future[None] | None = None
 
     async def send(self, request: expert_pb2.DispatchRequest,
-                   timeout: float) -> "asyncio.Future[expert_pb2.DispatchReply]":
+                   deadline: float) -> "asyncio.Future[expert_pb2.DispatchReply]":
         """Write `request` (its call_id is set here); -> the future of its reply, which fails with a
         WorkerCallError (the reply's status, or the stream's end). A write that fails, or that cannot be
-        made within `timeout` s (a worker that stopped reading), fails the future and the stream."""
+        made before `deadline` (the loop's clock; a worker that stopped reading), fails the future and
+        the stream, as UNAVAILABLE / DEADLINE_EXCEEDED: the caller fails over, whatever gRPC said."""
         if self._call is None:
             self._open()
         call, pending = self._call, self._pending
@@ -72,17 +73,24 @@ class WorkerStream:
         pending[request.call_id] = future
         future.add_done_callback(lambda _: pending.pop(request.call_id, None))
         try:
-            async with asyncio.timeout(timeout), self._write_lock:
+            async with asyncio.timeout_at(deadline), self._write_lock:
                 await call.write(request)
         except TimeoutError:
             self._fail(call, pending, WorkerCallError(grpc.StatusCode.DEADLINE_EXCEEDED, f"could not write to "
-                                                      f"{self.address} within {timeout} s; the stream is reset"))
-        except grpc.aio.AioRpcError as exc:  # the stream is gone
-            self._fail(call, pending, WorkerCallError(exc.code(), exc.details() or ""))
-        except asyncio.InvalidStateError:  # written after the stream ended without an error status
-            self._fail(call, pending, WorkerCallError(grpc.StatusCode.UNAVAILABLE,
-                                                      f"the dispatch stream to {self.address} ended"))
+                                                      f"{self.address} in time; the stream is reset"))
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # our caller is cancelled, not the stream
+                raise
+            self._fail(call, pending, self._lost(call, "the stream was reset during the write"))
+        except Exception as exc:  # noqa: BLE001 - AioRpcError (INTERNAL when the peer died mid-write),
+            # InvalidStateError / UsageError (written after the stream or channel ended): the stream is gone
+            self._fail(call, pending, self._lost(call, f"{type(exc).__name__}: {exc}"))
         return future
+
+    def _lost(self, call: grpc.aio.StreamStreamCall, why: str) -> WorkerCallError:
+        """The stream to this worker is gone: UNAVAILABLE (the caller fails over), naming what happened."""
+        return WorkerCallError(grpc.StatusCode.UNAVAILABLE, f"the dispatch stream to {self.address} was lost: {why}")
 
     def expire(self, future: "asyncio.Future[expert_pb2.DispatchReply]", timeout: float) -> None:
         """`future` got no reply within `timeout` s: fail it (and everything on its stream) with
@@ -96,7 +104,7 @@ class WorkerStream:
 
     async def dispatch(self, request: expert_pb2.DispatchRequest, timeout: float) -> expert_pb2.DispatchReply:
         """One request and its reply (a round of several uses `send` and waits once for all)."""
-        future = await self.send(request, timeout)
+        future = await self.send(request, asyncio.get_running_loop().time() + timeout)
         done, _ = await asyncio.wait((future,), timeout=timeout)
         if not done:
             self.expire(future, timeout)
@@ -122,9 +130,9 @@ class WorkerStream:
                 future = pending.get(reply.call_id)
                 if future is not None and not future.done():
                     future.set_result(reply)
-            error = WorkerCallError(grpc.StatusCode.UNAVAILABLE, f"{self.address} ended the dispatch stream")
-        except grpc.aio.AioRpcError as exc:
-            error = WorkerCallError(exc.code(), exc.details() or "")
+            error = self._lost(call, "the worker ended it")
+        except grpc.aio.AioRpcError as exc:  # a stream's own status is the transport's or a crash: fail over
+            error = self._lost(call, f"{exc.code().name}: {exc.details()}")
         except asyncio.CancelledError:
             error = WorkerCallError(grpc.StatusCode.CANCELLED, f"the dispatch stream to {self.address} was closed")
         self._fail(call, pending, error)

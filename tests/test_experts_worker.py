@@ -112,6 +112,7 @@ BAD = [
     ("expert_ids", -3, "expert_ids holds -3 \\(layer 0\\), outside \\[0, 16\\)"),
     ("expert_ids_bytes", 23, "expert_ids has 23 bytes; sum\\(counts\\) 6 pairs x 4 bytes \\(int32\\) needs 24"),
     ("dtype", expert_pb2.DTYPE_BFLOAT16, "dtype DTYPE_BFLOAT16 does not match the worker's DTYPE_FLOAT32"),
+    ("dtype", 7, "dtype 7 does not match the worker's DTYPE_FLOAT32"),
     ("hidden_size", 65, "hidden_size 65 does not match the model's 64"),
     ("num_tokens", 4, "num_tokens 4"),
     ("hidden", 100, "hidden has 100 bytes"),

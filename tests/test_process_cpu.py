@@ -18,7 +18,9 @@ def test_roles_from_command_lines() -> None:
     assert role_of("ray::ServeReplica:nextserve:GatewayDeployment ") == "gateway"
     assert role_of("/x/ray/core/src/ray/raylet/raylet --node_id=1") == "ray"
     assert role_of("redis-server 127.0.0.1:6379") == "ray"
+    assert role_of("python -m nextserve.cluster.cli up --model d") == "ray"  # how the tests start it
     assert role_of("/usr/bin/bash -l") is None
+    assert role_of("python /home/raymond/array_tool.py") is None  # "ray" in a path is not Ray
 
 
 def test_a_busy_cluster_process_outside_the_benchmark_tree_is_counted() -> None:

@@ -54,6 +54,7 @@ class EpochFollowingBackend:
         self.loop = DispatchLoop()
         self.epoch = 0
         self.current: RemoteExpertBackend | None = None
+        self._retired: list[tuple[RemoteExpertBackend, threading.Timer]] = []  # closing after CLOSE_GRACE_S
         self._stop = threading.Event()
         deadline = time.monotonic() + wait_s
         while not self.refresh():
@@ -75,7 +76,10 @@ class EpochFollowingBackend:
         old, self.current, self.epoch = self.current, backend, record.epoch
         log.info("dispatching with placement epoch %d (%s)", record.epoch, ", ".join(record.addresses))
         if old is not None:
-            threading.Timer(CLOSE_GRACE_S, old.close).start()
+            timer = threading.Timer(CLOSE_GRACE_S, old.close)
+            timer.daemon = True
+            timer.start()
+            self._retired = [(b, t) for b, t in self._retired if t.is_alive()] + [(old, timer)]
         return True
 
     def _watch(self) -> None:
@@ -114,7 +118,11 @@ class EpochFollowingBackend:
         return out
 
     def close(self) -> None:
+        """Close every backend, the retired ones too, while the loop still runs; then stop the loop."""
         self._stop.set()
+        for backend, timer in self._retired:
+            timer.cancel()
+            backend.close()
         if self.current is not None:
             self.current.close()
         self.loop.stop()
