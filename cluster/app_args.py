@@ -1,64 +1,93 @@
 """The Serve application's arguments: what `nextserve up` passes and what a RayService's
 `serveConfigV2` gives as `args` for `import_path: nextserve.cluster.app:build_app`. Validated with pydantic
-(a process boundary); names match the CLI flags."""
+(a process boundary). Declared once: `nextserve up`'s flags are generated from these fields
+(cluster/cli/field_flags.py: `--expert-workers` for `expert_workers`, help from the docstring beneath each
+field, default shown), serveConfigV2 uses the same names, and the defaults of the head's scheduler and
+cache come from SchedulerConfig and CacheConfig."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nextserve.cluster.engine.scheduler import SchedulerConfig
-from nextserve.model.cache_config import CacheConfig, parse_cache_memory
+from nextserve.model.cache_config import CacheConfig, format_memory_size, parse_cache_memory
 from nextserve.model.config import Qwen3NextConfig
 
 
+def default_of(config: type, name: str) -> Any:
+    """The default of field `name` of the config dataclass `config`: where that default is declared."""
+    return config.__dataclass_fields__[name].default
+
+
+NOT_A_FLAG: dict[str, Any] = {"cli": False}
+"""json_schema_extra of a field `nextserve up` has no flag for: a secret (a command line shows in `ps`)."""
+
+
 class AppArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     model: str
-    """Checkpoint directory, as seen by every node (a PVC mount on Kubernetes)."""
+    """Checkpoint directory, as seen by every node (a PVC mount on Kubernetes); `nextserve up` also takes
+    `tiny`, the tiny test checkpoint, made on first use."""
     model_name: str | None = None
-    """The name clients pass as `model`; default: the checkpoint directory's name."""
+    """The name clients pass as `model`; None: the checkpoint directory's name (`tiny` for the tiny one)."""
     expert_workers: int = Field(2, ge=1)
+    """N: expert worker actors, each holding a share of the routed experts (a GPU each when the cluster
+    has GPUs); `nextserve scale` changes it live."""
     expert_replicas: int = Field(1, ge=1)
-    """R: distinct workers holding every expert, so at most expert_workers."""
+    """R: distinct workers holding every expert, so at most expert_workers; 2 keeps every expert served
+    through the loss of a worker."""
     head_replicas: int = Field(1, ge=1)
+    """M: head replicas (attention, DeltaNet and the engine, each with its own cache); a conversation
+    keeps landing on the replica that holds its prefix."""
     max_experts_per_worker: int | None = Field(None, ge=1)
     """The most (layer, expert) pairs an expert worker may hold at any moment (its memory: `nextserve plan`
     computes it); scaling and rebalancing move in waves within it. None: no bound."""
     dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights and activations of heads and expert workers; bfloat16 halves the bytes (on a GPU)."""
     redis_url: str = ""
-    """Empty only before `nextserve up` fills in the local redis-server it started."""
+    """The registry's Redis, redis://[:PASSWORD@]HOST:PORT/DB; empty: `nextserve up` starts a local
+    redis-server (a cluster joined through RAY_ADDRESS needs one every node reaches)."""
     cluster: str = "default"
     """Registry namespace in Redis (several clusters can share one Redis)."""
     api_key: str | None = None
+    """Clients must send `Authorization: Bearer KEY` or `x-api-key: KEY` to /v1/* (401 otherwise); None:
+    no key. `nextserve up` also reads it from NEXTSERVE_API_KEY, which keeps it out of `ps`."""
     max_model_len: int | None = Field(None, ge=2)
     """The context the server admits (prompt + output tokens); None: the model's (max_position_embeddings).
     Qwen3-Coder-Next's card suggests 32,768 on smaller machines."""
-    max_num_seqs: int = Field(64, ge=1)
-    max_tokens_per_step: int = Field(512, ge=1)
-    prefill_chunk: int = Field(256, ge=1)
+    max_num_seqs: int = Field(default_of(SchedulerConfig, "max_num_seqs"), ge=1)
+    """Sequences a head replica runs at once (SchedulerConfig.max_num_seqs); more wait in FCFS order."""
+    max_tokens_per_step: int = Field(default_of(SchedulerConfig, "max_tokens_per_step"), ge=1)
+    """Token budget of one head step, decodes + prefill chunks (SchedulerConfig.max_tokens_per_step): it
+    bounds a step's latency, and is at least max_num_seqs, so a full batch of decodes fits."""
+    prefill_chunk: int = Field(default_of(SchedulerConfig, "prefill_chunk"), ge=1)
+    """Most prompt tokens one sequence brings to a step (SchedulerConfig.prefill_chunk)."""
     micro_batches: int | Literal["auto"] = "auto"
     """Ping-pong micro-batches per head step (see SchedulerConfig.micro_batches): 2 overlaps the head's
     mixer with the experts' round when they have GPUs of their own; on a CPU box that shares its cores
     between head and workers it costs more than it hides. "auto": each head replica chooses
-    (SchedulerConfig.auto_micro_batches) from its device and the cluster's."""
-    cache_memory: str = "4GiB"
+    (SchedulerConfig.auto_micro_batches) from its device and the cluster's: 2 when heads and experts have
+    GPUs, else 1."""
+    cache_memory: str = format_memory_size(default_of(CacheConfig, "cache_memory_bytes"))
     """Each head's cache budget (KV blocks + DeltaNet state slots), allocated at start: a size (`512MiB`,
     `40GiB`, bytes) or, on a GPU head, a fraction of the device memory left after the weights (`0.9`)."""
-    block_size: int = Field(16, ge=1, le=1024)
-    """Tokens per KV block."""
-    enable_prefix_cache: bool = True
+    block_size: int = Field(default_of(CacheConfig, "block_size"), ge=1, le=1024)
+    """Tokens per KV block (CacheConfig.block_size)."""
+    enable_prefix_cache: bool = default_of(CacheConfig, "enable_prefix_cache")
     """Keep KV blocks and DeltaNet state snapshots of finished requests for later ones that resend the
     same prefix (CacheConfig.enable_prefix_cache)."""
-    prefix_snapshot_every: int = Field(256, ge=1)
+    prefix_snapshot_every: int = Field(default_of(CacheConfig, "prefix_snapshot_every"), ge=1)
     """Tokens between prefill state snapshots, a multiple of block_size (CacheConfig.prefix_snapshot_every)."""
     head_num_gpus: float = Field(0.0, ge=0)
-    """GPUs per head replica (Ray `num_gpus`); a head given one computes on it in the model dtype."""
+    """GPUs per head replica (Ray `num_gpus`); 0: heads compute on CPU. A head given one computes on it in
+    the model dtype."""
     dispatch_deadline_s: float = Field(10.0, gt=0)
     """Per-attempt gRPC deadline of one dispatch to one worker (then its tokens fail over)."""
     unavailable_wait_s: float = Field(30.0, ge=0)
@@ -66,6 +95,19 @@ class AppArgs(BaseModel):
     requests fail with 503 naming the experts."""
     rebalance_every_s: float = Field(0.0, ge=0)
     """Scheduled load-aware rebalancing period; 0 = only on demand (`nextserve rebalance`)."""
+    redis_password_env: str | None = None
+    """Name of an environment variable holding the Redis password (Kubernetes: from a Secret), so that
+    no password sits in the Serve config or on a command line; `build_app` (and `nextserve up`) put it
+    into `redis_url`."""
+    admin_token: str | None = Field(None, min_length=1, repr=False, json_schema_extra=NOT_A_FLAG)
+    """The cluster's admin token: expert workers take LoadExperts / DropExperts only with it (the
+    controller sends it). Not a flag of `nextserve up` (a command line shows in `ps`): `up` makes a fresh
+    one, or reads the environment variable --admin-token-env names; a RayService names one in
+    admin_token_env."""
+    admin_token_env: str | None = None
+    """Name of an environment variable holding the admin token (Kubernetes: from the `nextserve-admin`
+    Secret on every Ray pod), so that no token sits in the Serve config or on a command line; `build_app`
+    (and `nextserve up`) read it."""
 
     def scheduler_config(self, head_on_accelerator: bool = False, experts_on_accelerators: bool = False) -> SchedulerConfig:
         """The head engine's step shape (what every head replica builds); the devices resolve "auto"."""
@@ -122,10 +164,6 @@ class AppArgs(BaseModel):
         """The context the server admits: max_model_len, else the model's."""
         return self.max_model_len or Qwen3NextConfig.from_json(self.model).max_position_embeddings
 
-    redis_password_env: str | None = None
-    """Name of an environment variable holding the Redis password (Kubernetes: from a Secret), so that
-    no password sits in the Serve config; `build_app` puts it into `redis_url`."""
-
     def with_redis_password(self, environ: Mapping[str, str]) -> "AppArgs":
         """These args with the password from `environ[redis_password_env]` put into `redis_url`."""
         if not self.redis_password_env:
@@ -140,13 +178,6 @@ class AppArgs(BaseModel):
         netloc = f":{quote(password, safe='')}@{url.netloc}"
         return self.model_copy(update={"redis_url": urlunsplit(url._replace(netloc=netloc)),
                                        "redis_password_env": None})
-
-    admin_token: str | None = Field(None, min_length=1, repr=False)
-    """The cluster's admin token: expert workers take LoadExperts / DropExperts only with it (the controller
-    sends it). `nextserve up` makes a fresh one; a RayService names a variable instead (admin_token_env)."""
-    admin_token_env: str | None = None
-    """Name of an environment variable holding the admin token (Kubernetes: from the `nextserve-admin`
-    Secret on every Ray pod), so that no token sits in the Serve config; `build_app` reads it."""
 
     @model_validator(mode="after")
     def _one_admin_token_source(self) -> "AppArgs":
@@ -171,8 +202,3 @@ class AppArgs(BaseModel):
 
     def served_model_name(self) -> str:
         return self.model_name or Path(self.model).name
-
-    def cluster_spec(self) -> dict[str, object]:
-        return {"model": self.model, "dtype": self.dtype, "num_workers": self.expert_workers,
-                "replication": self.expert_replicas, "rebalance_every_s": self.rebalance_every_s,
-                "max_experts_per_worker": self.max_experts_per_worker}

@@ -148,6 +148,15 @@ def parse_memory_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def format_memory_size(nbytes: int) -> str:
+    """bytes -> the text parse_memory_size reads back to them, in the largest binary unit that divides
+    them (4 * GiB -> '4GiB'); how a default budget is shown (`nextserve up --help`)."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if nbytes and nbytes % _UNITS[unit.lower()] == 0:
+            return f"{nbytes // _UNITS[unit.lower()]}{unit}"
+    return str(nbytes)
+
+
 def parse_cache_memory(text: str, device_free_bytes: int | None) -> int:
     """`--cache-memory` -> bytes: a size (see parse_memory_size), or a fraction in (0, 1) such as `0.9` of
     `device_free_bytes` (a GPU head's memory left after its weights, as vLLM's gpu_memory_utilization)."""

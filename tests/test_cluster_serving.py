@@ -181,7 +181,7 @@ def test_killing_the_controller_does_not_stop_serving(up: UpProcess) -> None:
     result = up.python_in_cluster(probe)
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout.strip().splitlines()[-1])
-    assert status["spec"]["num_workers"] == WORKERS  # the restarted controller recovered the spec from Redis
+    assert status["spec"]["expert_workers"] == WORKERS  # the restarted controller recovered the spec from Redis
 
 
 def test_restarting_redis_does_not_stop_serving(up: UpProcess) -> None:
@@ -193,7 +193,7 @@ def test_restarting_redis_does_not_stop_serving(up: UpProcess) -> None:
     assert _complete(up) == want
     wait_for(lambda: len(up.status()["workers"]) == WORKERS and up.status()["epoch"] >= 1, 30,
              "workers and placement to be written back to the new Redis")
-    assert up.status()["spec"]["num_workers"] == WORKERS
+    assert up.status()["spec"]["expert_workers"] == WORKERS
     assert _complete(up) == want
 
 

@@ -83,7 +83,7 @@ def test_flushed_redis_and_a_killed_worker_recover_the_current_assignment(up: Up
 
     now = registry.placement()
     assert now is not None and now.placement.layer_to_expert_workers == record.placement.layer_to_expert_workers
-    assert int(registry.spec()["num_workers"]) == 3
+    assert int(registry.spec()["expert_workers"]) == 3
     for index in range(3):
         assert registry.assignment(index) == sorted(now.placement.experts_of(index)), index
     held = {(e.layer, e.expert) for e in worker_admin.info(now.addresses[0]).experts}

@@ -63,6 +63,6 @@ def test_members_heartbeat_and_staleness(server: LocalRedis, monkeypatch: pytest
 
 def test_spec_round_trip_and_cluster_namespaces(server: LocalRedis) -> None:
     a, b = Registry(server.url, "a"), Registry(server.url, "b")
-    a.save_spec({"model": "/m", "num_workers": 3, "replication": 2, "dtype": "float32"})
-    assert a.spec() == {"model": "/m", "num_workers": 3, "replication": 2, "dtype": "float32"}
+    a.save_spec({"model": "/m", "expert_workers": 3, "expert_replicas": 2, "dtype": "float32"})
+    assert a.spec() == {"model": "/m", "expert_workers": 3, "expert_replicas": 2, "dtype": "float32"}
     assert b.spec() == {}

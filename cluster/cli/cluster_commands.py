@@ -13,14 +13,16 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import redis
 
-from nextserve.cluster.app_args import AppArgs
-from nextserve.cluster.cli.model_paths import cache_dir, resolve_model
+from nextserve.cluster.app_args import AppArgs, default_of
+from nextserve.cluster.cli.field_flags import add_field_flags, field_values, not_flags_epilog
+from nextserve.cluster.cli.model_paths import TINY, cache_dir, resolve_model
+from nextserve.cluster.cli.usage import UsageError
 from nextserve.cluster.control.rebalance import measured_imbalance
 from nextserve.cluster.control.registry import Registry, RegistryUnreachableError, redacted_url
 from nextserve.cluster.control.reshard import ReshardError, plan_waves
@@ -33,20 +35,29 @@ def state_file(cluster: str) -> Path:
     return cache_dir() / f"cluster-{cluster}.json"
 
 
+def app_args_of(args: argparse.Namespace, environ: Mapping[str, str]) -> AppArgs:
+    """`up`'s AppArgs: the fields given as flags, then what `up` fills in itself: the checkpoint `tiny`
+    resolved (and named `tiny`), the API key from NEXTSERVE_API_KEY, the Redis password and the admin
+    token from the variables named by --redis-password-env / --admin-token-env, else a fresh admin token."""
+    values = field_values(args, AppArgs)
+    if values["model"] == TINY:
+        values.setdefault("model_name", TINY)
+    values["model"] = str(resolve_model(values["model"]))
+    if "api_key" not in values and environ.get("NEXTSERVE_API_KEY"):
+        values["api_key"] = environ["NEXTSERVE_API_KEY"]
+    if not values.get("admin_token_env"):
+        values["admin_token"] = secrets.token_urlsafe(32)  # fresh per `up`: what LoadExperts/DropExperts need
+    app = AppArgs(**values)
+    try:
+        return app.with_redis_password(environ).with_admin_token(environ)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    app = AppArgs(model=str(resolve_model(args.model)), model_name=args.model_name or ("tiny" if args.model == "tiny" else None),
-                  expert_workers=args.expert_workers, expert_replicas=args.expert_replicas,
-                  head_replicas=args.head_replicas, dtype=args.dtype, redis_url=args.redis_url or "",
-                  cluster=args.cluster, api_key=args.api_key or os.environ.get("NEXTSERVE_API_KEY"),
-                  unavailable_wait_s=args.unavailable_wait_s, rebalance_every_s=args.rebalance_every_s,
-                  micro_batches=args.micro_batches, head_num_gpus=args.head_gpus,
-                  max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                  cache_memory=args.cache_memory, block_size=args.block_size,
-                  enable_prefix_cache=not args.no_prefix_cache, prefix_snapshot_every=args.prefix_snapshot_every,
-                  max_experts_per_worker=args.max_experts_per_worker,
-                  admin_token=secrets.token_urlsafe(32))  # fresh per `up`: what LoadExperts/DropExperts need
+    app = app_args_of(args, os.environ)
     return run_up(UpOptions(app=app, host=args.host, port=args.port, ray_address=os.environ.get("RAY_ADDRESS"),
-                            state_file=state_file(args.cluster), direct_ingress=not args.no_direct_ingress))
+                            state_file=state_file(app.cluster), direct_ingress=args.direct_ingress))
 
 
 @contextmanager
@@ -116,18 +127,18 @@ def _scale(registry: Registry, args: argparse.Namespace) -> int:
     spec = registry.spec()
     if not spec:
         raise FileNotFoundError("no cluster spec in Redis: is a cluster running (`nextserve up`)?")
-    if args.expert_workers < int(spec["replication"]):
-        raise ConfigError(f"--expert-workers {args.expert_workers} is below the replication factor "
-                          f"{spec['replication']}; every expert needs that many distinct workers")
+    if args.expert_workers < int(spec["expert_replicas"]):
+        raise ConfigError(f"--expert-workers {args.expert_workers} is below --expert-replicas "
+                          f"{spec['expert_replicas']}; every expert needs that many distinct workers")
     record = registry.placement()
     if record is not None:  # refused here, in one line, rather than by the controller in its log
         config = Qwen3NextConfig.from_json(spec["model"])
-        new = build_placement(config.moe_layers, config.num_experts, args.expert_workers, int(spec["replication"]))
+        new = build_placement(config.moe_layers, config.num_experts, args.expert_workers, int(spec["expert_replicas"]))
         try:
             plan_waves(record.placement, new, spec.get("max_experts_per_worker"))
         except ReshardError as exc:
             raise ConfigError(f"--expert-workers {args.expert_workers}: {exc}") from None
-    registry.save_spec({**spec, "num_workers": args.expert_workers})
+    registry.save_spec({**spec, "expert_workers": args.expert_workers})
 
     def done() -> bool:
         record = registry.placement()
@@ -148,60 +159,27 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
     return 0
 
 
-def micro_batches_arg(text: str) -> int | str:
-    """--micro-batches: 'auto' or a count >= 1."""
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a count >= 1, got {text!r}")
-    return value
-
-
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", help="default: the cluster `nextserve up` started")
-    p.add_argument("--cluster", default="default", help="registry namespace in Redis")
+    p.add_argument("--cluster", default=AppArgs.model_fields["cluster"].default,
+                   help="registry namespace in Redis (default: %(default)s)")
 
 
 def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("up", help="start the cluster and serve the model over HTTP until SIGINT/SIGTERM")
-    p.add_argument("--model", default="tiny", help="checkpoint dir, or 'tiny'")
-    p.add_argument("--model-name", help="name clients pass as `model` (default: the directory's name)")
-    p.add_argument("--expert-workers", type=int, default=2)
-    p.add_argument("--expert-replicas", type=int, default=1, help="replicas of every expert (R)")
-    p.add_argument("--head-replicas", type=int, default=1)
-    p.add_argument("--max-experts-per-worker", type=int, default=None,
-                   help="the most (layer, expert) pairs a worker may hold at once; scaling moves in waves within it")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--redis-url", help="an existing Redis (default: start a local redis-server)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (or set NEXTSERVE_API_KEY)")
-    p.add_argument("--cluster", default="default", help="registry namespace in Redis")
-    p.add_argument("--unavailable-wait-s", type=float, default=30.0,
-                   help="with no live replica of an expert, wait this long for its worker before a 503")
-    p.add_argument("--rebalance-every-s", type=float, default=0.0, help="scheduled rebalancing (0 = on demand)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="the context the server admits, prompt + output tokens (default: the model's)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences a head replica runs at once")
-    p.add_argument("--cache-memory", default="4GiB",
-                   help="each head's KV + DeltaNet state budget: a size (512MiB, 40GiB) or, on a GPU head, a "
-                        "fraction of the memory left after the weights (0.9)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    p.add_argument("--no-prefix-cache", action="store_true",
-                   help="do not keep KV blocks and DeltaNet state snapshots for prompts that share a prefix")
-    p.add_argument("--prefix-snapshot-every", type=int, default=256,
-                   help="tokens between the prefix cache's state snapshots in a prefill (a multiple of --block-size)")
-    p.add_argument("--micro-batches", type=micro_batches_arg, default="auto",
-                   help="ping-pong micro-batches per head step (2 overlaps head math with the expert round); "
-                        "auto (default): 2 when heads and experts have GPUs, else 1")
-    p.add_argument("--head-gpus", type=float, default=0.0, help="GPUs per head replica (0: heads on CPU)")
-    p.add_argument("--no-direct-ingress", action="store_true",
-                   help="serve HTTP through Ray Serve's proxy instead of the gateway replica itself "
-                        "(a local Ray otherwise runs in Serve's throughput-optimized mode)")
+    p = sub.add_parser("up", help="start the cluster and serve the model over HTTP until SIGINT/SIGTERM",
+                       description="Start the cluster and serve the model over HTTP until SIGINT/SIGTERM. Every "
+                                   "flag but --host, --port and --direct-ingress is the field of the Serve app's "
+                                   "arguments (cluster/app_args.py, a RayService's serveConfigV2 args) of the "
+                                   "same name.",
+                       epilog=not_flags_epilog(AppArgs),
+                       allow_abbrev=False)  # `--admin-token SECRET` must not pass as --admin-token-env
+    add_field_flags(p, AppArgs, defaults={"model": TINY})
+    p.add_argument("--host", default="127.0.0.1", help="address the HTTP server listens on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="the HTTP port (default: %(default)s)")
+    p.add_argument("--direct-ingress", action=argparse.BooleanOptionalAction,
+                   default=default_of(UpOptions, "direct_ingress"),
+                   help="a local Ray runs in Serve's throughput-optimized mode, the gateway replica serving HTTP "
+                        "itself; --no-direct-ingress puts Serve's proxy in front (default: %(default)s)")
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("status", help="workers, heads, load and the placement epoch, from the Redis registry")
     _cluster_args(p)
@@ -209,7 +187,7 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("scale", help="re-shard the experts live onto N expert workers")
     _cluster_args(p)
-    p.add_argument("--expert-workers", type=int, required=True)
+    p.add_argument("--expert-workers", type=int, required=True, help="N: expert workers to serve on")
     p.add_argument("--wait-s", type=float, default=600.0)
     p.set_defaults(func=cmd_scale)
     p = sub.add_parser("rebalance", help="re-place experts for the load measured since the last rebalance")

@@ -6,6 +6,7 @@ node selectors, with the plan's arithmetic, in numbers, in its comments. `nextse
 
 from __future__ import annotations
 
+from nextserve.cluster.app_args import AppArgs
 from nextserve.model.capacity import HOST_OVERHEAD_BYTES, CapacityPlan, GiB, GpuSpec
 from nextserve.model.config import Qwen3NextConfig
 from nextserve.model.sizes import ModelSizes
@@ -80,7 +81,8 @@ def _serve_config(plan: CapacityPlan, model_dir_name: str, dtype: str) -> list[s
         f"      max_num_seqs: {plan.max_sequences_per_head}",
         f"      cache_memory: '{plan.cache_memory_bytes_per_head}'",
         f"      block_size: {plan.cache_block_size}",
-        f"      max_tokens_per_step: {max(512, plan.max_sequences_per_head)}",  # a full decode batch fits a step
+        # at least the default, and a full decode batch fits a step
+        f"      max_tokens_per_step: {max(AppArgs.model_fields['max_tokens_per_step'].default, plan.max_sequences_per_head)}",
         "      head_num_gpus: 1",  # each heads pod has one GPU (gpu-patch.yaml); the replica takes it
         "      micro_batches: 2",  # ping-pong: the head's GPU computes while the expert round flies
         f"      redis_url: {REGISTRY_REDIS_URL}",

@@ -12,6 +12,10 @@ from nextserve.model.checkpoint import CheckpointError
 from nextserve.model.tiny import ensure_tiny
 
 
+TINY = "tiny"
+"""The model name that stands for the tiny test checkpoint (`nextserve up`'s and `generate`'s default)."""
+
+
 def cache_dir() -> Path:
     """Where `--model tiny` lives: $NEXTSERVE_CACHE, else $XDG_CACHE_HOME/nextserve, else ~/.cache/nextserve."""
     if os.environ.get("NEXTSERVE_CACHE"):
@@ -21,7 +25,7 @@ def cache_dir() -> Path:
 
 
 def resolve_model(name: str) -> Path:
-    if name == "tiny":
+    if name == TINY:
         return ensure_tiny(cache_dir())
     path = Path(name)
     if not (path / "config.json").exists():

@@ -4,7 +4,7 @@ Keys (prefix `nextserve:{cluster}`, cluster "default" unless named):
 
 | key | type | holds |
 | --- | --- | --- |
-| `{p}:spec` | hash | desired state: model, dtype, num_workers, replication (the controller recovers from it) |
+| `{p}:spec` | hash | desired state, ClusterSpec: model, dtype, expert_workers, expert_replicas, rebalance_every_s, max_experts_per_worker (AppArgs names; the controller recovers from it) |
 | `{p}:epoch` | string | the last placement epoch, an integer only ever INCRed |
 | `{p}:placement` | hash | epoch, placement (router.placement JSON), addresses (JSON list by worker index) |
 | `{p}:workers` | set | worker indices ever registered |

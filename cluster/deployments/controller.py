@@ -1,7 +1,7 @@
 """The controller: one detached, named Ray actor that owns placement and membership.
 
-Flow: `ensure(spec)` (idempotent; every head replica calls it) saves the desired state in Redis,
-builds the placement for N workers with replication R, starts the named worker actors and publishes
+Flow: `ensure(spec)` (idempotent; every head replica calls it with its args' ClusterSpec fields) saves
+the desired state in Redis, builds the placement for N workers with replication R, starts the named worker actors and publishes
 the placement with their addresses under a new epoch. `scale(n)` and `rebalance()` move to a new
 placement live (cluster/control/reshard.py). A supervision thread, every second: follows a spec changed in
 Redis (`nextserve scale`), runs a requested or scheduled rebalance, recreates a worker whose actor is
@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import ray
@@ -42,15 +42,23 @@ WORKER_READY_TIMEOUT_S = 300.0
 
 @dataclass(frozen=True)
 class ClusterSpec:
+    """The desired state the controller serves (and keeps in Redis, `{p}:spec`): the AppArgs fields of
+    the same names, so a head passes its args as they are and `nextserve scale` writes `expert_workers`."""
+
     model: str
     dtype: str
-    num_workers: int
-    replication: int
+    expert_workers: int
+    expert_replicas: int
     rebalance_every_s: float = 0.0
     """0 disables scheduled rebalancing (`nextserve rebalance` still works)."""
     max_experts_per_worker: int | None = None
     """The most (layer, expert) pairs a worker may hold at any moment (its memory; `nextserve plan`
     computes it): scaling and rebalancing move in waves within it. None: no bound (one step)."""
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "ClusterSpec":
+        """The spec's fields out of `values` (a head's AppArgs dump, the hash saved in Redis)."""
+        return cls(**{k: values[k] for k in cls.__dataclass_fields__ if k in values})
 
 
 class ControllerActor:
@@ -74,15 +82,14 @@ class ControllerActor:
             log.info("controller recovering %s (epoch %s) from Redis", saved, record.epoch if record else None)
             self.placement = record.placement if record else None
             self.epoch = record.epoch if record else 0
-            self.ensure(saved)
+            self.ensure(ClusterSpec.from_mapping(saved))
         threading.Thread(target=self._supervise, name="supervise", daemon=True).start()
 
-    def ensure(self, spec: dict[str, Any]) -> int:
-        """Bring up the cluster for `spec` unless it runs already; returns the placement epoch serving it.
+    def ensure(self, wanted: ClusterSpec) -> int:
+        """Bring up the cluster for `wanted` unless it runs already; returns the placement epoch serving it.
 
         A running cluster keeps its size: a head replica that restarts with its original arguments
         must not undo a `scale`. Only `scale` (or the spec in Redis) changes the number of workers."""
-        wanted = ClusterSpec(**{k: spec[k] for k in ClusterSpec.__dataclass_fields__ if k in spec})
         with self.lock:
             if self.spec is not None and self.workers:
                 if (wanted.model, wanted.dtype) != (self.spec.model, self.spec.dtype):
@@ -90,26 +97,26 @@ class ControllerActor:
                 return self.epoch
             config = Qwen3NextConfig.from_json(wanted.model)
             if self.placement is None:
-                self.placement = build_placement(config.moe_layers, config.num_experts, wanted.num_workers,
-                                                 wanted.replication)
+                self.placement = build_placement(config.moe_layers, config.num_experts, wanted.expert_workers,
+                                                 wanted.expert_replicas)
             reshard.check_fits(self.placement, wanted.max_experts_per_worker)
-            self.spec = replace(wanted, num_workers=self.placement.num_workers)
+            self.spec = replace(wanted, expert_workers=self.placement.num_workers)
             reshard.grow(self.registry, self.workers, None, self.placement, self._create, self.epoch,
                          self.admin_token)
             self._wait_ready()
             self._publish()
             self.registry.save_spec(asdict(self.spec))
-            return self.scale(wanted.num_workers)  # a no-op unless a recovered cluster was asked to resize
+            return self.scale(wanted.expert_workers)  # a no-op unless a recovered cluster was asked to resize
 
-    def scale(self, num_workers: int) -> int:
+    def scale(self, expert_workers: int) -> int:
         with self.lock:
             assert self.spec is not None and self.placement is not None
-            if num_workers == self.placement.num_workers:
+            if expert_workers == self.placement.num_workers:
                 return self.epoch
             config = Qwen3NextConfig.from_json(self.spec.model)
-            new = build_placement(config.moe_layers, config.num_experts, num_workers, self.spec.replication)
+            new = build_placement(config.moe_layers, config.num_experts, expert_workers, self.spec.expert_replicas)
             epoch = self._move(new)  # a ReshardError (does not fit) is raised before anything moves
-            self.spec = replace(self.spec, num_workers=num_workers)
+            self.spec = replace(self.spec, expert_workers=expert_workers)
             self.registry.save_spec(asdict(self.spec))
             self.loads.reset()
             return epoch
@@ -194,11 +201,11 @@ class ControllerActor:
             wanted = self.registry.spec()
             if not wanted:
                 self._restore_registry()
-            elif int(wanted["num_workers"]) != self.spec.num_workers:
+            elif int(wanted["expert_workers"]) != self.spec.expert_workers:
                 try:
-                    self.scale(int(wanted["num_workers"]))
+                    self.scale(int(wanted["expert_workers"]))
                 except reshard.ReshardError as exc:  # `nextserve scale` checks first; someone wrote Redis directly
-                    log.error("scaling to %s workers refused: %s", wanted["num_workers"], exc)
+                    log.error("scaling to %s workers refused: %s", wanted["expert_workers"], exc)
                     self.registry.save_spec(asdict(self.spec))
             self._heal()
             self._collect_and_rebalance()

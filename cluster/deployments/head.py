@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 
 from nextserve.cluster.deployments.actor_threads import use_assigned_cpus
 from nextserve.cluster.app_args import AppArgs
-from nextserve.cluster.deployments.controller import get_or_create_controller
+from nextserve.cluster.deployments.controller import ClusterSpec, get_or_create_controller
 from nextserve.cluster.engine.detokenizer import StepOutput
 from nextserve.cluster.engine.engine import Engine, EngineError, EngineRequestError, EngineUnavailableError
 from nextserve.cluster.engine.stats import EngineStats
@@ -50,7 +50,7 @@ class HeadDeployment:
         self.args = args
         use_assigned_cpus()
         controller = get_or_create_controller(args.redis_url, args.cluster, args.admin_token)
-        ray.get(controller.ensure.remote(args.cluster_spec()))
+        ray.get(controller.ensure.remote(ClusterSpec.from_mapping(args.model_dump(exclude={"admin_token"}))))
         self.registry = Registry(args.redis_url, args.cluster)
         dtype = parse_dtype(args.dtype)
         device = resolve_device("auto" if ray.get_gpu_ids() else "cpu")
