@@ -15,7 +15,7 @@ from hf_reference import hf_greedy
 from nextserve.cluster.engine.engine import Engine, EngineRequestError
 from nextserve.cluster.engine.scheduler import FinishReason, SchedulerConfig, StepPlan
 from nextserve.model.cache_config import (GiB, MiB, CacheConfig, CacheConfigError, cache_capacity,
-                                          parse_cache_memory, parse_memory_size)
+                                          format_memory_size, parse_cache_memory, parse_memory_size)
 from nextserve.model.capacity import GpuSpec, plan_capacity
 from nextserve.model.config import PUBLISHED_CONFIGS, Qwen3NextConfig
 from nextserve.model.sampling import SamplingParams
@@ -175,3 +175,9 @@ def test_cache_memory_as_a_fraction_needs_a_gpu() -> None:
     assert parse_cache_memory("2GiB", device_free_bytes=None) == 2 * GiB
     with pytest.raises(CacheConfigError, match="has no GPU; give a size such as 4GiB"):
         parse_cache_memory("0.9", device_free_bytes=None)
+
+
+@pytest.mark.parametrize("nbytes, text", [(4 * GiB, "4GiB"), (1536 * MiB, "1536MiB"), (3 * 2**40, "3TiB"),
+                                          (2048, "2KiB"), (1000, "1000"), (1, "1")])
+def test_a_size_is_shown_as_text_that_parses_back_to_it(nbytes: int, text: str) -> None:
+    assert format_memory_size(nbytes) == text and parse_memory_size(text) == nbytes

@@ -16,6 +16,8 @@ from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
 from nextserve.cluster.app_args import AppArgs
+from nextserve.cluster.cli.field_flags import field_values
+from nextserve.cluster.cli.main import build_parser
 from nextserve.cluster.cli.k8s_overlay import ADMIN_TOKEN_ENV, REDIS_PASSWORD_ENV, REGISTRY_REDIS_URL
 from test_k8s_render import K8S, KUSTOMIZATIONS, by_key, render
 
@@ -57,6 +59,25 @@ def test_serve_args_are_all_app_args() -> None:
     for name in KUSTOMIZATIONS:
         args = serve_config(name)["applications"][0]["args"]
         assert set(args) <= set(AppArgs.model_fields), name
+
+
+def _as_flags(args: dict[str, Any]) -> list[str]:
+    """serveConfigV2 args as `nextserve up` flags: the same names, underscores as dashes."""
+    argv = []
+    for name, value in args.items():
+        flag = "--" + name.replace("_", "-")
+        argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return argv
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_serve_args_are_up_flags_of_the_same_names(name: str, tiny_dir: Path) -> None:
+    """No mapping between a RayService's args and `nextserve up`: each arg, given as the flag of its
+    name, makes the same AppArgs."""
+    args = buildable_args(serve_config(name)["applications"][0]["args"], tiny_dir)
+    given = field_values(build_parser().parse_args(["up", *_as_flags(args)]), AppArgs)
+    assert given == {k: v for k, v in AppArgs(**args).model_dump().items() if k in args}
+    assert AppArgs(**given) == AppArgs(**args)
 
 
 def test_resolve_follows_serve_import_path_forms() -> None:
