@@ -49,7 +49,8 @@ from nextserve.bench.prompt_ids import checkpoint_prompt_token_ids, random_promp
 from nextserve.cluster.engine.block_manager import BlockManager
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.model_runner import ModelRunner, head_cache_capacity
-from nextserve.cluster.engine.scheduler import Request, Scheduler, SchedulerConfig, SequenceState
+from nextserve.cluster.engine.contract import EngineRequest
+from nextserve.cluster.engine.scheduler import Scheduler, SchedulerConfig, SequenceState
 from nextserve.model.cache_config import CacheConfig
 from nextserve.model.checkpoint import parse_dtype
 from nextserve.model.config import ConfigError
@@ -127,7 +128,7 @@ class EngineDecoder:
         self.runner = ModelRunner(head, experts, capacity, config)
         params = SamplingParams(max_tokens=max_len - L, ignore_eos=True)
         for i, prompt in enumerate(prompts.tolist()):
-            self.scheduler.add(SequenceState(Request(f"bench-{i}", tuple(prompt), params)))
+            self.scheduler.add(SequenceState(EngineRequest(f"bench-{i}", tuple(prompt), params)))
         while self.scheduler.waiting or any(seq.is_prefilling for seq in self.scheduler.running):
             self.step()
 

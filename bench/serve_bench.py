@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from nextserve.bench.process_cpu import ROLES, cluster_processes, cpu_by_role, cpu_snapshot
 from nextserve.bench.prompt_ids import checkpoint_prompt_token_ids
 from nextserve.cluster.app_args import AppArgs
+from nextserve.cluster.engine.contract import EngineRequest
 from nextserve.cluster.engine.engine import Engine
 from nextserve.model.loader import load_head, load_local_backend
 from nextserve.model.sampling import SamplingParams
@@ -284,7 +285,8 @@ def in_process_throughput(engine: Engine, workload: list[BenchRequest], concurre
         async def one(i: int, req: BenchRequest) -> int:
             params = SamplingParams(temperature=0.0, max_tokens=req.max_tokens, ignore_eos=True)
             async with gate:
-                return sum([len(out.token_ids) async for out in engine.generate(f"peer-{i}", req.prompt_ids, params)])
+                request = EngineRequest(f"peer-{i}", tuple(req.prompt_ids), params)
+                return sum([len(out.token_ids) async for out in engine.generate(request)])
 
         return sum(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
 

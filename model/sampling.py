@@ -37,6 +37,9 @@ class SamplingParams:
     allowed_starts: tuple[tuple[int, ...], ...] = ()
     """When set, the output starts with one of these token sequences (the tokens are constrained until
     one is complete): how a server forces a tool call's function name."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: the text ends just before the first one found (it is not included). Their count and
+    length are serving rules, checked by the engine's admission (cluster/engine/engine.py)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:

@@ -15,7 +15,7 @@ import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
-from nextserve.cluster.engine.scheduler import FinishReason
+from nextserve.cluster.engine.contract import FinishReason
 from nextserve.cluster.gateway.chat_template import ToolChoice
 from nextserve.model.sampling import SamplingDefaults
 from nextserve.cluster.gateway.protocols.anthropic import (AnthropicError, MessagesStream, MessageUsage,
@@ -141,7 +141,7 @@ def test_claude_code_request_parses_and_ignores_what_we_do_not_serve() -> None:
     req = parse_messages_request(body())
     assert (req.model, req.max_tokens, req.stream, req.temperature) == ("claude-sonnet-4-5-20250929", 32000, True, 1.0)
     assert [t.name for t in req.tools or ()] == ["Bash", "Read", "mcp__github__get_issue"]
-    assert req.stop == [] and req.max_tokens_request() == (32000, "max_tokens")
+    assert req.stop_sequences == [] and req.max_tokens_request() == (32000, "max_tokens")
     params = req.sampling_params(SamplingDefaults(1.0, 0.95, 40))  # what the body leaves unset: the model's
     assert (params.max_tokens, params.temperature, params.top_p, params.top_k) == (32000, 1.0, 0.95, 40)
     assert tool_choice(req) == ToolChoice("auto", None, True)
@@ -162,7 +162,7 @@ def test_claude_code_request_parses_and_ignores_what_we_do_not_serve() -> None:
 def test_thinking_enabled_sampling_and_stop_sequences_are_read() -> None:
     req = parse_messages_request(body(thinking={"type": "enabled", "budget_tokens": 2048}, temperature=0,
                                       top_p=0.9, top_k=40, stop_sequences=["\n\nHuman:", "END"], stream=False))
-    assert req.stop == ["\n\nHuman:", "END"] and not req.stream
+    assert req.stop_sequences == ["\n\nHuman:", "END"] and not req.stream
     params = req.sampling_params(SamplingDefaults(1.0, 0.95, 20))
     assert (params.temperature, params.top_p, params.top_k) == (0.0, 0.9, 40)
     raw = b'{"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}'
@@ -190,7 +190,7 @@ def test_the_sdk_request_parses_and_the_sdk_reads_our_reply() -> None:
         extra_body={"temperature": 0.2, "top_k": 20, "top_p": 0.95, "context_management": {"edits": []}})
     assert sdk.requests[-1].url.path == "/v1/messages"
     req = parse_messages_request(sdk.body)
-    assert tool_choice(req) == ToolChoice("auto", None, parallel=False) and req.stop == ["STOP"]
+    assert tool_choice(req) == ToolChoice("auto", None, parallel=False) and req.stop_sequences == ["STOP"]
     assert (req.temperature, req.top_k, req.top_p) == (0.2, 20, 0.95)
     assert chat_messages(req)[0] == {"role": "system", "content": "Be brief."}
     assert isinstance(message, Message) and message.stop_reason == "tool_use"

@@ -9,7 +9,8 @@ import random
 import pytest
 
 from nextserve.cluster.engine.block_manager import BlockManager, CacheAccountingError
-from nextserve.cluster.engine.scheduler import (FinishReason, Request, Scheduler, SchedulerConfig, SequenceState,
+from nextserve.cluster.engine.contract import EngineRequest, FinishReason
+from nextserve.cluster.engine.scheduler import (Scheduler, SchedulerConfig, SequenceState,
                                                SequenceStatus)
 from nextserve.model.sampling import SamplingParams
 
@@ -84,7 +85,7 @@ def test_scheduler_random_admit_finish_preempt_keeps_the_books() -> None:
         if op < 0.15:
             prompt = rng.randint(1, 40)
             max_tokens = rng.randint(1, limit - prompt + 1)
-            s.add(SequenceState(Request(f"r{ids}", tuple(range(prompt)), SamplingParams(max_tokens=max_tokens))))
+            s.add(SequenceState(EngineRequest(f"r{ids}", tuple(range(prompt)), SamplingParams(max_tokens=max_tokens))))
             ids += 1
         elif op < 0.2 and s.running:
             s.finish(rng.choice(s.running), FinishReason.STOP)
@@ -107,7 +108,7 @@ def test_scheduler_random_admit_finish_preempt_keeps_the_books() -> None:
 def test_preemption_takes_the_most_recent_and_requeues_it_first() -> None:
     s = Scheduler(SchedulerConfig(max_num_seqs=4, max_tokens_per_step=64, prefill_chunk=64),
                   BlockManager(num_blocks=4, num_slots=4, block_size=4))
-    old, new, later = (SequenceState(Request(name, tuple(range(n)), SamplingParams(max_tokens=9)))
+    old, new, later = (SequenceState(EngineRequest(name, tuple(range(n)), SamplingParams(max_tokens=9)))
                        for name, n in (("old", 4), ("new", 4), ("later", 2)))
     for seq in (old, new):
         s.add(seq)

@@ -12,8 +12,9 @@ import torch
 
 from engine_run import random_prompt
 from hf_reference import hf_greedy
-from nextserve.cluster.engine.engine import Engine, EngineRequestError
-from nextserve.cluster.engine.scheduler import FinishReason, SchedulerConfig, StepPlan
+from nextserve.cluster.engine.contract import EngineRequestError, FinishReason
+from nextserve.cluster.engine.engine import Engine
+from nextserve.cluster.engine.scheduler import SchedulerConfig, StepPlan
 from nextserve.model.cache_config import (GiB, MiB, CacheConfig, CacheConfigError, cache_capacity,
                                           format_memory_size, parse_cache_memory, parse_memory_size)
 from nextserve.model.capacity import GpuSpec, plan_capacity

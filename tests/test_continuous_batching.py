@@ -7,6 +7,7 @@ import asyncio
 
 import torch
 
+from nextserve.cluster.engine.contract import EngineRequest
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.scheduler import SchedulerConfig, StepPlan
 from nextserve.model.loader import load_head, load_local_backend
@@ -45,11 +46,11 @@ def test_tokens_same_alone_and_in_a_changing_batch(reference: dict) -> None:
 
         async def one(i: int) -> None:
             params = SamplingParams(max_tokens=max_tokens[i], ignore_eos=True)
-            async for out in engine.generate(f"r{i}", prompts[i], params):
+            async for out in engine.generate(EngineRequest(f"r{i}", tuple(prompts[i]), params)):
                 outputs[i] += out.token_ids
 
         tasks = []
-        async for out in engine.generate("r0", prompts[0], SamplingParams(max_tokens=24, ignore_eos=True)):
+        async for out in engine.generate(EngineRequest("r0", tuple(prompts[0]), SamplingParams(max_tokens=24, ignore_eos=True))):
             outputs[0] += out.token_ids
             for after in [a for a in joins if a <= len(outputs[0])]:  # outputs merge when the loop lags
                 tasks.append(asyncio.create_task(one(joins.pop(after))))

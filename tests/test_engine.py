@@ -7,6 +7,7 @@ The "small" reference checkpoint has no tokenizer; the tiny one's (vocab 2048 >=
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -21,9 +22,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from engine_run import random_prompt
 from hf_reference import hf_greedy
 from nextserve.cluster.engine.detokenizer import IncrementalDetokenizer
-from nextserve.cluster.engine.engine import Engine, EngineError, EngineRequestError, StepOutput
+from nextserve.cluster.engine.contract import EngineError, EngineRequest, ErrorCode, EngineRequestError, FinishReason, StepOutput
+from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.model_runner import split_micro_batches
-from nextserve.cluster.engine.scheduler import FinishReason, SchedulerConfig, StepPlan
+from nextserve.cluster.engine.scheduler import SchedulerConfig, StepPlan
 from nextserve.model.loader import load_head, load_local_backend
 from nextserve.model.sampling import SamplingParams
 
@@ -67,7 +69,8 @@ def make_engine(tokenizer: PreTrainedTokenizerBase) -> Iterator[Callable[..., En
 
 async def _collect(engine: Engine, request_id: str, prompt: list[int], params: SamplingParams,
                    stop: tuple[str, ...] = ()) -> list[StepOutput]:
-    return [out async for out in engine.generate(request_id, prompt, params, stop)]
+    request = EngineRequest(request_id, tuple(prompt), dataclasses.replace(params, stop=stop))
+    return [out async for out in engine.generate(request)]
 
 
 def _spy_plans(engine: Engine) -> list[dict[str, int]]:
@@ -139,8 +142,8 @@ def test_long_prompt_prefills_in_chunks_while_others_decode(reference: dict, sma
     long_prompt = random_prompt(100, 320, seed=9)
 
     async def main() -> list[StepOutput]:
-        shorts = [engine.generate(f"short{i}", random_prompt(4, 320, seed=i), SamplingParams(max_tokens=40,
-                                                                                         ignore_eos=True))
+        shorts = [engine.generate(EngineRequest(f"short{i}", tuple(random_prompt(4, 320, seed=i)), SamplingParams(max_tokens=40,
+                                                                                         ignore_eos=True)))
                   for i in range(2)]
         for gen in shorts:
             await anext(gen)  # both are decoding now
@@ -174,7 +177,7 @@ def test_streams_several_items_and_coalesces_when_behind(tiny: Model, make_engin
     assert "".join(out.text for out in fast) == tokenizer.decode(ids, skip_special_tokens=True)
 
     async def slow() -> list[StepOutput]:
-        gen, items = engine.generate("slow", prompt, params), []
+        gen, items = engine.generate(EngineRequest("slow", tuple(prompt), params)), []
         items.append(await anext(gen))
         await asyncio.sleep(0.5)  # the engine keeps going; what it made meanwhile arrives as one item
         return items + [out async for out in gen]
@@ -233,14 +236,14 @@ def test_cancel_and_abort_free_the_sequence(tiny: Model, make_engine: Callable) 
         got: list[StepOutput] = []
 
         async def consume() -> None:
-            async for out in engine.generate("cancelled", random_prompt(5, 2048, 1), params):
+            async for out in engine.generate(EngineRequest("cancelled", tuple(random_prompt(5, 2048, 1)), params)):
                 got.append(out)
 
         task = asyncio.create_task(consume())
         while len(got) < 2:
             await asyncio.sleep(0.01)
         task.cancel()  # what a client disconnect does to the request's handler
-        aborted = engine.generate("aborted", random_prompt(5, 2048, 2), params)
+        aborted = engine.generate(EngineRequest("aborted", tuple(random_prompt(5, 2048, 2)), params))
         first = await anext(aborted)
         engine.abort("aborted")
         return [first] + [out async for out in aborted]
@@ -262,7 +265,7 @@ def test_request_validation_names_the_field(small: Model, make_engine: Callable)
             engine.generate_sync([prompt], SamplingParams(max_tokens=max_tokens))
         assert info.value.param == field_name
     with pytest.raises(EngineRequestError, match="stop"):
-        engine.generate_sync([[5, 6]], SamplingParams(), stop=[""])
+        engine.generate_sync([[5, 6]], SamplingParams(stop=("",)))
     # max_tokens past the context is clamped to the room the prompt leaves, as agents send 32000 everywhere
     (out,) = engine.generate_sync([[5] * 500], SamplingParams(max_tokens=20, ignore_eos=True))
     assert len(out.token_ids) == 12 and out.finish_reason is FinishReason.LENGTH
@@ -270,10 +273,10 @@ def test_request_validation_names_the_field(small: Model, make_engine: Callable)
     assert len(out.token_ids) == 7 and out.finish_reason is FinishReason.LENGTH
 
     async def duplicate() -> None:
-        first = engine.generate("same", [5, 6], SamplingParams(max_tokens=50, ignore_eos=True))
+        first = engine.generate(EngineRequest("same", tuple([5, 6]), SamplingParams(max_tokens=50, ignore_eos=True)))
         await anext(first)
         with pytest.raises(EngineRequestError, match="request_id"):
-            await anext(engine.generate("same", [7], SamplingParams()))
+            await anext(engine.generate(EngineRequest("same", tuple([7]), SamplingParams())))
         await first.aclose()
 
     asyncio.run(duplicate())
@@ -294,8 +297,9 @@ class _FailingOnce:
 
 def test_failed_step_fails_its_requests_and_engine_goes_on(small: Model, make_engine: Callable) -> None:
     engine = make_engine((small[0], _FailingOnce(small[1])))
-    with pytest.raises(EngineError, match="expert worker 3 is gone"):
+    with pytest.raises(EngineError, match="the server failed while generating") as info:
         engine.generate_sync([[5, 6, 7]], SamplingParams(max_tokens=4))
+    assert info.value.code is ErrorCode.INTERNAL and "worker 3" not in str(info.value)  # logged, not sent
     out = engine.generate_sync([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert len(out.token_ids) == 4 and engine.stats().num_running == 0
 

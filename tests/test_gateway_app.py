@@ -76,6 +76,8 @@ BAD_REQUESTS = {  # name: (path, body (a dict, or raw bytes), status, param)
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]),
         400, "messages[0].tool_calls[0].function.arguments"),
     "temperature < 0": (CMPL, completion(temperature=-1), 400, "temperature"),
+    "five stop strings": (CMPL, completion(stop=["a"] * 5), 400, "stop"),
+    "a stop string too long": (CHAT, chat(stop=["a", "b" * 257]), 400, "stop"),
     "image content": (CHAT, chat(messages=[{"role": "user", "content": [{"type": "image"}]}]), 400,
                       "messages[0].content"),
 }
@@ -91,6 +93,17 @@ def test_bad_request_is_a_4xx_naming_the_field_then_serving_goes_on(http: httpx.
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
     good = http.post(path, json=chat() if path == CHAT else completion())
     assert good.status_code == 200, good.text
+
+
+@pytest.mark.parametrize("stop_sequences", [["a"] * 5, ["b" * 257]], ids=["five", "too-long"])
+def test_anthropic_stop_limits_are_the_engines_and_name_its_field(http: httpx.Client,
+                                                                  stop_sequences: list[str]) -> None:
+    body = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}],
+            "stop_sequences": stop_sequences}
+    r = http.post("/v1/messages", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"].startswith("stop_sequences: at most 4")
 
 
 def test_unknown_route_and_method_use_the_error_body(http: httpx.Client) -> None:
@@ -252,7 +265,7 @@ def test_shut_down_engine_is_not_ready_and_refuses_work(tiny_dir: Path) -> None:
         ready = http.get("/health/ready")
         assert ready.status_code == 503 and "step loop is not running" in ready.json()["error"]["message"]
         assert http.get("/health/live").status_code == 200
-        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"  # retry elsewhere
 
 
 def test_metrics_count_requests_tokens_and_engine_stats(http: httpx.Client) -> None:

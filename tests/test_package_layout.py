@@ -48,6 +48,15 @@ def test_model_imports_nothing_above_it() -> None:
         assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}: model/ must not depend on them"
 
 
+def test_gateway_imports_the_engine_only_through_its_contract() -> None:
+    """One engine contract (cluster/engine/contract.py): the gateway sees no other engine module."""
+    for path in (REPO / "cluster" / "gateway").rglob("*.py"):
+        if path.name == "local_engine_client.py":  # builds an in-process Engine: tests only, not the gateway
+            continue
+        engine = {m for m in _imported_modules(path) if m.startswith("nextserve.cluster.engine")}
+        assert engine <= {"nextserve.cluster.engine.contract"}, f"{path.relative_to(REPO)} imports {sorted(engine)}"
+
+
 def test_engine_and_gateway_never_import_ray() -> None:
     modules = [f"nextserve.cluster.{pkg}." + ".".join(p.relative_to(REPO / "cluster" / pkg).with_suffix("").parts)
                for pkg in ("engine", "gateway") for p in (REPO / "cluster" / pkg).rglob("*.py")

@@ -16,7 +16,7 @@ import torch
 
 from engine_run import random_prompt
 from hf_reference import hf_greedy
-from nextserve.cluster.engine.detokenizer import StepOutput
+from nextserve.cluster.engine.contract import StepOutput
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.scheduler import SchedulerConfig, StepPlan
 from nextserve.model.cache_config import CacheConfig

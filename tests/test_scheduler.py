@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nextserve.cluster.engine.scheduler import (FinishReason, Request, Scheduler, SchedulerConfig, SequenceState, SequenceStatus,
-                               StepPlan)
+from nextserve.cluster.engine.contract import EngineRequest, FinishReason
+from nextserve.cluster.engine.scheduler import Scheduler, SchedulerConfig, SequenceState, SequenceStatus, StepPlan
 from nextserve.cluster.engine.block_manager import BlockManager
 from nextserve.model.sampling import SamplingParams
 
@@ -15,7 +15,7 @@ def _scheduler(config: SchedulerConfig, num_blocks: int = 1000, block_size: int 
 
 
 def _seq(request_id: str, prompt_len: int, max_tokens: int = 8) -> SequenceState:
-    return SequenceState(Request(request_id, tuple(range(3, 3 + prompt_len)), SamplingParams(max_tokens=max_tokens)))
+    return SequenceState(EngineRequest(request_id, tuple(range(3, 3 + prompt_len)), SamplingParams(max_tokens=max_tokens)))
 
 
 def _run(scheduler: Scheduler, plan: StepPlan) -> None:

@@ -39,7 +39,8 @@ from nextserve.model.tiny import make_tiny
 from nextserve.cluster.cli.cluster_commands import add_cluster_commands
 from nextserve.cluster.cli.usage import UsageError
 from nextserve.cluster.control.registry import RegistryUnreachableError
-from nextserve.cluster.engine.engine import Engine, EngineRequestError
+from nextserve.cluster.engine.contract import EngineRequestError
+from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.cli.model_paths import resolve_model
 
 log = logging.getLogger("nextserve")

@@ -21,13 +21,11 @@ from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nextserve.cluster.app_args import AppArgs
-from nextserve.cluster.engine.detokenizer import StepOutput
-from nextserve.cluster.engine.engine import EngineUnavailableError
-from nextserve.cluster.engine.stats import EngineStats, summed_load
+from nextserve.cluster.engine.contract import EngineRequest, EngineStats, EngineUnavailableError, StepOutput, summed_load
 from nextserve.cluster.gateway.app import build_app
 from nextserve.cluster.gateway.generation import Readiness
 from nextserve.cluster.control.registry import MemberRecord, PlacementRecord, Registry
-from nextserve.model.sampling import SamplingDefaults, SamplingParams
+from nextserve.cluster.engine.contract import SamplingDefaults
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +53,11 @@ class HeadHandleClient:
     def max_model_len(self) -> int:
         return self._max_model_len
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       stop: list[str]) -> AsyncGenerator[StepOutput, None]:
-        """The head's StepOutputs; its refusal (EngineRequestError) or unavailability (EngineUnavailableError)
-        is raised here as the engine raised it there."""
-        stream = self.heads.options(stream=True).generate.remote(request_id, prompt_ids, params, list(stop))
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[StepOutput, None]:
+        """The head's StepOutputs; its EngineError (a refusal, unavailability, a failed step) is raised here
+        as the engine raised it there."""
+        request_id = request.request_id
+        stream = self.heads.options(stream=True).generate.remote(request)
         finished = False
         try:
             async for item in stream:

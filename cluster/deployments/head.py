@@ -24,16 +24,14 @@ from transformers import AutoTokenizer
 from nextserve.cluster.deployments.actor_threads import use_assigned_cpus
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.deployments.controller import ClusterSpec, get_or_create_controller
-from nextserve.cluster.engine.detokenizer import StepOutput
-from nextserve.cluster.engine.engine import Engine, EngineError, EngineRequestError, EngineUnavailableError
-from nextserve.cluster.engine.stats import EngineStats
+from nextserve.cluster.engine.contract import EngineError, EngineRequest, EngineStats, StepOutput
+from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.control.epoch_follower import EpochFollowingBackend
 from nextserve.cluster.deployments.expert_worker import HEAD_RESOURCE, experts_use_gpus
 from nextserve.cluster.control.registry import HEARTBEAT_S, Registry
 from nextserve.model.checkpoint import parse_dtype
 from nextserve.model.device import resolve_device
 from nextserve.model.loader import load_head
-from nextserve.model.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +76,19 @@ class HeadDeployment:
             except Exception as exc:  # Redis restarting: keep serving
                 log.warning("head heartbeat failed: %s", exc)
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       stop: list[str]) -> AsyncGenerator[StepOutput | EngineError, None]:
-        """The engine's StepOutputs as they are (Ray pickles them), or one EngineError as the last item:
-        an EngineRequestError (400) when the engine refuses the request, an EngineUnavailableError (503)
-        when experts it needs have no live worker (after waiting `unavailable_wait_s` for one)."""
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[StepOutput | EngineError, None]:
+        """The engine's StepOutputs as they are (Ray pickles them), or one EngineError as the last item (its
+        code says what the client is told: a refusal, experts without a live worker after waiting
+        `unavailable_wait_s`, a failed step). Nothing else leaves this method as an exception: a Ray
+        error would carry this process's traceback, pid and address to the client."""
         try:
-            async for out in self.engine.generate(request_id, prompt_ids, params, stop):
+            async for out in self.engine.generate(request):
                 yield out
-        except (EngineRequestError, EngineUnavailableError) as exc:
+        except EngineError as exc:
             yield exc
+        except Exception:
+            log.exception("request %s failed in its head", request.request_id)
+            yield EngineError("the server failed while generating this request; it was logged, retry it")
 
     async def stats(self) -> EngineStats:
         latency, tokens = self.backend.recorder.drain()

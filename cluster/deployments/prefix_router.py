@@ -1,6 +1,6 @@
 """Which head replica a request goes to: the one most likely to hold its prompt's prefix in its cache.
 
-    gateway's handle --generate(request_id, prompt_ids, ...)--> PrefixAffinityRouter.choose_replicas
+    gateway's handle --generate(EngineRequest)--> PrefixAffinityRouter.choose_replicas
         key = hash(prompt_ids[:ROUTE_PREFIX_TOKENS])           (None for calls without a prompt)
         ranked = replicas by rendezvous hash of (key, replica)  (highest random weight first)
         first choice ranked[0], unless it has IMBALANCE more requests queued than the least loaded one:
@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 from ray.serve.request_router import (FIFOMixin, LocalityMixin, MultiplexMixin, PendingRequest, RequestRouter,
                                      RunningReplica)
+
+from nextserve.cluster.engine.contract import EngineRequest
 
 ROUTE_PREFIX_TOKENS = 256
 """Prompt tokens that choose the replica (a multiple of the KV block size)."""
@@ -65,8 +67,8 @@ class PrefixAffinityRouter(FIFOMixin, MultiplexMixin, LocalityMixin, RequestRout
 
 
 def _prompt_of(pending_request: PendingRequest | None) -> Sequence[int] | None:
-    """The prompt ids of a HeadDeployment.generate call (request_id, prompt_ids, params, stop), else None."""
-    if pending_request is None or pending_request.metadata.call_method != "generate" or len(pending_request.args) < 2:
+    """The prompt ids of a HeadDeployment.generate(EngineRequest) call, else None."""
+    if pending_request is None or pending_request.metadata.call_method != "generate" or not pending_request.args:
         return None
-    prompt = pending_request.args[1]
-    return prompt if isinstance(prompt, (list, tuple)) and prompt else None
+    request = pending_request.args[0]
+    return request.prompt_ids if isinstance(request, EngineRequest) and request.prompt_ids else None

@@ -17,13 +17,11 @@ import asyncio
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from nextserve.cluster.engine.scheduler import FinishReason
-from nextserve.model.sampling import TokenLogprobs
+from nextserve.cluster.engine.contract import StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -133,31 +131,6 @@ class IncrementalDetokenizer:
         """Send text[:end], hold the rest."""
         self._held = text[end:]
         return text[:end]
-
-
-@dataclass(slots=True)
-class StepOutput:
-    """What a request produced since its consumer's previous item."""
-    request_id: str
-    token_ids: list[int]
-    text: str
-    """Text delta; never ends inside a multi-byte character, never includes a stop string."""
-    finish_reason: FinishReason | None
-    prompt_tokens: int
-    completion_tokens: int
-    logprobs: list[TokenLogprobs] | None = None
-    """One per token of `token_ids`, when the request asked for logprobs."""
-    stop_string: str | None = None
-    """The stop string that ended the request (finish_reason STOP by a stop string, not a stop token)."""
-    cached_tokens: int = 0
-    """Prompt tokens served from the prefix cache (not prefilled), as prompt_tokens on every output."""
-
-    def merge(self, later: StepOutput) -> StepOutput:
-        logprobs = None if self.logprobs is None and later.logprobs is None else \
-            (self.logprobs or []) + (later.logprobs or [])
-        return StepOutput(self.request_id, self.token_ids + later.token_ids, self.text + later.text,
-                          later.finish_reason, later.prompt_tokens, later.completion_tokens, logprobs,
-                          later.stop_string, later.cached_tokens)
 
 
 class OutputStream:

@@ -33,38 +33,26 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from nextserve.cluster.engine.block_manager import BlockManager
-from nextserve.cluster.engine.detokenizer import (MAX_STOP_CHARS, MAX_STOP_STRINGS, IncrementalDetokenizer, OutputStream,
-                                                  StepOutput)
+from nextserve.cluster.engine.contract import (EngineError, EngineRequest, EngineRequestError, EngineStats,
+                                               EngineUnavailableError, ErrorCode, FinishReason, SamplingParams,
+                                               StepOutput)
+from nextserve.cluster.engine.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS, IncrementalDetokenizer, OutputStream
 from nextserve.cluster.engine.model_runner import ModelRunner, head_cache_capacity
-from nextserve.cluster.engine.stats import EngineStats
-from nextserve.cluster.engine.scheduler import (FinishReason, Request, Scheduler, SchedulerConfig, SequenceState, StepPlan)
+from nextserve.cluster.engine.scheduler import Scheduler, SchedulerConfig, SequenceState, StepPlan
 from nextserve.model.cache_config import CacheConfig
 from nextserve.model.expert_backend import ExpertBackend
 from nextserve.model.qwen3_next import HeadModel
-from nextserve.model.sampling import (SamplingParams, TokenLogprobs, allowed_next_tokens, make_generator, sample,
-                                     token_logprobs)
+from nextserve.model.sampling import TokenLogprobs, allowed_next_tokens, make_generator, sample, token_logprobs
 from nextserve.router.dispatcher import ExpertsUnavailableError
 
 log = logging.getLogger(__name__)
 
-class EngineRequestError(ValueError):
-    """A request the engine cannot serve (HTTP 400); `param` names the offending field ("prompt",
-    "max_tokens", "stop", "request_id"), as OpenAI's error does. Crosses Ray as itself (it pickles)."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}")
-        self.param, self.message = param, message
-
-    def __reduce__(self) -> tuple[type, tuple[str, str]]:
-        return type(self), (self.param, self.message)
-
-
-class EngineError(RuntimeError):
-    """The engine could not finish a request: it is shut down, or the step running it failed."""
-
-
-class EngineUnavailableError(EngineError):
-    """A step failed because experts it needs have no live worker; retrying later can succeed (503)."""
+def step_failure(exc: Exception) -> EngineError:
+    """What a request whose step failed is told: experts without a live worker name the experts (503); any
+    other failure is logged here with its traceback and reaches the client as a stable message (500)."""
+    if isinstance(exc, ExpertsUnavailableError):
+        return EngineUnavailableError(f"{exc}; retry shortly")
+    return EngineError("the server failed while generating this request; it was logged, retry it")
 
 
 @dataclass(slots=True)
@@ -110,12 +98,12 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="nextserve-engine", daemon=True)
         self._thread.start()
 
-    async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                       stop: Sequence[str] = ()) -> AsyncGenerator[StepOutput, None]:
-        """Stream a request's outputs; a bad request raises EngineRequestError at the first iteration.
-        Stopping early (aclose, cancel, a client gone) aborts the request."""
-        stream = self._submit(self.admit(Request(request_id, tuple(prompt_ids), params, tuple(stop))),
-                              OutputStream(asyncio.get_running_loop()))
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[StepOutput, None]:
+        """Stream a request's outputs; a bad request raises EngineRequestError at the first iteration, a
+        failed step EngineError (its code says why). Stopping early (aclose, cancel, a client gone) aborts
+        the request."""
+        request_id = request.request_id
+        stream = self._submit(self.admit(request), OutputStream(asyncio.get_running_loop()))
         is_finished = False
         try:
             while not is_finished:
@@ -147,14 +135,15 @@ class Engine:
         self._wake.set()
         self._thread.join(timeout_s)
 
-    def generate_sync(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-                      stop: Sequence[str] = ()) -> list[StepOutput]:
+    def generate_sync(self, prompts: Sequence[Sequence[int]],
+                      params: SamplingParams | Sequence[SamplingParams]) -> list[StepOutput]:
         """All prompts concurrently, each merged into one output (for tests and scripts)."""
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         tag = uuid.uuid4().hex
 
         async def one(i: int) -> StepOutput:
-            outs = [out async for out in self.generate(f"{tag}-{i}", prompts[i], per_prompt[i], stop)]
+            request = EngineRequest(f"{tag}-{i}", tuple(prompts[i]), per_prompt[i])
+            outs = [out async for out in self.generate(request)]
             return functools.reduce(StepOutput.merge, outs)
 
         async def run_all() -> list[StepOutput]:
@@ -162,59 +151,63 @@ class Engine:
 
         return asyncio.run(run_all())
 
-    def admit(self, request: Request) -> Request:
-        """The request as the engine will run it, or EngineRequestError naming the field. The one place
-        the serving rules live: the gateway only maps this error to HTTP 400. `max_tokens` is clamped to
-        the room the prompt leaves in `max_model_len` (None: all the room the context and the cache leave);
-        the sequence then ends with finish_reason "length" there. A request that could not run even alone
-        in the whole cache (prompt + max_tokens past the tokens the budget holds) is refused: it would wait
-        for blocks forever."""
-        n, context = len(request.prompt_ids), self.max_model_len
+    def admit(self, request: EngineRequest) -> EngineRequest:
+        """The request as the engine will run it, or EngineRequestError naming the field and its code. The
+        one place the serving rules live: the APIs check only the shape of their JSON and map the code.
+        `max_tokens` is clamped to the room the prompt leaves in `max_model_len` (None: all the room the
+        context and the cache leave); the sequence then ends with finish_reason "length" there. A request
+        that could not run even alone in the whole cache (prompt + max_tokens past the tokens the budget
+        holds) is refused: it would wait for blocks forever."""
+        n, context, stop = len(request.prompt_ids), self.max_model_len, request.params.stop
+        too_long = ErrorCode.CONTEXT_LENGTH_EXCEEDED
+        if not request.request_id:
+            raise EngineRequestError("the request id is empty; give every request a unique id", param="request_id")
         if n == 0:
-            raise EngineRequestError("prompt", "the prompt is empty; send at least one token")
+            raise EngineRequestError("the prompt is empty; send at least one token", param="prompt")
         if n >= context:
-            raise EngineRequestError("prompt", f"the prompt has {n} tokens, leaving no room for output in this "
-                                               f"server's context of {context} tokens; shorten it to at most "
-                                               f"{context - 1}")
+            raise EngineRequestError(f"the prompt has {n} tokens, leaving no room for output in this server's "
+                                     f"context of {context} tokens; shorten it to at most {context - 1}",
+                                     param="prompt", code=too_long)
         bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise EngineRequestError("prompt", f"token ids {bad[:5]} are outside the vocabulary "
-                                               f"[0, {self.vocab_size})")
-        if any(not s for s in request.stop):
-            raise EngineRequestError("stop", f"stop strings must be non-empty, got {list(request.stop)}")
-        if len(request.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in request.stop):
-            raise EngineRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} "
-                                             f"characters each are served, got {len(request.stop)} of up to "
-                                             f"{max(map(len, request.stop))} characters")
-        if request.stop and self.tokenizer is None:
-            raise EngineRequestError("stop", "stop strings need text: this engine serves token ids only "
-                                             "(no tokenizer); use stop_token_ids")
+            raise EngineRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
+                                     param="prompt")
+        if any(not s for s in stop):
+            raise EngineRequestError(f"stop strings must be non-empty, got {list(stop)}", param="stop")
+        if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise EngineRequestError(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} "
+                                     f"characters each are served, got {len(stop)} of up to "
+                                     f"{max(map(len, stop))} characters", param="stop")
+        if stop and self.tokenizer is None:
+            raise EngineRequestError("stop strings need text: this engine serves token ids only (no tokenizer); "
+                                     "use stop_token_ids", param="stop")
         room, asked = context - n, request.params.max_tokens
         fit = self.capacity.max_tokens  # the tokens one sequence's blocks can hold: the whole pool
         if n > fit:
-            raise EngineRequestError("prompt", f"the prompt has {n} tokens, more than the {fit} tokens this server's "
-                                               f"cache holds per sequence (--cache-memory); shorten it")
+            raise EngineRequestError(f"the prompt has {n} tokens, more than the {fit} tokens this server's cache "
+                                     f"holds per sequence (--cache-memory); shorten it", param="prompt", code=too_long)
         cache_room = fit - n + 1  # the last output token is sampled, never cached
         if asked is not None and min(asked, room) > cache_room:
-            raise EngineRequestError("max_tokens", f"prompt ({n} tokens) + max_tokens ({min(asked, room)}) need "
-                                                   f"{n + min(asked, room) - 1} cached tokens, more than the {fit} "
-                                                   f"this server's cache holds per sequence (--cache-memory); "
-                                                   f"ask for at most {cache_room}")
+            raise EngineRequestError(f"prompt ({n} tokens) + max_tokens ({min(asked, room)}) need "
+                                     f"{n + min(asked, room) - 1} cached tokens, more than the {fit} this server's "
+                                     f"cache holds per sequence (--cache-memory); ask for at most {cache_room}",
+                                     param="max_tokens", code=too_long)
         if asked is not None and asked <= room:
             return request
         room = min(room, cache_room)
         return dataclasses.replace(request, params=dataclasses.replace(request.params, max_tokens=room))
 
-    def _submit(self, request: Request, stream: OutputStream) -> OutputStream:
+    def _submit(self, request: EngineRequest, stream: OutputStream) -> OutputStream:
         detokenizer = None if self.tokenizer is None else IncrementalDetokenizer(
-            self.tokenizer.backend_tokenizer, request.prompt_ids, request.stop)
+            self.tokenizer.backend_tokenizer, request.prompt_ids, request.params.stop)
         entry = _Entry(SequenceState(request, generator=make_generator(request.params)), detokenizer, stream)
         with self._lock:
             if self._is_stopped:
-                raise EngineError("the engine is shut down")
+                raise EngineUnavailableError("this head is shutting down; retry: new requests go to the other "
+                                             "head replicas")
             if request.request_id in self._request_ids:
-                raise EngineRequestError("request_id", f"{request.request_id!r} is already in flight; "
-                                                       f"use a unique id per request")
+                raise EngineRequestError(f"{request.request_id!r} is already in flight; use a unique id per "
+                                         f"request", param="request_id")
             self._request_ids.add(request.request_id)
             self._inbox.append(entry)
         self._wake.set()
@@ -323,8 +316,7 @@ class Engine:
     def _fail(self, entry: _Entry, exc: Exception) -> None:
         self.scheduler.finish(entry.seq, FinishReason.ABORT)
         self._forget(entry.seq.request_id)
-        kind = EngineUnavailableError if isinstance(exc, ExpertsUnavailableError) else EngineError
-        self._outbox.append((entry.stream, kind(f"{entry.seq.request_id!r} failed in a step: {exc}")))
+        self._outbox.append((entry.stream, step_failure(exc)))
 
     def _forget(self, request_id: str) -> None:
         del self._entries[request_id]

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 import torch
 
 from nextserve.cluster.engine.block_manager import BlockManager
+from nextserve.cluster.engine.contract import EngineRequest, FinishReason
 from nextserve.cluster.engine.prefix_cache import BlockKey, block_key
-from nextserve.model.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -88,27 +88,11 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-class FinishReason(enum.Enum):
-    """Values are OpenAI's `finish_reason` strings (abort has none there; the gateway maps it)."""
-    STOP = "stop"
-    LENGTH = "length"
-    ABORT = "abort"
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    request_id: str
-    prompt_ids: tuple[int, ...]
-    params: SamplingParams
-    stop: tuple[str, ...] = ()
-    """Stop strings: the text ends just before the first one found (it is not included)."""
-
-
 @dataclass(slots=True)
 class SequenceState:
     """One request's progress and the cache it holds: a state slot and the blocks of its tokens, from
     admission until it finishes or is preempted."""
-    request: Request
+    request: EngineRequest
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     output_ids: list[int] = field(default_factory=list)

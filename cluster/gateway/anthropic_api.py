@@ -18,8 +18,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from transformers import PreTrainedTokenizerBase
 
-from nextserve.cluster.engine.engine import EngineRequestError, EngineUnavailableError
-from nextserve.cluster.engine.scheduler import FinishReason
+from nextserve.cluster.engine.contract import EngineError, ErrorCode, FinishReason, SamplingDefaults
 from nextserve.cluster.gateway.chat_template import ChatPrompt, ChatTemplateError, render_chat
 from nextserve.cluster.gateway.generation import Choices, EngineClient, start_choices
 from nextserve.cluster.gateway.metrics import GatewayMetrics
@@ -29,9 +28,19 @@ from nextserve.cluster.gateway.protocols.anthropic import (AnthropicError, Messa
                                                            parse_count_tokens_request, parse_messages_request,
                                                            stop_reason_for, template_tools, tool_choice)
 from nextserve.cluster.gateway.tool_calls import ToolCallParser, parse_tool_calls
-from nextserve.model.sampling import SamplingDefaults
 
 log = logging.getLogger(__name__)
+
+
+_ANTHROPIC_PARAMS = {"stop": "stop_sequences", "prompt": "messages"}
+"""The engine's field names as this API's request names them."""
+
+
+def anthropic_error(e: EngineError) -> AnthropicError:
+    """An engine error in Anthropic's shape: unavailability is 529 `overloaded_error` (what its SDKs retry)."""
+    status = 529 if e.code is ErrorCode.UNAVAILABLE else e.code.http_status
+    message = e.message if e.param is None else f"{_ANTHROPIC_PARAMS.get(e.param, e.param)}: {e.message}"
+    return AnthropicError(status, message)
 
 
 class AnthropicApi:
@@ -57,11 +66,9 @@ class AnthropicApi:
             params = params.constrained_to(chat.name_token_ids)
         message_id = new_message_id()
         try:
-            choices = await start_choices(self.engine, message_id, chat.prompt_ids, [params], req.stop, self.metrics)
-        except EngineRequestError as e:
-            raise AnthropicError(400, f"{e.param}: {e.message}") from None
-        except EngineUnavailableError as e:
-            raise AnthropicError(529, str(e)) from None
+            choices = await start_choices(self.engine, message_id, chat.prompt_ids, [params], self.metrics)
+        except EngineError as e:
+            raise anthropic_error(e) from None
         if req.stream:
             return StreamingResponse(self._events(choices, chat, message_id), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -100,11 +107,14 @@ class AnthropicApi:
                     reason = stop_reason_for(out.finish_reason, stream.has_tool_calls, out.stop_string)
                     yield stream.finish(reason, out.stop_string if reason == "stop_sequence" else None,
                                         out.completion_tokens)
+        except EngineError as e:  # the stream has started: the error goes in an `error` event
+            error = anthropic_error(e)
+            yield stream.error(error.status, error.message)
         except AnthropicError as e:
             yield stream.error(e.status, e.message)
-        except Exception as e:
+        except Exception:
             log.exception("message %s failed while streaming", message_id)
-            yield stream.error(500, f"generation failed: {e}")
+            yield stream.error(500, "the server failed while generating this message; it was logged, retry it")
 
     def _render(self, req: MessagesRequest) -> ChatPrompt:
         try:

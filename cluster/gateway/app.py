@@ -34,7 +34,7 @@ from nextserve.cluster.gateway.metrics import GatewayMetrics, RequestCounter
 from nextserve.cluster.gateway.openai_api import OpenAIApi
 from nextserve.cluster.gateway.protocols import anthropic
 from nextserve.cluster.gateway.protocols.openai import SERVER_ERROR, RequestError, error_body, validation_error
-from nextserve.model.sampling import SamplingDefaults
+from nextserve.cluster.engine.contract import SamplingDefaults
 
 log = logging.getLogger(__name__)
 

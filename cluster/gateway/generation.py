@@ -1,9 +1,9 @@
 """One API request as engine requests: its n choices started together, their outputs merged as they come.
 
-    start_choices(engine, request_id, prompt_ids, [params per choice], stop, metrics)
+    start_choices(engine, request_id, prompt_ids, [params per choice], metrics)
       -> one engine request per choice ("{request_id}-{i}"), each awaited to its first output, so an
-         engine refusal (EngineRequestError) or unavailability (EngineUnavailableError) is raised here,
-         before any response starts, for each API to map to its own error shape
+         engine refusal or unavailability (an EngineError with its code) is raised here, before any
+         response starts, for each API to map to its own error shape
       -> Choices: `async for index, out in choices` in arrival order; `aclose()` aborts what is left
 
 Choice i of a request with a seed samples with seed + i: reproducible per choice, different between
@@ -22,10 +22,8 @@ from typing import Protocol
 
 from transformers import PreTrainedTokenizerBase
 
-from nextserve.cluster.engine.detokenizer import StepOutput
-from nextserve.cluster.engine.stats import EngineStats
+from nextserve.cluster.engine.contract import EngineRequest, EngineStats, SamplingParams, StepOutput
 from nextserve.cluster.gateway.metrics import GatewayMetrics, RequestTracker
-from nextserve.model.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -49,11 +47,10 @@ class EngineClient(Protocol):
     @property
     def max_model_len(self) -> int: ...  # context length in tokens: prompt + completion
 
-    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 stop: list[str]) -> AsyncGenerator[StepOutput, None]:
-        """Stream one request's outputs. A refused request raises EngineRequestError at the first iteration,
-        a request whose experts have no live worker EngineUnavailableError. The gateway calls `aclose()`
-        when it stops early (the client went away); that must abort the request in the engine."""
+    def generate(self, request: EngineRequest) -> AsyncGenerator[StepOutput, None]:
+        """Stream one request's outputs. A refused or failed request raises its EngineError (the code says
+        why) at the first iteration or where it failed. The gateway calls `aclose()` when it stops early
+        (the client went away); that must abort the request in the engine."""
         ...
 
     async def stats(self) -> EngineStats: ...
@@ -122,10 +119,11 @@ class Choices:
             tracker.finish()
 
 
-async def start_choices(engine: EngineClient, request_id: str, prompt_ids: list[int],
-                        params: Sequence[SamplingParams], stop: list[str], metrics: GatewayMetrics) -> Choices:
+async def start_choices(engine: EngineClient, request_id: str, prompt_ids: Sequence[int],
+                        params: Sequence[SamplingParams], metrics: GatewayMetrics) -> Choices:
     """Start every choice and wait for each one's first output; on any failure close them all and raise."""
-    streams = [engine.generate(f"{request_id}-{i}" if len(params) > 1 else request_id, prompt_ids, p, stop)
+    streams = [engine.generate(EngineRequest(f"{request_id}-{i}" if len(params) > 1 else request_id,
+                                             tuple(prompt_ids), p))
                for i, p in enumerate(params)]
     trackers = [metrics.track() for _ in streams]
     try:

@@ -11,16 +11,14 @@ E = num_experts (logical experts per MoE layer).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 
 from transformers import PreTrainedTokenizerBase
 
-from nextserve.cluster.engine.detokenizer import StepOutput
+from nextserve.cluster.engine.contract import EngineRequest, EngineStats, StepOutput
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.dispatch_recorder import DispatchRecorder
-from nextserve.cluster.engine.stats import EngineStats
 from nextserve.cluster.gateway.generation import Readiness
-from nextserve.model.sampling import SamplingParams
 
 
 class LocalEngineClient:
@@ -39,11 +37,10 @@ class LocalEngineClient:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                 stop: Sequence[str]) -> AsyncGenerator[StepOutput, None]:
-        """The engine's own stream: it raises EngineRequestError (a ValueError naming `param`) at the first
-        iteration for a refused request, and `aclose()` aborts the request."""
-        return self.engine.generate(request_id, prompt_ids, params, stop)
+    def generate(self, request: EngineRequest) -> AsyncGenerator[StepOutput, None]:
+        """The engine's own stream: it raises its EngineError at the first iteration for a refused request,
+        and `aclose()` aborts the request."""
+        return self.engine.generate(request)
 
     async def stats(self) -> EngineStats:
         stats = self.engine.stats()

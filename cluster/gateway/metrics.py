@@ -1,7 +1,7 @@
 """The gateway's Prometheus metrics, in a registry the gateway owns (so two apps in one process don't clash).
 
 Request-level metrics (TTFT, TPOT, latency, tokens) are observed by the gateway as it serves, and only
-here; engine-level ones are pulled from the engine's `stats()` (cluster/engine/stats.py) at every
+here; engine-level ones are pulled from the engine's `stats()` (cluster/engine/contract.py) at every
 scrape of /metrics and fed in with `observe_engine_stats`.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nextserve.cluster.engine.stats import EngineStats
+from nextserve.cluster.engine.contract import EngineStats
 
 PREFIX = "nextserve"
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

@@ -22,9 +22,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from transformers import PreTrainedTokenizerBase
 
-from nextserve.cluster.engine.detokenizer import StepOutput
-from nextserve.cluster.engine.engine import EngineRequestError, EngineUnavailableError
-from nextserve.cluster.engine.scheduler import FinishReason
+from nextserve.cluster.engine.contract import (EngineError, ErrorCode, FinishReason, SamplingDefaults, StepOutput,
+                                               TokenLogprobs)
 from nextserve.cluster.gateway.chat_template import ChatPrompt, ChatTemplateError, render_chat
 from nextserve.cluster.gateway.generation import Choices, EngineClient, choice_params, start_choices
 from nextserve.cluster.gateway.metrics import GatewayMetrics
@@ -35,7 +34,6 @@ from nextserve.cluster.gateway.protocols.openai import (SERVER_ERROR, SSE_DONE, 
                                                         sse, usage_chunk_body)
 from nextserve.cluster.gateway.tool_calls import (ParsedToolCall, TextDelta, ToolArgumentsDelta, ToolCallEvent,
                                                   ToolCallParser, ToolCallStart, parse_tool_calls)
-from nextserve.model.sampling import SamplingDefaults, TokenLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +45,21 @@ class Job:
     prompt_ids: list[int]
     chat: ChatPrompt | None
     """Chat requests: the rendered prompt with its tools and tool choice."""
+
+
+_OPENAI_CODES = {ErrorCode.INVALID_REQUEST: ("invalid_request_error", "invalid_value"),
+                 ErrorCode.CONTEXT_LENGTH_EXCEEDED: ("invalid_request_error", "context_length_exceeded"),
+                 ErrorCode.UNAVAILABLE: ("service_unavailable", "service_unavailable"),
+                 ErrorCode.INTERNAL: (SERVER_ERROR, "internal_error")}
+"""The engine's error codes as OpenAI's error `type` and `code`."""
+
+
+def openai_error(e: EngineError, request: GenerationRequest) -> RequestError:
+    """An engine error in OpenAI's shape: its status from the code, the engine's field in the request's terms."""
+    param = None if e.param is None else {"prompt": request.prompt_param,
+                                          "max_tokens": request.max_tokens_request()[1]}.get(e.param, e.param)
+    kind, code = _OPENAI_CODES[e.code]
+    return RequestError(e.code.http_status, e.message, param, type=kind, code=code)
 
 
 def new_call_id() -> str:
@@ -159,14 +172,9 @@ class OpenAIApi:
             params = params.constrained_to(job.chat.name_token_ids)
         try:
             return await start_choices(self.engine, job.header.id, job.prompt_ids, choice_params(params, job.request.n),
-                                       job.request.stop, self.metrics)
-        except EngineRequestError as e:  # the engine's rules, in its words; the param in the request's terms
-            param = {"prompt": job.request.prompt_param,
-                     "max_tokens": job.request.max_tokens_request()[1]}.get(e.param, e.param)
-            code = "context_length_exceeded" if "context" in e.message else "invalid_value"
-            raise RequestError(400, e.message, param, code=code) from None
-        except EngineUnavailableError as e:
-            raise RequestError(503, str(e), None, type="service_unavailable", code="experts_unavailable") from None
+                                       self.metrics)
+        except EngineError as e:
+            raise openai_error(e, job.request) from None
 
     async def _respond(self, request: Request, job: Job) -> Response:
         choices = await self._start(job)
@@ -220,9 +228,14 @@ class OpenAIApi:
                     state.is_first = False
                 if state.finish_reason is not None:
                     yield sse(chunk_body(h, i, {}, state.finish_reason, False, include_usage, None))
-        except Exception as e:
+        except EngineError as e:  # the stream has started: the error goes in an event, in OpenAI's shape
+            yield sse(openai_error(e, job.request).body())
+            yield SSE_DONE
+            return
+        except Exception:
             log.exception("request %s failed while streaming", h.id)
-            yield sse(error_body(f"generation failed: {e}", SERVER_ERROR))
+            yield sse(error_body("the server failed while generating this response; it was logged, retry it",
+                                 SERVER_ERROR))
             yield SSE_DONE
             return
         if include_usage:

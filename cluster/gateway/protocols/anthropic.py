@@ -36,12 +36,11 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
                       field_validator)
 from pydantic_core import PydanticCustomError
 
-from nextserve.cluster.engine.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from nextserve.cluster.gateway.tool_calls import (ParsedOutput, TextDelta, ToolArgumentsDelta, ToolCallEvent,
                                                    ToolCallStart)
 from nextserve.cluster.gateway.chat_template import ToolChoice
 from nextserve.cluster.gateway.protocols.json_body import BodyError, json_object
-from nextserve.model.sampling import SamplingDefaults, SamplingParams
+from nextserve.cluster.engine.contract import SamplingDefaults, SamplingParams
 
 # --- errors -------------------------------------------------------------------------------------------------
 
@@ -229,19 +228,14 @@ class MessagesRequest(_Conversation):
     prompt_param: ClassVar[str] = "messages"
     """The field that holds the prompt, for errors about it (as the OpenAI requests have)."""
     max_tokens: int = Field(ge=1)
-    stop_sequences: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] = Field(
-        default_factory=list, max_length=MAX_STOP_STRINGS)
+    stop_sequences: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    """How many and how long: a serving rule, checked by the engine's admission (one owner)."""
     stream: bool = False
     temperature: float | None = Field(None, ge=0.0, le=1.0)
     """None means Anthropic's default, 1.0; 0 means greedy."""
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
     """None or 0 disable it."""
-
-    @property
-    def stop(self) -> list[str]:
-        """The stop strings, under the name the engine client takes them."""
-        return list(self.stop_sequences)
 
     def max_tokens_request(self) -> tuple[int, str]:
         """(max tokens asked for; its field): always set, it is required."""
@@ -253,7 +247,8 @@ class MessagesRequest(_Conversation):
         return SamplingParams(max_tokens=self.max_tokens,
                               temperature=defaults.temperature if self.temperature is None else self.temperature,
                               top_p=defaults.top_p if self.top_p is None else self.top_p,
-                              top_k=defaults.top_k if self.top_k is None else self.top_k)
+                              top_k=defaults.top_k if self.top_k is None else self.top_k,
+                              stop=tuple(self.stop_sequences))
 
 
 class MessagesCountTokensRequest(_Conversation):

@@ -20,10 +20,9 @@ from pydantic_core import PydanticCustomError
 
 from transformers import PreTrainedTokenizerBase
 
-from nextserve.cluster.engine.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from nextserve.cluster.gateway.chat_template import ToolChoice
 from nextserve.cluster.gateway.protocols.json_body import BodyError, json_object
-from nextserve.model.sampling import SamplingDefaults, SamplingParams, TokenLogprobs
+from nextserve.cluster.engine.contract import SamplingDefaults, SamplingParams, TokenLogprobs
 
 INVALID_REQUEST = "invalid_request_error"
 MAX_CHOICES = 16
@@ -74,15 +73,7 @@ def _stop(value: Any) -> list[str]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
         raise PydanticCustomError("stop_type", "expected a non-empty string or a list of non-empty strings")
-    if len(items) > MAX_STOP_STRINGS:
-        raise PydanticCustomError("stop_count", "at most {limit} stop strings are allowed, got {n}",
-                                  {"limit": MAX_STOP_STRINGS, "n": len(items)})
-    too_long = next((i for i, s in enumerate(items) if len(s) > MAX_STOP_CHARS), None)
-    if too_long is not None:
-        raise PydanticCustomError("stop_length", "a stop string may have at most {limit} characters; "
-                                  "stop[{i}] has {n}", {"limit": MAX_STOP_CHARS, "i": too_long,
-                                                        "n": len(items[too_long])})
-    return items
+    return items  # how many and how long: a serving rule, the engine's admission (one owner)
 
 
 def _content(value: Any) -> str | None:
@@ -155,7 +146,8 @@ class GenerationRequest(BaseModel):
                               temperature=defaults.temperature if self.temperature is None else self.temperature,
                               top_p=defaults.top_p if self.top_p is None else self.top_p,
                               top_k=defaults.top_k if self.top_k is None else max(self.top_k, 0),
-                              seed=self.seed, ignore_eos=self.ignore_eos, logprobs=self.num_logprobs)
+                              seed=self.seed, ignore_eos=self.ignore_eos, logprobs=self.num_logprobs,
+                              stop=tuple(self.stop))
 
 
 class CompletionRequest(GenerationRequest):
