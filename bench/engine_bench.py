@@ -46,11 +46,11 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from nextserve.bench.prompt_ids import checkpoint_prompt_token_ids, random_prompts
-from nextserve.cluster.engine.block_manager import BlockManager
+from nextserve.model.cache.block_manager import BlockManager
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.model_runner import ModelRunner, head_cache_capacity
 from nextserve.cluster.engine.scheduler import Request, Scheduler, SchedulerConfig, SequenceState
-from nextserve.model.cache_config import CacheConfig
+from nextserve.model.cache.budget import CacheConfig
 from nextserve.model.checkpoint import parse_dtype
 from nextserve.model.config import ConfigError
 from nextserve.model.expert_backend import ExpertBackend

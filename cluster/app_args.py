@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nextserve.cluster.engine.scheduler import SchedulerConfig
-from nextserve.model.cache_config import CacheConfig, parse_cache_memory
+from nextserve.model.cache.budget import CacheConfig, parse_cache_memory
 from nextserve.model.config import Qwen3NextConfig
 
 

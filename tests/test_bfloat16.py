@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from nextserve.model.cache import HybridCache
+from nextserve.model.cache.pools import HybridCache
 from nextserve.model.forward_batch import ForwardBatch
 from nextserve.model.loader import load_head, load_local_backend
 

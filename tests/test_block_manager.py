@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from nextserve.cluster.engine.block_manager import BlockManager, CacheAccountingError
+from nextserve.model.cache.block_manager import BlockManager, CacheAccountingError
 from nextserve.cluster.engine.scheduler import (FinishReason, Request, Scheduler, SchedulerConfig, SequenceState,
                                                SequenceStatus)
 from nextserve.model.sampling import SamplingParams

@@ -14,7 +14,7 @@ from engine_run import random_prompt
 from hf_reference import hf_greedy
 from nextserve.cluster.engine.engine import Engine, EngineRequestError
 from nextserve.cluster.engine.scheduler import FinishReason, SchedulerConfig, StepPlan
-from nextserve.model.cache_config import (GiB, MiB, CacheConfig, CacheConfigError, cache_capacity,
+from nextserve.model.cache.budget import (GiB, MiB, CacheConfig, CacheConfigError, cache_capacity,
                                           parse_cache_memory, parse_memory_size)
 from nextserve.model.capacity import GpuSpec, plan_capacity
 from nextserve.model.config import PUBLISHED_CONFIGS, Qwen3NextConfig

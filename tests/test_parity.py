@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Qwen3NextForCausalLM
 
-from nextserve.model.cache import HybridCache
+from nextserve.model.cache.pools import HybridCache
 from nextserve.model.forward_batch import ForwardBatch
 from nextserve.model.loader import load_head, load_local_backend
 from nextserve.model.sampling import SamplingParams

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from nextserve.cluster.engine.block_manager import BlockManager
+from nextserve.model.cache.block_manager import BlockManager
 from nextserve.cluster.engine.detokenizer import (MAX_STOP_CHARS, MAX_STOP_STRINGS, IncrementalDetokenizer, OutputStream,
                                                   StepOutput)
 from nextserve.cluster.engine.model_runner import ModelRunner, head_cache_capacity
 from nextserve.cluster.engine.stats import EngineStats
 from nextserve.cluster.engine.scheduler import (FinishReason, Request, Scheduler, SchedulerConfig, SequenceState, StepPlan)
-from nextserve.model.cache_config import CacheConfig
+from nextserve.model.cache.budget import CacheConfig
 from nextserve.model.expert_backend import ExpertBackend
 from nextserve.model.qwen3_next import HeadModel
 from nextserve.model.sampling import (SamplingParams, TokenLogprobs, allowed_next_tokens, make_generator, sample,

@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nextserve.cluster.engine.block_manager import BlockManager
-from nextserve.cluster.engine.prefix_cache import BlockKey, block_key
+from nextserve.model.cache.block_manager import BlockManager
+from nextserve.model.cache.prefix_cache import BlockKey, block_key
 from nextserve.model.sampling import SamplingParams
 
 
