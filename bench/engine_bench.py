@@ -54,7 +54,8 @@ from nextserve.model.cache.budget import CacheConfig
 from nextserve.model.checkpoint import parse_dtype
 from nextserve.model.config import ConfigError
 from nextserve.model.expert_backend import ExpertBackend
-from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.loader import load_head
+from nextserve.router.local_backend import load_local_backend
 from nextserve.model.qwen3_next import HeadModel
 from nextserve.model.sampling import SamplingParams
 from nextserve.model.sizes import model_sizes

@@ -24,7 +24,8 @@ from nextserve.cluster.engine.detokenizer import IncrementalDetokenizer
 from nextserve.cluster.engine.engine import Engine, EngineError, EngineRequestError, StepOutput
 from nextserve.cluster.engine.model_runner import split_micro_batches
 from nextserve.cluster.engine.scheduler import FinishReason, SchedulerConfig, StepPlan
-from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.loader import load_head
+from nextserve.router.local_backend import load_local_backend
 from nextserve.model.sampling import SamplingParams
 
 Model = tuple[Any, Any]

@@ -30,7 +30,8 @@ from nextserve.bench import serve_bench
 from nextserve.bench import step_bench
 from nextserve.model.config import PUBLISHED_CONFIGS, ConfigError, Qwen3NextConfig
 from nextserve.model.checkpoint import CheckpointError, parse_dtype
-from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.loader import load_head
+from nextserve.router.local_backend import load_local_backend
 from nextserve.model.sampling import SamplingError, SamplingParams
 from nextserve.cluster.cli.k8s_overlay import gpu_overlay_patch
 from nextserve.model.capacity import GPUS, plan_capacity

@@ -26,7 +26,8 @@ from nextserve.cluster.engine.engine import EngineUnavailableError
 from nextserve.cluster.engine.stats import EngineStats, summed_load
 from nextserve.cluster.gateway.app import build_app
 from nextserve.cluster.gateway.generation import Readiness
-from nextserve.cluster.control.registry import MemberRecord, PlacementRecord, Registry
+from nextserve.cluster.control.registry import MemberRecord, Registry
+from nextserve.router.placement import PlacementRecord
 from nextserve.model.sampling import SamplingDefaults, SamplingParams
 
 log = logging.getLogger(__name__)
