@@ -7,12 +7,13 @@ failover), waits for a new epoch when some expert has no live worker, and record
 and routed tokens for /metrics. A head on an accelerator gets a `DeviceResult`: the CPU result moved
 to its device by the head's own thread.
 
-The placement comes from a `PlacementSource`: in a head, the Redis registry (cluster/control/registry.py),
-handed in because router/ never imports cluster/. A watcher thread polls its epoch (cheap: one HGET)
-and, on a new epoch, builds a `RemoteExpertBackend` for the new placement and addresses on the same
-loop thread, then swaps it in. A round already in flight finishes on the backend it started with (the old channels close after a grace
-period); the next MoE layer uses the new one. Both hold the same weights, so the swap changes no
-result. If the source is unreachable (Redis restarting) the current backend keeps serving.
+The placement comes from a `PlacementSource`: in a head, the Redis registry (cluster/control/
+registry.py), handed in because router/ never imports cluster/. A watcher thread polls its epoch
+(cheap: one HGET) and, on a new epoch, builds a `RemoteExpertBackend` for the new placement and
+addresses on the same loop thread, then swaps it in. A round already in flight finishes on the
+backend it started with (the old channels close after a grace period); the next MoE layer uses the
+new one. Both hold the same weights, so the swap changes no result. If the source is unreachable
+(Redis restarting) the current backend keeps serving.
 Letters: T = tokens, H = hidden, k = experts per token.
 """
 
