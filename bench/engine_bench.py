@@ -46,16 +46,17 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from nextserve.bench.prompt_ids import checkpoint_prompt_token_ids, random_prompts
-from nextserve.cluster.engine.block_manager import BlockManager
+from nextserve.model.cache.block_manager import BlockManager
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.model_runner import ModelRunner, head_cache_capacity
 from nextserve.cluster.engine.contract import EngineRequest
 from nextserve.cluster.engine.scheduler import Scheduler, SchedulerConfig, SequenceState
-from nextserve.model.cache_config import CacheConfig
+from nextserve.model.cache.budget import CacheConfig
 from nextserve.model.checkpoint import parse_dtype
 from nextserve.model.config import ConfigError
 from nextserve.model.expert_backend import ExpertBackend
-from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.loader import load_head
+from nextserve.router.local_backend import load_local_backend
 from nextserve.model.qwen3_next import HeadModel
 from nextserve.model.sampling import SamplingParams
 from nextserve.model.sizes import model_sizes

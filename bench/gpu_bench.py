@@ -36,7 +36,8 @@ from nextserve.bench.head_batch import HeadBatch
 from nextserve.model.checkpoint import parse_dtype
 from nextserve.model.config import PUBLISHED_CONFIGS, ConfigError, Qwen3NextConfig
 from nextserve.model.device import resolve_device
-from nextserve.model.expert_backend import ExpertBackend, LocalExpertBackend, ZeroExperts
+from nextserve.model.expert_backend import ExpertBackend
+from nextserve.router.local_backend import LocalExpertBackend, ZeroExperts
 from nextserve.model.layers.rope import PartialRotaryEmbedding
 from nextserve.model.qwen3_next import HeadModel
 from nextserve.model.tiny import TINY_CONFIG

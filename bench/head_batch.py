@@ -1,7 +1,7 @@
 """A fixed batch of sequences run through the head model outside the engine: the benches' one way to
 prefill B prompts and then take decode steps (bench model, bench step and bench gpu time exactly this).
 
-The cache is the engine's pooled one (model/cache.py), laid out contiguously: sequence i in slot i, with
+The cache is the engine's pooled one (model/cache/pools.py), laid out contiguously: sequence i in slot i, with
 room for its prompt plus `max_new_tokens` decode steps. B = sequences, L = prompt length, V = vocab.
 """
 
@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from nextserve.cluster.engine.model_runner import split_micro_batches
-from nextserve.model.cache import HybridCache
-from nextserve.model.cache_config import CacheConfig
+from nextserve.model.cache.pools import HybridCache
+from nextserve.model.cache.budget import CacheConfig
 from nextserve.model.expert_backend import ExpertBackend
 from nextserve.model.forward_batch import ForwardBatch
 from nextserve.model.qwen3_next import HeadModel

@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from nextserve.bench.head_batch import HeadBatch
 from nextserve.bench.prompt_ids import checkpoint_prompt_token_ids, random_prompts
 from nextserve.model.checkpoint import parse_dtype
-from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.loader import load_head
+from nextserve.router.local_backend import load_local_backend
 
 log = logging.getLogger(__name__)
 

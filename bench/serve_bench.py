@@ -41,7 +41,8 @@ from nextserve.bench.prompt_ids import checkpoint_prompt_token_ids
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.engine.contract import EngineRequest
 from nextserve.cluster.engine.engine import Engine
-from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.loader import load_head
+from nextserve.router.local_backend import load_local_backend
 from nextserve.model.sampling import SamplingParams
 from nextserve.model.checkpoint import parse_dtype
 from nextserve.model.config import ConfigError

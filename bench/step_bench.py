@@ -37,8 +37,9 @@ from nextserve.bench.prompt_ids import checkpoint_prompt_token_ids, random_promp
 from nextserve.bench.dispatch import echo_requests, echo_round, plan_all_alive, worker_processes
 from nextserve.bench.process_cpu import process_cpu_s, thread_cpu_s
 from nextserve.model.config import Qwen3NextConfig
-from nextserve.model.expert_backend import ExpertBackend, ZeroExperts
-from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.expert_backend import ExpertBackend
+from nextserve.router.local_backend import ZeroExperts, load_local_backend
+from nextserve.model.loader import load_head
 from nextserve.proto import expert_pb2
 from nextserve.router.dispatcher import RemoteExpertBackend
 from nextserve.router.placement import build_placement

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nextserve.cluster.engine.scheduler import SchedulerConfig
-from nextserve.model.cache_config import CacheConfig, format_memory_size, parse_cache_memory
+from nextserve.model.cache.budget import CacheConfig, format_memory_size, parse_cache_memory
 from nextserve.model.config import Qwen3NextConfig
 
 

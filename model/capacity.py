@@ -9,7 +9,7 @@ workers (one GPU each), M = head replicas (one GPU each), k = top-k, H = hidden 
               max_experts_per_worker = (usable // bytes_per_expert): what a worker may hold at any moment,
               so a live scale or rebalance moves in waves within it (cluster/control/reshard.py)
     heads     cache_memory = usable - head_weights: each head's --cache-memory, of which the prefix cache's
-                             snapshot pool takes its share (snapshot_count, model/cache_config.py)
+                             snapshot pool takes its share (snapshot_count, model/cache/budget.py)
               per_sequence = kv_bytes_per_token * block_size * ceil(context / block_size)
                              + deltanet_state_bytes_per_sequence
               seqs = (cache_memory - snapshots * state_bytes) // per_sequence;   M = ceil(concurrency / seqs)
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from nextserve.model.cache_config import CacheConfig, cache_capacity, snapshot_count
+from nextserve.model.cache.budget import CacheConfig, cache_capacity, snapshot_count
 from nextserve.model.config import ConfigError, Qwen3NextConfig
 from nextserve.model.sizes import ModelSizes
 

@@ -2,7 +2,7 @@
 
 The wire between heads and expert workers carries CPU bytes. A head on CUDA therefore hands its
 backend CPU tensors and gets a CPU result back, which `DeviceResult` moves to the head's device
-(cluster/control/epoch_follower.py hands it out). Letters: T = tokens, H = hidden.
+(router/epoch_follower.py hands it out). Letters: T = tokens, H = hidden.
 """
 
 from __future__ import annotations

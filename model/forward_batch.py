@@ -1,5 +1,5 @@
 """What one batched step hands every layer: which tokens belong to which sequence, and where each
-sequence's cache lives in the pools (model/cache.py).
+sequence's cache lives in the pools (model/cache/pools.py).
 
 T = total new tokens of the step (flattened over sequences), B = sequences, bs = block size,
 L = longest cached length among the step's decodes (rounded up to whole blocks). A sequence brings a
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from nextserve.model.cache import HybridCache
+from nextserve.model.cache.pools import HybridCache
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,6 @@ from torch import Tensor
 from nextserve.model.checkpoint import (EXPERT_KEY, FUSED_EXPERT_KEY, IGNORED_KEY, Checkpoint, CheckpointError,
                               check_shapes, parse_dtype)
 from nextserve.model.config import Qwen3NextConfig
-from nextserve.model.expert_backend import LocalExpertBackend
 from nextserve.model.layers.rope import PartialRotaryEmbedding
 from nextserve.model.qwen3_next import HeadModel
 
@@ -86,10 +85,3 @@ def _load_layer(ckpt: Checkpoint, config: Qwen3NextConfig, layer: int, experts: 
     down = torch.stack([t[f"{prefix}.{e}.down_proj.weight"] for e in experts])
     return LayerExperts(tuple(experts), gate_up, down)
 
-
-def load_local_backend(path: str | Path, dtype: str | torch.dtype = "float32") -> LocalExpertBackend:
-    """Every routed expert of every MoE layer, in this process (single-process use and tests)."""
-    config = Qwen3NextConfig.from_json(path)
-    pairs = [(layer, e) for layer in config.moe_layers for e in range(config.num_experts)]
-    loaded = load_experts(path, pairs, dtype)
-    return LocalExpertBackend({l: x.gate_up for l, x in loaded.items()}, {l: x.down for l, x in loaded.items()})

@@ -3,7 +3,7 @@
 A head's forward runs on ordinary threads; `run` hands a coroutine to the loop thread and returns a
 `concurrent.futures.Future`, so the head can keep computing (the shared expert) while calls fly.
 The loop thread is the channels' own, or one shared by several sets of channels (a head keeps one for
-every placement epoch it follows: cluster/control/epoch_follower.py), which they then never stop.
+every placement epoch it follows: router/epoch_follower.py), which they then never stop.
 """
 
 from __future__ import annotations

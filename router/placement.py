@@ -129,3 +129,12 @@ def build_placement(layers: Sequence[int], num_experts: int, num_workers: int, r
                 cursor = (w + 1) % num_workers
         mapping[layer] = tuple(tuple(row) for row in rows)
     return Placement(num_workers, replication, mapping, epoch)
+
+
+@dataclass(frozen=True)
+class PlacementRecord:
+    """A placement as published (cluster/control/registry.py): its epoch and the address of each worker
+    (addresses[i] is worker i)."""
+    epoch: int
+    placement: Placement
+    addresses: tuple[str, ...]

@@ -102,14 +102,6 @@ class WorkerStream:
         if not future.done():
             future.set_exception(error)
 
-    async def dispatch(self, request: expert_pb2.DispatchRequest, timeout: float) -> expert_pb2.DispatchReply:
-        """One request and its reply (a round of several uses `send` and waits once for all)."""
-        future = await self.send(request, asyncio.get_running_loop().time() + timeout)
-        done, _ = await asyncio.wait((future,), timeout=timeout)
-        if not done:
-            self.expire(future, timeout)
-        return reply_of(future)
-
     def _open(self) -> None:
         self._call, self._pending = self.stub.DispatchStream(), {}
         self._reader = asyncio.ensure_future(self._read(self._call, self._pending))

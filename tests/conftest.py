@@ -9,8 +9,8 @@ import torch
 from transformers import Qwen3NextForCausalLM
 
 from hf_reference import AWKWARD, SMALL, build_reference, save_reference
-from nextserve.model.loader import load_head, load_local_backend
-from nextserve.model.expert_backend import LocalExpertBackend
+from nextserve.model.loader import load_head
+from nextserve.router.local_backend import LocalExpertBackend, load_local_backend
 from nextserve.model.qwen3_next import HeadModel
 from nextserve.model.tiny import make_tiny
 

@@ -24,14 +24,15 @@ from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nextserve.cluster.engine.engine import Engine
-from nextserve.cluster.engine.dispatch_recorder import RecordingBackend
-from nextserve.cluster.gateway.local_engine_client import LocalEngineClient
 from nextserve.cluster.gateway.app import build_app
-from nextserve.model.expert_backend import ExpertBackend, LocalExpertBackend
-from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.expert_backend import ExpertBackend
+from nextserve.router.local_backend import LocalExpertBackend, load_local_backend
+from nextserve.model.loader import load_head
 from nextserve.model.qwen3_next import HeadModel
 from nextserve.model.sampling import SamplingParams
 from engine_run import engine_tokens
+from local_engine_client import LocalEngineClient
+from recording_backend import RecordingBackend
 
 RELEASE_TIMEOUT_S = 30.0
 """How long a forward pass armed to fail waits for the test's release before failing anyway."""

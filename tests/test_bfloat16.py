@@ -13,9 +13,10 @@ import copy
 import pytest
 import torch
 
-from nextserve.model.cache import HybridCache
+from nextserve.model.cache.pools import HybridCache
 from nextserve.model.forward_batch import ForwardBatch
-from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.loader import load_head
+from nextserve.router.local_backend import load_local_backend
 
 ABS_TOL = 0.2
 """Max |Δlogit| vs transformers' bf16 (measured 0.016 / 0.116)."""

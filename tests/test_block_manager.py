@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from nextserve.cluster.engine.block_manager import BlockManager, CacheAccountingError
+from nextserve.model.cache.block_manager import BlockManager, CacheAccountingError
 from nextserve.cluster.engine.contract import EngineRequest, FinishReason
 from nextserve.cluster.engine.scheduler import (Scheduler, SchedulerConfig, SequenceState,
                                                SequenceStatus)

@@ -15,7 +15,7 @@ from hf_reference import hf_greedy
 from nextserve.cluster.engine.contract import EngineRequestError, FinishReason
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.scheduler import SchedulerConfig, StepPlan
-from nextserve.model.cache_config import (GiB, MiB, CacheConfig, CacheConfigError, cache_capacity,
+from nextserve.model.cache.budget import (GiB, MiB, CacheConfig, CacheConfigError, cache_capacity,
                                           format_memory_size, parse_cache_memory, parse_memory_size)
 from nextserve.model.capacity import GpuSpec, plan_capacity
 from nextserve.model.config import PUBLISHED_CONFIGS, Qwen3NextConfig

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nextserve.model.checkpoint import Checkpoint, CheckpointError
-from nextserve.model.loader import load_experts, load_head, load_local_backend
+from nextserve.model.loader import load_experts, load_head
+from nextserve.router.local_backend import load_local_backend
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cluster_harness import UpProcess, wait_for
-from nextserve.model.cache_config import CacheCapacity, CacheConfig, cache_capacity, parse_memory_size
+from nextserve.model.cache.budget import CacheCapacity, CacheConfig, cache_capacity, parse_memory_size
 from nextserve.model.config import Qwen3NextConfig
 from nextserve.model.sizes import model_sizes
 

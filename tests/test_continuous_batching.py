@@ -10,7 +10,8 @@ import torch
 from nextserve.cluster.engine.contract import EngineRequest
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.scheduler import SchedulerConfig, StepPlan
-from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.loader import load_head
+from nextserve.router.local_backend import load_local_backend
 from nextserve.model.sampling import SamplingParams
 
 

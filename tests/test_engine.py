@@ -26,7 +26,8 @@ from nextserve.cluster.engine.contract import EngineError, EngineRequest, ErrorC
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.model_runner import split_micro_batches
 from nextserve.cluster.engine.scheduler import SchedulerConfig, StepPlan
-from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.loader import load_head
+from nextserve.router.local_backend import load_local_backend
 from nextserve.model.sampling import SamplingParams
 
 Model = tuple[Any, Any]

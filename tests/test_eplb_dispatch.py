@@ -12,8 +12,7 @@ import torch
 
 from nextserve.experts.server import BackgroundWorkers
 from nextserve.model.config import Qwen3NextConfig
-from nextserve.model.expert_backend import LocalExpertBackend
-from nextserve.model.loader import load_local_backend
+from nextserve.router.local_backend import LocalExpertBackend, load_local_backend
 from nextserve.router.dispatcher import RemoteExpertBackend
 from nextserve.router.eplb import rebalance
 from nextserve.router.placement import Placement

@@ -1,4 +1,4 @@
-"""A head's one expert backend (cluster/control/epoch_follower.py) against a real redis-server and real
+"""A head's one expert backend (router/epoch_follower.py) against a real redis-server and real
 gRPC expert workers: its result is the in-process experts', it records what /metrics exports, it
 follows a new placement epoch, and a round whose experts have no live worker waits for the next epoch
 (or fails naming them once `unavailable_wait_s` is spent)."""
@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from nextserve.cluster.control.epoch_follower import EpochFollowingBackend
+from nextserve.router.epoch_follower import EpochFollowingBackend
 from nextserve.cluster.control.redis_server import LocalRedis
 from nextserve.cluster.control.registry import Registry
 from nextserve.experts.server import BackgroundWorkers
 from nextserve.model.config import Qwen3NextConfig
-from nextserve.model.loader import load_local_backend
+from nextserve.router.local_backend import load_local_backend
 from nextserve.router.dispatcher import ExpertsUnavailableError
 from nextserve.router.placement import build_placement
 

@@ -5,6 +5,7 @@ the health service."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
@@ -22,12 +23,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nextserve.bench.dispatch import REPO_ROOT, worker_processes
 from nextserve.cluster.control import reshard, worker_admin
 from nextserve.experts.server import BackgroundWorkers, Worker, parse_experts
-from nextserve.model.loader import load_local_backend
 from nextserve.proto import expert_pb2, expert_pb2_grpc
 from nextserve.proto.admin_auth import ADMIN_METHODS, SERVICE, admin_metadata
 from nextserve.router.channels import WorkerChannels
+from nextserve.router.local_backend import load_local_backend
 from nextserve.router.placement import build_placement
-from nextserve.router.worker_stream import WorkerCallError
+from nextserve.router.worker_stream import WorkerCallError, WorkerStream, reply_of
 
 pytestmark = pytest.mark.grpc
 HELD = [(0, e) for e in range(8)] + [(2, 3), (2, 9)]
@@ -325,6 +326,17 @@ def test_a_bad_message_on_a_dispatch_stream_fails_only_its_reply(served: Served,
         assert (got - want).abs().max().item() <= 1e-6
 
 
+async def one_request(stream: WorkerStream, request: expert_pb2.DispatchRequest,
+                      timeout: float) -> expert_pb2.DispatchReply:
+    """One request and its reply on `stream`, as a round of one (the dispatcher sends several and waits
+    once for all: router/dispatcher.py)."""
+    future = await stream.send(request, asyncio.get_running_loop().time() + timeout)
+    done, _ = await asyncio.wait((future,), timeout=timeout)
+    if not done:
+        stream.expire(future, timeout)
+    return reply_of(future)
+
+
 def test_worker_stream_keeps_its_stream_across_a_failed_reply(served: Served) -> None:
     """router/worker_stream.py on a real worker: a reply's error fails only that request (as a
     WorkerCallError with its status), the next request goes on the same stream; a deadline resets it."""
@@ -333,15 +345,15 @@ def test_worker_stream_keeps_its_stream_across_a_failed_reply(served: Served) ->
     try:
         bad = _bad("counts", [2, 2])
         with pytest.raises(WorkerCallError, match="counts has 8 bytes") as err:
-            channels.run(stream.dispatch(bad, timeout=10)).result()
+            channels.run(one_request(stream, bad, timeout=10)).result()
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         opened = stream._call
         request, _ = good_request(3, seed=4)
-        assert len(channels.run(stream.dispatch(request, timeout=10)).result().partial) == 3 * 64 * 4
+        assert len(channels.run(one_request(stream, request, timeout=10)).result().partial) == 3 * 64 * 4
         assert stream._call is opened is not None  # one stream for both
         with pytest.raises(WorkerCallError) as err:
-            channels.run(stream.dispatch(good_request(3000, seed=5)[0], timeout=0.001)).result()
+            channels.run(one_request(stream, good_request(3000, seed=5)[0], timeout=0.001)).result()
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and stream._call is None
-        assert len(channels.run(stream.dispatch(request, timeout=10)).result().partial) == 3 * 64 * 4  # reopened
+        assert len(channels.run(one_request(stream, request, timeout=10)).result().partial) == 3 * 64 * 4  # reopened
     finally:
         channels.close()

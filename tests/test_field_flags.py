@@ -19,7 +19,7 @@ from nextserve.cluster.cli.cluster_commands import app_args_of
 from nextserve.cluster.cli.field_flags import add_field_flags, field_values
 from nextserve.cluster.cli.main import build_parser
 from nextserve.cluster.cli.usage import UsageError
-from nextserve.model.cache_config import CacheConfig, GiB
+from nextserve.model.cache.budget import CacheConfig, GiB
 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_FLAGS = {"admin_token"}

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from nextserve.cluster.engine.engine import Engine
-from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.loader import load_head
+from nextserve.router.local_backend import load_local_backend
 from nextserve.model.sampling import SamplingParams, allowed_next_tokens
 
 

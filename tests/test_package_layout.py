@@ -1,6 +1,6 @@
 """The package's shape: one import namespace (`nextserve.*`, installable as a plain wheel beside
 proto-plus's top-level `proto`), and imports that flow one way (cli -> deployments -> control / engine /
-gateway -> router / experts -> model)."""
+gateway -> router / experts -> model), with no arrow from the product to bench/."""
 
 from __future__ import annotations
 
@@ -51,10 +51,65 @@ def test_model_imports_nothing_above_it() -> None:
 def test_gateway_imports_the_engine_only_through_its_contract() -> None:
     """One engine contract (cluster/engine/contract.py): the gateway sees no other engine module."""
     for path in (REPO / "cluster" / "gateway").rglob("*.py"):
-        if path.name == "local_engine_client.py":  # builds an in-process Engine: tests only, not the gateway
-            continue
         engine = {m for m in _imported_modules(path) if m.startswith("nextserve.cluster.engine")}
         assert engine <= {"nextserve.cluster.engine.contract"}, f"{path.relative_to(REPO)} imports {sorted(engine)}"
+
+
+def _product_files(folder: str) -> list[Path]:
+    return [p for p in (REPO / folder).rglob("*.py") if not any(part.startswith(".") for part in p.parts)]
+
+
+def _imports_under(path: Path, *packages: str) -> set[str]:
+    """What `path` imports (at any depth of the file, top level or in a function) from `packages`."""
+    return {m for m in _imported_modules(path) for pkg in packages if m == pkg or m.startswith(pkg + ".")}
+
+
+def test_router_and_experts_import_no_cluster_and_no_ray() -> None:
+    """router/ and experts/ are the data plane, tested without a cluster: what they need of the control
+    plane (the published placement) is handed in (router/epoch_follower.py's PlacementSource)."""
+    for folder in ("router", "experts"):
+        for path in _product_files(folder):
+            bad = _imports_under(path, "nextserve.cluster", "nextserve.bench", "ray")
+            assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}: {folder}/ runs without Ray or cluster/"
+
+
+def test_experts_do_not_import_router() -> None:
+    for path in _product_files("experts"):
+        bad = _imports_under(path, "nextserve.router")
+        assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}: a worker is told its pairs, not a placement"
+
+
+def test_product_never_imports_bench() -> None:
+    """bench/ uses the product; the product does not use bench/ (the CLI imports a bench by name, with
+    importlib, only when `nextserve bench NAME` runs)."""
+    for folder in ("model", "router", "experts", "proto", "cluster"):
+        for path in _product_files(folder):
+            bad = _imports_under(path, "nextserve.bench")
+            assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}: the product must not import bench/"
+
+
+def test_cli_module_does_not_load_bench() -> None:
+    code = ("import sys\nimport nextserve.cluster.cli.main\n"
+            "loaded = sorted(m for m in sys.modules if m == 'nextserve.bench' or m.startswith('nextserve.bench.'))\n"
+            "assert not loaded, loaded\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"importing the CLI imported bench/:\n{done.stderr[-2000:]}"
+
+
+def test_every_bench_the_cli_names_defines_that_sub_command() -> None:
+    """The CLI's registry of benches (name -> module) and the modules agree: each module adds a parser
+    under its registry name and has a `run`."""
+    import argparse
+
+    from nextserve.cluster.cli.main import BENCHES
+
+    assert {p.stem for p in (REPO / "bench").glob("*.py")} >= {b.module.rsplit(".", 1)[1] for b in BENCHES.values()}
+    for name, bench in BENCHES.items():
+        module = importlib.import_module(bench.module)
+        sub = argparse.ArgumentParser().add_subparsers(dest="bench")
+        module.add_parser(sub)
+        assert list(sub.choices) == [name], (bench.module, list(sub.choices))
+        assert callable(module.run), bench.module
 
 
 def test_engine_and_gateway_never_import_ray() -> None:

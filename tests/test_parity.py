@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import Qwen3NextForCausalLM
 
-from nextserve.model.cache import HybridCache
+from nextserve.model.cache.pools import HybridCache
 from nextserve.model.forward_batch import ForwardBatch
-from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.loader import load_head
+from nextserve.router.local_backend import load_local_backend
 from nextserve.model.sampling import SamplingParams
 from engine_run import engine_tokens
 

@@ -1,4 +1,4 @@
-"""The prefix cache's bookkeeping alone (cluster/engine/prefix_cache.py): keys chain over the whole prefix,
+"""The prefix cache's bookkeeping alone (model/cache/prefix_cache.py): keys chain over the whole prefix,
 shared blocks are refcounted, released blocks stay cached and are evicted least recently used (leaves of
 a sequence first), snapshots are taken, published and evicted LRU; then a random walk against a plain
 model of the same rules."""
@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from nextserve.cluster.engine.prefix_cache import CacheAccountingError, PrefixCache, block_key
+from nextserve.model.cache.prefix_cache import CacheAccountingError, PrefixCache, block_key
 
 
 def _chain(blocks: list[list[int]]) -> list[bytes]:

@@ -19,7 +19,7 @@ from hf_reference import hf_greedy
 from nextserve.cluster.engine.contract import StepOutput
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.scheduler import SchedulerConfig, StepPlan
-from nextserve.model.cache_config import CacheConfig
+from nextserve.model.cache.budget import CacheConfig
 from nextserve.model.sampling import SamplingParams
 from nextserve.model.sizes import model_sizes
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 
-from nextserve.cluster.control.registry import STALE_AFTER_S, MemberRecord, PlacementRecord
+from nextserve.cluster.control.registry import STALE_AFTER_S, MemberRecord
+from nextserve.router.placement import PlacementRecord
 from nextserve.cluster.deployments.gateway import expert_readiness
 from nextserve.router.placement import build_placement
 

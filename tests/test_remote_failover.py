@@ -20,8 +20,7 @@ import torch
 from nextserve.bench.dispatch import worker_processes
 from nextserve.cluster.control import worker_admin
 from nextserve.model.config import Qwen3NextConfig
-from nextserve.model.expert_backend import LocalExpertBackend
-from nextserve.model.loader import load_local_backend
+from nextserve.router.local_backend import LocalExpertBackend, load_local_backend
 from nextserve.router.dispatcher import ExpertsUnavailableError, RemoteExpertBackend
 from nextserve.router.placement import Placement, build_placement
 

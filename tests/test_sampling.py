@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.loader import load_head
+from nextserve.router.local_backend import load_local_backend
 from nextserve.model.sampling import SamplingDefaults, SamplingError, SamplingParams, make_generator, sample
 from engine_run import engine_tokens
 

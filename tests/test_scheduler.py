@@ -6,7 +6,7 @@ import pytest
 
 from nextserve.cluster.engine.contract import EngineRequest, FinishReason
 from nextserve.cluster.engine.scheduler import Scheduler, SchedulerConfig, SequenceState, SequenceStatus, StepPlan
-from nextserve.cluster.engine.block_manager import BlockManager
+from nextserve.model.cache.block_manager import BlockManager
 from nextserve.model.sampling import SamplingParams
 
 

@@ -7,30 +7,28 @@
     nextserve make-tiny DIR                      write the tiny default checkpoint
     nextserve generate --model DIR|tiny PROMPT…  one-process generation (the engine, experts in-process)
     nextserve plan --config qwen3-coder-next     parameter counts and bytes, computed from a config
-    nextserve bench model|step|dispatch|serve|gpu …  benchmarks (see bench/)
+    nextserve bench model|step|dispatch|serve|gpu|engine …  benchmarks (see bench/)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import ValidationError
 from transformers import AutoTokenizer
 
-from nextserve.bench import dispatch as dispatch_bench
-from nextserve.bench import engine_bench
-from nextserve.bench import gpu_bench
-from nextserve.bench import model_bench
-from nextserve.bench import serve_bench
-from nextserve.bench import step_bench
 from nextserve.model.config import PUBLISHED_CONFIGS, ConfigError, Qwen3NextConfig
 from nextserve.model.checkpoint import CheckpointError, parse_dtype
-from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.loader import load_head
+from nextserve.router.local_backend import load_local_backend
 from nextserve.model.sampling import SamplingError, SamplingParams
 from nextserve.cluster.cli.k8s_overlay import gpu_overlay_patch
 from nextserve.model.capacity import GPUS, plan_capacity
@@ -114,21 +112,47 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class BenchCommand:
+    """One `nextserve bench NAME`: the module that defines it (`add_parser(subparsers)` and `run`), and
+    how its `run` gets the checkpoint: "argument" = run(args, resolve_model(args.model)), "in_args" =
+    args.model resolved in place then run(args), "none" = run(args)."""
+    module: str
+    help: str
+    model: Literal["argument", "in_args", "none"]
+
+
+BENCHES: dict[str, BenchCommand] = {
+    "model": BenchCommand("nextserve.bench.model_bench", "prefill/decode tokens/s of the one-process model "
+                          "vs transformers", "argument"),
+    "step": BenchCommand("nextserve.bench.step_bench", "where a decode step's time goes: head, experts local "
+                         "and over gRPC", "argument"),
+    "dispatch": BenchCommand("nextserve.bench.dispatch", "time one MoE layer's dispatch round against its "
+                             "echo floor", "none"),
+    "serve": BenchCommand("nextserve.bench.serve_bench", "throughput/TTFT/TPOT through the gateway, optionally "
+                          "vs transformers", "in_args"),
+    "gpu": BenchCommand("nextserve.bench.gpu_bench", "published layer shapes at random weights on one GPU: "
+                        "check vs CPU, decode tok/s", "none"),
+    "engine": BenchCommand("nextserve.bench.engine_bench", "steady decode step of the head engine per batch "
+                           "size vs transformers", "argument"),
+}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.bench == "model":
-        return model_bench.run(args, resolve_model(args.model))
-    if args.bench == "dispatch":
-        return dispatch_bench.run(args)
-    if args.bench == "serve":
-        args.model = resolve_model(str(args.model))
-        return serve_bench.run(args)
-    if args.bench == "gpu":
-        return gpu_bench.run(args)
-    if args.bench == "step":
-        return step_bench.run(args, resolve_model(args.model))
-    if args.bench == "engine":
-        return engine_bench.run(args, resolve_model(args.model))
-    raise SystemExit(f"unknown benchmark {args.bench!r}")
+    """Import the named bench and parse its own arguments. The one lazy import in the product, on purpose:
+    benches are a tool beside the product (they import the engine, the router, the workers, transformers
+    baselines), and the product must not import bench/ (tests/test_package_layout.py), so `nextserve up`
+    or a head never load them; only the bench being run is imported, when it runs."""
+    bench = BENCHES[args.bench]
+    module = importlib.import_module(bench.module)
+    parser = argparse.ArgumentParser(prog="nextserve bench")
+    module.add_parser(parser.add_subparsers(dest="bench", required=True))
+    bench_args = parser.parse_args([args.bench, *args.bench_args])
+    if bench.model == "argument":
+        return int(module.run(bench_args, resolve_model(bench_args.model)))
+    if bench.model == "in_args":
+        bench_args.model = resolve_model(str(bench_args.model))
+    return int(module.run(bench_args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,14 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the k8s/overlays/gpu capacity patch (JSON 6902) for this plan")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
-    p = sub.add_parser("bench", help="benchmarks")
-    bench_sub = p.add_subparsers(dest="bench", required=True)
-    model_bench.add_parser(bench_sub)
-    dispatch_bench.add_parser(bench_sub)
-    serve_bench.add_parser(bench_sub)
-    gpu_bench.add_parser(bench_sub)
-    step_bench.add_parser(bench_sub)
-    engine_bench.add_parser(bench_sub)
+    p = sub.add_parser("bench", help="benchmarks (see bench/); `nextserve bench NAME --help` for a bench's options",
+                       description="\n".join(f"{name:<10}{b.help}" for name, b in BENCHES.items()),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bench", choices=list(BENCHES), metavar="NAME", help=" | ".join(BENCHES))
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="ARGS", help="the bench's own options")
     p.set_defaults(func=cmd_bench)
     return parser
 

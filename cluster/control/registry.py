@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from nextserve.router.placement import Placement
+from nextserve.router.placement import Placement, PlacementRecord
 
 HEARTBEAT_S = 1.0
 """How often workers and heads refresh their heartbeat."""
@@ -51,13 +51,6 @@ def redacted_url(url: str) -> str:
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
-
-
-@dataclass(frozen=True)
-class PlacementRecord:
-    epoch: int
-    placement: Placement
-    addresses: tuple[str, ...]
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,9 @@ from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.engine.contract import EngineRequest, EngineStats, EngineUnavailableError, StepOutput, summed_load
 from nextserve.cluster.gateway.app import build_app
 from nextserve.cluster.gateway.generation import Readiness
-from nextserve.cluster.control.registry import MemberRecord, PlacementRecord, Registry
+from nextserve.cluster.control.registry import MemberRecord, Registry
 from nextserve.cluster.engine.contract import SamplingDefaults
+from nextserve.router.placement import PlacementRecord
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Init: ask the controller for the expert workers (idempotent) -> load the head's tensors only (onto its
 GPU when Ray gave the replica one and torch sees CUDA; the experts' wire stays CPU bytes, see
 model/device.py) -> its one expert backend, following the placement epoch from Redis and recording
-for /metrics (cluster/control/epoch_follower.py) -> start the engine -> register in Redis and
+for /metrics (router/epoch_follower.py) -> start the engine -> register in Redis and
 heartbeat (with the running / waiting counts and the epoch in use). `generate` streams the engine's
 typed outputs and errors, `stats` the engine's stats: Ray pickles them, nothing goes through dicts.
 """
@@ -26,7 +26,7 @@ from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.deployments.controller import ClusterSpec, get_or_create_controller
 from nextserve.cluster.engine.contract import EngineError, EngineRequest, EngineStats, StepOutput
 from nextserve.cluster.engine.engine import Engine
-from nextserve.cluster.control.epoch_follower import EpochFollowingBackend
+from nextserve.router.epoch_follower import EpochFollowingBackend
 from nextserve.cluster.deployments.expert_worker import HEAD_RESOURCE, experts_use_gpus
 from nextserve.cluster.control.registry import HEARTBEAT_S, Registry
 from nextserve.model.checkpoint import parse_dtype

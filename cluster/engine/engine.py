@@ -11,10 +11,10 @@ in its next item instead of one event per token. A consumer that stops iterating
 cancel) aborts its request; the next schedule drops the sequence and its cache.
 
 The cache is allocated once, at start, from `CacheConfig.cache_memory_bytes` (KV blocks + state slots,
-model/cache_config.py). When a decode finds no free block the scheduler evicts prefix-cached blocks,
+model/cache/budget.py). When a decode finds no free block the scheduler evicts prefix-cached blocks,
 then preempts the most recently admitted sequence; it recomputes later and its stream simply goes on
 (no token is sent twice). A request whose prompt starts like an earlier one's restores that prefix from
-the prefix cache (cluster/engine/prefix_cache.py) and prefills only the rest; its outputs report the
+the prefix cache (model/cache/prefix_cache.py) and prefills only the rest; its outputs report the
 prompt tokens it did not run (`StepOutput.cached_tokens`).
 """
 
@@ -32,14 +32,14 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from nextserve.cluster.engine.block_manager import BlockManager
+from nextserve.model.cache.block_manager import BlockManager
 from nextserve.cluster.engine.contract import (EngineError, EngineRequest, EngineRequestError, EngineStats,
                                                EngineUnavailableError, ErrorCode, FinishReason, SamplingParams,
                                                StepOutput)
 from nextserve.cluster.engine.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS, IncrementalDetokenizer, OutputStream
 from nextserve.cluster.engine.model_runner import ModelRunner, head_cache_capacity
 from nextserve.cluster.engine.scheduler import Scheduler, SchedulerConfig, SequenceState, StepPlan
-from nextserve.model.cache_config import CacheConfig
+from nextserve.model.cache.budget import CacheConfig
 from nextserve.model.expert_backend import ExpertBackend
 from nextserve.model.qwen3_next import HeadModel
 from nextserve.model.sampling import TokenLogprobs, allowed_next_tokens, make_generator, sample, token_logprobs

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from nextserve.cluster.engine.scheduler import SchedulerConfig, StepPlan
-from nextserve.model.cache import HybridCache
-from nextserve.model.cache_config import CacheCapacity, CacheConfig, cache_capacity
+from nextserve.model.cache.pools import HybridCache
+from nextserve.model.cache.budget import CacheCapacity, CacheConfig, cache_capacity
 from nextserve.model.expert_backend import ExpertBackend
 from nextserve.model.forward_batch import ForwardBatch
 from nextserve.model.qwen3_next import HeadModel

@@ -15,7 +15,7 @@ and slot and goes first in line; readmitted, it prefills its prompt plus every t
 A long prompt is cut into chunks of at most `prefill_chunk` tokens, so it never holds a step long
 enough to starve the decodes.
 
-Prefix cache (cluster/engine/prefix_cache.py), when the block manager has snapshots: admission looks up
+Prefix cache (model/cache/prefix_cache.py), when the block manager has snapshots: admission looks up
 the longest prefix of the tokens to prefill whose blocks are cached and whose last block has a state
 snapshot, capped at (tokens - 1) rounded down to a block (the last token is always run: its logits give
 the next token); the sequence references those blocks, its slot gets the snapshot (StepPlan.restores),
@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nextserve.cluster.engine.block_manager import BlockManager
+from nextserve.model.cache.block_manager import BlockManager
 from nextserve.cluster.engine.contract import EngineRequest, FinishReason
-from nextserve.cluster.engine.prefix_cache import BlockKey, block_key
+from nextserve.model.cache.prefix_cache import BlockKey, block_key
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Letters: T = tokens in the step, B = sequences, H = hidden, nk/nv = key/value heads, dk/dv = head
 dims, r = nv // nk, C = conv channels (2·nk·dk + nv·dv, [Q | K | V] order), K = conv kernel,
-S = state slots of the cache pools (model/cache.py).
+S = state slots of the cache pools (model/cache/pools.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nextserve.model.cache import HybridCache
+from nextserve.model.cache.pools import HybridCache
 from nextserve.model.forward_batch import ForwardBatch
 from nextserve.model.kernels.delta_rule import chunk_gated_delta_rule, gated_delta_step
 from nextserve.model.layers.norm import GatedRMSNorm

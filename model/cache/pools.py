@@ -9,7 +9,7 @@
 
 A sequence owns one slot (its DeltaNet states and its block-table row) for its life, and the blocks
 holding its tokens: token p lives at row p % bs of block block_table[slot, p // bs]. Which sequence owns
-which slot and blocks is decided outside (cluster/engine/block_manager.py); this file holds the tensors,
+which slot and blocks is decided outside (model/cache/block_manager.py); this file holds the tensors,
 so a step reads and writes every sequence's state by index, never one sequence at a time. A full block
 may be in several sequences' tables at once (the prefix cache shares it; nobody writes it again), and a
 snapshot is copied into a slot to resume a cached prefix, or out of one after a step (one indexed copy

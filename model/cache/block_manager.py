@@ -1,8 +1,8 @@
 """Who owns which part of the head's cache pools: DeltaNet state slots, KV blocks and state snapshots.
 
-Pure bookkeeping over ids (the tensors are model/cache.py's): a running sequence holds one slot for its
+Pure bookkeeping over ids (the tensors are model/cache/pools.py's): a running sequence holds one slot for its
 life and references the blocks its tokens fill. Slots come off a stack (the most recently freed first),
-in O(1); blocks and snapshots are the prefix cache's (cluster/engine/prefix_cache.py: refcounts, keys,
+in O(1); blocks and snapshots are the prefix cache's (model/cache/prefix_cache.py: refcounts, keys,
 LRU), so a block a sequence releases may stay cached for the next request with the same prefix.
 Freeing an id that is already free (or was never handed out) raises, so a double free shows at once
 instead of two sequences writing one block.
@@ -10,7 +10,7 @@ instead of two sequences writing one block.
 
 from __future__ import annotations
 
-from nextserve.cluster.engine.prefix_cache import CacheAccountingError, PrefixCache
+from nextserve.model.cache.prefix_cache import CacheAccountingError, PrefixCache
 
 
 class _IdPool:

@@ -1,6 +1,6 @@
 """The head's cache budget: how many bytes the hybrid cache may hold, and what they buy.
 
-A head preallocates its whole cache at start (model/cache.py): KV blocks of `block_size` tokens for the
+A head preallocates its whole cache at start (model/cache/pools.py): KV blocks of `block_size` tokens for the
 full-attention layers, one state slot per running sequence for the DeltaNet layers, and the prefix
 cache's state snapshots (a slot's worth each). `cache_capacity` turns a byte budget into those counts; the engine and the capacity planner (`nextserve plan`) both
 call it, so they compute the same numbers. Pure arithmetic over `ModelSizes`; no tensors, no I/O.

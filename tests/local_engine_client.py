@@ -1,7 +1,8 @@
-"""The gateway's `EngineClient` over an `Engine` in this process, for single-process serving and tests.
+"""The gateway's `EngineClient` over an `Engine` in this process, for tests that serve the gateway app
+without Ray (a head serves through cluster/deployments/head.py instead).
 
     build_app(LocalEngineClient(Engine(head, RecordingBackend(experts, E), tokenizer, max_model_len=N), recorder))
-    (RecordingBackend: cluster/engine/dispatch_recorder.py)
+    (RecordingBackend: tests/recording_backend.py)
       generate -> Engine.generate (closing the stream aborts the request)
       stats    -> Engine.stats() + the dispatch latency / routed tokens the RecordingBackend saw since the last call
 
@@ -17,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from nextserve.cluster.engine.contract import EngineRequest, EngineStats, StepOutput
 from nextserve.cluster.engine.engine import Engine
-from nextserve.cluster.engine.dispatch_recorder import DispatchRecorder
+from nextserve.router.dispatch_recorder import DispatchRecorder
 from nextserve.cluster.gateway.generation import Readiness
 
 

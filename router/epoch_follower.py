@@ -1,4 +1,4 @@
-"""A head's expert backend: the routed experts over gRPC, following the placement epoch in Redis.
+"""A head's expert backend: the routed experts over gRPC, following the published placement epoch.
 
 The one object between a head's forward and the wire (the head used to stack four: device, recording,
 epoch following, remote). `submit` hands one coroutine to the dispatch loop thread and returns its
@@ -7,11 +7,13 @@ failover), waits for a new epoch when some expert has no live worker, and record
 and routed tokens for /metrics. A head on an accelerator gets a `DeviceResult`: the CPU result moved
 to its device by the head's own thread.
 
-A watcher thread polls the registry's epoch (cheap: one HGET) and, on a new epoch, builds a
-`RemoteExpertBackend` for the new placement and addresses on the same loop thread, then swaps it in. A
-round already in flight finishes on the backend it started with (the old channels close after a grace
-period); the next MoE layer uses the new one. Both hold the same weights, so the swap changes no
-result. If Redis is unreachable the current backend keeps serving.
+The placement comes from a `PlacementSource`: in a head, the Redis registry (cluster/control/
+registry.py), handed in because router/ never imports cluster/. A watcher thread polls its epoch
+(cheap: one HGET) and, on a new epoch, builds a `RemoteExpertBackend` for the new placement and
+addresses on the same loop thread, then swaps it in. A round already in flight finishes on the
+backend it started with (the old channels close after a grace period); the next MoE layer uses the
+new one. Both hold the same weights, so the swap changes no result. If the source is unreachable
+(Redis restarting) the current backend keeps serving.
 Letters: T = tokens, H = hidden, k = experts per token.
 """
 
@@ -22,15 +24,16 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from nextserve.cluster.control.registry import Registry
-from nextserve.cluster.engine.dispatch_recorder import DispatchRecorder
 from nextserve.model.device import DeviceResult
 from nextserve.router.channels import DispatchLoop
+from nextserve.router.dispatch_recorder import DispatchRecorder
 from nextserve.router.dispatcher import ExpertsUnavailableError, RemoteExpertBackend
+from nextserve.router.placement import PlacementRecord
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +42,27 @@ CLOSE_GRACE_S = 30.0
 """Old channels stay open this long after a swap, so in-flight calls (and their retries) finish."""
 
 
+class PlacementSource(Protocol):
+    """Where the published placement is read (cluster/control/registry.py's `Registry` is one)."""
+
+    url: str
+    """Named in the error when no placement appears."""
+
+    def epoch(self) -> int:
+        """The published epoch (0 before any placement); called every poll, so it must be cheap."""
+        ...
+
+    def placement(self) -> PlacementRecord | None:
+        """The published placement with its epoch and workers' addresses; None before any."""
+        ...
+
+
 class EpochFollowingBackend:
-    def __init__(self, registry: Registry, dtype: torch.dtype, deadline_s: float, num_experts: int,
+    def __init__(self, source: PlacementSource, dtype: torch.dtype, deadline_s: float, num_experts: int,
                  unavailable_wait_s: float = 30.0, device: torch.device = torch.device("cpu"),
                  wait_s: float = 300.0) -> None:
-        """Waits up to `wait_s` for a placement in Redis. `num_experts` sizes the routed-token counts."""
-        self.registry = registry
+        """Waits up to `wait_s` for a placement from `source`. `num_experts` sizes the routed-token counts."""
+        self.source = source
         self.dtype = dtype
         self.deadline_s = deadline_s
         self.num_experts = num_experts
@@ -60,15 +78,15 @@ class EpochFollowingBackend:
         while not self.refresh():
             if time.monotonic() > deadline:
                 self.loop.stop()
-                raise TimeoutError(f"no placement appeared in Redis ({registry.url}) within {wait_s} s")
+                raise TimeoutError(f"no placement appeared in {source.url} within {wait_s} s")
             time.sleep(POLL_S)
         threading.Thread(target=self._watch, name="epoch-follower", daemon=True).start()
 
     def refresh(self) -> bool:
         """Swap in the published placement if it is newer; True when a backend is in place."""
-        if self.current is not None and self.registry.epoch() == self.epoch:
+        if self.current is not None and self.source.epoch() == self.epoch:
             return True  # one HGET; the whole placement (48 x 512 entries) only when it changed
-        record = self.registry.placement()
+        record = self.source.placement()
         if record is None or record.epoch == self.epoch:
             return self.current is not None
         backend = RemoteExpertBackend(list(record.addresses), record.placement, self.dtype, self.deadline_s,

@@ -1,5 +1,5 @@
 """The exact prefix cache's bookkeeping: refcounted KV blocks, content-addressed once full, and DeltaNet
-state snapshots keyed by the block they end on. Pure ids and dicts (the tensors are model/cache.py's).
+state snapshots keyed by the block they end on. Pure ids and dicts (the tensors are model/cache/pools.py's).
 
     key(block i) = blake2b(key(block i-1) | token ids of block i)        (128 bits; block 0 has no parent)
 
