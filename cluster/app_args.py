@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nextserve.cluster.engine.scheduler import SchedulerConfig
+from nextserve.cluster.gateway.admission import GatewayLimits
 from nextserve.model.cache.budget import CacheConfig, format_memory_size, parse_cache_memory
 from nextserve.model.config import Qwen3NextConfig
 
@@ -64,6 +65,14 @@ class AppArgs(BaseModel):
     Qwen3-Coder-Next's card suggests 32,768 on smaller machines."""
     max_num_seqs: int = Field(default_of(SchedulerConfig, "max_num_seqs"), ge=1)
     """Sequences a head replica runs at once (SchedulerConfig.max_num_seqs); more wait in FCFS order."""
+    max_queued_requests: int = Field(default_of(SchedulerConfig, "max_queued_requests"), ge=0)
+    """Requests a head replica queues beyond the max_num_seqs it runs (SchedulerConfig.max_queued_requests);
+    past it a request is refused at once: 429 (Anthropic: 529 overloaded_error) with Retry-After."""
+    stream_idle_timeout_s: float = Field(default_of(GatewayLimits, "stream_idle_timeout_s"), gt=0)
+    """Seconds a streaming client may read nothing while its output waits (GatewayLimits.stream_idle_timeout_s);
+    then it is treated as gone: its request is aborted and its slot and blocks freed."""
+    max_request_body_bytes: int = Field(default_of(GatewayLimits, "max_request_body_bytes"), ge=1)
+    """Largest request body the gateway reads (GatewayLimits.max_request_body_bytes); past it: 413."""
     max_tokens_per_step: int = Field(default_of(SchedulerConfig, "max_tokens_per_step"), ge=1)
     """Token budget of one head step, decodes + prefill chunks (SchedulerConfig.max_tokens_per_step): it
     bounds a step's latency, and is at least max_num_seqs, so a full batch of decodes fits."""
@@ -114,7 +123,12 @@ class AppArgs(BaseModel):
         micro_batches = (SchedulerConfig.auto_micro_batches(head_on_accelerator, experts_on_accelerators)
                          if self.micro_batches == "auto" else self.micro_batches)
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_tokens_per_step=self.max_tokens_per_step,
-                               prefill_chunk=self.prefill_chunk, micro_batches=micro_batches)
+                               prefill_chunk=self.prefill_chunk, micro_batches=micro_batches,
+                               max_queued_requests=self.max_queued_requests)
+
+    def gateway_limits(self) -> GatewayLimits:
+        """What the gateway refuses or cuts off before a head sees it (cluster/gateway/admission.py)."""
+        return GatewayLimits(self.max_request_body_bytes, self.stream_idle_timeout_s)
 
     def cache_config(self, device_free_bytes: int | None = None) -> CacheConfig:
         """The head's cache budget; `device_free_bytes` (a GPU head's free memory) resolves a fraction."""

@@ -17,11 +17,13 @@ from collections.abc import AsyncGenerator
 from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nextserve.cluster.app_args import AppArgs
-from nextserve.cluster.engine.contract import EngineRequest, EngineStats, EngineUnavailableError, StepOutput, summed_load
+from nextserve.cluster.engine.contract import (EngineOverloadedError, EngineRequest, EngineStats, EngineUnavailableError,
+                                               StepOutput, summed_load)
 from nextserve.cluster.gateway.app import build_app
 from nextserve.cluster.gateway.generation import Readiness
 from nextserve.cluster.control.registry import MemberRecord, Registry
@@ -66,6 +68,10 @@ class HeadHandleClient:
                     raise item
                 finished = item.finish_reason is not None
                 yield item
+        except BackPressureError:  # every head replica busy and Serve's queue for them full
+            raise EngineOverloadedError(f"every head replica is busy and {self.args.max_queued_requests} requests "
+                                        f"wait for one (--max-queued-requests); retry after the Retry-After "
+                                        f"delay") from None
         except RayActorError as exc:  # the head replica (or its node) died: its sequences are gone
             log.warning("request %s: its head replica was lost: %s", request_id, exc)
             raise EngineUnavailableError("the head replica serving this request was lost (its process or node "
@@ -142,4 +148,4 @@ class GatewayDeployment:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_app(self.client, self.args.served_model_name(), self.args.api_key,
-                         SamplingDefaults.from_checkpoint(self.args.model))
+                         SamplingDefaults.from_checkpoint(self.args.model), self.args.gateway_limits())

@@ -35,12 +35,16 @@ from nextserve.model.loader import load_head
 
 log = logging.getLogger(__name__)
 
+HEAD_MAX_ONGOING_REQUESTS = 1024
+"""Serve's bound on the requests in one head replica; the engine's own, lower by default, refuses first."""
+
 
 @serve.deployment(
     # One head replica per head-group node share; the custom resource keeps heads off expert nodes.
     ray_actor_options={"num_cpus": 0, "resources": {HEAD_RESOURCE: 1}},
-    # Streams are long-lived and the engine batches them all: admission is the engine's job.
-    max_ongoing_requests=1024,
+    # Streams are long-lived and the engine batches them all: admission is the engine's job (it refuses
+    # past max_num_seqs + max_queued_requests; cluster/app.py raises this when those add up to more).
+    max_ongoing_requests=HEAD_MAX_ONGOING_REQUESTS,
     health_check_period_s=5,
 )
 class HeadDeployment:

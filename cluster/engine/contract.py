@@ -2,7 +2,8 @@
 
     EngineRequest(request_id, prompt_ids, SamplingParams(..., stop=...))   -> Engine.generate / HeadDeployment
         -> StepOutput ... StepOutput(finish_reason=FinishReason.*)         (what a request produced, in order)
-        or EngineError(code=ErrorCode.*, param=...)                        (typed: the gateway maps the code)
+        or EngineError(code=ErrorCode.*, param=...)                        (typed: the gateway maps the code;
+                                                                            OVERLOADED: the head's queue is full)
     EngineStats                                                            (what a head reports for /metrics)
 
 Every object here crosses Ray between a gateway replica and a head replica as itself (Ray pickles it),
@@ -20,9 +21,9 @@ from dataclasses import dataclass, field
 
 from nextserve.model.sampling import SamplingDefaults, SamplingError, SamplingParams, TokenLogprobs
 
-__all__ = ["EngineError", "EngineRequest", "EngineRequestError", "EngineStats", "EngineUnavailableError",
-           "ErrorCode", "FinishReason", "LOAD_FIELDS", "SamplingDefaults", "SamplingError", "SamplingParams",
-           "StepOutput", "TokenLogprobs", "summed_load"]
+__all__ = ["EngineError", "EngineOverloadedError", "EngineRequest", "EngineRequestError", "EngineStats",
+           "EngineUnavailableError", "ErrorCode", "FinishReason", "LOAD_FIELDS", "RETRY_AFTER_S", "SamplingDefaults",
+           "SamplingError", "SamplingParams", "StepOutput", "TokenLogprobs", "check_prompt_fits", "summed_load"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,12 @@ class ErrorCode(enum.Enum):
     retrying later can succeed."""
     INTERNAL = "internal"
     """A step failed for a reason that is not the client's: 500."""
+    OVERLOADED = "overloaded"
+    """The head's queue is full (`max_queued_requests` waiting): 429 (Anthropic: 529), refused at once,
+    with Retry-After; nothing was started, so retrying later is safe."""
+    CLIENT_TIMEOUT = "client_timeout"
+    """The client read nothing of its stream for `stream_idle_timeout_s`: treated as gone, 408 (nobody
+    usually reads it; the request was aborted and its slot and blocks freed)."""
 
     @property
     def http_status(self) -> int:
@@ -89,7 +96,12 @@ class ErrorCode(enum.Enum):
 
 
 _HTTP_STATUS = {ErrorCode.INVALID_REQUEST: 400, ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400,
-                ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500}
+                ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500, ErrorCode.OVERLOADED: 429,
+                ErrorCode.CLIENT_TIMEOUT: 408}
+
+RETRY_AFTER_S = 1
+"""The `Retry-After` (seconds) a client is told with every refusal it may retry (429, 503, 529): a queue
+drains by whole requests, so sooner only meets the same full queue; the SDKs back off from there."""
 
 
 class EngineError(Exception):
@@ -119,6 +131,20 @@ class EngineRequestError(EngineError, ValueError):
 class EngineUnavailableError(EngineError):
     """The request could not run because part of the cluster is not there now (503; retry later)."""
     default_code = ErrorCode.UNAVAILABLE
+
+
+class EngineOverloadedError(EngineError):
+    """The head's waiting queue is full: refused before it was queued (429 with Retry-After)."""
+    default_code = ErrorCode.OVERLOADED
+
+
+def check_prompt_fits(num_prompt_tokens: int, max_model_len: int) -> None:
+    """The one rule for a prompt against the context: it must leave room for one output token. Both the
+    engine (`Engine.admit`) and the gateway (before it ships a request to a head) apply it."""
+    if num_prompt_tokens >= max_model_len:
+        raise EngineRequestError(f"the prompt has {num_prompt_tokens} tokens, leaving no room for output in this "
+                                 f"server's context of {max_model_len} tokens; shorten it to at most "
+                                 f"{max_model_len - 1}", param="prompt", code=ErrorCode.CONTEXT_LENGTH_EXCEEDED)
 
 
 LOAD_FIELDS = ("num_running", "num_waiting", "blocks_used", "blocks_total", "slots_used", "slots_total",

@@ -33,9 +33,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from nextserve.model.cache.block_manager import BlockManager
-from nextserve.cluster.engine.contract import (EngineError, EngineRequest, EngineRequestError, EngineStats,
-                                               EngineUnavailableError, ErrorCode, FinishReason, SamplingParams,
-                                               StepOutput)
+from nextserve.cluster.engine.contract import (EngineError, EngineOverloadedError, EngineRequest, EngineRequestError,
+                                               EngineStats, EngineUnavailableError, ErrorCode, FinishReason,
+                                               SamplingParams, StepOutput, check_prompt_fits)
 from nextserve.cluster.engine.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS, IncrementalDetokenizer, OutputStream
 from nextserve.cluster.engine.model_runner import ModelRunner, head_cache_capacity
 from nextserve.cluster.engine.scheduler import Scheduler, SchedulerConfig, SequenceState, StepPlan
@@ -83,10 +83,13 @@ class Engine:
                                                         self.capacity.block_size, self.capacity.num_snapshots,
                                                         self.capacity.snapshot_every))
         self.runner = ModelRunner(head, experts, self.capacity, config)
+        self.max_in_flight = min(config.max_num_seqs, self.capacity.num_slots) + config.max_queued_requests
+        """Requests admitted and not finished a head holds at most: what runs at once + the waiting queue's
+        bound (SchedulerConfig.max_queued_requests); `_submit` refuses past it (OVERLOADED)."""
         self.tokenizer = tokenizer
         self.vocab_size = head.config.vocab_size if tokenizer is None else min(len(tokenizer), head.config.vocab_size)
         """Token ids a prompt may hold: the tokenizer's (the real model pads its embedding past it)."""
-        self._lock = threading.Lock()  # guards _inbox, _abort_ids, _request_ids, _is_stopped
+        self._lock = threading.Lock()  # guards _inbox, _abort_ids, _request_ids (what is in flight), _is_stopped
         self._inbox: list[_Entry] = []
         self._abort_ids: list[str] = []
         self._request_ids: set[str] = set()
@@ -164,10 +167,7 @@ class Engine:
             raise EngineRequestError("the request id is empty; give every request a unique id", param="request_id")
         if n == 0:
             raise EngineRequestError("the prompt is empty; send at least one token", param="prompt")
-        if n >= context:
-            raise EngineRequestError(f"the prompt has {n} tokens, leaving no room for output in this server's "
-                                     f"context of {context} tokens; shorten it to at most {context - 1}",
-                                     param="prompt", code=too_long)
+        check_prompt_fits(n, context)
         bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise EngineRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
@@ -208,6 +208,10 @@ class Engine:
             if request.request_id in self._request_ids:
                 raise EngineRequestError(f"{request.request_id!r} is already in flight; use a unique id per "
                                          f"request", param="request_id")
+            if len(self._request_ids) >= self.max_in_flight:
+                raise EngineOverloadedError(f"this server's queue is full ({self.max_in_flight} requests in flight, "
+                                            f"{self.scheduler.config.max_queued_requests} of them may wait: "
+                                            f"--max-queued-requests); retry after the Retry-After delay")
             self._request_ids.add(request.request_id)
             self._inbox.append(entry)
         self._wake.set()

@@ -61,6 +61,12 @@ class SchedulerConfig:
     experts have their own cores or GPUs; each split adds one dispatch round per MoE layer."""
     min_micro_batch_seqs: int = 4
     """A step with fewer sequences than this per micro-batch is not split."""
+    max_queued_requests: int = 256
+    """Requests a head holds admitted beyond those it can run at once: it holds at most (max_num_seqs, or
+    fewer when the cache has fewer state slots) + max_queued_requests in flight, and refuses a new one past
+    that at once (ErrorCode.OVERLOADED: 429 with Retry-After) instead of queueing without bound. 256 is
+    four full batches at the default max_num_seqs: a deeper queue only adds latency that a client would
+    rather see as a refusal it can retry."""
 
     @staticmethod
     def auto_micro_batches(head_on_accelerator: bool, experts_on_accelerators: bool) -> int:
@@ -74,6 +80,8 @@ class SchedulerConfig:
         if self.micro_batches < 1 or self.min_micro_batch_seqs < 1:
             raise ValueError(f"micro_batches ({self.micro_batches}) and min_micro_batch_seqs "
                              f"({self.min_micro_batch_seqs}) must be >= 1")
+        if self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests ({self.max_queued_requests}) must be >= 0")
         if self.max_num_seqs < 1 or self.prefill_chunk < 1:
             raise ValueError(f"max_num_seqs ({self.max_num_seqs}) and prefill_chunk ({self.prefill_chunk}) "
                              f"must be >= 1")

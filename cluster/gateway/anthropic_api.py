@@ -37,8 +37,9 @@ _ANTHROPIC_PARAMS = {"stop": "stop_sequences", "prompt": "messages"}
 
 
 def anthropic_error(e: EngineError) -> AnthropicError:
-    """An engine error in Anthropic's shape: unavailability is 529 `overloaded_error` (what its SDKs retry)."""
-    status = 529 if e.code is ErrorCode.UNAVAILABLE else e.code.http_status
+    """An engine error in Anthropic's shape: unavailability and a full queue are 529 `overloaded_error` (what
+    its SDKs retry)."""
+    status = 529 if e.code in (ErrorCode.UNAVAILABLE, ErrorCode.OVERLOADED) else e.code.http_status
     message = e.message if e.param is None else f"{_ANTHROPIC_PARAMS.get(e.param, e.param)}: {e.message}"
     return AnthropicError(status, message)
 

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from nextserve.cluster.gateway.admission import AdmittingClient, BodyLimit, GatewayLimits, with_retry_after
 from nextserve.cluster.gateway.anthropic_api import AnthropicApi
 from nextserve.cluster.gateway.generation import EngineClient, Readiness
 from nextserve.cluster.gateway.metrics import GatewayMetrics, RequestCounter
@@ -156,14 +157,17 @@ class Gateway:
 
 
 def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
-              defaults: SamplingDefaults | None = None) -> FastAPI:
+              defaults: SamplingDefaults | None = None, limits: GatewayLimits | None = None) -> FastAPI:
     """The gateway app serving `engine` under the name `model_name`; `api_key` None leaves /v1 open;
-    `defaults` are what requests that leave temperature / top_p / top_k unset sample with."""
-    gateway = Gateway(engine, model_name, defaults or SamplingDefaults())
+    `defaults` are what requests that leave temperature / top_p / top_k unset sample with; `limits` what
+    a client may send and how long a stream may go unread (admission.py)."""
+    limits = limits or GatewayLimits()
+    gateway = Gateway(AdmittingClient(engine, limits), model_name, defaults or SamplingDefaults())
     app = FastAPI(title="nextserve", docs_url=None, redoc_url=None)
     app.state.gateway = gateway
     for exc in (RequestError, anthropic.AnthropicError, RequestValidationError, HTTPException):
-        app.add_exception_handler(exc, _on_error)
+        app.add_exception_handler(exc, with_retry_after(_on_error))
+    app.add_middleware(BodyLimit, max_bytes=limits.max_request_body_bytes)
     app.add_middleware(_crash_barrier)
     app.add_middleware(RequestCounter, metrics=gateway.metrics)  # outside the barrier: counts its 500s
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(api_key))] if api_key else [])

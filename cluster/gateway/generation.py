@@ -81,7 +81,9 @@ class Choices:
         return len(self.streams)
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, StepOutput]]:
-        queue: asyncio.Queue[tuple[int, StepOutput | BaseException | None]] = asyncio.Queue()
+        # Bounded: a consumer that stops taking (a client that stops reading) stops the pumps, and the
+        # streams' own bound (gateway/admission.py idle_bounded) then decides when it is gone.
+        queue: asyncio.Queue[tuple[int, StepOutput | BaseException | None]] = asyncio.Queue(self.n)
 
         async def pump(i: int) -> None:
             try:

@@ -50,7 +50,9 @@ class Job:
 _OPENAI_CODES = {ErrorCode.INVALID_REQUEST: ("invalid_request_error", "invalid_value"),
                  ErrorCode.CONTEXT_LENGTH_EXCEEDED: ("invalid_request_error", "context_length_exceeded"),
                  ErrorCode.UNAVAILABLE: ("service_unavailable", "service_unavailable"),
-                 ErrorCode.INTERNAL: (SERVER_ERROR, "internal_error")}
+                 ErrorCode.INTERNAL: (SERVER_ERROR, "internal_error"),
+                 ErrorCode.OVERLOADED: ("rate_limit_error", "server_overloaded"),
+                 ErrorCode.CLIENT_TIMEOUT: ("invalid_request_error", "stream_idle_timeout")}
 """The engine's error codes as OpenAI's error `type` and `code`."""
 
 
