@@ -24,6 +24,8 @@ from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nextserve.cluster.engine.engine import Engine
+from nextserve.cluster.engine.scheduler import SchedulerConfig
+from nextserve.cluster.gateway.admission import GatewayLimits
 from nextserve.cluster.gateway.app import build_app
 from nextserve.model.expert_backend import ExpertBackend
 from nextserve.router.local_backend import LocalExpertBackend, load_local_backend
@@ -71,9 +73,9 @@ class ObservedEngine(Engine):
     """The engine, remembering the ids of the requests whose streams were closed before they finished."""
 
     def __init__(self, head: HeadModel, experts: ExpertBackend, tokenizer: PreTrainedTokenizerBase,
-                 max_model_len: int) -> None:
+                 max_model_len: int, config: SchedulerConfig | None = None) -> None:
         self.aborted: list[str] = []  # before the engine thread starts
-        super().__init__(head, experts, tokenizer, max_model_len=max_model_len)
+        super().__init__(head, experts, tokenizer, config, max_model_len=max_model_len)
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
@@ -87,13 +89,13 @@ class ObservedEngine(Engine):
 class TinyEngine:
     """The tiny checkpoint served by the real engine: `client` for the gateway, the pieces for the tests."""
 
-    def __init__(self, checkpoint_dir: str | Path, max_model_len: int) -> None:
+    def __init__(self, checkpoint_dir: str | Path, max_model_len: int, config: SchedulerConfig | None = None) -> None:
         head = load_head(checkpoint_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
         self.experts: LocalExpertBackend = load_local_backend(checkpoint_dir)
         self.faults = FaultyBackend(self.experts, head.config.moe_layers[0])
         recording = RecordingBackend(self.faults, head.config.num_experts)
-        self.engine = ObservedEngine(head, recording, self.tokenizer, max_model_len)
+        self.engine = ObservedEngine(head, recording, self.tokenizer, max_model_len, config)
         self.client = LocalEngineClient(self.engine, recording.recorder)
 
     def reference(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
@@ -105,9 +107,10 @@ class TinyEngine:
 class Server:
     """A uvicorn server in a thread, on a free loopback port; the engine is shut down on exit."""
 
-    def __init__(self, engine: TinyEngine, model_name: str, api_key: str | None = None) -> None:
+    def __init__(self, engine: TinyEngine, model_name: str, api_key: str | None = None,
+                 limits: GatewayLimits | None = None) -> None:
         self.engine = engine
-        self.app = build_app(engine.client, model_name, api_key)
+        self.app = build_app(engine.client, model_name, api_key, limits=limits)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
