@@ -15,7 +15,7 @@ from ray.serve.config import RequestRouterConfig
 
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.deployments.gateway import GatewayDeployment
-from nextserve.cluster.deployments.head import HEAD_MAX_ONGOING_REQUESTS, HeadDeployment
+from nextserve.cluster.deployments.head import HEAD_MAX_ONGOING_REQUESTS, HEAD_MAX_QUEUED_REQUESTS, HeadDeployment
 from nextserve.cluster.deployments.prefix_router import PrefixAffinityRouter
 
 
@@ -23,10 +23,10 @@ def build_app(args: dict[str, Any]) -> Application:
     app_args = AppArgs(**args).with_redis_password(os.environ).with_admin_token(os.environ)  # the one env read
     options: dict[str, Any] = {"num_replicas": app_args.head_replicas,
                                # the engine refuses past its queue (429); Serve's queue in front of the heads
-                               # fills only when every head holds its most, and is bounded the same way
+                               # (requests not yet handed to a replica) is bounded too
                                "max_ongoing_requests": max(HEAD_MAX_ONGOING_REQUESTS,
                                                            app_args.max_num_seqs + app_args.max_queued_requests),
-                               "max_queued_requests": app_args.max_queued_requests,
+                               "max_queued_requests": HEAD_MAX_QUEUED_REQUESTS,
                                # a conversation keeps landing on the head that holds its prefix cache
                                "request_router_config": RequestRouterConfig(request_router_class=PrefixAffinityRouter)}
     if app_args.head_num_gpus:

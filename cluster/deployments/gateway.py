@@ -69,9 +69,8 @@ class HeadHandleClient:
                 finished = item.finish_reason is not None
                 yield item
         except BackPressureError:  # every head replica busy and Serve's queue for them full
-            raise EngineOverloadedError(f"every head replica is busy and {self.args.max_queued_requests} requests "
-                                        f"wait for one (--max-queued-requests); retry after the Retry-After "
-                                        f"delay") from None
+            raise EngineOverloadedError("every head replica is busy and the gateway's queue for them is full; "
+                                        "retry after the Retry-After delay") from None
         except RayActorError as exc:  # the head replica (or its node) died: its sequences are gone
             log.warning("request %s: its head replica was lost: %s", request_id, exc)
             raise EngineUnavailableError("the head replica serving this request was lost (its process or node "

@@ -38,6 +38,12 @@ log = logging.getLogger(__name__)
 HEAD_MAX_ONGOING_REQUESTS = 1024
 """Serve's bound on the requests in one head replica; the engine's own, lower by default, refuses first."""
 
+HEAD_MAX_QUEUED_REQUESTS = 1024
+"""Serve's bound on the requests a gateway replica holds before a head replica takes them (each handle's
+queue; past it Serve raises BackPressureError, a 429). Not the engine's queue bound: a burst passes
+through this queue on its way to the heads, and a bound as small as the engine's refused requests the
+engine had room for (8 of 64 admitted against max_num_seqs 4 + max_queued_requests 8)."""
+
 
 @serve.deployment(
     # One head replica per head-group node share; the custom resource keeps heads off expert nodes.
