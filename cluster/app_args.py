@@ -175,4 +175,5 @@ class AppArgs(BaseModel):
     def cluster_spec(self) -> dict[str, object]:
         return {"model": self.model, "dtype": self.dtype, "num_workers": self.expert_workers,
                 "replication": self.expert_replicas, "rebalance_every_s": self.rebalance_every_s,
-                "max_experts_per_worker": self.max_experts_per_worker}
+                "max_experts_per_worker": self.max_experts_per_worker,
+                "max_dispatch_tokens": self.max_tokens_per_step}  # a head's step: its largest Dispatch

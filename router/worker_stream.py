@@ -8,8 +8,9 @@ payloads on 2 cores: server 175 vs 360 us of CPU, client 156 vs 240 us, round tr
 The stream opens on first use and again after it failed. A failure of the stream (worker gone,
 connection reset) fails every request in flight on it with the stream's status; a request not answered
 within its timeout fails with DEADLINE_EXCEEDED and resets the stream (a worker that stopped answering
-is treated as gone); a reply with an error_code fails only its request. Runs on the channels' loop
-thread only (router/channels.py).
+is treated as gone); a reply with an error_code fails only its request. The stream sends the cluster's
+token once, when it opens (a worker checks it then; its messages carry nothing more). Runs on the
+channels' loop thread only (router/channels.py).
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def reply_of(future: "asyncio.Future[expert_pb2.DispatchReply]") -> expert_pb2.D
 
 
 class WorkerStream:
-    def __init__(self, stub: expert_pb2_grpc.ExpertServiceStub, address: str) -> None:
-        self.stub, self.address = stub, address
+    def __init__(self, stub: expert_pb2_grpc.ExpertServiceStub, address: str,
+                 metadata: tuple[tuple[str, str], ...] | None) -> None:
+        """`metadata`: sent when the stream opens (proto/admin_auth.admin_metadata; None: nothing)."""
+        self.stub, self.address, self.metadata = stub, address, metadata
         self._call: grpc.aio.StreamStreamCall | None = None
         self._pending: dict[int, asyncio.Future[expert_pb2.DispatchReply]] = {}  # of the open call
         self._write_lock = asyncio.Lock()
@@ -111,7 +114,7 @@ class WorkerStream:
         return reply_of(future)
 
     def _open(self) -> None:
-        self._call, self._pending = self.stub.DispatchStream(), {}
+        self._call, self._pending = self.stub.DispatchStream(metadata=self.metadata), {}
         self._reader = asyncio.ensure_future(self._read(self._call, self._pending))
 
     async def close(self) -> None:
