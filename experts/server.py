@@ -128,8 +128,9 @@ class BackgroundWorkers:
         self.workers: list[Worker] = []
 
     def start(self, model_dir: str | Path, pairs: Iterable[tuple[int, int]], dtype: str = "float32",
-              epoch: int = 0) -> Worker:
-        coro = start_worker(model_dir, list(pairs), dtype, epoch=epoch, admin_token=self.admin_token)
+              epoch: int = 0, max_dispatch_tokens: int = DEFAULT_MAX_DISPATCH_TOKENS) -> Worker:
+        coro = start_worker(model_dir, list(pairs), dtype, epoch=epoch, admin_token=self.admin_token,
+                            max_dispatch_tokens=max_dispatch_tokens)
         worker = asyncio.run_coroutine_threadsafe(coro, self.loop).result()
         self.workers.append(worker)
         return worker

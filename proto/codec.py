@@ -44,7 +44,7 @@ def dispatch_message_limit(max_tokens: int, hidden_size: int, experts_per_token:
     """Bytes of the largest legitimate DispatchRequest (and the reply, which is smaller) of `max_tokens`
     tokens, with 2x margin: hidden [t, H] x dtype, weights [t * k] x dtype, counts [t] and expert ids
     [t * k] as int32, protobuf framing. A worker receives nothing larger (RESOURCE_EXHAUSTED), and Echo
-    replies nothing larger. E.g. Qwen3-Next (H = 2048, k = 10), 512 tokens in bfloat16: 4.1 MiB -> 8.3 MiB."""
+    replies nothing larger. E.g. Qwen3-Next (H = 2048, k = 10), 512 tokens in bfloat16: 2.1 MB -> 4.3 MB."""
     pairs = max_tokens * experts_per_token
     largest = max_tokens * hidden_size * dtype_bytes + pairs * (dtype_bytes + 4) + max_tokens * 4 + 1024
     return max(2 * largest, MESSAGE_LIMIT_FLOOR)

@@ -25,6 +25,9 @@ from nextserve.proto.codec import STATUS_BY_VALUE
 
 log = logging.getLogger(__name__)
 
+STATUS_WAIT_S = 1.0
+"""After a failed write, how long to wait for the ended stream's status (it is on its way)."""
+
 
 class WorkerCallError(Exception):
     """A Dispatch to one worker failed, with the gRPC status it failed with (`code()`, `details()`, as an
@@ -88,8 +91,19 @@ class WorkerStream:
             self._fail(call, pending, self._lost(call, "the stream was reset during the write"))
         except Exception as exc:  # noqa: BLE001 - AioRpcError (INTERNAL when the peer died mid-write),
             # InvalidStateError / UsageError (written after the stream or channel ended): the stream is gone
-            self._fail(call, pending, self._lost(call, f"{type(exc).__name__}: {exc}"))
+            self._fail(call, pending, await self._ended(call, f"{type(exc).__name__}: {exc}"))
         return future
+
+    async def _ended(self, call: grpc.aio.StreamStreamCall, why: str) -> WorkerCallError:
+        """A write failed because the stream ended: UNAUTHENTICATED when the worker refused the token (which
+        no replica would take: the caller is told, it does not fail over), else UNAVAILABLE (`_lost`)."""
+        try:
+            code = await asyncio.wait_for(call.code(), STATUS_WAIT_S)
+        except TimeoutError:
+            return self._lost(call, why)
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return WorkerCallError(code, f"{self.address} refused the stream: {await call.details()}")
+        return self._lost(call, why)
 
     def _lost(self, call: grpc.aio.StreamStreamCall, why: str) -> WorkerCallError:
         """The stream to this worker is gone: UNAVAILABLE (the caller fails over), naming what happened."""
@@ -134,8 +148,11 @@ class WorkerStream:
                 if future is not None and not future.done():
                     future.set_result(reply)
             error = self._lost(call, "the worker ended it")
-        except grpc.aio.AioRpcError as exc:  # a stream's own status is the transport's or a crash: fail over
-            error = self._lost(call, f"{exc.code().name}: {exc.details()}")
+        except grpc.aio.AioRpcError as exc:  # a stream's own status is the transport's or a crash: fail over,
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:  # except a refused token: no replica takes it
+                error = WorkerCallError(exc.code(), f"{self.address} refused the stream: {exc.details()}")
+            else:
+                error = self._lost(call, f"{exc.code().name}: {exc.details()}")
         except asyncio.CancelledError:
             error = WorkerCallError(grpc.StatusCode.CANCELLED, f"the dispatch stream to {self.address} was closed")
         self._fail(call, pending, error)
