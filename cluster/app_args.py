@@ -4,13 +4,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from nextserve.cluster.control.registry import redacted_url
 from nextserve.cluster.engine.scheduler import SchedulerConfig
 from nextserve.model.cache_config import CacheConfig, parse_cache_memory
 from nextserve.model.config import Qwen3NextConfig
@@ -125,6 +126,11 @@ class AppArgs(BaseModel):
     redis_password_env: str | None = None
     """Name of an environment variable holding the Redis password (Kubernetes: from a Secret), so that
     no password sits in the Serve config; `build_app` puts it into `redis_url`."""
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, object]]:
+        """The repr (and str) shows redis_url with its password masked (admin_token is repr=False)."""
+        for name, value in super().__repr_args__():
+            yield name, redacted_url(value) if name == "redis_url" and isinstance(value, str) else value
 
     def with_redis_password(self, environ: Mapping[str, str]) -> "AppArgs":
         """These args with the password from `environ[redis_password_env]` put into `redis_url`."""

@@ -21,6 +21,7 @@ import redis
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.cli.up import write_state
 from nextserve.cluster.control.epoch_follower import EpochFollowingBackend
 from nextserve.cluster.control.redis_server import LocalRedis
@@ -295,3 +296,11 @@ def test_state_file_is_its_owners_only(tmp_path: Path) -> None:
     finally:
         os.umask(old_umask)
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
+
+
+def test_app_args_never_show_the_redis_password(tiny_dir: Path) -> None:
+    args = AppArgs(model=str(tiny_dir), redis_url="redis://127.0.0.1:1/0", redis_password_env="PW",
+                   admin_token="tok-secret").with_redis_password({"PW": "pw-secret"})
+    assert "pw-secret" in args.redis_url  # what the app connects with
+    for shown in (repr(args), str(args)):
+        assert "pw-secret" not in shown and "tok-secret" not in shown and ":***@127.0.0.1:1" in shown
