@@ -175,6 +175,10 @@ class AppArgs(BaseModel):
                              f"set it on every Ray pod from the nextserve-admin Secret")
         return self.model_copy(update={"admin_token": token, "admin_token_env": None})
 
+    expert_worker_host: str | None = None
+    """The address expert workers listen on and register: None, their Ray node's IP (the pod IP on
+    Kubernetes; never 0.0.0.0). A local `nextserve up` sets 127.0.0.1: its heads are on this host."""
+
     def served_model_name(self) -> str:
         return self.model_name or Path(self.model).name
 
@@ -182,4 +186,5 @@ class AppArgs(BaseModel):
         return {"model": self.model, "dtype": self.dtype, "num_workers": self.expert_workers,
                 "replication": self.expert_replicas, "rebalance_every_s": self.rebalance_every_s,
                 "max_experts_per_worker": self.max_experts_per_worker,
-                "max_dispatch_tokens": self.max_tokens_per_step}  # a head's step: its largest Dispatch
+                "max_dispatch_tokens": self.max_tokens_per_step,  # a head's step: its largest Dispatch
+                "worker_host": self.expert_worker_host}

@@ -12,8 +12,7 @@ The local redis-server is locked with a fresh password (cluster/control/redis_se
 the app through the environment (REDIS_PASSWORD_ENV, AppArgs.redis_password_env; the local Ray's
 processes inherit this one's environment), and `status`, `scale` and `rebalance` through the state file,
 which only its owner can read (mode 0600). Nothing prints it: messages show `redacted_url`.
-A local cluster's Ray node is 127.0.0.1, so expert workers (which listen on their node's IP only)
-listen on loopback.
+A local cluster's expert workers listen on loopback only (AppArgs.expert_worker_host = LOCAL_WORKER_HOST).
 """
 
 from __future__ import annotations
@@ -54,8 +53,8 @@ LOCAL_CUSTOM_RESOURCES = {EXPERT_RESOURCE: 1024, HEAD_RESOURCE: 1024}
 
 REDIS_PASSWORD_ENV = "NEXTSERVE_REDIS_PASSWORD"
 """Where `up` puts the local redis-server's password for the app (AppArgs.redis_password_env)."""
-LOCAL_NODE_IP = "127.0.0.1"
-"""A local cluster's Ray node address: what its expert workers listen on."""
+LOCAL_WORKER_HOST = "127.0.0.1"
+"""What a local cluster's expert workers listen on: its heads are on this host."""
 
 DIRECT_INGRESS_PORTS = 100
 """Ports tried for the gateway's direct-ingress HTTP server, from --port up (one per gateway replica)."""
@@ -140,8 +139,7 @@ def start(options: UpOptions, app_args: AppArgs, redis_url: str) -> str:
                 os.environ.setdefault(key, value)
         # "local": a Ray of our own, never another one found by auto-discovery (a user's `ray start`,
         # another `up`), which would refuse our custom resources.
-        ray.init(address="local", namespace="nextserve", resources=LOCAL_CUSTOM_RESOURCES, include_dashboard=False,
-                 _node_ip_address=LOCAL_NODE_IP)
+        ray.init(address="local", namespace="nextserve", resources=LOCAL_CUSTOM_RESOURCES, include_dashboard=False)
         if options.direct_ingress:  # picked after Ray's own processes took their ports, so none takes this one
             proxy_port = free_port()  # the proxy stays up (Serve's fallback); --port is the gateway's
     # Joining a cluster: one proxy, on the Ray head (the URL printed below), not one per node: a node that
@@ -221,6 +219,8 @@ def run_up(options: UpOptions) -> int:
     # Before the try: a start that fails (or a Ctrl-C during it) still stops the redis-server it began.
     local_redis = None if options.app.redis_url else LocalRedis()
     app_args = options.app
+    if not options.ray_address:  # every head is on this host
+        app_args = app_args.model_copy(update={"expert_worker_host": LOCAL_WORKER_HOST})
     if local_redis is not None:  # the app reads the password from the environment, never from its args
         os.environ[REDIS_PASSWORD_ENV] = local_redis.password
         app_args = app_args.model_copy(update={"redis_url": local_redis.address_url,

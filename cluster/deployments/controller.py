@@ -55,6 +55,8 @@ class ClusterSpec:
     max_dispatch_tokens: int = DEFAULT_MAX_DISPATCH_TOKENS
     """Tokens in the largest Dispatch a head sends (its step, AppArgs.max_tokens_per_step): each worker's
     message limit is sized from it and the model (proto/codec.py:dispatch_message_limit)."""
+    worker_host: str | None = None
+    """What workers listen on (AppArgs.expert_worker_host); None: their node's IP."""
 
 
 class ControllerActor:
@@ -164,7 +166,7 @@ class ControllerActor:
         assert self.spec is not None and self.placement is not None
         return ExpertWorker.options(**actor_options(index, self.cluster, experts_use_gpus()), get_if_exists=True).remote(
             index, self.spec.model, self.placement.experts_of(index), self.spec.dtype, self.registry.url,
-            self.cluster, self.epoch, self.admin_token, self.spec.max_dispatch_tokens)
+            self.cluster, self.epoch, self.admin_token, self.spec.max_dispatch_tokens, self.spec.worker_host)
 
     def _wait_ready(self) -> None:
         ray.get([w.describe.remote() for w in self.workers.values()], timeout=WORKER_READY_TIMEOUT_S)
