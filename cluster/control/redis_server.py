@@ -48,6 +48,9 @@ class LocalRedis:
         self.binary = binary
         self.host, self.port = host, port or free_port(host)
         self.password = password or secrets.token_urlsafe(32)
+        if set(self.password) & set('"\\\n'):
+            raise ValueError("the Redis password may not hold a quote, a backslash or a newline (it is written "
+                             "into redis.conf); pick another, or leave it out for a generated one")
         self._start()
 
     def __repr__(self) -> str:
@@ -57,7 +60,7 @@ class LocalRedis:
         self.workdir = tempfile.mkdtemp(prefix="nextserve-redis-")  # mode 0700
         config = os.path.join(self.workdir, "redis.conf")
         with open(os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-            f.write(f'requirepass "{self.password}"\n')  # token_urlsafe: no quote or backslash to escape
+            f.write(f'requirepass "{self.password}"\n')  # checked in __init__: nothing to escape
         self.process = subprocess.Popen(
             [self.binary, config, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
              "--dir", self.workdir, "--protected-mode", "yes"],

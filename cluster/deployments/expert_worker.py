@@ -2,12 +2,13 @@
 
 Life: __init__ loads the (layer, expert) pairs assigned to it in Redis (else those it was given) onto
 its GPU when Ray gave it one (and torch sees CUDA), else the CPU, and starts the experts gRPC server on
-one address only (`host`: 127.0.0.1 for a local `nextserve up`; else Ray's node IP, the pod IP on Kubernetes;
-port picked by the OS; messages bounded by the heads' step, `max_dispatch_tokens`), registers {address, pid, node} in Redis, and starts a
-heartbeat thread. Ray restarts a dead actor (max_restarts=-1) by running __init__ again: the worker
+one address only (`host`: 127.0.0.1 for a local `nextserve up`; else Ray's node IP, the pod IP on
+Kubernetes; port picked by the OS; messages bounded by the heads' step, `max_dispatch_tokens`),
+registers {address, pid, node} in Redis, and starts a heartbeat thread. Ray restarts a dead actor (max_restarts=-1) by running __init__ again: the worker
 comes back on a new port and re-registers; the controller then publishes a new placement epoch with
 the new address. Every call to it (Dispatch from heads, the controller's Info and admin calls) needs
-the cluster's admin token, which the controller passes it. Only cluster/ knows Ray: the server itself is experts/server.py.
+the cluster's admin token, which the controller passes it. Only cluster/ knows Ray: the server itself
+is experts/server.py.
 """
 
 from __future__ import annotations
