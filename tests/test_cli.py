@@ -252,7 +252,7 @@ def test_local_up_starts_its_own_ray_and_ctrl_c_deletes_only_its_app(monkeypatch
     options = up.UpOptions(app=AppArgs(model=str(tiny_dir), admin_token="t"), host="127.0.0.1", port=1, ray_address=None,
                            state_file=tmp_path / "state.json", direct_ingress=False)
     with pytest.raises(_Stop):
-        up.start(options, "redis://127.0.0.1:1")
+        up.start(options, options.app, "redis://127.0.0.1:1")
     assert calls[0][0] == "ray.init" and calls[0][1]["address"] == "local"  # type: ignore[index]
     calls.clear()
     with pytest.raises(_Stop):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -25,7 +26,7 @@ def test_up_tiny_default_then_sigint_leaves_nothing(tmp_path: Path) -> None:
                        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         pids = [w["pid"] for w in status["workers"]] + [h["pid"] for h in status["heads"]]
-        port = up.state()["redis_url"].split(":")[2].split("/")[0]
+        port = urlsplit(up.state()["redis_url"]).port  # the URL carries the password
     finally:
         code = up.interrupt()
     assert code == 0, "".join(up.lines[-30:])

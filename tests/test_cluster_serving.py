@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -186,9 +187,10 @@ def test_killing_the_controller_does_not_stop_serving(up: UpProcess) -> None:
 
 def test_restarting_redis_does_not_stop_serving(up: UpProcess) -> None:
     want = _complete(up)
-    port = up.state()["redis_url"].split(":")[2].split("/")[0]
-    subprocess.run(["pkill", "-9", "-f", f"redis-server 127.0.0.1:{port}"], check=True)
-    up.owned.append(subprocess.Popen(["redis-server", "--port", port, "--bind", "127.0.0.1", "--save", ""],
+    url = urlsplit(up.state()["redis_url"])  # with the password `up` generated
+    subprocess.run(["pkill", "-9", "-f", f"redis-server 127.0.0.1:{url.port}"], check=True)
+    up.owned.append(subprocess.Popen(["redis-server", "--port", str(url.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--requirepass", url.password or ""],
                                      stdout=subprocess.DEVNULL, start_new_session=True))
     assert _complete(up) == want
     wait_for(lambda: len(up.status()["workers"]) == WORKERS and up.status()["epoch"] >= 1, 30,

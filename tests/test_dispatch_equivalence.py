@@ -22,6 +22,8 @@ from nextserve.model.layers.experts import Assignments
 from nextserve.router.plan import alive_replicas, assign_pairs, group_by_worker, replica_table
 
 pytestmark = pytest.mark.grpc
+TOKEN = "test-admin-token"
+"""The workers' cluster token: every call to them carries it."""
 TOL = 1e-6
 SETUPS = [(1, 1), (2, 1), (2, 2), (3, 1), (3, 2), (5, 1), (5, 2)]
 
@@ -33,7 +35,7 @@ class Cluster:
         self.path = path
         self.config = Qwen3NextConfig.from_json(path)
         self.local: LocalExpertBackend = load_local_backend(path)
-        self.workers = BackgroundWorkers(admin_token="test-admin-token")
+        self.workers = BackgroundWorkers(admin_token=TOKEN)
         self.backends: dict[tuple[int, int], RemoteExpertBackend] = {}
 
     def backend(self, num_workers: int, replication: int) -> RemoteExpertBackend:
@@ -41,7 +43,7 @@ class Cluster:
         if key not in self.backends:
             placement = build_placement(self.config.moe_layers, self.config.num_experts, num_workers, replication)
             started = [self.workers.start(self.path, placement.experts_of(w)) for w in range(num_workers)]
-            self.backends[key] = RemoteExpertBackend([f"127.0.0.1:{w.port}" for w in started], placement)
+            self.backends[key] = RemoteExpertBackend([f"127.0.0.1:{w.port}" for w in started], placement, admin_token=TOKEN)
         return self.backends[key]
 
     def close(self) -> None:
@@ -147,10 +149,10 @@ def test_bfloat16_block_matches_local_bfloat16(reference: dict) -> None:
     config = Qwen3NextConfig.from_json(path)
     local = load_local_backend(path, "bfloat16")
     placement = build_placement(config.moe_layers, config.num_experts, 2, 1)
-    workers = BackgroundWorkers(admin_token="test-admin-token")
+    workers = BackgroundWorkers(admin_token=TOKEN)
     try:
         started = [workers.start(path, placement.experts_of(w), dtype="bfloat16") for w in range(2)]
-        with RemoteExpertBackend([f"127.0.0.1:{w.port}" for w in started], placement, torch.bfloat16) as backend:
+        with RemoteExpertBackend([f"127.0.0.1:{w.port}" for w in started], placement, torch.bfloat16, admin_token=TOKEN) as backend:
             hidden, ids, weights = routing(config, 64, "random", seed=3)
             hidden, weights = hidden.bfloat16(), weights.bfloat16()
             got = backend.submit(0, hidden, ids, weights).result(timeout=30)

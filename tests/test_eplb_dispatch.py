@@ -20,6 +20,8 @@ from nextserve.model.layers.experts import Assignments
 from nextserve.router.plan import alive_replicas, assign_pairs, replica_table
 
 pytestmark = pytest.mark.grpc
+TOKEN = "test-admin-token"
+"""The workers' cluster token: every call to them carries it."""
 TOL = 1e-6
 
 
@@ -53,9 +55,9 @@ def ragged(reference: dict) -> Iterator[Ragged]:
     config = Qwen3NextConfig.from_json(path)
     placement = placement_for_skew(config, 3, 1, 2)
     assert placement.max_replicas == 3 and min(len(ws) for ws in placement.layer_to_expert_workers[0]) == 1
-    workers = BackgroundWorkers(admin_token="test-admin-token")  # Dispatch needs no token
+    workers = BackgroundWorkers(admin_token=TOKEN)  # every call needs it
     started = [workers.start(path, placement.experts_of(w), epoch=1) for w in range(3)]
-    backend = RemoteExpertBackend([f"127.0.0.1:{w.port}" for w in started], placement)
+    backend = RemoteExpertBackend([f"127.0.0.1:{w.port}" for w in started], placement, admin_token=TOKEN)
     yield Ragged(config, load_local_backend(path), backend)
     backend.close()
     workers.close()
@@ -106,11 +108,11 @@ def test_dead_replica_fails_over_to_the_others(reference: dict) -> None:
     config = Qwen3NextConfig.from_json(path)
     local = load_local_backend(path)
     placement = placement_for_skew(config, 3, 2, 1)
-    workers = BackgroundWorkers(admin_token="test-admin-token")  # Dispatch needs no token
+    workers = BackgroundWorkers(admin_token=TOKEN)  # every call needs it
     try:
         started = [workers.start(path, placement.experts_of(w)) for w in range(3)]
         addresses = [f"127.0.0.1:{w.port}" for w in started]
-        with RemoteExpertBackend(addresses, placement, deadline_s=2.0) as backend:
+        with RemoteExpertBackend(addresses, placement, deadline_s=2.0, admin_token=TOKEN) as backend:
             workers.stop(started[1])
             for layer in config.moe_layers:
                 hidden, ids, weights = skewed_routing(config, 200, seed=layer)

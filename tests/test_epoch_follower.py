@@ -22,6 +22,8 @@ from nextserve.router.dispatcher import ExpertsUnavailableError
 from nextserve.router.placement import build_placement
 
 pytestmark = pytest.mark.grpc
+TOKEN = "test-admin-token"
+"""The workers' cluster token: every call to them carries it."""
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -33,7 +35,7 @@ def redis_registry() -> Iterator[Registry]:
 
 @pytest.fixture(scope="module")
 def workers() -> Iterator[BackgroundWorkers]:
-    background = BackgroundWorkers(admin_token="test-admin-token")
+    background = BackgroundWorkers(admin_token=TOKEN)
     yield background
     background.close()
 
@@ -51,7 +53,7 @@ def test_result_metrics_and_a_new_epoch(reference: dict, redis_registry: Registr
     two = build_placement(config.moe_layers, config.num_experts, 2, 1)
     started = [workers.start(path, two.experts_of(w)) for w in range(2)]
     redis_registry.publish_placement(two, [f"127.0.0.1:{w.port}" for w in started])
-    backend = EpochFollowingBackend(redis_registry, torch.float32, 10.0, config.num_experts)
+    backend = EpochFollowingBackend(redis_registry, torch.float32, 10.0, config.num_experts, admin_token=TOKEN)
     try:
         hidden, ids, weights = _inputs(config)
         want = load_local_backend(path).forward(layer, hidden, ids, weights)
@@ -82,7 +84,8 @@ def test_unavailable_experts_wait_for_the_next_epoch(reference: dict, redis_regi
     gone = workers.start(path, one.experts_of(0))
     workers.stop(gone)
     redis_registry.publish_placement(one, [f"127.0.0.1:{gone.port}"])
-    backend = EpochFollowingBackend(redis_registry, torch.float32, 2.0, config.num_experts, unavailable_wait_s=20.0)
+    backend = EpochFollowingBackend(redis_registry, torch.float32, 2.0, config.num_experts, unavailable_wait_s=20.0,
+                                    admin_token=TOKEN)
     try:
         hidden, ids, weights = _inputs(config)
         pending = backend.submit(layer, hidden, ids, weights)
@@ -108,7 +111,7 @@ def test_a_head_on_cuda_sends_cpu_bytes_and_gets_its_result_on_the_gpu(reference
     worker = workers.start(path, one.experts_of(0))
     redis_registry.publish_placement(one, [f"127.0.0.1:{worker.port}"])
     backend = EpochFollowingBackend(redis_registry, torch.float32, 10.0, config.num_experts,
-                                    device=torch.device("cuda"))
+                                    device=torch.device("cuda"), admin_token=TOKEN)
     try:
         hidden, ids, weights = _inputs(config)
         got = backend.submit(layer, hidden.cuda(), ids.cuda(), weights.cuda()).result(timeout=30)

@@ -1,7 +1,8 @@
 """The expert worker over real gRPC: bad messages get INVALID_ARGUMENT naming the value and the worker
 keeps serving; Info counters; LoadExperts / DropExperts, which need the admin token (UNAUTHENTICATED
 naming what is missing or wrong, in-process and in a `python -m nextserve.experts.server` process);
-the health service."""
+the health service. Every call here carries the token (`served.stub`) unless a test says otherwise
+(`served.bare`); tests/test_perimeter.py covers the data plane's refusals."""
 
 from __future__ import annotations
 
@@ -36,12 +37,28 @@ TOKEN = "test-admin-token"
 ADMIN = admin_metadata(TOKEN)
 
 
+class SendsToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the cluster token to every call of a channel, as a head's channels do (router/channels.py)."""
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return details._replace(metadata=[*(details.metadata or ()), *ADMIN])  # type: ignore[attr-defined]
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._with_token(details), requests)
+
+
 @dataclass
 class Served:
     path: Path
     worker: Worker
     stub: expert_pb2_grpc.ExpertServiceStub
+    """Every call carries the token."""
     channel: grpc.Channel
+    bare: expert_pb2_grpc.ExpertServiceStub
+    """No token unless a call passes one."""
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +67,9 @@ def served(reference: dict) -> Iterator[Served]:
     workers = BackgroundWorkers(admin_token=TOKEN)
     worker = workers.start(path, HELD)
     channel = grpc.insecure_channel(f"127.0.0.1:{worker.port}")
-    yield Served(path, worker, expert_pb2_grpc.ExpertServiceStub(channel), channel)
+    with_token = grpc.intercept_channel(channel, SendsToken())
+    yield Served(path, worker, expert_pb2_grpc.ExpertServiceStub(with_token), channel,
+                 expert_pb2_grpc.ExpertServiceStub(channel))
     channel.close()
     workers.close()
 
@@ -215,7 +234,7 @@ def test_admin_calls_without_the_token_are_unauthenticated_and_change_nothing(
         served: Served, method: str, metadata: tuple, message: str) -> None:
     before = _held(served.stub)
     with pytest.raises(grpc.RpcError) as err:
-        getattr(served.stub, method)(_admin_request(method), timeout=10, metadata=metadata)
+        getattr(served.bare, method)(_admin_request(method), timeout=10, metadata=metadata)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert err.value.details().startswith(method) and message in err.value.details(), err.value.details()
     assert TOKEN not in err.value.details()
@@ -224,11 +243,9 @@ def test_admin_calls_without_the_token_are_unauthenticated_and_change_nothing(
 
 @pytest.mark.unit
 def test_every_state_changing_method_is_an_admin_method() -> None:
-    """A new ExpertService method needs the token unless it is listed open; this pins the list."""
+    """The calls that change what a worker holds; the token check covers every method (test_perimeter.py)."""
     assert ADMIN_METHODS == {"LoadExperts", "DropExperts"}
     assert {m.name for m in SERVICE.methods} == ADMIN_METHODS | {"Dispatch", "DispatchStream", "Info", "Echo", "EchoStream"}
-    for method in SERVICE.methods:  # the refusal handler is unary-unary: admin methods must be too
-        assert method.name not in ADMIN_METHODS or not (method.client_streaming or method.server_streaming)
 
 
 def test_worker_admin_sends_the_cluster_token(served: Served) -> None:
@@ -280,7 +297,10 @@ def test_worker_process_requires_the_token_it_was_started_with(served: Served) -
                 stub.DropExperts(_admin_request("DropExperts"), timeout=30)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "admin token" in err.value.details()
             assert stub.DropExperts(_admin_request("DropExperts"), timeout=30, metadata=ADMIN).epoch == 99
-            assert stub.Echo(expert_pb2.EchoRequest(reply_bytes=3), timeout=30).payload == bytes(3)  # open
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Echo(expert_pb2.EchoRequest(reply_bytes=3), timeout=30)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # the data plane too
+            assert stub.Echo(expert_pb2.EchoRequest(reply_bytes=3), timeout=30, metadata=ADMIN).payload == bytes(3)
 
 
 @pytest.mark.unit
@@ -298,7 +318,7 @@ def test_drain_returns_once_no_call_of_an_older_epoch_is_in_flight(served: Serve
     while not served.stub.Info(expert_pb2.InfoRequest()).inflight_by_epoch.get(request.epoch):
         assert time.monotonic() < deadline, "never saw a call in flight"
         futures.append(served.stub.Dispatch.future(request, timeout=60))
-    reshard.drain([address], request.epoch + 1)
+    reshard.drain([address], request.epoch + 1, TOKEN)
     assert not served.stub.Info(expert_pb2.InfoRequest()).inflight_by_epoch.get(request.epoch)
     assert all(f.result().num_tokens == 12_000 for f in futures)
     assert dict(served.stub.Info(expert_pb2.InfoRequest()).inflight_by_epoch) == {}
@@ -340,7 +360,7 @@ async def one_request(stream: WorkerStream, request: expert_pb2.DispatchRequest,
 def test_worker_stream_keeps_its_stream_across_a_failed_reply(served: Served) -> None:
     """router/worker_stream.py on a real worker: a reply's error fails only that request (as a
     WorkerCallError with its status), the next request goes on the same stream; a deadline resets it."""
-    channels = WorkerChannels([f"127.0.0.1:{served.worker.port}"])
+    channels = WorkerChannels([f"127.0.0.1:{served.worker.port}"], admin_token=TOKEN)
     stream = channels.streams[0]
     try:
         bad = _bad("counts", [2, 2])

@@ -86,6 +86,6 @@ def test_flushed_redis_and_a_killed_worker_recover_the_current_assignment(up: Up
     assert int(registry.spec()["expert_workers"]) == 3
     for index in range(3):
         assert registry.assignment(index) == sorted(now.placement.experts_of(index)), index
-    held = {(e.layer, e.expert) for e in worker_admin.info(now.addresses[0]).experts}
+    held = {(e.layer, e.expert) for e in worker_admin.info(now.addresses[0], up.state()["admin_token"]).experts}
     assert held == set(now.placement.experts_of(0))  # its current share, not the one it was created with
     assert _greedy(up) == before

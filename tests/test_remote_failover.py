@@ -92,8 +92,8 @@ def test_a_worker_out_of_step_with_the_placement_is_failed_over(procs: Procs) ->
     stale = procs.placement.experts_of(2)
     worker_admin.drop_experts(procs.addresses[2], stale, 0, ADMIN_TOKEN)
     try:
-        with RemoteExpertBackend(procs.addresses, procs.placement, deadline_s=DEADLINE_S) as r2, \
-                RemoteExpertBackend(procs.addresses, procs.primaries_only(), deadline_s=DEADLINE_S) as r1:
+        with RemoteExpertBackend(procs.addresses, procs.placement, deadline_s=DEADLINE_S, admin_token=ADMIN_TOKEN) as r2, \
+                RemoteExpertBackend(procs.addresses, procs.primaries_only(), deadline_s=DEADLINE_S, admin_token=ADMIN_TOKEN) as r1:
             assert_equal_to_local(procs, r2)
             assert_unavailable_names(procs, r1, worker=2)
     finally:
@@ -101,8 +101,8 @@ def test_a_worker_out_of_step_with_the_placement_is_failed_over(procs: Procs) ->
 
 
 def test_hung_then_killed_worker(procs: Procs) -> None:
-    with RemoteExpertBackend(procs.addresses, procs.placement, deadline_s=DEADLINE_S) as r2, \
-            RemoteExpertBackend(procs.addresses, procs.primaries_only(), deadline_s=DEADLINE_S) as r1:
+    with RemoteExpertBackend(procs.addresses, procs.placement, deadline_s=DEADLINE_S, admin_token=ADMIN_TOKEN) as r2, \
+            RemoteExpertBackend(procs.addresses, procs.primaries_only(), deadline_s=DEADLINE_S, admin_token=ADMIN_TOKEN) as r1:
         assert_equal_to_local(procs, r2)
         assert_equal_to_local(procs, r1)
 
@@ -113,8 +113,8 @@ def test_hung_then_killed_worker(procs: Procs) -> None:
         finally:
             os.kill(procs.procs[0].pid, signal.SIGCONT)
 
-    with RemoteExpertBackend(procs.addresses, procs.placement, deadline_s=DEADLINE_S) as r2, \
-            RemoteExpertBackend(procs.addresses, procs.primaries_only(), deadline_s=DEADLINE_S) as r1:
+    with RemoteExpertBackend(procs.addresses, procs.placement, deadline_s=DEADLINE_S, admin_token=ADMIN_TOKEN) as r2, \
+            RemoteExpertBackend(procs.addresses, procs.primaries_only(), deadline_s=DEADLINE_S, admin_token=ADMIN_TOKEN) as r1:
         assert_equal_to_local(procs, r2)  # worker 0 serves again
         procs.procs[1].kill()  # SIGKILL
         procs.procs[1].wait()
@@ -130,7 +130,7 @@ def test_the_last_worker_failing_raises_instead_of_dropping_its_tokens(reference
     placement = build_placement(config.moe_layers, config.num_experts, 1, 1)
     layer = config.moe_layers[0]
     hidden, ids, weights = batch(config, seed=3, num_tokens=8)
-    with RemoteExpertBackend([f"127.0.0.1:{free_port()}"], placement, deadline_s=DEADLINE_S) as backend:
+    with RemoteExpertBackend([f"127.0.0.1:{free_port()}"], placement, deadline_s=DEADLINE_S, admin_token=ADMIN_TOKEN) as backend:
         with pytest.raises(ExpertsUnavailableError) as err:  # nothing listens there: UNAVAILABLE
             backend.submit(layer, hidden, ids, weights).result(timeout=DEADLINE_S + 10)
     assert err.value.pairs == [(layer, e) for e in sorted(set(ids.reshape(-1).tolist()))]

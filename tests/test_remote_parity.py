@@ -15,6 +15,8 @@ from nextserve.router.placement import build_placement
 from engine_run import engine_tokens
 
 pytestmark = pytest.mark.grpc
+TOKEN = "test-admin-token"
+"""The workers' cluster token: every call to them carries it."""
 
 
 @pytest.mark.parametrize("name,replication", [("small", 1), ("awkward", 2)])
@@ -23,12 +25,12 @@ def test_greedy_tokens_equal_transformers_generate(reference: dict, name: str, r
     ref, path = reference[name]
     config = Qwen3NextConfig.from_json(path)
     placement = build_placement(config.moe_layers, config.num_experts, 3, replication)
-    workers = BackgroundWorkers(admin_token="test-admin-token")  # Dispatch needs no token
+    workers = BackgroundWorkers(admin_token=TOKEN)  # every call needs it
     try:
         started = [workers.start(path, placement.experts_of(w)) for w in range(3)]
         g = torch.Generator().manual_seed(11)
         prompts = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in (5, 17, 30)]
-        with RemoteExpertBackend([f"127.0.0.1:{w.port}" for w in started], placement) as backend:
+        with RemoteExpertBackend([f"127.0.0.1:{w.port}" for w in started], placement, admin_token=TOKEN) as backend:
             ours = engine_tokens(load_head(path), backend, prompts, SamplingParams(max_tokens=20, ignore_eos=True))
             served = backend.channels.run(backend.fetch_info()).result()
         for prompt, got in zip(prompts, ours):
