@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.cli.up import write_state
-from nextserve.cluster.control.epoch_follower import EpochFollowingBackend
+from nextserve.router.epoch_follower import EpochFollowingBackend
 from nextserve.cluster.control.redis_server import LocalRedis
 from nextserve.cluster.control.registry import Registry
 from nextserve.experts.server import BackgroundWorkers, Worker
