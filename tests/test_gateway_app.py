@@ -106,6 +106,30 @@ def test_anthropic_stop_limits_are_the_engines_and_name_its_field(http: httpx.Cl
     assert error["type"] == "invalid_request_error" and error["message"].startswith("stop_sequences: at most 4")
 
 
+def test_one_pipeline_serves_the_same_conversation_alike_to_both_apis(server: Server) -> None:
+    """OpenAI chat and Anthropic Messages parse into one conversation model: the same prompt tokens, the
+    same greedy text and length; Anthropic's stream assembles (by its SDK) to its plain reply."""
+    system, messages = "be brief", [{"role": "user", "content": "write a loop"}]
+    oai = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    chat_reply = oai.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": system}, *messages],
+                                             max_tokens=6, temperature=0)
+    claude = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+    request: dict[str, Any] = dict(model=MODEL, max_tokens=6, system=system, messages=messages,
+                                   extra_body={"temperature": 0})
+    plain = claude.messages.create(**request)
+    with claude.messages.stream(**request) as stream:
+        streamed = stream.get_final_message()
+    assert chat_reply.usage is not None
+    for message in (plain, streamed):
+        text = "".join(b.text for b in message.content if b.type == "text")
+        assert text == (chat_reply.choices[0].message.content or "") or not text.strip()  # whitespace: no block
+        assert message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0) == \
+            chat_reply.usage.prompt_tokens
+        assert message.usage.output_tokens == chat_reply.usage.completion_tokens
+        assert message.stop_reason == {"length": "max_tokens", "stop": "end_turn"}[chat_reply.choices[0].finish_reason]
+    assert [b.model_dump() for b in streamed.content] == [b.model_dump() for b in plain.content]
+
+
 def test_unknown_route_and_method_use_the_error_body(http: httpx.Client) -> None:
     r = http.get("/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
