@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,10 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from gateway_local_engine import Server, TinyEngine, completions_total, scrape, sse_events, wait_until
-from nextserve.cluster.gateway.generation import Readiness
+from nextserve.cluster.gateway.conversation import GenerationSpec
+from nextserve.cluster.gateway.events import ChoiceUpdate, Completed, Started
+from nextserve.cluster.gateway.generation import Readiness, start_generation
+from nextserve.cluster.gateway.metrics import GatewayMetrics
 from nextserve.model.sampling import SamplingParams
 
 MODEL = "tiny"
@@ -343,6 +347,36 @@ def test_client_disconnect_aborts_the_engine_request(server: Server) -> None:
 
     request_id = asyncio.run(read_one_chunk_then_leave())
     wait_until(lambda: server.engine.engine.is_dropped(request_id), "the engine request was not aborted")
+
+
+def test_the_event_stream_over_the_real_engine_and_closing_it_aborts(server: Server) -> None:
+    """The pipeline without HTTP: n choices' updates then Completed with every token counted; a generation
+    closed right after Started (before any output was read) aborts its engine requests."""
+    async def run() -> None:
+        spec = GenerationSpec([5, 6, 7, 8], SamplingParams(max_tokens=3, ignore_eos=True), n=2)
+        events = [e async for e in (await start_generation(server.engine.client, "whole", spec,
+                                                           GatewayMetrics())).events()]
+        assert isinstance(events[0], Started) and events[0].n == 2 and events[0].prompt_tokens == 4
+        completed = events[-1]
+        assert isinstance(completed, Completed) and completed.usage.completion_tokens == 6
+        updates = [e for e in events[1:-1] if isinstance(e, ChoiceUpdate)]
+        assert len(updates) == len(events) - 2 and sorted(u.index for u in updates if u.finish) == [0, 1]
+        assert [c.text for c in completed.choices] == ["".join(e.text for u in updates if u.index == i
+                                                               for e in u.events) for i in range(2)]
+        long = GenerationSpec([5, 6, 7, 8], SamplingParams(max_tokens=CONTEXT // 2, ignore_eos=True), n=2)
+        generation = await start_generation(server.engine.client, "closed-early", long, GatewayMetrics())
+        stream = generation.events()
+        assert isinstance(await anext(stream), Started)
+        await stream.aclose()  # type: ignore[attr-defined]  # an async generator
+        engine, deadline = server.engine.engine, time.monotonic() + 10
+        # checked on this loop, the generation still referenced: no garbage collection or loop shutdown
+        # closes the engine streams for it
+        while not all(map(engine.is_dropped, ("closed-early-0", "closed-early-1"))):
+            assert time.monotonic() < deadline, "the engine requests of a closed generation were not aborted"
+            await asyncio.sleep(0.05)
+        assert generation.choices.n == 2
+
+    asyncio.run(run())
 
 
 def test_client_leaving_a_plain_request_aborts_it(server: Server, http: httpx.Client) -> None:

@@ -157,13 +157,16 @@ class Generation:
 
     async def events(self) -> AsyncIterator[Event]:
         """Started, every choice's updates in arrival order, Completed; closing it early aborts the rest."""
-        yield Started(self.choices.prompt_tokens, self.choices.cached_tokens, self.choices.n)
-        async with aclosing(aiter(self.choices)) as outputs:
-            async for i, out in outputs:
-                yield self.states[i].on_output(out)
-        usage = TokenUsage(self.choices.prompt_tokens, sum(s.completion_tokens for s in self.states),
-                           self.choices.cached_tokens)
-        yield Completed(tuple(s.result() for s in self.states), usage)
+        try:
+            yield Started(self.choices.prompt_tokens, self.choices.cached_tokens, self.choices.n)
+            async with aclosing(aiter(self.choices)) as outputs:
+                async for i, out in outputs:
+                    yield self.states[i].on_output(out)
+            usage = TokenUsage(self.choices.prompt_tokens, sum(s.completion_tokens for s in self.states),
+                               self.choices.cached_tokens)
+            yield Completed(tuple(s.result() for s in self.states), usage)
+        finally:
+            await self.choices.aclose()  # closed before the outputs were read (after Started): abort them too
 
 
 async def start_generation(engine: EngineClient, request_id: str, spec: GenerationSpec,
