@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,10 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from gateway_local_engine import Server, TinyEngine, completions_total, scrape, sse_events, wait_until
-from nextserve.cluster.gateway.generation import Readiness
+from nextserve.cluster.gateway.conversation import GenerationSpec
+from nextserve.cluster.gateway.events import ChoiceUpdate, Completed, Started
+from nextserve.cluster.gateway.generation import Readiness, start_generation
+from nextserve.cluster.gateway.metrics import GatewayMetrics
 from nextserve.model.sampling import SamplingParams
 
 MODEL = "tiny"
@@ -104,6 +108,30 @@ def test_anthropic_stop_limits_are_the_engines_and_name_its_field(http: httpx.Cl
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"].startswith("stop_sequences: at most 4")
+
+
+def test_one_pipeline_serves_the_same_conversation_alike_to_both_apis(server: Server) -> None:
+    """OpenAI chat and Anthropic Messages parse into one conversation model: the same prompt tokens, the
+    same greedy text and length; Anthropic's stream assembles (by its SDK) to its plain reply."""
+    system, messages = "be brief", [{"role": "user", "content": "write a loop"}]
+    oai = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    chat_reply = oai.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": system}, *messages],
+                                             max_tokens=6, temperature=0)
+    claude = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+    request: dict[str, Any] = dict(model=MODEL, max_tokens=6, system=system, messages=messages,
+                                   extra_body={"temperature": 0})
+    plain = claude.messages.create(**request)
+    with claude.messages.stream(**request) as stream:
+        streamed = stream.get_final_message()
+    assert chat_reply.usage is not None
+    for message in (plain, streamed):
+        text = "".join(b.text for b in message.content if b.type == "text")
+        assert text == (chat_reply.choices[0].message.content or "") or not text.strip()  # whitespace: no block
+        assert message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0) == \
+            chat_reply.usage.prompt_tokens
+        assert message.usage.output_tokens == chat_reply.usage.completion_tokens
+        assert message.stop_reason == {"length": "max_tokens", "stop": "end_turn"}[chat_reply.choices[0].finish_reason]
+    assert [b.model_dump() for b in streamed.content] == [b.model_dump() for b in plain.content]
 
 
 def test_unknown_route_and_method_use_the_error_body(http: httpx.Client) -> None:
@@ -319,6 +347,36 @@ def test_client_disconnect_aborts_the_engine_request(server: Server) -> None:
 
     request_id = asyncio.run(read_one_chunk_then_leave())
     wait_until(lambda: server.engine.engine.is_dropped(request_id), "the engine request was not aborted")
+
+
+def test_the_event_stream_over_the_real_engine_and_closing_it_aborts(server: Server) -> None:
+    """The pipeline without HTTP: n choices' updates then Completed with every token counted; a generation
+    closed right after Started (before any output was read) aborts its engine requests."""
+    async def run() -> None:
+        spec = GenerationSpec([5, 6, 7, 8], SamplingParams(max_tokens=3, ignore_eos=True), n=2)
+        events = [e async for e in (await start_generation(server.engine.client, "whole", spec,
+                                                           GatewayMetrics())).events()]
+        assert isinstance(events[0], Started) and events[0].n == 2 and events[0].prompt_tokens == 4
+        completed = events[-1]
+        assert isinstance(completed, Completed) and completed.usage.completion_tokens == 6
+        updates = [e for e in events[1:-1] if isinstance(e, ChoiceUpdate)]
+        assert len(updates) == len(events) - 2 and sorted(u.index for u in updates if u.finish) == [0, 1]
+        assert [c.text for c in completed.choices] == ["".join(e.text for u in updates if u.index == i
+                                                               for e in u.events) for i in range(2)]
+        long = GenerationSpec([5, 6, 7, 8], SamplingParams(max_tokens=CONTEXT // 2, ignore_eos=True), n=2)
+        generation = await start_generation(server.engine.client, "closed-early", long, GatewayMetrics())
+        stream = generation.events()
+        assert isinstance(await anext(stream), Started)
+        await stream.aclose()  # type: ignore[attr-defined]  # an async generator
+        engine, deadline = server.engine.engine, time.monotonic() + 10
+        # checked on this loop, the generation still referenced: no garbage collection or loop shutdown
+        # closes the engine streams for it
+        while not all(map(engine.is_dropped, ("closed-early-0", "closed-early-1"))):
+            assert time.monotonic() < deadline, "the engine requests of a closed generation were not aborted"
+            await asyncio.sleep(0.05)
+        assert generation.choices.n == 2
+
+    asyncio.run(run())
 
 
 def test_client_leaving_a_plain_request_aborts_it(server: Server, http: httpx.Client) -> None:
