@@ -17,7 +17,8 @@ from nextserve.cluster.engine.contract import EngineError, EngineRequest, ErrorC
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.scheduler import SequenceState, StepPlan
 from nextserve.cluster.gateway.generation import choice_params
-from nextserve.model.loader import load_head, load_local_backend
+from nextserve.model.loader import load_head
+from nextserve.router.local_backend import load_local_backend
 from nextserve.model.sampling import (LOGPROB_FLOOR, TEMPERATURE_FLOOR, SamplingError, make_generator, sample,
                                       token_logprobs)
 
