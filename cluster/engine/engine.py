@@ -47,6 +47,7 @@ from nextserve.router.dispatcher import ExpertsUnavailableError
 
 log = logging.getLogger(__name__)
 
+
 class NonFiniteLogitsError(RuntimeError):
     """The model's logits for one sequence hold NaN: that sequence ends; the batch goes on."""
 
@@ -278,8 +279,8 @@ class Engine:
         """logits [B, V] -> each row's token. What fails for one row (its sampling, its NaN logits, its stop
         or constraint state, its detokenization) ends that sequence alone with an EngineError; the others
         go on exactly as if it were not there."""
-        argmax = logits.argmax(dim=-1).tolist()  # one device sync for all greedy rows
-        has_nan = torch.isnan(logits).any(dim=-1).tolist()
+        # One device sync for every row's argmax (greedy rows) and NaN check.
+        argmax, has_nan = torch.stack([logits.argmax(dim=-1), torch.isnan(logits).any(dim=-1).long()]).tolist()
         for i, item in enumerate(plan.scheduled):
             seq = item.seq
             if not item.samples_token:
