@@ -14,15 +14,15 @@ turned into the one event stream every API renders.
          response starts, for each API to map to its own error shape
       -> Choices: `async for index, out in choices` in arrival order; `aclose()` aborts what is left
 
-Choice i of a request with a seed samples with seed + i: reproducible per choice, different between
-choices. Until the engine shares a prefill between sequences (prefix caching), n choices prefill the
+Choice i of a request with a seed samples with seed + i (modulo 2**64): reproducible per choice,
+different between choices. Until the engine shares a prefill between sequences (prefix caching), n choices prefill the
 prompt n times.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import logging
 from dataclasses import dataclass
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing, suppress
@@ -35,6 +35,9 @@ from nextserve.cluster.gateway.chat_template import ChatPrompt
 from nextserve.cluster.gateway.conversation import GenerationSpec, prompt_of
 from nextserve.cluster.gateway.events import ChoiceEvents, ChoiceUpdate, Completed, Event, Started, TokenUsage
 from nextserve.cluster.gateway.metrics import GatewayMetrics, RequestTracker
+from nextserve.cluster.gateway.request_id import current_request_id
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,10 +73,11 @@ class EngineClient(Protocol):
 
 
 def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
-    """n choices: the same params, choice i seeded with seed + i when a seed is given."""
+    """n choices: the same params, choice i seeded with seed + i when a seed is given, wrapped modulo 2**64
+    (seed 2**64 - 1 with n = 2 seeds choice 1 with 0), so every choice's seed stays in the range."""
     if params.seed is None:
         return [params] * n
-    return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
+    return [params.seed_offset(i) for i in range(n)]
 
 
 class Choices:
@@ -133,6 +137,7 @@ class Choices:
 async def start_choices(engine: EngineClient, request_id: str, prompt_ids: Sequence[int],
                         params: Sequence[SamplingParams], metrics: GatewayMetrics) -> Choices:
     """Start every choice and wait for each one's first output; on any failure close them all and raise."""
+    log.info("request %s runs as engine request %s (%d choices)", current_request_id(), request_id, len(params))
     streams = [engine.generate(EngineRequest(f"{request_id}-{i}" if len(params) > 1 else request_id,
                                              tuple(prompt_ids), p))
                for i, p in enumerate(params)]
