@@ -17,12 +17,26 @@ from nextserve.model.tiny import make_tiny
 CONFIGS = {"small": SMALL, "awkward": AWKWARD}
 
 
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "process", "grpc", "cluster")
+"""The tier folders under tests/, cheapest first; each tier may also do what the ones before it do
+(pyproject.toml's markers say what each starts)."""
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests without a tier marker are unit tests (the default tier)."""
-    tiers = {"unit", "cluster", "grpc", "slow"}
+    """A test's tier marker is its folder's: tests/<tier>/test_*.py. A test module outside a tier folder,
+    or a tier marker in a file that disagrees with its folder, is a usage error naming the file."""
     for item in items:
-        if not tiers & {m.name for m in item.iter_markers()}:
-            item.add_marker(pytest.mark.unit)
+        parts = item.path.resolve().relative_to(TESTS).parts
+        tier = parts[0] if len(parts) > 1 else None
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: test modules live in a tier folder, tests/{{{','.join(TIERS)}}}/;"
+                                    " move it to the one that says what it starts")
+        marked = {m.name for m in item.iter_markers()} & set(TIERS)
+        if marked - {tier}:
+            raise pytest.UsageError(f"{item.nodeid} is marked {sorted(marked)} but lives in tests/{tier}/: drop the"
+                                    f" marker (the folder sets it) or move the file to tests/{sorted(marked)[0]}/")
+        item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import pytest
 from cluster_harness import UpProcess, pids_alive
 from nextserve.model.tiny import TINY_VERSION
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = pytest.mark.cluster
 
 
 def test_up_tiny_default_then_sigint_leaves_nothing(tmp_path: Path) -> None:

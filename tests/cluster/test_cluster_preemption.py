@@ -22,7 +22,7 @@ from nextserve.model.cache_config import CacheCapacity, CacheConfig, cache_capac
 from nextserve.model.config import Qwen3NextConfig
 from nextserve.model.sizes import model_sizes
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = pytest.mark.cluster
 
 CACHE_MEMORY, MAX_NUM_SEQS, MAX_MODEL_LEN, MAX_TOKENS = "2MiB", 8, 1024, 200
 

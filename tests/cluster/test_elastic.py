@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cluster_harness import UpProcess, wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = pytest.mark.cluster
 STREAMS = 8
 RESTORE_WITHIN_S = 30.0
 """Stated bound: a SIGKILLed worker is restarted by Ray, reloads its experts and is republished."""

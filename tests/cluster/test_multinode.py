@@ -29,7 +29,7 @@ from nextserve.cluster.control.redis_server import LocalRedis
 from nextserve.cluster.control.registry import Registry
 from nextserve.cluster.deployments.expert_worker import EXPERT_RESOURCE, HEAD_RESOURCE
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = pytest.mark.cluster
 
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "The quick brown fox", "class Tree:",
            "for i in range(10):", "# a comment about parsing", "return x + y", "Hello there",

@@ -18,7 +18,7 @@ from cluster_harness import UpProcess, wait_for
 from nextserve.cluster.control import worker_admin
 from nextserve.cluster.control.registry import Registry
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = pytest.mark.cluster
 RECOVER_WITHIN_S = 120.0
 """Ray restarts the worker, it loads its experts, the controller re-syncs and republishes it (2 CPUs)."""
 PROMPTS = [[5] * 12, list(range(40, 70)), [1000, 3, 77, 512, 9]]
