@@ -1,13 +1,16 @@
-"""Shared fixtures: transformers-built reference checkpoints and the tiny default checkpoint."""
+"""Shared fixtures (each defined once, here): transformers-built reference checkpoints, the tiny default
+checkpoint and its tokenizer, the engine factory; and the tier of every test (its folder)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen3NextForCausalLM
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3NextForCausalLM
 
+from engine_run import EngineFactory
 from hf_reference import AWKWARD, SMALL, build_reference, save_reference
 from nextserve.model.loader import load_head, load_local_backend
 from nextserve.model.expert_backend import LocalExpertBackend
@@ -60,6 +63,21 @@ def small(reference: dict[str, tuple[Qwen3NextForCausalLM, Path]]) -> tuple[Head
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir: Path) -> PreTrainedTokenizerBase:
+    """The tiny checkpoint's tokenizer (vocab 2048: it also decodes the reference models' 320 ids)."""
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture
+def make_engine(tokenizer: PreTrainedTokenizerBase) -> Iterator[EngineFactory]:
+    """Engines for one test (`make_engine(model, **scheduler)`, `make_engine.cached(model, slots, ...)`),
+    shut down when it ends."""
+    factory = EngineFactory(tokenizer)
+    yield factory
+    factory.shutdown()
 
 
 @pytest.fixture(autouse=True)

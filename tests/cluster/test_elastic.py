@@ -16,7 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cluster_harness import UpProcess, wait_for
 
@@ -33,21 +32,14 @@ def replicated(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     proc.interrupt()
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_dir: Path) -> tuple[AutoModelForCausalLM, AutoTokenizer]:
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None  # like the requests' ignore_eos: exactly max_tokens
-    return model, AutoTokenizer.from_pretrained(tiny_dir)
-
-
 def _prompts(n: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(3)
     return [torch.randint(3, 2048, (int(torch.randint(4, 40, (1,), generator=g)),), generator=g).tolist()
             for _ in range(n)]
 
 
-def _expected(reference: tuple, prompt: list[int], max_tokens: int) -> str:
-    model, tok = reference
+def _expected(tiny_hf: tuple, prompt: list[int], max_tokens: int) -> str:
+    model, tok = tiny_hf
     out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
     return tok.decode(out[0, len(prompt):], skip_special_tokens=True).rstrip("\ufffd")
 
@@ -76,7 +68,7 @@ def _run_streams(up: UpProcess, prompts: list[list[int]], max_tokens: int, durin
 
 # Also its own cluster, before the module's R = 2 one exists.
 def test_scaling_moves_in_waves_within_max_experts_per_worker(tiny_dir: Path, tmp_path: Path,
-                                                              reference: tuple) -> None:
+                                                              tiny_hf: tuple) -> None:
     """3 -> 4 workers (R = 1): 171 pairs each today, 128 after, up to 256 on a worker in one step; with at
     most 176 allowed it goes in waves, under streams that stay exact, and no worker ever held more (each
     reports the most it held at once). A scale to 2 workers (256 each) cannot fit: one line, exit 2."""
@@ -91,7 +83,7 @@ def test_scaling_moves_in_waves_within_max_experts_per_worker(tiny_dir: Path, tm
             assert result.returncode == 0, result.stderr
 
         got = _run_streams(up, prompts, 120, scale)
-        assert got == [_expected(reference, p, 120) for p in prompts]
+        assert got == [_expected(tiny_hf, p, 120) for p in prompts]
         status = up.status()
         assert status["epoch"] >= epoch_before + 2  # more than one step
         wait_for(lambda: all("peak_experts" in w for w in up.status()["workers"]), 10, "a heartbeat")
@@ -126,7 +118,7 @@ def test_sigkill_with_one_replica_gives_503_then_recovers(tiny_dir: Path, tmp_pa
         up.interrupt()
 
 
-def test_scale_2_to_4_to_3_under_streams(replicated: UpProcess, reference: tuple) -> None:
+def test_scale_2_to_4_to_3_under_streams(replicated: UpProcess, tiny_hf: tuple) -> None:
     prompts = _prompts(STREAMS)
 
     def scale() -> None:
@@ -139,10 +131,10 @@ def test_scale_2_to_4_to_3_under_streams(replicated: UpProcess, reference: tuple
     epoch_before = replicated.status()["epoch"]
     got = _run_streams(replicated, prompts, 160, scale)
     assert replicated.status()["epoch"] >= epoch_before + 2
-    assert got == [_expected(reference, p, 160) for p in prompts]
+    assert got == [_expected(tiny_hf, p, 160) for p in prompts]
 
 
-def test_sigkill_with_two_replicas_changes_nothing(replicated: UpProcess, reference: tuple) -> None:
+def test_sigkill_with_two_replicas_changes_nothing(replicated: UpProcess, tiny_hf: tuple) -> None:
     prompts = _prompts(STREAMS)
     restored_in: list[float] = []
 
@@ -159,7 +151,7 @@ def test_sigkill_with_two_replicas_changes_nothing(replicated: UpProcess, refere
         restored_in.append(time.monotonic() - start)
 
     got = _run_streams(replicated, prompts, 120, kill)
-    assert got == [_expected(reference, p, 120) for p in prompts]
+    assert got == [_expected(tiny_hf, p, 120) for p in prompts]
     print(f"replication restored {restored_in[0]:.1f} s after the SIGKILL")
 
 

@@ -22,7 +22,6 @@ import torch
 from ray import serve
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cluster_harness import UpProcess, wait_for
 from nextserve.cluster.control.redis_server import LocalRedis
@@ -75,11 +74,9 @@ def up(nodes: Nodes, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="module")
-def expected(tiny_dir: Path) -> dict[object, str]:
+def expected(tiny_hf: tuple) -> dict[object, str]:
     """transformers' greedy text of every prompt, LONG_MAX_TOKENS long (EOS not masked, as ignore_eos)."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model, tok = tiny_hf
     out = {}
     for prompt in PROMPTS:
         ids = tok(prompt)["input_ids"]
