@@ -1,5 +1,6 @@
 """The product as a user meets it: `nextserve up` (real Ray, real redis-server, real gRPC expert
-workers) answering the official `openai` client, checked against transformers' own `generate`."""
+workers) answering the official `openai` client, checked against transformers' own `generate`. One
+cluster for the module (3 workers, at most 176 experts each); last, it scales to 4 workers in waves."""
 
 from __future__ import annotations
 
@@ -17,15 +18,18 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster_harness import UpProcess, wait_for
+from cluster_harness import UpProcess, hf_greedy_text, run_streams, seeded_prompts, wait_for
 
 pytestmark = pytest.mark.cluster
 WORKERS = 3
+MAX_EXPERTS_PER_WORKER = 176
+"""171 pairs per worker at 3 workers fit; the scale to 4 (128 each after) must go in waves."""
 
 
 @pytest.fixture(scope="module")
 def up(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
-    proc = UpProcess(tiny_dir, tmp_path_factory.mktemp("nscache"), WORKERS)
+    proc = UpProcess(tiny_dir, tmp_path_factory.mktemp("nscache"), WORKERS,
+                     ["--max-experts-per-worker", str(MAX_EXPERTS_PER_WORKER)])
     yield proc
     if proc.proc.poll() is None:
         proc.interrupt()
@@ -241,3 +245,29 @@ def test_a_shared_prefix_is_served_from_the_cache(up: UpProcess, tiny_hf: tuple)
     usage, before = again.json()["usage"], reply.json()["usage"]
     assert before["cache_read_input_tokens"] == 0 and usage["cache_read_input_tokens"] > 0
     assert usage["input_tokens"] + usage["cache_read_input_tokens"] > before["input_tokens"]
+
+
+def test_scaling_moves_in_waves_within_max_experts_per_worker(up: UpProcess, tiny_hf: tuple) -> None:
+    """Last: it leaves 4 workers. 3 -> 4 workers (R = 1): 171 pairs each today, 128 after, up to 256 on a
+    worker in one step; with at most 176 allowed it goes in waves, under streams that stay exact, and no
+    worker ever held more (each reports the most it held at once). A scale to 2 workers (256 each) cannot
+    fit: one line, exit 2."""
+    bound = MAX_EXPERTS_PER_WORKER
+    prompts = seeded_prompts(4)
+    epoch_before = up.status()["epoch"]
+
+    def scale() -> None:
+        result = up.cli("scale", "--expert-workers", "4", "--wait-s", "300")
+        assert result.returncode == 0, result.stderr
+
+    got = run_streams(up, prompts, 120, scale)
+    assert got == [hf_greedy_text(tiny_hf, p, 120) for p in prompts]
+    status = up.status()
+    assert status["epoch"] >= epoch_before + 2  # more than one step
+    wait_for(lambda: all("peak_experts" in w for w in up.status()["workers"]), 10, "a heartbeat")
+    peaks = [w["peak_experts"] for w in up.status()["workers"]]
+    assert len(peaks) == 4 and max(peaks) <= bound, peaks
+    refused = up.cli("scale", "--expert-workers", "2")
+    assert refused.returncode == 2 and "max_experts_per_worker=176" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert len(up.status()["workers"]) == 4

@@ -1,6 +1,6 @@
 """Elastic, fault-tolerant experts under live traffic (real Ray, real Redis, real gRPC, real HTTP):
-scaling 2 -> 4 -> 3, scaling in waves within each worker's memory, a SIGKILLed worker with R = 2,
-load-aware rebalancing, chaos. (A SIGKILLed worker with R = 1: test_two_workers.py.)"""
+scaling 2 -> 4 -> 3, a SIGKILLed worker with R = 2, load-aware rebalancing, chaos. (A SIGKILLed worker
+with R = 1: test_two_workers.py; scaling in waves within each worker's memory: test_cluster_serving.py.)"""
 
 from __future__ import annotations
 
@@ -9,15 +9,13 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from cluster_harness import UpProcess, wait_for
+from cluster_harness import UpProcess, hf_greedy_text, run_streams, seeded_prompts, stream_completion, wait_for
 
 pytestmark = pytest.mark.cluster
 STREAMS = 8
@@ -32,73 +30,8 @@ def replicated(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     proc.interrupt()
 
 
-def _prompts(n: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(3)
-    return [torch.randint(3, 2048, (int(torch.randint(4, 40, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
-
-
-def _expected(tiny_hf: tuple, prompt: list[int], max_tokens: int) -> str:
-    model, tok = tiny_hf
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-    return tok.decode(out[0, len(prompt):], skip_special_tokens=True).rstrip("\ufffd")
-
-
-def _stream(base: str, prompt: list[int], max_tokens: int) -> str:
-    """One greedy streaming completion; raises on any error event or status."""
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True}
-    parts = []
-    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
-        assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                event = json.loads(line[6:])
-                assert "error" not in event, event
-                parts.append(event["choices"][0]["text"])
-    return "".join(parts).rstrip("\ufffd")
-
-
-def _run_streams(up: UpProcess, prompts: list[list[int]], max_tokens: int, during: Callable[[], None]) -> list[str]:
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        futures = [pool.submit(_stream, up.base_url, p, max_tokens) for p in prompts]
-        during()
-        return [f.result(timeout=600) for f in futures]
-
-
-# Also its own cluster, before the module's R = 2 one exists.
-def test_scaling_moves_in_waves_within_max_experts_per_worker(tiny_dir: Path, tmp_path: Path,
-                                                              tiny_hf: tuple) -> None:
-    """3 -> 4 workers (R = 1): 171 pairs each today, 128 after, up to 256 on a worker in one step; with at
-    most 176 allowed it goes in waves, under streams that stay exact, and no worker ever held more (each
-    reports the most it held at once). A scale to 2 workers (256 each) cannot fit: one line, exit 2."""
-    bound = 176
-    up = UpProcess(tiny_dir, tmp_path, 3, ["--max-experts-per-worker", str(bound)])
-    try:
-        prompts = _prompts(4)
-        epoch_before = up.status()["epoch"]
-
-        def scale() -> None:
-            result = up.cli("scale", "--expert-workers", "4", "--wait-s", "300")
-            assert result.returncode == 0, result.stderr
-
-        got = _run_streams(up, prompts, 120, scale)
-        assert got == [_expected(tiny_hf, p, 120) for p in prompts]
-        status = up.status()
-        assert status["epoch"] >= epoch_before + 2  # more than one step
-        wait_for(lambda: all("peak_experts" in w for w in up.status()["workers"]), 10, "a heartbeat")
-        peaks = [w["peak_experts"] for w in up.status()["workers"]]
-        assert len(peaks) == 4 and max(peaks) <= bound, peaks
-        refused = up.cli("scale", "--expert-workers", "2")
-        assert refused.returncode == 2 and "max_experts_per_worker=176" in refused.stderr, refused.stderr
-        assert len(refused.stderr.strip().splitlines()) == 1
-        assert len(up.status()["workers"]) == 4
-    finally:
-        up.interrupt()
-
-
 def test_scale_2_to_4_to_3_under_streams(replicated: UpProcess, tiny_hf: tuple) -> None:
-    prompts = _prompts(STREAMS)
+    prompts = seeded_prompts(STREAMS)
 
     def scale() -> None:
         for n in (4, 3):
@@ -108,13 +41,13 @@ def test_scale_2_to_4_to_3_under_streams(replicated: UpProcess, tiny_hf: tuple) 
             assert len(status["workers"]) == n and all(w["alive"] for w in status["workers"])
 
     epoch_before = replicated.status()["epoch"]
-    got = _run_streams(replicated, prompts, 160, scale)
+    got = run_streams(replicated, prompts, 160, scale)
     assert replicated.status()["epoch"] >= epoch_before + 2
-    assert got == [_expected(tiny_hf, p, 160) for p in prompts]
+    assert got == [hf_greedy_text(tiny_hf, p, 160) for p in prompts]
 
 
 def test_sigkill_with_two_replicas_changes_nothing(replicated: UpProcess, tiny_hf: tuple) -> None:
-    prompts = _prompts(STREAMS)
+    prompts = seeded_prompts(STREAMS)
     restored_in: list[float] = []
 
     def kill() -> None:
@@ -129,8 +62,8 @@ def test_sigkill_with_two_replicas_changes_nothing(replicated: UpProcess, tiny_h
         wait_for(restored, RESTORE_WITHIN_S, "the killed worker to be replaced and republished")
         restored_in.append(time.monotonic() - start)
 
-    got = _run_streams(replicated, prompts, 120, kill)
-    assert got == [_expected(tiny_hf, p, 120) for p in prompts]
+    got = run_streams(replicated, prompts, 120, kill)
+    assert got == [hf_greedy_text(tiny_hf, p, 120) for p in prompts]
     print(f"replication restored {restored_in[0]:.1f} s after the SIGKILL")
 
 
@@ -188,7 +121,7 @@ def test_chaos_with_two_replicas_fails_no_request(replicated: UpProcess) -> None
             with lock:
                 sent += 1
             try:
-                _stream(replicated.base_url, _prompts(8)[i], 24)
+                stream_completion(replicated.base_url, seeded_prompts(8)[i], 24)
                 with lock:
                     completed += 1
             except Exception:
