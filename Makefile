@@ -34,7 +34,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q tests/unit
 
 # The checked-in gRPC modules of proto/expert.proto, made as the package `nextserve.proto` imports them
-# (tests/test_proto_generated.py fails, naming this target, when they are stale).
+# (tests/process/test_proto_generated.py fails, naming this target, when they are stale).
 proto: install
 	rm -rf build/proto && mkdir -p build/proto
 	$(BIN)/python -m grpc_tools.protoc -Inextserve/proto=proto --python_out=build/proto --pyi_out=build/proto \
