@@ -6,7 +6,7 @@
 #                              --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
 #                              -t registry.example.com/nextserve:0.1.0-gpu .
 #
-# RAY_VERSION must equal the RayService's rayVersion (tests/test_k8s_image.py checks it).
+# RAY_VERSION must equal the RayService's rayVersion (tests/process/test_k8s_image.py checks it).
 ARG RAY_VERSION=2.60.0
 ARG RAY_FLAVOR=cpu
 FROM rayproject/ray:${RAY_VERSION}-py311-${RAY_FLAVOR}

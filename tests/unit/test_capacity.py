@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shlex
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -14,10 +15,10 @@ from nextserve.model.capacity import GPUS, CapacityError, GiB, MiB, plan_capacit
 from nextserve.model.config import PUBLISHED_CONFIGS, Qwen3NextConfig
 from nextserve.model.sizes import model_sizes
 from nextserve.router.placement import build_placement
-from test_k8s_render import K8S
 
 CONFIG = Qwen3NextConfig.from_dict(PUBLISHED_CONFIGS["qwen3-coder-next"])
 SIZES = model_sizes(CONFIG)
+K8S = Path(__file__).resolve().parents[2] / "k8s"
 OVERLAY_PATCH = K8S / "overlays" / "gpu" / "capacity-patch.yaml"
 
 # MODEL.md §11, bf16: one routed expert 3·2048·512·2 B; 512 × 48 of them; head (non-routed) params × 2 B;

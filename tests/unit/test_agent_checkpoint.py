@@ -24,7 +24,7 @@ from nextserve.model.tiny_tokenizer import CHAT_TEMPLATE
 
 
 @pytest.fixture(scope="module")
-def tokenizer(agent_checkpoint_dir: Path) -> PreTrainedTokenizerBase:
+def agent_tokenizer(agent_checkpoint_dir: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(agent_checkpoint_dir)
 
 
@@ -34,30 +34,30 @@ def completions(agent_checkpoint_dir: Path) -> dict[str, list[int]]:
 
 
 @pytest.mark.parametrize("turn", AGENT_TURNS, ids=lambda t: t.name)
-def test_greedy_generate_reproduces_the_turn(turn: AgentTurn, tokenizer: PreTrainedTokenizerBase,
+def test_greedy_generate_reproduces_the_turn(turn: AgentTurn, agent_tokenizer: PreTrainedTokenizerBase,
                                              completions: dict[str, list[int]]) -> None:
-    want = tokenizer.encode(turn.completion, add_special_tokens=False)
+    want = agent_tokenizer.encode(turn.completion, add_special_tokens=False)
     assert completions[turn.name] == want
-    assert want[-1] == tokenizer.eos_token_id == TINY_CONFIG["eos_token_id"]
-    assert tokenizer.decode(completions[turn.name], skip_special_tokens=True) == turn.content
+    assert want[-1] == agent_tokenizer.eos_token_id == TINY_CONFIG["eos_token_id"]
+    assert agent_tokenizer.decode(completions[turn.name], skip_special_tokens=True) == turn.content
 
 
-def test_weather_call_decodes_to_the_tool_call_block(tokenizer: PreTrainedTokenizerBase,
+def test_weather_call_decodes_to_the_tool_call_block(agent_tokenizer: PreTrainedTokenizerBase,
                                                      completions: dict[str, list[int]]) -> None:
-    text = tokenizer.decode(completions["weather_call"], skip_special_tokens=True)
+    text = agent_tokenizer.decode(completions["weather_call"], skip_special_tokens=True)
     assert text == ("Let me check.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
                     "<parameter=days>\n3\n</parameter>\n<parameter=metric>\ntrue\n</parameter>\n</function>\n"
                     "</tool_call>")
-    assert tokenizer.decode(completions["weather_call"]).endswith("</tool_call>" + END_OF_TURN)
+    assert agent_tokenizer.decode(completions["weather_call"]).endswith("</tool_call>" + END_OF_TURN)
 
 
-def test_forced_prefixes_continue_the_same_call(tokenizer: PreTrainedTokenizerBase) -> None:
+def test_forced_prefixes_continue_the_same_call(agent_tokenizer: PreTrainedTokenizerBase) -> None:
     """The forced prompts are the unforced Rome prompt plus the prefix a server appends for tool_choice."""
     turns = {t.name: t for t in AGENT_TURNS}
-    plain = prompt_text(tokenizer, turns["rome_without_tool"])
+    plain = prompt_text(agent_tokenizer, turns["rome_without_tool"])
     assert plain.endswith("<|im_start|>assistant\n")
-    assert prompt_text(tokenizer, turns["forced_required"]) == plain + "<tool_call>\n<function="
-    assert prompt_text(tokenizer, turns["forced_named"]) == plain + "<tool_call>\n<function=get_weather>\n"
+    assert prompt_text(agent_tokenizer, turns["forced_required"]) == plain + "<tool_call>\n<function="
+    assert prompt_text(agent_tokenizer, turns["forced_named"]) == plain + "<tool_call>\n<function=get_weather>\n"
     assert ("<tool_call>\n<function=" + turns["forced_required"].completion
             == "<tool_call>\n<function=get_weather>\n" + turns["forced_named"].completion)
 

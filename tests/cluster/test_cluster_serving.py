@@ -1,5 +1,6 @@
 """The product as a user meets it: `nextserve up` (real Ray, real redis-server, real gRPC expert
-workers) answering the official `openai` client, checked against transformers' own `generate`."""
+workers) answering the official `openai` client, checked against transformers' own `generate`. One
+cluster for the module (3 workers, at most 176 experts each); last, it scales to 4 workers in waves."""
 
 from __future__ import annotations
 
@@ -17,17 +18,19 @@ import openai
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cluster_harness import UpProcess, wait_for
+from cluster_harness import UpProcess, hf_greedy_text, run_streams, seeded_prompts, wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = pytest.mark.cluster
 WORKERS = 3
+MAX_EXPERTS_PER_WORKER = 176
+"""171 pairs per worker at 3 workers fit; the scale to 4 (128 each after) must go in waves."""
 
 
 @pytest.fixture(scope="module")
 def up(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
-    proc = UpProcess(tiny_dir, tmp_path_factory.mktemp("nscache"), WORKERS)
+    proc = UpProcess(tiny_dir, tmp_path_factory.mktemp("nscache"), WORKERS,
+                     ["--max-experts-per-worker", str(MAX_EXPERTS_PER_WORKER)])
     yield proc
     if proc.proc.poll() is None:
         proc.interrupt()
@@ -36,15 +39,14 @@ def up(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpP
         extra.wait(10)
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_dir: Path) -> tuple[AutoModelForCausalLM, AutoTokenizer]:
-    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(tiny_dir)
-
-
-def _hf_text(reference: tuple, prompt_ids: list[int], max_tokens: int) -> str:
-    model, tok = reference
+def _hf_text(tiny_hf: tuple, prompt_ids: list[int], max_tokens: int, ignore_eos: bool = False) -> str:
+    """transformers' greedy text; without ignore_eos it ends at the first EOS, as the server's does."""
+    model, tok = tiny_hf
     out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False)[0, len(prompt_ids):]
-    return tok.decode(out, skip_special_tokens=True)
+    ids = out.tolist()
+    if not ignore_eos and model.config.eos_token_id in ids:
+        ids = ids[:ids.index(model.config.eos_token_id) + 1]
+    return tok.decode(ids, skip_special_tokens=True)
 
 
 def _metrics(up: UpProcess) -> dict[str, float]:
@@ -61,8 +63,8 @@ def test_status_lists_workers_with_pids(up: UpProcess) -> None:
     assert len(status["heads"]) == 1 and status["heads"][0]["alive"]
 
 
-def test_eight_concurrent_greedy_requests_equal_transformers(up: UpProcess, reference: tuple) -> None:
-    _, tok = reference
+def test_eight_concurrent_greedy_requests_equal_transformers(up: UpProcess, tiny_hf: tuple) -> None:
+    _, tok = tiny_hf
     client = openai.AsyncOpenAI(base_url=f"{up.base_url}/v1", api_key="unused", max_retries=0)
     prompts = ["def fibonacci(n):", "import os\nimport sys\n", "The quick brown fox", "class Tree:",
                "for i in range(10):", "Hello", "# a comment about parsing", "return x + y"]
@@ -90,7 +92,7 @@ def test_eight_concurrent_greedy_requests_equal_transformers(up: UpProcess, refe
         return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
     for got, ids, n in asyncio.run(all_of()):
-        assert got == _hf_text(reference, ids, n)
+        assert got == _hf_text(tiny_hf, ids, n)
 
 
 def test_streaming_is_incremental(up: UpProcess) -> None:
@@ -214,11 +216,11 @@ def _first_token_s(client: openai.OpenAI, prompt: list[int], max_tokens: int) ->
     return first, "".join(text), cached
 
 
-def test_a_shared_prefix_is_served_from_the_cache(up: UpProcess, reference: tuple) -> None:
+def test_a_shared_prefix_is_served_from_the_cache(up: UpProcess, tiny_hf: tuple) -> None:
     """Requests sharing a 2,600-token prefix with different suffixes: the later ones report the prefix as
     cached_tokens (OpenAI and Anthropic), stream their first token sooner than a cold request of the same
     length, and produce transformers' greedy tokens all the same."""
-    model, tok = reference
+    model, tok = tiny_hf
     g = torch.Generator().manual_seed(21)
     prefix = torch.randint(3, len(tok) - 64, (2600,), generator=g).tolist()  # ids below the tokenizer's
     client = openai.OpenAI(base_url=f"{up.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
@@ -230,7 +232,7 @@ def test_a_shared_prefix_is_served_from_the_cache(up: UpProcess, reference: tupl
         suffix = [200 + i, 300 + i, 400 + i, 500 + i]
         hit_s, text, cached = _first_token_s(client, prefix + suffix, 8)
         assert cached >= 0.9 * len(prefix), cached  # to its last snapshot: every 256 tokens (2,560)
-        assert text == _hf_text(reference, prefix + suffix, 8).rstrip("\ufffd")  # a cut UTF-8 tail is held back
+        assert text == _hf_text(tiny_hf, prefix + suffix, 8, ignore_eos=True).rstrip("\ufffd")  # a cut UTF-8 tail is held back
         other = torch.randint(3, len(tok) - 64, (2604,), generator=g).tolist()  # same length, nothing shared
         miss_s, _, miss_cached = _first_token_s(client, other, 1)
         assert miss_cached == 0
@@ -245,3 +247,29 @@ def test_a_shared_prefix_is_served_from_the_cache(up: UpProcess, reference: tupl
     usage, before = again.json()["usage"], reply.json()["usage"]
     assert before["cache_read_input_tokens"] == 0 and usage["cache_read_input_tokens"] > 0
     assert usage["input_tokens"] + usage["cache_read_input_tokens"] > before["input_tokens"]
+
+
+def test_scaling_moves_in_waves_within_max_experts_per_worker(up: UpProcess, tiny_hf: tuple) -> None:
+    """Last: it leaves 4 workers. 3 -> 4 workers (R = 1): 171 pairs each today, 128 after, up to 256 on a
+    worker in one step; with at most 176 allowed it goes in waves, under streams that stay exact, and no
+    worker ever held more (each reports the most it held at once). A scale to 2 workers (256 each) cannot
+    fit: one line, exit 2."""
+    bound = MAX_EXPERTS_PER_WORKER
+    prompts = seeded_prompts(4)
+    epoch_before = up.status()["epoch"]
+
+    def scale() -> None:
+        result = up.cli("scale", "--expert-workers", "4", "--wait-s", "300")
+        assert result.returncode == 0, result.stderr
+
+    got = run_streams(up, prompts, 120, scale)
+    assert got == [hf_greedy_text(tiny_hf, p, 120) for p in prompts]
+    status = up.status()
+    assert status["epoch"] >= epoch_before + 2  # more than one step
+    wait_for(lambda: all("peak_experts" in w for w in up.status()["workers"]), 10, "a heartbeat")
+    peaks = [w["peak_experts"] for w in up.status()["workers"]]
+    assert len(peaks) == 4 and max(peaks) <= bound, peaks
+    refused = up.cli("scale", "--expert-workers", "2")
+    assert refused.returncode == 2 and "max_experts_per_worker=176" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert len(up.status()["workers"]) == 4

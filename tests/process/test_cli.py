@@ -28,7 +28,7 @@ from nextserve.model.tiny import TINY_VERSION
 from nextserve.model.tiny import TINY_CONFIG
 
 NEXTSERVE = [sys.executable, "-m", "nextserve.cluster.cli"]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -110,7 +110,6 @@ def test_plan_prints_the_published_counts() -> None:
     assert "79,674,391,296" in table
 
 
-@pytest.mark.slow
 def test_bench_model_reports_both_sides(tiny_dir: Path) -> None:
     result = _run(["bench", "model", "--model", str(tiny_dir), "--batch", "2", "--prompt-len", "16",
                    "--decode-tokens", "4", "--repeats", "1", "--json"])

@@ -23,7 +23,7 @@ from nextserve.proto import expert_pb2, expert_pb2_grpc
 from nextserve.proto.admin_auth import admin_metadata
 from nextserve.proto.codec import MESSAGE_SIZE_OPTIONS
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = pytest.mark.cluster
 MiB = 1024 * 1024
 
 

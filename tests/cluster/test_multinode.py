@@ -22,14 +22,13 @@ import torch
 from ray import serve
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cluster_harness import UpProcess, wait_for
 from nextserve.cluster.control.redis_server import LocalRedis
 from nextserve.cluster.control.registry import Registry
 from nextserve.cluster.deployments.expert_worker import EXPERT_RESOURCE, HEAD_RESOURCE
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = pytest.mark.cluster
 
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "The quick brown fox", "class Tree:",
            "for i in range(10):", "# a comment about parsing", "return x + y", "Hello there",
@@ -75,11 +74,9 @@ def up(nodes: Nodes, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="module")
-def expected(tiny_dir: Path) -> dict[object, str]:
+def expected(tiny_hf: tuple) -> dict[object, str]:
     """transformers' greedy text of every prompt, LONG_MAX_TOKENS long (EOS not masked, as ignore_eos)."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model, tok = tiny_hf
     out = {}
     for prompt in PROMPTS:
         ids = tok(prompt)["input_ids"]

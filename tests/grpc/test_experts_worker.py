@@ -241,7 +241,6 @@ def test_admin_calls_without_the_token_are_unauthenticated_and_change_nothing(
     assert _held(served.stub) == before  # refused before the servicer ran: epoch 99 never applied
 
 
-@pytest.mark.unit
 def test_every_state_changing_method_is_an_admin_method() -> None:
     """The calls that change what a worker holds; the token check covers every method (test_perimeter.py)."""
     assert ADMIN_METHODS == {"LoadExperts", "DropExperts"}
@@ -303,7 +302,6 @@ def test_worker_process_requires_the_token_it_was_started_with(served: Served) -
             assert stub.Echo(expert_pb2.EchoRequest(reply_bytes=3), timeout=30, metadata=ADMIN).payload == bytes(3)
 
 
-@pytest.mark.unit
 def test_parse_experts() -> None:
     assert parse_experts("0:1,2; 3:4;") == [(0, 1), (0, 2), (3, 4)]
 

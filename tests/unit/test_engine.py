@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from engine_run import random_prompt
 from hf_reference import hf_greedy
@@ -25,17 +25,12 @@ from nextserve.cluster.engine.detokenizer import IncrementalDetokenizer
 from nextserve.cluster.engine.contract import EngineError, EngineRequest, ErrorCode, EngineRequestError, FinishReason, StepOutput
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.model_runner import split_micro_batches
-from nextserve.cluster.engine.scheduler import SchedulerConfig, StepPlan
+from nextserve.cluster.engine.scheduler import StepPlan
 from nextserve.model.loader import load_head
 from nextserve.router.local_backend import load_local_backend
 from nextserve.model.sampling import SamplingParams
 
 Model = tuple[Any, Any]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_dir: Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(tiny_dir)
 
 
 @pytest.fixture(scope="module")
@@ -46,26 +41,6 @@ def tiny(tiny_dir: Path) -> Model:
 @pytest.fixture(scope="module")
 def ref_models(reference: dict) -> dict[str, Model]:
     return {name: (load_head(path), load_local_backend(path)) for name, (_, path) in reference.items()}
-
-
-@pytest.fixture(scope="module")
-def small(ref_models: dict[str, Model]) -> Model:
-    return ref_models["small"]
-
-
-@pytest.fixture
-def make_engine(tokenizer: PreTrainedTokenizerBase) -> Iterator[Callable[..., Engine]]:
-    engines: list[Engine] = []
-
-    def make(model: Model, **config: int) -> Engine:
-        engines.append(Engine(model[0], model[1], tokenizer, SchedulerConfig(**config)))
-        return engines[-1]
-
-    yield make
-    for engine in engines:
-        engine.shutdown()
-
-
 
 
 async def _collect(engine: Engine, request_id: str, prompt: list[int], params: SamplingParams,

@@ -1,5 +1,5 @@
 """model/device.py: the device choice; with CUDA, an expert store on the GPU against the CPU one (skipped
-without a GPU). A head's result on its GPU: tests/test_epoch_follower.py."""
+without a GPU). A head's result on its GPU: tests/grpc/test_epoch_follower.py."""
 
 from __future__ import annotations
 

@@ -13,14 +13,14 @@ from nextserve.router.placement import build_placement
 
 
 @pytest.fixture()
-def server() -> Iterator[LocalRedis]:
+def redis_server() -> Iterator[LocalRedis]:
     with LocalRedis() as r:
         yield r
 
 
-def test_placement_epochs_are_monotonic_and_announced(server: LocalRedis) -> None:
-    reg = Registry(server.url, "t")
-    sub = redis.Redis.from_url(server.url, decode_responses=True).pubsub()
+def test_placement_epochs_are_monotonic_and_announced(redis_server: LocalRedis) -> None:
+    reg = Registry(redis_server.url, "t")
+    sub = redis.Redis.from_url(redis_server.url, decode_responses=True).pubsub()
     sub.subscribe(reg.key("epochs"))
     sub.get_message(timeout=1)  # the subscribe confirmation
     placement = build_placement([0, 1], 8, 3, 2)
@@ -35,18 +35,18 @@ def test_placement_epochs_are_monotonic_and_announced(server: LocalRedis) -> Non
     assert [sub.get_message(timeout=1)["data"] for _ in range(2)] == ["1", "2"]
 
 
-def test_epoch_stays_monotonic_when_redis_loses_its_data(server: LocalRedis) -> None:
-    reg = Registry(server.url)
+def test_epoch_stays_monotonic_when_redis_loses_its_data(redis_server: LocalRedis) -> None:
+    reg = Registry(redis_server.url)
     placement = build_placement([0], 4, 2)
     for _ in range(5):
         last = reg.publish_placement(placement, ["a:1", "b:2"])
-    server.restart()  # no persistence: every key is gone
+    redis_server.restart()  # no persistence: every key is gone
     assert reg.placement() is None
     assert reg.publish_placement(placement, ["a:1", "b:2"], min_epoch=last) == last + 1
 
 
-def test_members_heartbeat_and_staleness(server: LocalRedis, monkeypatch: pytest.MonkeyPatch) -> None:
-    reg = Registry(server.url, "m")
+def test_members_heartbeat_and_staleness(redis_server: LocalRedis, monkeypatch: pytest.MonkeyPatch) -> None:
+    reg = Registry(redis_server.url, "m")
     reg.register_worker(1, {"address": "h:1", "pid": 42})
     reg.register_worker(0, {"address": "h:0", "pid": 41})
     reg.register_head("abc", {"pid": 7})
@@ -61,8 +61,8 @@ def test_members_heartbeat_and_staleness(server: LocalRedis, monkeypatch: pytest
     assert [w.fields["index"] for w in reg.workers()] == ["0"]
 
 
-def test_spec_round_trip_and_cluster_namespaces(server: LocalRedis) -> None:
-    a, b = Registry(server.url, "a"), Registry(server.url, "b")
+def test_spec_round_trip_and_cluster_namespaces(redis_server: LocalRedis) -> None:
+    a, b = Registry(redis_server.url, "a"), Registry(redis_server.url, "b")
     a.save_spec({"model": "/m", "expert_workers": 3, "expert_replicas": 2, "dtype": "float32"})
     assert a.spec() == {"model": "/m", "expert_workers": 3, "expert_replicas": 2, "dtype": "float32"}
     assert b.spec() == {}

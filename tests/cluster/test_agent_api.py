@@ -19,7 +19,7 @@ from agent_checkpoint import (AGENT_TURNS, CODE, END_OF_TURN, ROME_QUESTION, SYS
                               WEATHER_RESULT, AgentTurn, agent_checkpoint_dir)
 from cluster_harness import UpProcess
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = pytest.mark.cluster
 
 __all__ = ["agent_checkpoint_dir"]  # the fixture, imported for pytest
 TURNS = {t.name: t for t in AGENT_TURNS}

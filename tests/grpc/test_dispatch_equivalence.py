@@ -116,7 +116,6 @@ def test_each_token_crosses_the_wire_once_per_worker(cluster: Cluster) -> None:
     assert sum(got) < naive
 
 
-@pytest.mark.unit
 def test_plan_sends_each_token_once_with_all_its_pairs_there() -> None:
     g = torch.Generator().manual_seed(0)
     T, E, k, N = 97, 13, 3, 4

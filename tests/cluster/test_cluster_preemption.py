@@ -15,14 +15,13 @@ import openai
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cluster_harness import UpProcess, wait_for
 from nextserve.model.cache.budget import CacheCapacity, CacheConfig, cache_capacity, parse_memory_size
 from nextserve.model.config import Qwen3NextConfig
 from nextserve.model.sizes import model_sizes
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = pytest.mark.cluster
 
 CACHE_MEMORY, MAX_NUM_SEQS, MAX_MODEL_LEN, MAX_TOKENS = "2MiB", 8, 1024, 200
 
@@ -49,11 +48,9 @@ def _metrics(up: UpProcess) -> dict[str, float]:
     return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def test_streams_beyond_the_cache_finish_exactly_with_preemptions(up: UpProcess, tiny_dir: Path,
+def test_streams_beyond_the_cache_finish_exactly_with_preemptions(up: UpProcess, tiny_hf: tuple,
                                                                   capacity: CacheCapacity) -> None:
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None  # run to max_new_tokens, as ignore_eos does (EOS not masked)
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model, tok = tiny_hf  # runs to max_new_tokens, as ignore_eos does
     prompts = ["def fibonacci(n):", "import os\nimport sys\n", "The quick brown fox", "class Tree:",
                "for i in range(10):", "Hello there", "# a comment about parsing", "return x + y"]
     max_tokens = MAX_TOKENS

@@ -21,7 +21,7 @@ from nextserve.cluster.cli.main import build_parser
 from nextserve.cluster.cli.usage import UsageError
 from nextserve.model.cache.budget import CacheConfig, GiB
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOT_FLAGS = {"admin_token"}
 """AppArgs fields that are secrets, so not flags (a command line shows in `ps`)."""
 

@@ -13,7 +13,7 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SKIP_DIRS = {".venv", "build", "tests", ".git", "docs", "k8s", ".ci"}
 
 

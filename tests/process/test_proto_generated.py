@@ -10,7 +10,7 @@ import pytest
 
 from nextserve.proto import expert_pb2
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GENERATED = ("expert_pb2.py", "expert_pb2.pyi", "expert_pb2_grpc.py")
 REGENERATE = "make proto"
 

@@ -8,48 +8,19 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import torch
 
-from engine_run import random_prompt
+from engine_run import EngineFactory, Model, random_prompt
 from hf_reference import hf_greedy
 from nextserve.cluster.engine.contract import StepOutput
 from nextserve.cluster.engine.engine import Engine
-from nextserve.cluster.engine.scheduler import SchedulerConfig, StepPlan
+from nextserve.cluster.engine.scheduler import StepPlan
 from nextserve.model.cache.budget import CacheConfig
 from nextserve.model.sampling import SamplingParams
-from nextserve.model.sizes import model_sizes
 
-Model = tuple[Any, Any]
 BS = 16
-
-
-@pytest.fixture
-def make_engine() -> Iterator[Callable[..., Engine]]:
-    engines: list[Engine] = []
-
-    def make(model: Model, slots: int, blocks: int, snapshots: int, snapshot_every: int = BS,
-             enable: bool = True, **config: int) -> Engine:
-        """An engine whose cache holds exactly `slots` sequences, `blocks` KV blocks of BS tokens and
-        `snapshots` state snapshots, one every `snapshot_every` tokens (none when not `enable`)."""
-        sizes = model_sizes(model[0].config, torch.float32)
-        state, snapshots = sizes.deltanet_state_bytes_per_sequence, snapshots if enable else 0
-        budget = (slots + snapshots) * state + blocks * BS * sizes.kv_bytes_per_token
-        cache = CacheConfig(budget, BS, enable_prefix_cache=enable, prefix_snapshot_every=snapshot_every,
-                            prefix_snapshot_memory_fraction=(snapshots * state + state // 2) / budget)
-        engines.append(Engine(model[0], model[1], None, SchedulerConfig(max_num_seqs=slots, **config),
-                              cache_config=cache))
-        capacity = engines[-1].capacity
-        assert (capacity.num_slots, capacity.num_blocks) == (slots, blocks)
-        assert capacity.num_snapshots == snapshots
-        return engines[-1]
-
-    yield make
-    for engine in engines:
-        engine.shutdown()
 
 
 def _one(engine: Engine, prompt: list[int], n: int) -> StepOutput:
@@ -72,9 +43,9 @@ def _check_books(engine: Engine) -> None:
     (32, 20, 0),   # inside the first snapshot interval: nothing to restore
 ])
 def test_shared_prefix_then_different_suffixes(every: int, shared: int, hit: int, reference: dict, small: Model,
-                                               make_engine: Callable) -> None:
+                                               make_engine: EngineFactory) -> None:
     hf_model = reference["small"][0]
-    engine = make_engine(small, 2, 40, 8, snapshot_every=every)
+    engine = make_engine.cached(small, 2, 40, BS, 8, snapshot_every=every)
     prefix = random_prompt(shared, 320, seed=1)
     first, second = prefix + random_prompt(30, 320, seed=2), prefix + random_prompt(30, 320, seed=3)
     out1 = _one(engine, first, 6)
@@ -86,11 +57,11 @@ def test_shared_prefix_then_different_suffixes(every: int, shared: int, hit: int
     _check_books(engine)
 
 
-def test_the_next_turn_hits_past_the_previous_prompt(reference: dict, small: Model, make_engine: Callable) -> None:
+def test_the_next_turn_hits_past_the_previous_prompt(reference: dict, small: Model, make_engine: EngineFactory) -> None:
     """Turn 2 = turn-1 prompt + turn-1 output + new text: the hit reaches the last block boundary turn 1
     computed (its tail snapshot, published at finish), inside turn 1's output."""
     hf_model = reference["small"][0]
-    engine = make_engine(small, 2, 40, 8, snapshot_every=64)
+    engine = make_engine.cached(small, 2, 40, BS, 8, snapshot_every=64)
     prompt = random_prompt(30, 320, seed=4)
     out1 = _one(engine, prompt, 30)
     turn2 = prompt + out1.token_ids + random_prompt(10, 320, seed=5)
@@ -102,8 +73,8 @@ def test_the_next_turn_hits_past_the_previous_prompt(reference: dict, small: Mod
     _check_books(engine)
 
 
-def test_switched_off_nothing_is_cached(reference: dict, small: Model, make_engine: Callable) -> None:
-    engine = make_engine(small, 2, 40, 8, enable=False)
+def test_switched_off_nothing_is_cached(reference: dict, small: Model, make_engine: EngineFactory) -> None:
+    engine = make_engine.cached(small, 2, 40, BS, 8, enable_prefix_cache=False)
     prompt = random_prompt(50, 320, seed=6)
     outs = [_one(engine, prompt, 4) for _ in range(2)]
     assert [o.cached_tokens for o in outs] == [0, 0] and outs[0].token_ids == outs[1].token_ids
@@ -129,12 +100,12 @@ def _spy(engine: Engine) -> tuple[list[str], dict[str, int]]:
     return preempted, prefilled
 
 
-def test_eviction_and_preemption_of_shared_blocks(reference: dict, small: Model, make_engine: Callable) -> None:
+def test_eviction_and_preemption_of_shared_blocks(reference: dict, small: Model, make_engine: EngineFactory) -> None:
     """Eight requests over three 32-token prefixes in 14 blocks (224 tokens) and 4 snapshots, 4 at once:
     cached blocks are evicted before anyone is preempted, sequences holding shared blocks are preempted
     and recompute (from the cache where it survived); every stream is transformers' greedy one."""
     hf_model = reference["small"][0]
-    engine = make_engine(small, 4, 14, 4, max_tokens_per_step=48, prefill_chunk=16)
+    engine = make_engine.cached(small, 4, 14, BS, 4, max_tokens_per_step=48, prefill_chunk=16)
     preempted, _ = _spy(engine)
     shared_when_preempted: list[bool] = []
     preempt, cache = engine.scheduler._preempt, engine.scheduler.blocks.cache
@@ -155,7 +126,7 @@ def test_eviction_and_preemption_of_shared_blocks(reference: dict, small: Model,
     _check_books(engine)
 
 
-def test_random_requests_keep_the_books(small: Model, make_engine: Callable) -> None:
+def test_random_requests_keep_the_books(small: Model, make_engine: EngineFactory) -> None:
     """200 requests drawn from 6 shared prefixes plus random suffixes, 5 at a time through 30 blocks and
     4 snapshots: all finish, the tokens equal an engine without the prefix cache (itself equal to
     transformers above and in test_cache_budget), the pools never grow, and nothing leaks."""
@@ -164,8 +135,8 @@ def test_random_requests_keep_the_books(small: Model, make_engine: Callable) -> 
     prompts = [rng.choice(prefixes)[:rng.randint(5, 70)] + random_prompt(rng.randint(1, 20), 320, seed=200 + i)
                for i in range(200)]
     params = [SamplingParams(max_tokens=rng.randint(1, 10), ignore_eos=True) for _ in prompts]
-    cached = make_engine(small, 5, 30, 4, snapshot_every=32, max_tokens_per_step=64, prefill_chunk=32)
-    plain = make_engine(small, 5, 30, 4, enable=False, max_tokens_per_step=64, prefill_chunk=32)
+    cached = make_engine.cached(small, 5, 30, BS, 4, snapshot_every=32, max_tokens_per_step=64, prefill_chunk=32)
+    plain = make_engine.cached(small, 5, 30, BS, 4, enable_prefix_cache=False, max_tokens_per_step=64, prefill_chunk=32)
     outs = cached.generate_sync(prompts, params)
     assert [o.token_ids for o in outs] == [o.token_ids for o in plain.generate_sync(prompts, params)]
     assert all(len(o.token_ids) == p.max_tokens for o, p in zip(outs, params))
@@ -175,11 +146,11 @@ def test_random_requests_keep_the_books(small: Model, make_engine: Callable) -> 
     _check_books(cached)
 
 
-def test_prefill_work_stays_flat_over_a_conversation(reference: dict, small: Model, make_engine: Callable) -> None:
+def test_prefill_work_stays_flat_over_a_conversation(reference: dict, small: Model, make_engine: EngineFactory) -> None:
     """8 turns, each the whole conversation so far plus ~20 new tokens: from turn 2 on, the tokens
     actually prefilled stay within the new ones plus one block, while the history grows to ~250."""
     hf_model = reference["small"][0]
-    engine = make_engine(small, 2, 40, 8, snapshot_every=64)
+    engine = make_engine.cached(small, 2, 40, BS, 8, snapshot_every=64)
     _, prefilled = _spy(engine)
     history: list[int] = []
     for turn in range(8):

@@ -4,13 +4,10 @@ admission refuses what can never fit; the budget's arithmetic (shared with the c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
-
 import pytest
 import torch
 
-from engine_run import random_prompt
+from engine_run import EngineFactory, Model, random_prompt
 from hf_reference import hf_greedy
 from nextserve.cluster.engine.contract import EngineRequestError, FinishReason
 from nextserve.cluster.engine.engine import Engine
@@ -21,35 +18,6 @@ from nextserve.model.capacity import GpuSpec, plan_capacity
 from nextserve.model.config import PUBLISHED_CONFIGS, Qwen3NextConfig
 from nextserve.model.sampling import SamplingParams
 from nextserve.model.sizes import model_sizes
-
-Model = tuple[Any, Any]
-
-
-@pytest.fixture
-def make_engine() -> Iterator[Callable[..., Engine]]:
-    engines: list[Engine] = []
-
-    def make(model: Model, slots: int, blocks: int, block_size: int, snapshots: int = 0,
-             snapshot_every: int | None = None, **config: int) -> Engine:
-        """An engine whose cache holds exactly `slots` sequences, `blocks` KV blocks and `snapshots`
-        prefix-cache snapshots (0: no prefix cache), one every `snapshot_every` tokens (a block's)."""
-        state = model_sizes(model[0].config, torch.float32).deltanet_state_bytes_per_sequence
-        budget = (slots + snapshots) * state + blocks * block_size * model_sizes(model[0].config,
-                                                                                torch.float32).kv_bytes_per_token
-        fraction = (snapshots * state + state // 2) / budget  # floors to exactly `snapshots` snapshots
-        cache = CacheConfig(budget, block_size, prefix_snapshot_every=snapshot_every or block_size,
-                            prefix_snapshot_memory_fraction=fraction)
-        engines.append(Engine(model[0], model[1], None, SchedulerConfig(max_num_seqs=slots, **config),
-                              cache_config=cache))
-        capacity = engines[-1].capacity
-        assert (capacity.num_slots, capacity.num_blocks, capacity.num_snapshots) == (slots, blocks, snapshots)
-        return engines[-1]
-
-    yield make
-    for engine in engines:
-        engine.shutdown()
-
-
 
 
 def _spy_preempted(engine: Engine) -> list[str]:
@@ -67,13 +35,13 @@ def _spy_preempted(engine: Engine) -> list[str]:
 
 @pytest.mark.parametrize("block_size,blocks", [(16, 12), (32, 6)])
 def test_greedy_equals_transformers_across_preemption(block_size: int, blocks: int, reference: dict, small: Model,
-                                                      make_engine: Callable) -> None:
+                                                      make_engine: EngineFactory) -> None:
     """Six requests wanting ~460 tokens of KV in a cache of 192: mixed prefill/decode steps, prompts
     ending on a block boundary (16, 32, 64) and one spanning many blocks (100), several sequences
     preempted in the middle of their output and recomputed (prompt + output so far, in chunks). Every
     stream equals transformers' greedy tokens, with no token twice."""
     hf_model = reference["small"][0]
-    engine = make_engine(small, 4, blocks, block_size, max_tokens_per_step=48, prefill_chunk=16)
+    engine = make_engine.cached(small, 4, blocks, block_size, max_tokens_per_step=48, prefill_chunk=16)
     preempted = _spy_preempted(engine)
     lengths, max_tokens = (16, 32, 45, 7, 100, 64), (40, 30, 40, 60, 40, 50)
     prompts = [random_prompt(n, 320, seed=40 + i) for i, n in enumerate(lengths)]
@@ -86,10 +54,10 @@ def test_greedy_equals_transformers_across_preemption(block_size: int, blocks: i
     assert (stats.blocks_used, stats.slots_used, stats.blocks_total, stats.slots_total) == (0, 0, blocks, 4)
 
 
-def test_seeded_sampling_continues_its_stream_across_preemption(small: Model, make_engine: Callable) -> None:
+def test_seeded_sampling_continues_its_stream_across_preemption(small: Model, make_engine: EngineFactory) -> None:
     """The sampled sequence is the most recently admitted, so it is the one preempted: recomputed, its
     generator untouched, it samples exactly what it samples alone in a roomy cache."""
-    roomy, tight = make_engine(small, 2, 64, 16), make_engine(small, 2, 6, 16, max_tokens_per_step=32, prefill_chunk=16)
+    roomy, tight = make_engine.cached(small, 2, 64, 16), make_engine.cached(small, 2, 6, 16, max_tokens_per_step=32, prefill_chunk=16)
     greedy = SamplingParams(max_tokens=50, ignore_eos=True)
     seeded = SamplingParams(max_tokens=30, temperature=0.8, top_k=50, seed=7, ignore_eos=True)
     prompts = [random_prompt(40, 320, seed=1), random_prompt(10, 320, seed=2)]
@@ -100,8 +68,8 @@ def test_seeded_sampling_continues_its_stream_across_preemption(small: Model, ma
     assert [out.token_ids for out in both] == alone
 
 
-def test_admission_refuses_what_the_cache_can_never_hold(small: Model, make_engine: Callable) -> None:
-    engine = make_engine(small, 2, 6, 16)  # 96 tokens of KV per sequence at most
+def test_admission_refuses_what_the_cache_can_never_hold(small: Model, make_engine: EngineFactory) -> None:
+    engine = make_engine.cached(small, 2, 6, 16)  # 96 tokens of KV per sequence at most
     with pytest.raises(EngineRequestError, match="97 tokens, more than the 96") as info:
         engine.generate_sync([[5] * 97], SamplingParams(max_tokens=1))
     assert info.value.param == "prompt"

@@ -15,7 +15,7 @@ from nextserve.model.sampling import SamplingParams, allowed_next_tokens
 
 
 @pytest.fixture(scope="module")
-def small(reference: dict) -> Any:
+def small_engine(reference: dict) -> Any:
     model, path = reference["small"]
     engine = Engine(load_head(path), load_local_backend(path), None)
     yield model, engine
@@ -31,8 +31,8 @@ def _hf_logprobs(model: Any, prompt: list[int], output: list[int]) -> torch.Tens
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_logprobs_equal_transformers_log_softmax(small: Any, temperature: float) -> None:
-    model, engine = small
+def test_logprobs_equal_transformers_log_softmax(small_engine: Any, temperature: float) -> None:
+    model, engine = small_engine
     prompts = [[5, 6, 7, 8, 9], [11] * 13, [3, 250, 17]]
     params = SamplingParams(max_tokens=8, ignore_eos=True, temperature=temperature, seed=4, logprobs=5)
     for prompt, out in zip(prompts, engine.generate_sync(prompts, params)):
@@ -46,16 +46,16 @@ def test_logprobs_equal_transformers_log_softmax(small: Any, temperature: float)
             assert max(abs(lp - v) for (_, lp), v in zip(entry.top, top.values.tolist())) <= 1e-4
 
 
-def test_no_logprobs_unless_asked(small: Any) -> None:
-    _, engine = small
+def test_no_logprobs_unless_asked(small_engine: Any) -> None:
+    _, engine = small_engine
     (out,) = engine.generate_sync([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))
     assert out.logprobs is None
     (out,) = engine.generate_sync([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True, logprobs=0))
     assert out.logprobs is not None and all(e.top == () for e in out.logprobs)
 
 
-def test_constrained_start_follows_an_allowed_sequence_then_runs_free(small: Any) -> None:
-    model, engine = small
+def test_constrained_start_follows_an_allowed_sequence_then_runs_free(small_engine: Any) -> None:
+    model, engine = small_engine
     prompt = [5, 6, 7, 8]
     (free,) = engine.generate_sync([prompt], SamplingParams(max_tokens=6, ignore_eos=True))
     starts = ((free.token_ids[0] + 1, 40, 41), (free.token_ids[0] + 1, 42), (77,))  # none is the free choice

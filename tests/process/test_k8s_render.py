@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-K8S = Path(__file__).resolve().parent.parent / "k8s"
+K8S = Path(__file__).resolve().parents[2] / "k8s"
 KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/gpu"]
 Resource = dict[str, Any]
 
