@@ -11,7 +11,7 @@ import torch
 
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.scheduler import SchedulerConfig
-from nextserve.model.cache_config import CacheConfig
+from nextserve.model.cache.budget import CacheConfig
 from nextserve.model.sampling import SamplingParams
 from nextserve.model.sizes import model_sizes
 
