@@ -7,7 +7,6 @@ cache come from SchedulerConfig and CacheConfig."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit

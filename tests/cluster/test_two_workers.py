@@ -1,6 +1,11 @@
 """One `nextserve up` on the tiny default with 2 workers (R = 1), as `make serve` runs it, shared by every
 test here (one bring-up instead of three); the tests run in file order, each leaving a serving cluster:
 - status lists the workers, the tiny default is made on first use, a chat completion answers;
+- the perimeter, from outside holding no token: the workers (on loopback) answer Dispatch,
+  DispatchStream, Info and a 200 MiB Echo with UNAUTHENTICATED and a 64 MiB body with UNAUTHENTICATED
+  or RESOURCE_EXHAUSTED; Redis answers NOAUTH; neither `up`'s output nor `status` shows the Redis
+  password or the token, the state file is its owner's only; the heads (with the token) still serve
+  greedy completions equal to transformers';
 - readiness through the real gateway: a hung worker without a replica makes it 503, then 200 again;
 - a SIGKILLed worker with R = 1: requests get a quick 503 naming the experts, then it serves again;
 - recovery after Redis loses its data (real Ray, real redis-server, real gRPC, real HTTP): Redis is
@@ -13,26 +18,36 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
+
+import grpc
 
 import httpx
 import pytest
 import redis
+import torch
 
 from cluster_harness import UpProcess, pids_alive, wait_for
 from nextserve.cluster.control import worker_admin
 from nextserve.cluster.control.registry import Registry
 from nextserve.model.tiny import TINY_VERSION
+from nextserve.proto import expert_pb2, expert_pb2_grpc
+from nextserve.proto.admin_auth import admin_metadata
+from nextserve.proto.codec import MESSAGE_SIZE_OPTIONS
 
 pytestmark = pytest.mark.cluster
 RECOVER_WITHIN_S = 120.0
 """Ray restarts the worker, it loads its experts, the controller re-syncs and republishes it (2 CPUs)."""
 RESTORE_WITHIN_S = 30.0
 """Stated bound: a SIGKILLed worker is restarted by Ray, reloads its experts and is republished."""
+MiB = 1024 * 1024
 PROMPTS = [[5] * 12, list(range(40, 70)), [1000, 3, 77, 512, 9]]
 
 
@@ -63,6 +78,71 @@ def test_up_tiny_default_serves_and_status_lists_the_workers(up: UpProcess) -> N
     r = httpx.post(f"{up.base_url}/v1/chat/completions", timeout=60,
                    json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def _outsider_calls() -> dict[str, object]:
+    dispatch = expert_pb2.DispatchRequest(layer=0, epoch=10**6, dtype=expert_pb2.DTYPE_FLOAT32, num_tokens=1,
+                                          hidden_size=64, hidden=bytes(256))
+    echo = expert_pb2.EchoRequest(reply_bytes=200 * MiB)
+    body = expert_pb2.DispatchRequest(layer=0, num_tokens=1, hidden_size=64, hidden=bytes(64 * MiB))
+    return {"Dispatch": dispatch, "DispatchStream": [dispatch], "Info": expert_pb2.InfoRequest(), "Echo": echo,
+            "EchoStream": [echo], "Dispatch 64 MiB": body}
+
+
+def _call(stub: expert_pb2_grpc.ExpertServiceStub, name: str, request: object, metadata: tuple = ()) -> object:
+    method = getattr(stub, name.split()[0])
+    if isinstance(request, list):
+        return list(method(iter(request), timeout=60, metadata=metadata))
+    return method(request, timeout=60, metadata=metadata)
+
+
+def test_an_outsider_is_refused_everywhere_and_the_cluster_serves_as_transformers(up: UpProcess,
+                                                                                   tiny_hf: Any) -> None:
+    """The perimeter of a local `up`, from outside without the token (see the module doc)."""
+    state_file = up.cache / "cluster-default.json"
+    assert stat.S_IMODE(state_file.stat().st_mode) == 0o600
+    state = up.state()
+    redis_url = urlsplit(state["redis_url"])
+    assert redis_url.password and len(redis_url.password) >= 32
+    status_text = up.cli("status")
+    assert status_text.returncode == 0, status_text.stderr
+    for shown in (status_text.stdout, status_text.stderr, up.cli("status", "--json").stdout, "".join(up.lines)):
+        assert redis_url.password not in shown and state["admin_token"] not in shown
+
+    with socket.create_connection((redis_url.hostname, redis_url.port), timeout=10) as raw:
+        raw.sendall(b"PING\r\n")
+        assert raw.recv(256).startswith(b"-NOAUTH")
+
+    workers = up.status()["workers"]
+    assert len(workers) == 2
+    for worker in workers:
+        host, _, port = worker["address"].rpartition(":")
+        assert host == "127.0.0.1", worker["address"]  # a local cluster's workers listen on loopback only
+        with grpc.insecure_channel(worker["address"], options=MESSAGE_SIZE_OPTIONS) as channel:
+            stub = expert_pb2_grpc.ExpertServiceStub(channel)
+            before = _call(stub, "Info", expert_pb2.InfoRequest(), admin_metadata(state["admin_token"]))
+            for name, request in _outsider_calls().items():
+                with pytest.raises(grpc.RpcError) as err:
+                    _call(stub, name, request)
+                allowed = {grpc.StatusCode.UNAUTHENTICATED} | (
+                    {grpc.StatusCode.RESOURCE_EXHAUSTED} if "MiB" in name else set())
+                assert err.value.code() in allowed, (worker["address"], name, err.value.code())
+            after = _call(stub, "Info", expert_pb2.InfoRequest(), admin_metadata(state["admin_token"]))
+            assert 10**6 not in after.inflight_by_epoch and after.epoch == before.epoch  # nothing counted
+        with socket.socket() as s:  # not on the host's other addresses (0.0.0.0 would take this)
+            s.settimeout(5)
+            other = socket.gethostbyname(socket.gethostname())
+            if not other.startswith("127."):
+                assert s.connect_ex((other, int(port))) != 0
+
+    model, tok = tiny_hf
+    for prompt in ("def fibonacci(n):", "The quick brown fox"):
+        r = httpx.post(f"{up.base_url}/v1/completions", timeout=120,
+                       json={"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0})
+        assert r.status_code == 200, r.text
+        ids = tok(prompt)["input_ids"]
+        want = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):]
+        assert r.json()["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
 
 
 def test_probes_and_a_hung_worker_without_replica_is_not_ready(up: UpProcess) -> None:

@@ -17,7 +17,6 @@ from hf_reference import hf_greedy
 from nextserve.cluster.engine.contract import StepOutput
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.scheduler import StepPlan
-from nextserve.model.cache.budget import CacheConfig
 from nextserve.model.sampling import SamplingParams
 
 BS = 16
