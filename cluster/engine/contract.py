@@ -8,8 +8,9 @@
 Every object here crosses Ray between a gateway replica and a head replica as itself (Ray pickles it),
 never as a dict. The gateway imports the engine through this module only; `Engine.admit` is the one place
 the serving rules live, and its refusals carry a code and the offending field, so an API maps them by
-type (never by reading the message). Fields later features add to a request (tenant, grammar, speculation)
-go on EngineRequest or SamplingParams, here.
+type (never by reading the message). Fields later features add to a request (grammar, speculation)
+go on EngineRequest or SamplingParams, here; the tenant (who sent it, from the gateway's authentication)
+and the client's cache salt are on EngineRequest.
 """
 
 from __future__ import annotations
@@ -33,6 +34,20 @@ class EngineRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     """How to sample and when to stop (stop strings and stop token ids included)."""
+    tenant: str = ""
+    """Who sent it, as the gateway authenticated the API key (its keys file's TENANT; "" on a server
+    without keys): never a value the client names. Roots its prefix-cache keys (a tenant never hits
+    another's blocks or snapshots) and is its queue in the head's fair admission."""
+    tenant_weight: float = 1.0
+    """The tenant's share of admissions (WEIGHT in the keys file): a weight-2 tenant is admitted twice the
+    prompt tokens of a weight-1 one while both wait."""
+    cache_salt: str = ""
+    """The client's optional `cache_salt`: narrows its prefix-cache sharing within its tenant (requests
+    share cached blocks only when tenant and salt are equal)."""
+
+    def __post_init__(self) -> None:
+        if not self.tenant_weight > 0:
+            raise ValueError(f"tenant_weight must be > 0, got {self.tenant_weight} (tenant {self.tenant!r})")
 
 
 class FinishReason(enum.Enum):
@@ -78,6 +93,9 @@ class ErrorCode(enum.Enum):
     retrying later can succeed."""
     INTERNAL = "internal"
     """A step failed for a reason that is not the client's: 500."""
+    OVERLOADED = "overloaded"
+    """Refused for load, not for what it asks: 429 with Retry-After (EngineError.retry_after_s) when the
+    client's tenant is over its concurrency or tokens-per-minute limit, or a queue is full."""
 
     @property
     def http_status(self) -> int:
@@ -89,7 +107,7 @@ class ErrorCode(enum.Enum):
 
 
 _HTTP_STATUS = {ErrorCode.INVALID_REQUEST: 400, ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400,
-                ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500}
+                ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500, ErrorCode.OVERLOADED: 429}
 
 
 class EngineError(Exception):
@@ -98,17 +116,21 @@ class EngineError(Exception):
     at fault ("prompt", "max_tokens", "stop", "request_id", a sampling field), None when no field is."""
     default_code = ErrorCode.INTERNAL
 
-    def __init__(self, message: str, *, param: str | None = None, code: ErrorCode | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: ErrorCode | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(f"{param}: {message}" if param else message)
         self.message, self.param = message, param
         self.code = code or self.default_code
+        self.retry_after_s = retry_after_s
+        """When retrying can succeed (OVERLOADED): the seconds to wait, sent as Retry-After."""
 
     def __reduce__(self) -> tuple[object, ...]:  # crosses Ray as itself, with its code and field
-        return _rebuild_error, (type(self), self.message, self.param, self.code)
+        return _rebuild_error, (type(self), self.message, self.param, self.code, self.retry_after_s)
 
 
-def _rebuild_error(kind: type[EngineError], message: str, param: str | None, code: ErrorCode) -> EngineError:
-    return kind(message, param=param, code=code)
+def _rebuild_error(kind: type[EngineError], message: str, param: str | None, code: ErrorCode,
+                   retry_after_s: float | None = None) -> EngineError:
+    return kind(message, param=param, code=code, retry_after_s=retry_after_s)
 
 
 class EngineRequestError(EngineError, ValueError):

@@ -1,0 +1,113 @@
+"""FairQueue alone and in the scheduler: FCFS within a tenant, weighted deficit round robin across tenants,
+preempted sequences first; a flood of 24 from one tenant does not hold back another's request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from nextserve.cluster.engine.contract import EngineRequest, FinishReason
+from nextserve.cluster.engine.fair_queue import FairQueue
+from nextserve.cluster.engine.scheduler import Scheduler, SchedulerConfig, SequenceState
+from nextserve.model.cache.block_manager import BlockManager
+from nextserve.model.sampling import SamplingParams
+
+
+@dataclass(eq=False)
+class Item:
+    name: str
+    tenant: str
+    num_prefill_tokens: int = 100
+    tenant_weight: float = 1.0
+
+
+def _drain(queue: FairQueue[Item]) -> list[str]:
+    order = []
+    while queue:
+        item = queue.peek()
+        assert queue.peek() is item  # peeking twice changes nothing
+        queue.pop(item)
+        order.append(item.name)
+    return order
+
+
+def test_one_tenant_is_fcfs() -> None:
+    q: FairQueue[Item] = FairQueue(quantum_tokens=50, min_cost_tokens=1)
+    for i, n in enumerate((10, 500, 3, 77)):
+        q.push(Item(f"x{i}", "", n))
+    assert _drain(q) == ["x0", "x1", "x2", "x3"]
+
+
+def test_equal_weights_alternate_by_tokens() -> None:
+    q: FairQueue[Item] = FairQueue(quantum_tokens=100, min_cost_tokens=1)
+    for i in range(6):
+        q.push(Item(f"a{i}", "A"))
+    for i in range(2):
+        q.push(Item(f"b{i}", "B"))
+    assert _drain(q) == ["a0", "b0", "a1", "b1", "a2", "a3", "a4", "a5"]
+
+
+def test_weight_two_gets_twice_the_tokens() -> None:
+    q: FairQueue[Item] = FairQueue(quantum_tokens=100, min_cost_tokens=1)
+    for i in range(6):
+        q.push(Item(f"a{i}", "A", tenant_weight=2.0))
+        q.push(Item(f"b{i}", "B"))
+    assert _drain(q)[:9] == ["a0", "a1", "b0", "a2", "a3", "b1", "a4", "a5", "b2"]
+
+
+def test_long_prompts_cost_more_turns() -> None:
+    """A's 400-token prompts need 4 turns of credit each; B's 100-token ones one."""
+    q: FairQueue[Item] = FairQueue(quantum_tokens=100, min_cost_tokens=1)
+    for i in range(2):
+        q.push(Item(f"a{i}", "A", 400))
+    for i in range(6):
+        q.push(Item(f"b{i}", "B", 100))
+    assert _drain(q) == ["b0", "b1", "b2", "a0", "b3", "b4", "b5", "a1"]
+
+
+def test_preempted_first_and_remove() -> None:
+    q: FairQueue[Item] = FairQueue(quantum_tokens=100, min_cost_tokens=1)
+    a0, a1, b0, p = Item("a0", "A"), Item("a1", "A"), Item("b0", "B"), Item("p", "B")
+    for item in (a0, a1, b0):
+        q.push(item)
+    q.push_front(p)
+    assert q.peek() is p
+    q.remove(a0)
+    assert len(q) == 3 and [i.name for i in q] == ["p", "a1", "b0"]
+    assert _drain(q) == ["p", "a1", "b0"]
+    with pytest.raises(ValueError, match="a0"):
+        q.remove(a0)
+    with pytest.raises(IndexError):
+        q.peek()
+
+
+def _seq(request_id: str, tenant: str, prompt_len: int, max_tokens: int) -> SequenceState:
+    return SequenceState(EngineRequest(request_id, tuple(range(3, 3 + prompt_len)),
+                                       SamplingParams(max_tokens=max_tokens), tenant=tenant))
+
+
+def test_scheduler_admits_b_within_a_round_while_a_floods() -> None:
+    """A keeps 24 requests waiting with max_num_seqs 4; B's one short request, arriving after them, is
+    admitted after at most one more turn of A's (QUANTUM_TOKENS / MIN_COST_TOKENS = 2 requests), ahead of
+    the rest of A's flood (FCFS would make it wait for all 20)."""
+    config = SchedulerConfig(max_num_seqs=4, max_tokens_per_step=256, prefill_chunk=128)
+    s = Scheduler(config, BlockManager(1000, config.max_num_seqs, 16))
+    for i in range(24):
+        s.add(_seq(f"a{i}", "A", 40, max_tokens=3 + i % 4))
+    first = s.schedule()
+    assert [item.seq.request_id for item in first.scheduled] == ["a0", "a1", "a2", "a3"]
+    s.add(_seq("b", "B", 8, max_tokens=2))
+    admitted: list[str] = []
+    for _ in range(40):
+        plan = first if not admitted else s.schedule()
+        admitted += [i.seq.request_id for i in plan.scheduled if i.seq.num_computed_tokens == 0
+                     and i.seq.request_id not in admitted]
+        for item in plan.scheduled:
+            s.advance(item, 7 if item.samples_token else None)
+            if len(item.seq.output_ids) >= item.seq.request.params.max_tokens:
+                s.finish(item.seq, FinishReason.LENGTH)
+        if "b" in admitted:
+            break
+    assert admitted[:4] == ["a0", "a1", "a2", "a3"] and "b" in admitted[4:7], admitted
+    assert len(s.waiting) == 24 - (len(admitted) - 1)  # the rest of A's flood still waits
