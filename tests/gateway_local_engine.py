@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.gateway.app import build_app
+from nextserve.cluster.gateway.tenants import TenantDirectory
 from nextserve.model.expert_backend import ExpertBackend
 from nextserve.router.local_backend import LocalExpertBackend, load_local_backend
 from nextserve.model.loader import load_head
@@ -105,9 +106,10 @@ class TinyEngine:
 class Server:
     """A uvicorn server in a thread, on a free loopback port; the engine is shut down on exit."""
 
-    def __init__(self, engine: TinyEngine, model_name: str, api_key: str | None = None) -> None:
+    def __init__(self, engine: TinyEngine, model_name: str, api_key: str | None = None,
+                 tenants: TenantDirectory | None = None) -> None:
         self.engine = engine
-        self.app = build_app(engine.client, model_name, api_key)
+        self.app = build_app(engine.client, model_name, api_key, tenants=tenants)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"

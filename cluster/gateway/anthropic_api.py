@@ -12,6 +12,7 @@ and the anthropic SDK speak. Same engine, same chat template, same tool-call par
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -40,7 +41,10 @@ def anthropic_error(e: EngineError) -> AnthropicError:
     """An engine error in Anthropic's shape: unavailability is 529 `overloaded_error` (what its SDKs retry)."""
     status = 529 if e.code is ErrorCode.UNAVAILABLE else e.code.http_status
     message = e.message if e.param is None else f"{_ANTHROPIC_PARAMS.get(e.param, e.param)}: {e.message}"
-    return AnthropicError(status, message)
+    error = AnthropicError(status, message)
+    if e.retry_after_s is not None:
+        error.headers = {"retry-after": str(math.ceil(e.retry_after_s))}
+    return error
 
 
 class AnthropicApi:
@@ -66,7 +70,8 @@ class AnthropicApi:
             params = params.constrained_to(chat.name_token_ids)
         message_id = new_message_id()
         try:
-            choices = await start_choices(self.engine, message_id, chat.prompt_ids, [params], self.metrics)
+            choices = await start_choices(self.engine, message_id, chat.prompt_ids, [params], self.metrics,
+                                          request.state.caller)
         except EngineError as e:
             raise anthropic_error(e) from None
         if req.stream:

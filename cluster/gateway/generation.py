@@ -1,7 +1,9 @@
 """One API request as engine requests: its n choices started together, their outputs merged as they come.
 
-    start_choices(engine, request_id, prompt_ids, [params per choice], metrics)
-      -> one engine request per choice ("{request_id}-{i}"), each awaited to its first output, so an
+    start_choices(engine, request_id, prompt_ids, [params per choice], metrics, caller)
+      -> the caller's tenant quota: over a limit, EngineError OVERLOADED (429 + Retry-After), nothing started
+      -> one engine request per choice ("{request_id}-{i}"), carrying the caller's tenant, weight and
+         cache salt, each awaited to its first output, so an
          engine refusal or unavailability (an EngineError with its code) is raised here, before any
          response starts, for each API to map to its own error shape
       -> Choices: `async for index, out in choices` in arrival order; `aclose()` aborts what is left
@@ -22,8 +24,9 @@ from typing import Protocol
 
 from transformers import PreTrainedTokenizerBase
 
-from nextserve.cluster.engine.contract import EngineRequest, EngineStats, SamplingParams, StepOutput
+from nextserve.cluster.engine.contract import EngineError, EngineRequest, EngineStats, SamplingParams, StepOutput
 from nextserve.cluster.gateway.metrics import GatewayMetrics, RequestTracker
+from nextserve.cluster.gateway.tenants import Caller, TenantQuota
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,8 @@ class Choices:
     when iteration ends, however it ends."""
 
     def __init__(self, firsts: list[StepOutput], streams: list[AsyncGenerator[StepOutput, None]],
-                 trackers: list[RequestTracker]) -> None:
-        self.firsts, self.streams, self.trackers = firsts, streams, trackers
+                 trackers: list[RequestTracker], quota: TenantQuota | None = None) -> None:
+        self.firsts, self.streams, self.trackers, self.quota = firsts, streams, trackers, quota
         self.prompt_tokens = firsts[0].prompt_tokens
         self.cached_tokens = firsts[0].cached_tokens
         """Of the prompt, the tokens the head served from its prefix cache (the first choice's)."""
@@ -117,15 +120,26 @@ class Choices:
         for stream, tracker in zip(self.streams, self.trackers):
             await stream.aclose()
             tracker.finish()
+        if self.quota is not None:
+            self.quota.release()
+            self.quota = None
 
 
 async def start_choices(engine: EngineClient, request_id: str, prompt_ids: Sequence[int],
-                        params: Sequence[SamplingParams], metrics: GatewayMetrics) -> Choices:
+                        params: Sequence[SamplingParams], metrics: GatewayMetrics, caller: Caller) -> Choices:
     """Start every choice and wait for each one's first output; on any failure close them all and raise."""
+    tenant = caller.tenant
+    try:
+        if caller.quota is not None:
+            caller.quota.acquire()
+    except EngineError:
+        metrics.tenant_refusals.labels(tenant=tenant.name).inc()
+        raise
+    metrics.tenant_requests.labels(tenant=tenant.name).inc()
     streams = [engine.generate(EngineRequest(f"{request_id}-{i}" if len(params) > 1 else request_id,
-                                             tuple(prompt_ids), p))
+                                             tuple(prompt_ids), p, tenant.name, tenant.weight, caller.cache_salt))
                for i, p in enumerate(params)]
-    trackers = [metrics.track() for _ in streams]
+    trackers = [metrics.track(tenant.name, caller.quota) for _ in streams]
     try:
         firsts = list(await asyncio.gather(*(anext(s) for s in streams)))
     except BaseException:
@@ -133,5 +147,7 @@ async def start_choices(engine: EngineClient, request_id: str, prompt_ids: Seque
             with suppress(Exception):
                 await stream.aclose()
             tracker.finish()
+        if caller.quota is not None:
+            caller.quota.release()
         raise
-    return Choices(firsts, streams, trackers)
+    return Choices(firsts, streams, trackers, caller.quota)

@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,7 @@ from nextserve.cluster.gateway.protocols.openai import (SERVER_ERROR, SSE_DONE, 
                                                         Usage, chat_logprobs, choice_body, chunk_body,
                                                         completion_logprobs, error_body, parse_request, response_body,
                                                         sse, usage_chunk_body)
+from nextserve.cluster.gateway.tenants import Caller
 from nextserve.cluster.gateway.tool_calls import (ParsedToolCall, TextDelta, ToolArgumentsDelta, ToolCallEvent,
                                                   ToolCallParser, ToolCallStart, parse_tool_calls)
 
@@ -50,7 +53,8 @@ class Job:
 _OPENAI_CODES = {ErrorCode.INVALID_REQUEST: ("invalid_request_error", "invalid_value"),
                  ErrorCode.CONTEXT_LENGTH_EXCEEDED: ("invalid_request_error", "context_length_exceeded"),
                  ErrorCode.UNAVAILABLE: ("service_unavailable", "service_unavailable"),
-                 ErrorCode.INTERNAL: (SERVER_ERROR, "internal_error")}
+                 ErrorCode.INTERNAL: (SERVER_ERROR, "internal_error"),
+                 ErrorCode.OVERLOADED: ("requests", "rate_limit_exceeded")}
 """The engine's error codes as OpenAI's error `type` and `code`."""
 
 
@@ -59,7 +63,10 @@ def openai_error(e: EngineError, request: GenerationRequest) -> RequestError:
     param = None if e.param is None else {"prompt": request.prompt_param,
                                           "max_tokens": request.max_tokens_request()[1]}.get(e.param, e.param)
     kind, code = _OPENAI_CODES[e.code]
-    return RequestError(e.code.http_status, e.message, param, type=kind, code=code)
+    error = RequestError(e.code.http_status, e.message, param, type=kind, code=code)
+    if e.retry_after_s is not None:
+        error.headers = {"Retry-After": str(math.ceil(e.retry_after_s))}
+    return error
 
 
 def new_call_id() -> str:
@@ -166,18 +173,18 @@ class OpenAIApi:
         header = ResponseHeader(endpoint, f"{endpoint.id_prefix}-{uuid.uuid4().hex}", int(time.time()), self.model_name)
         return Job(header, req, prompt_ids, chat)
 
-    async def _start(self, job: Job) -> Choices:
+    async def _start(self, job: Job, caller: Caller) -> Choices:
         params = job.request.sampling_params(self.defaults)
         if job.chat is not None and job.chat.name_token_ids:
             params = params.constrained_to(job.chat.name_token_ids)
         try:
             return await start_choices(self.engine, job.header.id, job.prompt_ids, choice_params(params, job.request.n),
-                                       self.metrics)
+                                       self.metrics, dataclasses.replace(caller, cache_salt=job.request.cache_salt))
         except EngineError as e:
             raise openai_error(e, job.request) from None
 
     async def _respond(self, request: Request, job: Job) -> Response:
-        choices = await self._start(job)
+        choices = await self._start(job, request.state.caller)
         if job.request.stream:
             return StreamingResponse(self._events(choices, job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})

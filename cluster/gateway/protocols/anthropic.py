@@ -70,6 +70,8 @@ class AnthropicError(Exception):
         super().__init__(message)
         self.status, self.message = status, message
         self.body: dict[str, Any] = error_body(status, message, type)
+        self.headers: dict[str, str] | None = None
+        """Response headers the error needs (retry-after of a 429)."""
 
 
 # --- request models -----------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ class RequestError(Exception):
                  type: str = INVALID_REQUEST, code: str | None = None) -> None:
         super().__init__(message)
         self.status_code, self.message, self.param, self.type, self.code = status_code, message, param, type, code
+        self.headers: dict[str, str] | None = None
+        """Response headers the error needs (Retry-After of a 429)."""
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
@@ -120,6 +122,8 @@ class GenerationRequest(BaseModel):
     user: str | None = None
     ignore_eos: bool = False
     """vLLM extension: keep generating past end-of-sequence (load generators want fixed lengths)."""
+    cache_salt: str = Field("", max_length=256)
+    """vLLM extension: requests share prefix-cache entries only with requests of the same tenant and salt."""
 
     @field_validator("n", mode="before")
     @classmethod
