@@ -1,22 +1,23 @@
-"""The head's waiting queue: FCFS within a tenant, weighted deficit round robin across tenants.
+"""The head's waiting queue: FCFS within a tenant, weighted fair queuing across tenants.
 
     push(seq)        -> its tenant's queue (tenant = EngineRequest.tenant)
     push_front(seq)  -> the preempted line, served before every tenant (it was admitted once already)
-    peek()           -> the next to admit: the preempted line's first, else by DRR:
-                          the tenant at the front of the round, on its turn, gets QUANTUM_TOKENS * weight
-                          of credit once; it is served while its first waiting prompt costs no more than
-                          its credit, else its turn ends and the next tenant's starts
-    pop(seq)         -> admit the peeked sequence: its prompt tokens are taken from its tenant's credit
+    peek()           -> the next to admit: the preempted line's first, else the first waiting sequence
+                        of the tenant with the smallest start tag
+                            start(tenant) = max(virtual_time, finish(tenant))
+                        (ties: the tenant waiting longest)
+    pop(seq)         -> admit it: virtual_time = its start; finish(tenant) = start + cost / weight
 
-The cost of a sequence is its prefill tokens (at least MIN_COST_TOKENS), so a tenant sending long
-prompts gets fewer admissions per round than one sending short ones, and another tenant's request waits
-behind at most one turn of a flood, whatever its size: a short request from a quiet tenant is admitted
-within one round. A tenant whose queue empties leaves the round and loses its credit (DRR: credit is not banked while
-idle). With a single tenant (a server without keys) this is exactly FCFS.
+Start-time fair queuing over admissions: cost = the sequence's prefill tokens, at least MIN_COST_TOKENS
+(a short request still holds a running slot for its whole decode). A tenant that keeps a queue moves its
+finish tag ahead of the virtual time with every admission, while a tenant that was idle starts at the
+virtual time itself: a quiet tenant's request is the next admitted, whatever the size of another
+tenant's flood, and while both wait, a weight-2 tenant gets twice the prompt tokens of a weight-1 one.
+Idle time earns no credit (the start is never below the virtual time). With a single tenant (a server
+without keys) this is exactly FCFS.
 
-`peek` only reads or starts a turn (which it does once per turn), so the scheduler can peek, find the
-sequence does not fit, and stop: the same sequence is first next step (no one overtakes it, as in FCFS).
-Pure bookkeeping: no asyncio, no tensors.
+`peek` reads only, so the scheduler can peek, find the sequence does not fit, and stop: the same
+sequence is first next step (no one overtakes it, as in FCFS). Pure bookkeeping: no asyncio, no tensors.
 """
 
 from __future__ import annotations
@@ -25,12 +26,9 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
 
-QUANTUM_TOKENS = 256
-"""Credit a weight-1 tenant gets per turn, in prompt tokens: one default prefill chunk."""
 MIN_COST_TOKENS = 128
-"""What admitting a sequence costs at least: a short request holds a running slot for its whole decode,
-whatever its prompt, so a turn admits at most QUANTUM_TOKENS / MIN_COST_TOKENS = 2 of a weight-1 tenant's
-short requests and another tenant's request waits behind at most that many of a flood's."""
+"""What admitting a sequence costs at least, in prompt tokens: one prompt of 128 tokens or fewer counts
+as one request."""
 
 
 class Waiting(Protocol):
@@ -47,25 +45,24 @@ T = TypeVar("T", bound=Waiting)
 
 
 class FairQueue(Generic[T]):
-    def __init__(self, quantum_tokens: int = QUANTUM_TOKENS, min_cost_tokens: int = MIN_COST_TOKENS) -> None:
-        if quantum_tokens < 1 or min_cost_tokens < 1:
-            raise ValueError(f"quantum_tokens ({quantum_tokens}) and min_cost_tokens ({min_cost_tokens}) "
-                             f"must be >= 1")
-        self.quantum_tokens, self.min_cost_tokens = quantum_tokens, min_cost_tokens
+    def __init__(self, min_cost_tokens: int = MIN_COST_TOKENS) -> None:
+        if min_cost_tokens < 1:
+            raise ValueError(f"min_cost_tokens must be >= 1, got {min_cost_tokens}")
+        self.min_cost_tokens = min_cost_tokens
         self._preempted: deque[T] = deque()
         self._queues: dict[str, deque[T]] = {}
-        """Tenant -> its waiting sequences, FCFS; only tenants with one waiting are keys."""
-        self._round: deque[str] = deque()
-        """Tenants with sequences waiting, in round order: the first one's turn is current."""
-        self._credit: dict[str, float] = {}
-        self._turn_started = False
-        """The first tenant of the round has had its quantum for this turn."""
+        """Tenant -> its waiting sequences, FCFS; only tenants with one waiting are keys, in the order
+        they started waiting."""
+        self._finish: dict[str, float] = {}
+        """Tenant -> the finish tag of its last admission (kept while it is idle: one entry per tenant)."""
+        self.virtual_time = 0.0
+        """The start tag of the last admission."""
 
     def __len__(self) -> int:
         return len(self._preempted) + sum(len(q) for q in self._queues.values())
 
     def __bool__(self) -> bool:
-        return bool(self._preempted or self._round)
+        return bool(self._preempted or self._queues)
 
     def __iter__(self) -> Iterator[T]:
         yield from self._preempted
@@ -73,12 +70,7 @@ class FairQueue(Generic[T]):
             yield from queue
 
     def push(self, seq: T) -> None:
-        queue = self._queues.get(seq.tenant)
-        if queue is None:
-            queue = self._queues[seq.tenant] = deque()
-            self._round.append(seq.tenant)
-            self._credit[seq.tenant] = 0.0
-        queue.append(seq)
+        self._queues.setdefault(seq.tenant, deque()).append(seq)
 
     def push_front(self, seq: T) -> None:
         """A preempted sequence: first in line, ahead of every tenant's queue."""
@@ -88,18 +80,10 @@ class FairQueue(Generic[T]):
         """The sequence to admit next (IndexError when none waits)."""
         if self._preempted:
             return self._preempted[0]
-        if not self._round:
+        if not self._queues:
             raise IndexError("peek from an empty FairQueue")
-        while True:
-            tenant = self._round[0]
-            head = self._queues[tenant][0]
-            if not self._turn_started:
-                self._credit[tenant] += self.quantum_tokens * head.tenant_weight
-                self._turn_started = True
-            if self._credit[tenant] >= self._cost(head):
-                return head
-            self._round.rotate(-1)  # its turn ends; the credit carries to its next turn
-            self._turn_started = False
+        tenant = min(self._queues, key=self._start)  # min keeps the first of equals: the longest waiting
+        return self._queues[tenant][0]
 
     def pop(self, seq: T) -> None:
         """Admit `seq`, which `peek` just returned."""
@@ -107,11 +91,14 @@ class FairQueue(Generic[T]):
             self._preempted.popleft()
             return
         tenant = seq.tenant
-        assert self._round and self._round[0] == tenant and self._queues[tenant][0] is seq, "pop what peek returned"
-        self._queues[tenant].popleft()
-        self._credit[tenant] -= self._cost(seq)
-        if not self._queues[tenant]:
-            self._leave(tenant)
+        queue = self._queues[tenant]
+        assert queue[0] is seq, "pop what peek returned"
+        start = self._start(tenant)
+        self.virtual_time = start
+        self._finish[tenant] = start + max(seq.num_prefill_tokens, self.min_cost_tokens) / seq.tenant_weight
+        queue.popleft()
+        if not queue:
+            del self._queues[tenant]
 
     def remove(self, seq: T) -> None:
         """Drop a waiting sequence wherever it is (finished or aborted while waiting)."""
@@ -121,16 +108,10 @@ class FairQueue(Generic[T]):
         if not _remove_identical(queue, seq):
             raise ValueError(f"request {getattr(seq, 'request_id', seq)!r} is not waiting")
         if not queue:
-            self._leave(seq.tenant)
+            del self._queues[seq.tenant]
 
-    def _cost(self, seq: Waiting) -> int:
-        return max(seq.num_prefill_tokens, self.min_cost_tokens)
-
-    def _leave(self, tenant: str) -> None:
-        if self._round[0] == tenant:
-            self._turn_started = False
-        self._round.remove(tenant)
-        del self._queues[tenant], self._credit[tenant]
+    def _start(self, tenant: str) -> float:
+        return max(self.virtual_time, self._finish.get(tenant, 0.0))
 
 
 def _remove_identical(queue: deque[T], seq: T) -> bool:
