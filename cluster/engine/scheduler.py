@@ -9,7 +9,7 @@ cache blocks and state slots they hold.
           still prefilling, then newly admitted waiting sequences, while the token budget lasts.
 
 Waiting sequences are admitted in FairQueue order (cluster/engine/fair_queue.py): preempted ones first,
-then FCFS within a tenant and weighted deficit round robin across tenants, so one tenant's flood cannot
+then FCFS within a tenant and weighted fair queuing across tenants, so one tenant's flood cannot
 starve another's request; with one tenant it is FCFS. The sequence FairQueue names next is admitted first
 or no one is (it is never overtaken for fitting worse).
 
