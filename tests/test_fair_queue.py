@@ -9,7 +9,7 @@ import pytest
 
 from nextserve.cluster.engine.contract import EngineRequest, FinishReason
 from nextserve.cluster.engine.fair_queue import FairQueue
-from nextserve.cluster.engine.scheduler import Scheduler, SchedulerConfig, SequenceState
+from nextserve.cluster.engine.scheduler import Scheduler, SchedulerConfig, SequenceState, StepPlan
 from nextserve.model.cache.block_manager import BlockManager
 from nextserve.model.sampling import SamplingParams
 
@@ -103,26 +103,42 @@ def _seq(request_id: str, tenant: str, prompt_len: int, max_tokens: int) -> Sequ
                                        SamplingParams(max_tokens=max_tokens), tenant=tenant))
 
 
-def test_scheduler_admits_b_within_a_round_while_a_floods() -> None:
-    """A keeps 24 requests waiting with max_num_seqs 4; B's one short request, arriving after them, is
-    admitted at the first free slot, ahead of the rest of A's flood (FCFS would make it wait for all 20)."""
+def test_scheduler_admits_b_at_the_next_step_while_a_floods() -> None:
+    """A keeps 24 requests waiting with max_num_seqs 4 (all slots A's); B's one short request, arriving
+    after them, runs at the next step: A's newest running sequence is preempted back to the head of A's
+    queue (FCFS would make B wait for 20 of A's admissions)."""
     config = SchedulerConfig(max_num_seqs=4, max_tokens_per_step=256, prefill_chunk=128)
     s = Scheduler(config, BlockManager(1000, config.max_num_seqs, 16))
     for i in range(24):
-        s.add(_seq(f"a{i}", "A", 40, max_tokens=3 + i % 4))
-    first = s.schedule()
-    assert [item.seq.request_id for item in first.scheduled] == ["a0", "a1", "a2", "a3"]
+        s.add(_seq(f"a{i}", "A", 40, max_tokens=30))
+    plan = s.schedule()
+    assert [item.seq.request_id for item in plan.scheduled] == ["a0", "a1", "a2", "a3"]
+    for item in plan.scheduled:
+        s.advance(item, 7)
     s.add(_seq("b", "B", 8, max_tokens=2))
-    admitted: list[str] = []
-    for _ in range(40):
-        plan = first if not admitted else s.schedule()
-        admitted += [i.seq.request_id for i in plan.scheduled if i.seq.num_computed_tokens == 0
-                     and i.seq.request_id not in admitted]
+    plan = s.schedule()
+    assert [seq.request_id for seq in plan.preempted] == ["a3"]
+    assert [item.seq.request_id for item in plan.scheduled] == ["a0", "a1", "a2", "b"]
+    assert [seq.request_id for seq in s.waiting][:2] == ["a3", "a4"] and len(s.waiting) == 21
+    for item in plan.scheduled:
+        s.advance(item, 7 if item.samples_token else None)
+    plan = s.schedule()  # B runs; a3 waits for a slot of its own (A's 3 running are at or above its share)
+    assert not plan.preempted and "b" in _ids(plan) and "a3" not in _ids(plan)
+
+
+def _ids(plan: StepPlan) -> list[str]:
+    return [item.seq.request_id for item in plan.scheduled]
+
+
+def test_a_tenant_alone_is_never_preempted_for_share() -> None:
+    config = SchedulerConfig(max_num_seqs=2, max_tokens_per_step=64, prefill_chunk=64)
+    s = Scheduler(config, BlockManager(1000, config.max_num_seqs, 16))
+    for i in range(6):
+        s.add(_seq(f"a{i}", "A", 10, max_tokens=3))
+    while s.has_work:
+        plan = s.schedule()
+        assert not plan.preempted
         for item in plan.scheduled:
             s.advance(item, 7 if item.samples_token else None)
-            if len(item.seq.output_ids) >= item.seq.request.params.max_tokens:
+            if len(item.seq.output_ids) >= 3:
                 s.finish(item.seq, FinishReason.LENGTH)
-        if "b" in admitted:
-            break
-    assert admitted[:4] == ["a0", "a1", "a2", "a3"] and admitted[4] == "b", admitted
-    assert len(s.waiting) == 24 - (len(admitted) - 1)  # the rest of A's flood still waits

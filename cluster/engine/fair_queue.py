@@ -2,6 +2,7 @@
 
     push(seq)        -> its tenant's queue (tenant = EngineRequest.tenant)
     push_front(seq)  -> the preempted line, served before every tenant (it was admitted once already)
+    push_front_of_tenant(seq) -> first of its tenant's queue (preempted to give another tenant its share)
     peek()           -> the next to admit: the preempted line's first, else the first waiting sequence
                         of the tenant with the smallest start tag
                             start(tenant) = max(virtual_time, finish(tenant))
@@ -75,6 +76,15 @@ class FairQueue(Generic[T]):
     def push_front(self, seq: T) -> None:
         """A preempted sequence: first in line, ahead of every tenant's queue."""
         self._preempted.appendleft(seq)
+
+    def push_front_of_tenant(self, seq: T) -> None:
+        """A sequence preempted to give its slot to another tenant: first of its own tenant's queue."""
+        self._queues.setdefault(seq.tenant, deque()).appendleft(seq)
+
+    @property
+    def is_preempted_next(self) -> bool:
+        """The next to admit is from the preempted line (not chosen across tenants)."""
+        return bool(self._preempted)
 
     def peek(self) -> T:
         """The sequence to admit next (IndexError when none waits)."""

@@ -10,7 +10,10 @@ cache blocks and state slots they hold.
 
 Waiting sequences are admitted in FairQueue order (cluster/engine/fair_queue.py): preempted ones first,
 then FCFS within a tenant and weighted fair queuing across tenants, so one tenant's flood cannot
-starve another's request; with one tenant it is FCFS. The sequence FairQueue names next is admitted first
+starve another's request; with one tenant it is FCFS. When every slot is taken and the next waiting
+sequence's tenant runs fewer than its share of max_num_seqs (by weight), the newest sequence of a tenant
+over its share is preempted to its own tenant's queue (`_preempt_for_share`): the quiet tenant's
+request runs at the next step, not when the flood's next request finishes. The sequence FairQueue names next is admitted first
 or no one is (it is never overtaken for fitting worse).
 
 A sequence is admitted only when a state slot and the blocks for its whole prompt are free; a decode
@@ -40,6 +43,7 @@ forward pass and calls `advance` and `finish` with what it produced.
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -247,6 +251,7 @@ class Scheduler:
         shared_blocks: list[tuple[int, int, int]] = []
         restores: list[tuple[int, int]] = []
         preempted: list[SequenceState] = []
+        self._preempt_for_share(preempted)
         for seq in list(self.running):  # decodes first: one token each, always within budget (see config)
             if seq.status is SequenceStatus.RUNNING and not seq.is_prefilling \
                     and self._grow(seq, seq.num_computed_tokens + 1, new_blocks, preempted):
@@ -325,16 +330,43 @@ class Scheduler:
             seq.block_ids.append(block)
         return True
 
-    def _preempt(self, seq: SequenceState) -> None:
+    def _preempt(self, seq: SequenceState, for_share: bool = False) -> None:
         """Back to the head of the queue without blocks or slot, to recompute prompt + output (from the
-        prefix cache as far as its blocks and tail snapshot survive there)."""
+        prefix cache as far as its blocks and tail snapshot survive there); `for_share`: to the head of
+        its tenant's queue (it waits its tenant's turn), else first in line."""
         self.running.remove(seq)
         self._free(seq, publish=True)
         seq.num_computed_tokens = 0
         seq.num_prefill_tokens = seq.num_prompt_tokens + len(seq.output_ids)
         seq.status = SequenceStatus.WAITING
-        self.waiting.push_front(seq)
+        if for_share:
+            self.waiting.push_front_of_tenant(seq)
+        else:
+            self.waiting.push_front(seq)
         self.num_preemptions += 1
+
+    def _preempt_for_share(self, preempted: list[SequenceState]) -> None:
+        """Every slot is taken and the next waiting sequence's tenant runs fewer than its share of
+        max_num_seqs (by weight, among the tenants running or next): preempt the most recently admitted
+        sequence of a tenant that stays at or above its share without it. So a tenant's flood holding all
+        slots gives one up at once to another tenant's request instead of when one of its own finishes;
+        a tenant alone keeps every slot."""
+        if len(self.running) < self.config.max_num_seqs or not self.waiting or self.waiting.is_preempted_next:
+            return
+        candidate = self.waiting.peek()
+        weights = {s.tenant: s.tenant_weight for s in (*self.running, candidate)}
+        total, num_running = sum(weights.values()), Counter(s.tenant for s in self.running)
+
+        def share(tenant: str) -> float:
+            return self.config.max_num_seqs * weights[tenant] / total
+
+        if num_running[candidate.tenant] + 1 > share(candidate.tenant):
+            return
+        for victim in reversed(self.running):
+            if num_running[victim.tenant] - 1 >= share(victim.tenant):
+                self._preempt(victim, for_share=True)
+                preempted.append(victim)
+                return
 
     def _free(self, seq: SequenceState, publish: bool) -> None:
         if seq.slot is not None:
