@@ -6,7 +6,7 @@
 #                              --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
 #                              -t registry.example.com/nextserve:0.1.0-gpu .
 #
-# RAY_VERSION must equal the RayService's rayVersion (tests/test_k8s_image.py checks it).
+# RAY_VERSION must equal the RayService's rayVersion (tests/process/test_k8s_image.py checks it).
 ARG RAY_VERSION=2.60.0
 ARG RAY_FLAVOR=cpu
 FROM rayproject/ray:${RAY_VERSION}-py311-${RAY_FLAVOR}
@@ -32,3 +32,6 @@ COPY --chown=ray:users bench/ bench/
 # Keep the base image's Ray: the cluster's Ray and the package's must be the same version.
 RUN pip install --no-cache-dir . "ray[serve]==${RAY_VERSION}" "torch==${TORCH_VERSION}" \
  && python -c "import nextserve.cluster.app, ray; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"
+# A numeric, non-root user (the base image's ray, uid 1000, group users = 100): Kubernetes checks
+# runAsNonRoot against the image's USER only when it is numeric (the pods also set runAsUser: 1000).
+USER 1000:100

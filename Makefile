@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: install serve test clean redis-server proto
+.PHONY: install serve test test-fast clean redis-server proto
 
 install: $(STAMP)
 
@@ -25,11 +25,16 @@ redis-server:
 serve: install
 	$(BIN)/nextserve up --model tiny
 
+# Everything (tests/unit, process, grpc, cluster: what each tier starts is in pyproject.toml's markers), then
+# the 25 slowest tests. test-fast: tests/unit only (no process, no server, no cluster), the one to run often.
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q tests/unit
 
 # The checked-in gRPC modules of proto/expert.proto, made as the package `nextserve.proto` imports them
-# (tests/test_proto_generated.py fails, naming this target, when they are stale).
+# (tests/process/test_proto_generated.py fails, naming this target, when they are stale).
 proto: install
 	rm -rf build/proto && mkdir -p build/proto
 	$(BIN)/python -m grpc_tools.protoc -Inextserve/proto=proto --python_out=build/proto --pyi_out=build/proto \

@@ -43,6 +43,7 @@ from nextserve.bench.process_cpu import process_cpu_s
 from nextserve.model.config import Qwen3NextConfig
 from nextserve.model.tiny import TINY_CONFIG
 from nextserve.proto import expert_pb2
+from nextserve.proto.codec import DEFAULT_MAX_DISPATCH_TOKENS
 from nextserve.router.dispatcher import RemoteExpertBackend
 from nextserve.router.placement import Placement, build_placement
 from nextserve.model.layers.experts import Assignments
@@ -81,11 +82,11 @@ ADMIN_TOKEN_ENV = "NEXTSERVE_ADMIN_TOKEN"
 
 
 @contextmanager
-def worker_processes(model_dir: Path, placement: Placement, dtype: str,
-                     admin_token: str) -> Iterator[tuple[list[subprocess.Popen], list[str]]]:
+def worker_processes(model_dir: Path, placement: Placement, dtype: str, admin_token: str,
+                     max_dispatch_tokens: int = DEFAULT_MAX_DISPATCH_TOKENS) -> Iterator[tuple[list[subprocess.Popen], list[str]]]:
     """`python -m nextserve.experts.server` per worker of `placement` on the CPU (one torch thread each),
-    LoadExperts / DropExperts only with `admin_token`, ready; -> (processes, addresses); all terminated on
-    exit, also when one of them fails to start."""
+    every call only with `admin_token`, messages sized for `max_dispatch_tokens`, ready; -> (processes,
+    addresses); all terminated on exit, also when one of them fails to start."""
     procs, addresses = [], []
     env = {**os.environ, ADMIN_TOKEN_ENV: admin_token}
     try:
@@ -94,7 +95,8 @@ def worker_processes(model_dir: Path, placement: Placement, dtype: str,
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "nextserve.experts.server", "--model", str(model_dir), "--port", "0",
                  "--dtype", dtype, "--experts", spec, "--torch-threads", "1", "--epoch", str(placement.epoch),
-                 "--device", "cpu", "--admin-token-env", ADMIN_TOKEN_ENV],
+                 "--device", "cpu", "--admin-token-env", ADMIN_TOKEN_ENV,
+                 "--max-dispatch-tokens", str(max_dispatch_tokens)],
                 cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
         for proc in procs:
             ready = json.loads(proc.stdout.readline() or "{}")
@@ -133,7 +135,8 @@ def echo_round(backend: RemoteExpertBackend,
                echoes: list[tuple[int, expert_pb2.EchoRequest]]) -> Callable[[], None]:
     """A blocking echo round: each worker's Echo on an EchoStream opened once (the floor of the
     DispatchStream messages a round sends), concurrently, like a dispatch round."""
-    calls = {w: backend.channels.run(_open_echo_stream(backend.channels.stubs[w])).result() for w, _ in echoes}
+    calls = {w: backend.channels.run(_open_echo_stream(backend.channels.stubs[w], backend.channels.metadata)).result()
+             for w, _ in echoes}
 
     async def one(w: int, request: expert_pb2.EchoRequest) -> None:
         await calls[w].write(request)
@@ -145,8 +148,8 @@ def echo_round(backend: RemoteExpertBackend,
     return lambda: backend.channels.run(round_()).result()
 
 
-async def _open_echo_stream(stub: Any) -> Any:
-    return stub.EchoStream()
+async def _open_echo_stream(stub: Any, metadata: Any) -> Any:
+    return stub.EchoStream(metadata=metadata)
 
 
 def min_bytes_per_token(placement: Placement, layer: int, ids: torch.Tensor, hidden_size: int, dtype_bytes: int) -> float:
@@ -184,7 +187,8 @@ def measure(backend: RemoteExpertBackend, tokens: int, top_k: int, num_experts: 
     stubs = backend.channels.stubs
 
     async def unary_round() -> None:
-        await asyncio.gather(*(stubs[w].Echo(req, timeout=backend.deadline_s) for w, req in echoes))
+        await asyncio.gather(*(stubs[w].Echo(req, timeout=backend.deadline_s, metadata=backend.channels.metadata)
+                               for w, req in echoes))
 
     unary = lambda: backend.channels.run(unary_round()).result()  # noqa: E731
     for _ in range(20):  # warm up channels, allocators, caches
@@ -243,9 +247,11 @@ def run(args: argparse.Namespace) -> int:
         model_dir = args.model or write_random_experts(Path(tmp) / "experts", **TINY_SHAPES)
         config = Qwen3NextConfig.from_json(model_dir)
         placement = build_placement(config.moe_layers[:1], config.num_experts, args.workers, 1)
-        admin_token = secrets.token_urlsafe()  # the bench makes no admin calls; the workers still require one
-        with worker_processes(Path(model_dir), placement, args.dtype, admin_token) as (procs, addresses), \
-                RemoteExpertBackend(addresses, placement, getattr(torch, args.dtype), deadline_s=10.0) as backend:
+        admin_token = secrets.token_urlsafe()  # every call carries it, as a cluster's heads' do
+        max_tokens = max(args.tokens, DEFAULT_MAX_DISPATCH_TOKENS)
+        with worker_processes(Path(model_dir), placement, args.dtype, admin_token, max_tokens) as (procs, addresses), \
+                RemoteExpertBackend(addresses, placement, getattr(torch, args.dtype), deadline_s=10.0,
+                                    admin_token=admin_token) as backend:
             result = measure(backend, args.tokens, config.num_experts_per_tok, config.num_experts,
                              config.hidden_size, args.rounds, worker_pids=[p.pid for p in procs])
     result = {"workers": args.workers, "tokens": args.tokens, "dtype": args.dtype, **result}

@@ -151,9 +151,10 @@ def run_step_bench(path: Path, batch: int, prompt_len: int, steps: int, workers:
     prompts = random_prompts(checkpoint_prompt_token_ids(path), (batch, prompt_len), seed)
     head, local = load_head(path), load_local_backend(path)
     placement = build_placement(config.moe_layers, config.num_experts, workers, 1)
-    admin_token = secrets.token_urlsafe()  # the bench makes no admin calls; the workers still require one
+    admin_token = secrets.token_urlsafe()  # every call carries it, as a cluster's heads' do
     with worker_processes(path, placement, "float32", admin_token) as (procs, addresses), \
-            RemoteExpertBackend(addresses, placement, torch.float32, deadline_s=30.0) as remote, torch.inference_mode():
+            RemoteExpertBackend(addresses, placement, torch.float32, deadline_s=30.0, admin_token=admin_token) as remote, \
+            torch.inference_mode():
         head_batch = HeadBatch(head, batch, torch.device("cpu"))
         decoder = Decoder(head_batch, head_batch.prefill(prompts, local))
         pids = [p.pid for p in procs]

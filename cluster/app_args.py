@@ -8,13 +8,14 @@ cache come from SchedulerConfig and CacheConfig."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from nextserve.cluster.control.registry import redacted_url
 from nextserve.cluster.engine.scheduler import SchedulerConfig
 from nextserve.cluster.gateway.tenants import TenantDirectory, TenantLimits, load_api_keys
 from nextserve.model.cache.budget import CacheConfig, format_memory_size, parse_cache_memory
@@ -109,6 +110,9 @@ class AppArgs(BaseModel):
     requests fail with 503 naming the experts."""
     rebalance_every_s: float = Field(0.0, ge=0)
     """Scheduled load-aware rebalancing period; 0 = only on demand (`nextserve rebalance`)."""
+    expert_worker_host: str | None = None
+    """The address expert workers listen on and register: None, their Ray node's IP (the pod IP on
+    Kubernetes; never 0.0.0.0). A local `nextserve up` sets 127.0.0.1: its heads are on this host."""
     redis_password_env: str | None = None
     """Name of an environment variable holding the Redis password (Kubernetes: from a Secret), so that
     no password sits in the Serve config or on a command line; `build_app` (and `nextserve up`) put it
@@ -177,6 +181,11 @@ class AppArgs(BaseModel):
     def context_length(self) -> int:
         """The context the server admits: max_model_len, else the model's."""
         return self.max_model_len or Qwen3NextConfig.from_json(self.model).max_position_embeddings
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, object]]:
+        """The repr (and str) shows redis_url with its password masked (admin_token is repr=False)."""
+        for name, value in super().__repr_args__():
+            yield name, redacted_url(value) if name == "redis_url" and isinstance(value, str) else value
 
     def with_redis_password(self, environ: Mapping[str, str]) -> "AppArgs":
         """These args with the password from `environ[redis_password_env]` put into `redis_url`."""

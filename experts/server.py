@@ -10,9 +10,13 @@ Run:
         --experts '0:0,1,2;1:5' --admin-token-env NEXTSERVE_ADMIN_TOKEN [--device auto|cpu|cuda]
     python -m nextserve.experts.server --model DIR --port 0 @args.txt      # arguments read from a file
 
-The controller (cluster/) turns a router.placement.Placement into each worker's --experts. LoadExperts
-and DropExperts need the cluster's admin token (proto/admin_auth.py); a worker leaves them open only
-when started with --no-admin-token (or admin_token=None), never by default.
+The controller (cluster/) turns a router.placement.Placement into each worker's --experts. Every
+ExpertService call (Dispatch and DispatchStream included) needs the cluster's admin token
+(proto/admin_auth.py); a worker leaves them open only when started with --no-admin-token (or
+admin_token=None), never by default. The health service stays open (probes). A worker receives no
+message larger than the largest legitimate Dispatch of --max-dispatch-tokens tokens for its model
+(proto/codec.py:dispatch_message_limit; RESOURCE_EXHAUSTED past it), serves at most
+MAX_CONCURRENT_RPCS calls at once (a stream counts as one for its life), and binds --host only.
 """
 
 from __future__ import annotations
@@ -39,16 +43,22 @@ from nextserve.experts.service import ExpertServicer
 from nextserve.experts.store import ExpertStore
 from nextserve.model.device import DEVICE_CHOICES, resolve_device
 from nextserve.proto import expert_pb2, expert_pb2_grpc
-from nextserve.proto.admin_auth import AdminTokenInterceptor
-from nextserve.proto.codec import MESSAGE_SIZE_OPTIONS
+from nextserve.proto.admin_auth import TokenInterceptor
+from nextserve.proto.codec import DEFAULT_MAX_DISPATCH_TOKENS, dispatch_message_limit
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
-SERVER_OPTIONS = [
-    *MESSAGE_SIZE_OPTIONS,
-    ("grpc.so_reuseport", 0),  # port 0 must give this server a port of its own
-]
+MAX_CONCURRENT_RPCS = 256
+"""Calls a worker serves at once; more are refused with RESOURCE_EXHAUSTED. A head holds one
+DispatchStream per worker (a retired epoch's stream for CLOSE_GRACE_S more); the controller's Info and
+admin calls are brief."""
+
+
+def server_options(message_limit: int) -> list[tuple[str, int]]:
+    """A worker's gRPC options: both directions bounded by `message_limit` bytes."""
+    return [("grpc.max_receive_message_length", message_limit), ("grpc.max_send_message_length", message_limit),
+            ("grpc.so_reuseport", 0)]  # port 0 must give this server a port of its own
 
 
 @dataclass
@@ -65,16 +75,23 @@ class Worker:
 
 async def start_worker(model_dir: str | Path, pairs: Iterable[tuple[int, int]], dtype: str = "float32",
                        host: str = "127.0.0.1", port: int = 0, epoch: int = 0,
-                       compute_threads: int = 4, device: str = "cpu", *, admin_token: str | None) -> Worker:
-    """Load `pairs` from the checkpoint onto `device` (see model.device.resolve_device) and serve them;
-    port 0 lets the OS pick (see Worker.port). LoadExperts / DropExperts need `admin_token` in their
-    metadata; `admin_token=None` (explicit, no default) leaves them open."""
+                       compute_threads: int = 4, device: str = "cpu", *, admin_token: str | None,
+                       max_dispatch_tokens: int = DEFAULT_MAX_DISPATCH_TOKENS,
+                       max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS) -> Worker:
+    """Load `pairs` from the checkpoint onto `device` (see model.device.resolve_device) and serve them on
+    `host` only; port 0 lets the OS pick (see Worker.port). Every ExpertService call needs `admin_token` in
+    its metadata; `admin_token=None` (explicit, no default) leaves them open. Messages are bounded by the
+    largest Dispatch of `max_dispatch_tokens` tokens of this model."""
     store = ExpertStore(model_dir, dtype, resolve_device(device))
     executor = ThreadPoolExecutor(compute_threads, thread_name_prefix="expert-compute")
     await asyncio.get_running_loop().run_in_executor(executor, store.load, list(pairs), epoch)
-    servicer = ExpertServicer(store, executor)
-    interceptors = None if admin_token is None else [AdminTokenInterceptor(admin_token)]
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+    config = store.config
+    limit = dispatch_message_limit(max_dispatch_tokens, config.hidden_size, config.num_experts_per_tok,
+                                   store.dtype.itemsize)
+    servicer = ExpertServicer(store, executor, limit)
+    interceptors = None if admin_token is None else [TokenInterceptor(admin_token)]
+    server = grpc.aio.server(options=server_options(limit), interceptors=interceptors,
+                             maximum_concurrent_rpcs=max_concurrent_rpcs)
     expert_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -85,8 +102,8 @@ async def start_worker(model_dir: str | Path, pairs: Iterable[tuple[int, int]], 
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     freeze_startup_objects()
-    log.info("expert worker on %s:%d holds %d experts (%s on %s)", host, bound, len(store.pairs()), store.dtype,
-             store.device)
+    log.info("expert worker on %s:%d holds %d experts (%s on %s); messages up to %d bytes", host, bound,
+             len(store.pairs()), store.dtype, store.device, limit)
     return Worker(server, bound, store, servicer)
 
 
@@ -101,7 +118,7 @@ def freeze_startup_objects() -> None:
 
 class BackgroundWorkers:
     """Workers served from one event-loop thread of this process (tests, benchmarks, notebooks), all with
-    `admin_token` (None: admin calls open)."""
+    `admin_token` (None: every call open)."""
 
     def __init__(self, admin_token: str | None) -> None:
         self.admin_token = admin_token
@@ -111,8 +128,9 @@ class BackgroundWorkers:
         self.workers: list[Worker] = []
 
     def start(self, model_dir: str | Path, pairs: Iterable[tuple[int, int]], dtype: str = "float32",
-              epoch: int = 0) -> Worker:
-        coro = start_worker(model_dir, list(pairs), dtype, epoch=epoch, admin_token=self.admin_token)
+              epoch: int = 0, max_dispatch_tokens: int = DEFAULT_MAX_DISPATCH_TOKENS) -> Worker:
+        coro = start_worker(model_dir, list(pairs), dtype, epoch=epoch, admin_token=self.admin_token,
+                            max_dispatch_tokens=max_dispatch_tokens)
         worker = asyncio.run_coroutine_threadsafe(coro, self.loop).result()
         self.workers.append(worker)
         return worker
@@ -144,7 +162,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m nextserve.experts.server", description=__doc__.split("\n")[0],
                                 fromfile_prefix_chars="@")
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (a cluster: its node's IP)")
     p.add_argument("--port", type=int, default=0, help="0 lets the OS pick; the ready line reports it")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
@@ -152,12 +170,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--experts", type=parse_experts, required=True, help="'layer:e1,e2;layer:e3' pairs to hold")
     p.add_argument("--epoch", type=int, default=0, help="placement epoch these experts belong to")
     p.add_argument("--compute-threads", type=int, default=4)
+    p.add_argument("--max-dispatch-tokens", type=int, default=DEFAULT_MAX_DISPATCH_TOKENS,
+                   help="tokens in the largest Dispatch taken; sizes the message limit (RESOURCE_EXHAUSTED past it)")
     p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     admin = p.add_mutually_exclusive_group(required=True)
     admin.add_argument("--admin-token-env", metavar="VAR",
-                       help="environment variable holding the cluster's admin token (LoadExperts, DropExperts need it)")
+                       help="environment variable holding the cluster's admin token (every ExpertService call needs it)")
     admin.add_argument("--no-admin-token", action="store_true",
-                       help="leave LoadExperts / DropExperts open to anyone who reaches the port")
+                       help="leave every ExpertService call open to anyone who reaches the port")
     args = p.parse_args(argv)
     args.admin_token = None if args.no_admin_token else os.environ.get(args.admin_token_env)
     if not args.no_admin_token and not args.admin_token:
@@ -168,7 +188,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace) -> None:
     worker = await start_worker(args.model, args.experts, args.dtype, args.host, args.port, args.epoch,
-                                args.compute_threads, args.device, admin_token=args.admin_token)
+                                args.compute_threads, args.device, admin_token=args.admin_token,
+                                max_dispatch_tokens=args.max_dispatch_tokens)
     # The ready line is the subprocess protocol (stdout); logs go to stderr.
     sys.stdout.write(json.dumps({"event": "ready", "host": args.host, "port": worker.port,
                                  "num_experts_held": len(worker.store.pairs()), "epoch": args.epoch}) + "\n")

@@ -6,8 +6,9 @@ Decoding and compute of large requests run in a thread pool (torch releases the 
 so the asyncio loop keeps accepting calls from several heads while others compute; small requests
 are computed inline (see INLINE_MAX_PAIRS); weight tables are copy-on-write
 snapshots (experts/store.py), so concurrent Dispatch, LoadExperts and DropExperts are safe.
-LoadExperts and DropExperts reach this servicer only with the cluster's admin token: experts/server.py
-puts proto/admin_auth.py's AdminTokenInterceptor in front of it.
+Every call reaches this servicer only with the cluster's admin token: experts/server.py puts
+proto/admin_auth.py's TokenInterceptor in front of it (so an outsider's Dispatch is neither counted into
+the expert loads nor into the in-flight calls a reshard drains on).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from nextserve.experts.compute import INDEX_BYTES, ExpertsNotHeld, InvalidDispat
 from nextserve.experts.store import ExpertStore
 from nextserve.model.checkpoint import CheckpointError
 from nextserve.proto import expert_pb2, expert_pb2_grpc
-from nextserve.proto.codec import MAX_MESSAGE_BYTES, STATUS_BY_VALUE, TORCH_TO_DTYPE, tensor_bytes
+from nextserve.proto.codec import STATUS_BY_VALUE, TORCH_TO_DTYPE, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,11 @@ workers: 5.6-7.0 ms per round through the pool, 4.3-4.6 ms inline), more than su
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
-    def __init__(self, store: ExpertStore, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, store: ExpertStore, executor: ThreadPoolExecutor, max_message_bytes: int) -> None:
+        """`max_message_bytes`: the server's message limit, which bounds Echo's reply too."""
         self.store = store
         self.executor = executor
+        self.max_message_bytes = max_message_bytes
         self._stats_lock = threading.Lock()
         self._calls = self._hidden_bytes = 0
         self._inflight = 0
@@ -130,20 +133,20 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         return self.info()
 
     async def Echo(self, request: expert_pb2.EchoRequest, context: grpc.aio.ServicerContext) -> expert_pb2.EchoReply:
-        if request.reply_bytes > MAX_MESSAGE_BYTES:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _echo_too_big(request))
+        if request.reply_bytes > self.max_message_bytes:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._echo_too_big(request))
         return expert_pb2.EchoReply(payload=bytes(request.reply_bytes))
 
     async def EchoStream(self, requests: AsyncIterator[expert_pb2.EchoRequest],
                          context: grpc.aio.ServicerContext) -> AsyncIterator[expert_pb2.EchoReply]:
         async for request in requests:
-            if request.reply_bytes > MAX_MESSAGE_BYTES:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _echo_too_big(request))
+            if request.reply_bytes > self.max_message_bytes:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._echo_too_big(request))
             yield expert_pb2.EchoReply(payload=bytes(request.reply_bytes))
 
-
-def _echo_too_big(request: expert_pb2.EchoRequest) -> str:
-    return f"reply_bytes {request.reply_bytes} exceeds the message limit {MAX_MESSAGE_BYTES}; ask for less"
+    def _echo_too_big(self, request: expert_pb2.EchoRequest) -> str:
+        return (f"reply_bytes {request.reply_bytes} exceeds this worker's message limit {self.max_message_bytes} "
+                f"(its largest Dispatch); ask for less")
 
 
 def _failed(request: expert_pb2.DispatchRequest, code: grpc.StatusCode, message: str) -> expert_pb2.DispatchReply:

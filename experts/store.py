@@ -9,6 +9,7 @@ E = routed experts per layer (global), I = moe intermediate, H = hidden, P = (to
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import defaultdict
 from collections.abc import Iterable
@@ -21,6 +22,8 @@ from torch import Tensor
 from nextserve.model.checkpoint import parse_dtype
 from nextserve.model.config import Qwen3NextConfig
 from nextserve.model.loader import load_experts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class ExpertStore:
         self.dtype = parse_dtype(dtype)
         self.device = torch.device(device)
         self.epoch = 0
+        """Only moves forward: a load or drop stamped with an older epoch changes the weights, not this."""
+        self.epochs_refused = 0
+        """Loads / drops that asked to move `epoch` back (logged; a controller out of step with Redis)."""
         self._tables: dict[int, LayerTable] = {}
         self._write_lock = threading.Lock()
         self._count_lock = threading.Lock()
@@ -107,7 +113,11 @@ class ExpertStore:
     def _publish(self, tables: dict[int, LayerTable], epoch: int | None) -> None:
         self._tables = tables
         self.peak_pairs = max(self.peak_pairs, sum(len(t.expert_ids) for t in tables.values()))
-        if epoch is not None:
+        if epoch is not None and epoch < self.epoch:
+            self.epochs_refused += 1
+            log.warning("kept placement epoch %d: a change stamped with the older epoch %d does not move it back "
+                        "(%d refused so far)", self.epoch, epoch, self.epochs_refused)
+        elif epoch is not None:
             self.epoch = epoch
 
     def record(self, layer: int, experts: Tensor) -> None:

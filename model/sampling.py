@@ -4,11 +4,17 @@ a constraint on how an output starts.
 Letters: V = vocab. Logits are sampled in fp32; the same seed and logits give the same token.
 Logprobs are the log-softmax of the raw logits (before temperature, top-k/top-p and any constraint),
 as vLLM reports them by default.
+
+`sample` is total: for any logits row (NaN, +-inf included) and any valid params (top_p tiny, top_k past
+V, temperature huge or tiny) it returns a token id in [0, V) and never raises. A temperature below
+TEMPERATURE_FLOOR samples greedily (dividing by it would overflow fp32), as vLLM does. NaN logits count as
+-inf; +inf logits are the only candidates when present; a row with no finite candidate gives argmax.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,8 +22,20 @@ import torch
 from torch import Tensor
 
 
+TEMPERATURE_FLOOR = 1e-5
+"""Temperatures below this are greedy (vLLM's _SAMPLING_EPS): logits / 1e-300 overflows fp32 to inf."""
+LOGPROB_FLOOR = -9999.0
+"""The logprob reported for a token of probability 0 (JSON cannot carry -inf)."""
+SEED_MIN, SEED_END = -(2**63), 2**64
+"""Seeds a torch generator accepts: [SEED_MIN, SEED_END); a negative seed s seeds as s + 2**64."""
+
+
 class SamplingError(ValueError):
-    """Sampling parameters a client sent that cannot be honoured; names the field."""
+    """Sampling parameters a client sent that cannot be honoured; `param` names the field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.message, self.param = message, param
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,11 +43,12 @@ class SamplingParams:
     max_tokens: int | None = None
     """Tokens to generate at most; None: as many as the context leaves (the engine resolves it)."""
     temperature: float = 0.0
-    """0 means greedy (argmax)."""
+    """0 (or anything below TEMPERATURE_FLOOR) means greedy (argmax)."""
     top_p: float = 1.0
     top_k: int = 0
     """0 disables top-k."""
     seed: int | None = None
+    """In [-2**63, 2**64): what a torch generator accepts."""
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
@@ -43,24 +62,33 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise SamplingError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise SamplingError(f"temperature must be >= 0, got {self.temperature}")
+            raise SamplingError(f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
+        if not self.temperature >= 0 or math.isinf(self.temperature):  # NaN fails the comparison
+            raise SamplingError(f"temperature must be a finite number >= 0, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
-            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k < 0:
-            raise SamplingError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+            raise SamplingError(f"top_k must be >= 0 (0 disables it), got {self.top_k}", "top_k")
+        if self.seed is not None and not SEED_MIN <= self.seed < SEED_END:
+            raise SamplingError(f"seed must be in [-2**63, 2**64), got {self.seed}", "seed")
         if self.logprobs is not None and self.logprobs < 0:
-            raise SamplingError(f"logprobs must be >= 0 (alternatives per token), got {self.logprobs}")
+            raise SamplingError(f"logprobs must be >= 0 (alternatives per token), got {self.logprobs}", "logprobs")
         if any(not start for start in self.allowed_starts):
-            raise SamplingError("allowed_starts must hold non-empty token sequences")
+            raise SamplingError("allowed_starts must hold non-empty token sequences", "allowed_starts")
+
+    def seed_offset(self, i: int) -> SamplingParams:
+        """These params seeded with seed + i, wrapped to stay in [-2**63, 2**64) (choice i of n)."""
+        if self.seed is None:
+            return self
+        seed = self.seed + i
+        return replace(self, seed=seed - SEED_END if seed >= SEED_END else seed)
 
     def constrained_to(self, starts: tuple[tuple[int, ...], ...]) -> SamplingParams:
         return replace(self, allowed_starts=starts)
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < TEMPERATURE_FLOOR
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +117,11 @@ class TokenLogprobs:
 
 
 def token_logprobs(logits: Tensor, token_id: int, k: int) -> TokenLogprobs:
-    """logits [V] (raw) -> the sampled token's logprob and the top-k alternatives."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    """logits [V] (raw) -> the sampled token's logprob and the top-k alternatives (never NaN: NaN logits
+    count as -inf, +inf as the largest float; an impossible token reports LOGPROB_FLOOR, as vLLM does, since
+    JSON has no -inf)."""
+    finite = logits.float().nan_to_num(nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    logprobs = torch.log_softmax(finite, dim=-1).nan_to_num(nan=LOGPROB_FLOOR).clamp(min=LOGPROB_FLOOR)
     top = torch.topk(logprobs, k) if k else None
     pairs = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
     return TokenLogprobs(token_id, float(logprobs[token_id]), pairs)
@@ -109,16 +140,20 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     if params.is_greedy:
         return None
     gen = torch.Generator()
-    gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+    gen.manual_seed(params.seed % SEED_END if params.seed is not None else torch.seed())
     return gen
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """logits [V] -> one token id."""
-    logits = logits.float()
-    if params.is_greedy:
+    """logits [V] -> one token id in [0, V); never raises, whatever the logits hold (see the module doc)."""
+    logits = logits.float().nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    is_posinf = logits == float("inf")
+    if bool(is_posinf.any()):  # overflowed logits: the overflowed tokens are the candidates, equally likely
+        logits = torch.where(is_posinf, 0.0, float("-inf"))
+    if params.is_greedy or not bool(torch.isfinite(logits).any()):
         return int(torch.argmax(logits))
     logits = logits / params.temperature
+    logits = logits.nan_to_num(nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -129,4 +164,7 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
         drop = cum - sorted_probs > params.top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    probs = probs.nan_to_num(nan=0.0)
+    if not bool((probs > 0).any()):
+        return int(torch.argmax(logits))
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))

@@ -31,6 +31,23 @@ weights; 256 MiB leaves 2x headroom. gRPC's default (4 MiB receive) would cap a 
 tokens."""
 MESSAGE_SIZE_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+"""The callers' (heads', the controller's) limits; a worker receives at most `dispatch_message_limit`."""
+
+DEFAULT_MAX_DISPATCH_TOKENS = 8192
+"""Tokens in the largest Dispatch a worker takes when nobody says (a worker started by hand, a benchmark);
+a cluster's workers are sized from the heads' step (AppArgs.max_tokens_per_step)."""
+MESSAGE_LIMIT_FLOOR = 4 * 1024 * 1024
+"""gRPC's own default receive limit: a worker never accepts less (small models, small steps)."""
+
+
+def dispatch_message_limit(max_tokens: int, hidden_size: int, experts_per_token: int, dtype_bytes: int) -> int:
+    """Bytes of the largest legitimate DispatchRequest (and the reply, which is smaller) of `max_tokens`
+    tokens, with 2x margin: hidden [t, H] x dtype, weights [t * k] x dtype, counts [t] and expert ids
+    [t * k] as int32, protobuf framing. A worker receives nothing larger (RESOURCE_EXHAUSTED), and Echo
+    replies nothing larger. E.g. Qwen3-Next (H = 2048, k = 10), 512 tokens in bfloat16: 2.1 MB -> 4.3 MB."""
+    pairs = max_tokens * experts_per_token
+    largest = max_tokens * hidden_size * dtype_bytes + pairs * (dtype_bytes + 4) + max_tokens * 4 + 1024
+    return max(2 * largest, MESSAGE_LIMIT_FLOOR)
 
 # Message bytes are immutable, so torch warns that a view of them is not writable. The views are only
 # ever read; filtered once here (catch_warnings per call would swap the process's filters from

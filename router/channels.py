@@ -4,6 +4,8 @@ A head's forward runs on ordinary threads; `run` hands a coroutine to the loop t
 `concurrent.futures.Future`, so the head can keep computing (the shared expert) while calls fly.
 The loop thread is the channels' own, or one shared by several sets of channels (a head keeps one for
 every placement epoch it follows: router/epoch_follower.py), which they then never stop.
+Every call and stream carries the cluster's token (`metadata`; proto/admin_auth.py): a worker answers
+UNAUTHENTICATED without it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, TypeVar
 import grpc
 
 from nextserve.proto import expert_pb2_grpc
+from nextserve.proto.admin_auth import admin_metadata
 from nextserve.proto.codec import MESSAGE_SIZE_OPTIONS
 from nextserve.router.worker_stream import WorkerStream
 
@@ -50,16 +53,20 @@ class DispatchLoop:
 
 
 class WorkerChannels:
-    def __init__(self, addresses: Sequence[str], loop: DispatchLoop | None = None) -> None:
-        """On `loop` (shared, left running by `close`), else on a loop thread of their own."""
+    def __init__(self, addresses: Sequence[str], loop: DispatchLoop | None = None, *,
+                 admin_token: str | None) -> None:
+        """On `loop` (shared, left running by `close`), else on a loop thread of their own. Every call
+        sends `admin_token` (None: none, for workers started without one)."""
         self.addresses = list(addresses)
+        self.metadata = None if admin_token is None else admin_metadata(admin_token)
+        """What every call on these channels passes as `metadata=`."""
         self._owns_loop = loop is None
         self._loop = loop or DispatchLoop()
         self.loop = self._loop.loop
         self._channels: list[grpc.aio.Channel] = []
         self._is_closed = False
         self.stubs: list[expert_pb2_grpc.ExpertServiceStub] = self.run(self._open()).result()
-        self.streams = [WorkerStream(stub, a) for stub, a in zip(self.stubs, self.addresses)]
+        self.streams = [WorkerStream(stub, a, self.metadata) for stub, a in zip(self.stubs, self.addresses)]
         """Each worker's DispatchStream (opened on first use; loop thread only)."""
 
     async def _open(self) -> list[expert_pb2_grpc.ExpertServiceStub]:

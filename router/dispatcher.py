@@ -58,8 +58,10 @@ class RemoteExpertBackend:
     """`model.expert_backend.ExpertBackend` over gRPC expert workers (addresses[i] is worker i)."""
 
     def __init__(self, addresses: Sequence[str], placement: Placement, dtype: torch.dtype = torch.float32,
-                 deadline_s: float = 5.0, retry_dead_after_s: float = 10.0, loop: DispatchLoop | None = None) -> None:
-        """`loop`: a shared loop thread for the channels (else they get their own; see router/channels.py)."""
+                 deadline_s: float = 5.0, retry_dead_after_s: float = 10.0, loop: DispatchLoop | None = None, *,
+                 admin_token: str | None) -> None:
+        """`loop`: a shared loop thread for the channels (else they get their own; see router/channels.py).
+        `admin_token`: the cluster's token, which every call to a worker carries (None: workers without one)."""
         if len(addresses) != placement.num_workers:
             raise ValueError(f"{len(addresses)} addresses for a placement of {placement.num_workers} workers")
         if dtype not in TORCH_TO_DTYPE:
@@ -68,7 +70,7 @@ class RemoteExpertBackend:
         self.dtype = dtype
         self.deadline_s = deadline_s
         self.retry_dead_after_s = retry_dead_after_s
-        self.channels = WorkerChannels(addresses, loop)
+        self.channels = WorkerChannels(addresses, loop, admin_token=admin_token)
         self._replicas = {layer: replica_table(placement, layer) for layer in placement.layers}
         self._dead_since: dict[int, float] = {}  # worker -> monotonic time; loop thread only
         self._alive: dict[tuple[int, tuple[int, ...]], Tensor] = {}  # (layer, dead) -> [E, R]
@@ -169,5 +171,5 @@ class RemoteExpertBackend:
 
     async def fetch_info(self) -> list[expert_pb2.InfoReply]:
         """Every worker's Info (held experts, tokens served, bytes); run it with `channels.run`."""
-        return list(await asyncio.gather(*(s.Info(expert_pb2.InfoRequest(), timeout=self.deadline_s)
-                                           for s in self.channels.stubs)))
+        return list(await asyncio.gather(*(s.Info(expert_pb2.InfoRequest(), timeout=self.deadline_s,
+                                                  metadata=self.channels.metadata) for s in self.channels.stubs)))

@@ -13,7 +13,10 @@ registry.py), handed in because router/ never imports cluster/. A watcher thread
 addresses on the same loop thread, then swaps it in. A round already in flight finishes on the
 backend it started with (the old channels close after a grace period); the next MoE layer uses the
 new one. Both hold the same weights, so the swap changes no result. If the source is unreachable
-(Redis restarting) the current backend keeps serving.
+(Redis restarting) the current backend keeps serving. Epochs only move forward: a placement with an
+epoch below the one in use (Redis rewritten by someone, or restored from an old dump) is refused,
+logged and counted (`epochs_refused`); the current backend keeps serving. Every call to a worker
+carries the cluster's token (`admin_token`).
 Letters: T = tokens, H = hidden, k = experts per token.
 """
 
@@ -45,8 +48,8 @@ CLOSE_GRACE_S = 30.0
 class PlacementSource(Protocol):
     """Where the published placement is read (cluster/control/registry.py's `Registry` is one)."""
 
-    url: str
-    """Named in the error when no placement appears."""
+    public_url: str
+    """Named in the error when no placement appears (no password in it)."""
 
     def epoch(self) -> int:
         """The published epoch (0 before any placement); called every poll, so it must be cheap."""
@@ -60,9 +63,11 @@ class PlacementSource(Protocol):
 class EpochFollowingBackend:
     def __init__(self, source: PlacementSource, dtype: torch.dtype, deadline_s: float, num_experts: int,
                  unavailable_wait_s: float = 30.0, device: torch.device = torch.device("cpu"),
-                 wait_s: float = 300.0) -> None:
-        """Waits up to `wait_s` for a placement from `source`. `num_experts` sizes the routed-token counts."""
+                 wait_s: float = 300.0, *, admin_token: str | None) -> None:
+        """Waits up to `wait_s` for a placement from `source`. `num_experts` sizes the routed-token counts.
+        `admin_token`: the cluster's, sent on every call to a worker (None: workers without one)."""
         self.source = source
+        self.admin_token = admin_token
         self.dtype = dtype
         self.deadline_s = deadline_s
         self.num_experts = num_experts
@@ -71,6 +76,10 @@ class EpochFollowingBackend:
         self.recorder = DispatchRecorder()
         self.loop = DispatchLoop()
         self.epoch = 0
+        self.epochs_refused = 0
+        """Placements read from Redis with an epoch below the one in use, refused (see the module doc);
+        one that stays there is counted (and logged) once."""
+        self._last_refused = 0
         self.current: RemoteExpertBackend | None = None
         self._retired: list[tuple[RemoteExpertBackend, threading.Timer]] = []  # closing after CLOSE_GRACE_S
         self._stop = threading.Event()
@@ -78,19 +87,26 @@ class EpochFollowingBackend:
         while not self.refresh():
             if time.monotonic() > deadline:
                 self.loop.stop()
-                raise TimeoutError(f"no placement appeared in {source.url} within {wait_s} s")
+                raise TimeoutError(f"no placement appeared in {source.public_url} within {wait_s} s")
             time.sleep(POLL_S)
         threading.Thread(target=self._watch, name="epoch-follower", daemon=True).start()
 
     def refresh(self) -> bool:
         """Swap in the published placement if it is newer; True when a backend is in place."""
-        if self.current is not None and self.source.epoch() == self.epoch:
-            return True  # one HGET; the whole placement (48 x 512 entries) only when it changed
+        if self.current is not None:
+            published = self.source.epoch()  # one HGET; the whole placement (48 x 512 entries) only when newer
+            if 0 < published < self.epoch:  # 0: no placement (Redis lost it; the controller rewrites it)
+                self._refuse(published)
+            if published <= self.epoch:
+                return True
         record = self.source.placement()
         if record is None or record.epoch == self.epoch:
             return self.current is not None
+        if record.epoch < self.epoch:  # rewritten between the two reads
+            self._refuse(record.epoch)
+            return self.current is not None
         backend = RemoteExpertBackend(list(record.addresses), record.placement, self.dtype, self.deadline_s,
-                                      loop=self.loop)
+                                      loop=self.loop, admin_token=self.admin_token)
         old, self.current, self.epoch = self.current, backend, record.epoch
         log.info("dispatching with placement epoch %d (%s)", record.epoch, ", ".join(record.addresses))
         if old is not None:
@@ -99,6 +115,14 @@ class EpochFollowingBackend:
             timer.start()
             self._retired = [(b, t) for b, t in self._retired if t.is_alive()] + [(old, timer)]
         return True
+
+    def _refuse(self, epoch: int) -> None:
+        if epoch == self._last_refused:
+            return
+        self._last_refused = epoch
+        self.epochs_refused += 1
+        log.warning("refused placement epoch %d from Redis: epoch %d is in use and epochs only move forward "
+                    "(%d refused so far); was Redis rewritten or restored?", epoch, self.epoch, self.epochs_refused)
 
     def _watch(self) -> None:
         while not self._stop.wait(POLL_S):

@@ -8,8 +8,9 @@ payloads on 2 cores: server 175 vs 360 us of CPU, client 156 vs 240 us, round tr
 The stream opens on first use and again after it failed. A failure of the stream (worker gone,
 connection reset) fails every request in flight on it with the stream's status; a request not answered
 within its timeout fails with DEADLINE_EXCEEDED and resets the stream (a worker that stopped answering
-is treated as gone); a reply with an error_code fails only its request. Runs on the channels' loop
-thread only (router/channels.py).
+is treated as gone); a reply with an error_code fails only its request. The stream sends the cluster's
+token once, when it opens (a worker checks it then; its messages carry nothing more). Runs on the
+channels' loop thread only (router/channels.py).
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def reply_of(future: "asyncio.Future[expert_pb2.DispatchReply]") -> expert_pb2.D
 
 
 class WorkerStream:
-    def __init__(self, stub: expert_pb2_grpc.ExpertServiceStub, address: str) -> None:
-        self.stub, self.address = stub, address
+    def __init__(self, stub: expert_pb2_grpc.ExpertServiceStub, address: str,
+                 metadata: tuple[tuple[str, str], ...] | None) -> None:
+        """`metadata`: sent when the stream opens (proto/admin_auth.admin_metadata; None: nothing)."""
+        self.stub, self.address, self.metadata = stub, address, metadata
         self._call: grpc.aio.StreamStreamCall | None = None
         self._pending: dict[int, asyncio.Future[expert_pb2.DispatchReply]] = {}  # of the open call
         self._write_lock = asyncio.Lock()
@@ -85,8 +88,23 @@ class WorkerStream:
             self._fail(call, pending, self._lost(call, "the stream was reset during the write"))
         except Exception as exc:  # noqa: BLE001 - AioRpcError (INTERNAL when the peer died mid-write),
             # InvalidStateError / UsageError (written after the stream or channel ended): the stream is gone
-            self._fail(call, pending, self._lost(call, f"{type(exc).__name__}: {exc}"))
+            self._fail(call, pending, await self._ended(call, deadline, f"{type(exc).__name__}: {exc}"))
         return future
+
+    async def _ended(self, call: grpc.aio.StreamStreamCall, deadline: float, why: str) -> WorkerCallError:
+        """A write failed because the stream ended: UNAUTHENTICATED when the worker refused the token (which
+        no replica would take: the caller is told, it does not fail over), else UNAVAILABLE (`_lost`). The
+        stream's status is on its way (a dead peer's too: the transport is gone); waited for until `deadline`.
+        Best effort: when the refusal races the first write, grpc-python gives the call INTERNAL instead
+        (measured: 14 of 40 refused streams), which is failed over like a lost stream."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                code = await call.code()
+        except TimeoutError:
+            return self._lost(call, why)
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return WorkerCallError(code, f"{self.address} refused the stream: {await call.details()}")
+        return self._lost(call, why)
 
     def _lost(self, call: grpc.aio.StreamStreamCall, why: str) -> WorkerCallError:
         """The stream to this worker is gone: UNAVAILABLE (the caller fails over), naming what happened."""
@@ -103,7 +121,7 @@ class WorkerStream:
             future.set_exception(error)
 
     def _open(self) -> None:
-        self._call, self._pending = self.stub.DispatchStream(), {}
+        self._call, self._pending = self.stub.DispatchStream(metadata=self.metadata), {}
         self._reader = asyncio.ensure_future(self._read(self._call, self._pending))
 
     async def close(self) -> None:
@@ -123,8 +141,11 @@ class WorkerStream:
                 if future is not None and not future.done():
                     future.set_result(reply)
             error = self._lost(call, "the worker ended it")
-        except grpc.aio.AioRpcError as exc:  # a stream's own status is the transport's or a crash: fail over
-            error = self._lost(call, f"{exc.code().name}: {exc.details()}")
+        except grpc.aio.AioRpcError as exc:  # a stream's own status is the transport's or a crash: fail over,
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:  # except a refused token: no replica takes it
+                error = WorkerCallError(exc.code(), f"{self.address} refused the stream: {exc.details()}")
+            else:
+                error = self._lost(call, f"{exc.code().name}: {exc.details()}")
         except asyncio.CancelledError:
             error = WorkerCallError(grpc.StatusCode.CANCELLED, f"the dispatch stream to {self.address} was closed")
         self._fail(call, pending, error)

@@ -1,4 +1,5 @@
-"""Run `nextserve up` as a user does (a subprocess of the real CLI) and talk to it over HTTP."""
+"""Run `nextserve up` as a user does (a subprocess of the real CLI) and talk to it over HTTP: greedy
+streams that must equal transformers' text while the cluster changes under them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
 
 from nextserve.cluster.control.redis_server import free_port
 
@@ -93,3 +99,40 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None
             return
         time.sleep(0.25)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def seeded_prompts(n: int) -> list[list[int]]:
+    """n prompts of 4-39 token ids below the tiny vocab (2048), the same every call."""
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(3, 2048, (int(torch.randint(4, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def hf_greedy_text(tiny_hf: tuple[Any, Any], prompt: list[int], max_tokens: int) -> str:
+    """transformers' greedy text of `prompt`, max_tokens long (tiny_hf runs to max_new_tokens, as ignore_eos)."""
+    model, tok = tiny_hf
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    return tok.decode(out[0, len(prompt):], skip_special_tokens=True).rstrip("\ufffd")
+
+
+def stream_completion(base: str, prompt: list[int], max_tokens: int) -> str:
+    """One greedy streaming completion (ignore_eos); raises on any error event or status."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    parts = []
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                parts.append(event["choices"][0]["text"])
+    return "".join(parts).rstrip("\ufffd")
+
+
+def run_streams(up: UpProcess, prompts: list[list[int]], max_tokens: int, during: Callable[[], None]) -> list[str]:
+    """Stream every prompt at once and run `during` meanwhile; the texts, in prompt order."""
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(stream_completion, up.base_url, p, max_tokens) for p in prompts]
+        during()
+        return [f.result(timeout=600) for f in futures]

@@ -1,13 +1,16 @@
-"""Shared fixtures: transformers-built reference checkpoints and the tiny default checkpoint."""
+"""Shared fixtures (each defined once, here): transformers-built reference checkpoints, the tiny default
+checkpoint and its tokenizer, the engine factory; and the tier of every test (its folder)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen3NextForCausalLM
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3NextForCausalLM
 
+from engine_run import EngineFactory
 from hf_reference import AWKWARD, SMALL, build_reference, save_reference
 from nextserve.model.loader import load_head
 from nextserve.router.local_backend import LocalExpertBackend, load_local_backend
@@ -17,12 +20,26 @@ from nextserve.model.tiny import make_tiny
 CONFIGS = {"small": SMALL, "awkward": AWKWARD}
 
 
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "process", "grpc", "cluster")
+"""The tier folders under tests/, cheapest first; each tier may also do what the ones before it do
+(pyproject.toml's markers say what each starts)."""
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests without a tier marker are unit tests (the default tier)."""
-    tiers = {"unit", "cluster", "grpc", "slow"}
+    """A test's tier marker is its folder's: tests/<tier>/test_*.py. A test module outside a tier folder,
+    or a tier marker in a file that disagrees with its folder, is a usage error naming the file."""
     for item in items:
-        if not tiers & {m.name for m in item.iter_markers()}:
-            item.add_marker(pytest.mark.unit)
+        parts = item.path.resolve().relative_to(TESTS).parts
+        tier = parts[0] if len(parts) > 1 else None
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: test modules live in a tier folder, tests/{{{','.join(TIERS)}}}/;"
+                                    " move it to the one that says what it starts")
+        marked = {m.name for m in item.iter_markers()} & set(TIERS)
+        if marked - {tier}:
+            raise pytest.UsageError(f"{item.nodeid} is marked {sorted(marked)} but lives in tests/{tier}/: drop the"
+                                    f" marker (the folder sets it) or move the file to tests/{sorted(marked)[0]}/")
+        item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +63,21 @@ def small(reference: dict[str, tuple[Qwen3NextForCausalLM, Path]]) -> tuple[Head
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir: Path) -> PreTrainedTokenizerBase:
+    """The tiny checkpoint's tokenizer (vocab 2048: it also decodes the reference models' 320 ids)."""
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture
+def make_engine(tokenizer: PreTrainedTokenizerBase) -> Iterator[EngineFactory]:
+    """Engines for one test (`make_engine(model, **scheduler)`, `make_engine.cached(model, slots, ...)`),
+    shut down when it ends."""
+    factory = EngineFactory(tokenizer)
+    yield factory
+    factory.shutdown()
 
 
 @pytest.fixture(autouse=True)

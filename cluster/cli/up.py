@@ -7,6 +7,12 @@ GET /health until 200 -> print the base URL -> wait for SIGINT/SIGTERM -> tear d
 (`serve.delete(APP_NAME)`: other apps on a shared cluster keep running), the workers, Ray and Redis.
 Joining a cluster (RAY_ADDRESS) needs --redis-url: a redis-server started here listens on loopback,
 which actors on other nodes cannot reach. `nextserve status` finds the cluster through the state file.
+
+The local redis-server is locked with a fresh password (cluster/control/redis_server.py). It reaches
+the app through the environment (REDIS_PASSWORD_ENV, AppArgs.redis_password_env; the local Ray's
+processes inherit this one's environment), and `status`, `scale` and `rebalance` through the state file,
+which only its owner can read (mode 0600). Nothing prints it: messages show `redacted_url`.
+A local cluster's expert workers listen on loopback only (AppArgs.expert_worker_host = LOCAL_WORKER_HOST).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from nextserve.cluster.deployments.controller import get_or_create_controller
 from nextserve.cluster.deployments.expert_worker import EXPERT_RESOURCE, HEAD_RESOURCE
 from nextserve.cluster.cli.usage import UsageError
 from nextserve.cluster.control.redis_server import LocalRedis, free_port
-from nextserve.cluster.control.registry import Registry
+from nextserve.cluster.control.registry import Registry, redacted_url
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,11 @@ APP_NAME = "nextserve"
 LOCAL_CUSTOM_RESOURCES = {EXPERT_RESOURCE: 1024, HEAD_RESOURCE: 1024}
 """A local Ray node plays every node group, so it advertises both custom resources."""
 
+
+REDIS_PASSWORD_ENV = "NEXTSERVE_REDIS_PASSWORD"
+"""Where `up` puts the local redis-server's password for the app (AppArgs.redis_password_env)."""
+LOCAL_WORKER_HOST = "127.0.0.1"
+"""What a local cluster's expert workers listen on: its heads are on this host."""
 
 DIRECT_INGRESS_PORTS = 100
 """Ports tried for the gateway's direct-ingress HTTP server, from --port up (one per gateway replica)."""
@@ -112,8 +123,9 @@ def wait_port_free(host: str, port: int, timeout_s: float = PORT_FREE_WAIT_S) ->
         time.sleep(0.25)
 
 
-def start(options: UpOptions, redis_url: str) -> str:
-    app_args = options.app.model_copy(update={"redis_url": redis_url})
+def start(options: UpOptions, app_args: AppArgs, redis_url: str) -> str:
+    """`app_args` as the app gets them (a local Redis: its URL without the password, redis_password_env
+    naming the variable that holds it); `redis_url` with the password, for this process."""
     proxy_port = options.port
     if not options.ray_address:  # a local cluster serves --port on this host
         wait_port_free(options.host or "0.0.0.0", options.port)
@@ -137,10 +149,20 @@ def start(options: UpOptions, redis_url: str) -> str:
     serve.run(build_app(app_args.model_dump()), name=APP_NAME, route_prefix="/")
     base = f"http://{'127.0.0.1' if options.host in ('0.0.0.0', '') else options.host}:{options.port}"
     wait_healthy(base, READY_TIMEOUT_S, app_args.api_key)
-    options.state_file.parent.mkdir(parents=True, exist_ok=True)
-    options.state_file.write_text(json.dumps({"url": base, "redis_url": app_args.redis_url,
-                                              "cluster": app_args.cluster}) + "\n")
+    write_state(options.state_file, {"url": base, "redis_url": redis_url, "cluster": app_args.cluster,
+                                     "admin_token": app_args.admin_token})
     return base
+
+
+def write_state(state_file: Path, state: dict[str, Any]) -> None:
+    """The state file `status`, `scale` and `rebalance` read: it holds the Redis password (in
+    `redis_url`) and the cluster token (`admin_token`, what a tool calling the expert workers needs), so
+    only its owner may read it (0600, set before anything is written)."""
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file left by an older `up` keeps its mode through O_CREAT
+    with open(fd, "w") as f:
+        f.write(json.dumps(state) + "\n")
 
 
 def _kill_workers(redis_url: str, cluster: str) -> None:
@@ -186,7 +208,7 @@ def check_redis_reaches_nodes(redis_url: str, this_ip: str, node_ips: set[str]) 
     host = urlsplit(redis_url).hostname or ""
     elsewhere = sorted(node_ips - {this_ip})
     if (host in LOOPBACK_HOSTS or host.startswith("127.")) and elsewhere:
-        raise UsageError(f"--redis-url {redis_url} is this host's loopback, which the Ray nodes on "
+        raise UsageError(f"--redis-url {redacted_url(redis_url)} is this host's loopback, which the Ray nodes on "
                          f"{', '.join(elsewhere)} cannot reach; pass the URL of a Redis every node reaches "
                          f"(e.g. redis://{this_ip}:6379/0)")
 
@@ -196,9 +218,16 @@ def run_up(options: UpOptions) -> int:
     stopped = threading.Event()
     # Before the try: a start that fails (or a Ctrl-C during it) still stops the redis-server it began.
     local_redis = None if options.app.redis_url else LocalRedis()
-    redis_url = options.app.redis_url or local_redis.url  # type: ignore[union-attr]
+    app_args = options.app
+    if not options.ray_address:  # every head is on this host
+        app_args = app_args.model_copy(update={"expert_worker_host": LOCAL_WORKER_HOST})
+    if local_redis is not None:  # the app reads the password from the environment, never from its args
+        os.environ[REDIS_PASSWORD_ENV] = local_redis.password
+        app_args = app_args.model_copy(update={"redis_url": local_redis.address_url,
+                                               "redis_password_env": REDIS_PASSWORD_ENV})
+    redis_url = app_args.with_redis_password(os.environ).redis_url
     try:
-        base = start(options, redis_url)  # Ctrl-C here is a KeyboardInterrupt: the finally cleans up
+        base = start(options, app_args, redis_url)  # Ctrl-C here is a KeyboardInterrupt: the finally cleans up
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
             signal.signal(sig, lambda *_: stopped.set())
         print(f"nextserve is up: {base}/v1  (model {options.app.served_model_name()}, "

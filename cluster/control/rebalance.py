@@ -23,15 +23,17 @@ SPARE_SLOTS_PER_WORKER = 2
 
 
 class LoadCollector:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, admin_token: str) -> None:
+        """`admin_token`: the cluster's, which the workers' Info needs."""
         self.registry = registry
+        self.admin_token = admin_token
         self.last: dict[str, dict[tuple[int, int], int]] = {}  # by address: a restarted worker starts over
 
     def collect(self, addresses: list[str]) -> None:
         expert_delta: dict[tuple[int, int], int] = {}
         worker_delta: dict[tuple[int, int], int] = {}
         for index, address in enumerate(addresses):
-            now = worker_admin.tokens_served(worker_admin.info(address))
+            now = worker_admin.tokens_served(worker_admin.info(address, self.admin_token))
             prev = self.last.get(address, {})
             for pair, n in now.items():
                 delta = n - prev.get(pair, 0)

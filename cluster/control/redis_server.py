@@ -1,12 +1,18 @@
 """A local redis-server on a free loopback port, for `nextserve up` without --redis-url and for tests.
 
 The server runs in its own process group with no persistence; `stop()` terminates it and waits, so
-nothing is left behind.
+nothing is left behind. It is locked: a generated password (`requirepass`; a client without it gets
+NOAUTH) and protected mode, so another local user cannot rewrite the placement. The password is
+passed to redis-server in a config file only it and we read (mode 0600, never on its command line,
+which `ps` shows), is part of `url` (what the cluster's processes connect with), and is masked in
+`public_url`, the repr and the logs.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -14,6 +20,8 @@ import tempfile
 import time
 
 import redis
+
+from nextserve.cluster.control.registry import redacted_url
 
 log = logging.getLogger(__name__)
 
@@ -31,26 +39,48 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class LocalRedis:
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", password: str | None = None) -> None:
+        """On `port` (default: a free one) of `host`, requiring `password` (default: a fresh random one)."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RedisServerError("redis-server is not installed; run `make install` (it installs it with "
                                    "apt-get) or pass --redis-url redis://HOST:PORT")
         self.binary = binary
         self.host, self.port = host, port or free_port(host)
+        self.password = password or secrets.token_urlsafe(32)
+        if set(self.password) & set('"\\\n'):
+            raise ValueError("the Redis password may not hold a quote, a backslash or a newline (it is written "
+                             "into redis.conf); pick another, or leave it out for a generated one")
         self._start()
 
+    def __repr__(self) -> str:
+        return f"LocalRedis({self.public_url})"
+
     def _start(self) -> None:
-        self.workdir = tempfile.mkdtemp(prefix="nextserve-redis-")
+        self.workdir = tempfile.mkdtemp(prefix="nextserve-redis-")  # mode 0700
+        config = os.path.join(self.workdir, "redis.conf")
+        with open(os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(f'requirepass "{self.password}"\n')  # checked in __init__: nothing to escape
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
-             "--dir", self.workdir, "--protected-mode", "no"],
+            [self.binary, config, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
+             "--dir", self.workdir, "--protected-mode", "yes"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         self._wait_ready()
-        log.info("redis-server pid %d on %s", self.process.pid, self.url)
+        log.info("redis-server pid %d on %s", self.process.pid, self.public_url)
 
     @property
     def url(self) -> str:
+        """The URL with the password: what the cluster connects with. Never print it (see public_url)."""
+        return f"redis://:{self.password}@{self.host}:{self.port}/0"
+
+    @property
+    def public_url(self) -> str:
+        """The URL with the password masked, for messages and logs."""
+        return redacted_url(self.url)
+
+    @property
+    def address_url(self) -> str:
+        """The URL without credentials (the password then travels on its own, e.g. AppArgs.redis_password_env)."""
         return f"redis://{self.host}:{self.port}/0"
 
     def _wait_ready(self) -> None:
@@ -66,7 +96,7 @@ class LocalRedis:
             except redis.ConnectionError:
                 time.sleep(0.05)
         self.stop()
-        raise RedisServerError(f"redis-server did not answer on {self.url} within {START_TIMEOUT_S} s")
+        raise RedisServerError(f"redis-server did not answer on {self.public_url} within {START_TIMEOUT_S} s")
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -87,6 +87,11 @@ class Registry:
                                            socket_connect_timeout=5, health_check_interval=10)
         self.prefix = f"nextserve:{cluster}"
 
+    @property
+    def public_url(self) -> str:
+        """The URL with its password masked: what logs and errors may name."""
+        return redacted_url(self.url)
+
     def key(self, *parts: object) -> str:
         return ":".join([self.prefix, *map(str, parts)])
 

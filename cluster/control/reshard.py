@@ -139,15 +139,16 @@ def wait_for_switch(registry: Registry, epoch: int) -> None:
     log.warning("not every head reported epoch %d within %s s; shrinking anyway", epoch, SWITCH_TIMEOUT_S)
 
 
-def drain(addresses: list[str], epoch: int) -> None:
-    """Wait until none of `addresses` computes a Dispatch sent under an epoch below `epoch`."""
+def drain(addresses: list[str], epoch: int, admin_token: str) -> None:
+    """Wait until none of `addresses` computes a Dispatch sent under an epoch below `epoch` (their Info,
+    which carries `admin_token`)."""
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     pending = list(addresses)
     while pending:
         busy = []
         for address in pending:
             try:
-                calls = worker_admin.info(address).inflight_by_epoch
+                calls = worker_admin.info(address, admin_token).inflight_by_epoch
             except Exception as exc:  # gone or restarting: nothing of ours runs there
                 log.info("drain: worker at %s did not answer (%s)", address, exc)
                 continue

@@ -1,7 +1,7 @@
 """The controller's side of the expert service: load, drop and inspect a worker's experts over gRPC.
 
-Loading and dropping are admin calls: they carry the cluster's admin token (proto/admin_auth.py); a
-worker answers UNAUTHENTICATED without it. Info is open."""
+Every call carries the cluster's admin token (proto/admin_auth.py): a worker answers UNAUTHENTICATED
+without it, Info included."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _keys(pairs: list[tuple[int, int]]) -> list[expert_pb2.ExpertKey]:
 
 
 def _call(address: str, method: str, request: object, timeout_s: float,
-          admin_token: str | None = None) -> expert_pb2.InfoReply:
+          admin_token: str | None) -> expert_pb2.InfoReply:
     metadata = None if admin_token is None else admin_metadata(admin_token)
     with grpc.insecure_channel(address, options=MESSAGE_SIZE_OPTIONS) as channel:
         stub = expert_pb2_grpc.ExpertServiceStub(channel)
@@ -36,8 +36,9 @@ def drop_experts(address: str, pairs: list[tuple[int, int]], epoch: int, admin_t
     return _call(address, "DropExperts", request, 60.0, admin_token)
 
 
-def info(address: str, timeout_s: float = 10.0) -> expert_pb2.InfoReply:
-    return _call(address, "Info", expert_pb2.InfoRequest(), timeout_s)
+def info(address: str, admin_token: str | None, timeout_s: float = 10.0) -> expert_pb2.InfoReply:
+    """`admin_token`: the cluster's (None only for a worker started without one)."""
+    return _call(address, "Info", expert_pb2.InfoRequest(), timeout_s, admin_token)
 
 
 def tokens_served(reply: expert_pb2.InfoReply) -> dict[tuple[int, int], int]:

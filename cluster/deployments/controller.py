@@ -28,6 +28,7 @@ from nextserve.cluster.deployments.expert_worker import ExpertWorker, actor_opti
 from nextserve.cluster.control.rebalance import LoadCollector, measured_imbalance, plan_rebalance
 from nextserve.cluster.control.registry import Registry
 from nextserve.model.config import Qwen3NextConfig
+from nextserve.proto.codec import DEFAULT_MAX_DISPATCH_TOKENS
 from nextserve.router.eplb import movement
 from nextserve.router.placement import Placement, build_placement
 
@@ -54,6 +55,11 @@ class ClusterSpec:
     max_experts_per_worker: int | None = None
     """The most (layer, expert) pairs a worker may hold at any moment (its memory; `nextserve plan`
     computes it): scaling and rebalancing move in waves within it. None: no bound (one step)."""
+    max_tokens_per_step: int = DEFAULT_MAX_DISPATCH_TOKENS
+    """A head's step, so the tokens in the largest Dispatch a head sends: each worker's message limit is
+    sized from it and the model (proto/codec.py:dispatch_message_limit)."""
+    expert_worker_host: str | None = None
+    """What workers listen on; None: their node's IP."""
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ClusterSpec":
@@ -75,7 +81,7 @@ class ControllerActor:
         """worker -> the address at which it was last checked to hold its assignment (`_resync`); another
         address is a worker that (re)started since: the next supervision round re-syncs it."""
         self.epoch = 0
-        self.loads = LoadCollector(self.registry)
+        self.loads = LoadCollector(self.registry, admin_token)
         self.last_collect = self.last_rebalance = time.monotonic()
         saved, record = self.registry.spec(), self.registry.placement()
         if saved:
@@ -159,7 +165,7 @@ class ControllerActor:
             self.placement = step
             epoch = self._publish()
             reshard.wait_for_switch(self.registry, epoch)
-            reshard.drain(self._addresses_of(sorted(self.workers)), epoch)
+            reshard.drain(self._addresses_of(sorted(self.workers)), epoch, self.admin_token)
             reshard.shrink(self.registry, self.workers, old, step, epoch, self.admin_token)
         return self.epoch
 
@@ -167,7 +173,7 @@ class ControllerActor:
         assert self.spec is not None and self.placement is not None
         return ExpertWorker.options(**actor_options(index, self.cluster, experts_use_gpus()), get_if_exists=True).remote(
             index, self.spec.model, self.placement.experts_of(index), self.spec.dtype, self.registry.url,
-            self.cluster, self.epoch, self.admin_token)
+            self.cluster, self.epoch, self.admin_token, self.spec.max_tokens_per_step, self.spec.expert_worker_host)
 
     def _wait_ready(self) -> None:
         ray.get([w.describe.remote() for w in self.workers.values()], timeout=WORKER_READY_TIMEOUT_S)
@@ -245,7 +251,7 @@ class ControllerActor:
         assert self.placement is not None
         want = set(self.placement.experts_of(index))
         self.registry.set_assignment(index, sorted(want))
-        held = {(e.layer, e.expert) for e in worker_admin.info(address).experts}
+        held = {(e.layer, e.expert) for e in worker_admin.info(address, self.admin_token).experts}
         missing, extra = sorted(want - held), sorted(held - want)
         if missing:
             worker_admin.load_experts(address, missing, self.epoch, self.admin_token)

@@ -2,11 +2,13 @@
 
 Life: __init__ loads the (layer, expert) pairs assigned to it in Redis (else those it was given) onto
 its GPU when Ray gave it one (and torch sees CUDA), else the CPU, and starts the experts gRPC server on
-this node's address (port picked by the OS), registers {address, pid, node} in Redis, and starts a
-heartbeat thread. Ray restarts a dead actor (max_restarts=-1) by running __init__ again: the worker
+one address only (`host`: 127.0.0.1 for a local `nextserve up`; else Ray's node IP, the pod IP on
+Kubernetes; port picked by the OS; messages bounded by the heads' step, `max_dispatch_tokens`),
+registers {address, pid, node} in Redis, and starts a heartbeat thread. Ray restarts a dead actor (max_restarts=-1) by running __init__ again: the worker
 comes back on a new port and re-registers; the controller then publishes a new placement epoch with
-the new address. Its admin calls (LoadExperts, DropExperts) need the cluster's admin token, which the
-controller passes it. Only cluster/ knows Ray: the server itself is experts/server.py.
+the new address. Every call to it (Dispatch from heads, the controller's Info and admin calls) needs
+the cluster's admin token, which the controller passes it. Only cluster/ knows Ray: the server itself
+is experts/server.py.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ HEAD_RESOURCE = "nextserve_head"
 
 class ExpertWorkerActor:
     def __init__(self, index: int, model_dir: str, pairs: list[tuple[int, int]], dtype: str,
-                 registry_url: str, cluster: str, epoch: int, admin_token: str) -> None:
+                 registry_url: str, cluster: str, epoch: int, admin_token: str, max_dispatch_tokens: int,
+                 host: str | None) -> None:
         self.index = index
         self.registry = Registry(registry_url, cluster)
         # After a restart (or a re-shard), what the controller last assigned wins over the creation args.
@@ -41,10 +44,12 @@ class ExpertWorkerActor:
         use_assigned_cpus()
         self.background = BackgroundWorkers(admin_token)
         device = "auto" if ray.get_gpu_ids() else "cpu"  # auto: cuda when torch sees the GPU Ray gave us
-        coro = start_worker(model_dir, pairs, dtype, host="0.0.0.0", port=0, epoch=epoch, device=device,
-                            admin_token=admin_token)  # LoadExperts / DropExperts only with the cluster's token
+        host = host or ray.util.get_node_ip_address()  # the address heads reach, and the only one listened on
+        coro = start_worker(model_dir, pairs, dtype, host=host, port=0, epoch=epoch, device=device,
+                            admin_token=admin_token,  # every call only with the cluster's token
+                            max_dispatch_tokens=max_dispatch_tokens)
         self.worker = asyncio.run_coroutine_threadsafe(coro, self.background.loop).result()
-        self.address = f"{ray.util.get_node_ip_address()}:{self.worker.port}"
+        self.address = f"{host}:{self.worker.port}"
         self.fields = {"address": self.address, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                        "num_experts": len(pairs), "actor": ray.get_runtime_context().get_actor_name() or ""}
         self.registry.register_worker(index, self.fields)

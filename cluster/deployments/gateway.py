@@ -21,7 +21,8 @@ from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nextserve.cluster.app_args import AppArgs
-from nextserve.cluster.engine.contract import EngineRequest, EngineStats, EngineUnavailableError, StepOutput, summed_load
+from nextserve.cluster.engine.contract import (EngineError, EngineRequest, EngineStats, EngineUnavailableError, StepOutput,
+                                               summed_load)
 from nextserve.cluster.gateway.app import build_app
 from nextserve.cluster.gateway.generation import Readiness
 from nextserve.cluster.control.registry import MemberRecord, Registry
@@ -70,6 +71,11 @@ class HeadHandleClient:
             log.warning("request %s: its head replica was lost: %s", request_id, exc)
             raise EngineUnavailableError("the head replica serving this request was lost (its process or node "
                                          "died); retry it: new requests go to the remaining head replicas") from None
+        except EngineError:
+            raise
+        except Exception:  # whatever else Ray raises: logged here, never its text (pids, addresses) to a client
+            log.exception("request %s failed between the gateway and its head", request_id)
+            raise EngineError("the server failed while generating this request; it was logged, retry it") from None
         finally:
             if not finished:
                 stream.cancel()  # the client left: the head's generator is cancelled and aborts the sequence

@@ -54,7 +54,7 @@ class HeadDeployment:
         device = resolve_device("auto" if ray.get_gpu_ids() else "cpu")
         head = load_head(args.model, dtype, device)
         self.backend = EpochFollowingBackend(self.registry, dtype, args.dispatch_deadline_s, head.config.num_experts,
-                                             args.unavailable_wait_s, device)
+                                             args.unavailable_wait_s, device, admin_token=args.admin_token)
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None  # after the weights
         scheduler = args.scheduler_config(device.type != "cpu", experts_use_gpus())
         log.info("head on %s, %d micro-batch(es) per step (--micro-batches %s)", device, scheduler.micro_batches,

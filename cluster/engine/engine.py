@@ -47,11 +47,19 @@ from nextserve.router.dispatcher import ExpertsUnavailableError
 
 log = logging.getLogger(__name__)
 
+
+class NonFiniteLogitsError(RuntimeError):
+    """The model's logits for one sequence hold NaN: that sequence ends; the batch goes on."""
+
+
 def step_failure(exc: Exception) -> EngineError:
-    """What a request whose step failed is told: experts without a live worker name the experts (503); any
-    other failure is logged here with its traceback and reaches the client as a stable message (500)."""
+    """What a request whose step (or own postprocessing) failed is told: experts without a live worker name
+    the experts (503); any other failure is logged with its traceback where it happened and reaches the
+    client as a stable message (500), never the exception's text."""
     if isinstance(exc, ExpertsUnavailableError):
         return EngineUnavailableError(f"{exc}; retry shortly")
+    if isinstance(exc, NonFiniteLogitsError):
+        return EngineError("the model produced non-finite values (NaN) for this request; it was logged, retry it")
     return EngineError("the server failed while generating this request; it was logged, retry it")
 
 
@@ -268,22 +276,44 @@ class Engine:
             stream.put(item)
 
     def _postprocess(self, plan: StepPlan, logits: torch.Tensor) -> None:
-        argmax = logits.argmax(dim=-1).tolist()  # one device sync for all greedy rows
+        """logits [B, V] -> each row's token. What fails for one row (its sampling, its NaN logits, its stop
+        or constraint state, its detokenization) ends that sequence alone with an EngineError; the others
+        go on exactly as if it were not there."""
+        # One device sync for every row's argmax (greedy rows) and NaN check.
+        argmax, has_nan = torch.stack([logits.argmax(dim=-1), torch.isnan(logits).any(dim=-1).long()]).tolist()
         for i, item in enumerate(plan.scheduled):
-            seq, params = item.seq, item.seq.request.params
+            seq = item.seq
             if not item.samples_token:
                 self.scheduler.advance(item, None)
                 continue
-            allowed = allowed_next_tokens(seq.output_ids, params.allowed_starts) if params.allowed_starts else None
-            if allowed is not None:  # a constrained start: only tokens that stay on it
-                masked = torch.full_like(logits[i], float("-inf"))
-                masked[allowed] = logits[i, allowed]
-                token = sample(masked, params, seq.generator)
-            else:
-                token = argmax[i] if params.is_greedy else sample(logits[i], params, seq.generator)
-            logprobs = None if params.logprobs is None else token_logprobs(logits[i], token, params.logprobs)
-            self.scheduler.advance(item, token)
-            self._on_token(self._entries[seq.request_id], token, logprobs)
+            entry = self._entries[seq.request_id]
+            try:
+                if has_nan[i]:
+                    raise NonFiniteLogitsError(f"the model produced NaN logits for request {seq.request_id}")
+                token, logprobs = self._sample_row(seq, logits[i], argmax[i])
+                self.scheduler.advance(item, token)
+                self._on_token(entry, token, logprobs)
+            except Exception as exc:
+                log.exception("request %s failed in its own postprocessing; the other %d sequences of the step "
+                              "go on", seq.request_id, len(plan.scheduled) - 1)
+                if not seq.is_finished:
+                    self._fail(entry, exc)
+                elif seq.request_id in self._entries:  # finished by the scheduler, its output not yet sent
+                    self._forget(seq.request_id)
+                    self._outbox.append((entry.stream, step_failure(exc)))
+
+    def _sample_row(self, seq: SequenceState, row: torch.Tensor, argmax: int) -> tuple[int, TokenLogprobs | None]:
+        """row [V] -> (the sequence's next token, its logprobs when asked for)."""
+        params = seq.request.params
+        allowed = allowed_next_tokens(seq.output_ids, params.allowed_starts) if params.allowed_starts else None
+        if allowed is not None:  # a constrained start: only tokens that stay on it
+            masked = torch.full_like(row, float("-inf"))
+            masked[allowed] = row[allowed]
+            token = sample(masked, params, seq.generator)
+        else:
+            token = argmax if params.is_greedy else sample(row, params, seq.generator)
+        logprobs = None if params.logprobs is None else token_logprobs(row, token, params.logprobs)
+        return token, logprobs
 
     def _on_token(self, entry: _Entry, token: int, logprobs: TokenLogprobs | None) -> None:
         seq, params, detokenizer = entry.seq, entry.seq.request.params, entry.detokenizer

@@ -14,7 +14,9 @@ the anthropic SDK sends); the key names the tenant (tenants.py), which goes on e
 prefix cache salt, its share of admissions) and is held to its limits (429 + Retry-After). /health* and
 /metrics stay open for probes and scrapers. Client mistakes are
 4xx and anything unexpected a 500, in the error shape of the API the path belongs to, and serving goes
-on. When a client leaves, its engine streams are closed (`aclose`), which aborts the requests.
+on. A client error carries a stable message, never internals (tracebacks, pids, addresses, file paths);
+every response carries `x-request-id` (the client's when sane, else a fresh one: request_id.py), and the
+logs of that request carry it too. When a client leaves, its engine streams are closed (`aclose`), which aborts the requests.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from nextserve.cluster.gateway.metrics import GatewayMetrics, RequestCounter
 from nextserve.cluster.gateway.openai_api import OpenAIApi
 from nextserve.cluster.gateway.protocols import anthropic
 from nextserve.cluster.gateway.protocols.openai import SERVER_ERROR, RequestError, error_body, validation_error
+from nextserve.cluster.gateway.request_id import RequestIdMiddleware, current_request_id
 from nextserve.cluster.gateway.tenants import TenantDirectory
-from nextserve.cluster.engine.contract import SamplingDefaults
+from nextserve.cluster.engine.contract import SamplingDefaults, SamplingError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,8 @@ def _as_anthropic(e: Exception) -> anthropic.AnthropicError:
         error = anthropic.AnthropicError(e.status_code, e.message)
         error.headers = e.headers
         return error
+    if isinstance(e, SamplingError):
+        return anthropic.AnthropicError(400, f"{e.param}: {e.message}")
     assert isinstance(e, HTTPException)
     return anthropic.AnthropicError(e.status_code, str(e.detail))
 
@@ -82,6 +87,8 @@ async def _on_error(request: Request, e: Exception) -> JSONResponse:
         return JSONResponse(error.body, error.status, headers=error.headers)
     if isinstance(e, RequestValidationError):
         e = validation_error(list(e.errors()))
+    if isinstance(e, SamplingError):  # a sampling value SamplingParams refuses: the client's, naming the field
+        e = RequestError(400, e.message, e.param, code="invalid_value")
     if isinstance(e, RequestError):
         return JSONResponse(e.body(), e.status_code, headers=e.headers)
     if isinstance(e, anthropic.AnthropicError):
@@ -103,7 +110,8 @@ def _crash_barrier(app: ASGIApp) -> ASGIApp:
         try:
             await app(scope, receive, send_tracked)
         except Exception:
-            log.exception("unhandled error serving %s %s", scope.get("method"), scope.get("path"))
+            log.exception("request %s: unhandled error serving %s %s", current_request_id(), scope.get("method"),
+                          scope.get("path"))
             if not is_started:
                 is_anthropic = str(scope.get("path", "")).startswith(ANTHROPIC_PATHS)
                 body = anthropic.error_body(500, "internal server error") if is_anthropic else \
@@ -146,9 +154,9 @@ class Gateway:
     async def ready(self) -> Response:
         try:
             readiness = await self.engine.readiness()
-        except Exception as exc:
+        except Exception as exc:  # its text may hold addresses: logged, only its type in the body
             log.warning("readiness check failed", exc_info=True)
-            readiness = Readiness(False, f"the readiness check failed: {exc}")
+            readiness = Readiness(False, f"the readiness check failed ({type(exc).__name__}); it was logged")
         if not readiness.is_ready:
             body = error_body(f"not ready: {readiness.reason}", SERVER_ERROR, code="not_ready")
             return JSONResponse({**body, "workers_down": list(readiness.workers_down)}, 503)
@@ -177,10 +185,11 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
     gateway = Gateway(engine, model_name, defaults or SamplingDefaults(), tenants)
     app = FastAPI(title="nextserve", docs_url=None, redoc_url=None)
     app.state.gateway = gateway
-    for exc in (RequestError, anthropic.AnthropicError, RequestValidationError, HTTPException):
+    for exc in (RequestError, anthropic.AnthropicError, RequestValidationError, HTTPException, SamplingError):
         app.add_exception_handler(exc, _on_error)
     app.add_middleware(_crash_barrier)
     app.add_middleware(RequestCounter, metrics=gateway.metrics)  # outside the barrier: counts its 500s
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response carries x-request-id
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(tenants))])
     v1.add_api_route("/completions", gateway.openai.completions, methods=["POST"])
     v1.add_api_route("/chat/completions", gateway.openai.chat_completions, methods=["POST"])

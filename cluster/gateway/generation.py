@@ -1,4 +1,12 @@
-"""One API request as engine requests: its n choices started together, their outputs merged as they come.
+"""One API request as engine requests: its n choices started together, their outputs merged as they come,
+turned into the one event stream every API renders.
+
+    start_generation(engine, request_id, spec, metrics)     spec: conversation.py's GenerationSpec
+      -> prompt_of(spec.prompt): chat template or raw prompt ids (ChatTemplateError for a refused chat)
+      -> the forced tool name's constraint on every choice's params (tool_choice required)
+      -> start_choices -> Generation: `async for event in generation.events()` (events.py: Started,
+         ChoiceUpdate..., Completed), or `await reply(generation.events(), is_disconnected)` for the
+         Completed event alone (None when the client left; the engine requests are then aborted)
 
     start_choices(engine, request_id, prompt_ids, [params per choice], metrics, caller)
       -> the caller's tenant quota: over a limit, EngineError OVERLOADED (429 + Retry-After), nothing started
@@ -8,8 +16,8 @@
          response starts, for each API to map to its own error shape
       -> Choices: `async for index, out in choices` in arrival order; `aclose()` aborts what is left
 
-Choice i of a request with a seed samples with seed + i: reproducible per choice, different between
-choices. Until the engine shares a prefill between sequences (prefix caching), n choices prefill the
+Choice i of a request with a seed samples with seed + i (modulo 2**64): reproducible per choice,
+different between choices. Until the engine shares a prefill between sequences (prefix caching), n choices prefill the
 prompt n times.
 """
 
@@ -17,16 +25,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from dataclasses import dataclass
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from contextlib import suppress
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing, suppress
 from typing import Protocol
 
 from transformers import PreTrainedTokenizerBase
 
 from nextserve.cluster.engine.contract import EngineError, EngineRequest, EngineStats, SamplingParams, StepOutput
+from nextserve.cluster.gateway.chat_template import ChatPrompt
+from nextserve.cluster.gateway.conversation import GenerationSpec, prompt_of
+from nextserve.cluster.gateway.events import ChoiceEvents, ChoiceUpdate, Completed, Event, Started, TokenUsage
 from nextserve.cluster.gateway.metrics import GatewayMetrics, RequestTracker
+from nextserve.cluster.gateway.request_id import current_request_id
 from nextserve.cluster.gateway.tenants import Caller, TenantQuota
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,10 +77,11 @@ class EngineClient(Protocol):
 
 
 def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
-    """n choices: the same params, choice i seeded with seed + i when a seed is given."""
+    """n choices: the same params, choice i seeded with seed + i when a seed is given, wrapped modulo 2**64
+    (seed 2**64 - 1 with n = 2 seeds choice 1 with 0), so every choice's seed stays in the range."""
     if params.seed is None:
         return [params] * n
-    return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
+    return [params.seed_offset(i) for i in range(n)]
 
 
 class Choices:
@@ -136,6 +152,7 @@ async def start_choices(engine: EngineClient, request_id: str, prompt_ids: Seque
         metrics.tenant_refusals.labels(tenant=tenant.name).inc()
         raise
     metrics.tenant_requests.labels(tenant=tenant.name).inc()
+    log.info("request %s runs as engine request %s (%d choices)", current_request_id(), request_id, len(params))
     streams = [engine.generate(EngineRequest(f"{request_id}-{i}" if len(params) > 1 else request_id,
                                              tuple(prompt_ids), p, tenant.name, tenant.weight, caller.cache_salt))
                for i, p in enumerate(params)]
@@ -151,3 +168,47 @@ async def start_choices(engine: EngineClient, request_id: str, prompt_ids: Seque
             caller.quota.release()
         raise
     return Choices(firsts, streams, trackers, caller.quota)
+
+
+class Generation:
+    """One API request running: its choices' engine outputs as the one event stream (events.py)."""
+
+    def __init__(self, prompt: ChatPrompt, choices: Choices) -> None:
+        self.prompt, self.choices = prompt, choices
+        self.states = [ChoiceEvents(i, prompt) for i in range(choices.n)]
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Started, every choice's updates in arrival order, Completed; closing it early aborts the rest."""
+        try:
+            yield Started(self.choices.prompt_tokens, self.choices.cached_tokens, self.choices.n)
+            async with aclosing(aiter(self.choices)) as outputs:
+                async for i, out in outputs:
+                    yield self.states[i].on_output(out)
+            usage = TokenUsage(self.choices.prompt_tokens, sum(s.completion_tokens for s in self.states),
+                               self.choices.cached_tokens)
+            yield Completed(tuple(s.result() for s in self.states), usage)
+        finally:
+            await self.choices.aclose()  # closed before the outputs were read (after Started): abort them too
+
+
+async def start_generation(engine: EngineClient, request_id: str, spec: GenerationSpec,
+                           metrics: GatewayMetrics, caller: Caller) -> Generation:
+    """Render the prompt and start every choice; raises ChatTemplateError (a chat the template refuses) or
+    the engine's EngineError (a refusal, unavailability), before any response starts."""
+    prompt = prompt_of(spec.prompt, engine.tokenizer)
+    params = spec.params.constrained_to(prompt.name_token_ids) if prompt.name_token_ids else spec.params
+    choices = await start_choices(engine, request_id, prompt.prompt_ids, choice_params(params, spec.n), metrics,
+                                  dataclasses.replace(caller, cache_salt=spec.cache_salt))
+    return Generation(prompt, choices)
+
+
+async def reply(events: AsyncIterator[Event], is_disconnected: Callable[[], Awaitable[bool]]) -> Completed | None:
+    """The whole reply (a non-streaming response); None when the client left before it was done (checked
+    after every unfinished update), which closes the stream and so aborts the engine requests."""
+    async with aclosing(events) as stream:  # type: ignore[type-var]  # an async generator
+        async for event in stream:
+            if isinstance(event, Completed):
+                return event
+            if isinstance(event, ChoiceUpdate) and event.finish is None and await is_disconnected():
+                return None
+    raise RuntimeError("the event stream ended without Completed")

@@ -1,17 +1,17 @@
-"""Anthropic's Messages API shapes: request models (validated with pydantic), the chat-template input they
-become, the reply and its SSE stream, errors. What Claude Code and the anthropic SDK speak.
+"""Anthropic's Messages API as a translator: its request shapes into the internal model, the one event
+stream out as its `message` body and SSE events, its errors. What Claude Code and the anthropic SDK speak.
 
-Pure: no I/O, no engine. The gateway's flow for `POST /v1/messages`:
+Pure apart from logging: no HTTP, no engine. The gateway's flow for `POST /v1/messages`:
 
     parse_messages_request(body) -> MessagesRequest            (every client mistake: AnthropicError 400)
-      -> chat_messages(req), template_tools(req)                 (OpenAI-style dicts for apply_chat_template)
-      -> tool_choice(req)                                        (what the tool-call parser should allow)
-      -> engine -> tool-call parser (cluster/gateway/tool_calls.py) -> ParsedOutput | stream events
-      -> message_response(...)                                   (non-streaming body), or
-         MessagesStream: start, events, ping, finish | error     (the SSE text, event by event)
-      with stop_reason_for(finish_reason, has_tool_calls, stop_sequence)
+      -> generation_spec(req, defaults): GenerationSpec whose prompt is conversation(req): chat_messages(req)
+         (OpenAI-style messages), template_tools(req), tool_choice(req)        (conversation.py)
+      ... the gateway's one pipeline (generation.py) -> events (events.py) ...
+      -> MessageReply: body(completed) -> message_response(...), or sse(events) -> MessagesStream:
+         start, ping, events, finish | error, with stop_reason_for(finish_reason, has_tool_calls, stop_sequence)
+      errors: anthropic_error(EngineError, spec), template_error(ChatTemplateError) -> AnthropicError
 
-and for `POST /v1/messages/count_tokens`: parse_count_tokens_request -> chat_messages, template_tools ->
+and for `POST /v1/messages/count_tokens`: parse_count_tokens_request -> conversation(req) -> its prompt ids ->
 count_tokens_response. Errors the gateway raises itself become Anthropic's body with `error_body(status, ...)`.
 
 Unknown extra fields are accepted and ignored, as Claude Code sends many. Accepted and ignored on purpose:
@@ -24,10 +24,13 @@ tool_result), unknown block types, server tools (a tool `type` other than "custo
 from __future__ import annotations
 
 import json
+import math
+import logging
 import re
 import secrets
 import string
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
@@ -36,11 +39,15 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
                       field_validator)
 from pydantic_core import PydanticCustomError
 
-from nextserve.cluster.gateway.tool_calls import (ParsedOutput, TextDelta, ToolArgumentsDelta, ToolCallEvent,
-                                                   ToolCallStart)
-from nextserve.cluster.gateway.chat_template import ToolChoice
+from nextserve.cluster.engine.contract import EngineError, ErrorCode, FinishReason, SamplingDefaults, SamplingParams
+from nextserve.cluster.gateway.chat_template import ChatTemplateError, ToolChoice
+from nextserve.cluster.gateway.conversation import Conversation, GenerationSpec
+from nextserve.cluster.gateway.events import ChoiceUpdate, Completed, Event, Finish, Started
 from nextserve.cluster.gateway.protocols.json_body import BodyError, json_object
-from nextserve.cluster.engine.contract import SamplingDefaults, SamplingParams
+from nextserve.cluster.gateway.tool_calls import (ParsedOutput, TextDelta, ToolArgumentsDelta, ToolCallEvent,
+                                                  ToolCallStart)
+
+log = logging.getLogger(__name__)
 
 # --- errors -------------------------------------------------------------------------------------------------
 
@@ -404,6 +411,34 @@ def template_tools(req: _Conversation) -> list[dict[str, Any]] | None:
     return out
 
 
+def conversation(req: _Conversation) -> Conversation:
+    """The request's prompt side in the internal model (what count_tokens counts and messages generates from)."""
+    return Conversation(tuple(chat_messages(req)), tuple(template_tools(req) or ()), tool_choice(req))
+
+
+_ANTHROPIC_FIELDS = {"stop": "stop_sequences", "prompt": "messages"}
+"""The engine's field names as this API's request names them."""
+
+
+def generation_spec(req: MessagesRequest, defaults: SamplingDefaults) -> GenerationSpec:
+    """The request in the internal model: one choice over its conversation."""
+    return GenerationSpec(conversation(req), req.sampling_params(defaults), 1, _ANTHROPIC_FIELDS)
+
+
+def anthropic_error(e: EngineError, spec: GenerationSpec) -> AnthropicError:
+    """An engine error in Anthropic's shape: unavailability is 529 `overloaded_error` (what its SDKs retry)."""
+    status = 529 if e.code is ErrorCode.UNAVAILABLE else e.code.http_status
+    message = e.message if e.param is None else f"{spec.request_field(e.param)}: {e.message}"
+    error = AnthropicError(status, message)
+    if e.retry_after_s is not None:
+        error.headers = {"retry-after": str(math.ceil(e.retry_after_s))}
+    return error
+
+
+def template_error(e: ChatTemplateError) -> AnthropicError:
+    return AnthropicError(400, f"{e.param}: {e.message}")
+
+
 # --- replies ------------------------------------------------------------------------------------------------
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
@@ -604,3 +639,58 @@ class MessagesStream:
             return ""
         self._open, self._call = None, None
         return sse_event("content_block_stop", {"type": "content_block_stop", "index": self._blocks - 1})
+
+
+# --- out of the event stream --------------------------------------------------------------------------------
+
+def _stop(finish: Finish) -> tuple[StopReason, str | None]:
+    """(stop_reason, stop_sequence) of a finished choice; an engine abort has no stop_reason: a 529."""
+    if finish.reason is FinishReason.ABORT:
+        raise AnthropicError(529, "the server stopped this request before it finished (shutting down); retry")
+    reason = stop_reason_for(finish.reason, finish.has_tool_calls, finish.stop_string)
+    return reason, finish.stop_string if reason == "stop_sequence" else None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReply:
+    """How one request's events become its reply: a `message` body, or its SSE events."""
+    message_id: str
+    model: str
+    spec: GenerationSpec
+    """For errors in the request's terms."""
+
+    def body(self, completed: Completed) -> dict[str, Any]:
+        """The non-streaming reply (raises AnthropicError 529 for an aborted one)."""
+        (result,) = completed.choices
+        stop_reason, stop_sequence = _stop(result.finish)
+        parsed = result.parsed or ParsedOutput(result.text if result.text.strip() else None, [])
+        usage = MessageUsage.from_prompt(completed.usage.prompt_tokens, result.finish.completion_tokens,
+                                         completed.usage.cached_tokens)
+        return message_response(self.message_id, self.model, parsed, stop_reason, usage, stop_sequence)
+
+    async def sse(self, events: AsyncIterator[Event]) -> AsyncIterator[str]:
+        """message_start and a ping, content blocks as the events come, message_delta and message_stop; a
+        failure after the stream began is an `error` event."""
+        stream = MessagesStream()
+        try:
+            async with aclosing(events) as it:  # type: ignore[type-var]  # an async generator
+                async for event in it:
+                    if isinstance(event, Started):
+                        yield stream.start(self.message_id, self.model, event.prompt_tokens - event.cached_tokens,
+                                           event.cached_tokens)
+                        yield stream.ping()
+                    elif isinstance(event, ChoiceUpdate):
+                        finish = event.finish  # an abort raises here: the error event, not its last content
+                        stop = None if finish is None else (*_stop(finish), finish.completion_tokens)
+                        if event.events:
+                            yield stream.events(event.events)
+                        if stop is not None:
+                            yield stream.finish(*stop)
+        except EngineError as e:
+            error = anthropic_error(e, self.spec)
+            yield stream.error(error.status, error.message)
+        except AnthropicError as e:
+            yield stream.error(e.status, e.message)
+        except Exception:
+            log.exception("message %s failed while streaming", self.message_id)
+            yield stream.error(500, "the server failed while generating this message; it was logged, retry it")

@@ -1,15 +1,28 @@
-"""The OpenAI HTTP API's shapes: request models (validated with pydantic), response and chunk bodies, errors.
+"""The OpenAI HTTP API as a translator: its request shapes into the internal model, the one event stream
+out as its response bodies and SSE chunks, its errors.
 
-Pure: no I/O, no engine. The gateway (cluster/gateway/app.py) parses a body with `parse_request`, which
-turns every client mistake into a `RequestError` carrying the OpenAI error body: malformed JSON, a wrong
-type, a missing field, a value out of range, a feature we don't serve (echo, best_of, suffix, non-text
-content). Unknown extra fields are accepted and ignored, as OpenAI clients send many. Chat requests carry
-`tools` (function tools), `tool_choice`, `parallel_tool_calls`; both endpoints `n` (1-16) and logprobs.
+    body -> parse_request(body, CompletionRequest | ChatCompletionRequest)   (a 400 naming the field)
+      -> generation_spec(req, defaults): GenerationSpec (conversation.py; a completion's prompt as sent)
+      ... the gateway's one pipeline (generation.py) -> events (events.py) ...
+      -> Reply(header, ...): chunks(events) -> SSE (a choice's first chunk carries the role; usage with
+         stream_options.include_usage; `data: [DONE]`), or body(completed) -> one JSON body
+      errors: openai_error(EngineError, spec), template_error(ChatTemplateError) -> RequestError
+
+Pure apart from the tokenizer (token texts of logprobs): no HTTP, no engine. `parse_request` turns every
+client mistake into a `RequestError` carrying the OpenAI error body: malformed JSON, a wrong type, a missing
+field, a value out of range, a feature we don't serve (echo, best_of, suffix, non-text content). Unknown
+extra fields are accepted and ignored, as OpenAI clients send many. Chat requests carry `tools` (function
+tools), `tool_choice`, `parallel_tool_calls`; both endpoints `n` (1-16) and logprobs.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
@@ -20,9 +33,16 @@ from pydantic_core import PydanticCustomError
 
 from transformers import PreTrainedTokenizerBase
 
-from nextserve.cluster.gateway.chat_template import ToolChoice
+from nextserve.cluster.engine.contract import (EngineError, ErrorCode, FinishReason, SamplingDefaults,
+                                               SamplingParams, TokenLogprobs)
+from nextserve.cluster.gateway.chat_template import ChatTemplateError, ToolChoice
+from nextserve.cluster.gateway.conversation import Conversation, GenerationSpec
+from nextserve.cluster.gateway.events import (ChoiceResult, ChoiceUpdate, Completed, Event, Finish, TextDelta,
+                                              TokenUsage, ToolCallEvent, ToolCallStart)
 from nextserve.cluster.gateway.protocols.json_body import BodyError, json_object
-from nextserve.cluster.engine.contract import SamplingDefaults, SamplingParams, TokenLogprobs
+from nextserve.cluster.gateway.tool_calls import ParsedToolCall
+
+log = logging.getLogger(__name__)
 
 INVALID_REQUEST = "invalid_request_error"
 MAX_CHOICES = 16
@@ -355,6 +375,10 @@ class Usage:
     cached_tokens: int = 0
     """Prompt tokens served from the head's prefix cache (prompt_tokens_details.cached_tokens)."""
 
+    @classmethod
+    def of(cls, usage: TokenUsage) -> Usage:
+        return cls(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+
     def as_dict(self) -> dict[str, Any]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
@@ -445,3 +469,138 @@ def sse(data: dict[str, Any]) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+# --- into the internal model, and errors --------------------------------------------------------------------
+
+def generation_spec(req: GenerationRequest, defaults: SamplingDefaults) -> GenerationSpec:
+    """The request in the internal model: a chat's messages and tools as a Conversation, a completion's
+    prompt as sent; errors about the engine's fields name this request's."""
+    prompt: Conversation | str | list[int]
+    if isinstance(req, ChatCompletionRequest):
+        prompt = Conversation(tuple(m.as_template_input() for m in req.messages), tuple(req.template_tools() or ()),
+                              req.tool_choice_spec())
+    else:
+        assert isinstance(req, CompletionRequest)
+        prompt = req.prompt
+    fields = {"prompt": req.prompt_param, "max_tokens": req.max_tokens_request()[1]}
+    return GenerationSpec(prompt, req.sampling_params(defaults), req.n, fields, req.cache_salt)
+
+
+_OPENAI_CODES = {ErrorCode.INVALID_REQUEST: ("invalid_request_error", "invalid_value"),
+                 ErrorCode.CONTEXT_LENGTH_EXCEEDED: ("invalid_request_error", "context_length_exceeded"),
+                 ErrorCode.UNAVAILABLE: ("service_unavailable", "service_unavailable"),
+                 ErrorCode.INTERNAL: (SERVER_ERROR, "internal_error"),
+                 ErrorCode.OVERLOADED: ("requests", "rate_limit_exceeded")}
+"""The engine's error codes as OpenAI's error `type` and `code`."""
+
+
+def openai_error(e: EngineError, spec: GenerationSpec) -> RequestError:
+    """An engine error in OpenAI's shape: its status from the code, the engine's field in the request's terms."""
+    kind, code = _OPENAI_CODES[e.code]
+    param = None if e.param is None else spec.request_field(e.param)
+    error = RequestError(e.code.http_status, e.message, param, type=kind, code=code)
+    if e.retry_after_s is not None:
+        error.headers = {"Retry-After": str(math.ceil(e.retry_after_s))}
+    return error
+
+
+def template_error(e: ChatTemplateError) -> RequestError:
+    return RequestError(400, e.message, e.param)
+
+
+# --- out of the event stream --------------------------------------------------------------------------------
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def finish_reason(finish: Finish) -> str:
+    """"stop", "length", "tool_calls" (stopped after a complete call); "abort" is not OpenAI's, passed
+    through as vLLM does."""
+    if finish.reason is FinishReason.STOP and finish.has_tool_calls:
+        return "tool_calls"
+    return finish.reason.value
+
+
+def delta(event: ToolCallEvent) -> dict[str, Any]:
+    """A chat chunk's delta for one content event (a call's first delta carries its new id and name)."""
+    if isinstance(event, TextDelta):
+        return {"content": event.text}
+    if isinstance(event, ToolCallStart):
+        return {"tool_calls": [{"index": event.index, "id": new_call_id(), "type": "function",
+                                "function": {"name": event.name, "arguments": ""}}]}
+    return {"tool_calls": [{"index": event.index, "function": {"arguments": event.fragment}}]}
+
+
+def tool_call_bodies(calls: list[ParsedToolCall]) -> list[dict[str, Any]]:
+    return [{"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments_json}}
+            for c in calls]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """How one request's events become its response: SSE chunks or one body."""
+    header: ResponseHeader
+    tokenizer: PreTrainedTokenizerBase
+    """Token texts for logprobs."""
+    has_logprobs: bool
+    include_usage: bool
+    spec: GenerationSpec
+    """For errors in the request's terms."""
+
+    @classmethod
+    def of(cls, endpoint: Endpoint, model: str, req: GenerationRequest, spec: GenerationSpec,
+           tokenizer: PreTrainedTokenizerBase, created: int) -> Reply:
+        header = ResponseHeader(endpoint, f"{endpoint.id_prefix}-{uuid.uuid4().hex}", created, model)
+        return cls(header, tokenizer, req.num_logprobs is not None, req.include_usage, spec)
+
+    def logprobs(self, entries: list[TokenLogprobs] | tuple[TokenLogprobs, ...],
+                 text_offset: int = 0) -> dict[str, Any] | None:
+        """The logprobs body for these tokens; `text_offset`: characters of the choice's text before them."""
+        if not self.has_logprobs:
+            return None
+        if self.header.endpoint is Endpoint.CHAT:
+            return chat_logprobs(list(entries), self.tokenizer)
+        return completion_logprobs(list(entries), self.tokenizer, text_offset)
+
+    def choice(self, result: ChoiceResult) -> dict[str, Any]:
+        logprobs, reason = self.logprobs(result.logprobs), finish_reason(result.finish)
+        if result.parsed is None:
+            return choice_body(self.header.endpoint, result.index, result.text, None, reason, logprobs)
+        calls = tool_call_bodies(result.parsed.tool_calls)
+        return choice_body(self.header.endpoint, result.index, result.parsed.content, calls, reason, logprobs)
+
+    def body(self, completed: Completed) -> dict[str, Any]:
+        return response_body(self.header, [self.choice(c) for c in completed.choices], Usage.of(completed.usage))
+
+    def update_chunks(self, update: ChoiceUpdate) -> list[dict[str, Any]]:
+        """A choice's chunks for one update: its deltas (the first update has at least one, carrying the role;
+        logprobs ride on the last), then a finish chunk on its last."""
+        h, logprobs = self.header, self.logprobs(update.logprobs, update.text_offset)
+        deltas = [delta(e) for e in update.events] or ([{"content": ""}] if update.is_first or logprobs else [])
+        chunks = [chunk_body(h, update.index, d, None, update.is_first and k == 0, self.include_usage,
+                             logprobs if k == len(deltas) - 1 else None) for k, d in enumerate(deltas)]
+        if update.finish is not None:
+            chunks.append(chunk_body(h, update.index, {}, finish_reason(update.finish), False, self.include_usage,
+                                     None))
+        return chunks
+
+    async def chunks(self, events: AsyncIterator[Event]) -> AsyncIterator[str]:
+        """The SSE text: chunks per update, then usage (stream_options.include_usage) and [DONE]; a failure
+        after the stream began is an error event in OpenAI's shape, then [DONE]."""
+        try:
+            async with aclosing(events) as stream:  # type: ignore[type-var]  # an async generator
+                async for event in stream:
+                    if isinstance(event, ChoiceUpdate):
+                        for chunk in self.update_chunks(event):
+                            yield sse(chunk)
+                    elif isinstance(event, Completed) and self.include_usage:
+                        yield sse(usage_chunk_body(self.header, Usage.of(event.usage)))
+        except EngineError as e:
+            yield sse(openai_error(e, self.spec).body())
+        except Exception:
+            log.exception("request %s failed while streaming", self.header.id)
+            yield sse(error_body("the server failed while generating this response; it was logged, retry it",
+                                 SERVER_ERROR))
+        yield SSE_DONE

@@ -1,0 +1,68 @@
+"""The Redis registry against a real redis-server: placement epochs, members, heartbeats, pub/sub."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from nextserve.cluster.control.redis_server import LocalRedis
+from nextserve.cluster.control.registry import Registry
+from nextserve.router.placement import build_placement
+
+
+@pytest.fixture()
+def redis_server() -> Iterator[LocalRedis]:
+    with LocalRedis() as r:
+        yield r
+
+
+def test_placement_epochs_are_monotonic_and_announced(redis_server: LocalRedis) -> None:
+    reg = Registry(redis_server.url, "t")
+    sub = redis.Redis.from_url(redis_server.url, decode_responses=True).pubsub()
+    sub.subscribe(reg.key("epochs"))
+    sub.get_message(timeout=1)  # the subscribe confirmation
+    placement = build_placement([0, 1], 8, 3, 2)
+    assert reg.placement() is None and reg.epoch() == 0
+    e1 = reg.publish_placement(placement, ["a:1", "b:2", "c:3"])
+    e2 = reg.publish_placement(placement, ["a:1", "b:9", "c:3"])
+    assert (e1, e2) == (1, 2)
+    record = reg.placement()
+    assert record is not None and record.epoch == 2 and record.addresses == ("a:1", "b:9", "c:3")
+    assert record.placement.layer_to_expert_workers == placement.layer_to_expert_workers
+    assert record.placement.epoch == 2
+    assert [sub.get_message(timeout=1)["data"] for _ in range(2)] == ["1", "2"]
+
+
+def test_epoch_stays_monotonic_when_redis_loses_its_data(redis_server: LocalRedis) -> None:
+    reg = Registry(redis_server.url)
+    placement = build_placement([0], 4, 2)
+    for _ in range(5):
+        last = reg.publish_placement(placement, ["a:1", "b:2"])
+    redis_server.restart()  # no persistence: every key is gone
+    assert reg.placement() is None
+    assert reg.publish_placement(placement, ["a:1", "b:2"], min_epoch=last) == last + 1
+
+
+def test_members_heartbeat_and_staleness(redis_server: LocalRedis, monkeypatch: pytest.MonkeyPatch) -> None:
+    reg = Registry(redis_server.url, "m")
+    reg.register_worker(1, {"address": "h:1", "pid": 42})
+    reg.register_worker(0, {"address": "h:0", "pid": 41})
+    reg.register_head("abc", {"pid": 7})
+    workers = reg.workers()
+    assert [w.fields["index"] for w in workers] == ["0", "1"] and all(w.alive for w in workers)
+    assert workers[1].as_dict()["pid"] == 42 and reg.heads()[0].as_dict()["id"] == "abc"
+    reg.client.hset(reg.key("worker", 1), "heartbeat", 0)  # a worker that stopped beating long ago
+    assert [w.alive for w in reg.workers()] == [True, False]
+    reg.register_worker(1, {"address": "h:1", "pid": 42})  # its next beat
+    assert all(w.alive for w in reg.workers())
+    reg.forget_worker(1)
+    assert [w.fields["index"] for w in reg.workers()] == ["0"]
+
+
+def test_spec_round_trip_and_cluster_namespaces(redis_server: LocalRedis) -> None:
+    a, b = Registry(redis_server.url, "a"), Registry(redis_server.url, "b")
+    a.save_spec({"model": "/m", "expert_workers": 3, "expert_replicas": 2, "dtype": "float32"})
+    assert a.spec() == {"model": "/m", "expert_workers": 3, "expert_replicas": 2, "dtype": "float32"}
+    assert b.spec() == {}
