@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from nextserve.cluster.control.registry import redacted_url
 from nextserve.cluster.engine.scheduler import SchedulerConfig
 from nextserve.cluster.gateway.admission import GatewayLimits
+from nextserve.cluster.gateway.tenants import TenantDirectory, TenantLimits, load_api_keys
 from nextserve.model.cache.budget import CacheConfig, format_memory_size, parse_cache_memory
 from nextserve.model.config import Qwen3NextConfig
 
@@ -59,12 +60,25 @@ class AppArgs(BaseModel):
     """Registry namespace in Redis (several clusters can share one Redis)."""
     api_key: str | None = None
     """Clients must send `Authorization: Bearer KEY` or `x-api-key: KEY` to /v1/* (401 otherwise); None:
-    no key. `nextserve up` also reads it from NEXTSERVE_API_KEY, which keeps it out of `ps`."""
+    no key. `nextserve up` also reads it from NEXTSERVE_API_KEY, which keeps it out of `ps`. The one-tenant
+    shorthand of api_keys_file (tenant `default`)."""
+    api_keys_file: str | None = None
+    """A file of API keys, one `KEY TENANT [WEIGHT]` a line (# comments): a key names its tenant, which
+    salts its prefix cache (no tenant hits another's), has its share WEIGHT (default 1) of the heads'
+    admissions, and its own limits and /metrics series. The path as the gateway sees it (Kubernetes: the
+    `nextserve-api-keys` Secret mounted as a file). Not with api_key."""
+    tenant_max_concurrent_requests: int | None = Field(None, ge=1)
+    """Requests each tenant may have in flight on one gateway replica; over it, 429 with Retry-After.
+    None: unlimited."""
+    tenant_tokens_per_minute: int | None = Field(None, ge=1)
+    """Prompt + generated tokens each tenant may use per minute on one gateway replica; over it, 429 with
+    Retry-After (the seconds until its bucket refills). None: unlimited."""
     max_model_len: int | None = Field(None, ge=2)
     """The context the server admits (prompt + output tokens); None: the model's (max_position_embeddings).
     Qwen3-Coder-Next's card suggests 32,768 on smaller machines."""
     max_num_seqs: int = Field(default_of(SchedulerConfig, "max_num_seqs"), ge=1)
-    """Sequences a head replica runs at once (SchedulerConfig.max_num_seqs); more wait in FCFS order."""
+    """Sequences a head replica runs at once (SchedulerConfig.max_num_seqs); more wait, FCFS within a
+    tenant and by weight across tenants."""
     max_queued_requests: int = Field(default_of(SchedulerConfig, "max_queued_requests"), ge=0)
     """Requests a head replica queues beyond the max_num_seqs it runs (SchedulerConfig.max_queued_requests);
     past it a request is refused at once: 429 (Anthropic: 529 overloaded_error) with Retry-After."""
@@ -221,6 +235,21 @@ class AppArgs(BaseModel):
             raise ValueError(f"admin_token_env={self.admin_token_env!r} is not set in this process's environment; "
                              f"set it on every Ray pod from the nextserve-admin Secret")
         return self.model_copy(update={"admin_token": token, "admin_token_env": None})
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "AppArgs":
+        if self.api_key and self.api_keys_file:
+            raise ValueError("api_key and api_keys_file are both set; keep one (api_key is a one-tenant "
+                             "api_keys_file)")
+        return self
+
+    def tenant_directory(self) -> TenantDirectory:
+        """The gateway's tenants: the keys file's (read now; ApiKeysFileError names the bad line), or
+        api_key's one tenant, or an open server's; with the per-tenant limits."""
+        limits = TenantLimits(self.tenant_max_concurrent_requests, self.tenant_tokens_per_minute)
+        if self.api_keys_file:
+            return TenantDirectory(load_api_keys(self.api_keys_file), limits)
+        return TenantDirectory.single(self.api_key, limits)
 
     def served_model_name(self) -> str:
         return self.model_name or Path(self.model).name

@@ -27,6 +27,7 @@ from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.scheduler import SchedulerConfig
 from nextserve.cluster.gateway.admission import GatewayLimits
 from nextserve.cluster.gateway.app import build_app
+from nextserve.cluster.gateway.tenants import TenantDirectory
 from nextserve.model.expert_backend import ExpertBackend
 from nextserve.router.local_backend import LocalExpertBackend, load_local_backend
 from nextserve.model.loader import load_head
@@ -108,9 +109,9 @@ class Server:
     """A uvicorn server in a thread, on a free loopback port; the engine is shut down on exit."""
 
     def __init__(self, engine: TinyEngine, model_name: str, api_key: str | None = None,
-                 limits: GatewayLimits | None = None) -> None:
+                 limits: GatewayLimits | None = None, tenants: TenantDirectory | None = None) -> None:
         self.engine = engine
-        self.app = build_app(engine.client, model_name, api_key, limits=limits)
+        self.app = build_app(engine.client, model_name, api_key, limits=limits, tenants=tenants)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"

@@ -49,6 +49,7 @@ def app_args_of(args: argparse.Namespace, environ: Mapping[str, str]) -> AppArgs
         values["admin_token"] = secrets.token_urlsafe(32)  # fresh per `up`: what LoadExperts/DropExperts need
     app = AppArgs(**values)
     try:
+        app.tenant_directory()  # a keys file that does not parse fails here, naming its line, before Ray starts
         return app.with_redis_password(environ).with_admin_token(environ)
     except ValueError as exc:
         raise UsageError(str(exc)) from None

@@ -151,5 +151,6 @@ class GatewayDeployment:
         self.args = args
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_app(self.client, self.args.served_model_name(), self.args.api_key,
-                         SamplingDefaults.from_checkpoint(self.args.model), self.args.gateway_limits())
+        return build_app(self.client, self.args.served_model_name(), None,
+                         SamplingDefaults.from_checkpoint(self.args.model), self.args.gateway_limits(),
+                         self.args.tenant_directory())

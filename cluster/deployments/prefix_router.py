@@ -1,7 +1,7 @@
 """Which head replica a request goes to: the one most likely to hold its prompt's prefix in its cache.
 
     gateway's handle --generate(EngineRequest)--> PrefixAffinityRouter.choose_replicas
-        key = hash(prompt_ids[:ROUTE_PREFIX_TOKENS])           (None for calls without a prompt)
+        key = hash(tenant, cache_salt, prompt_ids[:ROUTE_PREFIX_TOKENS])   (None for calls without a prompt)
         ranked = replicas by rendezvous hash of (key, replica)  (highest random weight first)
         first choice ranked[0], unless it has IMBALANCE more requests queued than the least loaded one:
         then the least loaded (Serve's own probing picks among them)
@@ -10,7 +10,9 @@ Rendezvous hashing keeps a key on its replica while replicas come and go: adding
 replicas moves only the keys that rank it first (about 1/M of the conversations, whose next turn then
 prefills cold once); every other conversation keeps landing where its cache is. The key is the first
 ROUTE_PREFIX_TOKENS tokens: an agent's conversations that share that much (one system prompt) share a
-replica while the load stays within IMBALANCE, and spread over the others past it.
+replica while the load stays within IMBALANCE, and spread over the others past it. The tenant and cache
+salt are hashed too, as they root the heads' prefix-cache keys: two tenants' equal prompts share no cache,
+so nothing ties them to one replica.
 
 Runs inside the gateway's process (Serve's handle-side router; RequestRouter is a Ray Serve alpha API).
 """
@@ -25,6 +27,7 @@ from ray.serve.request_router import (FIFOMixin, LocalityMixin, MultiplexMixin, 
                                      RunningReplica)
 
 from nextserve.cluster.engine.contract import EngineRequest
+from nextserve.model.cache.prefix_cache import salt_key
 
 ROUTE_PREFIX_TOKENS = 256
 """Prompt tokens that choose the replica (a multiple of the KV block size)."""
@@ -32,10 +35,15 @@ IMBALANCE = 8
 """Requests the preferred replica may have queued beyond the least loaded one before it is passed over."""
 
 
-def prefix_key(prompt_ids: Sequence[int]) -> bytes:
-    """A stable key of the prompt's first ROUTE_PREFIX_TOKENS tokens (the same in every gateway process)."""
+def prefix_key(prompt_ids: Sequence[int], tenant: str = "", cache_salt: str = "") -> bytes:
+    """A stable key of the prompt's first ROUTE_PREFIX_TOKENS tokens and its prefix-cache salt (the same
+    in every gateway process)."""
     head = list(prompt_ids[:ROUTE_PREFIX_TOKENS])
-    return hashlib.blake2b(struct.pack(f"<{len(head)}q", *head), digest_size=16).digest()
+    digest = hashlib.blake2b(struct.pack(f"<{len(head)}q", *head), digest_size=16)
+    salt = salt_key(tenant, cache_salt)
+    if salt is not None:
+        digest.update(salt)
+    return digest.digest()
 
 
 def rank_replicas(key: bytes, replica_ids: Sequence[str]) -> list[str]:
@@ -55,20 +63,21 @@ class PrefixAffinityRouter(FIFOMixin, MultiplexMixin, LocalityMixin, RequestRout
             # Every round offers every replica, so the next round must back off: without it Serve's routing
             # task retries at once, never yielding to the loop that answers its queue-length probes.
             pending_request.routing_context.should_backoff = True
-        prompt = _prompt_of(pending_request)
-        if prompt is None or len(candidate_replicas) < 2:
+        request = _request_of(pending_request)
+        if request is None or len(candidate_replicas) < 2:
             return [candidate_replicas]  # stats / probes: the least loaded
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        ranked = [by_id[i] for i in rank_replicas(prefix_key(prompt), list(by_id))]
+        key = prefix_key(request.prompt_ids, request.tenant, request.cache_salt)
+        ranked = [by_id[i] for i in rank_replicas(key, list(by_id))]
         queued = [self.replica_queue_len_cache.get(r.replica_id) or 0 for r in ranked]
         if queued[0] - min(queued) > IMBALANCE:
             return [candidate_replicas]
         return [ranked[:1], ranked[1:]]
 
 
-def _prompt_of(pending_request: PendingRequest | None) -> Sequence[int] | None:
-    """The prompt ids of a HeadDeployment.generate(EngineRequest) call, else None."""
+def _request_of(pending_request: PendingRequest | None) -> EngineRequest | None:
+    """The request of a HeadDeployment.generate(EngineRequest) call with a prompt, else None."""
     if pending_request is None or pending_request.metadata.call_method != "generate" or not pending_request.args:
         return None
     request = pending_request.args[0]
-    return request.prompt_ids if isinstance(request, EngineRequest) and request.prompt_ids else None
+    return request if isinstance(request, EngineRequest) and request.prompt_ids else None

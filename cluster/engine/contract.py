@@ -9,8 +9,9 @@
 Every object here crosses Ray between a gateway replica and a head replica as itself (Ray pickles it),
 never as a dict. The gateway imports the engine through this module only; `Engine.admit` is the one place
 the serving rules live, and its refusals carry a code and the offending field, so an API maps them by
-type (never by reading the message). Fields later features add to a request (tenant, grammar, speculation)
-go on EngineRequest or SamplingParams, here.
+type (never by reading the message). Fields later features add to a request (grammar, speculation)
+go on EngineRequest or SamplingParams, here; the tenant (who sent it, from the gateway's authentication)
+and the client's cache salt are on EngineRequest.
 """
 
 from __future__ import annotations
@@ -34,6 +35,20 @@ class EngineRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     """How to sample and when to stop (stop strings and stop token ids included)."""
+    tenant: str = ""
+    """Who sent it, as the gateway authenticated the API key (its keys file's TENANT; "" on a server
+    without keys): never a value the client names. Roots its prefix-cache keys (a tenant never hits
+    another's blocks or snapshots) and is its queue in the head's fair admission."""
+    tenant_weight: float = 1.0
+    """The tenant's share of admissions (WEIGHT in the keys file): a weight-2 tenant is admitted twice the
+    prompt tokens of a weight-1 one while both wait."""
+    cache_salt: str = ""
+    """The client's optional `cache_salt`: narrows its prefix-cache sharing within its tenant (requests
+    share cached blocks only when tenant and salt are equal)."""
+
+    def __post_init__(self) -> None:
+        if not self.tenant_weight > 0:
+            raise ValueError(f"tenant_weight must be > 0, got {self.tenant_weight} (tenant {self.tenant!r})")
 
 
 class FinishReason(enum.Enum):
@@ -82,6 +97,9 @@ class ErrorCode(enum.Enum):
     OVERLOADED = "overloaded"
     """The head's queue is full (`max_queued_requests` waiting): 429 (Anthropic: 529), refused at once,
     with Retry-After; nothing was started, so retrying later is safe."""
+    RATE_LIMITED = "rate_limited"
+    """The client's tenant is over its concurrency or tokens-per-minute limit: 429 with Retry-After
+    (EngineError.retry_after_s); nothing was started."""
     CLIENT_TIMEOUT = "client_timeout"
     """The client read nothing of its stream for `stream_idle_timeout_s`: treated as gone, 408 (nobody
     usually reads it; the request was aborted and its slot and blocks freed)."""
@@ -97,11 +115,12 @@ class ErrorCode(enum.Enum):
 
 _HTTP_STATUS = {ErrorCode.INVALID_REQUEST: 400, ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400,
                 ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500, ErrorCode.OVERLOADED: 429,
-                ErrorCode.CLIENT_TIMEOUT: 408}
+                ErrorCode.RATE_LIMITED: 429, ErrorCode.CLIENT_TIMEOUT: 408}
 
 RETRY_AFTER_S = 1
-"""The `Retry-After` (seconds) a client is told with every refusal it may retry (429, 503, 529): a queue
-drains by whole requests, so sooner only meets the same full queue; the SDKs back off from there."""
+"""The `Retry-After` (seconds) a client is told with a refusal it may retry (429, 503, 529) when the
+refusal names no time of its own (EngineError.retry_after_s): a queue drains by whole requests, so
+sooner only meets the same full queue; the SDKs back off from there."""
 
 
 class EngineError(Exception):
@@ -110,17 +129,21 @@ class EngineError(Exception):
     at fault ("prompt", "max_tokens", "stop", "request_id", a sampling field), None when no field is."""
     default_code = ErrorCode.INTERNAL
 
-    def __init__(self, message: str, *, param: str | None = None, code: ErrorCode | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: ErrorCode | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(f"{param}: {message}" if param else message)
         self.message, self.param = message, param
         self.code = code or self.default_code
+        self.retry_after_s = retry_after_s
+        """When retrying can succeed (OVERLOADED): the seconds to wait, sent as Retry-After."""
 
     def __reduce__(self) -> tuple[object, ...]:  # crosses Ray as itself, with its code and field
-        return _rebuild_error, (type(self), self.message, self.param, self.code)
+        return _rebuild_error, (type(self), self.message, self.param, self.code, self.retry_after_s)
 
 
-def _rebuild_error(kind: type[EngineError], message: str, param: str | None, code: ErrorCode) -> EngineError:
-    return kind(message, param=param, code=code)
+def _rebuild_error(kind: type[EngineError], message: str, param: str | None, code: ErrorCode,
+                   retry_after_s: float | None = None) -> EngineError:
+    return kind(message, param=param, code=code, retry_after_s=retry_after_s)
 
 
 class EngineRequestError(EngineError, ValueError):

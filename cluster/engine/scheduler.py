@@ -1,12 +1,20 @@
 """Continuous-batching scheduler: which sequences run in the next step, how many tokens each, and which
 cache blocks and state slots they hold.
 
-    add() -> waiting (FCFS) --schedule()--> running --finish()--> finished (blocks and slot freed)
+    add() -> waiting (FairQueue) --schedule()--> running --finish()--> finished (blocks and slot freed)
                 ^                              |
                 +---------- preempted ---------+  (a decode found no free block: the most recently
                           (first in line)          admitted running sequence gives its blocks back)
           every step: decodes first (1 token each), then prefill chunks of the running sequences
           still prefilling, then newly admitted waiting sequences, while the token budget lasts.
+
+Waiting sequences are admitted in FairQueue order (cluster/engine/fair_queue.py): preempted ones first,
+then FCFS within a tenant and weighted fair queuing across tenants, so one tenant's flood cannot
+starve another's request; with one tenant it is FCFS. When every slot is taken and the next waiting
+sequence's tenant runs fewer than its share of max_num_seqs (by weight), the newest sequence of a tenant
+over its share is preempted to its own tenant's queue (`_preempt_for_share`): the quiet tenant's
+request runs at the next step, not when the flood's next request finishes. The sequence FairQueue names next is admitted first
+or no one is (it is never overtaken for fitting worse).
 
 A sequence is admitted only when a state slot and the blocks for its whole prompt are free; a decode
 takes a new block when its length crosses a block boundary. A preempted sequence gives back its blocks
@@ -35,21 +43,22 @@ forward pass and calls `advance` and `finish` with what it produced.
 from __future__ import annotations
 
 import enum
-from collections import deque
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
 from nextserve.model.cache.block_manager import BlockManager
 from nextserve.cluster.engine.contract import EngineRequest, FinishReason
-from nextserve.model.cache.prefix_cache import BlockKey, block_key
+from nextserve.cluster.engine.fair_queue import FairQueue
+from nextserve.model.cache.prefix_cache import BlockKey, block_key, salt_key
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64
     """Sequences running at once (each holds a state slot; a small cache budget may give fewer slots);
-    more wait in FCFS order."""
+    more wait, admitted FCFS within a tenant and fairly across tenants (FairQueue)."""
     max_tokens_per_step: int = 512
     """Token budget of one batched forward: decodes + prefill chunks. Bounds a step's latency."""
     prefill_chunk: int = 256
@@ -134,6 +143,14 @@ class SequenceState:
         return self.request.request_id
 
     @property
+    def tenant(self) -> str:
+        return self.request.tenant
+
+    @property
+    def tenant_weight(self) -> float:
+        return self.request.tenant_weight
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.request.prompt_ids)
 
@@ -201,7 +218,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
         self.config = config
         self.blocks = blocks
-        self.waiting: deque[SequenceState] = deque()
+        self.waiting: FairQueue[SequenceState] = FairQueue()
         self.running: list[SequenceState] = []
         """In admission order: the last one is preempted first."""
         self.num_preemptions = 0
@@ -224,7 +241,7 @@ class Scheduler:
         if seq.request_id in self._by_id:
             raise ValueError(f"request_id {seq.request_id!r} is already scheduled")
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        self.waiting.push(seq)
         self._by_id[seq.request_id] = seq
 
     def abort(self, request_id: str) -> bool:
@@ -242,6 +259,7 @@ class Scheduler:
         shared_blocks: list[tuple[int, int, int]] = []
         restores: list[tuple[int, int]] = []
         preempted: list[SequenceState] = []
+        self._preempt_for_share(preempted)
         for seq in list(self.running):  # decodes first: one token each, always within budget (see config)
             if seq.status is SequenceStatus.RUNNING and not seq.is_prefilling \
                     and self._grow(seq, seq.num_computed_tokens + 1, new_blocks, preempted):
@@ -252,12 +270,12 @@ class Scheduler:
                 scheduled.append(self._chunk(seq, budget))
                 budget -= scheduled[-1].num_scheduled_tokens
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]  # FCFS: the head of the queue always gets in first, or no one does
+            seq = self.waiting.peek()  # the next in fair order always gets in first, or no one does
             hit_blocks, snapshot = self._lookup(seq)
             need = self.blocks.blocks_for(seq.num_prefill_tokens) - len(hit_blocks)
             if not self.blocks.can_allocate(need, slot=True, reusing=hit_blocks):
                 break
-            self.waiting.popleft()
+            self.waiting.pop(seq)
             seq.slot = self.blocks.allocate_slot()
             self._reference(seq, hit_blocks, snapshot, shared_blocks, restores)
             self._grow(seq, seq.num_prefill_tokens, new_blocks, preempted)
@@ -320,16 +338,43 @@ class Scheduler:
             seq.block_ids.append(block)
         return True
 
-    def _preempt(self, seq: SequenceState) -> None:
+    def _preempt(self, seq: SequenceState, for_share: bool = False) -> None:
         """Back to the head of the queue without blocks or slot, to recompute prompt + output (from the
-        prefix cache as far as its blocks and tail snapshot survive there)."""
+        prefix cache as far as its blocks and tail snapshot survive there); `for_share`: to the head of
+        its tenant's queue (it waits its tenant's turn), else first in line."""
         self.running.remove(seq)
         self._free(seq, publish=True)
         seq.num_computed_tokens = 0
         seq.num_prefill_tokens = seq.num_prompt_tokens + len(seq.output_ids)
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        if for_share:
+            self.waiting.push_front_of_tenant(seq)
+        else:
+            self.waiting.push_front(seq)
         self.num_preemptions += 1
+
+    def _preempt_for_share(self, preempted: list[SequenceState]) -> None:
+        """Every slot is taken and the next waiting sequence's tenant runs fewer than its share of
+        max_num_seqs (by weight, among the tenants running or next): preempt the most recently admitted
+        sequence of a tenant that stays at or above its share without it. So a tenant's flood holding all
+        slots gives one up at once to another tenant's request instead of when one of its own finishes;
+        a tenant alone keeps every slot."""
+        if len(self.running) < self.config.max_num_seqs or not self.waiting or self.waiting.is_preempted_next:
+            return
+        candidate = self.waiting.peek()
+        weights = {s.tenant: s.tenant_weight for s in (*self.running, candidate)}
+        total, num_running = sum(weights.values()), Counter(s.tenant for s in self.running)
+
+        def share(tenant: str) -> float:
+            return self.config.max_num_seqs * weights[tenant] / total
+
+        if num_running[candidate.tenant] + 1 > share(candidate.tenant):
+            return
+        for victim in reversed(self.running):
+            if num_running[victim.tenant] - 1 >= share(victim.tenant):
+                self._preempt(victim, for_share=True)
+                preempted.append(victim)
+                return
 
     def _free(self, seq: SequenceState, publish: bool) -> None:
         if seq.slot is not None:
@@ -348,7 +393,8 @@ class Scheduler:
         """The keys of seq's first num_blocks full blocks (computed once, kept on the sequence)."""
         keys, bs = seq.block_keys, self.blocks.block_size
         for i in range(len(keys), num_blocks):
-            keys.append(block_key(keys[i - 1] if i else None, seq.token_ids(i * bs, (i + 1) * bs)))
+            parent = keys[i - 1] if i else salt_key(seq.request.tenant, seq.request.cache_salt)
+            keys.append(block_key(parent, seq.token_ids(i * bs, (i + 1) * bs)))
         return keys[:num_blocks]
 
     def _lookup(self, seq: SequenceState) -> tuple[list[int], int | None]:

@@ -94,11 +94,12 @@ ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]
 
 
 def with_retry_after(handler: ErrorHandler) -> ErrorHandler:
-    """`handler` with `Retry-After` added to the responses a client may retry (RETRYABLE_STATUSES)."""
+    """`handler` with `Retry-After` added to the responses a client may retry (RETRYABLE_STATUSES), unless
+    the refusal set its own (a tenant's token bucket knows when it refills)."""
     async def handle(request: Request, exc: Exception) -> Response:
         response = await handler(request, exc)
         if response.status_code in RETRYABLE_STATUSES:
-            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            response.headers.setdefault("Retry-After", str(RETRY_AFTER_S))
         return response
     return handle
 

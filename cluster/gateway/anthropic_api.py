@@ -42,7 +42,8 @@ class AnthropicApi:
         spec = generation_spec(req, self.defaults)
         out = MessageReply(new_message_id(), self.model_name, spec)
         try:
-            generation = await start_generation(self.engine, out.message_id, spec, self.metrics)
+            generation = await start_generation(self.engine, out.message_id, spec, self.metrics,
+                                                request.state.caller)
         except ChatTemplateError as e:
             raise template_error(e) from None
         except EngineError as e:

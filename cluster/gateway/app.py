@@ -9,8 +9,10 @@
                          in the body; else 503 (Kubernetes' readiness: the pod leaves the Service)
     GET  /health         200 only when the whole cluster is up: every head and worker (the operator's view)
 
-/v1 needs the API key, when one is given, as `Authorization: Bearer <key>` or `x-api-key: <key>` (what
-the anthropic SDK sends); /health* and /metrics stay open for probes and scrapers. Client mistakes are
+/v1 needs an API key, when keys are given, as `Authorization: Bearer <key>` or `x-api-key: <key>` (what
+the anthropic SDK sends); the key names the tenant (tenants.py), which goes on every engine request (its
+prefix cache salt, its share of admissions) and is held to its limits (429 + Retry-After). /health* and
+/metrics stay open for probes and scrapers. Client mistakes are
 4xx and anything unexpected a 500, in the error shape of the API the path belongs to, and serving goes
 on. A client error carries a stable message, never internals (tracebacks, pids, addresses, file paths);
 every response carries `x-request-id` (the client's when sane, else a fresh one: request_id.py), and the
@@ -19,7 +21,6 @@ logs of that request carry it too. When a client leaves, its engine streams are 
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from typing import Any
@@ -38,6 +39,7 @@ from nextserve.cluster.gateway.openai_api import OpenAIApi
 from nextserve.cluster.gateway.protocols import anthropic
 from nextserve.cluster.gateway.protocols.openai import SERVER_ERROR, RequestError, error_body, validation_error
 from nextserve.cluster.gateway.request_id import RequestIdMiddleware, current_request_id
+from nextserve.cluster.gateway.tenants import TenantDirectory
 from nextserve.cluster.engine.contract import SamplingDefaults, SamplingError
 
 log = logging.getLogger(__name__)
@@ -46,15 +48,21 @@ ANTHROPIC_PATHS = "/v1/messages"
 """Paths under this prefix answer errors in Anthropic's shape."""
 
 
-def _authorizer(api_key: str) -> Any:
+def _authorizer(directory: TenantDirectory) -> Any:
+    """The /v1 dependency: the request's Caller (request.state.caller) from its key, or a 401."""
     async def authorize(request: Request) -> None:
+        if directory.is_open:
+            request.state.caller = directory.open_caller()
+            return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "").strip()
         if not token:
             raise RequestError(401, "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
                                code="invalid_api_key")
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
+        caller = directory.authenticate(token)
+        if caller is None:
             raise RequestError(401, "Incorrect API key provided.", code="invalid_api_key")
+        request.state.caller = caller
     return authorize
 
 
@@ -64,7 +72,9 @@ def _as_anthropic(e: Exception) -> anthropic.AnthropicError:
     if isinstance(e, RequestValidationError):
         return anthropic.validation_error(list(e.errors()))
     if isinstance(e, RequestError):
-        return anthropic.AnthropicError(e.status_code, e.message)
+        error = anthropic.AnthropicError(e.status_code, e.message)
+        error.headers = e.headers
+        return error
     if isinstance(e, SamplingError):
         return anthropic.AnthropicError(400, f"{e.param}: {e.message}")
     assert isinstance(e, HTTPException)
@@ -75,13 +85,13 @@ async def _on_error(request: Request, e: Exception) -> JSONResponse:
     """Errors in the shape of the path's API: ours, FastAPI's validation errors, Starlette's 404 and 405."""
     if request.url.path.startswith(ANTHROPIC_PATHS):
         error = _as_anthropic(e)
-        return JSONResponse(error.body, error.status)
+        return JSONResponse(error.body, error.status, headers=error.headers)
     if isinstance(e, RequestValidationError):
         e = validation_error(list(e.errors()))
     if isinstance(e, SamplingError):  # a sampling value SamplingParams refuses: the client's, naming the field
         e = RequestError(400, e.message, e.param, code="invalid_value")
     if isinstance(e, RequestError):
-        return JSONResponse(e.body(), e.status_code)
+        return JSONResponse(e.body(), e.status_code, headers=e.headers)
     if isinstance(e, anthropic.AnthropicError):
         return JSONResponse(error_body(e.message), e.status)
     assert isinstance(e, HTTPException)
@@ -114,9 +124,10 @@ def _crash_barrier(app: ASGIApp) -> ASGIApp:
 class Gateway:
     """The routes that are not an API's own: models, health, metrics."""
 
-    def __init__(self, engine: EngineClient, model_name: str, defaults: SamplingDefaults) -> None:
+    def __init__(self, engine: EngineClient, model_name: str, defaults: SamplingDefaults,
+                 tenants: TenantDirectory) -> None:
         self.engine, self.model_name = engine, model_name
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics(tenants.tenant_names)
         self.openai = OpenAIApi(engine, model_name, self.metrics, defaults)
         self.anthropic = AnthropicApi(engine, model_name, self.metrics, defaults)
         self.card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "nextserve",
@@ -165,12 +176,17 @@ class Gateway:
 
 
 def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
-              defaults: SamplingDefaults | None = None, limits: GatewayLimits | None = None) -> FastAPI:
-    """The gateway app serving `engine` under the name `model_name`; `api_key` None leaves /v1 open;
-    `defaults` are what requests that leave temperature / top_p / top_k unset sample with; `limits` what
-    a client may send and how long a stream may go unread (admission.py)."""
+              defaults: SamplingDefaults | None = None, limits: GatewayLimits | None = None,
+              tenants: TenantDirectory | None = None) -> FastAPI:
+    """The gateway app serving `engine` under the name `model_name`. `tenants` (the keys file's) or else
+    `api_key` (one tenant) guard /v1; neither leaves it open. `defaults` are what requests that leave
+    temperature / top_p / top_k unset sample with; `limits` what a client may send and how long a stream
+    may go unread (admission.py)."""
+    if tenants is not None and api_key is not None:
+        raise ValueError("give api_key (one tenant) or tenants (a keys file), not both")
+    tenants = tenants or TenantDirectory.single(api_key)
     limits = limits or GatewayLimits()
-    gateway = Gateway(AdmittingClient(engine, limits), model_name, defaults or SamplingDefaults())
+    gateway = Gateway(AdmittingClient(engine, limits), model_name, defaults or SamplingDefaults(), tenants)
     app = FastAPI(title="nextserve", docs_url=None, redoc_url=None)
     app.state.gateway = gateway
     for exc in (RequestError, anthropic.AnthropicError, RequestValidationError, HTTPException, SamplingError):
@@ -179,7 +195,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
     app.add_middleware(_crash_barrier)
     app.add_middleware(RequestCounter, metrics=gateway.metrics)  # outside the barrier: counts its 500s
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries x-request-id
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(api_key))] if api_key else [])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(tenants))])
     v1.add_api_route("/completions", gateway.openai.completions, methods=["POST"])
     v1.add_api_route("/chat/completions", gateway.openai.chat_completions, methods=["POST"])
     v1.add_api_route("/messages", gateway.anthropic.messages, methods=["POST"])

@@ -64,6 +64,8 @@ class GenerationSpec:
     request_fields: Mapping[str, str] = field(default_factory=dict)
     """The engine's field names (an EngineError's `param`: "prompt", "max_tokens", "stop") as this request
     names them ("messages", "max_completion_tokens", "stop_sequences"), for errors in the API's terms."""
+    cache_salt: str = ""
+    """The request's `cache_salt` (OpenAI extension): narrows its prefix-cache sharing within its tenant."""
 
     def request_field(self, engine_field: str) -> str:
         return self.request_fields.get(engine_field, engine_field)

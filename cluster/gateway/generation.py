@@ -8,8 +8,10 @@ turned into the one event stream every API renders.
          ChoiceUpdate..., Completed), or `await reply(generation.events(), is_disconnected)` for the
          Completed event alone (None when the client left; the engine requests are then aborted)
 
-    start_choices(engine, request_id, prompt_ids, [params per choice], metrics)
-      -> one engine request per choice ("{request_id}-{i}"), each awaited to its first output, so an
+    start_choices(engine, request_id, prompt_ids, [params per choice], metrics, caller)
+      -> the caller's tenant quota: over a limit, EngineError RATE_LIMITED (429 + Retry-After), nothing started
+      -> one engine request per choice ("{request_id}-{i}"), carrying the caller's tenant, weight and
+         cache salt, each awaited to its first output, so an
          engine refusal or unavailability (an EngineError with its code) is raised here, before any
          response starts, for each API to map to its own error shape
       -> Choices: `async for index, out in choices` in arrival order; `aclose()` aborts what is left
@@ -22,6 +24,7 @@ prompt n times.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -30,12 +33,13 @@ from typing import Protocol
 
 from transformers import PreTrainedTokenizerBase
 
-from nextserve.cluster.engine.contract import EngineRequest, EngineStats, SamplingParams, StepOutput
+from nextserve.cluster.engine.contract import EngineError, EngineRequest, EngineStats, SamplingParams, StepOutput
 from nextserve.cluster.gateway.chat_template import ChatPrompt
 from nextserve.cluster.gateway.conversation import GenerationSpec, prompt_of
 from nextserve.cluster.gateway.events import ChoiceEvents, ChoiceUpdate, Completed, Event, Started, TokenUsage
 from nextserve.cluster.gateway.metrics import GatewayMetrics, RequestTracker
 from nextserve.cluster.gateway.request_id import current_request_id
+from nextserve.cluster.gateway.tenants import Caller, TenantQuota
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +89,8 @@ class Choices:
     when iteration ends, however it ends."""
 
     def __init__(self, firsts: list[StepOutput], streams: list[AsyncGenerator[StepOutput, None]],
-                 trackers: list[RequestTracker]) -> None:
-        self.firsts, self.streams, self.trackers = firsts, streams, trackers
+                 trackers: list[RequestTracker], quota: TenantQuota | None = None) -> None:
+        self.firsts, self.streams, self.trackers, self.quota = firsts, streams, trackers, quota
         self.prompt_tokens = firsts[0].prompt_tokens
         self.cached_tokens = firsts[0].cached_tokens
         """Of the prompt, the tokens the head served from its prefix cache (the first choice's)."""
@@ -134,16 +138,27 @@ class Choices:
         for stream, tracker in zip(self.streams, self.trackers):
             await stream.aclose()
             tracker.finish()
+        if self.quota is not None:
+            self.quota.release()
+            self.quota = None
 
 
 async def start_choices(engine: EngineClient, request_id: str, prompt_ids: Sequence[int],
-                        params: Sequence[SamplingParams], metrics: GatewayMetrics) -> Choices:
+                        params: Sequence[SamplingParams], metrics: GatewayMetrics, caller: Caller) -> Choices:
     """Start every choice and wait for each one's first output; on any failure close them all and raise."""
+    tenant = caller.tenant
+    try:
+        if caller.quota is not None:
+            caller.quota.acquire()
+    except EngineError:
+        metrics.tenant_refusals.labels(tenant=tenant.name).inc()
+        raise
+    metrics.tenant_requests.labels(tenant=tenant.name).inc()
     log.info("request %s runs as engine request %s (%d choices)", current_request_id(), request_id, len(params))
     streams = [engine.generate(EngineRequest(f"{request_id}-{i}" if len(params) > 1 else request_id,
-                                             tuple(prompt_ids), p))
+                                             tuple(prompt_ids), p, tenant.name, tenant.weight, caller.cache_salt))
                for i, p in enumerate(params)]
-    trackers = [metrics.track() for _ in streams]
+    trackers = [metrics.track(tenant.name, caller.quota) for _ in streams]
     try:
         firsts = list(await asyncio.gather(*(anext(s) for s in streams)))
     except BaseException:
@@ -151,8 +166,10 @@ async def start_choices(engine: EngineClient, request_id: str, prompt_ids: Seque
             with suppress(Exception):
                 await stream.aclose()
             tracker.finish()
+        if caller.quota is not None:
+            caller.quota.release()
         raise
-    return Choices(firsts, streams, trackers)
+    return Choices(firsts, streams, trackers, caller.quota)
 
 
 class Generation:
@@ -177,12 +194,13 @@ class Generation:
 
 
 async def start_generation(engine: EngineClient, request_id: str, spec: GenerationSpec,
-                           metrics: GatewayMetrics) -> Generation:
+                           metrics: GatewayMetrics, caller: Caller) -> Generation:
     """Render the prompt and start every choice; raises ChatTemplateError (a chat the template refuses) or
     the engine's EngineError (a refusal, unavailability), before any response starts."""
     prompt = prompt_of(spec.prompt, engine.tokenizer)
     params = spec.params.constrained_to(prompt.name_token_ids) if prompt.name_token_ids else spec.params
-    choices = await start_choices(engine, request_id, prompt.prompt_ids, choice_params(params, spec.n), metrics)
+    choices = await start_choices(engine, request_id, prompt.prompt_ids, choice_params(params, spec.n), metrics,
+                                  dataclasses.replace(caller, cache_salt=spec.cache_salt))
     return Generation(prompt, choices)
 
 

@@ -2,13 +2,15 @@
 
 Request-level metrics (TTFT, TPOT, latency, tokens) are observed by the gateway as it serves, and only
 here; engine-level ones are pulled from the engine's `stats()` (cluster/engine/contract.py) at every
-scrape of /metrics and fed in with `observe_engine_stats`.
+scrape of /metrics and fed in with `observe_engine_stats`. Tenant series (`nextserve_tenant_*`) carry a
+`tenant` label whose values are the keys file's tenants only (created at start, so they read 0 until used).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,10 +26,28 @@ DISPATCH_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025
 """One all-to-all round: ~100 us on loopback up to tens of ms across hosts."""
 
 
+class TokenCharge(Protocol):
+    """What a request's tokens are charged to (a tenant's quota, cluster/gateway/tenants.py)."""
+    def charge(self, num_tokens: int) -> None: ...
+
+
 class GatewayMetrics:
-    def __init__(self) -> None:
+    def __init__(self, tenant_names: Sequence[str] = ()) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.tenant_requests = Counter(f"{PREFIX}_tenant_requests", "Generation requests admitted, by tenant",
+                                       ["tenant"], registry=r)
+        self.tenant_refusals = Counter(f"{PREFIX}_tenant_refusals", "Generation requests refused 429 for the "
+                                       "tenant's limits (concurrency, tokens per minute), by tenant", ["tenant"],
+                                       registry=r)
+        self.tenant_prompt_tokens = Counter(f"{PREFIX}_tenant_prompt_tokens", "Prompt tokens admitted, by tenant",
+                                            ["tenant"], registry=r)
+        self.tenant_generation_tokens = Counter(f"{PREFIX}_tenant_generation_tokens", "Tokens generated, by "
+                                                "tenant", ["tenant"], registry=r)
+        for name in tenant_names:
+            for counter in (self.tenant_requests, self.tenant_refusals, self.tenant_prompt_tokens,
+                            self.tenant_generation_tokens):
+                counter.labels(tenant=name)
         self.requests = Counter(f"{PREFIX}_requests", "HTTP requests served, by route and status code",
                                 ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens admitted", registry=r)
@@ -87,9 +107,10 @@ class GatewayMetrics:
         for (layer, expert), tokens in stats.expert_tokens.items():
             self.expert_tokens.labels(layer=str(layer), expert=str(expert)).inc(tokens)
 
-    def track(self) -> RequestTracker:
-        """Start timing one generation request (call at its arrival)."""
-        return RequestTracker(self)
+    def track(self, tenant: str, charge: TokenCharge | None = None) -> RequestTracker:
+        """Start timing one generation request of `tenant` (call at its arrival); its tokens are also
+        charged to `charge`."""
+        return RequestTracker(self, tenant, charge)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""
@@ -99,8 +120,10 @@ class GatewayMetrics:
 class RequestTracker:
     """Feeds one request's token counts, TTFT and TPOT into the metrics as its outputs arrive."""
 
-    def __init__(self, metrics: GatewayMetrics) -> None:
-        self.metrics = metrics
+    def __init__(self, metrics: GatewayMetrics, tenant: str, charge: TokenCharge | None = None) -> None:
+        self.metrics, self.charge = metrics, charge
+        self.tenant_prompt_tokens = metrics.tenant_prompt_tokens.labels(tenant=tenant)
+        self.tenant_generation_tokens = metrics.tenant_generation_tokens.labels(tenant=tenant)
         self.arrival_s = time.perf_counter()
         self.first_token_s: float | None = None
         self.last_token_s = self.arrival_s
@@ -114,9 +137,15 @@ class RequestTracker:
             self.first_token_s = now
             self.metrics.time_to_first_token.observe(now - self.arrival_s)
             self.metrics.prompt_tokens.inc(out.prompt_tokens)
+            self.tenant_prompt_tokens.inc(out.prompt_tokens)
+            if self.charge is not None:
+                self.charge.charge(out.prompt_tokens)
         new_tokens = out.completion_tokens - self.completion_tokens
         if new_tokens > 0:
             self.metrics.generation_tokens.inc(new_tokens)
+            self.tenant_generation_tokens.inc(new_tokens)
+            if self.charge is not None:
+                self.charge.charge(new_tokens)
             self.completion_tokens, self.last_token_s = out.completion_tokens, now
 
     def finish(self) -> None:

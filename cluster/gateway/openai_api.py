@@ -44,7 +44,8 @@ class OpenAIApi:
         spec = generation_spec(req, self.defaults)
         out = Reply.of(endpoint, self.model_name, req, spec, self.engine.tokenizer, int(time.time()))
         try:
-            generation: Generation = await start_generation(self.engine, out.header.id, spec, self.metrics)
+            generation: Generation = await start_generation(self.engine, out.header.id, spec, self.metrics,
+                                                            request.state.caller)
         except ChatTemplateError as e:
             raise template_error(e) from None
         except EngineError as e:

@@ -1,7 +1,8 @@
 """The exact prefix cache's bookkeeping: refcounted KV blocks, content-addressed once full, and DeltaNet
 state snapshots keyed by the block they end on. Pure ids and dicts (the tensors are model/cache/pools.py's).
 
-    key(block i) = blake2b(key(block i-1) | token ids of block i)        (128 bits; block 0 has no parent)
+    key(block i) = blake2b(key(block i-1) | token ids of block i)        (128 bits)
+    key(block -1) = salt_key(tenant, cache_salt)                           (None, no parent, when both are "")
 
     block:     free --allocate--> used (ref >= 1) --release, ref 0--> cached (keyed, LRU) --evict--> free
                                    ^                                      |
@@ -22,7 +23,9 @@ is never used (it stays until the snapshot LRU drops it).
 Eviction is LRU, blocks and snapshots each: allocation takes a free id first, then the least recently
 released cached block (a sequence releases its blocks last first, so of one sequence's blocks the leaves
 go before the shared root; a hit re-acquires a block, which refreshes it). Keys are a cryptographic hash
-of the whole prefix, so two different prefixes never share an entry.
+of the whole prefix, so two different prefixes never share an entry; the salt is the chain's root, so
+two tenants (or two cache salts) never share one either: no tenant can learn from a hit (a fast first
+token, `cached_tokens`) whether another sent a prompt.
 """
 
 from __future__ import annotations
@@ -38,6 +41,18 @@ BlockKey = bytes
 
 class CacheAccountingError(RuntimeError):
     """A block or slot freed twice, or one that does not exist: a bug in the caller, named with the id."""
+
+
+def salt_key(tenant: str, cache_salt: str) -> BlockKey | None:
+    """The root of a request's key chain: None (unsalted) when both are empty, else a hash of the two,
+    each length-prefixed so ("ab", "c") and ("a", "bc") differ."""
+    if not tenant and not cache_salt:
+        return None
+    digest = hashlib.blake2b(b"salt", digest_size=16)
+    for part in (tenant.encode(), cache_salt.encode()):
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.digest()
 
 
 def block_key(parent: BlockKey | None, token_ids: Sequence[int]) -> BlockKey:

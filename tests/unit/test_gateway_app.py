@@ -22,6 +22,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from gateway_local_engine import Server, TinyEngine, completions_total, scrape, sse_events, wait_until
 from nextserve.cluster.gateway.conversation import GenerationSpec
 from nextserve.cluster.gateway.events import ChoiceUpdate, Completed, Started
+from nextserve.cluster.gateway.tenants import TenantDirectory
 from nextserve.cluster.gateway.generation import Readiness, start_generation
 from nextserve.cluster.gateway.metrics import GatewayMetrics
 from nextserve.model.sampling import SamplingParams
@@ -355,8 +356,9 @@ def test_the_event_stream_over_the_real_engine_and_closing_it_aborts(server: Ser
     closed right after Started (before any output was read) aborts its engine requests."""
     async def run() -> None:
         spec = GenerationSpec([5, 6, 7, 8], SamplingParams(max_tokens=3, ignore_eos=True), n=2)
+        caller = TenantDirectory.single(None).open_caller()
         events = [e async for e in (await start_generation(server.engine.client, "whole", spec,
-                                                           GatewayMetrics())).events()]
+                                                           GatewayMetrics(), caller)).events()]
         assert isinstance(events[0], Started) and events[0].n == 2 and events[0].prompt_tokens == 4
         completed = events[-1]
         assert isinstance(completed, Completed) and completed.usage.completion_tokens == 6
@@ -365,7 +367,7 @@ def test_the_event_stream_over_the_real_engine_and_closing_it_aborts(server: Ser
         assert [c.text for c in completed.choices] == ["".join(e.text for u in updates if u.index == i
                                                                for e in u.events) for i in range(2)]
         long = GenerationSpec([5, 6, 7, 8], SamplingParams(max_tokens=CONTEXT // 2, ignore_eos=True), n=2)
-        generation = await start_generation(server.engine.client, "closed-early", long, GatewayMetrics())
+        generation = await start_generation(server.engine.client, "closed-early", long, GatewayMetrics(), caller)
         stream = generation.events()
         assert isinstance(await anext(stream), Started)
         await stream.aclose()  # type: ignore[attr-defined]  # an async generator

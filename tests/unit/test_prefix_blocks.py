@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from nextserve.model.cache.prefix_cache import CacheAccountingError, PrefixCache, block_key
+from nextserve.model.cache.prefix_cache import CacheAccountingError, PrefixCache, block_key, salt_key
 
 
 def _chain(blocks: list[list[int]]) -> list[bytes]:
@@ -118,3 +118,15 @@ def test_random_operations_keep_the_books() -> None:
         for key in keys:
             for block in cache.match([key]):
                 assert cache._key_of[block] == key
+
+
+def test_salted_chains_differ() -> None:
+    """The salt roots the chain: the same tokens under another tenant or cache salt key differently at
+    every block, and the length prefix keeps ("ab", "c") apart from ("a", "bc")."""
+    assert salt_key("", "") is None
+    roots = [salt_key("A", ""), salt_key("B", ""), salt_key("A", "x"), salt_key("ab", "c"), salt_key("a", "bc")]
+    assert len(set(roots)) == len(roots) and salt_key("A", "") == salt_key("A", "")
+    chains = [[block_key(root, [1, 2])] for root in [None, *roots]]
+    for chain in chains:
+        chain.append(block_key(chain[0], [3, 4]))
+    assert len({c[0] for c in chains}) == len({c[1] for c in chains}) == len(chains)

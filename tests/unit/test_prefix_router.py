@@ -14,6 +14,10 @@ def test_the_key_is_the_prefix_only() -> None:
     assert prefix_key(shared + [1, 2, 3]) == prefix_key(shared + [9])  # same system prompt, other turns
     assert prefix_key([5, 6]) != prefix_key([5, 7])
     assert prefix_key([5, 6]) == prefix_key((5, 6))  # lists and tuples alike (Ray may pass either)
+    # the salt is hashed too: another tenant's (or cache salt's) equal prompt has another key
+    assert prefix_key(shared, "A") == prefix_key(shared + [1], "A") != prefix_key(shared, "B")
+    assert prefix_key(shared, "A", "s") != prefix_key(shared, "A") != prefix_key(shared)
+    assert prefix_key(shared, "A", "") == prefix_key(shared, "A")
 
 
 def test_rendezvous_ranking_moves_only_the_keys_of_the_replica_that_changed() -> None:

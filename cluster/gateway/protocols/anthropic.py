@@ -24,6 +24,7 @@ tool_result), unknown block types, server tools (a tool `type` other than "custo
 from __future__ import annotations
 
 import json
+import math
 import logging
 import re
 import secrets
@@ -76,6 +77,8 @@ class AnthropicError(Exception):
         super().__init__(message)
         self.status, self.message = status, message
         self.body: dict[str, Any] = error_body(status, message, type)
+        self.headers: dict[str, str] | None = None
+        """Response headers the error needs (retry-after of a 429)."""
 
 
 # --- request models -----------------------------------------------------------------------------------------
@@ -427,7 +430,10 @@ def anthropic_error(e: EngineError, spec: GenerationSpec) -> AnthropicError:
     its SDKs retry)."""
     status = 529 if e.code in (ErrorCode.UNAVAILABLE, ErrorCode.OVERLOADED) else e.code.http_status
     message = e.message if e.param is None else f"{spec.request_field(e.param)}: {e.message}"
-    return AnthropicError(status, message)
+    error = AnthropicError(status, message)
+    if e.retry_after_s is not None:
+        error.headers = {"retry-after": str(math.ceil(e.retry_after_s))}
+    return error
 
 
 def template_error(e: ChatTemplateError) -> AnthropicError:

@@ -18,6 +18,7 @@ tools), `tool_choice`, `parallel_tool_calls`; both endpoints `n` (1-16) and logp
 from __future__ import annotations
 
 import json
+import math
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -58,6 +59,8 @@ class RequestError(Exception):
                  type: str = INVALID_REQUEST, code: str | None = None) -> None:
         super().__init__(message)
         self.status_code, self.message, self.param, self.type, self.code = status_code, message, param, type, code
+        self.headers: dict[str, str] | None = None
+        """Response headers the error needs (Retry-After of a 429)."""
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
@@ -139,6 +142,8 @@ class GenerationRequest(BaseModel):
     user: str | None = None
     ignore_eos: bool = False
     """vLLM extension: keep generating past end-of-sequence (load generators want fixed lengths)."""
+    cache_salt: str = Field("", max_length=256)
+    """vLLM extension: requests share prefix-cache entries only with requests of the same tenant and salt."""
 
     @field_validator("n", mode="before")
     @classmethod
@@ -479,7 +484,7 @@ def generation_spec(req: GenerationRequest, defaults: SamplingDefaults) -> Gener
         assert isinstance(req, CompletionRequest)
         prompt = req.prompt
     fields = {"prompt": req.prompt_param, "max_tokens": req.max_tokens_request()[1]}
-    return GenerationSpec(prompt, req.sampling_params(defaults), req.n, fields)
+    return GenerationSpec(prompt, req.sampling_params(defaults), req.n, fields, req.cache_salt)
 
 
 _OPENAI_CODES = {ErrorCode.INVALID_REQUEST: ("invalid_request_error", "invalid_value"),
@@ -487,6 +492,7 @@ _OPENAI_CODES = {ErrorCode.INVALID_REQUEST: ("invalid_request_error", "invalid_v
                  ErrorCode.UNAVAILABLE: ("service_unavailable", "service_unavailable"),
                  ErrorCode.INTERNAL: (SERVER_ERROR, "internal_error"),
                  ErrorCode.OVERLOADED: ("rate_limit_error", "server_overloaded"),
+                 ErrorCode.RATE_LIMITED: ("requests", "rate_limit_exceeded"),
                  ErrorCode.CLIENT_TIMEOUT: ("invalid_request_error", "stream_idle_timeout")}
 """The engine's error codes as OpenAI's error `type` and `code`."""
 
@@ -495,7 +501,10 @@ def openai_error(e: EngineError, spec: GenerationSpec) -> RequestError:
     """An engine error in OpenAI's shape: its status from the code, the engine's field in the request's terms."""
     kind, code = _OPENAI_CODES[e.code]
     param = None if e.param is None else spec.request_field(e.param)
-    return RequestError(e.code.http_status, e.message, param, type=kind, code=code)
+    error = RequestError(e.code.http_status, e.message, param, type=kind, code=code)
+    if e.retry_after_s is not None:
+        error.headers = {"Retry-After": str(math.ceil(e.retry_after_s))}
+    return error
 
 
 def template_error(e: ChatTemplateError) -> RequestError:
