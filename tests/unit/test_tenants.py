@@ -77,7 +77,7 @@ class Clock:
 def _refusal(quota: TenantQuota) -> EngineError:
     with pytest.raises(EngineError) as e:
         quota.acquire()
-    assert e.value.code is ErrorCode.OVERLOADED and e.value.code.http_status == 429
+    assert e.value.code is ErrorCode.RATE_LIMITED and e.value.code.http_status == 429
     assert e.value.retry_after_s is not None
     return e.value
 
