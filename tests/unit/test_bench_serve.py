@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from nextserve.bench.prompt_ids import checkpoint_prompt_token_ids
 from nextserve.bench.serve_bench import (MIN_OUTPUT_TOKENS, BenchError, RequestResult, add_parser, cold_twin,
                                          left_pad, make_workload, percentile, run,
                                          summarize, time_per_output_token_s)
-from gateway_local_engine import Server, TinyEngine
+from gateway_local_engine import Server
 
 IDS = list(range(3, 2048))
 
@@ -81,12 +80,6 @@ def test_left_pad_puts_the_padding_and_mask_on_the_left() -> None:
     ids, mask = left_pad([(5, 6, 7), (9,)])
     assert ids.tolist() == [[5, 6, 7], [0, 0, 9]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_dir: Path) -> Iterator[Server]:
-    with Server(TinyEngine(tiny_dir, 128), "tiny") as s:
-        yield s
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

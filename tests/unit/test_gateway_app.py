@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest.mock import AsyncMock
@@ -31,18 +30,6 @@ MODEL = "tiny"
 CONTEXT = 128
 API_KEY = "sk-test-4f1c"
 CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
-
-
-@pytest.fixture(scope="module")
-def server(tiny_dir: Path) -> Iterator[Server]:
-    with Server(TinyEngine(tiny_dir, CONTEXT), MODEL) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def http(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
 
 
 def completion(**extra: Any) -> dict[str, Any]:

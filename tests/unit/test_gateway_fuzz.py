@@ -7,8 +7,6 @@ Bounded for speed: a few hundred examples in all on the tiny model, max_tokens k
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +14,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from pydantic import BaseModel
 
-from gateway_local_engine import Server, TinyEngine
 from nextserve.cluster.gateway.protocols import anthropic, openai
 
 MODEL = "tiny"
@@ -77,12 +74,6 @@ def request_bodies(model: type[BaseModel], base: dict[str, Any]) -> st.SearchStr
     return st.dictionaries(st.sampled_from(fields), st.deferred(lambda: ANY_JSON), max_size=5).flatmap(
         lambda chosen: st.fixed_dictionaries({k: FIELD_VALUES.get(k, ANY_JSON) for k in chosen}).map(
             lambda values: {**base, **values}))
-
-
-@pytest.fixture(scope="module")
-def http(tiny_dir: Path) -> Iterator[httpx.Client]:
-    with Server(TinyEngine(tiny_dir, CONTEXT), MODEL) as s, httpx.Client(base_url=s.url, timeout=60) as client:
-        yield client
 
 
 def _check(http: httpx.Client, path: str, body: dict[str, Any]) -> None:

@@ -6,31 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from gateway_local_engine import Server, TinyEngine, sse_events
+from gateway_local_engine import Server, sse_events
 
 MODEL = "tiny"
 CONTEXT = 128
 CMPL, CHAT, MSGS, COUNT = "/v1/completions", "/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens"
 GREEDY_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def server(tiny_dir: Path) -> Iterator[Server]:
-    with Server(TinyEngine(tiny_dir, CONTEXT), MODEL) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def http(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
 
 
 def body_for(path: str, **extra: Any) -> dict[str, Any]:
