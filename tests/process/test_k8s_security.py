@@ -45,7 +45,8 @@ def hardening_problems(template: dict[str, Any]) -> list[str]:
         problems.append("pod: runAsUser 0")
     if pod.get("seccompProfile", {}).get("type") != "RuntimeDefault":
         problems.append("pod: seccompProfile is not RuntimeDefault")
-    mounts_ok = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v or "persistentVolumeClaim" in v}
+    writable = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v or "persistentVolumeClaim" in v}
+    secrets = {v["name"] for v in spec.get("volumes", []) if "secret" in v}  # a Secret as files: read-only only
     for container in spec.get("initContainers", []) + spec["containers"]:
         name, context = container["name"], container.get("securityContext", {})
         if context.get("allowPrivilegeEscalation") is not False:
@@ -57,8 +58,10 @@ def hardening_problems(template: dict[str, Any]) -> list[str]:
         if context.get("privileged") or context.get("runAsUser") == 0:
             problems.append(f"{name}: privileged or root")
         for mount in container.get("volumeMounts", []):
-            if mount["name"] not in mounts_ok:
-                problems.append(f"{name}: mount {mount['name']} is neither an emptyDir nor a PVC")
+            if mount["name"] in secrets and mount.get("readOnly") is not True:
+                problems.append(f"{name}: Secret mount {mount['name']} is not readOnly")
+            elif mount["name"] not in writable | secrets:
+                problems.append(f"{name}: mount {mount['name']} is neither an emptyDir, a PVC nor a read-only Secret")
     return problems
 
 
@@ -89,6 +92,11 @@ def test_hardening_check_catches_what_it_checks() -> None:
             node = node[key]
         node[path[-1]] = bad
         assert hardening_problems(broken), path
+    writable_secret = yaml.safe_load(yaml.safe_dump(template))
+    for mount in writable_secret["spec"]["containers"][0]["volumeMounts"]:
+        if mount["name"] == "api-keys":
+            mount["readOnly"] = False
+    assert hardening_problems(writable_secret) == ["ray-worker: Secret mount api-keys is not readOnly"]
 
 
 def test_autoscaler_sidecar_is_hardened() -> None:
