@@ -283,8 +283,11 @@ class Engine:
         """logits [B, V] -> each row's token. What fails for one row (its sampling, its NaN logits, its stop
         or constraint state, its detokenization) ends that sequence alone with an EngineError; the others
         go on exactly as if it were not there."""
-        # One device sync for every row's argmax (greedy rows) and NaN check.
-        argmax, has_nan = torch.stack([logits.argmax(dim=-1), torch.isnan(logits).any(dim=-1).long()]).tolist()
+        # argmax treats NaN as the largest value, so a row holding a NaN has one at its argmax: the NaN check
+        # reads B values, not B x V; one device sync for both.
+        best = logits.argmax(dim=-1)  # [B]
+        has_nan_at_best = torch.isnan(logits.gather(1, best[:, None]).squeeze(1)).long()  # [B]
+        argmax, has_nan = torch.stack([best, has_nan_at_best]).tolist()
         for i, item in enumerate(plan.scheduled):
             seq = item.seq
             if not item.samples_token:
