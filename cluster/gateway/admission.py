@@ -115,6 +115,9 @@ async def idle_bounded(stream: AsyncGenerator[StepOutput, None], idle_timeout_s:
         last: BaseException | None = None
         try:
             async for out in stream:
+                if not buffer.full():  # the usual case: no timer per streamed item
+                    buffer.put_nowait(out)
+                    continue
                 try:
                     await asyncio.wait_for(buffer.put(out), idle_timeout_s)
                 except TimeoutError:
