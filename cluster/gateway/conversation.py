@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
@@ -54,6 +54,21 @@ def prompt_of(prompt: Prompt, tokenizer: PreTrainedTokenizerBase) -> ChatPrompt:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """What every choice's text must parse as (OpenAI `response_format`, Responses `text.format`).
+
+    "text" is free text; "json_object" any JSON object; "json_schema" a JSON value valid against `schema`.
+    Enforcement (a grammar mask in the engine) is the structured-output feature's; the APIs only parse into this.
+    """
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    schema: Mapping[str, Any] | None = None
+    """The JSON Schema of "json_schema" (None otherwise)."""
+    name: str = ""
+    """The schema's name as the request gave it (json_schema.name), for errors and logs."""
+    strict: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationSpec:
     """One API request in the internal model: what to prompt with and how to sample, for n choices."""
     prompt: Prompt
@@ -66,6 +81,8 @@ class GenerationSpec:
     names them ("messages", "max_completion_tokens", "stop_sequences"), for errors in the API's terms."""
     cache_salt: str = ""
     """The request's `cache_salt` (OpenAI extension): narrows its prefix-cache sharing within its tenant."""
+    response_format: ResponseFormat = ResponseFormat()
+    """What the output must parse as (free text unless the request asked for JSON)."""
 
     def request_field(self, engine_field: str) -> str:
         return self.request_fields.get(engine_field, engine_field)
