@@ -1,7 +1,8 @@
 """Which head replica a request goes to: the one most likely to hold its prompt's prefix in its cache.
 
     gateway's handle --generate(EngineRequest)--> PrefixAffinityRouter.choose_replicas
-        key = hash(tenant, cache_salt, prompt_ids[:ROUTE_PREFIX_TOKENS])   (None for calls without a prompt)
+        key = hash(tenant, cache_salt, prompt_cache_key, prompt_ids[:ROUTE_PREFIX_TOKENS])
+              (None for calls without a prompt)
         ranked = replicas by rendezvous hash of (key, replica)  (highest random weight first)
         first choice ranked[0], unless it has IMBALANCE more requests queued than the least loaded one:
         then the least loaded (Serve's own probing picks among them)
@@ -12,7 +13,10 @@ prefills cold once); every other conversation keeps landing where its cache is. 
 ROUTE_PREFIX_TOKENS tokens: an agent's conversations that share that much (one system prompt) share a
 replica while the load stays within IMBALANCE, and spread over the others past it. The tenant and cache
 salt are hashed too, as they root the heads' prefix-cache keys: two tenants' equal prompts share no cache,
-so nothing ties them to one replica.
+so nothing ties them to one replica. A client's `prompt_cache_key` (Responses; Codex sends its session id)
+is hashed too: an agent's sessions share their first ROUTE_PREFIX_TOKENS tokens (one system prompt and tool
+list), so without it every session of that agent would rank the same replica first; with it each session
+has a home of its own and keeps it for all its turns.
 
 Runs inside the gateway's process (Serve's handle-side router; RequestRouter is a Ray Serve alpha API).
 """
@@ -35,14 +39,17 @@ IMBALANCE = 8
 """Requests the preferred replica may have queued beyond the least loaded one before it is passed over."""
 
 
-def prefix_key(prompt_ids: Sequence[int], tenant: str = "", cache_salt: str = "") -> bytes:
-    """A stable key of the prompt's first ROUTE_PREFIX_TOKENS tokens and its prefix-cache salt (the same
-    in every gateway process)."""
+def prefix_key(prompt_ids: Sequence[int], tenant: str = "", cache_salt: str = "",
+               prompt_cache_key: str = "") -> bytes:
+    """A stable key of the prompt's first ROUTE_PREFIX_TOKENS tokens, its prefix-cache salt and the client's
+    session key (the same in every gateway process)."""
     head = list(prompt_ids[:ROUTE_PREFIX_TOKENS])
     digest = hashlib.blake2b(struct.pack(f"<{len(head)}q", *head), digest_size=16)
     salt = salt_key(tenant, cache_salt)
     if salt is not None:
         digest.update(salt)
+    if prompt_cache_key:
+        digest.update(b"\0prompt_cache_key\0" + prompt_cache_key.encode())
     return digest.digest()
 
 
@@ -67,7 +74,7 @@ class PrefixAffinityRouter(FIFOMixin, MultiplexMixin, LocalityMixin, RequestRout
         if request is None or len(candidate_replicas) < 2:
             return [candidate_replicas]  # stats / probes: the least loaded
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        key = prefix_key(request.prompt_ids, request.tenant, request.cache_salt)
+        key = prefix_key(request.prompt_ids, request.tenant, request.cache_salt, request.prompt_cache_key)
         ranked = [by_id[i] for i in rank_replicas(key, list(by_id))]
         queued = [self.replica_queue_len_cache.get(r.replica_id) or 0 for r in ranked]
         if queued[0] - min(queued) > IMBALANCE:

@@ -45,6 +45,10 @@ class EngineRequest:
     cache_salt: str = ""
     """The client's optional `cache_salt`: narrows its prefix-cache sharing within its tenant (requests
     share cached blocks only when tenant and salt are equal)."""
+    prompt_cache_key: str = ""
+    """The client's session key (Responses' `prompt_cache_key`, Codex's session id): hashed into the head
+    replica's routing key with the prompt's first tokens (cluster/deployments/prefix_router.py), so one
+    session's turns land on one head while sessions sharing a system prompt spread. Never a cache key."""
 
     def __post_init__(self) -> None:
         if not self.tenant_weight > 0:

@@ -2,6 +2,7 @@
 
     POST /v1/completions, /v1/chat/completions         OpenAI (openai_api.py)
     POST /v1/messages, /v1/messages/count_tokens        Anthropic Messages (anthropic_api.py)
+    POST /v1/responses                                  OpenAI Responses, stateless (responses_api.py; Codex)
     GET  /v1/models, /metrics (Prometheus text)
     GET  /health/live    200 while this process serves HTTP; checks nothing else (Kubernetes' liveness)
     GET  /health/ready   200 when this replica can serve a request now: a head reachable, every expert with
@@ -39,6 +40,7 @@ from nextserve.cluster.gateway.openai_api import OpenAIApi
 from nextserve.cluster.gateway.protocols import anthropic
 from nextserve.cluster.gateway.protocols.openai import SERVER_ERROR, RequestError, error_body, validation_error
 from nextserve.cluster.gateway.request_id import RequestIdMiddleware, current_request_id
+from nextserve.cluster.gateway.responses_api import ResponsesApi
 from nextserve.cluster.gateway.tenants import TenantDirectory
 from nextserve.cluster.engine.contract import SamplingDefaults, SamplingError
 
@@ -130,6 +132,7 @@ class Gateway:
         self.metrics = GatewayMetrics(tenants.tenant_names)
         self.openai = OpenAIApi(engine, model_name, self.metrics, defaults)
         self.anthropic = AnthropicApi(engine, model_name, self.metrics, defaults)
+        self.responses = ResponsesApi(engine, model_name, self.metrics, defaults)
         self.card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "nextserve",
                      "max_model_len": engine.max_model_len}
 
@@ -200,6 +203,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
     v1.add_api_route("/chat/completions", gateway.openai.chat_completions, methods=["POST"])
     v1.add_api_route("/messages", gateway.anthropic.messages, methods=["POST"])
     v1.add_api_route("/messages/count_tokens", gateway.anthropic.count_tokens, methods=["POST"])
+    v1.add_api_route("/responses", gateway.responses.responses, methods=["POST"])
     v1.add_api_route("/models", gateway.list_models, methods=["GET"])
     v1.add_api_route("/models/{model:path}", gateway.retrieve_model, methods=["GET"])
     app.include_router(v1)

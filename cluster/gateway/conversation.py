@@ -83,6 +83,9 @@ class GenerationSpec:
     """The request's `cache_salt` (OpenAI extension): narrows its prefix-cache sharing within its tenant."""
     response_format: ResponseFormat = ResponseFormat()
     """What the output must parse as (free text unless the request asked for JSON)."""
+    prompt_cache_key: str = ""
+    """The client's session key (Responses' `prompt_cache_key`): joins the key that routes the request to a
+    head replica, so a session's turns keep landing on the head that caches its prefix. Routing only."""
 
     def request_field(self, engine_field: str) -> str:
         return self.request_fields.get(engine_field, engine_field)

@@ -144,8 +144,10 @@ class Choices:
 
 
 async def start_choices(engine: EngineClient, request_id: str, prompt_ids: Sequence[int],
-                        params: Sequence[SamplingParams], metrics: GatewayMetrics, caller: Caller) -> Choices:
-    """Start every choice and wait for each one's first output; on any failure close them all and raise."""
+                        params: Sequence[SamplingParams], metrics: GatewayMetrics, caller: Caller,
+                        prompt_cache_key: str = "") -> Choices:
+    """Start every choice and wait for each one's first output; on any failure close them all and raise.
+    `prompt_cache_key`: the client's session key, for routing to a head (EngineRequest.prompt_cache_key)."""
     tenant = caller.tenant
     try:
         if caller.quota is not None:
@@ -156,7 +158,8 @@ async def start_choices(engine: EngineClient, request_id: str, prompt_ids: Seque
     metrics.tenant_requests.labels(tenant=tenant.name).inc()
     log.info("request %s runs as engine request %s (%d choices)", current_request_id(), request_id, len(params))
     streams = [engine.generate(EngineRequest(f"{request_id}-{i}" if len(params) > 1 else request_id,
-                                             tuple(prompt_ids), p, tenant.name, tenant.weight, caller.cache_salt))
+                                             tuple(prompt_ids), p, tenant.name, tenant.weight, caller.cache_salt,
+                                             prompt_cache_key))
                for i, p in enumerate(params)]
     trackers = [metrics.track(tenant.name, caller.quota) for _ in streams]
     try:
@@ -200,7 +203,7 @@ async def start_generation(engine: EngineClient, request_id: str, spec: Generati
     prompt = prompt_of(spec.prompt, engine.tokenizer)
     params = spec.params.constrained_to(prompt.name_token_ids) if prompt.name_token_ids else spec.params
     choices = await start_choices(engine, request_id, prompt.prompt_ids, choice_params(params, spec.n), metrics,
-                                  dataclasses.replace(caller, cache_salt=spec.cache_salt))
+                                  dataclasses.replace(caller, cache_salt=spec.cache_salt), spec.prompt_cache_key)
     return Generation(prompt, choices)
 
 
