@@ -20,6 +20,20 @@ def test_the_key_is_the_prefix_only() -> None:
     assert prefix_key(shared, "A", "") == prefix_key(shared, "A")
 
 
+def test_a_prompt_cache_key_gives_each_session_of_one_agent_a_home_of_its_own() -> None:
+    """Codex's sessions share their first ROUTE_PREFIX_TOKENS tokens (one system prompt): without its
+    prompt_cache_key they would all rank one replica first; with it each session has its own home, kept
+    for every turn."""
+    system = list(range(ROUTE_PREFIX_TOKENS))
+    replicas = ["a", "b", "c", "d"]
+    assert len({rank_replicas(prefix_key(system + [i]), replicas)[0] for i in range(50)}) == 1
+    homes = {rank_replicas(prefix_key(system, "", "", f"session-{i}"), replicas)[0] for i in range(50)}
+    assert homes == set(replicas)
+    turn1, turn2 = prefix_key(system + [1], "", "", "s1"), prefix_key(system + [1, 2, 3], "", "", "s1")
+    assert turn1 == turn2 != prefix_key(system + [1], "", "", "s2")
+    assert prefix_key(system, "", "", "") == prefix_key(system)
+
+
 def test_rendezvous_ranking_moves_only_the_keys_of_the_replica_that_changed() -> None:
     rng = random.Random(0)
     keys = [prefix_key([rng.randrange(2000) for _ in range(20)]) for _ in range(2000)]

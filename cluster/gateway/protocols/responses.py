@@ -46,7 +46,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Fie
                       ValidationError, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
-from nextserve.cluster.engine.contract import EngineError, FinishReason, SamplingDefaults, SamplingParams
+from nextserve.cluster.engine.contract import EngineError, ErrorCode, FinishReason, SamplingDefaults, SamplingParams
 from nextserve.cluster.gateway.chat_template import ToolChoice
 from nextserve.cluster.gateway.conversation import Conversation, GenerationSpec, ResponseFormat
 from nextserve.cluster.gateway.events import (ChoiceResult, ChoiceUpdate, Completed, Event, Finish, Started,
@@ -262,7 +262,7 @@ class TextFormat(_Model):
     @model_validator(mode="after")
     def _schema_given(self) -> TextFormat:
         if self.type == "json_schema" and self.json_schema is None:
-            raise PydanticCustomError("missing", "a text.format of type 'json_schema' needs its 'schema'")
+            raise PydanticCustomError("json_schema", "a text.format of type 'json_schema' needs its 'schema'")
         return self
 
 
@@ -529,8 +529,10 @@ def _new_id(prefix: str) -> str:
 
 
 def usage_body(usage: TokenUsage) -> dict[str, Any]:
-    """Responses' usage: input_tokens counts the whole prompt, cached_tokens the part the prefix cache served."""
-    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+    """Responses' usage: input_tokens counts the whole prompt, cached_tokens the part the prefix cache served
+    (cache_write_tokens is 0: writing the prefix cache costs a request nothing)."""
+    return {"input_tokens": usage.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0},
             "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": usage.prompt_tokens + usage.completion_tokens}
 
@@ -583,7 +585,7 @@ class ResponseReply:
         return cls(_new_id("resp"), model, created_at, req, spec, FunctionNames.of(req.tools))
 
     def response(self, status: str, output: list[dict[str, Any]], usage: TokenUsage | None = None,
-                 incomplete: dict[str, str] | None = None, error: dict[str, str] | None = None) -> dict[str, Any]:
+                 incomplete: dict[str, str] | None = None, error: dict[str, Any] | None = None) -> dict[str, Any]:
         """The `response` object, echoing the request's settings."""
         req, params = self.req, self.spec.params
         choice = req.tool_choice
@@ -644,13 +646,15 @@ class ResponseReply:
                         yield stream.finish(event.usage)
         except EngineError as e:
             error = openai_error(e, self.spec)
-            yield stream.failed(error.code or "server_error", error.message)
+            code = "rate_limit_exceeded" if e.code in (ErrorCode.OVERLOADED, ErrorCode.RATE_LIMITED) else "server_error"
+            yield stream.failed({"code": code, "message": error.message, "type": error.type, "param": error.param})
         except _Aborted:
-            yield stream.failed("server_error", ABORTED_MESSAGE)
+            yield stream.failed({"code": "server_error", "message": ABORTED_MESSAGE, "type": "service_unavailable"})
         except Exception:
             log.exception("response %s failed while streaming", self.response_id)
-            yield stream.failed("server_error", "the server failed while generating this response; it was logged, "
-                                                "retry it")
+            yield stream.failed({"code": "server_error", "type": "server_error",
+                                 "message": "the server failed while generating this response; it was logged, "
+                                            "retry it"})
 
 
 def sse_event(data: dict[str, Any]) -> str:
@@ -708,8 +712,9 @@ class ResponseStream:
         response = self.reply.response(status, self.output, usage, incomplete)
         return out + self._event(f"response.{status}", response=response)
 
-    def failed(self, code: str, message: str) -> str:
-        error = {"code": code, "message": message}
+    def failed(self, error: dict[str, Any]) -> str:
+        """response.failed: `error` is Responses' {code ("server_error", "rate_limit_exceeded"), message, type,
+        param}, type and param as chat completions' error body names them."""
         return self._event("response.failed", response=self.reply.response("failed", self.output, error=error))
 
     def _text(self, text: str) -> str:
