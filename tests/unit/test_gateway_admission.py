@@ -97,6 +97,8 @@ def test_a_body_past_the_limit_is_413_in_each_apis_shape(server: Server) -> None
     assert "--max-request-body-bytes" in r.json()["error"]["message"] and "retry-after" not in r.headers
     r = httpx.post(f"{server.url}{MESSAGES}", json=message(system="x" * BODY_LIMIT), timeout=30)
     assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large", r.text
+    r = httpx.post(f"{server.url}/v1/responses", json={"model": MODEL, "input": "x" * BODY_LIMIT}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
 
     def chunked() -> Iterator[bytes]:  # no Content-Length: counted as it streams in
         body = json.dumps(big).encode()

@@ -16,12 +16,15 @@ from gateway_local_engine import Server, sse_events
 MODEL = "tiny"
 CONTEXT = 128
 CMPL, CHAT, MSGS, COUNT = "/v1/completions", "/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens"
+RESP = "/v1/responses"
 GREEDY_TOKENS = 24
 
 
 def body_for(path: str, **extra: Any) -> dict[str, Any]:
     if path == CMPL:
         return {"model": MODEL, "prompt": "def main(", "max_tokens": 4, "temperature": 0, **extra}
+    if path == RESP:
+        return {"model": MODEL, "input": "hi", "max_output_tokens": 4, "temperature": 0, **extra}
     return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
             **extra}
 
@@ -33,7 +36,7 @@ def is_api_error(path: str, r: httpx.Response) -> bool:
     return set(data["error"]) == {"message", "type", "param", "code"}
 
 
-@pytest.mark.parametrize("path", [CMPL, CHAT, MSGS, COUNT])
+@pytest.mark.parametrize("path", [CMPL, CHAT, MSGS, COUNT, RESP])
 @pytest.mark.parametrize("depth", [40_000, 65])
 def test_deep_json_is_a_400_in_the_apis_shape(http: httpx.Client, path: str, depth: int) -> None:
     deep = "[" * depth + "]" * depth
@@ -44,7 +47,7 @@ def test_deep_json_is_a_400_in_the_apis_shape(http: httpx.Client, path: str, dep
     assert http.post(path, json=body_for(path)).status_code == 200
 
 
-@pytest.mark.parametrize("path", [CMPL, CHAT, MSGS])
+@pytest.mark.parametrize("path", [CMPL, CHAT, MSGS, RESP])
 def test_a_huge_integer_literal_is_a_400(http: httpx.Client, path: str) -> None:
     raw = json.dumps(body_for(path))[:-1] + ', "max_tokens": ' + "9" * 5000 + "}"
     r = http.post(path, content=raw.encode())

@@ -129,6 +129,9 @@ def test_unknown_key_is_401(keys_server: Server) -> None:
     r = httpx.post(f"{keys_server.url}/v1/messages", headers={"x-api-key": "wrong"},
                    json={"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 401 and r.json()["type"] == "error"
+    r = httpx.post(f"{keys_server.url}/v1/responses", headers={"Authorization": "Bearer wrong"},
+                   json={"model": MODEL, "input": "hi", "max_output_tokens": 2})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     for key in (KEY_A, KEY_B, KEY_A2):
         assert httpx.get(f"{keys_server.url}/v1/models", headers={"x-api-key": key}).status_code == 200
 
@@ -159,7 +162,9 @@ def test_limits_are_429_with_retry_after(tiny_dir: Path) -> None:
         r = _post(s.url, KEY_A2, {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
                   "/v1/messages")
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error" and "retry-after" in r.headers
+        r = _post(s.url, KEY_A, {"model": MODEL, "input": "hi", "max_output_tokens": 2}, "/v1/responses")
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded" and "Retry-After" in r.headers
         assert _post(s.url, KEY_B, body).status_code == 200  # bravo has its own bucket
         metrics = scrape(httpx.Client(base_url=s.url))
-        assert metrics['nextserve_tenant_refusals_total{"tenant": "alpha"}'] == 2
+        assert metrics['nextserve_tenant_refusals_total{"tenant": "alpha"}'] == 3
         assert metrics['nextserve_tenant_refusals_total{"tenant": "bravo"}'] == 0
