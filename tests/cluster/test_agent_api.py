@@ -2,7 +2,9 @@
 checkpoint that has memorised a few agent turns (tests/agent_checkpoint.py): tool calls typed by their
 schema, plain and streamed; text before a call; a turn after a tool result (arguments sent as a JSON
 string); parallel calls; tool_choice none / named / required; a code value holding `</parameter>`; a call
-cut at max_tokens; a multi-turn agent loop; logprobs and n."""
+cut at max_tokens; a multi-turn agent loop; logprobs and n. The Responses API (`client.responses`): the
+same text and calls as chat completions for the same messages, streamed deltas adding up to them, a forced
+call, a Codex-style replayed history; and the real Codex CLI completing a `codex exec` turn."""
 
 from __future__ import annotations
 
@@ -12,12 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
 
 from agent_checkpoint import (AGENT_TURNS, CODE, END_OF_TURN, ROME_QUESTION, SYSTEM, TOOLS, WEATHER_QUESTION,
-                              WEATHER_RESULT, AgentTurn, agent_checkpoint_dir)
+                              WEATHER_RESULT, AgentTurn, agent_checkpoint_dir, cache_root)
 from cluster_harness import UpProcess
+from codex_cli import ensure_codex, run_codex_exec
+from gateway_local_engine import scrape
 
 pytestmark = pytest.mark.cluster
 
@@ -26,6 +31,8 @@ TURNS = {t.name: t for t in AGENT_TURNS}
 ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "description": t["function"]["description"],
                     "input_schema": t["function"]["parameters"]} for t in TOOLS]
 PARIS = {"city": "Paris", "days": 3, "metric": True}
+RESPONSES_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
+RESPONSES_SERVED = 'nextserve_requests_total{"endpoint": "/v1/responses", "status": "200"}'
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +210,85 @@ def test_anthropic_tool_choice_and_errors(claude: anthropic.Anthropic) -> None:
     assert e.value.body["type"] == "error" and "max_tokens" in e.value.body["error"]["message"]
     with pytest.raises(anthropic.NotFoundError):
         claude.messages.create(**{**rome, "model": "some-other-model"})
+
+
+# --- the Responses API and Codex ------------------------------------------------------------------------------
+
+def _responses_input(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """(instructions, input items) for chat messages, as Codex sends a conversation: the system prompt as
+    instructions, a call as a function_call item after its message, a tool result as function_call_output."""
+    instructions, items = "", []
+    for m in messages:
+        if m["role"] == "system":
+            instructions = m["content"]
+        elif m["role"] == "tool":
+            items.append({"type": "function_call_output", "call_id": m["tool_call_id"], "output": m["content"]})
+        else:
+            kind = "output_text" if m["role"] == "assistant" else "input_text"
+            items.append({"type": "message", "role": m["role"], "content": [{"type": kind, "text": m["content"]}]})
+            items += [{"type": "function_call", "call_id": c["id"], "name": c["function"]["name"],
+                       "arguments": json.dumps(c["function"]["arguments"])} for c in m.get("tool_calls", [])]
+    return instructions, items
+
+
+def _function_calls(response: Any) -> list[tuple[str, dict]]:
+    return [(o.name, json.loads(o.arguments)) for o in response.output if o.type == "function_call"]
+
+
+@pytest.mark.parametrize("name", ["weather_call", "after_tool_result", "parallel_calls", "rome_without_tool"])
+def test_responses_text_and_calls_equal_chat_completions_and_the_stream_adds_up(oai: openai.OpenAI,
+                                                                                 name: str) -> None:
+    turn = TURNS[name]
+    chat = _chat(oai, turn).choices[0]
+    instructions, items = _responses_input(turn.messages)
+    request = dict(model="tiny", instructions=instructions, input=items, tools=RESPONSES_TOOLS, temperature=0,
+                   max_output_tokens=200)
+    plain = oai.responses.create(**request)
+    assert plain.status == "completed" and plain.output_text == (chat.message.content or "")
+    assert _function_calls(plain) == _calls(chat.message)
+    events = list(oai.responses.create(**request, stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in events[:2]] == ["response.created", "response.in_progress"]
+    assert events[-1].type == "response.completed"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == plain.output_text
+    arguments = [e.arguments for e in events if e.type == "response.function_call_arguments.done"]
+    assert [json.loads(a) for a in arguments] == [args for _, args in _calls(chat.message)]
+    final = events[-1].response
+    assert final.output_text == plain.output_text and _function_calls(final) == _function_calls(plain)
+
+
+def test_responses_forced_call_and_a_codex_style_replay(oai: openai.OpenAI) -> None:
+    rome = dict(model="tiny", instructions=SYSTEM["content"], input=[ROME_QUESTION], tools=RESPONSES_TOOLS,
+                temperature=0, max_output_tokens=200)
+    forced = oai.responses.create(**rome, tool_choice={"type": "function", "name": "get_weather"})
+    assert [o.type for o in forced.output] == ["function_call"]
+    assert _function_calls(forced) == [("get_weather", {"city": "Rome", "days": 7, "metric": True})]
+    # Codex's next turn: the whole history again, store false, a reasoning item, its extra fields
+    first = oai.responses.create(**{**rome, "input": [WEATHER_QUESTION]})
+    call = next(o for o in first.output if o.type == "function_call")
+    history = [{"type": "message", "role": "developer",
+                "content": [{"type": "input_text", "text": SYSTEM["content"]}]},
+               {"type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": WEATHER_QUESTION["content"]}]},
+               {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "opaque"},
+               {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Let me check."}]},
+               {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id, "output": WEATHER_RESULT}]
+    answer = oai.responses.create(model="tiny", input=history, temperature=0, stream=False, store=False,
+                                  tools=[*RESPONSES_TOOLS, {"type": "web_search"}], tool_choice="auto",
+                                  extra_body={"prompt_cache_key": "session-1", "include": ["reasoning.encrypted_content"],
+                                              "reasoning": {"summary": "auto"}, "client_metadata": {"a": "b"}})
+    assert answer.output_text == TURNS["after_tool_result"].content and answer.usage
+    assert answer.usage.input_tokens_details.cached_tokens > 0  # the first turn's prefix, on the same head
+
+
+def test_codex_exec_completes_a_turn(up: UpProcess, tmp_path: Path) -> None:
+    """The real Codex CLI (npm @openai/codex) with a custom model provider (wire_api "responses") runs one
+    `codex exec` turn against the cluster: ~16,000 prompt tokens (its instructions and tools), streamed."""
+    codex = ensure_codex(cache_root())
+    with httpx.Client(base_url=up.base_url, timeout=30) as http:
+        before = scrape(http).get(RESPONSES_SERVED, 0.0)
+        result = run_codex_exec(codex, up.base_url, tmp_path, "Say hello.")
+        assert result.returncode == 0, f"codex exec failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        assert scrape(http).get(RESPONSES_SERVED, 0.0) >= before + 1  # the turn went through /v1/responses
+    assert "tokens used" in result.stderr + result.stdout
