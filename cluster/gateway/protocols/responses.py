@@ -459,9 +459,10 @@ def chat_messages(req: ResponsesRequest, names: FunctionNames) -> list[dict[str,
     items = [i for i in req.input if not isinstance(i, ReasoningItem)]
     leading: list[str] = [req.instructions] if req.instructions else []
     start = 0
-    while start < len(items) and isinstance(items[start], MessageItem) and \
-            items[start].role in ("system", "developer"):  # type: ignore[union-attr]
-        leading.append(_text_of(items[start].content))  # type: ignore[union-attr]
+    for item in items:
+        if not (isinstance(item, MessageItem) and item.role in ("system", "developer")):
+            break
+        leading.append(_text_of(item.content))
         start += 1
     out: list[dict[str, Any]] = [{"role": "system", "content": "\n\n".join(leading)}] if leading else []
     for item in items[start:]:
