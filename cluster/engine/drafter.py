@@ -30,8 +30,8 @@ class DraftInput:
     """One sequence after a step, as a drafter sees it."""
     request_id: str
     slot: int
-    """The sequence's state slot in the head's cache (model/cache/pools.py): an index for a drafter's own
-    per-sequence cache. A slot is reused by a later sequence; `position` 0 says a new one starts there."""
+    """The sequence's state slot in the head's cache (model/cache/pools.py), its block-table row: an index
+    for a drafter's own per-sequence cache. A slot is reused by a later sequence after `release`."""
     token_ids: Sequence[int]
     """Prompt + output so far; the last one is the token just sampled (not yet run through the model)."""
     position: int
@@ -56,7 +56,8 @@ class Drafter(Protocol):
         drafter has no good guess). Called on the engine thread after every step."""
         ...
 
-    def release(self, request_id: str, slot: int) -> None:
-        """The sequence left `slot` (finished, aborted or preempted): drop what the drafter keeps for it.
-        A preempted sequence comes back as a new prefill (`position` 0) in some slot."""
+    def release(self, request_id: str) -> None:
+        """The sequence left its slot (finished, aborted or preempted): drop what the drafter keeps for it.
+        A preempted sequence comes back later as a new prefill, in some slot, from the position its
+        prefix-cache hit leaves (DraftInput.position)."""
         ...

@@ -45,5 +45,5 @@ class NgramDrafter:
     def propose(self, inputs: Sequence[DraftInput]) -> list[list[int]]:
         return [ngram_draft(x.token_ids, x.num_draft_tokens, self.min_n, self.max_n) for x in inputs]
 
-    def release(self, request_id: str, slot: int) -> None:
+    def release(self, request_id: str) -> None:
         """Nothing is kept per sequence."""
