@@ -20,13 +20,14 @@ import torch
 
 from engine_run import EngineFactory, random_prompt
 from hf_reference import hf_greedy
-from nextserve.cluster.engine.contract import EngineRequest, FinishReason
+from nextserve.cluster.engine.contract import EngineRequest, EngineStats, FinishReason
 from nextserve.cluster.engine.drafter import DraftInput
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.ngram_drafter import NgramDrafter, ngram_draft
 from nextserve.cluster.engine.speculative_config import (SpeculativeConfig, SpeculativeConfigError,
                                                          SpeculativeMethod)
 from nextserve.cluster.engine.scheduler import SchedulerConfig
+from nextserve.cluster.gateway.metrics import GatewayMetrics
 from nextserve.model.sampling import SamplingParams, sampling_distribution, verify_draft
 
 Model = tuple[Any, Any]
@@ -262,3 +263,16 @@ def test_drafting_switches_off_above_the_batch_size(small: Model) -> None:
     finally:
         engine.shutdown()
     assert both == 0 and alone > 0
+
+
+def test_spec_decode_counters_reach_prometheus() -> None:
+    metrics = GatewayMetrics()
+    for drafts, accepted, per_pos in ((3, 2, (2, 0)), (10, 7, (4, 3))):  # two scrapes of cumulative stats
+        metrics.observe_engine_stats(EngineStats(spec_decode_num_drafts=drafts, spec_decode_num_draft_tokens=2 * drafts,
+                                                 spec_decode_num_accepted_tokens=accepted,
+                                                 spec_decode_num_accepted_tokens_per_pos=per_pos))
+    text = metrics.render()[0].decode()
+    for line in ("nextserve_spec_decode_num_drafts_total 10.0", "nextserve_spec_decode_num_draft_tokens_total 20.0",
+                 "nextserve_spec_decode_num_accepted_tokens_total 7.0",
+                 'nextserve_spec_decode_num_accepted_tokens_per_pos_total{position="1"} 3.0'):
+        assert line in text
