@@ -4,6 +4,9 @@
     -> in-process engine (nextserve up's scheduler and cache) without drafts, then with --speculative-config
     -> one request at a time, greedy, exactly max_tokens (= the file's tokens) each
     -> tokens/s, TPOT (mean, p50), drafts accepted, speed-up, and whether both runs output the same tokens
+    --step-cost 1,4,8,16: a head step of B plain decodes against B verify chunks of k + 1 tokens (experts in
+    process): the ratio is the mean accepted length a verify step needs to pay, per batch size
+    (SpeculativeConfig.disable_by_batch_size)
 
 A coding agent's rewrite (an edit, a whole file) repeats text of its prompt: n-gram drafts looked up there
 are accepted as far as the model does copy it. A random-weight checkpoint does not copy, so it measures the
@@ -31,6 +34,8 @@ from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.engine.contract import EngineRequest
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.speculative_config import SpeculativeConfig
+from nextserve.model.cache.pools import HybridCache
+from nextserve.model.forward_batch import ForwardBatch
 from nextserve.model.loader import load_head
 from nextserve.model.sampling import SamplingParams
 from nextserve.router.local_backend import load_local_backend
@@ -115,6 +120,29 @@ def measure(model_dir: Path, dtype: str, spec: SpeculativeConfig | None,
     return row, outputs
 
 
+def step_cost(model_dir: Path, dtype: str, k: int, batch_sizes: list[int], context: int = 256,
+              reps: int = 5) -> list[tuple[int, float, float]]:
+    """(B, ms of a step of B decodes, ms of a step of B verify chunks of k + 1 tokens) after `context` cached
+    tokens each, median of `reps`."""
+    head, experts = load_head(model_dir, dtype), load_local_backend(model_dir, dtype)
+    device, out = head.lm_head.weight.device, []
+    for B in batch_sizes:
+        cache = HybridCache.contiguous(head.config, B, context + k + 1, 16, head.lm_head.weight.dtype, device)
+        ids = torch.randint(3, 1000, (B * context,), device=device)
+        head(ids, ForwardBatch.build([context] * B, [0] * B, list(range(B)), cache), experts)
+        times = []
+        for n in (1, k + 1):
+            batch = ForwardBatch.build([n] * B, [context] * B, list(range(B)), cache, [n > 1] * B)
+            samples = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                head.forward_micro_batches([(ids[:n * B], batch)], experts)
+                samples.append(time.perf_counter() - start)
+            times.append(1e3 * statistics.median(samples))
+        out.append((B, times[0], times[1]))
+    return out
+
+
 def format_table(rows: list[SpecBenchRow]) -> str:
     lines = [f"{'config':<48}{'req':>5}{'tokens':>8}{'tok/s':>9}{'TPOT ms':>9}{'p50 ms':>8}{'accepted':>14}"
              f"{'len/step':>9}{'speed-up':>9}"]
@@ -134,6 +162,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--file-tokens", type=int, default=200, help="each file cut to this many tokens")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=1, help="torch threads (a head replica computes on 1)")
+    p.add_argument("--step-cost", default="", help="batch sizes (e.g. 1,4,8,16): time decode vs verify steps "
+                   "instead of the rewrite workload")
     p.add_argument("--json", type=Path, default=Path("spec_bench.json"), help="where the rows are written")
 
 
@@ -143,6 +173,14 @@ def run(args: argparse.Namespace) -> int:
     requests = rewrite_prompts(AutoTokenizer.from_pretrained(model_dir), min(args.files, len(FILES) - 1),
                                args.file_tokens)
     torch.set_num_threads(args.threads)
+    if args.step_cost:
+        k = spec.num_speculative_tokens
+        costs = step_cost(model_dir, args.dtype, k, [int(b) for b in args.step_cost.split(",")])
+        print(f"{'B':>4}{'decode ms':>11}{f'verify k={k} ms':>16}{'break-even len':>16}")
+        for B, plain, verify in costs:
+            print(f"{B:>4}{plain:>11.1f}{verify:>16.1f}{verify / plain:>16.2f}")
+        args.json.write_text(json.dumps({"model": str(model_dir), "k": k, "step_cost": costs}, indent=2))
+        return 0
     base, base_out = measure(model_dir, args.dtype, None, requests)
     fast, fast_out = measure(model_dir, args.dtype, spec, requests)
     rows = [base, fast]
