@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
+from agent_checkpoint import AGENT_TURNS, agent_checkpoint_dir, prompt_text  # noqa: F401 (the session fixture)
 from engine_run import EngineFactory, random_prompt
 from hf_reference import hf_greedy
 from nextserve.cluster.engine.contract import EngineRequest, EngineStats, FinishReason
@@ -27,7 +30,9 @@ from nextserve.cluster.engine.ngram_drafter import NgramDrafter, ngram_draft
 from nextserve.cluster.engine.speculative_config import (SpeculativeConfig, SpeculativeConfigError,
                                                          SpeculativeMethod)
 from nextserve.cluster.engine.scheduler import SchedulerConfig
+from nextserve.router.local_backend import load_local_backend
 from nextserve.cluster.gateway.metrics import GatewayMetrics
+from nextserve.model.loader import load_head
 from nextserve.model.sampling import SamplingParams, sampling_distribution, verify_draft
 
 Model = tuple[Any, Any]
@@ -276,3 +281,22 @@ def test_spec_decode_counters_reach_prometheus() -> None:
                  "nextserve_spec_decode_num_accepted_tokens_total 7.0",
                  'nextserve_spec_decode_num_accepted_tokens_per_pos_total{position="1"} 3.0'):
         assert line in text
+
+
+def test_agent_turns_with_ngram_drafts_are_the_memorised_ones(agent_checkpoint_dir: Path) -> None:
+    """The agent checkpoint's memorised turns (tool calls whose arguments repeat the prompt, forced
+    prefixes) decode to the same tokens with n-gram drafts, which are accepted there: the tool-call
+    text the gateway parses is unchanged."""
+    tokenizer = AutoTokenizer.from_pretrained(agent_checkpoint_dir)
+    engine = Engine(load_head(agent_checkpoint_dir), load_local_backend(agent_checkpoint_dir), tokenizer,
+                    speculative=NGRAM4)
+    prompts = [tokenizer.encode(prompt_text(tokenizer, t), add_special_tokens=False) for t in AGENT_TURNS]
+    try:
+        outs = engine.generate_sync(prompts, SamplingParams(max_tokens=256))
+        stats = engine.stats()
+    finally:
+        engine.shutdown()
+    for turn, out in zip(AGENT_TURNS, outs):
+        assert out.token_ids == tokenizer.encode(turn.completion, add_special_tokens=False), turn.name
+        assert out.text == turn.content and out.finish_reason is FinishReason.STOP
+    assert stats.spec_decode_num_accepted_tokens > 0
