@@ -300,3 +300,43 @@ def test_agent_turns_with_ngram_drafts_are_the_memorised_ones(agent_checkpoint_d
         assert out.token_ids == tokenizer.encode(turn.completion, add_special_tokens=False), turn.name
         assert out.text == turn.content and out.finish_reason is FinishReason.STOP
     assert stats.spec_decode_num_accepted_tokens > 0
+
+
+class HiddenRecorder(OracleDrafter):
+    """The oracle's drafts, asking for hidden states and recording what each sequence's inputs held."""
+
+    needs_hidden_states = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[DraftInput] = []
+
+    def propose(self, inputs: Sequence[DraftInput]) -> list[list[int]]:
+        self.seen.extend(inputs)
+        return super().propose(inputs)
+
+
+def test_hidden_states_for_a_drafter_are_the_kept_positions(small: Model, make_engine: EngineFactory) -> None:
+    """What an MTP drafter reads: per step, the final-norm hidden states of exactly the positions the step
+    kept (contiguous across steps, rejected drafts' rows left out); the last row's logits give the token
+    just sampled (greedy)."""
+    prompts = _prompts([21, 6])
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    plain = [o.token_ids for o in make_engine(small, prefill_chunk=8).generate_sync(prompts, params)]
+    drafter = HiddenRecorder(prompts, plain, wrong_every=3)
+    engine = _spec_engine(small, drafter, prefill_chunk=8)
+    try:
+        assert [o.token_ids for o in engine.generate_sync(prompts, params)] == plain
+    finally:
+        engine.shutdown()
+    head = small[0]
+    next_position: dict[str, int] = {}
+    for x in drafter.seen:
+        assert x.hidden is not None and x.hidden.shape == (x.hidden.shape[0], head.config.hidden_size)
+        assert x.position == next_position.get(x.request_id, 0)
+        next_position[x.request_id] = x.position + x.hidden.shape[0]
+        if x.num_draft_tokens:  # decoding: all but the token just sampled are cached; the last row predicted it
+            assert next_position[x.request_id] == len(x.token_ids) - 1
+            with torch.inference_mode():
+                assert int(head.lm_head(x.hidden[-1]).argmax()) == x.token_ids[-1]
+    assert any(x.hidden.shape[0] > 1 and x.position > 0 for x in drafter.seen if x.hidden is not None)
