@@ -93,17 +93,17 @@ def test_speculative_config_errors_name_the_field(doc: str, names: str) -> None:
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=5),
                                     SamplingParams(temperature=1.3, top_p=0.8)])
-@pytest.mark.parametrize("draft", [0, 3, 7])
+@pytest.mark.parametrize("draft", [0, 7])  # the likeliest token, a rare one
 def test_verify_draft_keeps_the_target_distribution(params: SamplingParams, draft: int) -> None:
     """Accept-with-p(draft), else the residual: the token is distributed as sampling it would be."""
     logits = torch.tensor([2.0, 0.5, -1.0, 1.5, 0.0, 1.0, -0.5, 0.2])
     weights = sampling_distribution(logits, params)
     assert weights is not None
     target = weights / weights.sum()
-    gen, n = torch.Generator().manual_seed(1), 20000
+    gen, n = torch.Generator().manual_seed(1), 12000
     counts = torch.bincount(torch.tensor([verify_draft(logits, draft, params, gen) for _ in range(n)]),
                             minlength=8).float()
-    assert torch.allclose(counts / n, target, atol=0.015), (counts / n, target)
+    assert torch.allclose(counts / n, target, atol=0.02), (counts / n, target)  # ~4.5 sigma at p = 0.3
 
 
 def test_verify_draft_greedy_is_the_argmax() -> None:
