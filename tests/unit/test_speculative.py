@@ -100,10 +100,10 @@ def test_verify_draft_keeps_the_target_distribution(params: SamplingParams, draf
     weights = sampling_distribution(logits, params)
     assert weights is not None
     target = weights / weights.sum()
-    gen, n = torch.Generator().manual_seed(1), 12000
+    gen, n = torch.Generator().manual_seed(1), 6000
     counts = torch.bincount(torch.tensor([verify_draft(logits, draft, params, gen) for _ in range(n)]),
                             minlength=8).float()
-    assert torch.allclose(counts / n, target, atol=0.02), (counts / n, target)  # ~4.5 sigma at p = 0.3
+    assert torch.allclose(counts / n, target, atol=0.025), (counts / n, target)  # ~4 sigma at p = 0.3
 
 
 def test_verify_draft_greedy_is_the_argmax() -> None:
