@@ -49,6 +49,9 @@ class EngineRequest:
     """The client's session key (Responses' `prompt_cache_key`, Codex's session id): hashed into the head
     replica's routing key with the prompt's first tokens (cluster/deployments/prefix_router.py), so one
     session's turns land on one head while sessions sharing a system prompt spread. Never a cache key."""
+    allow_speculation: bool = True
+    """Draft and verify this request's tokens when the server speculates (--speculative-config); False:
+    one token per step, as without speculation (the output is the same either way)."""
 
     def __post_init__(self) -> None:
         if not self.tenant_weight > 0:
@@ -175,7 +178,8 @@ def check_prompt_fits(num_prompt_tokens: int, max_model_len: int) -> None:
 
 
 LOAD_FIELDS = ("num_running", "num_waiting", "blocks_used", "blocks_total", "slots_used", "slots_total",
-               "num_preemptions", "blocks_cached", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens")
+               "num_preemptions", "blocks_cached", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens",
+               "spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens")
 """The EngineStats fields a head publishes with its heartbeat and the gateway sums over heads."""
 
 
@@ -220,6 +224,14 @@ class EngineStats:
     """Tokens to prefill that admissions looked up in the prefix cache since start (readmissions too)."""
     prefix_cache_hit_tokens: int = 0
     """Of those, tokens found there and not run."""
+    spec_decode_num_drafts: int = 0
+    """Speculative decoding since start: verify chunks run (a sequence's step with >= 1 draft token)."""
+    spec_decode_num_draft_tokens: int = 0
+    """Draft tokens verified since start."""
+    spec_decode_num_accepted_tokens: int = 0
+    """Of those, accepted. Mean accepted length per verify step = 1 + accepted / drafts (vLLM's)."""
+    spec_decode_num_accepted_tokens_per_pos: tuple[int, ...] = ()
+    """Drafts accepted at each draft position (0: the first) since start; of the head that answered."""
 
     def load_fields(self) -> dict[str, int]:
         """The load fields, for the head's registry entry."""
