@@ -30,6 +30,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 import torch
+import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
 
 from nextserve.model.cache.block_manager import BlockManager
@@ -37,6 +38,7 @@ from nextserve.cluster.engine.contract import (EngineError, EngineOverloadedErro
                                                EngineStats, EngineUnavailableError, ErrorCode, FinishReason,
                                                SamplingParams, StepOutput, check_prompt_fits)
 from nextserve.cluster.engine.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS, IncrementalDetokenizer, OutputStream
+from nextserve.cluster.engine.grammar import GrammarCompiler, GrammarMasks
 from nextserve.cluster.engine.model_runner import ModelRunner, head_cache_capacity
 from nextserve.cluster.engine.scheduler import Scheduler, SchedulerConfig, SequenceState, StepPlan
 from nextserve.model.cache.budget import CacheConfig
@@ -68,6 +70,8 @@ class _Entry:
     seq: SequenceState
     detokenizer: IncrementalDetokenizer | None  # None: token ids only
     stream: OutputStream
+    grammar: xgr.CompiledGrammar | None = None  # what the output must parse as (None: free text)
+    matcher: xgr.GrammarMatcher | None = None  # built at its first sample, dropped when preempted
 
 
 class Engine:
@@ -106,6 +110,8 @@ class Engine:
         self._outbox: list[tuple[OutputStream, StepOutput | Exception]] = []
         self._wake = threading.Event()
         self._stats = self._current_stats(num_steps=0)
+        self._grammar_lock = threading.Lock()
+        self._grammar_masks: GrammarMasks | None = None  # made at the first grammar request
         self._thread = threading.Thread(target=self._run, name="nextserve-engine", daemon=True)
         self._thread.start()
 
@@ -189,6 +195,8 @@ class Engine:
         if stop and self.tokenizer is None:
             raise EngineRequestError("stop strings need text: this engine serves token ids only (no tokenizer); "
                                      "use stop_token_ids", param="stop")
+        if request.grammar is not None:
+            self.grammar_masks(request.grammar.param).compiler.compile(request.grammar)
         room, asked = context - n, request.params.max_tokens
         fit = self.capacity.max_tokens  # the tokens one sequence's blocks can hold: the whole pool
         if n > fit:
@@ -205,10 +213,28 @@ class Engine:
         room = min(room, cache_room)
         return dataclasses.replace(request, params=dataclasses.replace(request.params, max_tokens=room))
 
+    def grammar_masks(self, param: str = "response_format") -> GrammarMasks:
+        """The grammar compiler and step masks (made on first use: the tokenizer's vocabulary is read once);
+        EngineRequestError naming `param` on an engine that cannot enforce a grammar."""
+        with self._grammar_lock:
+            if self._grammar_masks is None:
+                if self.tokenizer is None:
+                    raise EngineRequestError("a grammar needs the tokenizer's vocabulary: this engine serves token "
+                                             "ids only", param=param)
+                try:
+                    compiler = GrammarCompiler(self.tokenizer, self.head.config.vocab_size,
+                                               self.head.config.eos_token_ids)
+                except ValueError as e:
+                    raise EngineRequestError(f"this model cannot be constrained by a grammar: {e}", param=param) \
+                        from None
+                self._grammar_masks = GrammarMasks(compiler)
+            return self._grammar_masks
+
     def _submit(self, request: EngineRequest, stream: OutputStream) -> OutputStream:
         detokenizer = None if self.tokenizer is None else IncrementalDetokenizer(
             self.tokenizer.backend_tokenizer, request.prompt_ids, request.params.stop)
-        entry = _Entry(SequenceState(request, generator=make_generator(request.params)), detokenizer, stream)
+        grammar = None if request.grammar is None else self.grammar_masks().compiler.compile(request.grammar)
+        entry = _Entry(SequenceState(request, generator=make_generator(request.params)), detokenizer, stream, grammar)
         with self._lock:
             if self._is_stopped:
                 raise EngineUnavailableError("this head is shutting down; retry: new requests go to the other "
@@ -253,6 +279,8 @@ class Engine:
         plan = self.scheduler.schedule()
         for seq in plan.aborted:
             self._retire(self._entries[seq.request_id], FinishReason.ABORT, [])
+        for seq in plan.preempted:  # recomputed later: its matcher is rebuilt over its output then
+            self._entries[seq.request_id].matcher = None
         if not plan.is_empty:
             try:
                 self._postprocess(plan, self.runner.run(plan))
@@ -283,6 +311,7 @@ class Engine:
         """logits [B, V] -> each row's token. What fails for one row (its sampling, its NaN logits, its stop
         or constraint state, its detokenization) ends that sequence alone with an EngineError; the others
         go on exactly as if it were not there."""
+        raw_rows = self._mask_grammar_rows(plan, logits)
         # argmax treats NaN as the largest value, so a row holding a NaN has one at its argmax: the NaN check
         # reads B values, not B x V; one device sync for both.
         best = logits.argmax(dim=-1)  # [B]
@@ -290,6 +319,8 @@ class Engine:
         argmax, has_nan = torch.stack([best, has_nan_at_best]).tolist()
         for i, item in enumerate(plan.scheduled):
             seq = item.seq
+            if seq.is_finished and seq.request_id not in self._entries:  # failed above (its grammar matcher)
+                continue
             if not item.samples_token:
                 self.scheduler.advance(item, None)
                 continue
@@ -297,9 +328,10 @@ class Engine:
             try:
                 if has_nan[i]:
                     raise NonFiniteLogitsError(f"the model produced NaN logits for request {seq.request_id}")
-                token, logprobs = self._sample_row(seq, logits[i], argmax[i])
+                token, logprobs = self._sample_row(seq, logits[i], argmax[i], raw_rows.get(i))
+                is_grammar_done = self._advance_grammar(entry, token)
                 self.scheduler.advance(item, token)
-                self._on_token(entry, token, logprobs)
+                self._on_token(entry, token, logprobs, is_grammar_done)
             except Exception as exc:
                 log.exception("request %s failed in its own postprocessing; the other %d sequences of the step "
                               "go on", seq.request_id, len(plan.scheduled) - 1)
@@ -309,8 +341,44 @@ class Engine:
                     self._forget(seq.request_id)
                     self._outbox.append((entry.stream, step_failure(exc)))
 
-    def _sample_row(self, seq: SequenceState, row: torch.Tensor, argmax: int) -> tuple[int, TokenLogprobs | None]:
-        """row [V] -> (the sequence's next token, its logprobs when asked for)."""
+    def _mask_grammar_rows(self, plan: StepPlan, logits: torch.Tensor) -> dict[int, torch.Tensor]:
+        """logits [B, V]: the rows of sequences with a grammar that sample now get their mask (in place);
+        returns those rows' raw logits [V] where logprobs were asked for (logprobs are of the raw logits).
+        A sequence whose matcher cannot be rebuilt fails alone."""
+        rows, matchers, raw_rows = [], [], {}
+        for i, item in enumerate(plan.scheduled):
+            entry = self._entries.get(item.seq.request_id)
+            if entry is None or entry.grammar is None or not item.samples_token:
+                continue
+            if entry.matcher is None:
+                try:
+                    entry.matcher = self.grammar_masks().compiler.matcher(entry.grammar, item.seq.output_ids)
+                except Exception as exc:
+                    log.exception("request %s: its grammar matcher could not be rebuilt", item.seq.request_id)
+                    self._fail(entry, exc)
+                    continue
+            if item.seq.request.params.logprobs is not None:
+                raw_rows[i] = logits[i].clone()
+            rows.append(i)
+            matchers.append(entry.matcher)
+        if rows:
+            self.grammar_masks().apply(logits, rows, matchers)
+        return raw_rows
+
+    @staticmethod
+    def _advance_grammar(entry: _Entry, token: int) -> bool:
+        """Advance the sequence's matcher by its new token; True when the grammar is complete (it took its
+        stop token): the sequence ends."""
+        if entry.matcher is None:
+            return False
+        if not entry.matcher.accept_token(token):
+            raise RuntimeError(f"token {token} sampled for request {entry.seq.request_id} is refused by its grammar")
+        return entry.matcher.is_terminated()
+
+    def _sample_row(self, seq: SequenceState, row: torch.Tensor, argmax: int,
+                    raw_row: torch.Tensor | None = None) -> tuple[int, TokenLogprobs | None]:
+        """row [V] (masked by the sequence's grammar, if any; `raw_row` [V] before it) -> (the sequence's next
+        token, its logprobs when asked for: of the raw logits)."""
         params = seq.request.params
         allowed = allowed_next_tokens(seq.output_ids, params.allowed_starts) if params.allowed_starts else None
         if allowed is not None:  # a constrained start: only tokens that stay on it
@@ -319,12 +387,14 @@ class Engine:
             token = sample(masked, params, seq.generator)
         else:
             token = argmax if params.is_greedy else sample(row, params, seq.generator)
-        logprobs = None if params.logprobs is None else token_logprobs(row, token, params.logprobs)
+        raw = row if raw_row is None else raw_row
+        logprobs = None if params.logprobs is None else token_logprobs(raw, token, params.logprobs)
         return token, logprobs
 
-    def _on_token(self, entry: _Entry, token: int, logprobs: TokenLogprobs | None) -> None:
+    def _on_token(self, entry: _Entry, token: int, logprobs: TokenLogprobs | None,
+                  is_grammar_done: bool = False) -> None:
         seq, params, detokenizer = entry.seq, entry.seq.request.params, entry.detokenizer
-        is_stop_token = token in params.stop_token_ids or (
+        is_stop_token = is_grammar_done or token in params.stop_token_ids or (
             not params.ignore_eos and token in self.head.config.eos_token_ids)
         # A stop token's text is not output.
         text = "" if is_stop_token or detokenizer is None else detokenizer.add(token)
