@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -35,6 +36,8 @@ from nextserve.cluster.engine.tool_call_grammar import tool_call_tag
 
 MAX_CACHED_GRAMMARS = 256
 """Compiled grammars kept (least recently used dropped): an agent's tools repeat every turn."""
+_LOG_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
+"""xgrammar's "[time] file.cc:line: " before its message: internals, not for the client."""
 _MATCHER_THREADS = min(4, os.cpu_count() or 1)
 """Threads of the batched mask fill and of compilation: rows are independent; more than the cores buys nothing."""
 
@@ -66,7 +69,7 @@ class GrammarCompiler:
         except UnsupportedSchemaError as e:
             raise EngineRequestError(str(e), param=grammar.param) from None
         except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse / conversion errors
-            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            first = _LOG_PREFIX.sub("", str(e).strip().splitlines()[-1]) if str(e).strip() else type(e).__name__
             raise EngineRequestError(f"the {grammar.kind.value} grammar cannot be built: {first}; fix or simplify "
                                      f"it", param=grammar.param) from None
         with self._lock:

@@ -11,7 +11,7 @@
 exactly as the model's chat template writes a call (so the tool-call parser, tool_calls.py, reads every
 value back): a parameter whose schema `type` is "string" is raw text (an enum / const: one of its
 values; minLength / maxLength / pattern: a bounded text without "<"; else any text without a tag), any
-other parameter is compact JSON valid against its schema (the parser reads those as JSON). A string
+other parameter is JSON (whitespace runs of at most one character) valid against its schema (the parser reads those as JSON). A string
 parameter with a `format` is refused, as is any JSON keyword json_schema_support.py does not list.
 Pure: builds xgrammar's structural-tag description, compiles nothing.
 """
@@ -68,7 +68,7 @@ def _value(schema: Any, param: str, path: str) -> Format:
     if not (isinstance(schema, Mapping) and schema.get("type") == "string"):
         check_schema(schema, param, path)
         return JSONSchemaFormat(json_schema=enforceable(schema) if isinstance(schema, (Mapping, bool)) else True,
-                                style="json", max_whitespace_cnt=0)
+                                style="json", max_whitespace_cnt=1)
     for keyword in schema:
         if keyword not in _STRING_KEYWORDS and keyword not in ("title", "description", "default", "examples"):
             raise UnsupportedSchemaError(keyword, path, param, "a string tool parameter is raw text; enforced there "
