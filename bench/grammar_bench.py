@@ -5,6 +5,7 @@
       constrained:    the same prompts and budget, each under a JSON schema grammar   -> TPOT per request
                       (a record of RECORD_FIELDS bounded fields: a long, branching structure)
     alternated --rounds times in the same run (drift hits both); ratio = constrained / unconstrained TPOT p50
+    over all rounds, and the median of each round's own ratio (adjacent phases: steadier on a loaded host)
 
 TPOT of a request = (time of its last output - time of its first) / (tokens - 1): decode steps only
 (the first token's prefill and the grammar's compilation, cached after the first round, are not in it).
@@ -56,6 +57,9 @@ class GrammarBenchResult:
     constrained_tpot_ms_p50: float
     ratio: float
     """constrained / free TPOT p50."""
+    round_ratios: list[float]
+    """Each round's constrained / free TPOT p50."""
+    round_ratio_median: float
     constrained_tokens_mean: float
     """Tokens a constrained request produced on average (the grammar may end it before max_tokens)."""
     cpu_threads: int
@@ -96,21 +100,28 @@ def run(args: argparse.Namespace, model_dir: Path) -> int:
         _phase(engine, prompts[:1], SamplingParams(max_tokens=4), grammar, "warmup")  # compiles, warms up
         free: list[tuple[float, int]] = []
         constrained: list[tuple[float, int]] = []
+        round_ratios = []
         for r in range(args.rounds):
-            free += _phase(engine, prompts, free_params, None, f"free{r}")
-            constrained += _phase(engine, prompts, constrained_params, grammar, f"grammar{r}")
+            free_round = _phase(engine, prompts, free_params, None, f"free{r}")
+            constrained_round = _phase(engine, prompts, constrained_params, grammar, f"grammar{r}")
+            round_ratios.append(round(statistics.median(t for t, _ in constrained_round)
+                                      / statistics.median(t for t, _ in free_round), 3))
+            free += free_round
+            constrained += constrained_round
     finally:
         engine.shutdown()
     free_p50 = statistics.median(t for t, _ in free)
     constrained_p50 = statistics.median(t for t, _ in constrained)
     result = GrammarBenchResult(datetime.date.today().isoformat(), str(model_dir), args.batch, args.max_tokens,
                                 args.rounds, round(free_p50, 2), round(constrained_p50, 2),
-                                round(constrained_p50 / free_p50, 3),
+                                round(constrained_p50 / free_p50, 3), round_ratios,
+                                round(statistics.median(round_ratios), 3),
                                 round(statistics.fmean(n for _, n in constrained), 1), torch.get_num_threads())
     print(f"{'decoding':<14}{'TPOT p50 ms':>12}{'tokens/req':>12}")
     print(f"{'free':<14}{result.free_tpot_ms_p50:>12.2f}{statistics.fmean(n for _, n in free):>12.1f}")
     print(f"{'json_schema':<14}{result.constrained_tpot_ms_p50:>12.2f}{result.constrained_tokens_mean:>12.1f}")
-    print(f"ratio {result.ratio:.3f} (goal <= 1.1), batch {args.batch}, {torch.get_num_threads()} torch threads")
+    print(f"ratio {result.ratio:.3f} (goal <= 1.1); per round {round_ratios}, median {result.round_ratio_median:.3f}; "
+          f"batch {args.batch}, {torch.get_num_threads()} torch threads")
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(result), indent=2) + "\n")
     return 0
