@@ -11,8 +11,8 @@ Every object here crosses Ray between a gateway replica and a head replica as it
 never as a dict. The gateway imports the engine through this module only; `Engine.admit` is the one place
 the serving rules live, and its refusals carry a code and the offending field, so an API maps them by
 type (never by reading the message). Fields later features add to a request (grammar, speculation)
-go on EngineRequest or SamplingParams, here (the grammar is EngineRequest.grammar); the tenant (who sent it, from the gateway's authentication)
-and the client's cache salt are on EngineRequest.
+go on EngineRequest or SamplingParams, here (the grammar is EngineRequest.grammar); the tenant (who
+sent it, from the gateway's authentication) and the client's cache salt are on EngineRequest.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 from nextserve.model.sampling import SamplingDefaults, SamplingError, SamplingParams, TokenLogprobs
 
-__all__ = ["EngineError", "Grammar", "GrammarKind", "EngineOverloadedError", "EngineRequest", "EngineRequestError", "EngineStats",
-           "EngineUnavailableError", "ErrorCode", "FinishReason", "LOAD_FIELDS", "RETRY_AFTER_S", "SamplingDefaults",
-           "SamplingError", "SamplingParams", "StepOutput", "TokenLogprobs", "check_prompt_fits", "summed_load"]
+__all__ = ["EngineError", "EngineOverloadedError", "EngineRequest", "EngineRequestError", "EngineStats",
+           "EngineUnavailableError", "ErrorCode", "FinishReason", "Grammar", "GrammarKind", "LOAD_FIELDS",
+           "RETRY_AFTER_S", "SamplingDefaults", "SamplingError", "SamplingParams", "StepOutput", "TokenLogprobs", "check_prompt_fits", "summed_load"]
 
 
 class GrammarKind(enum.Enum):

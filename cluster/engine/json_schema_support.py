@@ -7,9 +7,9 @@ xgrammar turns a schema into a grammar, and silently drops what it cannot expres
 uniqueItems, propertyNames, contains, dependentRequired, unevaluated*, multipleOf on numbers, formats it
 does not know); it merges `oneOf` into `anyOf` (two alternatives may both match) and does not intersect
 `allOf`. An output it produced could then fail the client's own validation, which is worse than a
-refusal. So the accepted keywords are a list checked here (tests/unit/test_grammar.py checks that each
-refused one is refused and the formats listed are enforced), annotations are ignored as every validator does, and anything else is a 400
-naming the keyword and where it is. Pure: no xgrammar, no engine.
+refusal. So the accepted keywords are a list checked here (tests/unit/test_grammar.py checks that
+refused ones are refused and the formats listed are enforced), annotations are ignored as every
+validator does, and anything else is a 400 naming the keyword and where it is. Pure: no xgrammar, no engine.
 
 xgrammar 0.2.9 writes a string with minLength / maxLength as up to N of [^"\\\r\n], which lets raw control
 characters through (invalid JSON: a seeded output on the tiny model held a raw \\x01). `enforceable` rewrites such

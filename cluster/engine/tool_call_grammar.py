@@ -11,8 +11,8 @@
 exactly as the model's chat template writes a call (so the tool-call parser, tool_calls.py, reads every
 value back): a parameter whose schema `type` is "string" is raw text (an enum / const: one of its
 values; minLength / maxLength / pattern: a bounded text without "<"; else any text without a tag), any
-other parameter is JSON (whitespace runs of at most one character) valid against its schema (the parser reads those as JSON). A string
-parameter with a `format` is refused, as is any JSON keyword json_schema_support.py does not list.
+other parameter is JSON (whitespace runs of at most one character) valid against its schema (the
+parser reads those as JSON). A string parameter with a `format` is refused, as is any JSON keyword json_schema_support.py does not list.
 Pure: builds xgrammar's structural-tag description, compiles nothing.
 """
 

@@ -6,7 +6,8 @@
       "json_schema" -> Grammar(JSON_SCHEMA, schema)            named       -> Grammar(TOOL_CALLS, that tool)
                                                                (parallel_tool_calls false: one call)
 
-The JSON keeps the client's key order (properties are generated in it). A forced call wins over a response format (the output is the call, not content). The engine compiles
+The JSON keeps the client's key order (properties are generated in it). A forced call wins over a
+response format (the output is the call, not content). The engine compiles
 the grammar at admission (cluster/engine/grammar.py) and refuses what it cannot enforce as a 400 whose
 `param` is the grammar's: "response_format" (each API names it in its own terms through
 GenerationSpec.request_fields, e.g. Responses' "text.format") or "tools". Pure: no engine, no HTTP.

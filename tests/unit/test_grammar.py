@@ -14,12 +14,14 @@ from typing import Any
 
 import jsonschema
 import pytest
+import xgrammar as xgr
 from transformers import AutoTokenizer
 
 from engine_run import Model
 from nextserve.cluster.engine.contract import (EngineRequest, EngineRequestError, ErrorCode, FinishReason, Grammar,
                                                GrammarKind, SamplingParams, StepOutput)
 from nextserve.cluster.engine.engine import Engine
+from nextserve.cluster.engine.json_schema_support import FORMATS
 from nextserve.cluster.engine.scheduler import SchedulerConfig
 from nextserve.model.cache.budget import CacheConfig
 from nextserve.model.loader import load_head
@@ -194,6 +196,19 @@ def test_a_schema_feature_the_grammar_cannot_enforce_is_refused(engine: Engine, 
         run(engine, [[5, 6, 7]], SamplingParams(max_tokens=4), [schema_grammar(schema)])
     assert info.value.code is ErrorCode.INVALID_REQUEST and info.value.param == "response_format"
     assert repr(keyword) in info.value.message
+
+
+def _root_rules(schema: dict[str, Any]) -> list[str]:
+    return [line for line in str(xgr.Grammar.from_json_schema(json.dumps(schema))).splitlines()
+            if line.startswith("root")]
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_every_accepted_format_is_enforced_by_the_library(fmt: str) -> None:
+    """A format the list accepts changes the grammar (an unknown one, like 'ipv9', leaves a plain string)."""
+    unknown = _root_rules({"type": "string", "format": "ipv9"})
+    assert _root_rules({"type": "string", "format": "no-such-format"}) == unknown  # both: any string
+    assert _root_rules({"type": "string", "format": fmt}) != unknown
 
 
 def test_a_grammar_the_library_cannot_parse_is_refused(engine: Engine) -> None:
