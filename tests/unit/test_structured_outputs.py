@@ -16,6 +16,11 @@ import openai
 import pytest
 
 from gateway_local_engine import Server, TinyEngine
+from nextserve.cluster.engine.contract import Grammar, GrammarKind, SamplingDefaults
+from nextserve.cluster.gateway.chat_template import ChatPrompt, ToolChoice
+from nextserve.cluster.gateway.conversation import ResponseFormat
+from nextserve.cluster.gateway.output_grammar import output_grammar
+from nextserve.cluster.gateway.protocols import openai as openai_api
 
 CONTEXT = 2048
 """Room for the tools' system prompt (~400 tokens on the tiny tokenizer) and a JSON answer."""
@@ -166,3 +171,25 @@ def test_a_constrained_output_cut_by_max_tokens_is_length(client: openai.OpenAI)
     reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "JSON"}],
                                            response_format=schema_format(PERSON), max_tokens=4)  # type: ignore[arg-type]
     assert reply.choices[0].finish_reason == "length" and reply.usage and reply.usage.completion_tokens == 4
+
+
+def test_response_format_parses_into_the_spec_and_the_grammar() -> None:
+    """Pure: OpenAI's response_format -> GenerationSpec.response_format -> the engine's Grammar; a forced
+    tool choice wins and names its tools, `parallel_tool_calls` false -> one call."""
+    defaults = SamplingDefaults()
+    chat = openai_api.ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": schema_format(PERSON)})
+    spec = openai_api.generation_spec(chat, defaults)
+    assert spec.response_format == ResponseFormat("json_schema", PERSON, "answer", True)
+    grammar = output_grammar(spec.response_format, ChatPrompt([1]))
+    assert grammar == Grammar(GrammarKind.JSON_SCHEMA, json.dumps(PERSON), "response_format")
+    completion = openai_api.CompletionRequest.model_validate(
+        {"model": "m", "prompt": "x", "response_format": {"type": "json_object"}})
+    assert output_grammar(openai_api.generation_spec(completion, defaults).response_format, ChatPrompt([1])) == \
+        Grammar(GrammarKind.JSON_OBJECT)
+    assert output_grammar(ResponseFormat("text"), ChatPrompt([1])) is None
+    forced = ChatPrompt([1], {"get_weather": SCHEMAS["get_weather"]}, ToolChoice("named", "get_weather", False))
+    tools = output_grammar(ResponseFormat("json_object"), forced)
+    assert tools is not None and tools.kind is GrammarKind.TOOL_CALLS and tools.param == "tools"
+    assert json.loads(tools.spec) == {"tools": [{"type": "function", "function": {
+        "name": "get_weather", "parameters": SCHEMAS["get_weather"]}}], "name": "get_weather", "parallel": False}
