@@ -15,7 +15,9 @@ model/cache/budget.py). When a decode finds no free block the scheduler evicts p
 then preempts the most recently admitted sequence; it recomputes later and its stream simply goes on
 (no token is sent twice). A request whose prompt starts like an earlier one's restores that prefix from
 the prefix cache (model/cache/prefix_cache.py) and prefills only the rest; its outputs report the
-prompt tokens it did not run (`StepOutput.cached_tokens`).
+prompt tokens it did not run (`StepOutput.cached_tokens`). A request with a grammar
+(`EngineRequest.grammar`: structured outputs, forced tool calls) is compiled at admission and has its
+logits row masked before each sample (cluster/engine/grammar.py); the grammar taking its stop token ends it.
 """
 
 from __future__ import annotations
