@@ -139,6 +139,8 @@ BENCHES: dict[str, BenchCommand] = {
                          "(tokens/s, TPOT, acceptance), one request at a time", "in_args"),
     "fairness": BenchCommand("nextserve.bench.fairness_bench", "one tenant's short request latency idle vs "
                              "while another tenant floods the gateway", "none"),
+    "grammar": BenchCommand("nextserve.bench.grammar_bench", "TPOT of JSON-schema-constrained vs free "
+                            "decoding in one engine run", "argument"),
 }
 
 

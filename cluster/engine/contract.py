@@ -1,6 +1,7 @@
 """The engine's contract: what a head engine takes, what it streams back, what it reports and how it refuses.
 
-    EngineRequest(request_id, prompt_ids, SamplingParams(..., stop=...))   -> Engine.generate / HeadDeployment
+    EngineRequest(request_id, prompt_ids, SamplingParams(..., stop=...),   -> Engine.generate / HeadDeployment
+                  grammar=Grammar(...) | None)                             (what the output must parse as)
         -> StepOutput ... StepOutput(finish_reason=FinishReason.*)         (what a request produced, in order)
         or EngineError(code=ErrorCode.*, param=...)                        (typed: the gateway maps the code;
                                                                             OVERLOADED: the head's queue is full)
@@ -10,8 +11,8 @@ Every object here crosses Ray between a gateway replica and a head replica as it
 never as a dict. The gateway imports the engine through this module only; `Engine.admit` is the one place
 the serving rules live, and its refusals carry a code and the offending field, so an API maps them by
 type (never by reading the message). Fields later features add to a request (grammar, speculation)
-go on EngineRequest or SamplingParams, here; the tenant (who sent it, from the gateway's authentication)
-and the client's cache salt are on EngineRequest.
+go on EngineRequest or SamplingParams, here (the grammar is EngineRequest.grammar); the tenant (who
+sent it, from the gateway's authentication) and the client's cache salt are on EngineRequest.
 """
 
 from __future__ import annotations
@@ -23,8 +24,34 @@ from dataclasses import dataclass, field
 from nextserve.model.sampling import SamplingDefaults, SamplingError, SamplingParams, TokenLogprobs
 
 __all__ = ["EngineError", "EngineOverloadedError", "EngineRequest", "EngineRequestError", "EngineStats",
-           "EngineUnavailableError", "ErrorCode", "FinishReason", "LOAD_FIELDS", "RETRY_AFTER_S", "SamplingDefaults",
-           "SamplingError", "SamplingParams", "StepOutput", "TokenLogprobs", "check_prompt_fits", "summed_load"]
+           "EngineUnavailableError", "ErrorCode", "FinishReason", "Grammar", "GrammarKind", "LOAD_FIELDS",
+           "RETRY_AFTER_S", "SamplingDefaults", "SamplingError", "SamplingParams", "StepOutput", "TokenLogprobs", "check_prompt_fits", "summed_load"]
+
+
+class GrammarKind(enum.Enum):
+    """What a grammar enforces on a request's output (cluster/engine/grammar.py compiles each)."""
+    JSON_SCHEMA = "json_schema"
+    """One JSON value valid against `Grammar.spec` (a JSON Schema, as JSON text)."""
+    JSON_OBJECT = "json_object"
+    """Any JSON object."""
+    TOOL_CALLS = "tool_calls"
+    """After the prompt's forced opening `<tool_call>\\n<function=`: Qwen3-Coder XML calls of the tools in
+    `Grammar.spec` ({"tools": [OpenAI function tools], "name": forced name or null, "parallel": bool}), each
+    call's parameters valid against its tool's schema; then the end of the output."""
+    REGEX = "regex"
+    """The whole output matches the regular expression `Grammar.spec` (tests and benchmarks)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grammar:
+    """What a request's output must parse as, enforced token by token: each step only tokens the grammar
+    allows can be sampled, and the sequence ends (FinishReason.STOP) when the grammar is complete and
+    emits its stop token. Hashable: the engine caches compiled grammars by (kind, spec)."""
+    kind: GrammarKind
+    spec: str = ""
+    """JSON text (a schema, the tool-call structure) or a regex, by `kind`; "" for JSON_OBJECT."""
+    param: str = "response_format"
+    """The request field the grammar came from: what a refused grammar's EngineError names."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +79,9 @@ class EngineRequest:
     allow_speculation: bool = True
     """Draft and verify this request's tokens when the server speculates (--speculative-config); False:
     one token per step, as without speculation (the output is the same either way)."""
+    grammar: Grammar | None = None
+    """What the output must parse as (structured outputs, forced tool calls); None: free text. Compiled at
+    admission: a grammar the engine cannot enforce is refused (INVALID_REQUEST naming `grammar.param`)."""
 
     def __post_init__(self) -> None:
         if not self.tenant_weight > 0:

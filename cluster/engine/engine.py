@@ -15,7 +15,9 @@ model/cache/budget.py). When a decode finds no free block the scheduler evicts p
 then preempts the most recently admitted sequence; it recomputes later and its stream simply goes on
 (no token is sent twice). A request whose prompt starts like an earlier one's restores that prefix from
 the prefix cache (model/cache/prefix_cache.py) and prefills only the rest; its outputs report the
-prompt tokens it did not run (`StepOutput.cached_tokens`).
+prompt tokens it did not run (`StepOutput.cached_tokens`). A request with a grammar
+(`EngineRequest.grammar`: structured outputs, forced tool calls) is compiled at admission and has its
+logits row masked before each sample (cluster/engine/grammar.py); the grammar taking its stop token ends it.
 
 Speculative decoding (`speculative`, a SpeculativeConfig): after each step the drafter
 (cluster/engine/drafter.py) proposes up to K tokens per decoding sequence; the next step runs each drafted
@@ -25,7 +27,8 @@ to the argmax (the output is exactly that of decoding without drafts); sampled, 
 (`verify_draft`). One token more comes from the first rejected (or the bonus) position, and the rejected
 positions are rolled back (the scheduler's blocks, the runner's DeltaNet states). Drafting is off while
 more than `disable_by_batch_size` sequences run, and for a request that opts out
-(EngineRequest.allow_speculation).
+(EngineRequest.allow_speculation), and for a request with a grammar (its mask is per position; it decodes
+one token per step).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 import torch
+import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
 
 from nextserve.model.cache.block_manager import BlockManager
@@ -50,6 +54,7 @@ from nextserve.cluster.engine.drafter import DraftInput, Drafter
 from nextserve.cluster.engine.ngram_drafter import NgramDrafter
 from nextserve.cluster.engine.speculative_config import SpeculativeConfig, SpeculativeConfigError, SpeculativeMethod
 from nextserve.cluster.engine.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS, IncrementalDetokenizer, OutputStream
+from nextserve.cluster.engine.grammar import GrammarCompiler, GrammarMasks
 from nextserve.cluster.engine.model_runner import ModelRunner, head_cache_capacity
 from nextserve.cluster.engine.scheduler import (ScheduledSeq, Scheduler, SchedulerConfig, SequenceState,
                                                 SequenceStatus, StepPlan)
@@ -112,6 +117,8 @@ class _Entry:
     seq: SequenceState
     detokenizer: IncrementalDetokenizer | None  # None: token ids only
     stream: OutputStream
+    grammar: xgr.CompiledGrammar | None = None  # what the output must parse as (None: free text)
+    matcher: xgr.GrammarMatcher | None = None  # built at its first sample, dropped when preempted
 
 
 class Engine:
@@ -158,6 +165,8 @@ class Engine:
         self._outbox: list[tuple[OutputStream, StepOutput | Exception]] = []
         self._wake = threading.Event()
         self._stats = self._current_stats(num_steps=0)
+        self._grammar_lock = threading.Lock()
+        self._grammar_masks: GrammarMasks | None = None  # made at the first grammar request
         self._thread = threading.Thread(target=self._run, name="nextserve-engine", daemon=True)
         self._thread.start()
 
@@ -241,6 +250,8 @@ class Engine:
         if stop and self.tokenizer is None:
             raise EngineRequestError("stop strings need text: this engine serves token ids only (no tokenizer); "
                                      "use stop_token_ids", param="stop")
+        if request.grammar is not None:
+            self.grammar_masks(request.grammar.param).compiler.compile(request.grammar)
         room, asked = context - n, request.params.max_tokens
         fit = self.capacity.max_tokens  # the tokens one sequence's blocks can hold: the whole pool
         if n > fit:
@@ -257,10 +268,28 @@ class Engine:
         room = min(room, cache_room)
         return dataclasses.replace(request, params=dataclasses.replace(request.params, max_tokens=room))
 
+    def grammar_masks(self, param: str = "response_format") -> GrammarMasks:
+        """The grammar compiler and step masks (made on first use: the tokenizer's vocabulary is read once);
+        EngineRequestError naming `param` on an engine that cannot enforce a grammar."""
+        with self._grammar_lock:
+            if self._grammar_masks is None:
+                if self.tokenizer is None:
+                    raise EngineRequestError("a grammar needs the tokenizer's vocabulary: this engine serves token "
+                                             "ids only", param=param)
+                try:
+                    compiler = GrammarCompiler(self.tokenizer, self.head.config.vocab_size,
+                                               self.head.config.eos_token_ids)
+                except ValueError as e:
+                    raise EngineRequestError(f"this model cannot be constrained by a grammar: {e}", param=param) \
+                        from None
+                self._grammar_masks = GrammarMasks(compiler)
+            return self._grammar_masks
+
     def _submit(self, request: EngineRequest, stream: OutputStream) -> OutputStream:
         detokenizer = None if self.tokenizer is None else IncrementalDetokenizer(
             self.tokenizer.backend_tokenizer, request.prompt_ids, request.params.stop)
-        entry = _Entry(SequenceState(request, generator=make_generator(request.params)), detokenizer, stream)
+        grammar = None if request.grammar is None else self.grammar_masks().compiler.compile(request.grammar)
+        entry = _Entry(SequenceState(request, generator=make_generator(request.params)), detokenizer, stream, grammar)
         with self._lock:
             if self._is_stopped:
                 raise EngineUnavailableError("this head is shutting down; retry: new requests go to the other "
@@ -305,8 +334,9 @@ class Engine:
         plan = self.scheduler.schedule()
         for seq in plan.aborted:
             self._retire(self._entries[seq.request_id], FinishReason.ABORT, [])
-        if self.drafter is not None:
-            for seq in plan.preempted:
+        for seq in plan.preempted:  # recomputed later: its matcher is rebuilt over its output then
+            self._entries[seq.request_id].matcher = None
+            if self.drafter is not None:
                 self.drafter.release(seq.request_id)
         if not plan.is_empty:
             try:
@@ -344,7 +374,8 @@ class Engine:
         """logits [R, V] (one row per sequence, k + 1 for one verifying k drafts) -> each sequence's tokens.
         What fails for one sequence (its sampling, its NaN logits, its stop or constraint state, its
         detokenization) ends that sequence alone with an EngineError; the others go on exactly as if it
-        were not there."""
+        were not there. A sequence with a grammar is never drafted (`_propose`): its one row is masked."""
+        raw_rows = self._mask_grammar_rows(plan, logits)
         # argmax treats NaN as the largest value, so a row holding a NaN has one at its argmax: the NaN check
         # reads R values, not R x V; one device sync for both.
         best = logits.argmax(dim=-1)  # [R]
@@ -355,6 +386,8 @@ class Engine:
         for item in plan.scheduled:
             seq, rows = item.seq, slice(row, row + 1 + item.num_draft_tokens)
             row = rows.stop
+            if seq.is_finished and seq.request_id not in self._entries:  # failed above (its grammar matcher)
+                continue
             if not item.samples_token:
                 self.scheduler.advance(item, None)
                 continue
@@ -362,11 +395,18 @@ class Engine:
             try:
                 if any(has_nan[rows]):
                     raise NonFiniteLogitsError(f"the model produced NaN logits for request {seq.request_id}")
-                tokens, logprobs = self._accept(seq, item.draft_ids, logits[rows], argmax[rows])
+                is_grammar_done = False
+                if entry.grammar is not None:  # one row, masked
+                    token, logprob = self._sample_row(seq, logits[rows.start], argmax[rows.start],
+                                                      raw_rows.get(rows.start))
+                    is_grammar_done = self._advance_grammar(entry, token)
+                    tokens, logprobs = [token], [logprob]
+                else:
+                    tokens, logprobs = self._accept(seq, item.draft_ids, logits[rows], argmax[rows])
                 if item.num_draft_tokens:
                     self.spec_counts.count(item.num_draft_tokens, len(tokens) - 1)
                     kept[seq.slot] = len(tokens)  # type: ignore[index]
-                self._on_tokens(entry, item, tokens, logprobs)
+                self._on_tokens(entry, item, tokens, logprobs, is_grammar_done)
             except Exception as exc:
                 log.exception("request %s failed in its own postprocessing; the other %d sequences of the step "
                               "go on", seq.request_id, len(plan.scheduled) - 1)
@@ -395,8 +435,46 @@ class Engine:
                     for j, t in enumerate(tokens)]
         return tokens, logprobs
 
-    def _sample_row(self, seq: SequenceState, row: torch.Tensor, argmax: int) -> tuple[int, TokenLogprobs | None]:
-        """row [V] -> (the sequence's next token, its logprobs when asked for)."""
+    def _mask_grammar_rows(self, plan: StepPlan, logits: torch.Tensor) -> dict[int, torch.Tensor]:
+        """logits [R, V]: the rows of sequences with a grammar that sample now get their mask (in place);
+        returns those rows' raw logits [V] where logprobs were asked for (logprobs are of the raw logits).
+        A sequence whose matcher cannot be rebuilt fails alone."""
+        rows, matchers, raw_rows = [], [], {}
+        first_row = 0
+        for item in plan.scheduled:
+            i, first_row = first_row, first_row + 1 + item.num_draft_tokens  # a grammar's sequence has no drafts
+            entry = self._entries.get(item.seq.request_id)
+            if entry is None or entry.grammar is None or not item.samples_token:
+                continue
+            if entry.matcher is None:
+                try:
+                    entry.matcher = self.grammar_masks().compiler.matcher(entry.grammar, item.seq.output_ids)
+                except Exception as exc:
+                    log.exception("request %s: its grammar matcher could not be rebuilt", item.seq.request_id)
+                    self._fail(entry, exc)
+                    continue
+            if item.seq.request.params.logprobs is not None:
+                raw_rows[i] = logits[i].clone()
+            rows.append(i)
+            matchers.append(entry.matcher)
+        if rows:
+            self.grammar_masks().apply(logits, rows, matchers)
+        return raw_rows
+
+    @staticmethod
+    def _advance_grammar(entry: _Entry, token: int) -> bool:
+        """Advance the sequence's matcher by its new token; True when the grammar is complete (it took its
+        stop token): the sequence ends."""
+        if entry.matcher is None:
+            return False
+        if not entry.matcher.accept_token(token):
+            raise RuntimeError(f"token {token} sampled for request {entry.seq.request_id} is refused by its grammar")
+        return entry.matcher.is_terminated()
+
+    def _sample_row(self, seq: SequenceState, row: torch.Tensor, argmax: int,
+                    raw_row: torch.Tensor | None = None) -> tuple[int, TokenLogprobs | None]:
+        """row [V] (masked by the sequence's grammar, if any; `raw_row` [V] before it) -> (the sequence's next
+        token, its logprobs when asked for: of the raw logits)."""
         params = seq.request.params
         allowed = allowed_next_tokens(seq.output_ids, params.allowed_starts) if params.allowed_starts else None
         if allowed is not None:  # a constrained start: only tokens that stay on it
@@ -405,18 +483,20 @@ class Engine:
             token = sample(masked, params, seq.generator)
         else:
             token = argmax if params.is_greedy else sample(row, params, seq.generator)
-        logprobs = None if params.logprobs is None else token_logprobs(row, token, params.logprobs)
+        raw = row if raw_row is None else raw_row
+        logprobs = None if params.logprobs is None else token_logprobs(raw, token, params.logprobs)
         return token, logprobs
 
     def _on_tokens(self, entry: _Entry, item: ScheduledSeq, tokens: list[int],
-                   logprobs: list[TokenLogprobs | None]) -> None:
+                   logprobs: list[TokenLogprobs | None], is_grammar_done: bool = False) -> None:
         """The step's tokens of one sequence, in order, output up to the first that ends it (a stop token
-        or string, max_tokens): the rest are dropped, as if never drafted. Advances the scheduler."""
+        or string, max_tokens, the grammar's end after the last token): the rest are dropped, as if never
+        drafted. Advances the scheduler."""
         seq, params, detokenizer = entry.seq, entry.seq.request.params, entry.detokenizer
         text, reason, n = "", None, 0
         for token in tokens:
             n += 1
-            is_stop_token = token in params.stop_token_ids or (
+            is_stop_token = (is_grammar_done and n == len(tokens)) or token in params.stop_token_ids or (
                 not params.ignore_eos and token in self.head.config.eos_token_ids)
             # A stop token's text is not output.
             text += "" if is_stop_token or detokenizer is None else detokenizer.add(token)
@@ -447,7 +527,8 @@ class Engine:
                 continue
             params, num_tokens = seq.request.params, seq.num_prompt_tokens + len(seq.output_ids)
             k = 0
-            if is_drafting and seq.request.allow_speculation and not seq.is_prefilling and (
+            if is_drafting and seq.request.allow_speculation and seq.request.grammar is None and (
+                    not seq.is_prefilling) and (
                     not params.allowed_starts or allowed_next_tokens(seq.output_ids, params.allowed_starts) is None):
                 k = max(0, min(self.speculative.num_speculative_tokens,
                                (params.max_tokens or 0) - len(seq.output_ids) - 1))

@@ -6,8 +6,10 @@
       -> tokenizer.apply_chat_template(messages, tools=..., add_generation_prompt=True)
       -> + the opening of a call when tool_choice forces one:
            named:    "<tool_call>\\n<function=NAME>\\n"   (the model writes the parameters)
-           required: "<tool_call>\\n<function="           (the engine constrains the next tokens to a
-                                                          tool name followed by ">\\n")
+           required: "<tool_call>\\n<function="           (then, for both, a TOOL_CALLS grammar in the
+                                                          engine: a tool name + ">\\n" for required, and
+                                                          parameters matching the tool's schema;
+                                                          output_grammar.py)
 
 The tool-call parser (tool_calls.py) is fed the forced opening first, so a forced call streams like a
 generated one. Pure apart from the tokenizer: no HTTP, no engine.
@@ -64,7 +66,8 @@ class ChatPrompt:
     """Function name -> its JSON schema `parameters` ({} without tools): how the parser types values."""
     choice: ToolChoice = ToolChoice()
     name_token_ids: tuple[tuple[int, ...], ...] = ()
-    """For `required`: the token ids of each `NAME>\\n` the output must start with."""
+    """For `required`: the token ids of each `NAME>\\n` the output may start with (the gateway now constrains
+    the call with a grammar, output_grammar.py; kept for SamplingParams.allowed_starts users)."""
 
 
 def tool_schemas(tools: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:

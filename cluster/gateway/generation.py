@@ -3,12 +3,13 @@ turned into the one event stream every API renders.
 
     start_generation(engine, request_id, spec, metrics)     spec: conversation.py's GenerationSpec
       -> prompt_of(spec.prompt): chat template or raw prompt ids (ChatTemplateError for a refused chat)
-      -> the forced tool name's constraint on every choice's params (tool_choice required)
+      -> output_grammar(spec.response_format, prompt): the Grammar every choice's engine request carries
+         (structured outputs; a forced tool call's structure, its opening already in the prompt)
       -> start_choices -> Generation: `async for event in generation.events()` (events.py: Started,
          ChoiceUpdate..., Completed), or `await reply(generation.events(), is_disconnected)` for the
          Completed event alone (None when the client left; the engine requests are then aborted)
 
-    start_choices(engine, request_id, prompt_ids, [params per choice], metrics, caller)
+    start_choices(engine, request_id, prompt_ids, [params per choice], metrics, caller, grammar)
       -> the caller's tenant quota: over a limit, EngineError RATE_LIMITED (429 + Retry-After), nothing started
       -> one engine request per choice ("{request_id}-{i}"), carrying the caller's tenant, weight and
          cache salt, each awaited to its first output, so an
@@ -33,11 +34,13 @@ from typing import Protocol
 
 from transformers import PreTrainedTokenizerBase
 
-from nextserve.cluster.engine.contract import EngineError, EngineRequest, EngineStats, SamplingParams, StepOutput
+from nextserve.cluster.engine.contract import (EngineError, EngineRequest, EngineStats, Grammar, SamplingParams,
+                                               StepOutput)
 from nextserve.cluster.gateway.chat_template import ChatPrompt
 from nextserve.cluster.gateway.conversation import GenerationSpec, prompt_of
 from nextserve.cluster.gateway.events import ChoiceEvents, ChoiceUpdate, Completed, Event, Started, TokenUsage
 from nextserve.cluster.gateway.metrics import GatewayMetrics, RequestTracker
+from nextserve.cluster.gateway.output_grammar import output_grammar
 from nextserve.cluster.gateway.request_id import current_request_id
 from nextserve.cluster.gateway.tenants import Caller, TenantQuota
 
@@ -145,9 +148,10 @@ class Choices:
 
 async def start_choices(engine: EngineClient, request_id: str, prompt_ids: Sequence[int],
                         params: Sequence[SamplingParams], metrics: GatewayMetrics, caller: Caller,
-                        prompt_cache_key: str = "") -> Choices:
-    """Start every choice and wait for each one's first output; on any failure close them all and raise.
-    `prompt_cache_key`: the client's session key, for routing to a head (EngineRequest.prompt_cache_key)."""
+                        grammar: Grammar | None = None, prompt_cache_key: str = "") -> Choices:
+    """Start every choice (each constrained by `grammar`, when given) and wait for each one's first output; on
+    any failure close them all and raise. `prompt_cache_key`: the client's session key, for routing to a head
+    (EngineRequest.prompt_cache_key)."""
     tenant = caller.tenant
     try:
         if caller.quota is not None:
@@ -159,7 +163,7 @@ async def start_choices(engine: EngineClient, request_id: str, prompt_ids: Seque
     log.info("request %s runs as engine request %s (%d choices)", current_request_id(), request_id, len(params))
     streams = [engine.generate(EngineRequest(f"{request_id}-{i}" if len(params) > 1 else request_id,
                                              tuple(prompt_ids), p, tenant.name, tenant.weight, caller.cache_salt,
-                                             prompt_cache_key))
+                                             grammar, prompt_cache_key))
                for i, p in enumerate(params)]
     trackers = [metrics.track(tenant.name, caller.quota) for _ in streams]
     try:
@@ -201,9 +205,9 @@ async def start_generation(engine: EngineClient, request_id: str, spec: Generati
     """Render the prompt and start every choice; raises ChatTemplateError (a chat the template refuses) or
     the engine's EngineError (a refusal, unavailability), before any response starts."""
     prompt = prompt_of(spec.prompt, engine.tokenizer)
-    params = spec.params.constrained_to(prompt.name_token_ids) if prompt.name_token_ids else spec.params
-    choices = await start_choices(engine, request_id, prompt.prompt_ids, choice_params(params, spec.n), metrics,
-                                  dataclasses.replace(caller, cache_salt=spec.cache_salt), spec.prompt_cache_key)
+    choices = await start_choices(engine, request_id, prompt.prompt_ids, choice_params(spec.params, spec.n), metrics,
+                                  dataclasses.replace(caller, cache_salt=spec.cache_salt),
+                                  output_grammar(spec.response_format, prompt), spec.prompt_cache_key)
     return Generation(prompt, choices)
 
 

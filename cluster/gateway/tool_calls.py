@@ -14,8 +14,9 @@ After some plain text (or none), the model calls tools with one or more blocks (
     </tool_call>
 
 A value is raw text with one leading and one trailing newline stripped, typed by the JSON schema of
-that parameter: string stays text; integer, number, boolean, null, object and array are converted,
-and a value that does not convert stays text. Code values may hold the closing tags literally, so a
+that parameter: string stays text; integer, number, boolean, null, object and array are converted
+(a parameter with anyOf / enum / const and no type is read as JSON), and a value that does not convert
+stays text. Code values may hold the closing tags literally, so a
 tag is structural only in context:
 
     <parameter=    between parameters, or at a line start inside a value (a missing </parameter>)
@@ -52,6 +53,7 @@ _PARAMETER, _PARAMETER_HEAD = re.compile(f"<parameter=({_NAME})>"), re.compile(f
 _VALUE_END = re.compile(r"</parameter>|(?<=\n)<parameter=|</function>")
 _FOLLOWERS = {PARAMETER_END: (PARAMETER, FUNCTION_END, TOOL_CALL_END), FUNCTION_END: (TOOL_CALL_END,)}
 _TYPES = {"string", "integer", "number", "boolean", "null", "object", "array"}
+_JSON_KEYWORDS = ("anyOf", "oneOf", "allOf", "enum", "const", "$ref")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +105,8 @@ def _param_type(schema: Mapping[str, Any], key: str) -> str:
     """The JSON-schema type of a parameter: the first non-null one of a list; string when unknown."""
     properties = schema.get("properties")
     prop = properties.get(key) if isinstance(properties, Mapping) else None
+    if isinstance(prop, Mapping) and "type" not in prop and any(k in prop for k in _JSON_KEYWORDS):
+        return "json"  # anyOf / enum / const without a type: the value is written as JSON (a forced call's grammar)
     kind = prop.get("type") if isinstance(prop, Mapping) else None
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
@@ -127,7 +131,7 @@ def _convert(text: str, kind: str) -> Any:
             return word == "true"
         if kind == "null" and word == "null":
             return None
-        if kind in ("object", "array"):
+        if kind in ("object", "array", "json"):
             try:
                 return json.loads(text)
             except ValueError:  # Python literals: single quotes, True, tuples (made JSON values)

@@ -12,7 +12,9 @@ Pure apart from the tokenizer (token texts of logprobs): no HTTP, no engine. `pa
 client mistake into a `RequestError` carrying the OpenAI error body: malformed JSON, a wrong type, a missing
 field, a value out of range, a feature we don't serve (echo, best_of, suffix, non-text content). Unknown
 extra fields are accepted and ignored, as OpenAI clients send many. Chat requests carry `tools` (function
-tools), `tool_choice`, `parallel_tool_calls`; both endpoints `n` (1-16) and logprobs.
+tools), `tool_choice`, `parallel_tool_calls`; both endpoints `n` (1-16), logprobs and `response_format`
+({"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {name, schema, strict}}: the
+output is constrained to it by the engine's grammar, conversation.py's ResponseFormat).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from transformers import PreTrainedTokenizerBase
 from nextserve.cluster.engine.contract import (EngineError, ErrorCode, FinishReason, SamplingDefaults,
                                                SamplingParams, TokenLogprobs)
 from nextserve.cluster.gateway.chat_template import ChatTemplateError, ToolChoice
-from nextserve.cluster.gateway.conversation import Conversation, GenerationSpec
+from nextserve.cluster.gateway.conversation import Conversation, GenerationSpec, ResponseFormat
 from nextserve.cluster.gateway.events import (ChoiceResult, ChoiceUpdate, Completed, Event, Finish, TextDelta,
                                               TokenUsage, ToolCallEvent, ToolCallStart)
 from nextserve.cluster.gateway.protocols.json_body import BodyError, json_object
@@ -121,6 +123,33 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    """The JSON Schema the output must be valid against (the keywords the engine enforces: docs/AGENTS.md)."""
+    strict: bool | None = None
+
+
+class ResponseFormatParam(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormatParam:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise PydanticCustomError("response_format", "type 'json_schema' needs `json_schema`: {name, schema}")
+        return self
+
+    def spec(self) -> ResponseFormat:
+        if self.type != "json_schema" or self.json_schema is None:
+            return ResponseFormat(self.type)
+        f = self.json_schema
+        return ResponseFormat("json_schema", f.json_schema, f.name, bool(f.strict))
+
+
 class GenerationRequest(BaseModel):
     """Fields common to both endpoints; strict, so "5" is not an int and 1 is not a bool."""
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -144,6 +173,8 @@ class GenerationRequest(BaseModel):
     """vLLM extension: keep generating past end-of-sequence (load generators want fixed lengths)."""
     cache_salt: str = Field("", max_length=256)
     """vLLM extension: requests share prefix-cache entries only with requests of the same tenant and salt."""
+    response_format: ResponseFormatParam | None = None
+    """What the output must parse as (JSON object, JSON valid against a schema); None: text."""
 
     @field_validator("n", mode="before")
     @classmethod
@@ -353,7 +384,8 @@ def validation_error(errors: list[Any]) -> RequestError:
     loc = tuple(first["loc"])
     if loc and loc[0] in ("body", "query", "path", "header"):
         loc = loc[1:]
-    param = param_path(loc) or (first["type"] if first["type"] in ("tools", "tool_choice", "top_logprobs") else None)
+    param = param_path(loc) or (first["type"] if first["type"] in ("tools", "tool_choice", "top_logprobs",
+                                                                   "response_format") else None)
     if first["type"] == "missing":
         return RequestError(400, f"Missing required parameter: '{param}'.", param, code="missing_required_parameter")
     return RequestError(400, f"Invalid value for '{param}': {first['msg']}.", param, code="invalid_value")
@@ -484,7 +516,8 @@ def generation_spec(req: GenerationRequest, defaults: SamplingDefaults) -> Gener
         assert isinstance(req, CompletionRequest)
         prompt = req.prompt
     fields = {"prompt": req.prompt_param, "max_tokens": req.max_tokens_request()[1]}
-    return GenerationSpec(prompt, req.sampling_params(defaults), req.n, fields, req.cache_salt)
+    response_format = req.response_format.spec() if req.response_format is not None else ResponseFormat()
+    return GenerationSpec(prompt, req.sampling_params(defaults), req.n, fields, req.cache_salt, response_format)
 
 
 _OPENAI_CODES = {ErrorCode.INVALID_REQUEST: ("invalid_request_error", "invalid_value"),

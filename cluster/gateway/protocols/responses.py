@@ -504,7 +504,7 @@ def conversation(req: ResponsesRequest, names: FunctionNames | None = None) -> C
     return Conversation(tuple(chat_messages(req, names)), names.tools, tool_choice(req, names))
 
 
-_RESPONSES_FIELDS = {"prompt": "input", "max_tokens": "max_output_tokens"}
+_RESPONSES_FIELDS = {"prompt": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
 """The engine's field names as this API's request names them."""
 
 
