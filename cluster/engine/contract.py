@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 from nextserve.model.sampling import SamplingDefaults, SamplingError, SamplingParams, TokenLogprobs
 
@@ -62,6 +62,7 @@ class EngineRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     """How to sample and when to stop (stop strings and stop token ids included)."""
+    _: KW_ONLY  # what follows is named at every call: features add fields here without shifting any
     tenant: str = ""
     """Who sent it, as the gateway authenticated the API key (its keys file's TENANT; "" on a server
     without keys): never a value the client names. Roots its prefix-cache keys (a tenant never hits

@@ -162,8 +162,9 @@ async def start_choices(engine: EngineClient, request_id: str, prompt_ids: Seque
     metrics.tenant_requests.labels(tenant=tenant.name).inc()
     log.info("request %s runs as engine request %s (%d choices)", current_request_id(), request_id, len(params))
     streams = [engine.generate(EngineRequest(f"{request_id}-{i}" if len(params) > 1 else request_id,
-                                             tuple(prompt_ids), p, tenant.name, tenant.weight, caller.cache_salt,
-                                             grammar, prompt_cache_key))
+                                             tuple(prompt_ids), p, tenant=tenant.name, tenant_weight=tenant.weight,
+                                             cache_salt=caller.cache_salt, grammar=grammar,
+                                             prompt_cache_key=prompt_cache_key))
                for i, p in enumerate(params)]
     trackers = [metrics.track(tenant.name, caller.quota) for _ in streams]
     try:
