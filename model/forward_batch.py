@@ -2,15 +2,21 @@
 sequence's cache lives in the pools (model/cache/pools.py).
 
 T = total new tokens of the step (flattened over sequences), B = sequences, bs = block size,
-L = longest cached length among the step's decodes (rounded up to whole blocks). A sequence brings a
-prefill chunk or one decode token; its states sit in its slot and its K/V in its blocks, so every
-mixer reads and writes all sequences by index tensors worked out here once, not again in each layer.
+L = longest cached length among the step's decodes (rounded up to whole blocks), R = logit rows. A
+sequence brings a prefill chunk, one decode token, or a verify chunk (speculative decoding: its last
+token and k drafts, k + 1 tokens with logits at every one); its states sit in its slot and its K/V in its
+blocks, so every mixer reads and writes all sequences by index tensors worked out here once, not again
+in each layer.
+
+A verify chunk attends like a chunk continuing a cached prefix; its DeltaNet layers step it token by
+token (the decode arithmetic) and keep the state after every position in `verify_states`, so the runner
+can roll a sequence back to its last accepted position (cluster/engine/model_runner.py).
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -68,17 +74,31 @@ class ForwardBatch:
     fresh_slots: Tensor
     """[B_fresh] slots of the first chunks: their states start at zero."""
     prefix_chunks: tuple[PrefixChunk, ...]
-    """The chunks (t > 1) continuing a cached prefix."""
+    """The chunks (t > 1) continuing a cached prefix (verify chunks included)."""
+    verify_groups: tuple[ChunkGroup, ...] = ()
+    """The verify chunks, grouped by length (not in chunk_groups: DeltaNet steps them token by token)."""
+    logit_rows: Tensor | None = None
+    """[R] the tokens whose logits the step returns: each sequence's last, every one of a verify chunk."""
+    verify_states: dict[tuple[int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    """(DeltaNet layer, index in verify_groups) -> the group's states after each of its t positions:
+    conv [B, t, C, K] and recurrent [B, t, nv, dk, dv], written by the layer during the forward."""
 
     @classmethod
-    def build(cls, seq_lens: list[int], num_cached: list[int], slots: list[int], cache: HybridCache) -> "ForwardBatch":
+    def build(cls, seq_lens: list[int], num_cached: list[int], slots: list[int], cache: HybridCache,
+              is_verify: list[bool] | None = None) -> "ForwardBatch":
         """seq_lens: new tokens per sequence; num_cached: tokens each already holds in the cache (the
         position of its first new token); slots: each one's slot, whose block-table row covers
-        num_cached + seq_len tokens. The caller advances its own counts after the forward."""
-        if not len(seq_lens) == len(num_cached) == len(slots):
-            raise ValueError(f"{len(seq_lens)} sequence lengths, {len(num_cached)} cached counts, {len(slots)} slots")
+        num_cached + seq_len tokens; is_verify: which sequences bring a verify chunk (default none).
+        The caller advances its own counts after the forward."""
+        is_verify = is_verify or [False] * len(seq_lens)
+        if not len(seq_lens) == len(num_cached) == len(slots) == len(is_verify):
+            raise ValueError(f"{len(seq_lens)} sequence lengths, {len(num_cached)} cached counts, {len(slots)} slots, "
+                             f"{len(is_verify)} verify flags")
         if any(n < 1 for n in seq_lens):
             raise ValueError(f"every sequence must bring >= 1 new token, got {seq_lens}")
+        if any(v and c == 0 for v, c in zip(is_verify, num_cached)):
+            raise ValueError(f"a verify chunk continues a cached sequence, got num_cached {num_cached} for "
+                             f"is_verify {is_verify}")
         device, bs = cache.device, cache.block_size
         to = dict(dtype=torch.int64, device=device)
         starts = list(itertools.accumulate(seq_lens, initial=0))[:-1]
@@ -86,8 +106,11 @@ class ForwardBatch:
         token_slots = torch.tensor([s for n, s in zip(seq_lens, slots) for _ in range(n)], **to)
         decode = sorted((i for i, (n, c) in enumerate(zip(seq_lens, num_cached)) if n == 1 and c > 0),
                         key=slots.__getitem__)
+        verify = [i for i, v in enumerate(is_verify) if v and i not in decode]
         chunks = sorted(set(range(len(seq_lens))) - set(decode))
         fresh = [i for i in chunks if num_cached[i] == 0]
+        logit_rows = [r for i, (s, n) in enumerate(zip(starts, seq_lens))
+                      for r in (range(s, s + n) if is_verify[i] else (s + n - 1,))]
         decode_slots = _run_or_index([slots[i] for i in decode], device)
         lengths = [num_cached[i] + 1 for i in decode]
         num_blocks = -(-max(lengths, default=0) // bs)
@@ -99,15 +122,21 @@ class ForwardBatch:
             decode_blocks=cache.block_table[decode_slots, :num_blocks],
             decode_mask=(torch.arange(num_blocks * bs, device=device)
                          < torch.tensor(lengths, **to)[:, None])[:, None, None],
-            chunk_groups=_by_length(chunks, seq_lens, starts, slots, device),
+            chunk_groups=_by_length([i for i in chunks if i not in verify], seq_lens, starts, slots, device),
             fresh_groups=_by_length(fresh, seq_lens, starts, slots, device),
             fresh_slots=torch.tensor([slots[i] for i in fresh], **to),
             prefix_chunks=tuple(_prefix_chunk(cache, starts[i], seq_lens[i], num_cached[i], slots[i])
-                                for i in chunks if num_cached[i] > 0))
+                                for i in chunks if num_cached[i] > 0),
+            verify_groups=_by_length(verify, seq_lens, starts, slots, device),
+            logit_rows=torch.tensor(logit_rows, **to))
 
     @property
     def num_tokens(self) -> int:
         return sum(self.seq_lens)
+
+    def logit_index(self) -> Tensor:
+        """[R] rows of the flattened T whose logits the step returns (`logit_rows`)."""
+        return self.last_token_index() if self.logit_rows is None else self.logit_rows
 
     def last_token_index(self) -> Tensor:
         """[B] index of each sequence's last new token in the flattened T."""

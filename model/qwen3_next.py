@@ -10,6 +10,7 @@ names. Letters: T = tokens in the step, B = sequences, H = hidden, V = vocab, k 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -165,22 +166,19 @@ class HeadModel(nn.Module):
         """input_ids [T] (flattened over the batch's sequences) -> logits [B, V] of each sequence's
         last new token, or [T, V] with all_logits. Writes the new tokens' K/V and states into the batch's
         cache; the caller counts them (the next step's `num_cached`)."""
-        return self.forward_micro_batches([(input_ids, batch)], experts, all_logits)
+        logits = self.forward_micro_batches([(input_ids, batch)], experts, all_logits)
+        assert isinstance(logits, Tensor)
+        return logits
 
     @torch.inference_mode()
     def forward_micro_batches(self, parts: Sequence[tuple[Tensor, ForwardBatch]], experts: ExpertBackend,
-                              all_logits: bool = False) -> Tensor:
+                              all_logits: bool = False, with_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Several micro-batches (disjoint sequences) through the layers in ping-pong: while the routed
         experts of micro-batch A's layer run in the backend, the head computes B's mixer, then waits
         for A. Each sequence's arithmetic is that of `forward` alone. parts: (input_ids [T_i], batch_i)
-        -> logits of all parts concatenated in order ([sum B_i, V], or [sum T_i, V] with all_logits)."""
-        return self.lm_head(self.hidden_micro_batches(parts, experts, all_logits))
-
-    @torch.inference_mode()
-    def hidden_micro_batches(self, parts: Sequence[tuple[Tensor, ForwardBatch]], experts: ExpertBackend,
-                             all_positions: bool = False) -> Tensor:
-        """`forward_micro_batches` up to the final norm: the hidden states lm_head reads (and the MTP
-        layer's h_p), [sum B_i, H] of each sequence's last new token, or [sum T_i, H] with all_positions."""
+        -> logits of all parts concatenated in order ([sum R_i, V]: each sequence's last token, every
+        token of a verify chunk; [sum T_i, V] with all_logits); with_hidden: (logits, the final-norm hidden
+        states of every token [sum T_i, H]), what a drafter reads."""
         xs = [self.model.embed_tokens(ids) for ids, _ in parts]  # [T_i, H]
         rope = [self.rotary.cos_sin(b.positions, x.dtype) for (_, b), x in zip(parts, xs)]
         pending: list[PendingMoE | None] = [None] * len(parts)
@@ -191,5 +189,10 @@ class HeadModel(nn.Module):
         outs = []
         for i, (_, batch) in enumerate(parts):
             x = _finish(xs[i], pending[i])
-            outs.append(x if all_positions else x[batch.last_token_index()])
-        return self.model.norm(torch.cat(outs) if len(outs) > 1 else outs[0])
+            outs.append(x if all_logits or with_hidden else x[batch.logit_index()])
+        h = self.model.norm(torch.cat(outs) if len(outs) > 1 else outs[0])  # [R, H], or [T, H]
+        if not with_hidden:
+            return self.lm_head(h)
+        rows = torch.cat([batch.logit_index() + offset for (_, batch), offset in
+                          zip(parts, itertools.accumulate((b.num_tokens for _, b in parts), initial=0))])
+        return self.lm_head(h if all_logits else h[rows]), h

@@ -144,14 +144,21 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return gen
 
 
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """logits [V] -> one token id in [0, V); never raises, whatever the logits hold (see the module doc)."""
+def _cleaned(logits: Tensor) -> Tensor:
+    """logits [V] in fp32 with NaN as -inf; when any is +inf, those are the only (equal) candidates."""
     logits = logits.float().nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     is_posinf = logits == float("inf")
     if bool(is_posinf.any()):  # overflowed logits: the overflowed tokens are the candidates, equally likely
         logits = torch.where(is_posinf, 0.0, float("-inf"))
+    return logits
+
+
+def sampling_distribution(logits: Tensor, params: SamplingParams) -> Tensor | None:
+    """logits [V] -> the probabilities [V] `sample` draws from (temperature, top-k, top-p applied), or
+    None when it takes the argmax instead (greedy, or no finite candidate)."""
+    logits = _cleaned(logits)
     if params.is_greedy or not bool(torch.isfinite(logits).any()):
-        return int(torch.argmax(logits))
+        return None
     logits = logits / params.temperature
     logits = logits.nan_to_num(nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
     if params.top_k:
@@ -165,6 +172,30 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     probs = probs.nan_to_num(nan=0.0)
-    if not bool((probs > 0).any()):
-        return int(torch.argmax(logits))
+    return probs if bool((probs > 0).any()) else None
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """logits [V] -> one token id in [0, V); never raises, whatever the logits hold (see the module doc)."""
+    probs = sampling_distribution(logits, params)
+    if probs is None:
+        return int(torch.argmax(_cleaned(logits)))
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def verify_draft(logits: Tensor, draft: int, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """The token at a drafted position: logits [V] there, `draft` proposed deterministically (an n-gram's
+    point mass q). Speculative sampling's rule for such a q: accept it with probability p(draft), else
+    sample from the residual max(p - q, 0), which is p without the draft, renormalised; the token is so
+    distributed exactly as `sample` would draw it. Greedy: the argmax (the draft only when it is the
+    argmax). Returns the draft when accepted, another token otherwise."""
+    probs = sampling_distribution(logits, params)
+    if probs is None:
+        return int(torch.argmax(_cleaned(logits)))
+    if float(torch.rand((), generator=generator)) < float(probs[draft]):
+        return draft
+    residual = probs.clone()
+    residual[draft] = 0.0
+    if not bool((residual > 0).any()):  # p(draft) is 1 up to rounding
+        return draft
+    return int(torch.multinomial(residual.cpu(), 1, generator=generator))

@@ -45,6 +45,9 @@ class EngineRequest:
     cache_salt: str = ""
     """The client's optional `cache_salt`: narrows its prefix-cache sharing within its tenant (requests
     share cached blocks only when tenant and salt are equal)."""
+    allow_speculation: bool = True
+    """Draft and verify this request's tokens when the server speculates (--speculative-config); False:
+    one token per step, as without speculation (the output is the same either way)."""
 
     def __post_init__(self) -> None:
         if not self.tenant_weight > 0:
@@ -171,7 +174,8 @@ def check_prompt_fits(num_prompt_tokens: int, max_model_len: int) -> None:
 
 
 LOAD_FIELDS = ("num_running", "num_waiting", "blocks_used", "blocks_total", "slots_used", "slots_total",
-               "num_preemptions", "blocks_cached", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens")
+               "num_preemptions", "blocks_cached", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens",
+               "spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens")
 """The EngineStats fields a head publishes with its heartbeat and the gateway sums over heads."""
 
 
@@ -216,6 +220,14 @@ class EngineStats:
     """Tokens to prefill that admissions looked up in the prefix cache since start (readmissions too)."""
     prefix_cache_hit_tokens: int = 0
     """Of those, tokens found there and not run."""
+    spec_decode_num_drafts: int = 0
+    """Speculative decoding since start: verify chunks run (a sequence's step with >= 1 draft token)."""
+    spec_decode_num_draft_tokens: int = 0
+    """Draft tokens verified since start."""
+    spec_decode_num_accepted_tokens: int = 0
+    """Of those, accepted. Mean accepted length per verify step = 1 + accepted / drafts (vLLM's)."""
+    spec_decode_num_accepted_tokens_per_pos: tuple[int, ...] = ()
+    """Drafts accepted at each draft position (0: the first) since start; of the head that answered."""
 
     def load_fields(self) -> dict[str, int]:
         """The load fields, for the head's registry entry."""

@@ -16,6 +16,16 @@ then preempts the most recently admitted sequence; it recomputes later and its s
 (no token is sent twice). A request whose prompt starts like an earlier one's restores that prefix from
 the prefix cache (model/cache/prefix_cache.py) and prefills only the rest; its outputs report the
 prompt tokens it did not run (`StepOutput.cached_tokens`).
+
+Speculative decoding (`speculative`, a SpeculativeConfig): after each step the drafter
+(cluster/engine/drafter.py) proposes up to K tokens per decoding sequence; the next step runs each drafted
+sequence's last token and its drafts as one verify chunk through the same forward (one MoE round per layer,
+logits at every position), and `_accept` keeps the drafts the target model agrees with: greedy, those equal
+to the argmax (the output is exactly that of decoding without drafts); sampled, speculative sampling's rule
+(`verify_draft`). One token more comes from the first rejected (or the bonus) position, and the rejected
+positions are rolled back (the scheduler's blocks, the runner's DeltaNet states). Drafting is off while
+more than `disable_by_batch_size` sequences run, and for a request that opts out
+(EngineRequest.allow_speculation).
 """
 
 from __future__ import annotations
@@ -36,13 +46,18 @@ from nextserve.model.cache.block_manager import BlockManager
 from nextserve.cluster.engine.contract import (EngineError, EngineOverloadedError, EngineRequest, EngineRequestError,
                                                EngineStats, EngineUnavailableError, ErrorCode, FinishReason,
                                                SamplingParams, StepOutput, check_prompt_fits)
+from nextserve.cluster.engine.drafter import DraftInput, Drafter
+from nextserve.cluster.engine.ngram_drafter import NgramDrafter
+from nextserve.cluster.engine.speculative_config import SpeculativeConfig, SpeculativeConfigError, SpeculativeMethod
 from nextserve.cluster.engine.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS, IncrementalDetokenizer, OutputStream
 from nextserve.cluster.engine.model_runner import ModelRunner, head_cache_capacity
-from nextserve.cluster.engine.scheduler import Scheduler, SchedulerConfig, SequenceState, StepPlan
+from nextserve.cluster.engine.scheduler import (ScheduledSeq, Scheduler, SchedulerConfig, SequenceState,
+                                                SequenceStatus, StepPlan)
 from nextserve.model.cache.budget import CacheConfig
 from nextserve.model.expert_backend import ExpertBackend
 from nextserve.model.qwen3_next import HeadModel
-from nextserve.model.sampling import TokenLogprobs, allowed_next_tokens, make_generator, sample, token_logprobs
+from nextserve.model.sampling import (TokenLogprobs, allowed_next_tokens, make_generator, sample, token_logprobs,
+                                      verify_draft)
 from nextserve.router.dispatcher import ExpertsUnavailableError
 
 log = logging.getLogger(__name__)
@@ -63,6 +78,35 @@ def step_failure(exc: Exception) -> EngineError:
     return EngineError("the server failed while generating this request; it was logged, retry it")
 
 
+def make_drafter(config: SpeculativeConfig, head: HeadModel) -> Drafter:
+    """The drafter `config.method` names for this head's checkpoint (SpeculativeConfigError when the
+    checkpoint cannot serve it)."""
+    if config.method is SpeculativeMethod.NGRAM:
+        return NgramDrafter(config.prompt_lookup_min, config.prompt_lookup_max)
+    raise SpeculativeConfigError(f"--speculative-config method {config.method.value!r} needs the checkpoint's "
+                                 f"MTP layer (mtp.* weights, num_nextn_predict_layers >= 1), which this head does "
+                                 f"not load; serve it with method 'ngram' or without --speculative-config")
+
+
+@dataclass(slots=True)
+class SpecDecodeCounts:
+    """Speculative decoding since start (EngineStats' spec_decode_* fields)."""
+    num_drafts: int = 0
+    """Verify chunks run: a sequence's step with >= 1 draft."""
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = dataclasses.field(default_factory=list)
+    """[K] drafts accepted at each position of the chunks (position 0: the first draft)."""
+
+    def count(self, num_drafts: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        self.accepted_per_pos.extend([0] * (num_drafts - len(self.accepted_per_pos)))
+        for i in range(num_accepted):
+            self.accepted_per_pos[i] += 1
+
+
 @dataclass(slots=True)
 class _Entry:
     seq: SequenceState
@@ -73,10 +117,13 @@ class _Entry:
 class Engine:
     def __init__(self, head: HeadModel, experts: ExpertBackend, tokenizer: PreTrainedTokenizerBase | None,
                  config: SchedulerConfig | None = None, max_model_len: int | None = None,
-                 cache_config: CacheConfig | None = None) -> None:
+                 cache_config: CacheConfig | None = None, speculative: SpeculativeConfig | None = None,
+                 drafter: Drafter | None = None) -> None:
         """`tokenizer` None serves token ids only (outputs carry no text; stop strings are refused).
         `max_model_len`: the context the engine admits (prompt + output tokens), at most the model's
-        (max_position_embeddings, the default). `cache_config`: the cache budget and block size."""
+        (max_position_embeddings, the default). `cache_config`: the cache budget and block size.
+        `speculative`: draft and verify tokens (None: one token per sequence and step); `drafter`: its
+        drafter, by default the one `speculative.method` names (make_drafter)."""
         context = head.config.max_position_embeddings
         self.max_model_len = context if max_model_len is None else max_model_len
         if not 2 <= self.max_model_len <= context:
@@ -90,7 +137,12 @@ class Engine:
         self.scheduler = Scheduler(config, BlockManager(self.capacity.num_blocks, self.capacity.num_slots,
                                                         self.capacity.block_size, self.capacity.num_snapshots,
                                                         self.capacity.snapshot_every))
-        self.runner = ModelRunner(head, experts, self.capacity, config)
+        self.speculative = speculative
+        self.drafter = None if speculative is None else drafter or make_drafter(speculative, head)
+        self.spec_counts = SpecDecodeCounts()
+        self._positions: dict[str, int] = {}  # request id -> its first position in the current step
+        self.runner = ModelRunner(head, experts, self.capacity, config,
+                                  keep_hidden_states=self.drafter is not None and self.drafter.needs_hidden_states)
         self.max_in_flight = min(config.max_num_seqs, self.capacity.num_slots) + config.max_queued_requests
         """Requests admitted and not finished a head holds at most: what runs at once + the waiting queue's
         bound (SchedulerConfig.max_queued_requests); `_submit` refuses past it (OVERLOADED)."""
@@ -253,9 +305,14 @@ class Engine:
         plan = self.scheduler.schedule()
         for seq in plan.aborted:
             self._retire(self._entries[seq.request_id], FinishReason.ABORT, [])
+        if self.drafter is not None:
+            for seq in plan.preempted:
+                self.drafter.release(seq.request_id)
         if not plan.is_empty:
             try:
+                self._positions = {item.seq.request_id: item.seq.num_computed_tokens for item in plan.scheduled}
                 self._postprocess(plan, self.runner.run(plan))
+                self._propose(plan)
             except Exception as exc:  # a failed step (e.g. a lost expert worker) fails its sequences only
                 log.exception("step of %d sequences failed", len(plan.scheduled))
                 for item in plan.scheduled:
@@ -272,7 +329,11 @@ class Engine:
                            num_preemptions=scheduler.num_preemptions, blocks_cached=blocks.num_cached_blocks,
                            snapshots_used=blocks.cache.num_used_snapshots, snapshots_total=blocks.cache.num_snapshots,
                            prefix_cache_queried_tokens=scheduler.prefix_queried_tokens,
-                           prefix_cache_hit_tokens=scheduler.prefix_hit_tokens)
+                           prefix_cache_hit_tokens=scheduler.prefix_hit_tokens,
+                           spec_decode_num_drafts=self.spec_counts.num_drafts,
+                           spec_decode_num_draft_tokens=self.spec_counts.num_draft_tokens,
+                           spec_decode_num_accepted_tokens=self.spec_counts.num_accepted_tokens,
+                           spec_decode_num_accepted_tokens_per_pos=tuple(self.spec_counts.accepted_per_pos))
 
     def _flush_outbox(self) -> None:
         outbox, self._outbox = self._outbox, []
@@ -280,26 +341,32 @@ class Engine:
             stream.put(item)
 
     def _postprocess(self, plan: StepPlan, logits: torch.Tensor) -> None:
-        """logits [B, V] -> each row's token. What fails for one row (its sampling, its NaN logits, its stop
-        or constraint state, its detokenization) ends that sequence alone with an EngineError; the others
-        go on exactly as if it were not there."""
+        """logits [R, V] (one row per sequence, k + 1 for one verifying k drafts) -> each sequence's tokens.
+        What fails for one sequence (its sampling, its NaN logits, its stop or constraint state, its
+        detokenization) ends that sequence alone with an EngineError; the others go on exactly as if it
+        were not there."""
         # argmax treats NaN as the largest value, so a row holding a NaN has one at its argmax: the NaN check
-        # reads B values, not B x V; one device sync for both.
-        best = logits.argmax(dim=-1)  # [B]
-        has_nan_at_best = torch.isnan(logits.gather(1, best[:, None]).squeeze(1)).long()  # [B]
+        # reads R values, not R x V; one device sync for both.
+        best = logits.argmax(dim=-1)  # [R]
+        has_nan_at_best = torch.isnan(logits.gather(1, best[:, None]).squeeze(1)).long()  # [R]
         argmax, has_nan = torch.stack([best, has_nan_at_best]).tolist()
-        for i, item in enumerate(plan.scheduled):
-            seq = item.seq
+        kept: dict[int, int] = {}  # slot -> positions of its verify chunk that stay
+        row = 0
+        for item in plan.scheduled:
+            seq, rows = item.seq, slice(row, row + 1 + item.num_draft_tokens)
+            row = rows.stop
             if not item.samples_token:
                 self.scheduler.advance(item, None)
                 continue
             entry = self._entries[seq.request_id]
             try:
-                if has_nan[i]:
+                if any(has_nan[rows]):
                     raise NonFiniteLogitsError(f"the model produced NaN logits for request {seq.request_id}")
-                token, logprobs = self._sample_row(seq, logits[i], argmax[i])
-                self.scheduler.advance(item, token)
-                self._on_token(entry, token, logprobs)
+                tokens, logprobs = self._accept(seq, item.draft_ids, logits[rows], argmax[rows])
+                if item.num_draft_tokens:
+                    self.spec_counts.count(item.num_draft_tokens, len(tokens) - 1)
+                    kept[seq.slot] = len(tokens)  # type: ignore[index]
+                self._on_tokens(entry, item, tokens, logprobs)
             except Exception as exc:
                 log.exception("request %s failed in its own postprocessing; the other %d sequences of the step "
                               "go on", seq.request_id, len(plan.scheduled) - 1)
@@ -308,6 +375,25 @@ class Engine:
                 elif seq.request_id in self._entries:  # finished by the scheduler, its output not yet sent
                     self._forget(seq.request_id)
                     self._outbox.append((entry.stream, step_failure(exc)))
+        if kept:
+            self.runner.roll_back(kept)
+
+    def _accept(self, seq: SequenceState, drafts: Sequence[int], rows: torch.Tensor,
+                argmax: list[int]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """rows [k + 1, V] of a sequence verifying k drafts (k = 0: a plain decode) -> its tokens (the
+        accepted drafts, then the token of the first rejected or the bonus position) and their logprobs."""
+        params = seq.request.params
+        tokens: list[int] = []
+        for j, draft in enumerate(drafts):
+            token = argmax[j] if params.is_greedy else verify_draft(rows[j], draft, params, seq.generator)
+            tokens.append(token)
+            if token != draft:
+                break
+        else:
+            tokens.append(self._sample_row(seq, rows[len(drafts)], argmax[len(drafts)])[0])
+        logprobs = [None if params.logprobs is None else token_logprobs(rows[j], t, params.logprobs)
+                    for j, t in enumerate(tokens)]
+        return tokens, logprobs
 
     def _sample_row(self, seq: SequenceState, row: torch.Tensor, argmax: int) -> tuple[int, TokenLogprobs | None]:
         """row [V] -> (the sequence's next token, its logprobs when asked for)."""
@@ -322,20 +408,63 @@ class Engine:
         logprobs = None if params.logprobs is None else token_logprobs(row, token, params.logprobs)
         return token, logprobs
 
-    def _on_token(self, entry: _Entry, token: int, logprobs: TokenLogprobs | None) -> None:
+    def _on_tokens(self, entry: _Entry, item: ScheduledSeq, tokens: list[int],
+                   logprobs: list[TokenLogprobs | None]) -> None:
+        """The step's tokens of one sequence, in order, output up to the first that ends it (a stop token
+        or string, max_tokens): the rest are dropped, as if never drafted. Advances the scheduler."""
         seq, params, detokenizer = entry.seq, entry.seq.request.params, entry.detokenizer
-        is_stop_token = token in params.stop_token_ids or (
-            not params.ignore_eos and token in self.head.config.eos_token_ids)
-        # A stop token's text is not output.
-        text = "" if is_stop_token or detokenizer is None else detokenizer.add(token)
-        is_stop_string = detokenizer is not None and detokenizer.is_stopped
-        reason = (FinishReason.STOP if is_stop_token or is_stop_string else
-                  FinishReason.LENGTH if len(seq.output_ids) >= (params.max_tokens or 0) else None)
-        logprob_list = None if logprobs is None else [logprobs]
+        text, reason, n = "", None, 0
+        for token in tokens:
+            n += 1
+            is_stop_token = token in params.stop_token_ids or (
+                not params.ignore_eos and token in self.head.config.eos_token_ids)
+            # A stop token's text is not output.
+            text += "" if is_stop_token or detokenizer is None else detokenizer.add(token)
+            is_stop_string = detokenizer is not None and detokenizer.is_stopped
+            reason = (FinishReason.STOP if is_stop_token or is_stop_string else
+                      FinishReason.LENGTH if len(seq.output_ids) + n >= (params.max_tokens or 0) else None)
+            if reason is not None:
+                break
+        self.scheduler.advance(item, tokens[n - 1], tokens[:n - 1])
+        logprob_list = None if params.logprobs is None else [lp for lp in logprobs[:n] if lp is not None]
         if reason is None:
-            self._outbox.append((entry.stream, self._output(seq, [token], text, None, logprob_list)))
+            self._outbox.append((entry.stream, self._output(seq, tokens[:n], text, None, logprob_list)))
         else:
-            self._finish(entry, reason, [token], text, logprob_list)
+            self._finish(entry, reason, tokens[:n], text, logprob_list)
+
+    def _propose(self, plan: StepPlan) -> None:
+        """The drafter's drafts for the step's sequences still running (module docstring); a drafter that
+        fails costs the step's drafts, never a request."""
+        if self.drafter is None or self.speculative is None:
+            return
+        is_drafting = len(self.scheduler.running) <= self.speculative.disable_by_batch_size
+        inputs: list[DraftInput] = []
+        seqs: list[SequenceState] = []
+        offset = 0
+        for item in plan.scheduled:
+            seq, start, offset = item.seq, offset, offset + item.num_scheduled_tokens
+            if seq.status is not SequenceStatus.RUNNING or seq.slot is None:
+                continue
+            params, num_tokens = seq.request.params, seq.num_prompt_tokens + len(seq.output_ids)
+            k = 0
+            if is_drafting and seq.request.allow_speculation and not seq.is_prefilling and (
+                    not params.allowed_starts or allowed_next_tokens(seq.output_ids, params.allowed_starts) is None):
+                k = max(0, min(self.speculative.num_speculative_tokens,
+                               (params.max_tokens or 0) - len(seq.output_ids) - 1))
+            position = self._positions[seq.request_id]
+            num_kept = seq.num_computed_tokens - position
+            hidden = None if self.runner.hidden is None else self.runner.hidden[start:start + num_kept]
+            inputs.append(DraftInput(seq.request_id, seq.slot, seq.token_ids(0, num_tokens), position, hidden, k))
+            seqs.append(seq)
+        if not inputs:
+            return
+        try:
+            proposals = self.drafter.propose(inputs)
+        except Exception:
+            log.exception("the drafter failed; the step's %d sequences decode without drafts", len(inputs))
+            return
+        for seq, drafts, x in zip(seqs, proposals, inputs):
+            seq.draft_ids = list(drafts[:x.num_draft_tokens])
 
     def _finish(self, entry: _Entry, reason: FinishReason, token_ids: Sequence[int] = (), text: str = "",
                 logprobs: list[TokenLogprobs] | None = None) -> None:
@@ -357,6 +486,8 @@ class Engine:
 
     def _forget(self, request_id: str) -> None:
         del self._entries[request_id]
+        if self.drafter is not None:
+            self.drafter.release(request_id)
         with self._lock:
             self._request_ids.discard(request_id)
 

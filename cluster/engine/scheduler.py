@@ -5,8 +5,17 @@ cache blocks and state slots they hold.
                 ^                              |
                 +---------- preempted ---------+  (a decode found no free block: the most recently
                           (first in line)          admitted running sequence gives its blocks back)
-          every step: decodes first (1 token each), then prefill chunks of the running sequences
-          still prefilling, then newly admitted waiting sequences, while the token budget lasts.
+          every step: decodes first (1 token each, or 1 + k to verify k drafts), then prefill chunks
+          of the running sequences still prefilling, then newly admitted waiting sequences, while the
+          token budget lasts.
+
+Speculative decoding: a decoding sequence whose drafter proposed drafts (`SequenceState.draft_ids`, set by
+the engine after each step) runs its last token and k of them as one verify chunk of k + 1 tokens. k is
+cut so that the step never overshoots max_tokens, stays within the token budget (each other decode keeps
+its one token), takes blocks only when they are free (drafts never preempt anyone), and, with the prefix
+cache, never reaches a block boundary (the snapshot taken there must be of accepted tokens: a boundary
+is reached by a plain decode). `advance` then counts the accepted drafts and gives back the blocks past
+the kept tokens.
 
 Waiting sequences are admitted in FairQueue order (cluster/engine/fair_queue.py): preempted ones first,
 then FCFS within a tenant and weighted fair queuing across tenants, so one tenant's flood cannot
@@ -44,6 +53,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -133,6 +143,8 @@ class SequenceState:
     """The tokens the held snapshot's state is after; 0: not filled yet."""
     num_cached_prompt_tokens: int = 0
     """Prompt tokens its (last) prefill of the prompt found in the prefix cache."""
+    draft_ids: list[int] = field(default_factory=list)
+    """Draft tokens proposed after its last step, verified by its next one (speculative decoding)."""
 
     def __post_init__(self) -> None:
         if self.num_prefill_tokens < 0:
@@ -177,6 +189,12 @@ class ScheduledSeq:
     """The snapshot its state is copied into after the step (StepPlan.saves), if any."""
     publishes_snapshot: bool = False
     """That snapshot is published once the step succeeded (else the sequence keeps it as its tail)."""
+    draft_ids: tuple[int, ...] = ()
+    """A verify chunk's drafts: the sequence runs its last token and these (num_scheduled_tokens = k + 1)."""
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return len(self.draft_ids)
 
     @property
     def samples_token(self) -> bool:
@@ -184,9 +202,10 @@ class ScheduledSeq:
         return self.seq.num_computed_tokens + self.num_scheduled_tokens >= self.seq.num_prefill_tokens
 
     def input_ids(self) -> list[int]:
-        """A prefill chunk, or for a decode the last sampled token."""
+        """A prefill chunk, or for a decode the last sampled token (and its drafts, verifying them)."""
         start = self.seq.num_computed_tokens
-        return self.seq.token_ids(start, start + self.num_scheduled_tokens)
+        return self.seq.token_ids(start, start + self.num_scheduled_tokens - self.num_draft_tokens) + \
+            list(self.draft_ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,11 +279,16 @@ class Scheduler:
         restores: list[tuple[int, int]] = []
         preempted: list[SequenceState] = []
         self._preempt_for_share(preempted)
-        for seq in list(self.running):  # decodes first: one token each, always within budget (see config)
+        # decodes first: one token each, always within budget (see config); drafts from what is left
+        spare = budget - sum(1 for seq in self.running if not seq.is_prefilling)
+        for seq in list(self.running):
             if seq.status is SequenceStatus.RUNNING and not seq.is_prefilling \
                     and self._grow(seq, seq.num_computed_tokens + 1, new_blocks, preempted):
-                scheduled.append(self._with_snapshot(seq, 1))
-                budget -= 1
+                drafts = self._drafts(seq, spare, new_blocks)
+                scheduled.append(ScheduledSeq(seq, 1 + len(drafts), draft_ids=drafts) if drafts
+                                 else self._with_snapshot(seq, 1))
+                budget -= 1 + len(drafts)
+                spare -= len(drafts)
         for seq in self.running:  # their blocks were taken at admission
             if seq.is_prefilling and budget > 0:
                 scheduled.append(self._chunk(seq, budget))
@@ -287,13 +311,18 @@ class Scheduler:
         return StepPlan(tuple(scheduled), tuple(aborted), tuple(new_blocks), tuple(preempted), tuple(shared_blocks),
                         tuple(restores), saves)  # type: ignore[arg-type]
 
-    def advance(self, item: ScheduledSeq, token_id: int | None) -> None:
+    def advance(self, item: ScheduledSeq, token_id: int | None, accepted: Sequence[int] = ()) -> None:
         """Record a finished step for one sequence: the tokens it ran, the token it sampled; key the
-        blocks it filled and publish the snapshot it took."""
+        blocks it filled and publish the snapshot it took. A verify chunk: `accepted` are its drafts that
+        stay (a prefix of them), output before token_id; the blocks past the kept tokens go back."""
         seq = item.seq
-        seq.num_computed_tokens += item.num_scheduled_tokens
+        seq.num_computed_tokens += item.num_scheduled_tokens - item.num_draft_tokens + len(accepted)
+        seq.output_ids.extend(accepted)
         if token_id is not None:
             seq.output_ids.append(token_id)
+        seq.draft_ids = []
+        if len(accepted) < item.num_draft_tokens:
+            self._truncate(seq)
         if not self.blocks.is_prefix_caching:
             return
         num_full = seq.num_computed_tokens // self.blocks.block_size
@@ -338,13 +367,42 @@ class Scheduler:
             seq.block_ids.append(block)
         return True
 
+    def _drafts(self, seq: SequenceState, spare: int, new_blocks: list[tuple[int, int, int]]) -> tuple[int, ...]:
+        """The drafts seq verifies this step (its blocks taken): as many of seq.draft_ids as the output
+        left (max_tokens), `spare` budget tokens, free blocks and, with the prefix cache, the next block
+        boundary allow (module docstring)."""
+        k = min(len(seq.draft_ids), spare)
+        max_tokens = seq.request.params.max_tokens
+        if max_tokens is not None:
+            k = min(k, max_tokens - len(seq.output_ids) - 1)  # the step outputs up to k + 1 tokens
+        end, bs = seq.num_computed_tokens + 1, self.blocks.block_size  # tokens cached after a plain decode
+        if self.blocks.is_prefix_caching:
+            k = min(k, -end % bs - 1)  # ends c + 1 .. c + 1 + k all short of the next boundary
+        if k < 1:
+            return ()
+        need = self.blocks.blocks_for(end + k) - len(seq.block_ids)
+        if not self.blocks.can_allocate(need):
+            return ()
+        assert seq.slot is not None
+        for block in self.blocks.allocate_blocks(need):
+            new_blocks.append((seq.slot, len(seq.block_ids), block))
+            seq.block_ids.append(block)
+        return tuple(seq.draft_ids[:k])
+
+    def _truncate(self, seq: SequenceState) -> None:
+        """Give back the blocks past seq's cached tokens and the one it decodes next (rejected drafts')."""
+        keep = self.blocks.blocks_for(seq.num_computed_tokens + 1)
+        if len(seq.block_ids) > keep:
+            self.blocks.free_blocks(seq.block_ids[:keep - 1:-1])
+            del seq.block_ids[keep:]
+
     def _preempt(self, seq: SequenceState, for_share: bool = False) -> None:
         """Back to the head of the queue without blocks or slot, to recompute prompt + output (from the
         prefix cache as far as its blocks and tail snapshot survive there); `for_share`: to the head of
         its tenant's queue (it waits its tenant's turn), else first in line."""
         self.running.remove(seq)
         self._free(seq, publish=True)
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens, seq.draft_ids = 0, []
         seq.num_prefill_tokens = seq.num_prompt_tokens + len(seq.output_ids)
         seq.status = SequenceStatus.WAITING
         if for_share:

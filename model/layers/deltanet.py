@@ -95,6 +95,26 @@ class GatedDeltaNet(nn.Module):
         rec_pool.index_copy_(0, slots, rec)
         return o
 
+    def _run_verify(self, mixed: Tensor, beta: Tensor, g: Tensor, conv_pool: Tensor, rec_pool: Tensor,
+                    slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Verify chunks of t tokens of each of B sequences, stepped token by token with the decode
+        arithmetic (so an accepted draft's output is what decoding it would give), from and back to their
+        slots. mixed [B, t, C]; beta, g [B, t, nv] -> (out [B, t, nv, dv], the conv state after each
+        position [B, t, C, K], the recurrent state after each position [B, t, nv, dk, dv])."""
+        B, t = mixed.shape[:2]
+        conv, rec = conv_pool[slots], rec_pool[slots]  # copies: [B, C, K], [B, nv, dk, dv]
+        conv_after = conv.new_empty(B, t, *conv.shape[1:])
+        rec_after = rec.new_empty(B, t, *rec.shape[1:])
+        out = mixed.new_empty(B, t, self.nv, self.dv)
+        for j in range(t):
+            c, conv = self._conv_step(mixed[:, j], conv)
+            q, k, v = self._split_heads(c[:, None])
+            out[:, j] = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, j], beta[:, j], rec)  # rec in place
+            conv_after[:, j], rec_after[:, j] = conv, rec
+        conv_pool.index_copy_(0, slots, conv)  # all accepted; the runner rolls back the others
+        rec_pool.index_copy_(0, slots, rec)
+        return out, conv_after, rec_after
+
     def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:  # [T, H] -> [T, H]
         mixed, z, b, a = self._project(x)
         beta = b.sigmoid()
@@ -110,5 +130,9 @@ class GatedDeltaNet(nn.Module):
         for group in batch.chunk_groups:  # rows [B, t]: chunks of equal length run batched
             rows = group.rows
             out[rows] = self._run_chunks(mixed[rows], beta[rows], g[rows], conv_pool, rec_pool, group.slots)
+        for i, group in enumerate(batch.verify_groups):  # rows [B, t]: verify chunks of equal length
+            rows = group.rows
+            out[rows], *states = self._run_verify(mixed[rows], beta[rows], g[rows], conv_pool, rec_pool, group.slots)
+            batch.verify_states[self.layer_idx, i] = (states[0], states[1])
         y = self.norm(out, z)
         return self.out_proj(y.reshape(x.shape[0], self.value_dim))
