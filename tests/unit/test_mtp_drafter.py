@@ -1,6 +1,7 @@
 """The MTP drafter (cluster/engine/mtp_drafter.py) on the tiny checkpoint's MTP layer: its paged, batched
 drafts equal the plain dense reference (tests/mtp_reference.py) after a ragged prefill and after a decode
-step; and greedy decoding with MTP drafts is the greedy decoding without them."""
+step; greedy decoding with MTP drafts is the greedy decoding without them (and transformers'); an MTP layer
+trained on the tiny's own outputs has its drafts accepted."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from transformers import Qwen3NextForCausalLM
+
+from agent_checkpoint import cache_root
 from engine_run import random_prompt
+from hf_reference import hf_greedy
+from mtp_checkpoint import ensure_mtp_checkpoint, training_prompts
 from mtp_reference import reference_drafts
 from nextserve.cluster.engine.drafter import DraftInput
 from nextserve.cluster.engine.engine import Engine
@@ -95,3 +101,32 @@ def test_greedy_with_mtp_drafts_equals_greedy_without(tiny: tuple[HeadModel, Loc
             engine.shutdown()
     assert outputs[0] == outputs[1]
     assert stats.spec_decode_num_draft_tokens > 0  # the drafts were verified (a random MTP: few accepted)
+
+
+@pytest.fixture(scope="module")
+def trained_mtp_dir() -> Path:
+    """The tiny with its MTP layer trained on its own greedy outputs (tests/mtp_checkpoint.py; built once per
+    cache: a few minutes of CPU)."""
+    return ensure_mtp_checkpoint(cache_root())
+
+
+def test_trained_mtp_drafts_are_accepted_and_greedy_stays_transformers(trained_mtp_dir: Path) -> None:
+    """transformers has no MTP: its greedy `generate` on the same checkpoint (mtp.* ignored) is the output
+    with MTP drafts too; the trained layer's drafts are mostly accepted (the random one's almost never)."""
+    head, experts = load_head(trained_mtp_dir), load_local_backend(trained_mtp_dir)
+    prompts = training_prompts(seed=11, count=3)  # unseen prompts
+    spec = SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": 2})
+    engine = Engine(head, experts, None, SchedulerConfig(), speculative=spec)
+    try:
+        got = [list(o.token_ids) for o in engine.generate_sync(prompts, SamplingParams(max_tokens=24, ignore_eos=True))]
+        stats = engine.stats()
+    finally:
+        engine.shutdown()
+    ref = Qwen3NextForCausalLM.from_pretrained(trained_mtp_dir, dtype=torch.float32).eval()
+    for p, tokens in zip(prompts, got):
+        want = hf_greedy(ref, p, 24)  # stops after an eos (2), where the engine ignores it
+        assert tokens[:len(want)] == want and (len(want) == 24 or want[-1] == 2)
+    acceptance = stats.spec_decode_num_accepted_tokens / stats.spec_decode_num_draft_tokens
+    print(f"trained MTP, K=2: {stats.spec_decode_num_accepted_tokens} of {stats.spec_decode_num_draft_tokens} "
+          f"draft tokens accepted ({acceptance:.2f}), per position {stats.spec_decode_num_accepted_tokens_per_pos}")
+    assert acceptance > 0.5
