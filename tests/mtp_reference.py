@@ -20,24 +20,30 @@ from nextserve.model.layers.rope import apply_partial_rope
 from nextserve.model.qwen3_next import HeadModel
 
 
-def mtp_rows(head: HeadModel, gate_up: Tensor, down: Tensor, next_tokens: Tensor, hidden: Tensor) -> Tensor:
+def mtp_rows(head: HeadModel, gate_up: Tensor, down: Tensor, next_tokens: Tensor, hidden: Tensor,
+             seq_lens: list[int] | None = None) -> Tensor:
     """next_tokens [L] (t_{p+1}), hidden [L, H] (h_p) at positions 0 .. L-1; gate_up [E, 2I, H], down [E, H, I]
-    the MTP layer's routed experts -> g [L, H]."""
+    the MTP layer's routed experts -> g [L, H]. `seq_lens`: the L rows are several sequences one after the
+    other (positions restart at 0, attention stays within each)."""
     assert head.mtp is not None
+    seq_lens = seq_lens or [next_tokens.shape[0]]
+    positions = torch.cat([torch.arange(n) for n in seq_lens])  # [L]
+    segment = torch.cat([torch.full((n,), i) for i, n in enumerate(seq_lens)])  # [L]
     mtp, layer = head.mtp, head.mtp.layers[0]
     attn, moe = layer.self_attn, layer.mlp
     L, nh, nkv, hd = next_tokens.shape[0], attn.nh, attn.nkv, attn.hd
     x = mtp.fc(torch.cat((mtp.pre_fc_norm_embedding(head.model.embed_tokens(next_tokens)),
                           mtp.pre_fc_norm_hidden(hidden)), dim=-1))
     h = layer.input_layernorm(x)
-    cos, sin = head.rotary.cos_sin(torch.arange(L), x.dtype)
+    cos, sin = head.rotary.cos_sin(positions, x.dtype)
     qg = attn.q_proj(h).view(L, nh, 2 * hd)
     q = apply_partial_rope(attn.q_norm(qg[..., :hd]), cos, sin).transpose(0, 1)  # [nh, L, hd]
     k = apply_partial_rope(attn.k_norm(attn.k_proj(h).view(L, nkv, hd)), cos, sin).transpose(0, 1)
     v = attn.v_proj(h).view(L, nkv, hd).transpose(0, 1)
     k, v = k.repeat_interleave(nh // nkv, dim=0), v.repeat_interleave(nh // nkv, dim=0)  # head i reads kv i // g
     scores = (q @ k.transpose(1, 2)) * hd ** -0.5  # [nh, L, L]
-    scores = scores.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+    causal = torch.ones(L, L, dtype=torch.bool).tril() & (segment[:, None] == segment[None, :])
+    scores = scores.masked_fill(~causal, float("-inf"))
     o = (scores.softmax(dim=-1) @ v).transpose(0, 1).reshape(L, nh * hd)
     x = x + attn.o_proj(o * torch.sigmoid(qg[..., hd:].reshape(L, nh * hd)))
     h = layer.post_attention_layernorm(x)
