@@ -172,37 +172,39 @@ def ensure_mtp_checkpoint(root: Path) -> Path:
 
 
 def measure(path: Path, k: int, num_prompts: int = 6, max_tokens: int = 64, seed: int = 7) -> dict[str, Any]:
-    """Unseen prompts decoded greedily one request at a time, without drafts then with MTP drafts (K = k), in
-    one process: tokens/s of each, acceptance (accepted / proposed draft tokens), mean tokens per verify step,
-    and whether the outputs are identical."""
+    """Prompts decoded greedily one request at a time, without drafts and with MTP drafts (K = k), in one
+    process, the two engines taking turns prompt by prompt (so both see the same load on shared cores):
+    tokens/s of each, acceptance (accepted / proposed draft tokens), tokens per verify step, and whether
+    the outputs are identical. `seed` SEED: the prompts the layer was trained on."""
     head, experts = load_head(path), load_local_backend(path)
     prompts = training_prompts(seed, num_prompts)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    result: dict[str, Any] = {"k": k, "prompts": num_prompts, "max_tokens": max_tokens}
-    outputs = []
-    for name, spec in (("base", None),
-                       ("mtp", SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": k}))):
-        engine = Engine(head, experts, None, SchedulerConfig(), speculative=spec)
-        try:
+    spec = SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": k})
+    engines = {"base": Engine(head, experts, None, SchedulerConfig()),
+               "mtp": Engine(head, experts, None, SchedulerConfig(), speculative=spec)}
+    elapsed = {name: 0.0 for name in engines}
+    outputs: dict[str, list[list[int]]] = {name: [] for name in engines}
+    try:
+        for engine in engines.values():
             engine.generate_sync(prompts[:1], SamplingParams(max_tokens=4))  # warm up
-            t0, toks = time.perf_counter(), []
-            for p in prompts:
-                toks.append(list(engine.generate_sync([p], params)[0].token_ids))
-            elapsed = time.perf_counter() - t0
-            stats = engine.stats()
-        finally:
+        for p in prompts:
+            for name, engine in engines.items():
+                t0 = time.perf_counter()
+                outputs[name].append(list(engine.generate_sync([p], params)[0].token_ids))
+                elapsed[name] += time.perf_counter() - t0
+        stats = engines["mtp"].stats()
+    finally:
+        for engine in engines.values():
             engine.shutdown()
-        outputs.append(toks)
-        result[f"{name}_tok_s"] = sum(map(len, toks)) / elapsed
-        if spec is not None:
-            result["draft_tokens"] = stats.spec_decode_num_draft_tokens
-            result["accepted_tokens"] = stats.spec_decode_num_accepted_tokens
-            result["acceptance"] = stats.spec_decode_num_accepted_tokens / max(stats.spec_decode_num_draft_tokens, 1)
-            result["accepted_per_pos"] = list(stats.spec_decode_num_accepted_tokens_per_pos)
-            result["tokens_per_verify"] = 1 + stats.spec_decode_num_accepted_tokens / max(stats.spec_decode_num_drafts, 1)
-    result["speedup"] = result["mtp_tok_s"] / result["base_tok_s"]
-    result["identical"] = outputs[0] == outputs[1]
-    return result
+    base_tok_s = sum(map(len, outputs["base"])) / elapsed["base"]
+    mtp_tok_s = sum(map(len, outputs["mtp"])) / elapsed["mtp"]
+    return {"k": k, "prompts": num_prompts, "max_tokens": max_tokens, "base_tok_s": round(base_tok_s, 2),
+            "mtp_tok_s": round(mtp_tok_s, 2), "speedup": round(mtp_tok_s / base_tok_s, 3),
+            "draft_tokens": stats.spec_decode_num_draft_tokens, "accepted_tokens": stats.spec_decode_num_accepted_tokens,
+            "acceptance": round(stats.spec_decode_num_accepted_tokens / max(stats.spec_decode_num_draft_tokens, 1), 3),
+            "accepted_per_pos": list(stats.spec_decode_num_accepted_tokens_per_pos),
+            "tokens_per_verify": round(1 + stats.spec_decode_num_accepted_tokens / max(stats.spec_decode_num_drafts, 1), 3),
+            "identical": outputs["base"] == outputs["mtp"]}
 
 
 if __name__ == "__main__":  # python tests/mtp_checkpoint.py [K ...]: build (cached) and measure
@@ -210,4 +212,5 @@ if __name__ == "__main__":  # python tests/mtp_checkpoint.py [K ...]: build (cac
     logging.basicConfig(level=logging.INFO)
     ckpt = ensure_mtp_checkpoint(cache_root())
     for k in [int(a) for a in sys.argv[1:]] or [1, 2, 3]:
-        print(json.dumps(measure(ckpt, k)))
+        print(json.dumps({"trained_prompts": True, **measure(ckpt, k, seed=SEED)}), flush=True)
+    print(json.dumps({"trained_prompts": False, **measure(ckpt, 2)}), flush=True)
