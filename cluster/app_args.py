@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from nextserve.cluster.control.registry import redacted_url
 from nextserve.cluster.engine.scheduler import SchedulerConfig
+from nextserve.cluster.engine.speculative_config import SpeculativeConfig
 from nextserve.cluster.gateway.admission import GatewayLimits
 from nextserve.cluster.gateway.tenants import TenantDirectory, TenantLimits, load_api_keys
 from nextserve.model.cache.budget import CacheConfig, format_memory_size, parse_cache_memory
@@ -108,6 +109,12 @@ class AppArgs(BaseModel):
     same prefix (CacheConfig.enable_prefix_cache)."""
     prefix_snapshot_every: int = Field(default_of(CacheConfig, "prefix_snapshot_every"), ge=1)
     """Tokens between prefill state snapshots, a multiple of block_size (CacheConfig.prefix_snapshot_every)."""
+    speculative_config: str | None = None
+    """Speculative decoding, as JSON in vLLM's spelling: `{"method": "ngram", "num_speculative_tokens": 4,
+    "prompt_lookup_min": 1, "prompt_lookup_max": 4}` drafts from the sequence's own prompt + output (code an
+    agent rewrites); `{"method": "mtp", "num_speculative_tokens": 1}` from the checkpoint's MTP layer.
+    "disable_by_batch_size" (default 8) stops drafting while more sequences run. Output is unchanged; None:
+    no drafts."""
     head_num_gpus: float = Field(0.0, ge=0)
     """GPUs per head replica (Ray `num_gpus`); 0: heads compute on CPU. A head given one computes on it in
     the model dtype."""
@@ -151,6 +158,17 @@ class AppArgs(BaseModel):
         """The head's cache budget; `device_free_bytes` (a GPU head's free memory) resolves a fraction."""
         return CacheConfig(parse_cache_memory(self.cache_memory, device_free_bytes), self.block_size,
                            enable_prefix_cache=self.enable_prefix_cache, prefix_snapshot_every=self.prefix_snapshot_every)
+
+    def speculative(self) -> SpeculativeConfig | None:
+        """The parsed --speculative-config (validated at construction)."""
+        return None if self.speculative_config is None else SpeculativeConfig.from_json(self.speculative_config)
+
+    @field_validator("speculative_config")
+    @classmethod
+    def _speculative_config_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            SpeculativeConfig.from_json(value)
+        return value
 
     @field_validator("cache_memory")
     @classmethod

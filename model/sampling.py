@@ -154,8 +154,8 @@ def _cleaned(logits: Tensor) -> Tensor:
 
 
 def sampling_distribution(logits: Tensor, params: SamplingParams) -> Tensor | None:
-    """logits [V] -> the probabilities [V] `sample` draws from (temperature, top-k, top-p applied), or
-    None when it takes the argmax instead (greedy, or no finite candidate)."""
+    """logits [V] -> the weights [V] `sample` draws from in proportion (temperature, top-k, top-p applied;
+    not renormalised after top-p), or None when it takes the argmax instead (greedy, or no finite candidate)."""
     logits = _cleaned(logits)
     if params.is_greedy or not bool(torch.isfinite(logits).any()):
         return None
@@ -192,6 +192,7 @@ def verify_draft(logits: Tensor, draft: int, params: SamplingParams, generator: 
     probs = sampling_distribution(logits, params)
     if probs is None:
         return int(torch.argmax(_cleaned(logits)))
+    probs = probs / probs.sum()  # top-p leaves it unnormalised (multinomial does not mind; p(draft) does)
     if float(torch.rand((), generator=generator)) < float(probs[draft]):
         return draft
     residual = probs.clone()

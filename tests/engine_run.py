@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from nextserve.cluster.engine.engine import Engine
+from nextserve.cluster.engine.speculative_config import SpeculativeConfig
 from nextserve.cluster.engine.scheduler import SchedulerConfig
 from nextserve.model.cache.budget import CacheConfig
 from nextserve.model.sampling import SamplingParams
@@ -42,16 +43,19 @@ class EngineFactory:
         self.tokenizer = tokenizer
         self.engines: list[Engine] = []
 
-    def __call__(self, model: Model, **config: int) -> Engine:
-        """An engine with the tokenizer, the default cache and SchedulerConfig(**config)."""
-        self.engines.append(Engine(model[0], model[1], self.tokenizer, SchedulerConfig(**config)))
+    def __call__(self, model: Model, speculative: SpeculativeConfig | None = None, **config: int) -> Engine:
+        """An engine with the tokenizer, the default cache and SchedulerConfig(**config) (drafting by
+        `speculative`)."""
+        self.engines.append(Engine(model[0], model[1], self.tokenizer, SchedulerConfig(**config),
+                                   speculative=speculative))
         return self.engines[-1]
 
     def cached(self, model: Model, slots: int, blocks: int, block_size: int, snapshots: int = 0,
-               snapshot_every: int | None = None, enable_prefix_cache: bool = True, **config: int) -> Engine:
+               snapshot_every: int | None = None, enable_prefix_cache: bool = True,
+               speculative: SpeculativeConfig | None = None, drafter: Any = None, **config: int) -> Engine:
         """An engine (no tokenizer) whose cache holds exactly `slots` sequences, `blocks` KV blocks of
         `block_size` tokens and `snapshots` prefix-cache snapshots (none without the prefix cache), one
-        every `snapshot_every` tokens (default: a block's)."""
+        every `snapshot_every` tokens (default: a block's); drafting by `speculative` (with `drafter`)."""
         sizes = model_sizes(model[0].config, torch.float32)
         state = sizes.deltanet_state_bytes_per_sequence
         snapshots = snapshots if enable_prefix_cache else 0
@@ -61,7 +65,7 @@ class EngineFactory:
                             prefix_snapshot_every=snapshot_every or block_size,
                             prefix_snapshot_memory_fraction=fraction)
         self.engines.append(Engine(model[0], model[1], None, SchedulerConfig(max_num_seqs=slots, **config),
-                                   cache_config=cache))
+                                   cache_config=cache, speculative=speculative, drafter=drafter))
         capacity = self.engines[-1].capacity
         assert (capacity.num_slots, capacity.num_blocks, capacity.num_snapshots) == (slots, blocks, snapshots)
         return self.engines[-1]

@@ -135,6 +135,8 @@ BENCHES: dict[str, BenchCommand] = {
                         "check vs CPU, decode tok/s", "none"),
     "engine": BenchCommand("nextserve.bench.engine_bench", "steady decode step of the head engine per batch "
                            "size vs transformers", "argument"),
+    "spec": BenchCommand("nextserve.bench.spec_bench", "rewrite workload with and without speculative decoding "
+                         "(tokens/s, TPOT, acceptance), one request at a time", "in_args"),
     "fairness": BenchCommand("nextserve.bench.fairness_bench", "one tenant's short request latency idle vs "
                              "while another tenant floods the gateway", "none"),
 }

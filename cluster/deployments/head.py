@@ -70,7 +70,7 @@ class HeadDeployment:
         log.info("head on %s, %d micro-batch(es) per step (--micro-batches %s)", device, scheduler.micro_batches,
                  args.micro_batches)
         self.engine = Engine(head, self.backend, AutoTokenizer.from_pretrained(args.model), scheduler,
-                             args.context_length(), args.cache_config(free))
+                             args.context_length(), args.cache_config(free), args.speculative())
         self.head_id = serve.get_replica_context().replica_id.unique_id
         self.registry.register_head(self.head_id, {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()})
         self._stop = threading.Event()

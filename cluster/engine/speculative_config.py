@@ -29,9 +29,11 @@ class SpeculativeMethod(enum.Enum):
 
 
 DEFAULT_DISABLE_BY_BATCH_SIZE = 8
-"""Sequences running at once above which no sequence is drafted. Measured with `nextserve bench spec` on
-2 CPU cores, tiny model (docs/BENCHMARKS.md): verification pays while the step is bound by the per-step
-round trips, not by the tokens it computes; past a handful of sequences the batch already amortises them."""
+"""Sequences running at once above which no sequence is drafted. Measured (`nextserve bench spec
+--step-cost`, tiny default, 2 shared CPU cores, docs/BENCHMARKS.md): a step of B verify chunks (k = 4)
+costs 1.7x a step of B decodes at B = 1, 2.0x at 2-4 and 2.5x from B = 8 on, so a verify step must yield
+2.5 tokens (1.5 accepted drafts) to pay from 8 sequences up, against 1.7 alone: past 8 the batch
+already amortises the per-step round trips that drafts would otherwise divide."""
 
 
 @dataclass(frozen=True)

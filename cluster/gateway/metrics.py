@@ -78,6 +78,16 @@ class GatewayMetrics:
                                             "heads' prefix caches (hit rate = hits / queries)", registry=r)
         self.prefix_cache_hits = Counter(f"{PREFIX}_prefix_cache_hits", "Prompt tokens served from the heads' "
                                          "prefix caches instead of prefilled", registry=r)
+        self.spec_decode_num_drafts = Counter(f"{PREFIX}_spec_decode_num_drafts", "Speculative decoding: verify "
+                                              "steps of a sequence with >= 1 draft token", registry=r)
+        self.spec_decode_num_draft_tokens = Counter(f"{PREFIX}_spec_decode_num_draft_tokens", "Speculative "
+                                                    "decoding: draft tokens verified", registry=r)
+        self.spec_decode_num_accepted_tokens = Counter(f"{PREFIX}_spec_decode_num_accepted_tokens", "Speculative "
+                                                       "decoding: draft tokens accepted (mean accepted length per "
+                                                       "verify step = 1 + accepted / drafts)", registry=r)
+        self.spec_decode_num_accepted_tokens_per_pos = Counter(
+            f"{PREFIX}_spec_decode_num_accepted_tokens_per_pos", "Speculative decoding: draft tokens accepted at "
+            "each draft position (0: the first), of the head that answered the scrape", ["position"], registry=r)
         self._totals_seen: dict[str, int] = {}
         """The heads' summed cumulative counts at the previous scrape: each counter grows by the difference
         (a head that restarts or leaves lowers the sum; the counter then resumes from the new value)."""
@@ -96,9 +106,17 @@ class GatewayMetrics:
         self.cache_blocks_cached.set(stats.blocks_cached)
         for counter, name in ((self.preemptions, "num_preemptions"),
                               (self.prefix_cache_queries, "prefix_cache_queried_tokens"),
-                              (self.prefix_cache_hits, "prefix_cache_hit_tokens")):
+                              (self.prefix_cache_hits, "prefix_cache_hit_tokens"),
+                              (self.spec_decode_num_drafts, "spec_decode_num_drafts"),
+                              (self.spec_decode_num_draft_tokens, "spec_decode_num_draft_tokens"),
+                              (self.spec_decode_num_accepted_tokens, "spec_decode_num_accepted_tokens")):
             total = getattr(stats, name)
             counter.inc(max(0, total - self._totals_seen.get(name, 0)))
+            self._totals_seen[name] = total
+        for pos, total in enumerate(stats.spec_decode_num_accepted_tokens_per_pos):
+            name = f"spec_decode_num_accepted_tokens_per_pos/{pos}"
+            self.spec_decode_num_accepted_tokens_per_pos.labels(position=str(pos)).inc(
+                max(0, total - self._totals_seen.get(name, 0)))
             self._totals_seen[name] = total
         for layer, samples in stats.dispatch_latency_s.items():
             child = self.dispatch_latency.labels(layer=str(layer))

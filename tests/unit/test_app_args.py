@@ -84,3 +84,12 @@ def test_max_model_len_defaults_to_the_model_and_may_not_exceed_it(tiny_dir: Pat
     assert AppArgs(model=str(tiny_dir), max_model_len=32768).context_length() == 32768
     with pytest.raises(ValidationError, match="max_model_len=70000 exceeds the model's context of 65536"):
         AppArgs(model=str(tiny_dir), max_model_len=70000)
+
+
+def test_speculative_config_is_json_validated_at_construction(tiny_dir: Path) -> None:
+    doc = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'
+    spec = AppArgs(model=str(tiny_dir), speculative_config=doc).speculative()
+    assert spec is not None and (spec.num_speculative_tokens, spec.prompt_lookup_max) == (4, 3)
+    assert AppArgs(model=str(tiny_dir)).speculative() is None
+    with pytest.raises(ValidationError, match="num_speculative_tokens"):
+        AppArgs(model=str(tiny_dir), speculative_config='{"method": "ngram"}')
