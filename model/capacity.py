@@ -121,7 +121,7 @@ def plan_capacity(config: Qwen3NextConfig, sizes: ModelSizes, gpu: GpuSpec, *, c
         raise CapacityError(f"need concurrency >= 1 ({concurrency}), context >= 1 ({context_tokens}), "
                             f"expert replicas >= 1 ({expert_replicas}), 0 <= reserve% < 100 ({reserve_percent})")
     usable = gpu.total_bytes * (100 - reserve_percent) // 100
-    num_layers, num_experts = len(config.moe_layers), config.num_experts
+    num_layers, num_experts = len(config.expert_layers), config.num_experts  # the MTP layers' experts too
     bytes_per_expert_row = num_layers * sizes.bytes_per_routed_expert  # one expert index across all layers
     max_per_worker = min(usable // bytes_per_expert_row, num_experts)
     if max_per_worker < 1:
@@ -139,7 +139,7 @@ def plan_capacity(config: Qwen3NextConfig, sizes: ModelSizes, gpu: GpuSpec, *, c
                             f"{sizes.bytes_per_head_replica:,} B + one sequence of {context_tokens:,} tokens "
                             f"({per_sequence:,} B) do not fit; lower --context or pick a larger GPU")
     cache = cache_capacity(sizes, CacheConfig(cache_memory, block_size), max_seqs, context_tokens)
-    dispatch_per_worker = num_layers * config.hidden_size * sizes.dtype_bytes * 2
+    dispatch_per_worker = len(config.moe_layers) * config.hidden_size * sizes.dtype_bytes * 2  # target rounds
     return CapacityPlan(
         gpu=gpu.name, gpu_total_bytes=gpu.total_bytes, reserve_percent=reserve_percent,
         usable_bytes_per_gpu=usable, expert_replicas=expert_replicas, num_expert_workers=num_workers,

@@ -5,11 +5,15 @@ A directory holds `config.json` and either `model.safetensors` or shards named b
 the requested tensors are read (safetensors maps the file; nothing else is materialised).
 Routed experts are stored per expert (`model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`,
 as the public checkpoints are); transformers' fused `mlp.experts.{gate_up_proj,down_proj}` layout is
-read too, by slicing. `mtp.*` tensors (multi-token prediction) are ignored.
+read too, by slicing. The multi-token-prediction layer (`mtp.*`, Qwen3-Next's layout: `mtp.fc`,
+`mtp.pre_fc_norm_embedding`, `mtp.pre_fc_norm_hidden`, `mtp.layers.J.*` as a decoder layer, `mtp.norm`) is read
+as layer num_hidden_layers + J: its routed experts `mtp.layers.J.mlp.experts.*` like any layer's. A config.json
+without `num_nextn_predict_layers` takes the count from the `mtp.layers.J` tensors present (none: no MTP).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -28,9 +32,10 @@ log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-FUSED_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
-IGNORED_KEY = re.compile(r"^mtp\.")
+EXPERT_KEY = re.compile(r"^(model|mtp)\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+FUSED_EXPERT_KEY = re.compile(r"^(model|mtp)\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+MTP_KEY = re.compile(r"^mtp\.")
+MTP_LAYER_KEY = re.compile(r"^mtp\.layers\.(\d+)\.")
 PROGRESS_MIN_TENSORS = 2000
 """Loads of at least this many tensors show a progress bar (the tiny model has ~1,600 tensors, the real one ~75,000)."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -57,6 +62,10 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint directory {self.path} does not exist")
         self.config = Qwen3NextConfig.from_json(self.path)
         self.key_to_file = self._index()
+        if "num_nextn_predict_layers" not in json.loads((self.path / "config.json").read_text()):
+            found = {int(m.group(1)) for key in self.key_to_file if (m := MTP_LAYER_KEY.match(key))}
+            if found:
+                self.config = dataclasses.replace(self.config, num_nextn_predict_layers=max(found) + 1)
 
     def _index(self) -> dict[str, str]:
         index = self.path / INDEX_FILE
@@ -99,6 +108,14 @@ class Checkpoint:
 
     def file_of(self, key: str) -> str:
         return str(self.path / self.key_to_file.get(key, INDEX_FILE))
+
+
+def layer_prefix(config: Qwen3NextConfig, layer: int) -> str:
+    """The checkpoint's name of layer `layer`: `model.layers.i` for the backbone, `mtp.layers.j` for the
+    MTP layer j (layer index num_hidden_layers + j)."""
+    if layer in config.mtp_layers:
+        return f"mtp.layers.{layer - config.num_hidden_layers}"
+    return f"model.layers.{layer}"
 
 
 def check_shapes(ckpt: Checkpoint, tensors: dict[str, Tensor], expected: dict[str, torch.Size]) -> None:

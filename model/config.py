@@ -55,6 +55,11 @@ class Qwen3NextConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     layer_types: tuple[LayerType, ...] = field(default=())
+    num_nextn_predict_layers: int = 0
+    """Multi-token-prediction layers (`mtp.*` tensors): each an fc over [normed embedding | normed hidden],
+    one full-attention decoder layer with a sparse MoE, a norm; sharing embed_tokens and lm_head. 0: none.
+    A config.json without the field takes the count from the checkpoint's `mtp.layers.N` tensors
+    (model/checkpoint.py). They run as layers num_hidden_layers + j (`mtp_layers`)."""
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -77,6 +82,8 @@ class Qwen3NextConfig:
             "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
             "decoder_sparse_step",
         ]
+        if self.num_nextn_predict_layers < 0:
+            raise ConfigError(f"config field 'num_nextn_predict_layers' must be >= 0, got {self.num_nextn_predict_layers}")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
@@ -133,15 +140,40 @@ class Qwen3NextConfig:
             self.linear_num_value_heads * self.linear_value_head_dim
 
     def is_moe_layer(self, layer: int) -> bool:
+        """Layer `layer` (a backbone layer, or an MTP layer past them) has routed experts."""
+        if layer in self.mtp_layers:
+            return self.num_experts > 0  # the MTP layer's FFN is the sparse MoE (vLLM's mtp.layers.0, local index 0)
         return (
-            layer not in self.mlp_only_layers
+            0 <= layer < self.num_hidden_layers
+            and layer not in self.mlp_only_layers
             and self.num_experts > 0
             and (layer + 1) % self.decoder_sparse_step == 0
         )
 
+    def layer_type(self, layer: int) -> LayerType:
+        """The mixer of layer `layer`; the MTP layers are full attention."""
+        return LayerType.FULL_ATTENTION if layer in self.mtp_layers else self.layer_types[layer]
+
     @property
     def moe_layers(self) -> tuple[int, ...]:
+        """The backbone's MoE layers: one expert round each per forward of the target model."""
         return tuple(i for i in range(self.num_hidden_layers) if self.is_moe_layer(i))
+
+    @property
+    def mtp_layers(self) -> tuple[int, ...]:
+        """Layer indices of the MTP layers: after the backbone's (vLLM's mtp_start_layer_idx), so their K/V
+        pools and routed experts are indexed like every other layer's."""
+        return tuple(range(self.num_hidden_layers, self.num_hidden_layers + self.num_nextn_predict_layers))
+
+    @property
+    def expert_layers(self) -> tuple[int, ...]:
+        """Every layer whose routed experts the expert workers hold: the backbone's MoE layers, then the
+        MTP layers'."""
+        return self.moe_layers + tuple(i for i in self.mtp_layers if self.is_moe_layer(i))
+
+    @property
+    def has_mtp(self) -> bool:
+        return self.num_nextn_predict_layers > 0
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -238,7 +270,8 @@ def _layer_type(value: str, index: int) -> LayerType:
         ) from None
 
 
-# The published Qwen3-Coder-Next config (shared/MODEL.md §11): every layer MoE, 3:1 DeltaNet:attention.
+# The published Qwen3-Coder-Next config (shared/MODEL.md §11): every layer MoE, 3:1 DeltaNet:attention, and
+# the one MTP layer the published checkpoints ship (`mtp.*`).
 QWEN3_CODER_NEXT = dict(
     model_type="qwen3_next", vocab_size=151936, hidden_size=2048, intermediate_size=5120,
     num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
@@ -248,7 +281,7 @@ QWEN3_CODER_NEXT = dict(
     linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32, num_experts=512,
     num_experts_per_tok=10, moe_intermediate_size=512, shared_expert_intermediate_size=512,
     norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], full_attention_interval=4,
-    bos_token_id=151643, eos_token_id=151645, dtype="bfloat16",
+    num_nextn_predict_layers=1, bos_token_id=151643, eos_token_id=151645, dtype="bfloat16",
 )
 
 PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {

@@ -5,6 +5,7 @@ Letters: n = experts loaded for a layer, I = moe intermediate, H = hidden.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -13,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from nextserve.model.checkpoint import (EXPERT_KEY, FUSED_EXPERT_KEY, IGNORED_KEY, Checkpoint, CheckpointError,
-                              check_shapes, parse_dtype)
+from nextserve.model.checkpoint import (EXPERT_KEY, FUSED_EXPERT_KEY, MTP_KEY, Checkpoint, CheckpointError,
+                                        check_shapes, layer_prefix, parse_dtype)
 from nextserve.model.config import Qwen3NextConfig
 from nextserve.model.layers.rope import PartialRotaryEmbedding
 from nextserve.model.qwen3_next import HeadModel
@@ -29,22 +30,25 @@ class LayerExperts:
 
 
 def load_head(path: str | Path, dtype: str | torch.dtype = "float32",
-              device: str | torch.device = "cpu") -> HeadModel:
-    """The head model's tensors only; routed experts and mtp.* are never read."""
+              device: str | torch.device = "cpu", mtp: bool = True) -> HeadModel:
+    """The head model's tensors only (routed experts are never read), with the checkpoint's MTP layer
+    (`head.mtp`: its fc, norms, attention, router gate and shared expert) when it has one and `mtp`;
+    `mtp` False leaves it out (config.num_nextn_predict_layers 0: no MTP K/V pool either)."""
     ckpt = Checkpoint(path)
     torch_dtype = parse_dtype(dtype)
+    config = ckpt.config if mtp else dataclasses.replace(ckpt.config, num_nextn_predict_layers=0)
     with torch.device("meta"):
-        head = HeadModel(ckpt.config)
+        head = HeadModel(config)
     expected = {k: v.shape for k, v in head.state_dict().items()}
     for key in ckpt.key_to_file:
         if key not in expected and not EXPERT_KEY.match(key) and not FUSED_EXPERT_KEY.match(key) \
-                and not IGNORED_KEY.match(key):
+                and not (MTP_KEY.match(key) and not config.has_mtp):
             raise CheckpointError(f"unexpected tensor {key!r} in {ckpt.file_of(key)}: not part of a "
                                   f"Qwen3-Next model with this config.json")
     tensors = ckpt.read(expected, torch_dtype)
     check_shapes(ckpt, tensors, expected)
     head.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=True, assign=True)
-    head.rotary = PartialRotaryEmbedding(ckpt.config.rotary_dim, ckpt.config.rope_theta).to(device)
+    head.rotary = PartialRotaryEmbedding(config.rotary_dim, config.rope_theta).to(device)
     return head.eval()
 
 
@@ -56,7 +60,7 @@ def load_experts(path: str | Path, pairs: Iterable[tuple[int, int]],
     wanted: dict[int, list[int]] = defaultdict(list)
     for layer, expert in sorted(set(pairs)):
         if not config.is_moe_layer(layer):
-            raise CheckpointError(f"layer {layer} has no routed experts (MoE layers: {list(config.moe_layers)})")
+            raise CheckpointError(f"layer {layer} has no routed experts (MoE layers: {list(config.expert_layers)})")
         if not 0 <= expert < config.num_experts:
             raise CheckpointError(f"expert {expert} is outside [0, {config.num_experts})")
         wanted[layer].append(expert)
@@ -66,13 +70,13 @@ def load_experts(path: str | Path, pairs: Iterable[tuple[int, int]],
 def _load_layer(ckpt: Checkpoint, config: Qwen3NextConfig, layer: int, experts: list[int],
                 dtype: torch.dtype) -> LayerExperts:
     H, I = config.hidden_size, config.moe_intermediate_size
-    fused = f"model.layers.{layer}.mlp.experts.gate_up_proj"
+    prefix = f"{layer_prefix(config, layer)}.mlp.experts"
+    fused = f"{prefix}.gate_up_proj"
     if fused in ckpt.key_to_file:
         gate_up = ckpt.read_slices(fused, experts, dtype)
-        down = ckpt.read_slices(f"model.layers.{layer}.mlp.experts.down_proj", experts, dtype)
+        down = ckpt.read_slices(f"{prefix}.down_proj", experts, dtype)
         check_shapes(ckpt, {fused: gate_up[0]}, {fused: torch.Size([2 * I, H])})
         return LayerExperts(tuple(experts), gate_up, down)
-    prefix = f"model.layers.{layer}.mlp.experts"
     expected = {}
     for e in experts:
         expected[f"{prefix}.{e}.gate_proj.weight"] = torch.Size([I, H])

@@ -4,7 +4,8 @@ embed -> for each layer: x += mixer(input_norm(x)); x += ffn(post_norm(x)) -> fi
 The mixer is a Gated DeltaNet or gated attention (by `layer_types`); the FFN is the MoE block's
 head side (router gate, shared expert and its sigmoid gate) with the routed experts delegated to an
 `ExpertBackend`, or a dense MLP for `mlp_only_layers`. Parameter names mirror the checkpoint's, so
-the loader maps tensors by name. Letters: T = tokens in the step, H = hidden, V = vocab, k = top-k.
+the loader maps tensors by name; the checkpoint's MTP layer (`mtp.*`) is `HeadModel.mtp`, with the same
+names. Letters: T = tokens in the step, B = sequences, H = hidden, V = vocab, k = top-k.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from nextserve.model.cache.draft_kv import DraftKV
 from nextserve.model.config import LayerType, Qwen3NextConfig
 from nextserve.model.expert_backend import ExpertBackend
 from nextserve.model.forward_batch import ForwardBatch
@@ -64,7 +66,7 @@ def _finish(x: Tensor, moe: PendingMoE | None) -> Tensor:
 class DecoderLayer(nn.Module):
     def __init__(self, config: Qwen3NextConfig, layer_idx: int) -> None:
         super().__init__()
-        self.layer_type = config.layer_types[layer_idx]
+        self.layer_type = config.layer_type(layer_idx)
         H, eps = config.hidden_size, config.rms_norm_eps
         if self.layer_type is LayerType.LINEAR_ATTENTION:
             self.linear_attn = GatedDeltaNet(H, config.linear_num_key_heads, config.linear_num_value_heads,
@@ -102,6 +104,51 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+class MultiTokenPredictor(nn.Module):
+    """The checkpoint's MTP layers (`mtp.*`, Qwen3-Next's layout, as vLLM's Qwen3NextMultiTokenPredictor
+    reads it): for the token t_{p+1} and the target's hidden state h_p (after the final norm) at position p,
+
+        x = fc(cat(pre_fc_norm_embedding(embed(t_{p+1})), pre_fc_norm_hidden(h_p)))      [T, 2H] -> [T, H]
+        x = DecoderLayer(x)      full attention at position p (its own K/V pool, layer num_hidden_layers + j)
+                                 + sparse MoE (routed experts on the workers, like every layer's)
+        g = norm(x)              -> lm_head(g): logits for t_{p+2};  g is also the next draft step's hidden
+
+    embed_tokens and lm_head are the backbone's (shared)."""
+
+    def __init__(self, config: Qwen3NextConfig) -> None:
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.fc = nn.Linear(2 * H, H, bias=False)
+        self.pre_fc_norm_embedding = RMSNorm(H, eps)
+        self.pre_fc_norm_hidden = RMSNorm(H, eps)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in config.mtp_layers)
+        self.norm = RMSNorm(H, eps)
+
+    def fuse(self, embeds: Tensor, hidden: Tensor) -> Tensor:
+        """embeds, hidden [T, H] -> the layer's input [T, H]: embedding first, then the hidden state."""
+        return self.fc(torch.cat((self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)), dim=-1))
+
+    def forward(self, embeds: Tensor, hidden: Tensor, batch: ForwardBatch, cos: Tensor, sin: Tensor,
+                experts: ExpertBackend, step: int = 0) -> Tensor:
+        """Rows at the batch's positions, K/V written into the MTP layer's pool like any attention layer's:
+        embeds, hidden [T, H] -> g [T, H] (after mtp.norm). `step` picks the layer (step % layers)."""
+        layer = self.layers[step % len(self.layers)]
+        x, moe = layer.start(self.fuse(embeds, hidden), batch, cos, sin, experts)
+        return self.norm(_finish(x, moe))
+
+    def draft(self, embeds: Tensor, hidden: Tensor, context: DraftKV, cos: Tensor, sin: Tensor,
+              experts: ExpertBackend, step: int = 0) -> Tensor:
+        """One speculative row per sequence, its K/V appended to `context` (never to the pools: the row is
+        a guess until the target verifies it): embeds, hidden [B, H] -> g [B, H]."""
+        layer = self.layers[step % len(self.layers)]
+        x = self.fuse(embeds, hidden)
+        q, k, v, gate = layer.self_attn.project(layer.input_layernorm(x), cos, sin)
+        x = x + layer.self_attn.gated_output(context.append_and_attend(q, k, v), gate)
+        h = layer.post_attention_layernorm(x)
+        x = _finish(x, layer.mlp.start(h, experts)) if layer.is_moe else x + layer.mlp(h)
+        return self.norm(x)
+
+
 class HeadModel(nn.Module):
     """Qwen3NextForCausalLM minus the routed experts. Holds no routed-expert weight."""
 
@@ -111,6 +158,7 @@ class HeadModel(nn.Module):
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = PartialRotaryEmbedding(config.rotary_dim, config.rope_theta)
+        self.mtp = MultiTokenPredictor(config) if config.has_mtp else None
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, batch: ForwardBatch, experts: ExpertBackend,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from nextserve.model.config import Qwen3NextConfig
+from nextserve.model.checkpoint import Checkpoint
 from nextserve.model.layers.experts import Assignments, experts_forward
 from nextserve.model.loader import load_experts
 
@@ -49,8 +49,9 @@ class ZeroExperts:
 
 
 def load_local_backend(path: str | Path, dtype: str | torch.dtype = "float32") -> LocalExpertBackend:
-    """Every routed expert of every MoE layer, in this process (single-process use and tests)."""
-    config = Qwen3NextConfig.from_json(path)
-    pairs = [(layer, e) for layer in config.moe_layers for e in range(config.num_experts)]
+    """Every routed expert of every MoE layer (the MTP layers' included), in this process (single-process use
+    and tests)."""
+    config = Checkpoint(path).config
+    pairs = [(layer, e) for layer in config.expert_layers for e in range(config.num_experts)]
     loaded = load_experts(path, pairs, dtype)
     return LocalExpertBackend({l: x.gate_up for l, x in loaded.items()}, {l: x.down for l, x in loaded.items()})

@@ -27,7 +27,8 @@ from nextserve.cluster.control.rebalance import measured_imbalance
 from nextserve.cluster.control.registry import Registry, RegistryUnreachableError, redacted_url
 from nextserve.cluster.control.reshard import ReshardError, plan_waves
 from nextserve.cluster.cli.up import UpOptions, read_state, run_up
-from nextserve.model.config import ConfigError, Qwen3NextConfig
+from nextserve.model.checkpoint import Checkpoint
+from nextserve.model.config import ConfigError
 from nextserve.router.placement import build_placement
 
 
@@ -133,8 +134,8 @@ def _scale(registry: Registry, args: argparse.Namespace) -> int:
                           f"{spec['expert_replicas']}; every expert needs that many distinct workers")
     record = registry.placement()
     if record is not None:  # refused here, in one line, rather than by the controller in its log
-        config = Qwen3NextConfig.from_json(spec["model"])
-        new = build_placement(config.moe_layers, config.num_experts, args.expert_workers, int(spec["expert_replicas"]))
+        config = Checkpoint(spec["model"]).config
+        new = build_placement(config.expert_layers, config.num_experts, args.expert_workers, int(spec["expert_replicas"]))
         try:
             plan_waves(record.placement, new, spec.get("max_experts_per_worker"))
         except ReshardError as exc:

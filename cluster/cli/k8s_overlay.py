@@ -29,12 +29,14 @@ def _gib(nbytes: int) -> str:
 
 
 def _arithmetic(plan: CapacityPlan, config: Qwen3NextConfig, sizes: ModelSizes) -> list[str]:
-    E, L, R, N = config.num_experts, len(config.moe_layers), plan.expert_replicas, plan.num_expert_workers
+    E, L, R, N = config.num_experts, len(config.expert_layers), plan.expert_replicas, plan.num_expert_workers
+    rounds = len(config.moe_layers)
     k, H, nbytes = config.num_experts_per_tok, config.hidden_size, sizes.dtype_bytes
     return [
         f"GPU {plan.gpu}: {plan.gpu_total_bytes:,} B as the driver reports it; {plan.reserve_percent}% reserved "
         f"(CUDA context, activations, allocator slack) -> usable {plan.usable_bytes_per_gpu:,} B per GPU.",
-        f"Experts: {E} per layer x {L} MoE layers x {sizes.bytes_per_routed_expert:,} B "
+        f"Experts: {E} per layer x {L} MoE layers ({len(config.mtp_layers)} of them MTP) x "
+        f"{sizes.bytes_per_routed_expert:,} B "
         f"(3 x {H} x {config.moe_intermediate_size} x {nbytes} B) = {sizes.bytes_all_routed_experts:,} B "
         f"({_gib(sizes.bytes_all_routed_experts)}), R = {R}.",
         f"  N must satisfy ceil({E} x {R} / N) x {L} x {sizes.bytes_per_routed_expert:,} <= "
@@ -57,7 +59,7 @@ def _arithmetic(plan: CapacityPlan, config: Qwen3NextConfig, sizes: ModelSizes) 
         f"{plan.cache_num_slots} state slots",
         f"  -> concurrency {plan.concurrency} needs M = ceil({plan.concurrency} / {plan.max_sequences_per_head}) = "
         f"{plan.num_head_replicas} head replicas.",
-        f"Dispatch: {L} layers x min({k}, {N}) workers x {H} x {nbytes} B x 2 = "
+        f"Dispatch: {rounds} layers x min({k}, {N}) workers x {H} x {nbytes} B x 2 = "
         f"{plan.dispatch_bytes_per_token_deduped:,} B per token (no-dedup bound {sizes.dispatch_bytes_per_token:,} B).",
         f"Host memory: GPU-side bytes + {_gib(HOST_OVERHEAD_BYTES)}, rounded up to GiB: experts "
         f"{plan.host_memory_bytes_expert // GiB}Gi, heads {plan.host_memory_bytes_head // GiB}Gi.",

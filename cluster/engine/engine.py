@@ -51,6 +51,7 @@ from nextserve.cluster.engine.contract import (EngineError, EngineOverloadedErro
                                                EngineStats, EngineUnavailableError, ErrorCode, FinishReason,
                                                SamplingParams, StepOutput, check_prompt_fits)
 from nextserve.cluster.engine.drafter import DraftInput, Drafter
+from nextserve.cluster.engine.mtp_drafter import MtpDrafter
 from nextserve.cluster.engine.ngram_drafter import NgramDrafter
 from nextserve.cluster.engine.speculative_config import SpeculativeConfig, SpeculativeConfigError, SpeculativeMethod
 from nextserve.cluster.engine.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS, IncrementalDetokenizer, OutputStream
@@ -59,6 +60,7 @@ from nextserve.cluster.engine.model_runner import ModelRunner, head_cache_capaci
 from nextserve.cluster.engine.scheduler import (ScheduledSeq, Scheduler, SchedulerConfig, SequenceState,
                                                 SequenceStatus, StepPlan)
 from nextserve.model.cache.budget import CacheConfig
+from nextserve.model.cache.pools import HybridCache
 from nextserve.model.expert_backend import ExpertBackend
 from nextserve.model.qwen3_next import HeadModel
 from nextserve.model.sampling import (TokenLogprobs, allowed_next_tokens, make_generator, sample, token_logprobs,
@@ -83,11 +85,13 @@ def step_failure(exc: Exception) -> EngineError:
     return EngineError("the server failed while generating this request; it was logged, retry it")
 
 
-def make_drafter(config: SpeculativeConfig, head: HeadModel) -> Drafter:
+def make_drafter(config: SpeculativeConfig, head: HeadModel, experts: ExpertBackend, cache: HybridCache) -> Drafter:
     """The drafter `config.method` names for this head's checkpoint (SpeculativeConfigError when the
     checkpoint cannot serve it)."""
     if config.method is SpeculativeMethod.NGRAM:
         return NgramDrafter(config.prompt_lookup_min, config.prompt_lookup_max)
+    if head.mtp is not None:
+        return MtpDrafter(head, experts, cache)
     raise SpeculativeConfigError(f"--speculative-config method {config.method.value!r} needs the checkpoint's "
                                  f"MTP layer (mtp.* weights, num_nextn_predict_layers >= 1), which this head does "
                                  f"not load; serve it with method 'ngram' or without --speculative-config")
@@ -145,11 +149,13 @@ class Engine:
                                                         self.capacity.block_size, self.capacity.num_snapshots,
                                                         self.capacity.snapshot_every))
         self.speculative = speculative
-        self.drafter = None if speculative is None else drafter or make_drafter(speculative, head)
+        needs_hidden = drafter.needs_hidden_states if drafter is not None else (
+            speculative is not None and speculative.method is SpeculativeMethod.MTP)
+        self.runner = ModelRunner(head, experts, self.capacity, config, keep_hidden_states=needs_hidden)
+        self.drafter = None if speculative is None else drafter or make_drafter(speculative, head, experts,
+                                                                                self.runner.cache)
         self.spec_counts = SpecDecodeCounts()
         self._positions: dict[str, int] = {}  # request id -> its first position in the current step
-        self.runner = ModelRunner(head, experts, self.capacity, config,
-                                  keep_hidden_states=self.drafter is not None and self.drafter.needs_hidden_states)
         self.max_in_flight = min(config.max_num_seqs, self.capacity.num_slots) + config.max_queued_requests
         """Requests admitted and not finished a head holds at most: what runs at once + the waiting queue's
         bound (SchedulerConfig.max_queued_requests); `_submit` refuses past it (OVERLOADED)."""

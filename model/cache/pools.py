@@ -3,12 +3,17 @@
     DeltaNet layer i   conv[i]              [S, C, K]          model dtype  the last K pre-conv inputs
                        recurrent[i]         [S, nv, dk, dv]    fp32         the delta-rule state
     attention layer i  key[i], value[i]     [N, bs, nkv, hd]   model dtype  post-norm, post-RoPE K and V
+    MTP layer i        key[i], value[i]     [N, bs, nkv, hd]   model dtype  the same, for its rows (i =
+                                                                            num_hidden_layers + j)
     all layers         block_table          [S, max_blocks]    int64        each slot's blocks, in order
     DeltaNet layer i   snapshot_conv[i]     [P, C, K]          model dtype  prefix-cache snapshots of
                        snapshot_recurrent[i][P, nv, dk, dv]    fp32         the states at a block boundary
 
 A sequence owns one slot (its DeltaNet states and its block-table row) for its life, and the blocks
-holding its tokens: token p lives at row p % bs of block block_table[slot, p // bs]. Which sequence owns
+holding its tokens: token p lives at row p % bs of block block_table[slot, p // bs]. The MTP layer's row p (its pass over
+(t_{p+1}, h_p), written in the step that computes h_p) lives at the same place in its own pools, so its
+cache follows the sequence's blocks (allocation, preemption, prefix sharing) with no bookkeeping of its own.
+Which sequence owns
 which slot and blocks is decided outside (model/cache/block_manager.py); this file holds the tensors,
 so a step reads and writes every sequence's state by index, never one sequence at a time. A full block
 may be in several sequences' tables at once (the prefix cache shares it; nobody writes it again), and a
@@ -60,6 +65,10 @@ class HybridCache:
                 shape = (N, bs, config.num_key_value_heads, config.head_dim)
                 self.key[i] = torch.empty(shape, dtype=dtype, device=device)
                 self.value[i] = torch.empty(shape, dtype=dtype, device=device)
+        for i in config.mtp_layers:  # the MTP layers' attention: rows at the same positions, same block table
+            shape = (N, bs, config.num_key_value_heads, config.head_dim)
+            self.key[i] = torch.empty(shape, dtype=dtype, device=device)
+            self.value[i] = torch.empty(shape, dtype=dtype, device=device)
         self.block_table = torch.zeros(S, max_blocks_per_seq, dtype=torch.int64, device=device)
         """Entries past a sequence's own blocks are stale or 0: a batched decode reads them masked."""
         self._kv_workspace = torch.empty(0, dtype=dtype, device=device)

@@ -59,12 +59,22 @@ class GatedAttention(nn.Module):
                                            scale=self.hd ** -0.5, enable_gqa=True)  # [B, nh, t, hd]
         return o.transpose(1, 2).reshape(B, t, self.nh * self.hd)
 
-    def forward(self, x: Tensor, batch: ForwardBatch, cos: Tensor, sin: Tensor) -> Tensor:  # [T, H] -> [T, H]
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x [T, H] -> q [T, nh, hd], k, v [T, nkv, hd] (normed, RoPE'd: what the cache holds), gate [T, nh·hd]."""
         T = x.shape[0]
         q, gate = torch.chunk(self.q_proj(x).view(T, self.nh, 2 * self.hd), 2, dim=-1)
         q = apply_partial_rope(self.q_norm(q), cos, sin)  # [T, nh, hd]
         k = apply_partial_rope(self.k_norm(self.k_proj(x).view(T, self.nkv, self.hd)), cos, sin)
         v = self.v_proj(x).view(T, self.nkv, self.hd)
+        return q, k, v, gate.reshape(T, self.nh * self.hd)
+
+    def gated_output(self, attn: Tensor, gate: Tensor) -> Tensor:
+        """attn, gate [T, nh·hd] -> o_proj(attn * sigmoid(gate)) [T, H]."""
+        return self.o_proj(attn * torch.sigmoid(gate))
+
+    def forward(self, x: Tensor, batch: ForwardBatch, cos: Tensor, sin: Tensor) -> Tensor:  # [T, H] -> [T, H]
+        T = x.shape[0]
+        q, k, v, gate = self.project(x, cos, sin)
         key, value = batch.cache.key[self.layer_idx], batch.cache.value[self.layer_idx]  # [N, bs, nkv, hd]
         key.view(-1, self.nkv, self.hd).index_copy_(0, batch.kv_index, k)  # every new token into its block row
         value.view(-1, self.nkv, self.hd).index_copy_(0, batch.kv_index, v)
@@ -76,5 +86,4 @@ class GatedAttention(nn.Module):
             out[chunk.start:chunk.end] = self._attend_prefix(q[chunk.start:chunk.end], key, value, chunk)
         for group in batch.fresh_groups:  # rows [B, t]: first chunks of equal length run batched
             out[group.rows] = self._attend_fresh(q[group.rows], k[group.rows], v[group.rows])
-        out = out * torch.sigmoid(gate.reshape(T, self.nh * self.hd))
-        return self.o_proj(out)
+        return self.gated_output(out, gate)

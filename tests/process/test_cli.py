@@ -106,6 +106,7 @@ def test_plan_prints_the_published_counts() -> None:
     assert result.returncode == 0, result.stderr
     sizes = json.loads(result.stdout)
     assert sizes["total_params"] == 79_674_391_296 and sizes["active_params"] == 3_874_929_408
+    assert sizes["mtp_params"] == 1_650_471_424  # the checkpoint's MTP layer, counted on its own
     table = _run(["plan"]).stdout
     assert "79,674,391,296" in table
 

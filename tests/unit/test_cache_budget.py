@@ -89,15 +89,16 @@ def test_capacity_of_the_published_model_and_the_tiny_one() -> None:
     sizes = model_sizes(config, torch.bfloat16)
     context = config.max_position_embeddings  # 262,144: 6 GiB of KV for one full sequence
     four = cache_capacity(sizes, CacheConfig(4 * GiB), 64, context)  # the reserve is half the budget
-    # 0.2 of it buys 11 snapshots of 77,856,768 B; the rest as before
-    assert (four.num_snapshots, four.num_slots, four.num_blocks, four.max_tokens) == (11, 22, 4388, 70208)
+    # 0.2 of it buys 11 snapshots of 77,856,768 B; the rest as before. A block of 16 tokens is 425,984 B (13
+    # attention layers: 12 and the MTP layer): (4 GiB - 11 snapshots - 22 slots) // 425,984 = 4051 blocks
+    assert (four.num_snapshots, four.num_slots, four.num_blocks, four.max_tokens) == (11, 22, 4051, 64816)
     plain = cache_capacity(sizes, CacheConfig(4 * GiB, enable_prefix_cache=False), 64, context)
-    assert (plain.num_snapshots, plain.num_slots, plain.num_blocks, plain.max_tokens) == (0, 27, 5576, 89216)
+    assert (plain.num_snapshots, plain.num_slots, plain.num_blocks, plain.max_tokens) == (0, 27, 5147, 82352)
     forty = cache_capacity(sizes, CacheConfig(40 * GiB, 32), 64, context)  # a full sequence's reserve
     assert forty.num_slots == 64 and forty.max_tokens >= context and forty.total_bytes <= 40 * GiB
     small = cache_capacity(sizes, CacheConfig(128 * MiB), 64, context)  # no room for a snapshot
-    assert small.num_snapshots == 0 and small.num_slots == 1 and small.num_blocks == (128 * MiB - 77_856_768) // (16 * 24_576)
-    with pytest.raises(CacheConfigError, match="at least 78,249,984 B"):
+    assert small.num_snapshots == 0 and small.num_slots == 1 and small.num_blocks == (128 * MiB - 77_856_768) // (16 * 26_624)
+    with pytest.raises(CacheConfigError, match="at least 78,282,752 B"):
         cache_capacity(sizes, CacheConfig(64 * MiB), 64, context)
     # blocks no slot could ever fill are not allocated: 4 sequences of 512 tokens
     tiny = cache_capacity(sizes, CacheConfig(40 * GiB), 4, 512)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from nextserve.model.cache.pools import HybridCache
 from nextserve.model.checkpoint import Checkpoint, CheckpointError
 from nextserve.model.loader import load_experts, load_head
 from nextserve.router.local_backend import load_local_backend
@@ -106,3 +107,35 @@ def test_bad_requests_are_clear(reference: dict) -> None:
         load_head(path, "float16")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_head(path / "nope")
+
+
+def test_tiny_mtp_layer_loads_on_the_head_and_its_experts_as_layer_8(tiny_dir: Path, tmp_path: Path) -> None:
+    """The tiny's `mtp.*` (Qwen3-Next's layout): fc, the two pre-fc norms, one full-attention MoE decoder
+    layer, a norm on the head; its routed experts read as layer num_hidden_layers (8) like any layer's."""
+    ckpt = Checkpoint(tiny_dir)
+    assert ckpt.config.num_nextn_predict_layers == 1 and ckpt.config.mtp_layers == (8,)
+    assert ckpt.config.expert_layers == tuple(range(9))
+    head = load_head(tiny_dir)
+    assert head.mtp is not None and head.mtp.fc.weight.shape == (256, 512)
+    mtp_keys = [k for k in ckpt.key_to_file if k.startswith("mtp.") and ".mlp.experts." not in k]
+    want = ckpt.read(mtp_keys, torch.float32)
+    state = head.state_dict()
+    assert all(torch.equal(state[k], want[k]) for k in mtp_keys) and len(mtp_keys) == 17
+    assert set(head.config.mtp_layers) <= set(_pools(head))
+    experts = load_experts(tiny_dir, [(8, 5), (8, 63)])[8]
+    gate = ckpt.read(["mtp.layers.0.mlp.experts.63.gate_proj.weight"], torch.float32)
+    assert torch.equal(experts.gate_up[1, :64], gate["mtp.layers.0.mlp.experts.63.gate_proj.weight"])
+    assert load_head(tiny_dir, mtp=False).mtp is None
+    with pytest.raises(CheckpointError, match="layer 9 has no routed experts"):
+        load_experts(tiny_dir, [(9, 0)])
+    # a config.json without the field: the count comes from the mtp.layers.J tensors present
+    path = _copy(tiny_dir, tmp_path / "no-field")
+    raw = json.loads((path / "config.json").read_text())
+    del raw["num_nextn_predict_layers"]
+    (path / "config.json").write_text(json.dumps(raw))
+    assert Checkpoint(path).config.mtp_layers == (8,)
+
+
+def _pools(head: torch.nn.Module) -> list[int]:
+    cache = HybridCache(head.config, 1, 2, 16, 2, torch.float32, torch.device("cpu"))
+    return sorted(cache.key)

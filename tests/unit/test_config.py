@@ -67,11 +67,14 @@ def test_published_config_sizes_match_hand_arithmetic() -> None:
     moe_head = 3 * H * 512 + E * H + H  # shared expert + router + shared-expert gate
     per_layer_head = moe_head + 2 * H
     head = 36 * gdn + 12 * attn + L * per_layer_head + 2 * V * H + H
-    assert s.head_params == head == 2_364_979_968
-    assert s.total_params == head + L * E * expert == 79_674_391_296
+    mtp_head = 2 * H * H + 2 * H + attn + per_layer_head + H  # fc [H, 2H], its two pre-fc norms, one layer, norm
+    assert s.head_params == head + mtp_head == 2_364_979_968 + 39_858_688
+    assert s.total_params == head + L * E * expert == 79_674_391_296  # the target model, as published
     assert s.active_params == head + L * k * expert == 3_874_929_408
     assert round(s.total_params / 1e9, 2) == 79.67 and round(s.active_params / 1e9, 2) == 3.87
+    assert s.mtp_params == mtp_head + E * expert == 1_650_471_424
+    assert s.num_routed_experts == (L + 1) * E  # the workers hold the MTP layer's experts too
     assert s.bytes_per_routed_expert == 6 * 2**20
-    assert s.kv_bytes_per_token == 12 * 2 * 2 * 256 * 2 == 24_576
+    assert s.kv_bytes_per_token == (12 + 1) * 2 * 2 * 256 * 2 == 26_624  # 12 attention layers + the MTP layer
     assert s.deltanet_state_bytes_per_sequence == 36 * (32 * 128 * 128 * 4 + 8192 * 4 * 2) == 77_856_768
     assert s.dispatch_bytes_per_token == L * k * H * 2 * 2 == 3_932_160
