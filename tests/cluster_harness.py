@@ -18,7 +18,9 @@ from typing import Any
 import httpx
 import torch
 
+from nextserve.cluster.cli.cluster_commands import cluster_status
 from nextserve.cluster.control.redis_server import free_port
+from nextserve.cluster.control.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 UP_TIMEOUT_S = 240.0
@@ -63,6 +65,14 @@ class UpProcess:
                               capture_output=True, text=True, timeout=120)
 
     def status(self) -> dict:
+        """What `nextserve status --json` prints, computed in this process by the function that command
+        prints (cluster_status, through JSON as it goes): tests poll it, and each CLI process would import
+        torch, transformers and Ray first (seconds of CPU per poll). `status_cli` runs the command itself."""
+        registry = Registry(self.state()["redis_url"], "default")
+        return json.loads(json.dumps(cluster_status(registry)))
+
+    def status_cli(self) -> dict:
+        """`nextserve status --json` run as a user runs it (a subprocess)."""
         result = self.cli("status", "--json")
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)

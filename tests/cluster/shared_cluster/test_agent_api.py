@@ -1,14 +1,12 @@
-"""What coding agents need, through `nextserve up` with the official openai and anthropic SDKs, on a tiny
-checkpoint that has memorised a few agent turns (tests/agent_checkpoint.py): tool calls typed by their
-schema, plain and streamed; text before a call; a turn after a tool result (arguments sent as a JSON
-string); parallel calls; tool_choice none / named / required; a code value holding `</parameter>`; a call
-cut at max_tokens; a multi-turn agent loop; logprobs and n."""
+"""What coding agents need, through `nextserve up` (the shared cluster: it serves the tiny checkpoint that
+has memorised a few agent turns, tests/agent_checkpoint.py) with the official openai and anthropic SDKs:
+tool calls typed by their schema, plain and streamed; text before a call; a turn after a tool result
+(arguments sent as a JSON string); parallel calls; tool_choice none / named / required; a code value
+holding `</parameter>`; a call cut at max_tokens; a multi-turn agent loop; logprobs and n."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -16,12 +14,11 @@ import openai
 import pytest
 
 from agent_checkpoint import (AGENT_TURNS, CODE, END_OF_TURN, ROME_QUESTION, SYSTEM, TOOLS, WEATHER_QUESTION,
-                              WEATHER_RESULT, AgentTurn, agent_checkpoint_dir)
+                              WEATHER_RESULT, AgentTurn)
 from cluster_harness import UpProcess
 
 pytestmark = pytest.mark.cluster
 
-__all__ = ["agent_checkpoint_dir"]  # the fixture, imported for pytest
 TURNS = {t.name: t for t in AGENT_TURNS}
 ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "description": t["function"]["description"],
                     "input_schema": t["function"]["parameters"]} for t in TOOLS]
@@ -29,20 +26,13 @@ PARIS = {"city": "Paris", "days": 3, "metric": True}
 
 
 @pytest.fixture(scope="module")
-def up(agent_checkpoint_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
-    proc = UpProcess(agent_checkpoint_dir, tmp_path_factory.mktemp("agent-cache"), workers=2)
-    yield proc
-    assert proc.interrupt() == 0
+def oai(shared_cluster: UpProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{shared_cluster.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")
-def oai(up: UpProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{up.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def claude(up: UpProcess) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=up.base_url, api_key="unused", max_retries=0, timeout=300)
+def claude(shared_cluster: UpProcess) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=shared_cluster.base_url, api_key="unused", max_retries=0, timeout=300)
 
 
 def _chat(oai: openai.OpenAI, turn: AgentTurn, **kwargs: Any) -> Any:
