@@ -10,13 +10,27 @@ TORCH_VERSION := 2.13.0
 install: $(STAMP)
 
 # torch is pinned and installed first: a bare `torch` requirement would pull a multi-GB CUDA build.
+# The installer is uv when the package registry has it (the same packages, several times faster: ~1.5 min
+# instead of 2-5 on 2 cores), pip otherwise. uv does not read pip's configuration, so pip's find-links,
+# index URLs and constraints (pip.conf, PIP_* variables: where a machine keeps its local wheels) are
+# handed to it as UV_* variables (UV_PIP_ENV), and it weighs every index as pip does.
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q -e '.[dev]'
+	if $(BIN)/pip install -q uv; then \
+		eval "$$($(UV_PIP_ENV))"; export UV_INDEX_STRATEGY=unsafe-best-match; \
+		$(BIN)/uv pip install -q --python $(BIN)/python torch==$(TORCH_VERSION) && \
+		$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]'; \
+	else \
+		$(BIN)/pip install -q torch==$(TORCH_VERSION) && $(BIN)/pip install -q -e '.[dev]'; \
+	fi
 	command -v redis-server >/dev/null || $(MAKE) redis-server
 	touch $(STAMP)
+
+# `export UV_FIND_LINKS='...'` etc., one line per setting pip has (`pip config list`: files and PIP_* variables).
+UV_PIP_ENV = $(BIN)/pip config list 2>/dev/null | sed -n \
+	-e "s/^[^.]*\.find-links=/export UV_FIND_LINKS=/p" -e "s/^[^.]*\.extra-index-url=/export UV_EXTRA_INDEX_URL=/p" \
+	-e "s/^[^.]*\.index-url=/export UV_DEFAULT_INDEX=/p" -e "s/^[^.]*\.constraint=/export UV_CONSTRAINT=/p"
 
 # `nextserve up` starts a local redis-server when no --redis-url is given; tests start real ones.
 redis-server:

@@ -18,7 +18,9 @@ from typing import Any
 import httpx
 import torch
 
+from nextserve.cluster.cli.cluster_commands import cluster_status
 from nextserve.cluster.control.redis_server import free_port
+from nextserve.cluster.control.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 UP_TIMEOUT_S = 240.0
@@ -45,7 +47,11 @@ class UpProcess:
         deadline = time.monotonic() + UP_TIMEOUT_S
         while not self.ready.wait(0.5):  # an `up` that already exited is reported at once, not at the deadline
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
+                self.proc.send_signal(signal.SIGINT)  # a slow `up` stops its Ray and redis-server, not orphans them
+                try:
+                    self.proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
                 time.sleep(0.2)  # the reader thread takes the last lines
                 raise RuntimeError(f"nextserve up did not come up (exit {self.proc.poll()}):\n"
                                    + "".join(self.lines[-60:]))
@@ -63,6 +69,14 @@ class UpProcess:
                               capture_output=True, text=True, timeout=120)
 
     def status(self) -> dict:
+        """What `nextserve status --json` prints, computed in this process by the function that command
+        prints (cluster_status, through JSON as it goes): tests poll it, and each CLI process would import
+        torch, transformers and Ray first (seconds of CPU per poll). `status_cli` runs the command itself."""
+        registry = Registry(self.state()["redis_url"], "default")
+        return json.loads(json.dumps(cluster_status(registry)))
+
+    def status_cli(self) -> dict:
+        """`nextserve status --json` run as a user runs it (a subprocess)."""
         result = self.cli("status", "--json")
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
@@ -108,11 +122,20 @@ def seeded_prompts(n: int) -> list[list[int]]:
             for _ in range(n)]
 
 
+_GREEDY_TOKENS: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+"""(the model's checkpoint path, prompt) -> the longest greedy continuation generated for it so far."""
+
+
 def hf_greedy_text(tiny_hf: tuple[Any, Any], prompt: list[int], max_tokens: int) -> str:
-    """transformers' greedy text of `prompt`, max_tokens long (tiny_hf runs to max_new_tokens, as ignore_eos)."""
+    """transformers' greedy text of `prompt`, max_tokens long (tiny_hf runs to max_new_tokens, as ignore_eos).
+    Greedy without EOS is prefix-stable, so the first max_tokens of a longer run for the same prompt are
+    reused (tests ask for the same prompts at 160 and 120 tokens)."""
     model, tok = tiny_hf
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-    return tok.decode(out[0, len(prompt):], skip_special_tokens=True).rstrip("\ufffd")
+    key = (str(model.name_or_path), tuple(prompt))
+    if len(_GREEDY_TOKENS.get(key, ())) < max_tokens:
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+        _GREEDY_TOKENS[key] = out[0, len(prompt):].tolist()
+    return tok.decode(_GREEDY_TOKENS[key][:max_tokens], skip_special_tokens=True).rstrip("\ufffd")
 
 
 def stream_completion(base: str, prompt: list[int], max_tokens: int) -> str:

@@ -19,6 +19,13 @@ from nextserve.model.tiny import make_tiny
 
 CONFIGS = {"small": SMALL, "awkward": AWKWARD}
 
+torch.set_num_threads(1)
+"""One intra-op thread in the test process, as a head replica and a CPU expert worker compute
+(cluster/deployments/actor_threads.py): the models here are tiny, and with a thread per core torch's
+OpenMP threads spin between ops and take the cores the cluster tier's processes (or the other tests on a
+shared machine) need. Measured at load ~40 on the 2 cores: transformers' greedy on the tiny, 16 tokens,
+1.8 s with 1 thread, 32.5 s with 2. A test of thread counts sets its own (and puts this one back)."""
+
 
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "process", "grpc", "cluster")

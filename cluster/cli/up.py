@@ -1,8 +1,9 @@
 """`nextserve up`: bring up Redis, Ray, the controller, expert workers, heads and the gateway.
 
 Flow: resolve the model -> a local redis-server unless --redis-url -> `ray.init()` (a Ray of its own,
-`address="local"`, unless RAY_ADDRESS is set, then it joins that cluster) -> `serve.run(build_app(args))`
-(the head replicas ask the controller for the expert workers and wait for the placement) -> poll
+`address="local"`, unless RAY_ADDRESS is set, then it joins that cluster) -> ask the controller for the
+expert workers (start_cluster, not waited on) -> `serve.run(build_app(args))` (the head replicas start
+meanwhile, ask the controller for the same and wait for the placement) -> poll
 GET /health until 200 -> print the base URL -> wait for SIGINT/SIGTERM -> tear down our Serve app
 (`serve.delete(APP_NAME)`: other apps on a shared cluster keep running), the workers, Ray and Redis.
 Joining a cluster (RAY_ADDRESS) needs --redis-url: a redis-server started here listens on loopback,
@@ -36,7 +37,7 @@ from ray import serve
 
 from nextserve.cluster.app import build_app
 from nextserve.cluster.app_args import AppArgs
-from nextserve.cluster.deployments.controller import get_or_create_controller
+from nextserve.cluster.deployments.controller import get_or_create_controller, start_cluster
 from nextserve.cluster.deployments.expert_worker import EXPERT_RESOURCE, HEAD_RESOURCE
 from nextserve.cluster.cli.usage import UsageError
 from nextserve.cluster.control.redis_server import LocalRedis, free_port
@@ -146,7 +147,12 @@ def start(options: UpOptions, app_args: AppArgs, redis_url: str) -> str:
     # leaves takes the connections through its proxy with it (and colocated proxies share the port).
     serve.start(proxy_location="HeadOnly" if options.ray_address else None,
                 http_options={"host": options.host, "port": proxy_port})
+    # The controller and its workers start now, alongside the head replicas (which wait for them) rather
+    # than after one has started: each is a process that imports torch. After serve.start: Ray starts
+    # a few worker processes at a time, and Serve gives up on a proxy that is not up within a minute.
+    workers_ready = start_cluster(app_args.with_redis_password(os.environ).with_admin_token(os.environ))
     serve.run(build_app(app_args.model_dump()), name=APP_NAME, route_prefix="/")
+    ray.get(workers_ready)  # done: the heads waited for it (an error here is the one their init raised)
     base = f"http://{'127.0.0.1' if options.host in ('0.0.0.0', '') else options.host}:{options.port}"
     wait_healthy(base, READY_TIMEOUT_S, app_args.api_key)
     write_state(options.state_file, {"url": base, "redis_url": redis_url, "cluster": app_args.cluster,

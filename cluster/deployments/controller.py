@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -31,6 +31,9 @@ from nextserve.model.checkpoint import Checkpoint
 from nextserve.proto.codec import DEFAULT_MAX_DISPATCH_TOKENS
 from nextserve.router.eplb import movement
 from nextserve.router.placement import Placement, build_placement
+
+if TYPE_CHECKING:
+    from nextserve.cluster.app_args import AppArgs
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +296,15 @@ class ControllerActor:
 
 
 Controller = ray.remote(ControllerActor)
+
+
+def start_cluster(args: AppArgs) -> ray.ObjectRef:
+    """Ask the cluster's controller (created if absent) to serve `args`' ClusterSpec: the workers start,
+    load their experts and are published. Every head replica waits on it in its init; `nextserve up` calls
+    it before deploying the heads, so the controller and workers start while the replicas do. `args` as a
+    head gets them (Redis password and admin token resolved)."""
+    controller = get_or_create_controller(args.redis_url, args.cluster, args.admin_token)
+    return controller.ensure.remote(ClusterSpec.from_mapping(args.model_dump(exclude={"admin_token"})))
 
 
 def get_or_create_controller(registry_url: str, cluster: str, admin_token: str | None) -> Any:

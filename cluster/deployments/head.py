@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 
 from nextserve.cluster.deployments.actor_threads import use_assigned_cpus
 from nextserve.cluster.app_args import AppArgs
-from nextserve.cluster.deployments.controller import ClusterSpec, get_or_create_controller
+from nextserve.cluster.deployments.controller import start_cluster
 from nextserve.cluster.engine.contract import EngineError, EngineRequest, EngineStats, StepOutput
 from nextserve.cluster.engine.engine import Engine
 from nextserve.router.epoch_follower import EpochFollowingBackend
@@ -57,8 +57,7 @@ class HeadDeployment:
     def __init__(self, args: AppArgs) -> None:
         self.args = args
         use_assigned_cpus()
-        controller = get_or_create_controller(args.redis_url, args.cluster, args.admin_token)
-        ray.get(controller.ensure.remote(ClusterSpec.from_mapping(args.model_dump(exclude={"admin_token"}))))
+        ray.get(start_cluster(args))  # `up` may have started it already: then this waits for it
         self.registry = Registry(args.redis_url, args.cluster)
         dtype = parse_dtype(args.dtype)
         device = resolve_device("auto" if ray.get_gpu_ids() else "cpu")

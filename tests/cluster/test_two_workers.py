@@ -1,6 +1,10 @@
-"""One `nextserve up` on the tiny default with 2 workers (R = 1), as `make serve` runs it, shared by every
-test here (one bring-up instead of three); the tests run in file order, each leaving a serving cluster:
+"""One `nextserve up` on the tiny default with 2 workers (R = 1), as `make serve` runs it, with a head cache
+far below the offered load (`--cache-memory 2MiB`), shared by every test here (one bring-up instead of
+four); the tests run in file order, each leaving a serving cluster:
 - status lists the workers, the tiny default is made on first use, a chat completion answers;
+- concurrent streams through the openai client all finish with transformers' greedy text while the head
+  preempts and recomputes sequences; /metrics and `nextserve status` show the cache and the preemptions;
+  a request that could never fit in the cache is a 400 naming the limit;
 - the perimeter, from outside holding no token: the workers (on loopback) answer Dispatch,
   DispatchStream, Info and a 200 MiB Echo with UNAUTHENTICATED and a 64 MiB body with UNAUTHENTICATED
   or RESOURCE_EXHAUSTED; Redis answers NOAUTH; neither `up`'s output nor `status` shows the Redis
@@ -16,6 +20,8 @@ test here (one bring-up instead of three); the tests run in file order, each lea
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import socket
@@ -28,15 +34,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
-
 import httpx
+import openai
 import pytest
 import redis
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from cluster_harness import UpProcess, pids_alive, wait_for
 from nextserve.cluster.control import worker_admin
 from nextserve.cluster.control.registry import Registry
+from nextserve.model.cache.budget import CacheCapacity, CacheConfig, cache_capacity, parse_memory_size
+from nextserve.model.config import Qwen3NextConfig
+from nextserve.model.sizes import model_sizes
 from nextserve.model.tiny import TINY_VERSION
 from nextserve.proto import expert_pb2, expert_pb2_grpc
 from nextserve.proto.admin_auth import admin_metadata
@@ -49,16 +59,28 @@ RESTORE_WITHIN_S = 30.0
 """Stated bound: a SIGKILLed worker is restarted by Ray, reloads its experts and is republished."""
 MiB = 1024 * 1024
 PROMPTS = [[5] * 12, list(range(40, 70)), [1000, 3, 77, 512, 9]]
+CACHE_MEMORY, MAX_NUM_SEQS, MAX_MODEL_LEN, MAX_TOKENS = "2MiB", 8, 1024, 200
+"""The head's cache budget and limits; MAX_TOKENS: each preemption-test stream's length."""
 
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
     """`--model tiny` (made in the empty cache on first use); a request with no live replica for an
-    expert waits 0.5 s for one before its 503."""
-    proc = UpProcess(Path("tiny"), tmp_path_factory.mktemp("two-workers"), 2, ["--unavailable-wait-s", "0.5"])
+    expert waits 0.5 s for one before its 503; the cache holds 3 sequences, 544 tokens (`capacity`)."""
+    proc = UpProcess(Path("tiny"), tmp_path_factory.mktemp("two-workers"), 2,
+                     ["--unavailable-wait-s", "0.5", "--cache-memory", CACHE_MEMORY, "--block-size", "16",
+                      "--max-num-seqs", str(MAX_NUM_SEQS), "--max-model-len", str(MAX_MODEL_LEN)])
     yield proc
     if proc.proc.poll() is None:  # test_sigint_leaves_nothing interrupts it itself
         proc.interrupt()
+
+
+@pytest.fixture(scope="module")
+def capacity(tiny_dir: Path) -> CacheCapacity:
+    """What the head makes of the budget: 3 state slots, 34 blocks (544 tokens) and 1 prefix-cache snapshot
+    on the tiny model."""
+    sizes = model_sizes(Qwen3NextConfig.from_json(tiny_dir), torch.float32)
+    return cache_capacity(sizes, CacheConfig(parse_memory_size(CACHE_MEMORY)), MAX_NUM_SEQS, MAX_MODEL_LEN)
 
 
 def _greedy(up: UpProcess) -> list[str]:
@@ -72,12 +94,71 @@ def _greedy(up: UpProcess) -> list[str]:
 
 
 def test_up_tiny_default_serves_and_status_lists_the_workers(up: UpProcess) -> None:
-    status = up.status()
+    status = up.status_cli()  # the command itself
     assert len(status["workers"]) == 2 and all(w["pid"] > 0 and w["alive"] for w in status["workers"])
     assert (up.cache / f"tiny-{TINY_VERSION}" / "config.json").exists()  # the tiny default was made on first use
     r = httpx.post(f"{up.base_url}/v1/chat/completions", timeout=60,
                    json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def _metrics(up: UpProcess) -> dict[str, float]:
+    text = httpx.get(f"{up.base_url}/metrics", timeout=30).text
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_streams_beyond_the_cache_finish_exactly_with_preemptions(up: UpProcess, tiny_hf: tuple,
+                                                                  capacity: CacheCapacity) -> None:
+    model, tok = tiny_hf  # runs to max_new_tokens, as ignore_eos does
+    # One more stream than the cache has slots (one waits), half of them streamed: the running ones
+    # outgrow the blocks, so the head preempts (asserted below on its counter).
+    prompts = ["def fibonacci(n):", "import os\nimport sys\n", "The quick brown fox", "class Tree:"]
+    max_tokens = MAX_TOKENS
+    assert len(prompts) > capacity.num_slots
+    assert capacity.num_slots * max_tokens > capacity.max_tokens  # the running sequences outgrow the blocks
+    client = openai.AsyncOpenAI(base_url=f"{up.base_url}/v1", api_key="unused", max_retries=0)
+
+    async def one(i: int, prompt: str) -> str:
+        kwargs = dict(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                      extra_body={"ignore_eos": True})
+        if i % 2:
+            r = await client.completions.create(**kwargs)
+            assert r.usage.completion_tokens == max_tokens
+            return r.choices[0].text
+        return "".join([c.choices[0].text async for c in await client.completions.create(**kwargs, stream=True)])
+
+    async def all_of() -> list[str]:
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+    before = _metrics(up).get("nextserve_num_preemptions_total", 0.0)
+    texts = asyncio.run(all_of())
+    for prompt, text in zip(prompts, texts):
+        ids = tok(prompt)["input_ids"]
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)[0, len(ids):]
+        assert text == tok.decode(out, skip_special_tokens=True), prompt
+    # The load reaches /metrics and status with the head's heartbeat (every second): wait for one after the end.
+    wait_for(lambda: up.status()["heads"][0]["num_running"] == 0, 30, "a heartbeat after the streams")
+    metrics = _metrics(up)
+    assert metrics["nextserve_num_preemptions_total"] - before > 0
+    assert metrics["nextserve_cache_blocks_total"] == capacity.num_blocks
+    assert metrics["nextserve_cache_slots_total"] == capacity.num_slots
+    assert metrics["nextserve_cache_blocks_used"] == 0  # every sequence gave its blocks back
+    (head,) = up.status()["heads"]
+    assert head["num_preemptions"] >= 1 and head["blocks_total"] == capacity.num_blocks and head["slots_used"] == 0
+    line = f"blocks 0/{capacity.num_blocks}  slots 0/{capacity.num_slots}  preemptions {head['num_preemptions']}"
+    assert line in up.cli("status").stdout
+
+
+def test_a_request_the_whole_cache_cannot_hold_is_a_400_naming_the_limit(up: UpProcess,
+                                                                        capacity: CacheCapacity) -> None:
+    assert capacity.max_tokens < MAX_MODEL_LEN - 10
+    r = httpx.post(f"{up.base_url}/v1/completions", timeout=30,
+                   json={"model": "tiny", "prompt": "def f():", "max_tokens": capacity.max_tokens})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "max_tokens" and "--cache-memory" in error["message"], error
+    ok = httpx.post(f"{up.base_url}/v1/completions", timeout=30, json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert ok.status_code == 200 and json.loads(ok.text)["usage"]["completion_tokens"] <= 2
 
 
 def _outsider_calls() -> dict[str, object]:

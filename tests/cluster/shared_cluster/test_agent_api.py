@@ -1,15 +1,15 @@
-"""What coding agents need, through `nextserve up` with the official openai and anthropic SDKs, on a tiny
-checkpoint that has memorised a few agent turns (tests/agent_checkpoint.py): tool calls typed by their
-schema, plain and streamed; text before a call; a turn after a tool result (arguments sent as a JSON
-string); parallel calls; tool_choice none / named / required; a code value holding `</parameter>`; a call
-cut at max_tokens; a multi-turn agent loop; logprobs and n. The Responses API (`client.responses`): the
-same text and calls as chat completions for the same messages, streamed deltas adding up to them, a forced
-call, a Codex-style replayed history; and the real Codex CLI completing a `codex exec` turn."""
+"""What coding agents need, through `nextserve up` (the shared cluster: it serves the tiny checkpoint that
+has memorised a few agent turns, tests/agent_checkpoint.py) with the official openai and anthropic SDKs:
+tool calls typed by their schema, plain and streamed; text before a call; a turn after a tool result
+(arguments sent as a JSON string); parallel calls; tool_choice none / named / required; a code value
+holding `</parameter>`; a call cut at max_tokens; a multi-turn agent loop; logprobs and n. The Responses API
+(`client.responses`): the same text and calls as chat completions for the same messages, streamed deltas
+adding up to them, a forced call, a Codex-style replayed history; and the real Codex CLI completing a
+`codex exec` turn."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +19,13 @@ import openai
 import pytest
 
 from agent_checkpoint import (AGENT_TURNS, CODE, END_OF_TURN, ROME_QUESTION, SYSTEM, TOOLS, WEATHER_QUESTION,
-                              WEATHER_RESULT, AgentTurn, agent_checkpoint_dir, cache_root)
+                              WEATHER_RESULT, AgentTurn, cache_root)
 from cluster_harness import UpProcess
 from codex_cli import ensure_codex, run_codex_exec
 from gateway_local_engine import scrape
 
 pytestmark = pytest.mark.cluster
 
-__all__ = ["agent_checkpoint_dir"]  # the fixture, imported for pytest
 TURNS = {t.name: t for t in AGENT_TURNS}
 ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "description": t["function"]["description"],
                     "input_schema": t["function"]["parameters"]} for t in TOOLS]
@@ -36,20 +35,13 @@ RESPONSES_SERVED = 'nextserve_requests_total{"endpoint": "/v1/responses", "statu
 
 
 @pytest.fixture(scope="module")
-def up(agent_checkpoint_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
-    proc = UpProcess(agent_checkpoint_dir, tmp_path_factory.mktemp("agent-cache"), workers=2)
-    yield proc
-    assert proc.interrupt() == 0
+def oai(shared_cluster: UpProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{shared_cluster.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")
-def oai(up: UpProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{up.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def claude(up: UpProcess) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=up.base_url, api_key="unused", max_retries=0, timeout=300)
+def claude(shared_cluster: UpProcess) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=shared_cluster.base_url, api_key="unused", max_retries=0, timeout=300)
 
 
 def _chat(oai: openai.OpenAI, turn: AgentTurn, **kwargs: Any) -> Any:
@@ -282,13 +274,13 @@ def test_responses_forced_call_and_a_codex_style_replay(oai: openai.OpenAI) -> N
     assert answer.usage.input_tokens_details.cached_tokens > 0  # the first turn's prefix, on the same head
 
 
-def test_codex_exec_completes_a_turn(up: UpProcess, tmp_path: Path) -> None:
+def test_codex_exec_completes_a_turn(shared_cluster: UpProcess, tmp_path: Path) -> None:
     """The real Codex CLI (npm @openai/codex) with a custom model provider (wire_api "responses") runs one
     `codex exec` turn against the cluster: ~16,000 prompt tokens (its instructions and tools), streamed."""
     codex = ensure_codex(cache_root())
-    with httpx.Client(base_url=up.base_url, timeout=30) as http:
+    with httpx.Client(base_url=shared_cluster.base_url, timeout=30) as http:
         before = scrape(http).get(RESPONSES_SERVED, 0.0)
-        result = run_codex_exec(codex, up.base_url, tmp_path, "Say hello.")
+        result = run_codex_exec(codex, shared_cluster.base_url, tmp_path, "Say hello.")
         assert result.returncode == 0, f"codex exec failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         assert scrape(http).get(RESPONSES_SERVED, 0.0) >= before + 1  # the turn went through /v1/responses
     assert "tokens used" in result.stderr + result.stdout

@@ -1,5 +1,5 @@
-"""Admission control on a real cluster (`nextserve up`: Ray Serve, Redis, gRPC expert workers): 64 requests
-at once against `--max-num-seqs 4 --max-queued-requests 8`, through the official `openai` client. The
+"""Admission control on a real cluster (the shared `nextserve up`: Ray Serve, Redis, gRPC expert workers): 64
+requests at once against its `--max-num-seqs 4 --max-queued-requests 8`, through the official `openai` client. The
 excess is refused within seconds with 429 and Retry-After, every admitted request completes with text
 equal to transformers' greedy, and the cluster serves exactly afterwards with nothing left in its head."""
 
@@ -7,37 +7,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
-
 from typing import Any
 
 import openai
 import pytest
 
 from cluster_harness import UpProcess, hf_greedy_text, wait_for
+from shared_cluster.conftest import MAX_NUM_SEQS, MAX_QUEUED_REQUESTS
 from nextserve.cluster.engine.contract import RETRY_AFTER_S
 
 pytestmark = pytest.mark.cluster
-MAX_NUM_SEQS, MAX_QUEUED, NUM_REQUESTS, MAX_TOKENS = 4, 8, 64, 12
+NUM_REQUESTS, MAX_TOKENS = 64, 12
 REFUSED_WITHIN_S = 10.0
 
 
-@pytest.fixture(scope="module")
-def up(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
-    proc = UpProcess(tiny_dir, tmp_path_factory.mktemp("nscache"), 2,
-                     ["--max-num-seqs", str(MAX_NUM_SEQS), "--max-queued-requests", str(MAX_QUEUED)])
-    yield proc
-    if proc.proc.poll() is None:
-        proc.interrupt()
-
-
-def _hf_text(tiny_hf: tuple[Any, Any], prompt: str) -> str:
-    return hf_greedy_text(tiny_hf, tiny_hf[1](prompt)["input_ids"], MAX_TOKENS)
+def _hf_text(served_hf: tuple[Any, Any], prompt: str) -> str:
+    return hf_greedy_text(served_hf, served_hf[1](prompt)["input_ids"], MAX_TOKENS)
 
 
 def test_a_flood_past_the_queue_is_refused_at_once_and_every_admitted_request_is_exact(
-        up: UpProcess, tiny_hf: tuple[Any, Any]) -> None:
+        shared_cluster: UpProcess, served_hf: tuple[Any, Any]) -> None:
+    up = shared_cluster
     client = openai.AsyncOpenAI(base_url=f"{up.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
     prompts = [f"def function_{i}(x):" for i in range(NUM_REQUESTS)]
 
@@ -57,14 +47,14 @@ def test_a_flood_past_the_queue_is_refused_at_once_and_every_admitted_request_is
     results = asyncio.run(flood())
     admitted = [(p, text) for p, (text, _, _) in zip(prompts, results) if text is not None]
     refused = [(retry_after, took) for text, retry_after, took in results if text is None]
-    assert len(admitted) >= MAX_NUM_SEQS + MAX_QUEUED and len(refused) >= NUM_REQUESTS // 2, (len(admitted),
+    assert len(admitted) >= MAX_NUM_SEQS + MAX_QUEUED_REQUESTS and len(refused) >= NUM_REQUESTS // 2, (len(admitted),
                                                                                                 len(refused))
     print(f"{len(admitted)} admitted, {len(refused)} refused, the slowest refusal in "
           f"{max(took for _, took in refused):.2f} s")
     assert all(retry_after == str(RETRY_AFTER_S) for retry_after, _ in refused)
     assert max(took for _, took in refused) < REFUSED_WITHIN_S
     for prompt, text in admitted:
-        assert text == _hf_text(tiny_hf, prompt), prompt
+        assert text == _hf_text(served_hf, prompt), prompt
 
     def head_idle() -> bool:
         (head,) = up.status()["heads"]
@@ -75,4 +65,4 @@ def test_a_flood_past_the_queue_is_refused_at_once_and_every_admitted_request_is
     prompt = next(p for p, (text, _, _) in zip(prompts, results) if text is None)
     again = openai.OpenAI(base_url=f"{up.base_url}/v1", api_key="unused", max_retries=0, timeout=300).completions.create(
         model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True})
-    assert again.choices[0].text == _hf_text(tiny_hf, prompt)
+    assert again.choices[0].text == _hf_text(served_hf, prompt)

@@ -1,6 +1,7 @@
 """The product as a user meets it: `nextserve up` (real Ray, real redis-server, real gRPC expert
-workers) answering the official `openai` client, checked against transformers' own `generate`. One
-cluster for the module (3 workers, at most 176 experts each); last, it scales to 4 workers in waves."""
+workers) answering the official `openai` client, checked against transformers' own `generate`. On the
+shared cluster (3 workers, at most 176 experts each: shared_cluster/conftest.py); the tests that kill its
+controller, restart its Redis and, last, scale it to 4 workers in waves run after the folder's others."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -20,28 +19,20 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster_harness import UpProcess, hf_greedy_text, run_streams, seeded_prompts, wait_for
+from shared_cluster.conftest import MAX_EXPERTS_PER_WORKER, SHARED_WORKERS
 
 pytestmark = pytest.mark.cluster
-WORKERS = 3
-MAX_EXPERTS_PER_WORKER = 176
-"""171 pairs per worker at 3 workers fit; the scale to 4 (128 each after) must go in waves."""
 
 
-@pytest.fixture(scope="module")
-def up(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
-    proc = UpProcess(tiny_dir, tmp_path_factory.mktemp("nscache"), WORKERS,
-                     ["--max-experts-per-worker", str(MAX_EXPERTS_PER_WORKER)])
-    yield proc
-    if proc.proc.poll() is None:
-        proc.interrupt()
-    for extra in proc.owned:  # e.g. the redis-server a test restarted in place of the cluster's own
-        extra.terminate()
-        extra.wait(10)
+@pytest.fixture
+def up(shared_cluster: UpProcess) -> UpProcess:
+    """The shared cluster (shared_cluster/conftest.py), by the name these tests had for their own."""
+    return shared_cluster
 
 
-def _hf_text(tiny_hf: tuple, prompt_ids: list[int], max_tokens: int, ignore_eos: bool = False) -> str:
+def _hf_text(served_hf: tuple, prompt_ids: list[int], max_tokens: int, ignore_eos: bool = False) -> str:
     """transformers' greedy text; without ignore_eos it ends at the first EOS, as the server's does."""
-    model, tok = tiny_hf
+    model, tok = served_hf
     out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False)[0, len(prompt_ids):]
     ids = out.tolist()
     if not ignore_eos and model.config.eos_token_id in ids:
@@ -56,15 +47,15 @@ def _metrics(up: UpProcess) -> dict[str, float]:
 
 
 def test_status_lists_workers_with_pids(up: UpProcess) -> None:
-    status = up.status()
-    assert status["epoch"] >= 1 and len(status["workers"]) == WORKERS
+    status = up.status_cli()  # the command itself
+    assert status["epoch"] >= 1 and len(status["workers"]) == SHARED_WORKERS
     assert all(w["alive"] and w["pid"] > 0 and ":" in w["address"] for w in status["workers"])
     assert sum(w["num_experts"] for w in status["workers"]) == 8 * 64  # every (layer, expert) once (R = 1)
     assert len(status["heads"]) == 1 and status["heads"][0]["alive"]
 
 
-def test_eight_concurrent_greedy_requests_equal_transformers(up: UpProcess, tiny_hf: tuple) -> None:
-    _, tok = tiny_hf
+def test_eight_concurrent_greedy_requests_equal_transformers(up: UpProcess, served_hf: tuple) -> None:
+    _, tok = served_hf
     client = openai.AsyncOpenAI(base_url=f"{up.base_url}/v1", api_key="unused", max_retries=0)
     prompts = ["def fibonacci(n):", "import os\nimport sys\n", "The quick brown fox", "class Tree:",
                "for i in range(10):", "Hello", "# a comment about parsing", "return x + y"]
@@ -92,7 +83,7 @@ def test_eight_concurrent_greedy_requests_equal_transformers(up: UpProcess, tiny
         return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
     for got, ids, n in asyncio.run(all_of()):
-        assert got == _hf_text(tiny_hf, ids, n)
+        assert got == _hf_text(served_hf, ids, n)
 
 
 def test_streaming_is_incremental(up: UpProcess) -> None:
@@ -175,6 +166,7 @@ def _complete(up: UpProcess) -> str:
     return r.json()["choices"][0]["text"]
 
 
+@pytest.mark.changes_shared_cluster
 def test_killing_the_controller_does_not_stop_serving(up: UpProcess) -> None:
     want = _complete(up)
     killed = up.python_in_cluster("ray.kill(ray.get_actor('nextserve-controller-default'), no_restart=False)")
@@ -184,9 +176,10 @@ def test_killing_the_controller_does_not_stop_serving(up: UpProcess) -> None:
     result = up.python_in_cluster(probe)
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout.strip().splitlines()[-1])
-    assert status["spec"]["expert_workers"] == WORKERS  # the restarted controller recovered the spec from Redis
+    assert status["spec"]["expert_workers"] == SHARED_WORKERS  # the restarted controller recovered it from Redis
 
 
+@pytest.mark.changes_shared_cluster
 def test_restarting_redis_does_not_stop_serving(up: UpProcess) -> None:
     want = _complete(up)
     url = urlsplit(up.state()["redis_url"])  # with the password `up` generated
@@ -195,9 +188,9 @@ def test_restarting_redis_does_not_stop_serving(up: UpProcess) -> None:
                                       "--requirepass", url.password or ""],
                                      stdout=subprocess.DEVNULL, start_new_session=True))
     assert _complete(up) == want
-    wait_for(lambda: len(up.status()["workers"]) == WORKERS and up.status()["epoch"] >= 1, 30,
+    wait_for(lambda: len(up.status()["workers"]) == SHARED_WORKERS and up.status()["epoch"] >= 1, 30,
              "workers and placement to be written back to the new Redis")
-    assert up.status()["spec"]["expert_workers"] == WORKERS
+    assert up.status()["spec"]["expert_workers"] == SHARED_WORKERS
     assert _complete(up) == want
 
 
@@ -216,11 +209,11 @@ def _first_token_s(client: openai.OpenAI, prompt: list[int], max_tokens: int) ->
     return first, "".join(text), cached
 
 
-def test_a_shared_prefix_is_served_from_the_cache(up: UpProcess, tiny_hf: tuple) -> None:
+def test_a_shared_prefix_is_served_from_the_cache(up: UpProcess, served_hf: tuple) -> None:
     """Requests sharing a 2,600-token prefix with different suffixes: the later ones report the prefix as
     cached_tokens (OpenAI and Anthropic), stream their first token sooner than a cold request of the same
     length, and produce transformers' greedy tokens all the same."""
-    model, tok = tiny_hf
+    model, tok = served_hf
     g = torch.Generator().manual_seed(21)
     prefix = torch.randint(3, len(tok) - 64, (2600,), generator=g).tolist()  # ids below the tokenizer's
     client = openai.OpenAI(base_url=f"{up.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
@@ -232,7 +225,7 @@ def test_a_shared_prefix_is_served_from_the_cache(up: UpProcess, tiny_hf: tuple)
         suffix = [200 + i, 300 + i, 400 + i, 500 + i]
         hit_s, text, cached = _first_token_s(client, prefix + suffix, 8)
         assert cached >= 0.9 * len(prefix), cached  # to its last snapshot: every 256 tokens (2,560)
-        assert text == _hf_text(tiny_hf, prefix + suffix, 8, ignore_eos=True).rstrip("\ufffd")  # a cut UTF-8 tail is held back
+        assert text == _hf_text(served_hf, prefix + suffix, 8, ignore_eos=True).rstrip("\ufffd")  # a cut UTF-8 tail is held back
         other = torch.randint(3, len(tok) - 64, (2604,), generator=g).tolist()  # same length, nothing shared
         miss_s, _, miss_cached = _first_token_s(client, other, 1)
         assert miss_cached == 0
@@ -249,10 +242,11 @@ def test_a_shared_prefix_is_served_from_the_cache(up: UpProcess, tiny_hf: tuple)
     assert usage["input_tokens"] + usage["cache_read_input_tokens"] > before["input_tokens"]
 
 
-def test_scaling_moves_in_waves_within_max_experts_per_worker(up: UpProcess, tiny_hf: tuple) -> None:
-    """Last: it leaves 4 workers. 3 -> 4 workers (R = 1): 171 pairs each today, 128 after, up to 256 on a
-    worker in one step; with at most 176 allowed it goes in waves, under streams that stay exact, and no
-    worker ever held more (each reports the most it held at once). A scale to 2 workers (256 each) cannot
+@pytest.mark.changes_shared_cluster
+def test_scaling_moves_in_waves_within_max_experts_per_worker(up: UpProcess, served_hf: tuple) -> None:
+    """Last (the folder's conftest orders it so): it leaves 4 workers. 3 -> 4 workers (R = 1): 171 pairs
+    each today, 128 after, up to 256 on a worker in one step; with at most 176 allowed it goes in waves,
+    under streams that stay exact, and no worker ever held more (each reports the most it held at once). A scale to 2 workers (256 each) cannot
     fit: one line, exit 2."""
     bound = MAX_EXPERTS_PER_WORKER
     prompts = seeded_prompts(4)
@@ -263,7 +257,7 @@ def test_scaling_moves_in_waves_within_max_experts_per_worker(up: UpProcess, tin
         assert result.returncode == 0, result.stderr
 
     got = run_streams(up, prompts, 120, scale)
-    assert got == [hf_greedy_text(tiny_hf, p, 120) for p in prompts]
+    assert got == [hf_greedy_text(served_hf, p, 120) for p in prompts]
     status = up.status()
     assert status["epoch"] >= epoch_before + 2  # more than one step
     wait_for(lambda: all("peak_experts" in w for w in up.status()["workers"]), 10, "a heartbeat")
