@@ -6,6 +6,10 @@ the requested tensors are read (safetensors maps the file; nothing else is mater
 Routed experts are stored per expert (`model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`,
 as the public checkpoints are); transformers' fused `mlp.experts.{gate_up_proj,down_proj}` layout is
 read too, by slicing. `mtp.*` tensors (multi-token prediction) are ignored.
+
+A fine-grained FP8 checkpoint (config.json's `quantization_config`, model/quantization.py) stores a
+converted module's `X.weight` as float8_e4m3fn beside `X.weight_scale_inv`; `read_fp8` reads such a pair
+as stored and checks it (dtype, the scale grid the block needs, the module not in modules_to_not_convert).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from nextserve.model.config import Qwen3NextConfig
+from nextserve.model.kernels.fp8_block import FP8_DTYPE, scale_grid
+from nextserve.model.quantization import Fp8BlockConfig, module_of, scale_key
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +77,13 @@ class Checkpoint:
         with safe_open(single, framework="pt") as f:
             return {k: SINGLE_FILE for k in f.keys()}
 
-    def read(self, keys: Iterable[str], dtype: torch.dtype, progress: bool | None = None) -> dict[str, Tensor]:
-        """Read exactly `keys`, opening only the shards that hold them."""
+    def is_fp8(self, weight_key: str) -> bool:
+        """Whether `X.weight` is stored in FP8: its `X.weight_scale_inv` is in the checkpoint."""
+        return scale_key(weight_key) in self.key_to_file
+
+    def read(self, keys: Iterable[str], dtype: torch.dtype | None, progress: bool | None = None) -> dict[str, Tensor]:
+        """Read exactly `keys`, opening only the shards that hold them; converted to `dtype`, or as stored
+        (None). An FP8 tensor read into a float dtype is an error: it needs its scales (`read_fp8`)."""
         by_file: dict[str, list[str]] = defaultdict(list)
         for key in keys:
             if key not in self.key_to_file:
@@ -85,7 +96,12 @@ class Checkpoint:
         for file, file_keys in sorted(by_file.items()):
             with safe_open(self.path / file, framework="pt") as f:
                 for key in file_keys:
-                    out[key] = f.get_tensor(key).to(dtype)
+                    tensor = f.get_tensor(key)
+                    if dtype is not None and tensor.dtype == FP8_DTYPE:
+                        raise CheckpointError(f"tensor {key!r} in {self.path / file} is float8_e4m3fn but the "
+                                              f"checkpoint has no {scale_key(key)!r} for it; an FP8 weight needs its "
+                                              f"per-block scales")
+                    out[key] = tensor if dtype is None else tensor.to(dtype)
                     bar.update()
         bar.close()
         return out
@@ -96,6 +112,43 @@ class Checkpoint:
         with safe_open(self.path / file, framework="pt") as f:
             sl = f.get_slice(key)
             return torch.stack([sl[r:r + 1][0] for r in rows]).to(dtype)
+
+    def fp8_scheme(self, weight_key: str) -> Fp8BlockConfig:
+        """The FP8 config a quantized `weight_key` is read with; CheckpointError if the checkpoint's
+        config.json does not make it an FP8 module."""
+        scheme = self.config.quantization
+        if scheme is None:
+            raise CheckpointError(f"tensor {scale_key(weight_key)!r} in {self.file_of(scale_key(weight_key))}: the "
+                                  f"checkpoint has FP8 scales but its config.json has no quantization_config; add "
+                                  f"the one it was quantized with (quant_method 'fp8', weight_block_size)")
+        if not scheme.is_converted(module_of(weight_key)):
+            raise CheckpointError(f"tensor {scale_key(weight_key)!r} in {self.file_of(scale_key(weight_key))}: module "
+                                  f"{module_of(weight_key)!r} is in modules_to_not_convert "
+                                  f"{list(scheme.modules_to_not_convert)} but has FP8 scales")
+        return scheme
+
+    def read_fp8(self, weight_keys: Iterable[str], shapes: dict[str, torch.Size]) -> dict[str, tuple[Tensor, Tensor]]:
+        """weight key -> (fp8 [R, C], scale_inv [gR, gC] float32) as stored, each checked against the
+        weight's expected shape [R, C] (`shapes`) and the config's weight_block_size."""
+        keys = list(weight_keys)
+        for key in keys:
+            self.fp8_scheme(key)
+        raw = self.read([k for key in keys for k in (key, scale_key(key))], None)
+        out = {}
+        for key in keys:
+            weight, scale = raw[key], raw[scale_key(key)]
+            block = self.fp8_scheme(key).weight_block_size
+            check_shapes(self, {key: weight}, {key: shapes[key]})
+            if weight.dtype != FP8_DTYPE:
+                raise CheckpointError(f"tensor {key!r} in {self.file_of(key)} is {str(weight.dtype).removeprefix('torch.')}"
+                                      f" but has a {scale_key(key)!r}: an FP8 weight is float8_e4m3fn")
+            grid = scale_grid(*shapes[key], block)
+            if tuple(scale.shape) != grid:
+                raise CheckpointError(f"tensor {scale_key(key)!r} in {self.file_of(scale_key(key))} has shape "
+                                      f"{tuple(scale.shape)}; weight {tuple(shapes[key])} in blocks of {list(block)} "
+                                      f"needs {grid}")
+            out[key] = (weight, scale.to(torch.float32))
+        return out
 
     def file_of(self, key: str) -> str:
         return str(self.path / self.key_to_file.get(key, INDEX_FILE))
