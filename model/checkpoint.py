@@ -20,6 +20,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -40,6 +41,10 @@ IGNORED_KEY = re.compile(r"^mtp\.")
 PROGRESS_MIN_TENSORS = 2000
 """Loads of at least this many tensors show a progress bar (the tiny model has ~1,600 tensors, the real one ~75,000)."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                 "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+"""safetensors' header dtype names -> torch (what a header-only read builds its meta tensors with)."""
 
 
 class CheckpointError(ValueError):
@@ -57,8 +62,11 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 class Checkpoint:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, is_meta: bool = False) -> None:
+        """`is_meta`: reads return meta tensors of the stored shapes and dtypes, from the shards' headers
+        only, so the loaders check a whole checkpoint without reading its bytes (`validate_checkpoint`)."""
         self.path = Path(path)
+        self.is_meta = is_meta
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint directory {self.path} does not exist")
         self.config = Qwen3NextConfig.from_json(self.path)
@@ -96,7 +104,7 @@ class Checkpoint:
         for file, file_keys in sorted(by_file.items()):
             with safe_open(self.path / file, framework="pt") as f:
                 for key in file_keys:
-                    tensor = f.get_tensor(key)
+                    tensor = self._meta(f, key) if self.is_meta else f.get_tensor(key)
                     if dtype is not None and tensor.dtype == FP8_DTYPE:
                         raise CheckpointError(f"tensor {key!r} in {self.path / file} is float8_e4m3fn but the "
                                               f"checkpoint has no {scale_key(key)!r} for it; an FP8 weight needs its "
@@ -110,8 +118,19 @@ class Checkpoint:
         """Rows `rows` of dim 0 of one (fused) tensor, reading only those rows."""
         file = self.key_to_file[key]
         with safe_open(self.path / file, framework="pt") as f:
+            if self.is_meta:
+                return self._meta(f, key)[rows].to(dtype)
             sl = f.get_slice(key)
             return torch.stack([sl[r:r + 1][0] for r in rows]).to(dtype)
+
+    def _meta(self, f: Any, key: str) -> Tensor:
+        """A meta tensor with `key`'s stored shape and dtype, from the shard's header."""
+        sl = f.get_slice(key)
+        name = sl.get_dtype()
+        if name not in STORED_DTYPES:
+            raise CheckpointError(f"tensor {key!r} in {self.file_of(key)} has dtype {name}, which nextserve does not "
+                                  f"read; save it as BF16, F32 or (with scales) F8_E4M3")
+        return torch.empty(sl.get_shape(), dtype=STORED_DTYPES[name], device="meta")
 
     def fp8_scheme(self, weight_key: str) -> Fp8BlockConfig:
         """The FP8 config a quantized `weight_key` is read with; CheckpointError if the checkpoint's

@@ -257,8 +257,14 @@ QWEN3_CODER_NEXT = dict(
     bos_token_id=151643, eos_token_id=151645, dtype="bfloat16",
 )
 
+FP8_RELEASE = dict(quant_method="fp8", activation_scheme="dynamic", weight_block_size=[128, 128],
+                   modules_to_not_convert=["lm_head", "model.embed_tokens", "mlp.gate", "mlp.shared_expert_gate"])
+"""The fine-grained FP8 releases' quantization_config (Qwen3-Coder-Next-FP8, as DeepSeek-V3's): 128 x 128
+blocks; the routers, the embedding and lm_head stay bf16."""
+
 PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen3-coder-next": QWEN3_CODER_NEXT,
+    "qwen3-coder-next-fp8": {**QWEN3_CODER_NEXT, "quantization_config": FP8_RELEASE},
     "qwen3-next-80b-a3b": {**QWEN3_CODER_NEXT, "rope_parameters": {
         "rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25}},
 }

@@ -37,8 +37,21 @@ class LayerExperts:
 def load_head(path: str | Path, dtype: str | torch.dtype = "float32",
               device: str | torch.device = "cpu") -> HeadModel:
     """The head model's tensors only; routed experts and mtp.* are never read."""
-    ckpt = Checkpoint(path)
+    return _build_head(Checkpoint(path), parse_dtype(dtype), device)
+
+
+def validate_checkpoint(path: str | Path, dtype: str | torch.dtype = "float32") -> None:
+    """What loading the head and every routed expert would check (names, shapes, dtypes, FP8 scales),
+    from the shards' headers only: a checkpoint the heads or workers cannot load fails here with the
+    same CheckpointError, before anything is deployed (`nextserve up`)."""
+    ckpt = Checkpoint(path, is_meta=True)
     torch_dtype = parse_dtype(dtype)
+    _build_head(ckpt, torch_dtype, "meta")
+    for layer in ckpt.config.moe_layers:
+        _load_layer(ckpt, ckpt.config, layer, list(range(ckpt.config.num_experts)), torch_dtype)
+
+
+def _build_head(ckpt: Checkpoint, torch_dtype: torch.dtype, device: str | torch.device) -> HeadModel:
     with torch.device("meta"):
         head = HeadModel(ckpt.config)
     expected = {k: v.shape for k, v in head.state_dict().items()}

@@ -28,6 +28,10 @@ def _gib(nbytes: int) -> str:
     return f"{nbytes / GiB:.2f} GiB"
 
 
+def _scales(sizes: ModelSizes) -> str:
+    return f" FP8 + {sizes.routed_expert_scale_bytes:,} B of block scales" if sizes.routed_expert_scale_bytes else ""
+
+
 def _arithmetic(plan: CapacityPlan, config: Qwen3NextConfig, sizes: ModelSizes) -> list[str]:
     E, L, R, N = config.num_experts, len(config.moe_layers), plan.expert_replicas, plan.num_expert_workers
     k, H, nbytes = config.num_experts_per_tok, config.hidden_size, sizes.dtype_bytes
@@ -35,7 +39,8 @@ def _arithmetic(plan: CapacityPlan, config: Qwen3NextConfig, sizes: ModelSizes) 
         f"GPU {plan.gpu}: {plan.gpu_total_bytes:,} B as the driver reports it; {plan.reserve_percent}% reserved "
         f"(CUDA context, activations, allocator slack) -> usable {plan.usable_bytes_per_gpu:,} B per GPU.",
         f"Experts: {E} per layer x {L} MoE layers x {sizes.bytes_per_routed_expert:,} B "
-        f"(3 x {H} x {config.moe_intermediate_size} x {nbytes} B) = {sizes.bytes_all_routed_experts:,} B "
+        f"(3 x {H} x {config.moe_intermediate_size} x {sizes.routed_expert_weight_bytes} B{_scales(sizes)}) "
+        f"= {sizes.bytes_all_routed_experts:,} B "
         f"({_gib(sizes.bytes_all_routed_experts)}), R = {R}.",
         f"  N must satisfy ceil({E} x {R} / N) x {L} x {sizes.bytes_per_routed_expert:,} <= "
         f"{plan.usable_bytes_per_gpu:,}: at most {plan.max_experts_per_layer_per_worker} experts per layer per worker",
