@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from nextserve.model.checkpoint import (EXPERT_KEY, FUSED_EXPERT_KEY, IGNORED_KEY, Checkpoint, CheckpointError,
                               check_shapes, parse_dtype)
