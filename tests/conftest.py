@@ -87,6 +87,15 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_fp8(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny checkpoint in fine-grained FP8 (128 x 128 blocks: the experts' 64 rows are one ragged
+    block), and its dequantized twin (float32): what `nextserve quantize-fp8 TINY DST --twin TWIN` writes."""
+    out = tmp_path_factory.mktemp("tiny_fp8")
+    fp8 = quantize_checkpoint(tiny_dir, out / "fp8", (128, 128))
+    return fp8, dequantized_twin(fp8, out / "twin")
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_dir: Path) -> PreTrainedTokenizerBase:
     """The tiny checkpoint's tokenizer (vocab 2048: it also decodes the reference models' 320 ids)."""
     return AutoTokenizer.from_pretrained(tiny_dir)

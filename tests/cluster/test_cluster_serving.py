@@ -1,6 +1,9 @@
 """The product as a user meets it: `nextserve up` (real Ray, real redis-server, real gRPC expert
 workers) answering the official `openai` client, checked against transformers' own `generate`. One
-cluster for the module (3 workers, at most 176 experts each); last, it scales to 4 workers in waves."""
+cluster for the module (3 workers, at most 176 experts each); last, it scales to 4 workers in waves.
+It serves the tiny checkpoint as a fine-grained FP8 release (as a team deploying Qwen3-Coder-Next-FP8
+would): workers hold FP8 experts + scales, and the reference is transformers on its dequantized twin
+(tiny_fp8_hf); the other cluster modules serve the bf16 tiny checkpoint."""
 
 from __future__ import annotations
 
@@ -28,8 +31,8 @@ MAX_EXPERTS_PER_WORKER = 176
 
 
 @pytest.fixture(scope="module")
-def up(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
-    proc = UpProcess(tiny_dir, tmp_path_factory.mktemp("nscache"), WORKERS,
+def up(tiny_fp8: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+    proc = UpProcess(tiny_fp8[0], tmp_path_factory.mktemp("nscache"), WORKERS,
                      ["--max-experts-per-worker", str(MAX_EXPERTS_PER_WORKER)])
     yield proc
     if proc.proc.poll() is None:
@@ -39,9 +42,9 @@ def up(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpP
         extra.wait(10)
 
 
-def _hf_text(tiny_hf: tuple, prompt_ids: list[int], max_tokens: int, ignore_eos: bool = False) -> str:
+def _hf_text(tiny_fp8_hf: tuple, prompt_ids: list[int], max_tokens: int, ignore_eos: bool = False) -> str:
     """transformers' greedy text; without ignore_eos it ends at the first EOS, as the server's does."""
-    model, tok = tiny_hf
+    model, tok = tiny_fp8_hf
     out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False)[0, len(prompt_ids):]
     ids = out.tolist()
     if not ignore_eos and model.config.eos_token_id in ids:
@@ -63,8 +66,8 @@ def test_status_lists_workers_with_pids(up: UpProcess) -> None:
     assert len(status["heads"]) == 1 and status["heads"][0]["alive"]
 
 
-def test_eight_concurrent_greedy_requests_equal_transformers(up: UpProcess, tiny_hf: tuple) -> None:
-    _, tok = tiny_hf
+def test_eight_concurrent_greedy_requests_equal_transformers(up: UpProcess, tiny_fp8_hf: tuple) -> None:
+    _, tok = tiny_fp8_hf
     client = openai.AsyncOpenAI(base_url=f"{up.base_url}/v1", api_key="unused", max_retries=0)
     prompts = ["def fibonacci(n):", "import os\nimport sys\n", "The quick brown fox", "class Tree:",
                "for i in range(10):", "Hello", "# a comment about parsing", "return x + y"]
@@ -92,7 +95,7 @@ def test_eight_concurrent_greedy_requests_equal_transformers(up: UpProcess, tiny
         return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
     for got, ids, n in asyncio.run(all_of()):
-        assert got == _hf_text(tiny_hf, ids, n)
+        assert got == _hf_text(tiny_fp8_hf, ids, n)
 
 
 def test_streaming_is_incremental(up: UpProcess) -> None:
@@ -216,11 +219,11 @@ def _first_token_s(client: openai.OpenAI, prompt: list[int], max_tokens: int) ->
     return first, "".join(text), cached
 
 
-def test_a_shared_prefix_is_served_from_the_cache(up: UpProcess, tiny_hf: tuple) -> None:
+def test_a_shared_prefix_is_served_from_the_cache(up: UpProcess, tiny_fp8_hf: tuple) -> None:
     """Requests sharing a 2,600-token prefix with different suffixes: the later ones report the prefix as
     cached_tokens (OpenAI and Anthropic), stream their first token sooner than a cold request of the same
     length, and produce transformers' greedy tokens all the same."""
-    model, tok = tiny_hf
+    model, tok = tiny_fp8_hf
     g = torch.Generator().manual_seed(21)
     prefix = torch.randint(3, len(tok) - 64, (2600,), generator=g).tolist()  # ids below the tokenizer's
     client = openai.OpenAI(base_url=f"{up.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
@@ -232,7 +235,7 @@ def test_a_shared_prefix_is_served_from_the_cache(up: UpProcess, tiny_hf: tuple)
         suffix = [200 + i, 300 + i, 400 + i, 500 + i]
         hit_s, text, cached = _first_token_s(client, prefix + suffix, 8)
         assert cached >= 0.9 * len(prefix), cached  # to its last snapshot: every 256 tokens (2,560)
-        assert text == _hf_text(tiny_hf, prefix + suffix, 8, ignore_eos=True).rstrip("\ufffd")  # a cut UTF-8 tail is held back
+        assert text == _hf_text(tiny_fp8_hf, prefix + suffix, 8, ignore_eos=True).rstrip("\ufffd")  # a cut UTF-8 tail is held back
         other = torch.randint(3, len(tok) - 64, (2604,), generator=g).tolist()  # same length, nothing shared
         miss_s, _, miss_cached = _first_token_s(client, other, 1)
         assert miss_cached == 0
@@ -249,7 +252,7 @@ def test_a_shared_prefix_is_served_from_the_cache(up: UpProcess, tiny_hf: tuple)
     assert usage["input_tokens"] + usage["cache_read_input_tokens"] > before["input_tokens"]
 
 
-def test_scaling_moves_in_waves_within_max_experts_per_worker(up: UpProcess, tiny_hf: tuple) -> None:
+def test_scaling_moves_in_waves_within_max_experts_per_worker(up: UpProcess, tiny_fp8_hf: tuple) -> None:
     """Last: it leaves 4 workers. 3 -> 4 workers (R = 1): 171 pairs each today, 128 after, up to 256 on a
     worker in one step; with at most 176 allowed it goes in waves, under streams that stay exact, and no
     worker ever held more (each reports the most it held at once). A scale to 2 workers (256 each) cannot
@@ -263,7 +266,7 @@ def test_scaling_moves_in_waves_within_max_experts_per_worker(up: UpProcess, tin
         assert result.returncode == 0, result.stderr
 
     got = run_streams(up, prompts, 120, scale)
-    assert got == [hf_greedy_text(tiny_hf, p, 120) for p in prompts]
+    assert got == [hf_greedy_text(tiny_fp8_hf, p, 120) for p in prompts]
     status = up.status()
     assert status["epoch"] >= epoch_before + 2  # more than one step
     wait_for(lambda: all("peak_experts" in w for w in up.status()["workers"]), 10, "a heartbeat")

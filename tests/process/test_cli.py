@@ -260,15 +260,16 @@ def test_local_up_starts_its_own_ray_and_ctrl_c_deletes_only_its_app(monkeypatch
     assert calls == [("serve.delete", up.APP_NAME), ("ray.shutdown", None)]
 
 
-@pytest.fixture(scope="module")
-def tiny_fp8(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """`nextserve quantize-fp8 TINY DST --twin TWIN` (128 x 128 blocks: the experts' 64 rows are one
-    ragged block): the FP8 checkpoint and its dequantized twin."""
-    out = tmp_path_factory.mktemp("tiny_fp8")
-    result = _run(["quantize-fp8", str(tiny_dir), str(out / "fp8"), "--block", "128", "--twin", str(out / "twin")])
+def test_quantize_fp8_writes_the_checkpoint_and_twin_the_fixture_holds(tiny_dir: Path, tiny_fp8: tuple[Path, Path],
+                                                                        tmp_path: Path) -> None:
+    """`nextserve quantize-fp8 TINY DST --block 128 --twin TWIN` gives, byte for byte, the session's tiny_fp8
+    (made through the API)."""
+    result = _run(["quantize-fp8", str(tiny_dir), str(tmp_path / "fp8"), "--block", "128",
+                   "--twin", str(tmp_path / "twin")])
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [str(out / "fp8"), str(out / "twin")]
-    return out / "fp8", out / "twin"
+    assert result.stdout.split() == [str(tmp_path / "fp8"), str(tmp_path / "twin")]
+    assert _digest(tmp_path / "fp8") == _digest(tiny_fp8[0]) and _digest(tmp_path / "twin") == _digest(tiny_fp8[1])
+    _one_line_error(_run(["quantize-fp8", str(tmp_path / "fp8"), str(tmp_path / "again")]), "already quantized")
 
 
 def test_generate_on_fp8_equals_transformers_on_its_twin(tiny_fp8: tuple[Path, Path]) -> None:
