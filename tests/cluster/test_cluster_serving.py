@@ -95,7 +95,7 @@ def test_eight_concurrent_greedy_requests_equal_transformers(up: UpProcess, tiny
         return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
     for got, ids, n in asyncio.run(all_of()):
-        assert got == _hf_text(tiny_fp8_hf, ids, n)
+        assert got == _hf_text(tiny_fp8_hf, ids, n).rstrip("\ufffd")  # a cut UTF-8 tail is held back
 
 
 def test_streaming_is_incremental(up: UpProcess) -> None:
