@@ -102,8 +102,8 @@ async def start_worker(model_dir: str | Path, pairs: Iterable[tuple[int, int]], 
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     freeze_startup_objects()
-    log.info("expert worker on %s:%d holds %d experts (%s on %s); messages up to %d bytes", host, bound,
-             len(store.pairs()), store.dtype, store.device, limit)
+    log.info("expert worker on %s:%d holds %d experts (%s on %s, %d weight bytes); messages up to %d bytes", host,
+             bound, len(store.pairs()), store.dtype, store.device, store.weight_bytes(), limit)
     return Worker(server, bound, store, servicer)
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from nextserve.model.checkpoint import parse_dtype
 from nextserve.model.config import Qwen3NextConfig
+from nextserve.model.layers.experts import ExpertWeights, cat_experts, weight_bytes
 from nextserve.model.loader import load_experts
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,11 @@ class LayerTable:
     """One layer's held experts: global id -> row of the stacked weights."""
     expert_ids: tuple[int, ...]  # [n] global id of each row, ascending
     global_to_row: Tensor        # [E] int64 on the CPU, -1 where the expert is not held
-    gate_up: Tensor              # [n, 2I, H] on the worker's device
-    down: Tensor                 # [n, H, I] on the worker's device
+    gate_up: ExpertWeights       # [n, 2I, H] on the worker's device (an FP8 checkpoint's: FP8 + block scales)
+    down: ExpertWeights          # [n, H, I] on the worker's device
 
 
-def _table(num_experts: int, expert_ids: list[int], gate_up: Tensor, down: Tensor) -> LayerTable:
+def _table(num_experts: int, expert_ids: list[int], gate_up: ExpertWeights, down: ExpertWeights) -> LayerTable:
     order = sorted(range(len(expert_ids)), key=lambda i: expert_ids[i])
     ids = [expert_ids[i] for i in order]
     global_to_row = torch.full((num_experts,), -1, dtype=torch.int64)
@@ -80,7 +81,7 @@ class ExpertStore:
                 gate_up, down = loaded.gate_up.to(self.device), loaded.down.to(self.device)
                 if old is not None:
                     ids = list(old.expert_ids) + ids
-                    gate_up, down = torch.cat((old.gate_up, gate_up)), torch.cat((old.down, down))
+                    gate_up, down = cat_experts([old.gate_up, gate_up]), cat_experts([old.down, down])
                 tables[layer] = _table(self.config.num_experts, ids, gate_up, down)
             with self._count_lock:
                 for layer, e in missing:
@@ -119,6 +120,10 @@ class ExpertStore:
                         "(%d refused so far)", self.epoch, epoch, self.epochs_refused)
         elif epoch is not None:
             self.epoch = epoch
+
+    def weight_bytes(self) -> int:
+        """Bytes of the expert weights held now (an FP8 checkpoint's: FP8 weights + float32 block scales)."""
+        return sum(weight_bytes(t.gate_up) + weight_bytes(t.down) for t in self._tables.values())
 
     def record(self, layer: int, experts: Tensor) -> None:
         """Count served tokens per expert; experts [P] int64 global ids of a Dispatch's pairs."""

@@ -9,6 +9,10 @@ read too, by slicing. The multi-token-prediction layer (`mtp.*`, Qwen3-Next's la
 `mtp.pre_fc_norm_embedding`, `mtp.pre_fc_norm_hidden`, `mtp.layers.J.*` as a decoder layer, `mtp.norm`) is read
 as layer num_hidden_layers + J: its routed experts `mtp.layers.J.mlp.experts.*` like any layer's. A config.json
 without `num_nextn_predict_layers` takes the count from the `mtp.layers.J` tensors present (none: no MTP).
+
+A fine-grained FP8 checkpoint (config.json's `quantization_config`, model/quantization.py) stores a
+converted module's `X.weight` as float8_e4m3fn beside `X.weight_scale_inv`; `read_fp8` reads such a pair
+as stored and checks it (dtype, the scale grid the block needs, the module not in modules_to_not_convert).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -27,6 +32,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from nextserve.model.config import Qwen3NextConfig
+from nextserve.model.kernels.fp8_block import FP8_DTYPE, scale_grid
+from nextserve.model.quantization import Fp8BlockConfig, module_of, scale_key
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,10 @@ MTP_LAYER_KEY = re.compile(r"^mtp\.layers\.(\d+)\.")
 PROGRESS_MIN_TENSORS = 2000
 """Loads of at least this many tensors show a progress bar (the tiny model has ~1,600 tensors, the real one ~75,000)."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                 "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+"""safetensors' header dtype names -> torch (what a header-only read builds its meta tensors with)."""
 
 
 class CheckpointError(ValueError):
@@ -56,8 +67,11 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 class Checkpoint:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, is_meta: bool = False) -> None:
+        """`is_meta`: reads return meta tensors of the stored shapes and dtypes, from the shards' headers
+        only, so the loaders check a whole checkpoint without reading its bytes (`validate_checkpoint`)."""
         self.path = Path(path)
+        self.is_meta = is_meta
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint directory {self.path} does not exist")
         self.config = Qwen3NextConfig.from_json(self.path)
@@ -80,8 +94,13 @@ class Checkpoint:
         with safe_open(single, framework="pt") as f:
             return {k: SINGLE_FILE for k in f.keys()}
 
-    def read(self, keys: Iterable[str], dtype: torch.dtype, progress: bool | None = None) -> dict[str, Tensor]:
-        """Read exactly `keys`, opening only the shards that hold them."""
+    def is_fp8(self, weight_key: str) -> bool:
+        """Whether `X.weight` is stored in FP8: its `X.weight_scale_inv` is in the checkpoint."""
+        return scale_key(weight_key) in self.key_to_file
+
+    def read(self, keys: Iterable[str], dtype: torch.dtype | None, progress: bool | None = None) -> dict[str, Tensor]:
+        """Read exactly `keys`, opening only the shards that hold them; converted to `dtype`, or as stored
+        (None). An FP8 tensor read into a float dtype is an error: it needs its scales (`read_fp8`)."""
         by_file: dict[str, list[str]] = defaultdict(list)
         for key in keys:
             if key not in self.key_to_file:
@@ -94,7 +113,12 @@ class Checkpoint:
         for file, file_keys in sorted(by_file.items()):
             with safe_open(self.path / file, framework="pt") as f:
                 for key in file_keys:
-                    out[key] = f.get_tensor(key).to(dtype)
+                    tensor = self._meta(f, key) if self.is_meta else f.get_tensor(key)
+                    if dtype is not None and tensor.dtype == FP8_DTYPE:
+                        raise CheckpointError(f"tensor {key!r} in {self.path / file} is float8_e4m3fn but the "
+                                              f"checkpoint has no {scale_key(key)!r} for it; an FP8 weight needs its "
+                                              f"per-block scales")
+                    out[key] = tensor if dtype is None else tensor.to(dtype)
                     bar.update()
         bar.close()
         return out
@@ -103,8 +127,56 @@ class Checkpoint:
         """Rows `rows` of dim 0 of one (fused) tensor, reading only those rows."""
         file = self.key_to_file[key]
         with safe_open(self.path / file, framework="pt") as f:
+            if self.is_meta:
+                return self._meta(f, key)[rows].to(dtype)
             sl = f.get_slice(key)
             return torch.stack([sl[r:r + 1][0] for r in rows]).to(dtype)
+
+    def _meta(self, f: Any, key: str) -> Tensor:
+        """A meta tensor with `key`'s stored shape and dtype, from the shard's header."""
+        sl = f.get_slice(key)
+        name = sl.get_dtype()
+        if name not in STORED_DTYPES:
+            raise CheckpointError(f"tensor {key!r} in {self.file_of(key)} has dtype {name}, which nextserve does not "
+                                  f"read; save it as BF16, F32 or (with scales) F8_E4M3")
+        return torch.empty(sl.get_shape(), dtype=STORED_DTYPES[name], device="meta")
+
+    def fp8_scheme(self, weight_key: str) -> Fp8BlockConfig:
+        """The FP8 config a quantized `weight_key` is read with; CheckpointError if the checkpoint's
+        config.json does not make it an FP8 module."""
+        scheme = self.config.quantization
+        if scheme is None:
+            raise CheckpointError(f"tensor {scale_key(weight_key)!r} in {self.file_of(scale_key(weight_key))}: the "
+                                  f"checkpoint has FP8 scales but its config.json has no quantization_config; add "
+                                  f"the one it was quantized with (quant_method 'fp8', weight_block_size)")
+        if not scheme.is_converted(module_of(weight_key)):
+            raise CheckpointError(f"tensor {scale_key(weight_key)!r} in {self.file_of(scale_key(weight_key))}: module "
+                                  f"{module_of(weight_key)!r} is in modules_to_not_convert "
+                                  f"{list(scheme.modules_to_not_convert)} but has FP8 scales")
+        return scheme
+
+    def read_fp8(self, weight_keys: Iterable[str], shapes: dict[str, torch.Size]) -> dict[str, tuple[Tensor, Tensor]]:
+        """weight key -> (fp8 [R, C], scale_inv [gR, gC] float32) as stored, each checked against the
+        weight's expected shape [R, C] (`shapes`) and the config's weight_block_size."""
+        keys = list(weight_keys)
+        for key in keys:
+            self.fp8_scheme(key)
+        raw = self.read([k for key in keys for k in (key, scale_key(key))], None)
+        out = {}
+        for key in keys:
+            weight, scale = raw[key], raw[scale_key(key)]
+            block = self.fp8_scheme(key).weight_block_size
+            check_shapes(self, {key: weight}, {key: shapes[key]})
+            if weight.dtype != FP8_DTYPE:
+                raise CheckpointError(f"tensor {key!r} in {self.file_of(key)} is {str(weight.dtype).removeprefix('torch.')}"
+                                      f" but has a {scale_key(key)!r}: an FP8 weight is float8_e4m3fn")
+            grid = scale_grid(*shapes[key], block)
+            if tuple(scale.shape) != grid:
+                raise CheckpointError(f"tensor {scale_key(key)!r} in {self.file_of(scale_key(key))} has shape "
+                                      f"{tuple(scale.shape)}; weight {tuple(shapes[key])} in blocks of {list(block)} "
+                                      f"needs {grid}")
+            out[key] = (weight, scale.to(torch.float32))
+        return out
 
     def file_of(self, key: str) -> str:
         return str(self.path / self.key_to_file.get(key, INDEX_FILE))

@@ -11,9 +11,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config.json that nextserve cannot serve; the message names the field and the fix."""
+from nextserve.model.config_error import ConfigError
+from nextserve.model.quantization import Fp8BlockConfig
 
 
 class LayerType(str, Enum):
@@ -65,6 +64,8 @@ class Qwen3NextConfig:
     pad_token_id: int | None = None
     torch_dtype: str = "bfloat16"
     """The dtype the checkpoint was saved in (informational; the runtime dtype is chosen by the loader)."""
+    quantization: Fp8BlockConfig | None = None
+    """config.json's `quantization_config` (fine-grained FP8, model/quantization.py); None: unquantized."""
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -219,12 +220,14 @@ class Qwen3NextConfig:
         if dtype:
             values["torch_dtype"] = str(dtype)
         for name, value in values.items():
-            if name in ("layer_types", "mlp_only_layers", "eos_token_id", "rope_type", "torch_dtype",
+            if name in ("quantization", "layer_types", "mlp_only_layers", "eos_token_id", "rope_type", "torch_dtype",
                         "hidden_act", "bos_token_id", "pad_token_id"):
                 continue
             expected = type(getattr(cls, name)) if hasattr(cls, name) else None
             if expected in (int, float, bool) and not isinstance(value, (int, float, bool)):
                 raise ConfigError(f"config field '{name}' must be a number, got {value!r}")
+        if raw.get("quantization_config") is not None:
+            values["quantization"] = Fp8BlockConfig.from_dict(dict(raw["quantization_config"]))
         return cls(**values)
 
     @classmethod
@@ -246,6 +249,9 @@ class Qwen3NextConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json body transformers' Qwen3NextConfig reads back to the same model."""
         d = asdict(self)
+        d.pop("quantization")
+        if self.quantization is not None:
+            d["quantization_config"] = self.quantization.to_dict()
         d["layer_types"] = [t.value for t in self.layer_types]
         d["mlp_only_layers"] = list(self.mlp_only_layers)
         d["rope_parameters"] = {
@@ -284,8 +290,14 @@ QWEN3_CODER_NEXT = dict(
     num_nextn_predict_layers=1, bos_token_id=151643, eos_token_id=151645, dtype="bfloat16",
 )
 
+FP8_RELEASE = dict(quant_method="fp8", activation_scheme="dynamic", weight_block_size=[128, 128],
+                   modules_to_not_convert=["lm_head", "model.embed_tokens", "mlp.gate", "mlp.shared_expert_gate"])
+"""The fine-grained FP8 releases' quantization_config (Qwen3-Coder-Next-FP8, as DeepSeek-V3's): 128 x 128
+blocks; the routers, the embedding and lm_head stay bf16."""
+
 PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen3-coder-next": QWEN3_CODER_NEXT,
+    "qwen3-coder-next-fp8": {**QWEN3_CODER_NEXT, "quantization_config": FP8_RELEASE},
     "qwen3-next-80b-a3b": {**QWEN3_CODER_NEXT, "rope_parameters": {
         "rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25}},
 }

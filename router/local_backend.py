@@ -16,14 +16,15 @@ import torch
 from torch import Tensor
 
 from nextserve.model.checkpoint import Checkpoint
-from nextserve.model.layers.experts import Assignments, experts_forward
+from nextserve.model.layers.experts import Assignments, ExpertWeights, experts_forward
 from nextserve.model.loader import load_experts
 
 
 class LocalExpertBackend:
-    """All routed experts in this process, stacked per layer: gate_up [E, 2I, H], down [E, H, I]."""
+    """All routed experts in this process, stacked per layer: gate_up [E, 2I, H], down [E, H, I] (an FP8
+    checkpoint's: `Fp8Experts`, FP8 + block scales)."""
 
-    def __init__(self, gate_up: dict[int, Tensor], down: dict[int, Tensor]) -> None:
+    def __init__(self, gate_up: dict[int, ExpertWeights], down: dict[int, ExpertWeights]) -> None:
         if gate_up.keys() != down.keys():
             raise ValueError(f"gate_up layers {sorted(gate_up)} differ from down layers {sorted(down)}")
         self.gate_up = gate_up

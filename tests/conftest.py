@@ -15,6 +15,7 @@ from hf_reference import AWKWARD, SMALL, build_reference, save_reference
 from nextserve.model.loader import load_head
 from nextserve.router.local_backend import LocalExpertBackend, load_local_backend
 from nextserve.model.qwen3_next import HeadModel
+from nextserve.model.fp8_checkpoint import dequantized_twin, quantize_checkpoint
 from nextserve.model.tiny import make_tiny
 
 CONFIGS = {"small": SMALL, "awkward": AWKWARD}
@@ -60,6 +61,26 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Qwen3
     return out
 
 
+FP8_BLOCKS = {"small": (16, 16), "awkward": (16, 32)}
+"""weight_block_size per reference config: 16 x 16 tiles every weight of "small" (so transformers'
+FP8 loader, which reads a block as weight / scale grid, applies); 16 x 32 leaves ragged last blocks in
+nearly every weight of "awkward" (hidden 40, intermediate 24)."""
+
+
+@pytest.fixture(scope="session")
+def fp8_reference(reference: dict[str, tuple[Qwen3NextForCausalLM, Path]],
+                  tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Qwen3NextForCausalLM, Path, Path]]:
+    """Per reference config: (transformers' model on the dequantized twin, the FP8 checkpoint, the twin)."""
+    out = {}
+    for name, block in FP8_BLOCKS.items():
+        fp8 = quantize_checkpoint(reference[name][1], tmp_path_factory.mktemp(f"fp8_{name}") / "ckpt", block)
+        twin = dequantized_twin(fp8, tmp_path_factory.mktemp(f"twin_{name}") / "ckpt")
+        model = Qwen3NextForCausalLM.from_pretrained(twin, dtype=torch.float32).eval()
+        model.generation_config.eos_token_id = None  # runs to max_new_tokens, as ignore_eos
+        out[name] = (model, fp8, twin)
+    return out
+
+
 @pytest.fixture(scope="module")
 def small(reference: dict[str, tuple[Qwen3NextForCausalLM, Path]]) -> tuple[HeadModel, LocalExpertBackend]:
     """Our head and in-process experts on the "small" reference checkpoint."""
@@ -70,6 +91,15 @@ def small(reference: dict[str, tuple[Qwen3NextForCausalLM, Path]]) -> tuple[Head
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny checkpoint in fine-grained FP8 (128 x 128 blocks: the experts' 64 rows are one ragged
+    block), and its dequantized twin (float32): what `nextserve quantize-fp8 TINY DST --twin TWIN` writes."""
+    out = tmp_path_factory.mktemp("tiny_fp8")
+    fp8 = quantize_checkpoint(tiny_dir, out / "fp8", (128, 128))
+    return fp8, dequantized_twin(fp8, out / "twin")
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,7 @@ from nextserve.cluster.control.reshard import ReshardError, plan_waves
 from nextserve.cluster.cli.up import UpOptions, read_state, run_up
 from nextserve.model.checkpoint import Checkpoint
 from nextserve.model.config import ConfigError
+from nextserve.model.loader import validate_checkpoint
 from nextserve.router.placement import build_placement
 
 
@@ -58,6 +59,9 @@ def app_args_of(args: argparse.Namespace, environ: Mapping[str, str]) -> AppArgs
 
 def cmd_up(args: argparse.Namespace) -> int:
     app = app_args_of(args, os.environ)
+    # A checkpoint the heads or workers cannot load fails here, with the line `generate` prints, not as
+    # Serve's "Failed to update the deployments" with the reason in a replica's log.
+    validate_checkpoint(app.model, app.dtype)
     return run_up(UpOptions(app=app, host=args.host, port=args.port, ray_address=os.environ.get("RAY_ADDRESS"),
                             state_file=state_file(app.cluster), direct_ingress=args.direct_ingress))
 

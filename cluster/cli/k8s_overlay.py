@@ -28,6 +28,10 @@ def _gib(nbytes: int) -> str:
     return f"{nbytes / GiB:.2f} GiB"
 
 
+def _scales(sizes: ModelSizes) -> str:
+    return f" FP8 + {sizes.routed_expert_scale_bytes:,} B of block scales" if sizes.routed_expert_scale_bytes else ""
+
+
 def _arithmetic(plan: CapacityPlan, config: Qwen3NextConfig, sizes: ModelSizes) -> list[str]:
     E, L, R, N = config.num_experts, len(config.expert_layers), plan.expert_replicas, plan.num_expert_workers
     rounds = len(config.moe_layers)
@@ -37,7 +41,8 @@ def _arithmetic(plan: CapacityPlan, config: Qwen3NextConfig, sizes: ModelSizes) 
         f"(CUDA context, activations, allocator slack) -> usable {plan.usable_bytes_per_gpu:,} B per GPU.",
         f"Experts: {E} per layer x {L} MoE layers ({len(config.mtp_layers)} of them MTP) x "
         f"{sizes.bytes_per_routed_expert:,} B "
-        f"(3 x {H} x {config.moe_intermediate_size} x {nbytes} B) = {sizes.bytes_all_routed_experts:,} B "
+        f"(3 x {H} x {config.moe_intermediate_size} x {sizes.routed_expert_weight_bytes} B{_scales(sizes)}) "
+        f"= {sizes.bytes_all_routed_experts:,} B "
         f"({_gib(sizes.bytes_all_routed_experts)}), R = {R}.",
         f"  N must satisfy ceil({E} x {R} / N) x {L} x {sizes.bytes_per_routed_expert:,} <= "
         f"{plan.usable_bytes_per_gpu:,}: at most {plan.max_experts_per_layer_per_worker} experts per layer per worker",

@@ -5,6 +5,7 @@
     nextserve scale --expert-workers N           re-shard the experts live onto N workers
     nextserve rebalance                          re-place experts for the measured load (EPLB), live
     nextserve make-tiny DIR                      write the tiny default checkpoint
+    nextserve quantize-fp8 SRC DST [--twin DIR]  a fine-grained FP8 checkpoint (and its dequantized twin)
     nextserve generate --model DIR|tiny PROMPT…  one-process generation (the engine, experts in-process)
     nextserve plan --config qwen3-coder-next     parameter counts and bytes, computed from a config
     nextserve bench model|step|dispatch|serve|gpu|engine …  benchmarks (see bench/)
@@ -34,6 +35,7 @@ from nextserve.cluster.cli.k8s_overlay import gpu_overlay_patch
 from nextserve.model.capacity import GPUS, plan_capacity
 from nextserve.model.sizes import model_sizes
 from nextserve.model.tiny import make_tiny
+from nextserve.model.fp8_checkpoint import DEFAULT_NOT_CONVERTED, dequantized_twin, quantize_checkpoint
 from nextserve.cluster.cli.cluster_commands import add_cluster_commands
 from nextserve.cluster.cli.usage import UsageError
 from nextserve.cluster.control.registry import RegistryUnreachableError
@@ -46,6 +48,23 @@ log = logging.getLogger("nextserve")
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     print(make_tiny(args.dir, args.pad_vocab))
+    return 0
+
+
+def parse_block(text: str) -> tuple[int, int]:
+    """'128' -> (128, 128); '128x64' -> (128, 64)."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"--block {text!r}: give ROWS or ROWSxCOLS, positive integers (e.g. 128)")
+    return int(parts[0]), int(parts[-1])
+
+
+def cmd_quantize_fp8(args: argparse.Namespace) -> int:
+    src = resolve_model(args.src)
+    out = quantize_checkpoint(src, args.dst, args.block, tuple(args.not_convert or DEFAULT_NOT_CONVERTED))
+    print(out)
+    if args.twin is not None:
+        print(dequantized_twin(out, args.twin, parse_dtype(args.twin_dtype)))
     return 0
 
 
@@ -170,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pad-vocab", type=int, default=0, metavar="ROWS",
                    help="embedding rows past the tokenizer (Qwen3-Coder-Next has 267), for testing padded vocabularies")
     p.set_defaults(func=cmd_make_tiny)
+    p = sub.add_parser("quantize-fp8", help="write SRC as a fine-grained FP8 checkpoint (the Qwen/DeepSeek FP8 "
+                       "release layout) to DST")
+    p.add_argument("src", help="an unquantized checkpoint dir, or 'tiny'")
+    p.add_argument("dst", type=Path)
+    p.add_argument("--block", type=parse_block, default=(128, 128), metavar="ROWS[xCOLS]",
+                   help="weight_block_size (default 128: 128 x 128, as the published releases)")
+    p.add_argument("--not-convert", action="append", metavar="MODULE",
+                   help=f"modules_to_not_convert (repeatable; default {' '.join(DEFAULT_NOT_CONVERTED)})")
+    p.add_argument("--twin", type=Path, metavar="DIR", help="also write the dequantized twin (fp8 x scale_inv per "
+                   "block) to DIR: the unquantized checkpoint the FP8 one means")
+    p.add_argument("--twin-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the twin's dtype (float32 holds fp8 x scale exactly)")
+    p.set_defaults(func=cmd_quantize_fp8)
     p = sub.add_parser("generate", help="generate in one process (head model + local experts)")
     p.add_argument("--model", default="tiny", help="checkpoint dir, or 'tiny' (made on first use)")
     p.add_argument("--max-tokens", type=int, default=32)

@@ -1,6 +1,9 @@
 """Elastic, fault-tolerant experts under live traffic (real Ray, real Redis, real gRPC, real HTTP):
 scaling 2 -> 4 -> 3, a SIGKILLed worker with R = 2, load-aware rebalancing, chaos. (A SIGKILLed worker
-with R = 1: test_two_workers.py; scaling in waves within each worker's memory: test_cluster_serving.py.)"""
+with R = 1: test_two_workers.py; scaling in waves within each worker's memory:
+shared_cluster/test_cluster_serving.py.) The cluster serves the tiny checkpoint as a fine-grained FP8 release
+(as a team deploying Qwen3-Coder-Next-FP8 would): workers hold FP8 experts + scales through every reshard,
+and the reference is transformers on its dequantized twin (tiny_fp8_hf)."""
 
 from __future__ import annotations
 
@@ -24,13 +27,13 @@ RESTORE_WITHIN_S = 30.0
 
 
 @pytest.fixture(scope="module")
-def replicated(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
-    proc = UpProcess(tiny_dir, tmp_path_factory.mktemp("r2"), 2, ["--expert-replicas", "2"])
+def replicated(tiny_fp8: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+    proc = UpProcess(tiny_fp8[0], tmp_path_factory.mktemp("r2"), 2, ["--expert-replicas", "2"])
     yield proc
     proc.interrupt()
 
 
-def test_scale_2_to_4_to_3_under_streams(replicated: UpProcess, tiny_hf: tuple) -> None:
+def test_scale_2_to_4_to_3_under_streams(replicated: UpProcess, tiny_fp8_hf: tuple) -> None:
     prompts = seeded_prompts(STREAMS)
 
     def scale() -> None:
@@ -43,10 +46,10 @@ def test_scale_2_to_4_to_3_under_streams(replicated: UpProcess, tiny_hf: tuple) 
     epoch_before = replicated.status()["epoch"]
     got = run_streams(replicated, prompts, 160, scale)
     assert replicated.status()["epoch"] >= epoch_before + 2
-    assert got == [hf_greedy_text(tiny_hf, p, 160) for p in prompts]
+    assert got == [hf_greedy_text(tiny_fp8_hf, p, 160) for p in prompts]
 
 
-def test_sigkill_with_two_replicas_changes_nothing(replicated: UpProcess, tiny_hf: tuple) -> None:
+def test_sigkill_with_two_replicas_changes_nothing(replicated: UpProcess, tiny_fp8_hf: tuple) -> None:
     prompts = seeded_prompts(STREAMS)
     restored_in: list[float] = []
 
@@ -63,7 +66,7 @@ def test_sigkill_with_two_replicas_changes_nothing(replicated: UpProcess, tiny_h
         restored_in.append(time.monotonic() - start)
 
     got = run_streams(replicated, prompts, 120, kill)
-    assert got == [hf_greedy_text(tiny_hf, p, 120) for p in prompts]
+    assert got == [hf_greedy_text(tiny_fp8_hf, p, 120) for p in prompts]
     print(f"replication restored {restored_in[0]:.1f} s after the SIGKILL")
 
 

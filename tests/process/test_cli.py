@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nextserve.cluster.app_args import AppArgs
@@ -258,3 +259,44 @@ def test_local_up_starts_its_own_ray_and_ctrl_c_deletes_only_its_app(monkeypatch
     with pytest.raises(_Stop):
         up.stop(options, "redis://127.0.0.1:1", None)
     assert calls == [("serve.delete", up.APP_NAME), ("ray.shutdown", None)]
+
+
+def test_quantize_fp8_writes_the_checkpoint_and_twin_the_fixture_holds(tiny_dir: Path, tiny_fp8: tuple[Path, Path],
+                                                                        tmp_path: Path) -> None:
+    """`nextserve quantize-fp8 TINY DST --block 128 --twin TWIN` gives, byte for byte, the session's tiny_fp8
+    (made through the API)."""
+    result = _run(["quantize-fp8", str(tiny_dir), str(tmp_path / "fp8"), "--block", "128",
+                   "--twin", str(tmp_path / "twin")])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(tmp_path / "fp8"), str(tmp_path / "twin")]
+    assert _digest(tmp_path / "fp8") == _digest(tiny_fp8[0]) and _digest(tmp_path / "twin") == _digest(tiny_fp8[1])
+    _one_line_error(_run(["quantize-fp8", str(tmp_path / "fp8"), str(tmp_path / "again")]), "already quantized")
+
+
+def test_generate_on_fp8_equals_transformers_on_its_twin(tiny_fp8: tuple[Path, Path]) -> None:
+    fp8, twin = tiny_fp8
+    prompts = ["def fibonacci(n):", "The quick brown fox"]
+    result = _run(["generate", "--model", str(fp8), "--max-tokens", "12", "--json", *prompts])
+    assert result.returncode == 0, result.stderr
+    tok = AutoTokenizer.from_pretrained(twin)
+    ref = AutoModelForCausalLM.from_pretrained(twin, dtype=torch.float32)
+    for line in map(json.loads, result.stdout.splitlines()):
+        ids = tok(line["prompt"], return_tensors="pt")["input_ids"]
+        assert line["token_ids"] == ref.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
+
+
+def test_up_names_an_fp8_checkpoint_it_cannot_load_as_generate_does(tiny_fp8: tuple[Path, Path],
+                                                                   tmp_path: Path) -> None:
+    """A misshaped expert scale: `up` checks the checkpoint before deploying and prints generate's line."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_fp8[0], bad)
+    key = "model.layers.5.mlp.experts.7.down_proj.weight_scale_inv"
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    shard = bad / index["weight_map"][key]
+    tensors = load_file(shard)
+    tensors[key] = torch.ones(1, 1)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    line = _one_line_error(_run(["generate", "--model", str(bad), "hi"]), key, "(1, 1)", "needs (2, 1)")
+    up_line = _one_line_error(_run(["up", "--model", str(bad), "--redis-url", f"redis://127.0.0.1:{_closed_port()}"],
+                                   env=NO_CLUSTER))
+    assert up_line == line

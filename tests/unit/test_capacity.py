@@ -119,3 +119,26 @@ def test_plan_json_with_a_gpu_adds_the_capacity(capsys: pytest.CaptureFixture[st
 def test_emit_overlay_needs_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--emit-overlay"]) == 2
     assert "--emit-overlay needs --gpu" in capsys.readouterr().err
+
+
+FP8_CONFIG = Qwen3NextConfig.from_dict(PUBLISHED_CONFIGS["qwen3-coder-next-fp8"])
+
+
+def test_an_fp8_routed_expert_counts_its_fp8_bytes_and_scales() -> None:
+    """1 B per weight + float32 scales per 128 x 128 block (gate, up: 4 x 16 blocks; down: 16 x 4) = 0.500x."""
+    fp8 = model_sizes(FP8_CONFIG)
+    assert fp8.routed_expert_scale_bytes == (4 * 16 + 4 * 16 + 16 * 4) * 4 == 768
+    assert fp8.bytes_per_routed_expert == 3 * 2048 * 512 + 768 == 3_146_496
+    assert fp8.bytes_per_routed_expert <= 0.55 * SIZES.bytes_per_routed_expert
+    assert fp8.bytes_per_head_replica == SIZES.bytes_per_head_replica  # heads dequantize at load: bf16
+    for gpu, bf16_workers, fp8_workers in (("h100-80gb", 3, 2), ("h200", 2, 1)):
+        plans = [plan_capacity(c, model_sizes(c), GPUS[gpu], concurrency=256, context_tokens=32768)
+                 for c in (CONFIG, FP8_CONFIG)]
+        assert [p.num_expert_workers for p in plans] == [bf16_workers, fp8_workers]
+
+
+def test_fp8_overlay_shows_the_fp8_arithmetic(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--config", "qwen3-coder-next-fp8", "--gpu", "h100-80gb", "--emit-overlay"]) == 0
+    out = capsys.readouterr().out
+    assert "x 3,146,496 B (3 x 2048 x 512 x 1 B FP8 + 768 B of block scales)" in out
+    assert "expert_workers: 2" in out
