@@ -7,8 +7,9 @@ Routed experts are stored per expert (`model.layers.N.mlp.experts.E.{gate,up,dow
 as the public checkpoints are); transformers' fused `mlp.experts.{gate_up_proj,down_proj}` layout is
 read too, by slicing. The multi-token-prediction layer (`mtp.*`, Qwen3-Next's layout: `mtp.fc`,
 `mtp.pre_fc_norm_embedding`, `mtp.pre_fc_norm_hidden`, `mtp.layers.J.*` as a decoder layer, `mtp.norm`) is read
-as layer num_hidden_layers + J: its routed experts `mtp.layers.J.mlp.experts.*` like any layer's. A config.json
-without `num_nextn_predict_layers` takes the count from the `mtp.layers.J` tensors present (none: no MTP).
+as layer num_hidden_layers + J: its routed experts `mtp.layers.J.mlp.experts.*` like any layer's. The MTP layers
+counted are the `mtp.layers.J` present (none: no MTP), whatever config.json's `num_nextn_predict_layers` says
+(transformers' save_pretrained keeps that count and drops the mtp.* tensors).
 
 A fine-grained FP8 checkpoint (config.json's `quantization_config`, model/quantization.py) stores a
 converted module's `X.weight` as float8_e4m3fn beside `X.weight_scale_inv`; `read_fp8` reads such a pair
@@ -76,10 +77,15 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint directory {self.path} does not exist")
         self.config = Qwen3NextConfig.from_json(self.path)
         self.key_to_file = self._index()
-        if "num_nextn_predict_layers" not in json.loads((self.path / "config.json").read_text()):
-            found = {int(m.group(1)) for key in self.key_to_file if (m := MTP_LAYER_KEY.match(key))}
-            if found:
-                self.config = dataclasses.replace(self.config, num_nextn_predict_layers=max(found) + 1)
+        # The MTP layers are those whose tensors are here: config.json may count them or not, and a checkpoint
+        # saved by transformers (which has no MTP) keeps the config's count without the mtp.* tensors.
+        found = {int(m.group(1)) for key in self.key_to_file if (m := MTP_LAYER_KEY.match(key))}
+        present = max(found) + 1 if found else 0
+        if present != self.config.num_nextn_predict_layers:
+            if not found:
+                log.info("%s: config.json counts %d MTP layers but holds no mtp.* tensors: served without MTP",
+                         self.path, self.config.num_nextn_predict_layers)
+            self.config = dataclasses.replace(self.config, num_nextn_predict_layers=present)
 
     def _index(self) -> dict[str, str]:
         index = self.path / INDEX_FILE
