@@ -87,7 +87,7 @@ class HeadDeployment:
                 stats = self.engine.stats()
                 self.registry.register_head(self.head_id, {
                     "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "epoch": self.backend.epoch,
-                    **stats.load_fields()})
+                    **stats.load_fields(), **self.streams.heartbeat_fields()})
             except Exception as exc:  # Redis restarting: keep serving
                 log.warning("head heartbeat failed: %s", exc)
 

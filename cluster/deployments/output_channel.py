@@ -143,6 +143,15 @@ class HeadOutputChannels:
     def __init__(self, head_id: str, idle_close_s: float = CHANNEL_IDLE_CLOSE_S) -> None:
         self.head_id, self.idle_close_s = head_id, idle_close_s
         self._channels: dict[str, _HeadChannel] = {}  # gateway_id -> its newest channel
+        self.num_messages = 0
+        """Batches sent on channels since start."""
+        self.num_outputs = 0
+        """Outputs (and errors) those batches carried: num_outputs / num_messages is how much steps coalesced."""
+
+    def heartbeat_fields(self) -> dict[str, int]:
+        """For the head's registry entry (`nextserve status`): channels open here, and what they carried."""
+        return {"output_channels": len(self._channels), "channel_messages": self.num_messages,
+                "channel_outputs": self.num_outputs}
 
     async def generate(self, request_id: str, outputs: AsyncGenerator[StepOutput, None],
                        gateway_id: str | None) -> AsyncGenerator[StepOutput | EngineError | StreamStart, None]:
@@ -183,6 +192,8 @@ class HeadOutputChannels:
         try:
             yield ChannelReady(self.head_id)
             while (batch := await channel.next_batch(self.idle_close_s)) is not None:
+                self.num_messages += 1
+                self.num_outputs += len(batch)
                 yield batch
         finally:
             channel.is_closed = True  # a request still attached yields channel_lost on its own call

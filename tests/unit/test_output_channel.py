@@ -132,7 +132,7 @@ def test_streams_on_a_channel_get_what_their_own_calls_get_and_a_step_goes_as_on
     requests = [EngineRequest(f"chan-{i}", prompt(i), greedy(n)) for i, n in enumerate(lengths)]
     expected = [server.engine.reference(list(r.prompt_ids), r.params) for r in requests]
 
-    async def main() -> tuple[LoopbackHead, list[list[StepOutput]], list[list[StepOutput]]]:
+    async def main() -> tuple[LoopbackHead, list[list[StepOutput]], list[list[StepOutput]], dict[str, int]]:
         head = LoopbackHead(server)
         gateway = GatewayOutputChannels(head.open_channel)
         direct = GatewayOutputChannels(head.open_channel, is_enabled=False)
@@ -142,10 +142,11 @@ def test_streams_on_a_channel_get_what_their_own_calls_get_and_a_step_goes_as_on
         on_channel = await asyncio.gather(*(collect(gateway, head, r) for r in requests))
         plain = await asyncio.gather(*(collect(direct, head, EngineRequest(f"plain-{i}", r.prompt_ids, r.params))
                                        for i, r in enumerate(requests)))
+        fields = head.streams.heartbeat_fields()
         await gateway.close()
-        return head, on_channel, plain
+        return head, on_channel, plain, fields
 
-    head, on_channel, plain = run(main)
+    head, on_channel, plain, fields = run(main)
     for outs, same, want in zip(on_channel, plain, expected):
         check_stream(outs, want)
         check_stream(same, want)
@@ -158,6 +159,7 @@ def test_streams_on_a_channel_get_what_their_own_calls_get_and_a_step_goes_as_on
     delivered = sum(len(b) for b in batches)
     assert delivered == sum(len(o) - 1 for o in on_channel)  # every output but the first, each once
     assert len(batches) < delivered and max(len(b) for b in batches) >= 2  # steps' outputs shared messages
+    assert fields == {"output_channels": 1, "channel_messages": len(batches), "channel_outputs": delivered}
     assert all(isinstance(item, StepOutput) for b in batches for _, item in b)
     for i, r in enumerate(requests):  # the plain gateway never named itself: outputs as they are, no StreamStart
         assert isinstance(head.calls[f"plain-{i}"].items[0], StepOutput)
