@@ -5,8 +5,9 @@ deployment into the `EngineClient` it needs. Requests stream from one head repli
 by its prompt's prefix, deployments/prefix_router.py); after a request's first output, its outputs come
 on the output channel of that head replica (one message per step for all of this replica's streams
 there, deployments/output_channel.py) once one is open; the running/waiting counts and the
-cluster-wide health come from the Redis registry, which sees every head and worker. Readiness (this replica can serve now) asks a head replica itself and
-checks in the registry that every expert of the placement has a heartbeating replica.
+cluster-wide health come from the Redis registry, which sees every head and worker. Readiness (this
+replica can serve now) asks a head replica itself and checks in the registry that every expert of the
+placement has a heartbeating replica.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 from fastapi import FastAPI
 from ray import serve
@@ -68,8 +70,9 @@ class HeadHandleClient:
         raised it there. Closing this before the last output cancels the call: the head aborts the request."""
         request_id = request.request_id
         try:
-            async for out in self.channels.generate(request, self._start_call):
-                yield out
+            async with aclosing(self.channels.generate(request, self._start_call)) as outputs:
+                async for out in outputs:  # closed early (the client left): cancels the call, the head aborts
+                    yield out
         except BackPressureError:  # every head replica busy and Serve's queue for them full
             raise EngineOverloadedError("every head replica is busy and the gateway's queue for them is full; "
                                         "retry after the Retry-After delay") from None

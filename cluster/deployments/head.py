@@ -17,6 +17,7 @@ import os
 import threading
 import dataclasses
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 import ray
 import torch
@@ -76,7 +77,7 @@ class HeadDeployment:
         self.engine = Engine(head, self.backend, AutoTokenizer.from_pretrained(args.model), scheduler,
                              args.context_length(), args.cache_config(free))
         self.head_id = serve.get_replica_context().replica_id.unique_id
-        self.streams = HeadOutputChannels(self.head_id)
+        self.channels = HeadOutputChannels(self.head_id)
         self.registry.register_head(self.head_id, {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()})
         self._stop = threading.Event()
         threading.Thread(target=self._heartbeat, name="head-heartbeat", daemon=True).start()
@@ -87,7 +88,7 @@ class HeadDeployment:
                 stats = self.engine.stats()
                 self.registry.register_head(self.head_id, {
                     "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "epoch": self.backend.epoch,
-                    **stats.load_fields(), **self.streams.heartbeat_fields()})
+                    **stats.load_fields(), **self.channels.heartbeat_fields()})
             except Exception as exc:  # Redis restarting: keep serving
                 log.warning("head heartbeat failed: %s", exc)
 
@@ -99,13 +100,16 @@ class HeadDeployment:
         error would carry this process's traceback, pid and address to the client. With the `gateway_id`
         of a gateway replica: StreamStart first, and the rest on that gateway's output channel when it
         has one here (cluster/deployments/output_channel.py)."""
-        async for item in self.streams.generate(request.request_id, self.engine.generate(request), gateway_id):
-            yield item
+        async with aclosing(self.channels.generate(request.request_id, self.engine.generate(request),
+                                                   gateway_id)) as items:
+            async for item in items:  # closed early (Serve cancels it): closes the engine's stream, which aborts
+                yield item
 
     async def channel(self, request: ChannelOpen) -> AsyncGenerator[ChannelReady | list[ChannelItem], None]:
         """A gateway replica's output channel: every step's outputs of its requests here as one message."""
-        async for message in self.streams.channel(request):
-            yield message
+        async with aclosing(self.channels.channel(request)) as messages:
+            async for message in messages:
+                yield message
 
     async def stats(self) -> EngineStats:
         latency, tokens = self.backend.recorder.drain()

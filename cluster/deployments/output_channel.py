@@ -110,6 +110,11 @@ class _HeadChannel:
         self.is_closed = False
         self._ready = asyncio.Event()
 
+    def detach(self, request_id: str) -> None:
+        """The request ended (or was cancelled): once none is left, the channel's idle time starts."""
+        self.attached.discard(request_id)
+        self._ready.set()  # a wait without a timeout (requests were attached) becomes an idle wait
+
     def put(self, request_id: str, item: StepOutput | EngineError) -> bool:
         """Queue `item` for the next batch (merged with the request's unsent output); False once closed."""
         if self.is_closed:
@@ -174,7 +179,7 @@ class HeadOutputChannels:
                             yield channel_lost(self.head_id)
                             return
                 finally:
-                    channel.attached.discard(request_id)
+                    channel.detach(request_id)
                 return
             async for item in items:
                 yield item

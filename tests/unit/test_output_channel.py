@@ -74,18 +74,18 @@ class LoopbackHead:
 
     def __init__(self, server: Server, head_id: str = "head-a", idle_close_s: float = 30.0) -> None:
         self.engine = server.engine.engine
-        self.streams = HeadOutputChannels(head_id, idle_close_s)
+        self.head = HeadOutputChannels(head_id, idle_close_s)
         self.calls: dict[str, LoopbackCall] = {}
-        self.channels: list[LoopbackCall] = []
+        self.channel_calls: list[LoopbackCall] = []
 
     def start_call(self, request: EngineRequest, gateway_id: str | None) -> LoopbackCall:
-        call = LoopbackCall(self.streams.generate(request.request_id, self.engine.generate(request), gateway_id))
+        call = LoopbackCall(self.head.generate(request.request_id, self.engine.generate(request), gateway_id))
         self.calls[request.request_id] = call
         return call
 
     def open_channel(self, request: ChannelOpen) -> LoopbackCall:
-        self.channels.append(LoopbackCall(self.streams.channel(request)))
-        return self.channels[-1]
+        self.channel_calls.append(LoopbackCall(self.head.channel(request)))
+        return self.channel_calls[-1]
 
     def start_of(self, request_id: str) -> StreamStart:
         start = self.calls[request_id].items[0]
@@ -93,7 +93,7 @@ class LoopbackHead:
         return start
 
     def batches(self) -> list[list[tuple[str, StepOutput | EngineError]]]:
-        return [m for c in self.channels for m in c.items if isinstance(m, list)]
+        return [m for c in self.channel_calls for m in c.items if isinstance(m, list)]
 
 
 def run(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -142,7 +142,7 @@ def test_streams_on_a_channel_get_what_their_own_calls_get_and_a_step_goes_as_on
         on_channel = await asyncio.gather(*(collect(gateway, head, r) for r in requests))
         plain = await asyncio.gather(*(collect(direct, head, EngineRequest(f"plain-{i}", r.prompt_ids, r.params))
                                        for i, r in enumerate(requests)))
-        fields = head.streams.heartbeat_fields()
+        fields = head.head.heartbeat_fields()
         await gateway.close()
         return head, on_channel, plain, fields
 
@@ -150,8 +150,7 @@ def test_streams_on_a_channel_get_what_their_own_calls_get_and_a_step_goes_as_on
     for outs, same, want in zip(on_channel, plain, expected):
         check_stream(outs, want)
         check_stream(same, want)
-    channel_id = head.channels[0].items[0]
-    assert isinstance(channel_id, ChannelReady)
+    assert isinstance(head.channel_calls[0].items[0], ChannelReady)
     assert all(head.start_of(r.request_id).channel_id is not None for r in requests)
     for r in requests:  # after StreamStart, a request's own call carried nothing
         assert len(head.calls[r.request_id].items) == 1
@@ -255,7 +254,7 @@ def test_a_lost_channel_fails_its_requests_and_the_next_request_streams_on_its_o
         await until(lambda: gateway.num_open == 1, "channel open")
         stream = gateway.generate(EngineRequest("lost-0", prompt(1), greedy(60)), head.start_call)
         await anext(stream)
-        head.channels[0].fail(ConnectionError("the transport broke"))
+        head.channel_calls[0].fail(ConnectionError("the transport broke"))
         with pytest.raises(EngineUnavailableError, match="lost"):
             async for _ in stream:
                 pass
@@ -273,14 +272,15 @@ def test_a_lost_channel_fails_its_requests_and_the_next_request_streams_on_its_o
 
 def test_an_idle_channel_ends_and_a_refused_one_is_not_retried_at_once(server: Server) -> None:
     async def main() -> None:
-        head = LoopbackHead(server, idle_close_s=0.2)
+        head = LoopbackHead(server)
         gateway = GatewayOutputChannels(head.open_channel)
         await collect(gateway, head, EngineRequest("idle-0", prompt(0), greedy(2)))
         await until(lambda: gateway.num_open == 1, "channel open")
+        head.head.idle_close_s = 0.2  # the channel's next idle wait, after the request below used it
         await collect(gateway, head, EngineRequest("idle-1", prompt(1), greedy(3)))
         assert head.start_of("idle-1").channel_id is not None
         await until(lambda: gateway.num_open == 0, "the head ended the idle channel")
-        assert head.channels[0].task.done() and not head.streams._channels
+        assert head.channel_calls[0].task.done() and head.head.heartbeat_fields()["output_channels"] == 0
         await collect(gateway, head, EngineRequest("idle-2", prompt(2), greedy(2)))
         assert head.start_of("idle-2").channel_id is None
         await until(lambda: gateway.num_open == 1, "reopened")
@@ -289,9 +289,9 @@ def test_an_idle_channel_ends_and_a_refused_one_is_not_retried_at_once(server: S
         other = LoopbackHead(server, head_id="head-b")  # Serve routed the channel to a replica it does not name
         misrouted = GatewayOutputChannels(other.open_channel, retry_s=60.0)
         await collect(misrouted, head, EngineRequest("refused-0", prompt(3), greedy(2)))
-        await until(lambda: len(other.channels) == 1 and other.channels[0].task.done(), "refused")
-        assert other.channels[0].items == [] and misrouted.num_open == 0
+        await until(lambda: len(other.channel_calls) == 1 and other.channel_calls[0].task.done(), "refused")
+        assert other.channel_calls[0].items == [] and misrouted.num_open == 0
         await collect(misrouted, head, EngineRequest("refused-1", prompt(4), greedy(2)))
-        assert head.start_of("refused-1").channel_id is None and len(other.channels) == 1  # not retried yet
+        assert head.start_of("refused-1").channel_id is None and len(other.channel_calls) == 1  # not retried yet
 
     run(main)
