@@ -20,6 +20,7 @@ import pytest
 from gateway_local_engine import Server, wait_until
 from nextserve.cluster.deployments.output_channel import (ChannelOpen, ChannelReady, GatewayOutputChannels,
                                                           HeadOutputChannels, StreamStart)
+from nextserve.cluster.gateway.admission import STREAM_BUFFER_ITEMS, idle_bounded
 from nextserve.cluster.engine.contract import (EngineError, EngineRequest, EngineRequestError, EngineUnavailableError,
                                                ErrorCode, FinishReason, SamplingParams, StepOutput)
 
@@ -214,6 +215,39 @@ def test_closing_a_stream_aborts_only_its_request_and_drops_what_is_in_flight_fo
     wait_until(lambda: engine.is_dropped("leaves-0"), "the engine freed the aborted request")
     for outs, want in zip(results, expected):
         check_stream(outs, want)
+
+
+def test_a_client_that_reads_nothing_is_cut_off_by_idle_bounded_as_before(server: Server) -> None:
+    """The gateway's bound on a stream (admission.py idle_bounded) over a stream on a channel: its buffer
+    fills, it waits the idle timeout, closes the stream, and the head aborts the request."""
+    engine = server.engine.engine
+
+    async def main() -> tuple[list[StepOutput], EngineError]:
+        head = LoopbackHead(server)
+        gateway = GatewayOutputChannels(head.open_channel)
+        await collect(gateway, head, EngineRequest("idle-warm", prompt(0), greedy(2)))
+        await until(lambda: gateway.num_open == 1, "channel open")
+        request = EngineRequest("idle-client", prompt(6), greedy(100))
+        release = server.engine.faults.fail_after(12)  # the engine stalls after 12 steps: it cannot finish
+        try:
+            stream = idle_bounded(gateway.generate(request, head.start_call), 0.3, request.request_id)
+            got = [await anext(stream)]
+            await until(lambda: head.calls["idle-client"].task.done(), "the head's call ended")  # reading nothing
+            assert "idle-client" in engine.aborted
+        finally:  # disarmed if the abort came first, else the stalled step fails (the request was aborted)
+            server.engine.faults.forwards_before_failure = None
+            release.set()
+        assert head.start_of("idle-client").channel_id is not None
+        with pytest.raises(EngineError) as cut:
+            async for out in stream:
+                got.append(out)
+        await gateway.close()
+        return got, cut.value
+
+    got, error = run(main)
+    assert error.code is ErrorCode.CLIENT_TIMEOUT and len(got) <= 1 + STREAM_BUFFER_ITEMS
+    assert got[-1].completion_tokens <= 12
+    wait_until(lambda: engine.is_dropped("idle-client"), "the engine freed the request its client stopped reading")
 
 
 def test_refusals_and_a_failed_step_reach_only_their_requests(server: Server) -> None:
