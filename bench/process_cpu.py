@@ -1,9 +1,11 @@
 """CPU seconds of processes and threads on this machine (Linux /proc), and of a local cluster by role.
 
-`cluster_cpu_by_role()` snapshots every process of this user but the benchmark itself and its
-children, classified from its command line: the head replicas, the expert workers, the gateway, and
-the rest of the serving stack (Ray's own processes, the Serve controller and proxy, the cluster
-controller, Redis, `nextserve up`). Two snapshots around a run give what each role spent on it.
+`cluster_processes()` finds every process of this user but the benchmark itself and its children,
+classified from its command line: the head replicas, the expert workers, the gateway, and the rest of
+the serving stack (Ray's own processes, the Serve controller and proxy, the cluster controller, Redis,
+`nextserve up`); given a root (a `nextserve up` pid: its Ray, Redis and every actor descend from it),
+only that process and its descendants, so another cluster on a shared machine is not counted. Two
+snapshots around a run give what each role spent on it.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ def role_of(cmdline: str) -> str | None:
     return None
 
 
-def _own_tree() -> set[int]:
-    """This process and its descendants (the benchmark's own work is not the cluster's)."""
+def _process_tree(root_pid: int) -> set[int]:
+    """`root_pid` and its descendants (alive now)."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -54,7 +56,7 @@ def _own_tree() -> set[int]:
                 parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
-    tree, grew = {os.getpid()}, True
+    tree, grew = {root_pid}, True
     while grew:
         grew = False
         for pid, parent in parents.items():
@@ -64,11 +66,13 @@ def _own_tree() -> set[int]:
     return tree
 
 
-def cluster_processes() -> dict[int, str]:
-    """pid -> role of every cluster process of this user on this machine, the benchmark's tree excluded."""
-    own, uid, found = _own_tree(), os.getuid(), {}
+def cluster_processes(root_pid: int | None = None) -> dict[int, str]:
+    """pid -> role of every cluster process of this user on this machine, the benchmark's tree excluded;
+    with `root_pid`, only that process and its descendants (one `nextserve up` of several)."""
+    own, uid, found = _process_tree(os.getpid()), os.getuid(), {}
+    scope = None if root_pid is None else _process_tree(root_pid)
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in own:
+        if not entry.name.isdigit() or int(entry.name) in own or (scope is not None and int(entry.name) not in scope):
             continue
         try:
             if entry.stat().st_uid != uid:

@@ -192,8 +192,9 @@ async def _send(client: openai.AsyncOpenAI, model_name: str, req: BenchRequest) 
 
 
 async def _run_served(client: openai.AsyncOpenAI, model_name: str, workload: list[BenchRequest],
-                      concurrency: int, name: str = "mixed", measure_cpu: bool = False) -> ServeBenchRow:
-    processes = cluster_processes() if measure_cpu else {}
+                      concurrency: int, name: str = "mixed", measure_cpu: bool = False,
+                      cpu_root: int | None = None) -> ServeBenchRow:
+    processes = cluster_processes(cpu_root) if measure_cpu else {}
     cpu_before, client_before = cpu_snapshot(processes), time.process_time()
     gate = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(workload), desc=f"served c={concurrency}", unit="req", file=sys.stderr)
@@ -210,7 +211,7 @@ async def _run_served(client: openai.AsyncOpenAI, model_name: str, workload: lis
     row = summarize(concurrency, results, time.perf_counter() - start, name)
     if not measure_cpu:
         return row
-    processes = cluster_processes()  # again: a process started during the run counts from 0
+    processes = cluster_processes(cpu_root)  # again: a process started during the run counts from 0
     spent = cpu_by_role(processes, cpu_before, cpu_snapshot(processes))
     per_token = {role: s * 1e3 / max(row.output_tokens, 1) for role, s in spent.items()}
     client = (time.process_time() - client_before) * 1e3 / max(row.output_tokens, 1)
@@ -220,7 +221,7 @@ async def _run_served(client: openai.AsyncOpenAI, model_name: str, workload: lis
 async def _served_sweep(url: str, api_key: str, model_name: str | None, workload: list[BenchRequest],
                         concurrencies: list[int],
                         fresh: Callable[[int], tuple[list[BenchRequest], list[BenchRequest]]] | None = None,
-                        measure_cpu: bool = False) -> list[ServeBenchRow]:
+                        measure_cpu: bool = False, cpu_root: int | None = None) -> list[ServeBenchRow]:
     """The workload at each concurrency, after one warm-up request; the served name defaults to /v1/models'.
     With `fresh` (--shared-prefix): for the i-th concurrency, fresh(i) gives a shared-prefix workload (the
     one prefix, new suffixes) and its cold twin, each never sent before, run one after the other."""
@@ -234,12 +235,13 @@ async def _served_sweep(url: str, api_key: str, model_name: str | None, workload
         if warmup.error is not None:
             raise BenchError(f"the warm-up request to {url} failed: {warmup.error}")
         if fresh is None:
-            return [await _run_served(client, model_name, workload, c, measure_cpu=measure_cpu) for c in concurrencies]
+            return [await _run_served(client, model_name, workload, c, measure_cpu=measure_cpu, cpu_root=cpu_root)
+                    for c in concurrencies]
         rows = []
         for i, c in enumerate(concurrencies):
             shared, cold = fresh(i)
-            rows.append(await _run_served(client, model_name, shared, c, "shared-prefix", measure_cpu))
-            rows.append(await _run_served(client, model_name, cold, c, "cold", measure_cpu))
+            rows.append(await _run_served(client, model_name, shared, c, "shared-prefix", measure_cpu, cpu_root))
+            rows.append(await _run_served(client, model_name, cold, c, "cold", measure_cpu, cpu_root))
         return rows
 
 
@@ -386,6 +388,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(the distribution tax: tok/s ratio)")
     p.add_argument("--cpu", action="store_true",
                    help="CPU per output token of this machine's cluster processes by role (a local server only)")
+    p.add_argument("--cpu-root", type=int, metavar="PID",
+                   help="with --cpu: count only PID (the `nextserve up` process) and its descendants, when other "
+                        "clusters run on this machine (default: every cluster process of this user)")
     p.add_argument("--json", action="store_true", help="one JSON line per concurrency")
     p.add_argument("--plot", type=Path, help="draw the curve to this PNG (and its rows to the .json beside it)")
 
@@ -394,6 +399,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.in_process and args.shared_prefix:
             raise BenchError("--in-process runs the default workload; drop --shared-prefix for it (or run them apart)")
+        if args.cpu_root is not None and not Path(f"/proc/{args.cpu_root}").exists():
+            raise BenchError(f"--cpu-root {args.cpu_root}: no such process here; pass the pid of the `nextserve up` "
+                             f"serving --url (or drop --cpu-root to count every cluster process)")
         token_ids = checkpoint_prompt_token_ids(args.model)
         workload = make_workload(args.requests, args.prompt_len, args.max_tokens, token_ids, args.seed,
                                  args.fixed_lengths, args.shared_prefix)
@@ -405,7 +413,7 @@ def run(args: argparse.Namespace) -> int:
             return shared, cold_twin(shared, token_ids, seed)
 
         rows = asyncio.run(_served_sweep(args.url, args.api_key, args.model_name, workload, args.concurrency,
-                                         fresh if args.shared_prefix else None, args.cpu))
+                                         fresh if args.shared_prefix else None, args.cpu, args.cpu_root))
     except BenchError as e:
         print(f"nextserve: error: {e}", file=sys.stderr)
         return 2

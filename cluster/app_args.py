@@ -88,6 +88,11 @@ class AppArgs(BaseModel):
     then it is treated as gone: its request is aborted and its slot and blocks freed."""
     max_request_body_bytes: int = Field(default_of(GatewayLimits, "max_request_body_bytes"), ge=1)
     """Largest request body the gateway reads (GatewayLimits.max_request_body_bytes); past it: 413."""
+    output_channels: bool = True
+    """Heads send a step's outputs for all of one gateway replica's streams as one message, on an output
+    channel per gateway replica and head replica (cluster/deployments/output_channel.py); off: each
+    stream's outputs travel on its own request, one message per stream per step (what clients see is the
+    same either way; `nextserve bench serve --cpu` measures the CPU per token of each)."""
     max_tokens_per_step: int = Field(default_of(SchedulerConfig, "max_tokens_per_step"), ge=1)
     """Token budget of one head step, decodes + prefill chunks (SchedulerConfig.max_tokens_per_step): it
     bounds a step's latency, and is at least max_num_seqs, so a full batch of decodes fits."""

@@ -112,7 +112,8 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"slots {h.get('slots_used', 0)}/{h.get('slots_total', '-')}  "
               f"preemptions {h.get('num_preemptions', 0)}  cached blocks {h.get('blocks_cached', 0)}  "
               f"prefix hits {h.get('prefix_cache_hit_tokens', 0)}/{h.get('prefix_cache_queried_tokens', 0)} tokens  "
-              f"{'alive' if h['alive'] else 'DEAD'}")
+              f"output channels {h.get('output_channels', 0)} ({h.get('channel_outputs', 0)} outputs in "
+              f"{h.get('channel_messages', 0)} messages)  {'alive' if h['alive'] else 'DEAD'}")
     return 0
 
 

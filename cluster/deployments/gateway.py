@@ -2,9 +2,12 @@
 
 The app itself is `cluster.gateway.app.build_app`; this file adapts a Serve handle to the head
 deployment into the `EngineClient` it needs. Requests stream from one head replica (Serve routes each
-to the least busy); the running/waiting counts and the cluster-wide health come from the Redis registry,
-which sees every head and worker. Readiness (this replica can serve now) asks a head replica itself and
-checks in the registry that every expert of the placement has a heartbeating replica.
+by its prompt's prefix, deployments/prefix_router.py); after a request's first output, its outputs come
+on the output channel of that head replica (one message per step for all of this replica's streams
+there, deployments/output_channel.py) once one is open; the running/waiting counts and the
+cluster-wide health come from the Redis registry, which sees every head and worker. Readiness (this
+replica can serve now) asks a head replica itself and checks in the registry that every expert of the
+placement has a heartbeating replica.
 """
 
 from __future__ import annotations
@@ -13,17 +16,19 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.engine.contract import (EngineError, EngineOverloadedError, EngineRequest, EngineStats,
                                                EngineUnavailableError, StepOutput, summed_load)
+from nextserve.cluster.deployments.output_channel import ChannelOpen, GatewayOutputChannels
 from nextserve.cluster.gateway.app import build_app
 from nextserve.cluster.gateway.generation import Readiness
 from nextserve.cluster.control.registry import MemberRecord, Registry
@@ -44,6 +49,9 @@ class HeadHandleClient:
     def __init__(self, heads: DeploymentHandle, args: AppArgs) -> None:
         self.heads = heads
         self.args = args
+        self._streaming = heads.options(stream=True)
+        self.channels = GatewayOutputChannels(self._open_channel, args.output_channels)
+        """This replica's output channels from the head replicas (cluster/deployments/output_channel.py)."""
         self.registry = Registry(args.redis_url, args.cluster)
         self._tokenizer = AutoTokenizer.from_pretrained(args.model)
         self._max_model_len = args.context_length()
@@ -57,17 +65,14 @@ class HeadHandleClient:
         return self._max_model_len
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[StepOutput, None]:
-        """The head's StepOutputs; its EngineError (a refusal, unavailability, a failed step) is raised here
-        as the engine raised it there."""
+        """The head's StepOutputs (on the request's call, or on the output channel of the head replica that
+        took it); its EngineError (a refusal, unavailability, a failed step) is raised here as the engine
+        raised it there. Closing this before the last output cancels the call: the head aborts the request."""
         request_id = request.request_id
-        stream = self.heads.options(stream=True).generate.remote(request)
-        finished = False
         try:
-            async for item in stream:
-                if isinstance(item, Exception):
-                    raise item
-                finished = item.finish_reason is not None
-                yield item
+            async with aclosing(self.channels.generate(request, self._start_call)) as outputs:
+                async for out in outputs:  # closed early (the client left): cancels the call, the head aborts
+                    yield out
         except BackPressureError:  # every head replica busy and Serve's queue for them full
             raise EngineOverloadedError("every head replica is busy and the gateway's queue for them is full; "
                                         "retry after the Retry-After delay") from None
@@ -80,9 +85,12 @@ class HeadHandleClient:
         except Exception:  # whatever else Ray raises: logged here, never its text (pids, addresses) to a client
             log.exception("request %s failed between the gateway and its head", request_id)
             raise EngineError("the server failed while generating this request; it was logged, retry it") from None
-        finally:
-            if not finished:
-                stream.cancel()  # the client left: the head's generator is cancelled and aborts the sequence
+
+    def _start_call(self, request: EngineRequest, gateway_id: str | None) -> DeploymentResponseGenerator:
+        return self._streaming.generate.remote(request, gateway_id)
+
+    def _open_channel(self, request: ChannelOpen) -> DeploymentResponseGenerator:
+        return self._streaming.channel.remote(request)
 
     async def stats(self) -> EngineStats:
         """One head's drained dispatch deltas; the load fields (queue, cache, preemptions) summed over every

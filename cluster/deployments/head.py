@@ -5,7 +5,9 @@ GPU when Ray gave the replica one and torch sees CUDA; the experts' wire stays C
 model/device.py) -> its one expert backend, following the placement epoch from Redis and recording
 for /metrics (router/epoch_follower.py) -> start the engine -> register in Redis and
 heartbeat (with the running / waiting counts and the epoch in use). `generate` streams the engine's
-typed outputs and errors, `stats` the engine's stats: Ray pickles them, nothing goes through dicts.
+typed outputs and errors, on the request's own call or, after its first output, on its gateway replica's
+output channel (`channel`: one message per step for all of that gateway's streams here,
+output_channel.py); `stats` the engine's stats: Ray pickles them, nothing goes through dicts.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import threading
 import dataclasses
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 import ray
 import torch
@@ -26,6 +29,8 @@ from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.deployments.controller import start_cluster
 from nextserve.cluster.engine.contract import EngineError, EngineRequest, EngineStats, StepOutput
 from nextserve.cluster.engine.engine import Engine
+from nextserve.cluster.deployments.output_channel import (ChannelItem, ChannelOpen, ChannelReady, HeadOutputChannels,
+                                                          StreamStart)
 from nextserve.router.epoch_follower import EpochFollowingBackend
 from nextserve.cluster.deployments.expert_worker import HEAD_RESOURCE, experts_use_gpus
 from nextserve.cluster.control.registry import HEARTBEAT_S, Registry
@@ -71,6 +76,7 @@ class HeadDeployment:
         self.engine = Engine(head, self.backend, AutoTokenizer.from_pretrained(args.model), scheduler,
                              args.context_length(), args.cache_config(free), args.speculative())
         self.head_id = serve.get_replica_context().replica_id.unique_id
+        self.channels = HeadOutputChannels(self.head_id)
         self.registry.register_head(self.head_id, {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()})
         self._stop = threading.Event()
         threading.Thread(target=self._heartbeat, name="head-heartbeat", daemon=True).start()
@@ -81,23 +87,28 @@ class HeadDeployment:
                 stats = self.engine.stats()
                 self.registry.register_head(self.head_id, {
                     "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "epoch": self.backend.epoch,
-                    **stats.load_fields()})
+                    **stats.load_fields(), **self.channels.heartbeat_fields()})
             except Exception as exc:  # Redis restarting: keep serving
                 log.warning("head heartbeat failed: %s", exc)
 
-    async def generate(self, request: EngineRequest) -> AsyncGenerator[StepOutput | EngineError, None]:
+    async def generate(self, request: EngineRequest, gateway_id: str | None = None) -> AsyncGenerator[
+            StepOutput | EngineError | StreamStart, None]:
         """The engine's StepOutputs as they are (Ray pickles them), or one EngineError as the last item (its
         code says what the client is told: a refusal, experts without a live worker after waiting
         `unavailable_wait_s`, a failed step). Nothing else leaves this method as an exception: a Ray
-        error would carry this process's traceback, pid and address to the client."""
-        try:
-            async for out in self.engine.generate(request):
-                yield out
-        except EngineError as exc:
-            yield exc
-        except Exception:
-            log.exception("request %s failed in its head", request.request_id)
-            yield EngineError("the server failed while generating this request; it was logged, retry it")
+        error would carry this process's traceback, pid and address to the client. With the `gateway_id`
+        of a gateway replica: StreamStart first, and the rest on that gateway's output channel when it
+        has one here (cluster/deployments/output_channel.py)."""
+        async with aclosing(self.channels.generate(request.request_id, self.engine.generate(request),
+                                                   gateway_id)) as items:
+            async for item in items:  # closed early (Serve cancels it): closes the engine's stream, which aborts
+                yield item
+
+    async def channel(self, request: ChannelOpen) -> AsyncGenerator[ChannelReady | list[ChannelItem], None]:
+        """A gateway replica's output channel: every step's outputs of its requests here as one message."""
+        async with aclosing(self.channels.channel(request)) as messages:
+            async for message in messages:
+                yield message
 
     async def stats(self) -> EngineStats:
         latency, tokens = self.backend.recorder.drain()

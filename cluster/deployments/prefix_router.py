@@ -6,6 +6,8 @@
         ranked = replicas by rendezvous hash of (key, replica)  (highest random weight first)
         first choice ranked[0], unless it has IMBALANCE more requests queued than the least loaded one:
         then the least loaded (Serve's own probing picks among them)
+    gateway's handle --channel(ChannelOpen)--> the replica the ChannelOpen names (output_channel.py); every
+        replica when it is not among them (one that is not named refuses it)
 
 Rendezvous hashing keeps a key on its replica while replicas come and go: adding or removing one of M
 replicas moves only the keys that rank it first (about 1/M of the conversations, whose next turn then
@@ -30,6 +32,7 @@ from collections.abc import Sequence
 from ray.serve.request_router import (FIFOMixin, LocalityMixin, MultiplexMixin, PendingRequest, RequestRouter,
                                      RunningReplica)
 
+from nextserve.cluster.deployments.output_channel import ChannelOpen
 from nextserve.cluster.engine.contract import EngineRequest
 from nextserve.model.cache.prefix_cache import salt_key
 
@@ -70,6 +73,9 @@ class PrefixAffinityRouter(FIFOMixin, MultiplexMixin, LocalityMixin, RequestRout
             # Every round offers every replica, so the next round must back off: without it Serve's routing
             # task retries at once, never yielding to the loop that answers its queue-length probes.
             pending_request.routing_context.should_backoff = True
+        named = _named_replica(pending_request)
+        if named is not None:  # an output channel is for one head replica
+            return [[r for r in candidate_replicas if r.replica_id.unique_id == named] or candidate_replicas]
         request = _request_of(pending_request)
         if request is None or len(candidate_replicas) < 2:
             return [candidate_replicas]  # stats / probes: the least loaded
@@ -80,6 +86,14 @@ class PrefixAffinityRouter(FIFOMixin, MultiplexMixin, LocalityMixin, RequestRout
         if queued[0] - min(queued) > IMBALANCE:
             return [candidate_replicas]
         return [ranked[:1], ranked[1:]]
+
+
+def _named_replica(pending_request: PendingRequest | None) -> str | None:
+    """The head replica a HeadDeployment.channel(ChannelOpen) call is for, else None."""
+    if pending_request is None or pending_request.metadata.call_method != "channel" or not pending_request.args:
+        return None
+    request = pending_request.args[0]
+    return request.head_id if isinstance(request, ChannelOpen) else None
 
 
 def _request_of(pending_request: PendingRequest | None) -> EngineRequest | None:

@@ -42,3 +42,29 @@ def test_a_busy_cluster_process_outside_the_benchmark_tree_is_counted() -> None:
         assert spent["experts"] >= 0.3  # it spins on a core for the whole second (2 cores, shared)
     finally:
         os.kill(pid, signal.SIGKILL)
+
+
+def test_a_root_pid_scopes_the_count_to_its_tree() -> None:
+    """Two clusters on one machine: with a root, only the root and its descendants are counted. The root is a
+    shell re-parented away from this process (sh starts it in the background and exits), with a worker-like
+    child; another worker-like process outside it is seen without a root and left out with one."""
+    sleep = "import time; time.sleep(30)"
+    tree = subprocess.run(["sh", "-c", f"sh -c '{sys.executable} -c \"{sleep}\" nextserve.experts.server & wait' "
+                                       f">/dev/null 2>&1 & echo $!"], capture_output=True, text=True, check=True)
+    other = subprocess.run(["sh", "-c", f"{sys.executable} -c '{sleep}' nextserve.experts.server >/dev/null 2>&1 & "
+                                        f"echo $!"], capture_output=True, text=True, check=True)
+    root, outside = int(tree.stdout.strip()), int(other.stdout.strip())
+    try:
+        deadline = time.time() + 10
+        while len(inside := cluster_processes(root)) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        # the shell (its command line names the worker too) and its worker-like child; not the other one
+        assert root in inside and len(inside) == 2 and set(inside.values()) == {"experts"}
+        assert outside not in inside
+        assert outside in cluster_processes()
+    finally:
+        for pid in [outside, root, *inside]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -18,7 +18,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster_harness import UpProcess, hf_greedy_text, run_streams, seeded_prompts, wait_for
+from cluster_harness import UpProcess, hf_greedy_text, run_streams, seeded_prompts, stream_completion, wait_for
 from shared_cluster.conftest import MAX_EXPERTS_PER_WORKER, SHARED_WORKERS
 
 pytestmark = pytest.mark.cluster
@@ -95,6 +95,29 @@ def test_streaming_is_incremental(up: UpProcess) -> None:
                 arrivals.append(time.monotonic())
     assert len(arrivals) >= 8  # tokens come in several events, not one
     assert arrivals[-1] - arrivals[0] > 0.1  # the first event came well before the last
+
+
+def test_concurrent_streams_share_the_heads_output_channel(up: UpProcess, served_hf: tuple) -> None:
+    """Once the gateway holds an output channel to the head (a request there opens it; Serve routes the
+    channel to the replica it names), concurrent streams get their outputs on it, several in one message,
+    each stream exactly transformers' greedy text. (The cancellation test below then runs on it.)"""
+    prompts = seeded_prompts(8)
+
+    def head() -> dict:
+        return up.status()["heads"][0]
+
+    stream_completion(up.base_url, prompts[0], 2)
+    wait_for(lambda: head().get("output_channels", 0) == 1, 60, "the gateway's output channel to the head")
+    before = head()
+    stream_completion(up.base_url, prompts[1], 2)  # on the channel: it stays open (idle for 10 s, it ends)
+    got = run_streams(up, prompts, 24, lambda: None)
+    done_at = time.time()
+    wait_for(lambda: head()["heartbeat"] > done_at, 30, "a heartbeat after the streams")
+    after = head()
+    assert got == [hf_greedy_text(served_hf, p, 24) for p in prompts]
+    outputs = after["channel_outputs"] - before["channel_outputs"]
+    messages = after["channel_messages"] - before["channel_messages"]
+    assert outputs >= 8 + 1 and messages < outputs, (outputs, messages)
 
 
 def test_cancelled_stream_frees_its_sequence(up: UpProcess) -> None:
