@@ -4,8 +4,11 @@ and the status record /metrics and `nextserve status` show. Pure: time is passed
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from nextserve.cluster.cli.cluster_commands import scaling_lines
 from nextserve.cluster.control.autoscale_meter import BusyReading, WorkerLoadMeter
 from nextserve.cluster.control.autoscale_policy import (Direction, ScaleRange, ScaleRangeError, ScalingDecision,
                                                         WorkerAutoscaleConfig, WorkerAutoscalePolicy, WorkerLoad)
@@ -171,3 +174,11 @@ def test_scaling_status_round_trips_and_feeds_metrics() -> None:
     assert 'nextserve_scaling_decisions{direction="up",pool="heads"} 2.0' in text
     assert 'nextserve_scaling_decisions{direction="down",pool="workers"} 0.0' in text
     assert 'reason="pool busy 0.90: busy 0.90 > 0.6 for 10 s"' in text
+
+
+def test_status_lines_show_sizes_ranges_and_the_last_decision() -> None:
+    decision = ScalingDecision("heads", 1, 2, Direction.UP, "Serve's autoscaler: 5.0 requests", 1.7e9)
+    status = json.loads(ScalingStatus(1, 2, "1:2", 2, 2, None, last_decision=decision, last_reason="").to_json())
+    lines = scaling_lines(status)
+    assert lines[0] == "scaling: heads 1 (desired 2, autoscaled 1:2)  workers 2 (desired 2, fixed)"
+    assert lines[1].endswith("heads 1 -> 2: Serve's autoscaler: 5.0 requests") and len(lines) == 2
