@@ -162,7 +162,7 @@ class WorkerAutoscalePolicy:
                                 f"{current} workers is outside the range {floor}:{ceiling}")
         if not loads:
             self.hot_since = self.cold_since = None
-            return self._hold(current, now, "no worker answered this window")
+            return self._hold(current, now, "no load measured this window (a first reading, or no worker answered)")
         busy = sum(w.busy_fraction for w in loads) / len(loads)
         queue = max(w.mean_inflight for w in loads)
         measured = f"pool busy {busy:.2f}, most calls in flight {queue:.2f}"

@@ -122,7 +122,7 @@ def test_the_floor_keeps_r_replicas_and_every_expert_served_at_the_floor() -> No
 
 def test_no_measurements_hold() -> None:
     decision = WorkerAutoscalePolicy(CONFIG).decide([], 3, 0)
-    assert decision.direction is Direction.HOLD and "no worker answered" in decision.reason
+    assert decision.direction is Direction.HOLD and "no load measured" in decision.reason
 
 
 def test_config_refuses_an_inverted_band_and_replicas_past_the_range() -> None:
