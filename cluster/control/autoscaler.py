@@ -114,7 +114,7 @@ class Autoscaler:
             replicas = None
         current, desired = replicas if replicas is not None else (len(alive), len(alive))
         before = self.status.heads_desired
-        if before and desired != before:
+        if self.status.heads_range and before and desired != before:  # fixed heads: a restart is no decision
             ongoing = sum(int(h.fields.get("num_running", 0)) + int(h.fields.get("num_waiting", 0)) for h in alive)
             per_head = ongoing / max(1, len(alive))
             self._record(ScalingDecision(

@@ -8,7 +8,9 @@ Redis (`nextserve scale`), runs a requested or scheduled rebalance, recreates a 
 gone, re-syncs a worker that (re)started on a new address (it LoadExperts what its assignment has and it
 lacks, DropExperts what it holds beyond it) before republishing, rewrites everything Redis lost (spec,
 every `assign:{i}`, the placement with its addresses under an epoch above the last), and adds the
-workers' token counters to the load statistics. A restarted controller recovers the spec and the
+workers' token counters to the load statistics; every 2 s the autoscaler measures the workers' busy
+time and, with --autoscale-expert-workers, resizes the pool through `scale` (cluster/control/autoscaler.py,
+autoscale_policy.py). A restarted controller recovers the spec and the
 placement from Redis and re-attaches to the named workers, which outlive it.
 """
 
