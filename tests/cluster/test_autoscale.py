@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from nextserve.cluster.control.registry import Registry
+
 from cluster_harness import UpProcess, hf_greedy_text, seeded_prompts, stream_completion, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -39,15 +41,16 @@ def up(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpP
         proc.interrupt()
 
 
-def _sizes(up: UpProcess) -> tuple[int, int]:
-    """(heads alive, workers of the placement) as `nextserve status` shows them."""
-    status = up.status()
-    heads = sum(1 for h in status["heads"] if h["alive"])
-    workers = (status["scaling"] or {}).get("workers_current", len(status["workers"]))
-    return heads, workers
+def _sizes(registry: Registry) -> tuple[int, int]:
+    """(heads alive, workers of the published placement), read from the cluster's registry in this
+    process (what `nextserve status` reads; a CLI process per poll is slow on a loaded machine)."""
+    heads = sum(1 for h in registry.heads() if h.alive)
+    record = registry.placement()
+    return heads, record.placement.num_workers if record else 0
 
 
 def test_load_scales_heads_and_workers_up_and_idle_back_to_the_minimum(up: UpProcess, tiny_hf: tuple) -> None:
+    registry = Registry(up.state()["redis_url"])
     prompts = seeded_prompts(CONCURRENCY)
     answers: list[tuple[int, str]] = []
     errors: list[BaseException] = []
@@ -64,7 +67,7 @@ def test_load_scales_heads_and_workers_up_and_idle_back_to_the_minimum(up: UpPro
     seen = {"heads": 1, "workers": 2}
 
     def grown() -> bool:
-        heads, workers = _sizes(up)
+        heads, workers = _sizes(registry)
         seen["heads"], seen["workers"] = max(seen["heads"], heads), max(seen["workers"], workers)
         return seen["heads"] == 2 and seen["workers"] == 3
 
@@ -80,7 +83,7 @@ def test_load_scales_heads_and_workers_up_and_idle_back_to_the_minimum(up: UpPro
             stop.set()
     assert not errors, errors[:3]
     idle = time.monotonic()
-    wait_for(lambda: _sizes(up) == (1, 2), 150, "1 head and 2 workers after the load stopped")
+    wait_for(lambda: _sizes(registry) == (1, 2), 150, "1 head and 2 workers after the load stopped")
     shrank_s = time.monotonic() - idle
     print(f"grew to 2 heads + 3 workers in {grew_s:.0f} s of load; back to 1 + 2 in {shrank_s:.0f} s idle; "
           f"{len(answers)} requests")
@@ -90,10 +93,10 @@ def test_load_scales_heads_and_workers_up_and_idle_back_to_the_minimum(up: UpPro
     assert [i for i, text in answers if text != want[i]] == []
     assert stream_completion(up.base_url, prompts[0], MAX_TOKENS) == want[0]  # after the changes too
 
-    scaling = up.status()["scaling"]
-    assert scaling["decisions"].get("workers:up", 0) >= 1 and scaling["decisions"].get("workers:down", 0) >= 1
-    assert scaling["decisions"].get("heads:up", 0) >= 1 and scaling["decisions"].get("heads:down", 0) >= 1
-    assert scaling["last_decision"]["reason"]
+    scaling = registry.scaling_status()
+    assert scaling is not None and scaling.last_decision is not None and scaling.last_decision.reason
+    assert scaling.decisions.get("workers:up", 0) >= 1 and scaling.decisions.get("workers:down", 0) >= 1
+    assert scaling.decisions.get("heads:up", 0) >= 1 and scaling.decisions.get("heads:down", 0) >= 1
     text = up.cli("status").stdout
     assert "scaling: heads 1 (desired 1, autoscaled 1:2)  workers 2 (desired 2, autoscaled 2:3)" in text
     assert "last scaling decision" in text
