@@ -21,7 +21,7 @@ from nextserve.cluster.deployments.prefix_router import PrefixAffinityRouter
 
 def build_app(args: dict[str, Any]) -> Application:
     app_args = AppArgs(**args).with_redis_password(os.environ).with_admin_token(os.environ)  # the one env read
-    options: dict[str, Any] = {"num_replicas": app_args.head_replicas,
+    options: dict[str, Any] = {
                                # the engine refuses past its queue (429); Serve's queue in front of the heads
                                # (requests not yet handed to a replica) is bounded too
                                "max_ongoing_requests": max(HEAD_MAX_ONGOING_REQUESTS,
@@ -29,6 +29,11 @@ def build_app(args: dict[str, Any]) -> Application:
                                "max_queued_requests": HEAD_MAX_QUEUED_REQUESTS,
                                # a conversation keeps landing on the head that holds its prefix cache
                                "request_router_config": RequestRouterConfig(request_router_class=PrefixAffinityRouter)}
+    autoscaling = app_args.head_autoscaling()
+    if autoscaling is None:
+        options["num_replicas"] = app_args.head_replicas
+    else:  # Serve adds and removes head replicas on their ongoing requests (AppArgs.head_autoscaling)
+        options["autoscaling_config"] = autoscaling
     if app_args.head_num_gpus:
         options["ray_actor_options"] = {**HeadDeployment.ray_actor_options, "num_gpus": app_args.head_num_gpus}
     heads = HeadDeployment.options(**options).bind(app_args)

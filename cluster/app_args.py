@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from nextserve.cluster.control.autoscale_policy import ScaleRange, WorkerAutoscaleConfig
 from nextserve.cluster.control.registry import redacted_url
 from nextserve.cluster.engine.scheduler import SchedulerConfig
 from nextserve.cluster.engine.speculative_config import SpeculativeConfig
@@ -27,6 +28,10 @@ def default_of(config: type, name: str) -> Any:
     """The default of field `name` of the config dataclass `config`: where that default is declared."""
     return config.__dataclass_fields__[name].default
 
+
+WORKER_AUTOSCALE_ARGS = {"autoscale_expert_workers", "expert_replicas", "autoscale_busy_high", "autoscale_busy_low",
+                         "autoscale_upscale_delay_s", "autoscale_downscale_delay_s", "autoscale_cooldown_s"}
+"""The fields the controller's worker policy is built from (its ClusterSpec carries the same)."""
 
 NOT_A_FLAG: dict[str, Any] = {"cli": False}
 """json_schema_extra of a field `nextserve up` has no flag for: a secret (a command line shows in `ps`)."""
@@ -49,6 +54,31 @@ class AppArgs(BaseModel):
     head_replicas: int = Field(1, ge=1)
     """M: head replicas (attention, DeltaNet and the engine, each with its own cache); a conversation
     keeps landing on the replica that holds its prefix."""
+    autoscale_heads: str | None = None
+    """MIN:MAX: Ray Serve scales the head replicas within it on their ongoing requests (target: max_num_seqs
+    per replica, the sequences one runs at once); head_replicas is where it starts. None: head_replicas
+    fixed."""
+    autoscale_expert_workers: str | None = None
+    """MIN:MAX: the controller scales the expert workers within it on their measured busy fraction and
+    queueing, through the live reshard (waves within max_experts_per_worker); expert_workers is where it
+    starts, and MIN is at least expert_replicas. None: expert_workers fixed (`nextserve scale` by hand)."""
+    autoscale_busy_high: float = Field(default_of(WorkerAutoscaleConfig, "busy_high"), gt=0, le=1)
+    """Expert workers are added when the pool's busy fraction (share of time computing a Dispatch) stays
+    above this for autoscale_upscale_delay_s."""
+    autoscale_busy_low: float = Field(default_of(WorkerAutoscaleConfig, "busy_low"), ge=0, lt=1)
+    """One expert worker is removed when the pool's busy fraction stays below this for
+    autoscale_downscale_delay_s (and one fewer would stay below autoscale_busy_high)."""
+    autoscale_upscale_delay_s: float = Field(default_of(WorkerAutoscaleConfig, "upscale_delay_s"), ge=0)
+    """Seconds load must stay high before heads or workers are added (Serve's upscale_delay_s for heads)."""
+    autoscale_downscale_delay_s: float = Field(default_of(WorkerAutoscaleConfig, "downscale_delay_s"), ge=0)
+    """Seconds load must stay low before heads or workers are removed (Serve's downscale_delay_s for
+    heads); with the defaults an idle cluster is back at its minimum within about a minute."""
+    autoscale_cooldown_s: float = Field(default_of(WorkerAutoscaleConfig, "cooldown_s"), ge=0)
+    """Seconds after a change of the expert workers before the next one (a reshard settles, loads are
+    measured again)."""
+    autoscale_look_back_s: float = Field(15.0, gt=0)
+    """Seconds over which Serve averages the heads' ongoing requests (its look_back_period_s; above its
+    10 s metrics push interval) and the controller samples the workers' busy time (every 2 s)."""
     max_experts_per_worker: int | None = Field(None, ge=1)
     """The most (layer, expert) pairs an expert worker may hold at any moment (its memory: `nextserve plan`
     computes it); scaling and rebalancing move in waves within it. None: no bound."""
@@ -154,6 +184,43 @@ class AppArgs(BaseModel):
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_tokens_per_step=self.max_tokens_per_step,
                                prefill_chunk=self.prefill_chunk, micro_batches=micro_batches,
                                max_queued_requests=self.max_queued_requests)
+
+    def head_autoscaling(self) -> dict[str, Any] | None:
+        """Serve's autoscaling_config for the head deployment, or None (head_replicas fixed). The target is
+        max_num_seqs ongoing requests per replica: past it a head queues what another replica would run."""
+        if self.autoscale_heads is None:
+            return None
+        heads = ScaleRange.parse(self.autoscale_heads)
+        return {"min_replicas": heads.minimum, "max_replicas": heads.maximum, "initial_replicas": self.head_replicas,
+                "target_ongoing_requests": self.max_num_seqs, "upscale_delay_s": self.autoscale_upscale_delay_s,
+                "downscale_delay_s": self.autoscale_downscale_delay_s,
+                "look_back_period_s": self.autoscale_look_back_s}
+
+    def min_head_replicas(self) -> int:
+        """The fewest head replicas the cluster runs: head_replicas, or autoscale_heads' MIN."""
+        return ScaleRange.parse(self.autoscale_heads).minimum if self.autoscale_heads else self.head_replicas
+
+    def worker_autoscaling(self) -> WorkerAutoscaleConfig | None:
+        """The controller's expert-worker policy settings, or None (expert_workers fixed)."""
+        return WorkerAutoscaleConfig.from_fields(self.model_dump(include=WORKER_AUTOSCALE_ARGS))
+
+    @model_validator(mode="after")
+    def _autoscale_ranges_fit(self) -> "AppArgs":
+        """Each range parses, holds its starting size, and the workers' MIN keeps R replicas per expert."""
+        for field, start, start_field in (("autoscale_heads", self.head_replicas, "head_replicas"),
+                                          ("autoscale_expert_workers", self.expert_workers, "expert_workers")):
+            text = getattr(self, field)
+            if text is None:
+                continue
+            scale = ScaleRange.parse(text)
+            if not scale.minimum <= start <= scale.maximum:
+                raise ValueError(f"{start_field}={start} is outside {field}={text}: it is the size the cluster "
+                                 f"starts at; set it within the range")
+        workers = self.worker_autoscaling()  # ValueError naming busy_low/busy_high or expert_replicas
+        if workers is not None and workers.range.minimum < self.expert_replicas:
+            raise ValueError(f"autoscale_expert_workers={self.autoscale_expert_workers} goes below expert_replicas="
+                             f"{self.expert_replicas}: every expert needs that many distinct workers; raise MIN")
+        return self
 
     def gateway_limits(self) -> GatewayLimits:
         """What the gateway refuses or cuts off before a head sees it (cluster/gateway/admission.py)."""

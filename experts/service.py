@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from nextserve.experts.busy_clock import BusyClock
 from nextserve.experts.compute import INDEX_BYTES, ExpertsNotHeld, InvalidDispatch, compute_partial, decode_dispatch
 from nextserve.experts.store import ExpertStore
 from nextserve.model.checkpoint import CheckpointError
@@ -48,6 +49,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self._inflight_by_epoch: dict[int, int] = {}
         """Dispatch calls being computed, by the epoch they were sent under: the controller drains a
         placement change on it (cluster/control/reshard.py)."""
+        self.busy = BusyClock()
+        """Seconds busy and call-seconds in flight (InfoReply.busy_s, inflight_s): the autoscaler's input."""
 
     async def Dispatch(self, request: expert_pb2.DispatchRequest,
                        context: grpc.aio.ServicerContext) -> expert_pb2.DispatchReply:
@@ -68,6 +71,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         """One Dispatch's reply, or one with error_code / error set (what a unary call aborts with)."""
         self._inflight += 1  # only touched on the loop thread, like _inflight_by_epoch
         self._inflight_by_epoch[request.epoch] = self._inflight_by_epoch.get(request.epoch, 0) + 1
+        self.busy.start()
         try:
             if len(request.expert_ids) <= INLINE_MAX_PAIRS * INDEX_BYTES:
                 return self._serve(request)
@@ -83,6 +87,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             log.exception("Dispatch failed")  # head's stream (its other messages) goes on
             return _failed(request, grpc.StatusCode.INTERNAL, f"the worker failed: {type(exc).__name__}: {exc}")
         finally:
+            self.busy.end()
             self._inflight -= 1
             left = self._inflight_by_epoch.pop(request.epoch) - 1
             if left:
@@ -106,6 +111,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
     def info(self) -> expert_pb2.InfoReply:
         served = self.store.tokens_served()
+        busy_s, inflight_s = self.busy.totals()
         with self._stats_lock:
             return expert_pb2.InfoReply(
                 experts=[expert_pb2.ExpertLoad(layer=l, expert=e, tokens_served=served.get((l, e), 0))
@@ -113,7 +119,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
                 dtype=TORCH_TO_DTYPE[self.store.dtype], epoch=self.store.epoch,
                 hidden_size=self.store.config.hidden_size, dispatch_calls=self._calls,
                 hidden_bytes=self._hidden_bytes, inflight=self._inflight,
-                inflight_by_epoch=dict(self._inflight_by_epoch))
+                inflight_by_epoch=dict(self._inflight_by_epoch), busy_s=busy_s, inflight_s=inflight_s)
 
     async def LoadExperts(self, request: expert_pb2.LoadExpertsRequest,
                           context: grpc.aio.ServicerContext) -> expert_pb2.InfoReply:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnextserve/proto/expert.proto\x12\x13nextserve.expert.v1\"\xe5\x01\n\x0f\x44ispatchRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12)\n\x05\x64type\x18\x03 \x01(\x0e\x32\x1a.nextserve.expert.v1.DType\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x0e\n\x06hidden\x18\x06 \x01(\x0c\x12\x0f\n\x07weights\x18\t \x01(\x0c\x12\x0e\n\x06\x63ounts\x18\n \x01(\x0c\x12\x12\n\nexpert_ids\x18\x0b \x01(\x0c\x12\x0f\n\x07\x63\x61ll_id\x18\x0c \x01(\x04J\x04\x08\x07\x10\x08J\x04\x08\x08\x10\t\"\xa8\x01\n\rDispatchReply\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12)\n\x05\x64type\x18\x03 \x01(\x0e\x32\x1a.nextserve.expert.v1.DType\x12\x0f\n\x07partial\x18\x04 \x01(\x0c\x12\x0f\n\x07\x63\x61ll_id\x18\x05 \x01(\x04\x12\x12\n\nerror_code\x18\x06 \x01(\r\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"*\n\tExpertKey\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"B\n\nExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x15\n\rtokens_served\x18\x03 \x01(\x04\"\r\n\x0bInfoRequest\"\xe0\x02\n\tInfoReply\x12\x30\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1f.nextserve.expert.v1.ExpertLoad\x12)\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1a.nextserve.expert.v1.DType\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x16\n\x0e\x64ispatch_calls\x18\x05 \x01(\x04\x12\x14\n\x0chidden_bytes\x18\x08 \x01(\x04\x12\x10\n\x08inflight\x18\t \x01(\r\x12N\n\x11inflight_by_epoch\x18\n \x03(\x0b\x32\x33.nextserve.expert.v1.InfoReply.InflightByEpochEntry\x1a\x36\n\x14InflightByEpochEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01J\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08\"T\n\x12LoadExpertsRequest\x12/\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1e.nextserve.expert.v1.ExpertKey\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"T\n\x12\x44ropExpertsRequest\x12/\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1e.nextserve.expert.v1.ExpertKey\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"3\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\x04\"\x1c\n\tEchoReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c*E\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x32\xdd\x04\n\rExpertService\x12T\n\x08\x44ispatch\x12$.nextserve.expert.v1.DispatchRequest\x1a\".nextserve.expert.v1.DispatchReply\x12^\n\x0e\x44ispatchStream\x12$.nextserve.expert.v1.DispatchRequest\x1a\".nextserve.expert.v1.DispatchReply(\x01\x30\x01\x12H\n\x04Info\x12 .nextserve.expert.v1.InfoRequest\x1a\x1e.nextserve.expert.v1.InfoReply\x12V\n\x0bLoadExperts\x12\'.nextserve.expert.v1.LoadExpertsRequest\x1a\x1e.nextserve.expert.v1.InfoReply\x12V\n\x0b\x44ropExperts\x12\'.nextserve.expert.v1.DropExpertsRequest\x1a\x1e.nextserve.expert.v1.InfoReply\x12H\n\x04\x45\x63ho\x12 .nextserve.expert.v1.EchoRequest\x1a\x1e.nextserve.expert.v1.EchoReply\x12R\n\nEchoStream\x12 .nextserve.expert.v1.EchoRequest\x1a\x1e.nextserve.expert.v1.EchoReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnextserve/proto/expert.proto\x12\x13nextserve.expert.v1\"\xe5\x01\n\x0f\x44ispatchRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12)\n\x05\x64type\x18\x03 \x01(\x0e\x32\x1a.nextserve.expert.v1.DType\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x0e\n\x06hidden\x18\x06 \x01(\x0c\x12\x0f\n\x07weights\x18\t \x01(\x0c\x12\x0e\n\x06\x63ounts\x18\n \x01(\x0c\x12\x12\n\nexpert_ids\x18\x0b \x01(\x0c\x12\x0f\n\x07\x63\x61ll_id\x18\x0c \x01(\x04J\x04\x08\x07\x10\x08J\x04\x08\x08\x10\t\"\xa8\x01\n\rDispatchReply\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12)\n\x05\x64type\x18\x03 \x01(\x0e\x32\x1a.nextserve.expert.v1.DType\x12\x0f\n\x07partial\x18\x04 \x01(\x0c\x12\x0f\n\x07\x63\x61ll_id\x18\x05 \x01(\x04\x12\x12\n\nerror_code\x18\x06 \x01(\r\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"*\n\tExpertKey\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"B\n\nExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x15\n\rtokens_served\x18\x03 \x01(\x04\"\r\n\x0bInfoRequest\"\x84\x03\n\tInfoReply\x12\x30\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1f.nextserve.expert.v1.ExpertLoad\x12)\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1a.nextserve.expert.v1.DType\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x16\n\x0e\x64ispatch_calls\x18\x05 \x01(\x04\x12\x14\n\x0chidden_bytes\x18\x08 \x01(\x04\x12\x10\n\x08inflight\x18\t \x01(\r\x12N\n\x11inflight_by_epoch\x18\n \x03(\x0b\x32\x33.nextserve.expert.v1.InfoReply.InflightByEpochEntry\x12\x0e\n\x06\x62usy_s\x18\x0b \x01(\x01\x12\x12\n\ninflight_s\x18\x0c \x01(\x01\x1a\x36\n\x14InflightByEpochEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01J\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08\"T\n\x12LoadExpertsRequest\x12/\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1e.nextserve.expert.v1.ExpertKey\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"T\n\x12\x44ropExpertsRequest\x12/\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1e.nextserve.expert.v1.ExpertKey\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"3\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\x04\"\x1c\n\tEchoReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c*E\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x32\xdd\x04\n\rExpertService\x12T\n\x08\x44ispatch\x12$.nextserve.expert.v1.DispatchRequest\x1a\".nextserve.expert.v1.DispatchReply\x12^\n\x0e\x44ispatchStream\x12$.nextserve.expert.v1.DispatchRequest\x1a\".nextserve.expert.v1.DispatchReply(\x01\x30\x01\x12H\n\x04Info\x12 .nextserve.expert.v1.InfoRequest\x1a\x1e.nextserve.expert.v1.InfoReply\x12V\n\x0bLoadExperts\x12\'.nextserve.expert.v1.LoadExpertsRequest\x1a\x1e.nextserve.expert.v1.InfoReply\x12V\n\x0b\x44ropExperts\x12\'.nextserve.expert.v1.DropExpertsRequest\x1a\x1e.nextserve.expert.v1.InfoReply\x12H\n\x04\x45\x63ho\x12 .nextserve.expert.v1.EchoRequest\x1a\x1e.nextserve.expert.v1.EchoReply\x12R\n\nEchoStream\x12 .nextserve.expert.v1.EchoRequest\x1a\x1e.nextserve.expert.v1.EchoReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFOREPLY_INFLIGHTBYEPOCHENTRY']._loaded_options = None
   _globals['_INFOREPLY_INFLIGHTBYEPOCHENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1193
-  _globals['_DTYPE']._serialized_end=1262
+  _globals['_DTYPE']._serialized_start=1229
+  _globals['_DTYPE']._serialized_end=1298
   _globals['_DISPATCHREQUEST']._serialized_start=54
   _globals['_DISPATCHREQUEST']._serialized_end=283
   _globals['_DISPATCHREPLY']._serialized_start=286
@@ -46,17 +46,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=568
   _globals['_INFOREQUEST']._serialized_end=581
   _globals['_INFOREPLY']._serialized_start=584
-  _globals['_INFOREPLY']._serialized_end=936
-  _globals['_INFOREPLY_INFLIGHTBYEPOCHENTRY']._serialized_start=870
-  _globals['_INFOREPLY_INFLIGHTBYEPOCHENTRY']._serialized_end=924
-  _globals['_LOADEXPERTSREQUEST']._serialized_start=938
-  _globals['_LOADEXPERTSREQUEST']._serialized_end=1022
-  _globals['_DROPEXPERTSREQUEST']._serialized_start=1024
-  _globals['_DROPEXPERTSREQUEST']._serialized_end=1108
-  _globals['_ECHOREQUEST']._serialized_start=1110
-  _globals['_ECHOREQUEST']._serialized_end=1161
-  _globals['_ECHOREPLY']._serialized_start=1163
-  _globals['_ECHOREPLY']._serialized_end=1191
-  _globals['_EXPERTSERVICE']._serialized_start=1265
-  _globals['_EXPERTSERVICE']._serialized_end=1870
+  _globals['_INFOREPLY']._serialized_end=972
+  _globals['_INFOREPLY_INFLIGHTBYEPOCHENTRY']._serialized_start=906
+  _globals['_INFOREPLY_INFLIGHTBYEPOCHENTRY']._serialized_end=960
+  _globals['_LOADEXPERTSREQUEST']._serialized_start=974
+  _globals['_LOADEXPERTSREQUEST']._serialized_end=1058
+  _globals['_DROPEXPERTSREQUEST']._serialized_start=1060
+  _globals['_DROPEXPERTSREQUEST']._serialized_end=1144
+  _globals['_ECHOREQUEST']._serialized_start=1146
+  _globals['_ECHOREQUEST']._serialized_end=1197
+  _globals['_ECHOREPLY']._serialized_start=1199
+  _globals['_ECHOREPLY']._serialized_end=1227
+  _globals['_EXPERTSERVICE']._serialized_start=1301
+  _globals['_EXPERTSERVICE']._serialized_end=1906
 # @@protoc_insertion_point(module_scope)

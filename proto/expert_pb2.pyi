@@ -81,7 +81,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("experts", "dtype", "epoch", "hidden_size", "dispatch_calls", "hidden_bytes", "inflight", "inflight_by_epoch")
+    __slots__ = ("experts", "dtype", "epoch", "hidden_size", "dispatch_calls", "hidden_bytes", "inflight", "inflight_by_epoch", "busy_s", "inflight_s")
     class InflightByEpochEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,8 @@ class InfoReply(_message.Message):
     HIDDEN_BYTES_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_BY_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    BUSY_S_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_S_FIELD_NUMBER: _ClassVar[int]
     experts: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
     dtype: DType
     epoch: int
@@ -105,7 +107,9 @@ class InfoReply(_message.Message):
     hidden_bytes: int
     inflight: int
     inflight_by_epoch: _containers.ScalarMap[int, int]
-    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., dtype: _Optional[_Union[DType, str]] = ..., epoch: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dispatch_calls: _Optional[int] = ..., hidden_bytes: _Optional[int] = ..., inflight: _Optional[int] = ..., inflight_by_epoch: _Optional[_Mapping[int, int]] = ...) -> None: ...
+    busy_s: float
+    inflight_s: float
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., dtype: _Optional[_Union[DType, str]] = ..., epoch: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dispatch_calls: _Optional[int] = ..., hidden_bytes: _Optional[int] = ..., inflight: _Optional[int] = ..., inflight_by_epoch: _Optional[_Mapping[int, int]] = ..., busy_s: _Optional[float] = ..., inflight_s: _Optional[float] = ...) -> None: ...
 
 class LoadExpertsRequest(_message.Message):
     __slots__ = ("experts", "epoch")

@@ -28,11 +28,12 @@ UP_TIMEOUT_S = 240.0
 
 class UpProcess:
     def __init__(self, model: Path, cache: Path, workers: int, extra: list[str] | None = None,
-                 ray_address: str | None = None) -> None:
-        """`ray_address`: join that Ray cluster (RAY_ADDRESS), else `up` starts a local one."""
+                 ray_address: str | None = None, env: dict[str, str] | None = None) -> None:
+        """`ray_address`: join that Ray cluster (RAY_ADDRESS), else `up` starts a local one; `env`: more
+        environment for `up` (its local Ray inherits it)."""
         self.port = free_port()
         self.cache = cache
-        self.env = {**os.environ, "NEXTSERVE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+        self.env = {**os.environ, "NEXTSERVE_CACHE": str(cache), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.env.pop("RAY_ADDRESS", None)
         if ray_address:
             self.env["RAY_ADDRESS"] = ray_address

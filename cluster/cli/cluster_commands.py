@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -91,7 +92,30 @@ def cluster_status(registry: Registry) -> dict[str, object]:
     return {"epoch": record.epoch if record else 0, "spec": registry.spec(), "workers": workers,
             "heads": [h.as_dict() for h in registry.heads()],
             "load_imbalance": measured_imbalance(worker_load, num_workers) if num_workers else None,
-            "last_rebalance": registry.rebalance_report()}
+            "last_rebalance": registry.rebalance_report(), "scaling": _scaling_dict(registry)}
+
+
+def _scaling_dict(registry: Registry) -> dict[str, object] | None:
+    status = registry.scaling_status()
+    return None if status is None else json.loads(status.to_json())
+
+
+def scaling_lines(scaling: dict[str, Any]) -> list[str]:
+    """`nextserve status`'s autoscaling lines: heads and workers current -> desired (range), the last
+    decision with its reason, the workers' policy's latest reading."""
+    def pool(name: str) -> str:
+        scale_range = scaling[f"{name}_range"]
+        return (f"{name} {scaling[f'{name}_current']} (desired {scaling[f'{name}_desired']}, "
+                f"{'autoscaled ' + scale_range if scale_range else 'fixed'})")
+    lines = [f"scaling: {pool('heads')}  {pool('workers')}"]
+    last = scaling.get("last_decision")
+    if last:
+        at = time.strftime("%H:%M:%S", time.localtime(last["at"]))
+        lines.append(f"last scaling decision {at}: {last['pool']} {last['current']} -> {last['desired']}: "
+                     f"{last['reason']}")
+    if scaling.get("last_reason"):
+        lines.append(f"workers policy now: {scaling['last_reason']}")
+    return lines
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -103,9 +127,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     imbalance = status["load_imbalance"]
     print(f"placement epoch {status['epoch']}  spec {status['spec']}  load max/mean "
           f"{'-' if imbalance is None else f'{imbalance:.3f}'}")
+    if status["scaling"]:
+        print("\n".join(scaling_lines(status["scaling"])))  # type: ignore[arg-type]
+    scaling = status["scaling"] or {}
+    busy, inflight = scaling.get("worker_busy", {}), scaling.get("worker_inflight", {})  # type: ignore[union-attr]
     for w in status["workers"]:  # type: ignore[union-attr]
+        index = str(w["index"])  # JSON keys
+        measured = f"  busy {busy[index]:.2f}  in flight {inflight[index]:.2f}" if index in busy else ""
         print(f"worker {w['index']:>3}  pid {w['pid']:>7}  {w['address']:<22} experts {w['num_experts']:>5}  "
-              f"load {w['load_tokens']:>9}  {'alive' if w['alive'] else 'DEAD'}")
+              f"load {w['load_tokens']:>9}{measured}  {'alive' if w['alive'] else 'DEAD'}")
     for h in status["heads"]:  # type: ignore[union-attr]
         print(f"head {h['id']}  pid {h['pid']}  epoch {h.get('epoch', '-')}  running {h.get('num_running', 0)}  "
               f"waiting {h.get('num_waiting', 0)}  blocks {h.get('blocks_used', 0)}/{h.get('blocks_total', '-')}  "

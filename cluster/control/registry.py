@@ -16,6 +16,7 @@ Keys (prefix `nextserve:{cluster}`, cluster "default" unless named):
 | `{p}:worker_load` | hash | "worker:layer" -> tokens served since the last rebalance |
 | `{p}:rebalance` | string | set by `nextserve rebalance`; the controller rebalances and deletes it |
 | `{p}:rebalance_report` | string | JSON of the last rebalance: imbalance before/after, epoch, pairs moved |
+| `{p}:scaling` | string | JSON of the autoscaling loop's status (cluster/control/scaling_status.py): current / desired heads and workers, busy fractions, the last decision and its reason |
 | `{p}:epochs` | pub/sub channel | each new epoch number, published after the placement is written |
 """
 
@@ -29,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from nextserve.cluster.control.scaling_status import ScalingStatus
 from nextserve.router.placement import Placement, PlacementRecord
 
 HEARTBEAT_S = 1.0
@@ -145,6 +147,11 @@ class Registry:
     def heads(self) -> list[MemberRecord]:
         return self._members("heads", "head")
 
+    def forget_head(self, head_id: str) -> None:
+        """A head replica that stopped (autoscaled away) leaves the registry."""
+        self.client.srem(self.key("heads"), head_id)
+        self.client.delete(self.key("head", head_id))
+
     def _members(self, set_name: str, kind: str) -> list[MemberRecord]:
         now = time.time()
         ids = sorted(self.client.smembers(self.key(set_name)), key=lambda x: (len(x), x))
@@ -197,6 +204,13 @@ class Registry:
 
     def set_rebalance_report(self, report: dict[str, Any]) -> None:
         self.client.set(self.key("rebalance_report"), json.dumps(report))
+
+    def set_scaling_status(self, status: ScalingStatus) -> None:
+        self.client.set(self.key("scaling"), status.to_json())
+
+    def scaling_status(self) -> ScalingStatus | None:
+        raw = self.client.get(self.key("scaling"))
+        return ScalingStatus.from_json(raw) if raw else None
 
     def rebalance_report(self) -> dict[str, Any] | None:
         raw = self.client.get(self.key("rebalance_report"))

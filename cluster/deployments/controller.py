@@ -8,7 +8,9 @@ Redis (`nextserve scale`), runs a requested or scheduled rebalance, recreates a 
 gone, re-syncs a worker that (re)started on a new address (it LoadExperts what its assignment has and it
 lacks, DropExperts what it holds beyond it) before republishing, rewrites everything Redis lost (spec,
 every `assign:{i}`, the placement with its addresses under an epoch above the last), and adds the
-workers' token counters to the load statistics. A restarted controller recovers the spec and the
+workers' token counters to the load statistics; every 2 s the autoscaler measures the workers' busy
+time and, with --autoscale-expert-workers, resizes the pool through `scale` (cluster/control/autoscaler.py,
+autoscale_policy.py). A restarted controller recovers the spec and the
 placement from Redis and re-attaches to the named workers, which outlive it.
 """
 
@@ -24,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from nextserve.cluster.control import reshard, worker_admin
+from nextserve.cluster.control.autoscale_policy import WorkerAutoscaleConfig
+from nextserve.cluster.control.autoscaler import Autoscaler
 from nextserve.cluster.deployments.expert_worker import ExpertWorker, actor_options, experts_use_gpus
 from nextserve.cluster.control.rebalance import LoadCollector, measured_imbalance, plan_rebalance
 from nextserve.cluster.control.registry import Registry
@@ -63,6 +67,18 @@ class ClusterSpec:
     sized from it and the model (proto/codec.py:dispatch_message_limit)."""
     expert_worker_host: str | None = None
     """What workers listen on; None: their node's IP."""
+    head_replicas: int = 1
+    max_num_seqs: int = 1
+    """Serve's target ongoing requests per head replica when autoscale_heads is set (AppArgs.head_autoscaling)."""
+    autoscale_heads: str | None = None
+    autoscale_expert_workers: str | None = None
+    """MIN:MAX of the worker pool the controller scales on measured load; None: fixed (AppArgs docs)."""
+    autoscale_busy_high: float | None = None
+    autoscale_busy_low: float | None = None
+    autoscale_upscale_delay_s: float | None = None
+    autoscale_downscale_delay_s: float | None = None
+    autoscale_cooldown_s: float | None = None
+    """None: WorkerAutoscaleConfig's default."""
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ClusterSpec":
@@ -86,6 +102,8 @@ class ControllerActor:
         self.epoch = 0
         self.loads = LoadCollector(self.registry, admin_token)
         self.last_collect = self.last_rebalance = time.monotonic()
+        self.autoscaler: Autoscaler | None = None
+        """Built with the spec (`ensure`): measures the workers, decides their pool's size, observes heads."""
         saved, record = self.registry.spec(), self.registry.placement()
         if saved:
             log.info("controller recovering %s (epoch %s) from Redis", saved, record.epoch if record else None)
@@ -115,6 +133,9 @@ class ControllerActor:
             self._wait_ready()
             self._publish()
             self.registry.save_spec(asdict(self.spec))
+            self.autoscaler = Autoscaler(self.registry, self.admin_token,
+                                         WorkerAutoscaleConfig.from_fields(asdict(self.spec)),
+                                         self.spec.autoscale_heads, self.spec.max_num_seqs)
             return self.scale(wanted.expert_workers)  # a no-op unless a recovered cluster was asked to resize
 
     def scale(self, expert_workers: int) -> int:
@@ -218,6 +239,24 @@ class ControllerActor:
                     self.registry.save_spec(asdict(self.spec))
             self._heal()
             self._collect_and_rebalance()
+            self._autoscale()
+
+    def _autoscale(self) -> None:
+        """Measure, decide, apply: a decided size other than the current one goes through `scale` (the live
+        reshard); the status is published before (the desired size shows while it runs) and after."""
+        assert self.placement is not None
+        if self.autoscaler is None or not self.autoscaler.is_due():
+            return
+        current = self.placement.num_workers
+        decision = self.autoscaler.sample(self._addresses(), current)
+        self.autoscaler.publish()
+        if decision is None or decision.desired == current:
+            return
+        try:
+            self.scale(decision.desired)
+        except reshard.ReshardError as exc:
+            log.error("autoscaling to %d workers refused: %s", decision.desired, exc)
+        self.autoscaler.applied(self.placement.num_workers)
 
     def _restore_registry(self) -> None:
         """Redis came back empty (restarted without persistence, flushed): write the spec and every worker's

@@ -32,6 +32,7 @@ from nextserve.cluster.deployments.output_channel import ChannelOpen, GatewayOut
 from nextserve.cluster.gateway.app import build_app
 from nextserve.cluster.gateway.generation import Readiness
 from nextserve.cluster.control.registry import MemberRecord, Registry
+from nextserve.cluster.control.scaling_status import ScalingStatus
 from nextserve.cluster.engine.contract import SamplingDefaults
 from nextserve.router.placement import PlacementRecord
 
@@ -100,6 +101,10 @@ class HeadHandleClient:
         heads = [h for h in await asyncio.to_thread(self.registry.heads) if h.alive]
         return dataclasses.replace(one, **summed_load(h.fields for h in heads))
 
+    async def scaling(self) -> ScalingStatus | None:
+        """The autoscaling loop's status as the controller last published it (None before its first round)."""
+        return await asyncio.to_thread(self.registry.scaling_status)  # sync Redis, off the streams' loop
+
     async def is_ready(self) -> bool:
         """Every head replica and every expert worker heartbeating, and a placement published."""
         return await asyncio.to_thread(self._is_ready)  # sync Redis calls, off the streams' loop
@@ -108,7 +113,7 @@ class HeadHandleClient:
         placement = self.registry.placement()
         workers = [w for w in self.registry.workers() if w.alive]
         heads = [h for h in self.registry.heads() if h.alive]
-        return (placement is not None and len(heads) >= self.args.head_replicas
+        return (placement is not None and len(heads) >= self.args.min_head_replicas()
                 and len(workers) >= placement.placement.num_workers)
 
     async def readiness(self) -> Readiness:
@@ -161,4 +166,4 @@ class GatewayDeployment:
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_app(self.client, self.args.served_model_name(), None,
                          SamplingDefaults.from_checkpoint(self.args.model), self.args.gateway_limits(),
-                         self.args.tenant_directory())
+                         self.args.tenant_directory(), scaling=self.client.scaling)

@@ -49,6 +49,12 @@ queue; past it Serve raises BackPressureError, a 429). Not the engine's queue bo
 through this queue on its way to the heads, and a bound as small as the engine's refused requests the
 engine had room for (8 of 64 admitted against max_num_seqs 4 + max_queued_requests 8)."""
 
+HEAD_GRACEFUL_SHUTDOWN_TIMEOUT_S = 600.0
+"""How long a head replica that Serve stops (autoscaling down, a redeploy) keeps serving the requests it
+holds: Serve routes it nothing new, waits for its ongoing requests (running and queued sequences, a
+preempted one included: they finish here, nothing recomputes elsewhere), then stops it. Long enough for
+a long generation on a loaded replica; a stream still running past it is cut (its client sees the error)."""
+
 
 @serve.deployment(
     # One head replica per head-group node share; the custom resource keeps heads off expert nodes.
@@ -57,6 +63,9 @@ engine had room for (8 of 64 admitted against max_num_seqs 4 + max_queued_reques
     # past max_num_seqs + max_queued_requests; cluster/app.py raises this when those add up to more).
     max_ongoing_requests=HEAD_MAX_ONGOING_REQUESTS,
     health_check_period_s=5,
+    # A replica leaving drains: no new requests, its streams run to their end (see the constant).
+    graceful_shutdown_wait_loop_s=1,
+    graceful_shutdown_timeout_s=HEAD_GRACEFUL_SHUTDOWN_TIMEOUT_S,
 )
 class HeadDeployment:
     def __init__(self, args: AppArgs) -> None:
@@ -126,6 +135,12 @@ class HeadDeployment:
             raise RuntimeError("no expert placement to dispatch with")
 
     def __del__(self) -> None:
+        """Serve stops the replica after its requests drained: it leaves the registry (`nextserve status`,
+        the head count on /metrics) before its engine stops."""
         self._stop.set()
+        try:
+            self.registry.forget_head(self.head_id)
+        except Exception as exc:  # Redis down: the record goes stale (not alive) after STALE_AFTER_S
+            log.warning("head %s could not leave the registry: %s", self.head_id, exc)
         self.engine.shutdown()
         self.backend.close()

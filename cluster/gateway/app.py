@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -42,9 +43,13 @@ from nextserve.cluster.gateway.protocols.openai import SERVER_ERROR, RequestErro
 from nextserve.cluster.gateway.request_id import RequestIdMiddleware, current_request_id
 from nextserve.cluster.gateway.responses_api import ResponsesApi
 from nextserve.cluster.gateway.tenants import TenantDirectory
+from nextserve.cluster.control.scaling_status import ScalingStatus
 from nextserve.cluster.engine.contract import SamplingDefaults, SamplingError
 
 log = logging.getLogger(__name__)
+
+ScalingSource = Callable[[], Awaitable[ScalingStatus | None]]
+"""Where /metrics reads the autoscaling loop's status (the gateway deployment: the Redis registry)."""
 
 ANTHROPIC_PATHS = "/v1/messages"
 """Paths under this prefix answer errors in Anthropic's shape."""
@@ -127,8 +132,9 @@ class Gateway:
     """The routes that are not an API's own: models, health, metrics."""
 
     def __init__(self, engine: EngineClient, model_name: str, defaults: SamplingDefaults,
-                 tenants: TenantDirectory) -> None:
+                 tenants: TenantDirectory, scaling: ScalingSource | None = None) -> None:
         self.engine, self.model_name = engine, model_name
+        self.scaling = scaling
         self.metrics = GatewayMetrics(tenants.tenant_names)
         self.openai = OpenAIApi(engine, model_name, self.metrics, defaults)
         self.anthropic = AnthropicApi(engine, model_name, self.metrics, defaults)
@@ -174,22 +180,29 @@ class Gateway:
             self.metrics.observe_engine_stats(await self.engine.stats())
         except Exception:
             log.warning("engine stats unavailable; serving the gateway's own metrics", exc_info=True)
+        try:
+            status = await self.scaling() if self.scaling is not None else None
+            if status is not None:
+                self.metrics.observe_scaling(status)
+        except Exception:
+            log.warning("the scaling status is unavailable; serving the other metrics", exc_info=True)
         body, content_type = self.metrics.render()
         return Response(body, media_type=content_type)
 
 
 def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
               defaults: SamplingDefaults | None = None, limits: GatewayLimits | None = None,
-              tenants: TenantDirectory | None = None) -> FastAPI:
+              tenants: TenantDirectory | None = None, scaling: ScalingSource | None = None) -> FastAPI:
     """The gateway app serving `engine` under the name `model_name`. `tenants` (the keys file's) or else
     `api_key` (one tenant) guard /v1; neither leaves it open. `defaults` are what requests that leave
     temperature / top_p / top_k unset sample with; `limits` what a client may send and how long a stream
-    may go unread (admission.py)."""
+    may go unread (admission.py); `scaling` where /metrics reads the autoscaling status (a cluster's
+    registry; None in one process)."""
     if tenants is not None and api_key is not None:
         raise ValueError("give api_key (one tenant) or tenants (a keys file), not both")
     tenants = tenants or TenantDirectory.single(api_key)
     limits = limits or GatewayLimits()
-    gateway = Gateway(AdmittingClient(engine, limits), model_name, defaults or SamplingDefaults(), tenants)
+    gateway = Gateway(AdmittingClient(engine, limits), model_name, defaults or SamplingDefaults(), tenants, scaling)
     app = FastAPI(title="nextserve", docs_url=None, redoc_url=None)
     app.state.gateway = gateway
     for exc in (RequestError, anthropic.AnthropicError, RequestValidationError, HTTPException, SamplingError):

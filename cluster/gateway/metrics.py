@@ -2,7 +2,9 @@
 
 Request-level metrics (TTFT, TPOT, latency, tokens) are observed by the gateway as it serves, and only
 here; engine-level ones are pulled from the engine's `stats()` (cluster/engine/contract.py) at every
-scrape of /metrics and fed in with `observe_engine_stats`. Tenant series (`nextserve_tenant_*`) carry a
+scrape of /metrics and fed in with `observe_engine_stats`; the autoscaling loop's status (heads and
+workers current / desired, busy fractions, decisions: cluster/control/scaling_status.py, from Redis) with
+`observe_scaling`. Tenant series (`nextserve_tenant_*`) carry a
 `tenant` label whose values are the keys file's tenants only (created at start, so they read 0 until used).
 """
 
@@ -15,6 +17,7 @@ from typing import Any, Protocol
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from nextserve.cluster.control.scaling_status import ScalingStatus
 from nextserve.cluster.engine.contract import EngineStats
 
 PREFIX = "nextserve"
@@ -95,6 +98,46 @@ class GatewayMetrics:
                                           "round, per layer", ["layer"], buckets=DISPATCH_BUCKETS_S, registry=r)
         self.expert_tokens = Counter(f"{PREFIX}_expert_tokens", "Tokens routed to each expert",
                                      ["layer", "expert"], registry=r)
+
+        self.head_replicas = Gauge(f"{PREFIX}_head_replicas", "Head replicas running", registry=r)
+        self.head_replicas_desired = Gauge(f"{PREFIX}_head_replicas_desired", "Head replicas Serve's autoscaler "
+                                           "is heading for (running + starting)", registry=r)
+        self.expert_workers = Gauge(f"{PREFIX}_expert_workers", "Expert workers of the published placement",
+                                    registry=r)
+        self.expert_workers_desired = Gauge(f"{PREFIX}_expert_workers_desired", "Expert workers the "
+                                            "controller's autoscaling policy decided", registry=r)
+        self.worker_busy = Gauge(f"{PREFIX}_expert_worker_busy_fraction", "Share of the last window an expert "
+                                 "worker spent computing a Dispatch", ["worker"], registry=r)
+        self.worker_inflight = Gauge(f"{PREFIX}_expert_worker_calls_in_flight", "Mean Dispatch calls in flight "
+                                     "on an expert worker over the last window (above 1: calls queue)", ["worker"],
+                                     registry=r)
+        self.scaling_decisions = Gauge(f"{PREFIX}_scaling_decisions", "Scaling decisions applied since the "
+                                       "controller started, by pool (heads, workers) and direction (up, down)",
+                                       ["pool", "direction"], registry=r)
+        self.last_scaling = Gauge(f"{PREFIX}_last_scaling_decision_timestamp_seconds", "When the last scaling "
+                                  "decision was made (unix s), with its pool, sizes and reason as labels",
+                                  ["pool", "current", "desired", "reason"], registry=r)
+        for pool in ("heads", "workers"):
+            for direction in ("up", "down"):
+                self.scaling_decisions.labels(pool=pool, direction=direction)
+
+    def observe_scaling(self, status: ScalingStatus) -> None:
+        self.head_replicas.set(status.heads_current)
+        self.head_replicas_desired.set(status.heads_desired)
+        self.expert_workers.set(status.workers_current)
+        self.expert_workers_desired.set(status.workers_desired)
+        for gauge, values in ((self.worker_busy, status.worker_busy), (self.worker_inflight, status.worker_inflight)):
+            gauge.clear()  # a retired worker's series leaves with it
+            for worker, value in values.items():
+                gauge.labels(worker=str(worker)).set(value)
+        for key, n in status.decisions.items():
+            pool, _, direction = key.partition(":")
+            self.scaling_decisions.labels(pool=pool, direction=direction).set(n)
+        decision = status.last_decision
+        if decision is not None:
+            self.last_scaling.clear()  # one series: the last decision
+            self.last_scaling.labels(pool=decision.pool, current=str(decision.current), desired=str(decision.desired),
+                                     reason=decision.reason).set(decision.at)
 
     def observe_engine_stats(self, stats: EngineStats) -> None:
         self.num_running.set(stats.num_running)

@@ -181,6 +181,19 @@ def test_info_counts_tokens_served_per_expert(served: Served) -> None:
     assert info.dtype == expert_pb2.DTYPE_FLOAT32 and info.hidden_size == 64
 
 
+def test_info_reports_busy_time_that_grows_with_dispatches_only(served: Served) -> None:
+    """busy_s / inflight_s (the autoscaler's input) grow while calls compute, not while the worker idles."""
+    first = served.stub.Info(expert_pb2.InfoRequest())
+    time.sleep(0.3)
+    idle = served.stub.Info(expert_pb2.InfoRequest())
+    assert idle.busy_s == first.busy_s and idle.inflight_s == first.inflight_s
+    for seed in range(20):
+        served.stub.Dispatch(good_request(64, seed=seed)[0], timeout=10)
+    after = served.stub.Info(expert_pb2.InfoRequest())
+    assert after.busy_s > idle.busy_s and after.inflight_s >= after.busy_s - 1e-9
+    assert after.inflight == 0
+
+
 def test_load_and_drop_experts(served: Served) -> None:
     request, _ = good_request(layer=0)
     request.layer, request.expert_ids = 1, int32_bytes([4, 5] * 3)

@@ -17,6 +17,7 @@ import jsonschema
 import pytest
 import yaml
 
+from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.control.registry import STALE_AFTER_S
 from nextserve.cluster.deployments.controller import WORKER_READY_TIMEOUT_S
 from nextserve.cluster.deployments.expert_worker import EXPERT_RESOURCE, HEAD_RESOURCE
@@ -158,6 +159,31 @@ def test_groups_advertise_what_the_actors_ask_for(name: str) -> None:
     assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
     for group in groups:  # KubeRay's own checks (ValidateRayClusterSpec)
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group["groupName"]
+
+
+def _pods_for(replicas: int, group: dict[str, Any], resource: str) -> int:
+    """Pods of `group` that `replicas` actors asking for one unit of `resource` each need."""
+    return -(-replicas // _custom_resources(group)[resource])
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_group_replica_ranges_match_the_autoscaling_ranges(name: str) -> None:
+    """KubeRay's in-tree autoscaler gives the actors pods: each group's minReplicas / maxReplicas hold what
+    the serve args' autoscale_heads / autoscale_expert_workers range asks for (a fixed size: min = max)."""
+    service = by_key(rendered(name))[("RayService", "nextserve")]
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    groups = _groups(service)
+    for index, resource, range_arg, fixed_arg in ((HEADS_GROUP, HEAD_RESOURCE, "autoscale_heads", "head_replicas"),
+                                                  (EXPERTS_GROUP, EXPERT_RESOURCE, "autoscale_expert_workers",
+                                                   "expert_workers")):
+        fixed = args.get(fixed_arg, AppArgs.model_fields[fixed_arg].default)
+        low, high = map(int, args[range_arg].split(":")) if args.get(range_arg) else (fixed, fixed)
+        group = groups[index]
+        assert group["minReplicas"] == _pods_for(low, group, resource), (name, group["groupName"])
+        assert group["maxReplicas"] >= _pods_for(high, group, resource), (name, group["groupName"])
+        if args.get(range_arg):
+            assert group["maxReplicas"] == _pods_for(high, group, resource), (name, group["groupName"])
+            assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
 
 
 def _serve_port(container: dict[str, Any], probe: dict[str, Any]) -> int:

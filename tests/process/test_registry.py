@@ -7,8 +7,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from nextserve.cluster.control.autoscale_policy import Direction, ScalingDecision
 from nextserve.cluster.control.redis_server import LocalRedis
 from nextserve.cluster.control.registry import Registry
+from nextserve.cluster.control.scaling_status import ScalingStatus
 from nextserve.router.placement import build_placement
 
 
@@ -66,3 +68,17 @@ def test_spec_round_trip_and_cluster_namespaces(redis_server: LocalRedis) -> Non
     a.save_spec({"model": "/m", "expert_workers": 3, "expert_replicas": 2, "dtype": "float32"})
     assert a.spec() == {"model": "/m", "expert_workers": 3, "expert_replicas": 2, "dtype": "float32"}
     assert b.spec() == {}
+
+
+def test_scaling_status_round_trips_and_a_stopped_head_leaves(redis_server: LocalRedis) -> None:
+    reg = Registry(redis_server.url, "t3")
+    assert reg.scaling_status() is None
+    decision = ScalingDecision("workers", 3, 2, Direction.DOWN, "pool busy 0.00: idle", 1.7e9)
+    status = ScalingStatus(1, 1, "1:2", 3, 2, "2:3", {0: 0.0, 2: 0.1}, {0: 0.0, 2: 0.2}, decision, "idle",
+                           {"workers:down": 1})
+    reg.set_scaling_status(status)
+    assert Registry(redis_server.url, "t3").scaling_status() == status
+    reg.register_head("a", {"pid": 1})
+    reg.register_head("b", {"pid": 2})
+    reg.forget_head("a")
+    assert [h.fields["id"] for h in reg.heads()] == ["b"]

@@ -93,3 +93,30 @@ def test_speculative_config_is_json_validated_at_construction(tiny_dir: Path) ->
     assert AppArgs(model=str(tiny_dir)).speculative() is None
     with pytest.raises(ValidationError, match="num_speculative_tokens"):
         AppArgs(model=str(tiny_dir), speculative_config='{"method": "ngram"}')
+
+
+def test_autoscaling_ranges_become_serve_and_controller_settings(tiny_dir: Path) -> None:
+    args = AppArgs(model=str(tiny_dir), autoscale_heads="1:3", autoscale_expert_workers="2:4", max_num_seqs=8,
+                   autoscale_busy_high=0.5, autoscale_downscale_delay_s=12)
+    assert args.head_autoscaling() == {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 1,
+                                       "target_ongoing_requests": 8, "upscale_delay_s": 10.0,
+                                       "downscale_delay_s": 12.0, "look_back_period_s": 15.0}
+    workers = args.worker_autoscaling()
+    assert workers is not None and (workers.range.minimum, workers.range.maximum) == (2, 4)
+    assert (workers.busy_high, workers.downscale_delay_s, workers.expert_replicas) == (0.5, 12.0, 1)
+    assert args.min_head_replicas() == 1
+    fixed = AppArgs(model=str(tiny_dir), head_replicas=2)
+    assert fixed.head_autoscaling() is None and fixed.worker_autoscaling() is None and fixed.min_head_replicas() == 2
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"autoscale_heads": "2:3"}, "head_replicas=1 is outside autoscale_heads=2:3"),
+    ({"autoscale_expert_workers": "3:4"}, "expert_workers=2 is outside autoscale_expert_workers=3:4"),
+    ({"autoscale_expert_workers": "1:3", "expert_replicas": 2}, "goes below expert_replicas=2"),
+    ({"autoscale_heads": "two"}, "is not MIN:MAX"),
+    ({"autoscale_expert_workers": "2:3", "autoscale_busy_low": 0.7}, "busy_low=0.7 and busy_high=0.6"),
+])
+def test_autoscaling_ranges_that_cannot_hold_the_cluster_are_refused(tiny_dir: Path, fields: dict,
+                                                                      message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        AppArgs(model=str(tiny_dir), **fields)

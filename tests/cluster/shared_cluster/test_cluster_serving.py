@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import threading
 import time
@@ -16,6 +17,7 @@ import httpx
 import openai
 import pytest
 import torch
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster_harness import UpProcess, hf_greedy_text, run_streams, seeded_prompts, stream_completion, wait_for
@@ -181,6 +183,36 @@ def test_metrics_count_the_requests(up: UpProcess) -> None:
     assert after[key] - before.get(key, 0) == 3
     assert after["nextserve_generation_tokens_total"] - before.get("nextserve_generation_tokens_total", 0) >= 6
     assert any(k.startswith("nextserve_dispatch_latency_seconds_count") for k in after)
+
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "k8s" / "base" / "grafana-dashboard.yaml"
+HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum", "_total")
+
+
+def dashboard_metric_names() -> set[str]:
+    """Every metric name the shipped dashboard's panel queries name (the ConfigMap's JSON)."""
+    config_map = yaml.safe_load(DASHBOARD.read_text())
+    dashboard = json.loads(config_map["data"]["nextserve.json"])
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    return {m for expr in exprs for m in re.findall(r"\bnextserve_[a-z0-9_]+", expr)}
+
+
+def test_every_metric_the_dashboard_names_is_served(up: UpProcess) -> None:
+    """The running cluster's /metrics has a sample of each name a panel queries (a counter's `_total`, a
+    histogram's `_bucket`), or, for a labelled series that has no sample before its first event (the last
+    scaling decision: this cluster does not autoscale), its family declared with # TYPE."""
+    httpx.post(f"{up.base_url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}, timeout=30)
+    names = dashboard_metric_names()
+    assert len(names) >= 20 and "nextserve_expert_worker_busy_fraction" in names
+
+    def missing() -> set[str]:
+        text = httpx.get(f"{up.base_url}/metrics", timeout=30).text
+        samples = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+        declared = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+        declared |= {d + suffix for d in declared for suffix in HISTOGRAM_SUFFIXES}
+        return {n for n in names if n not in samples and not (n.endswith("_timestamp_seconds") and n in declared)}
+    wait_for(lambda: not missing(), 30, "the workers' busy fractions to be published")  # the controller's 2 s window
+    assert not missing()
 
 
 def _complete(up: UpProcess) -> str:
