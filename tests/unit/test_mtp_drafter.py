@@ -5,7 +5,6 @@ trained on the tiny's own outputs has its drafts accepted."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 
 from transformers import Qwen3NextForCausalLM
 
-from agent_checkpoint import _one_thread, cache_root
+from agent_checkpoint import cache_root
 from engine_run import random_prompt
 from hf_reference import hf_greedy
 from mtp_checkpoint import SEED, ensure_mtp_checkpoint, training_prompts
@@ -32,14 +31,6 @@ from nextserve.router.local_backend import LocalExpertBackend, load_local_backen
 
 LENGTHS = [1, 11, 37, 16]  # one token, ragged, a block boundary (16)
 K = 3
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Each test on one torch thread (agent_checkpoint._one_thread): their many small ops took 20-50x longer
-    with two threads while other work held a shared core (a cold run of this file: 2 min 16 s, against 23 s)."""
-    with _one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
