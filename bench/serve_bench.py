@@ -272,7 +272,7 @@ def in_process_engine(model_dir: Path, dtype: str) -> Engine:
     """The served head engine (nextserve up's default scheduler and cache settings) with every routed
     expert in this process: the cluster's work without its distribution."""
     args = AppArgs(model=str(model_dir), dtype=dtype)
-    return Engine(load_head(model_dir, dtype), load_local_backend(model_dir, dtype), None, args.scheduler_config(),
+    return Engine(load_head(model_dir, dtype, mtp=args.head_loads_mtp()), load_local_backend(model_dir, dtype), None, args.scheduler_config(),
                   args.context_length(), args.cache_config())
 
 

@@ -78,7 +78,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    engine = Engine(load_head(path, args.dtype), load_local_backend(path, args.dtype), tokenizer)
+    engine = Engine(load_head(path, args.dtype, mtp=False), load_local_backend(path, args.dtype), tokenizer)  # no drafts
     try:
         outputs = engine.generate_sync([tokenizer(p)["input_ids"] for p in args.prompts], params)
     except EngineRequestError as e:

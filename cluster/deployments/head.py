@@ -75,7 +75,7 @@ class HeadDeployment:
         self.registry = Registry(args.redis_url, args.cluster)
         dtype = parse_dtype(args.dtype)
         device = resolve_device("auto" if ray.get_gpu_ids() else "cpu")
-        head = load_head(args.model, dtype, device)
+        head = load_head(args.model, dtype, device, mtp=args.head_loads_mtp())  # the MTP layer only to draft
         self.backend = EpochFollowingBackend(self.registry, dtype, args.dispatch_deadline_s, head.config.num_experts,
                                              args.unavailable_wait_s, device, admin_token=args.admin_token)
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None  # after the weights

@@ -4,20 +4,28 @@ admission refuses what can never fit; the budget's arithmetic (shared with the c
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from engine_run import EngineFactory, Model, random_prompt
 from hf_reference import hf_greedy
+from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.engine.contract import EngineRequestError, FinishReason
 from nextserve.cluster.engine.engine import Engine
 from nextserve.cluster.engine.scheduler import SchedulerConfig, StepPlan
 from nextserve.model.cache.budget import (GiB, MiB, CacheConfig, CacheConfigError, cache_capacity,
                                           format_memory_size, parse_cache_memory, parse_memory_size)
 from nextserve.model.capacity import GpuSpec, plan_capacity
+from nextserve.model.checkpoint import Checkpoint
 from nextserve.model.config import PUBLISHED_CONFIGS, Qwen3NextConfig
+from nextserve.model.loader import load_head
 from nextserve.model.sampling import SamplingParams
 from nextserve.model.sizes import model_sizes
+from nextserve.model.tiny import MTP_FILE
+from nextserve.router.local_backend import load_local_backend
 
 
 def _spy_preempted(engine: Engine) -> list[str]:
@@ -138,6 +146,50 @@ def test_the_planned_cache_is_the_cache_a_head_allocates(small: Model) -> None:
         assert [len(o.token_ids) for o in outs] == [4, 4, 4] and engine.scheduler.num_preemptions == 0
     finally:
         engine.shutdown()
+
+
+def _without_mtp(checkpoint: Path, out: Path) -> Path:
+    """`checkpoint` as it was before MTP existed: the same files linked, no `mtp.*` shard, none in the
+    index, num_nextn_predict_layers 0."""
+    out.mkdir()
+    for f in checkpoint.iterdir():
+        if f.name not in (MTP_FILE, "model.safetensors.index.json", "config.json"):
+            (out / f.name).symlink_to(f)
+    index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.startswith("mtp.")}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((checkpoint / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    return out
+
+
+def test_a_head_holds_the_mtp_pool_only_when_it_drafts_with_it(tiny_dir: Path, tmp_path: Path) -> None:
+    """The tiny has an MTP layer (layer 8). A head serving it without MTP speculation (none, or ngram) loads
+    it as head.py does, `load_head(mtp=args.head_loads_mtp())`: no MTP layer, no K/V pool for it, and the
+    blocks the same budget bought before MTP existed (the checkpoint without `mtp.*`); with method "mtp"
+    the pool is there, paid for with fewer blocks (one more attention layer's K/V per token)."""
+    assert Checkpoint(tiny_dir).config.mtp_layers == (8,)
+    plain = _without_mtp(tiny_dir, tmp_path / "no-mtp")
+    assert not Checkpoint(plain).config.has_mtp
+    cache, context, seqs = CacheConfig(4 * MiB, enable_prefix_cache=False), 1024, 8
+    experts = load_local_backend(tiny_dir)
+
+    def served(model: Path, speculative: str | None) -> tuple[int, list[int], bool]:
+        args = AppArgs(model=str(model), speculative_config=speculative)
+        head = load_head(model, mtp=args.head_loads_mtp())
+        engine = Engine(head, experts, None, SchedulerConfig(max_num_seqs=seqs), context, cache, args.speculative())
+        try:
+            return engine.capacity.num_blocks, sorted(engine.runner.cache.key), head.mtp is not None
+        finally:
+            engine.shutdown()
+
+    before = served(plain, None)
+    ngram = '{"method": "ngram", "num_speculative_tokens": 2}'
+    assert served(tiny_dir, None) == served(tiny_dir, ngram) == before and 8 not in before[1]
+    blocks, pools, has_mtp = served(tiny_dir, '{"method": "mtp", "num_speculative_tokens": 2}')
+    assert has_mtp and pools == sorted([*before[1], 8])
+    assert blocks < before[0] and blocks * 16 * len(pools) <= before[0] * 16 * len(before[1])  # one more layer per block
+    print(f"tiny, 4 MiB: {before[0]} blocks without MTP speculation, {blocks} with its pool")
 
 
 def test_cache_memory_as_a_fraction_needs_a_gpu() -> None:

@@ -104,10 +104,10 @@ def test_greedy_with_mtp_drafts_equals_greedy_without(tiny: tuple[HeadModel, Loc
 
 
 @pytest.fixture(scope="module")
-def trained_mtp_dir() -> Path:
-    """The tiny with its MTP layer trained on its own greedy outputs (tests/mtp_checkpoint.py; built once per
-    cache: a few minutes of CPU)."""
-    return ensure_mtp_checkpoint(cache_root())
+def trained_mtp_dir(tiny_dir: Path) -> Path:
+    """The tiny with its MTP layer trained on its own greedy outputs (tests/mtp_checkpoint.py's default
+    recipe; built once per cache from the session's tiny: ~7 s of one core)."""
+    return ensure_mtp_checkpoint(cache_root(), tiny=tiny_dir)
 
 
 def test_trained_mtp_drafts_are_accepted_and_greedy_stays_transformers(trained_mtp_dir: Path) -> None:
@@ -115,7 +115,7 @@ def test_trained_mtp_drafts_are_accepted_and_greedy_stays_transformers(trained_m
     with MTP drafts too. On the prompts it was trained on, the trained layer's drafts are mostly accepted
     (the random one's almost never): the dense forward it was trained with and the drafter's paged one are
     the same function. (The tiny's random-weight continuations of unseen random prompts are not learnable
-    from 24 sequences: measured ~0.5% there, docs/BENCHMARKS.md.)"""
+    from a few sequences: measured ~0.5% there, docs/BENCHMARKS.md.)"""
     head, experts = load_head(trained_mtp_dir), load_local_backend(trained_mtp_dir)
     prompts = training_prompts(SEED, 3)
     spec = SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": 2})
