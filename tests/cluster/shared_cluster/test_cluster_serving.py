@@ -11,6 +11,7 @@ import re
 import subprocess
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -185,7 +186,7 @@ def test_metrics_count_the_requests(up: UpProcess) -> None:
     assert any(k.startswith("nextserve_dispatch_latency_seconds_count") for k in after)
 
 
-DASHBOARD = Path(__file__).resolve().parents[2] / "k8s" / "base" / "grafana-dashboard.yaml"
+DASHBOARD = Path(__file__).resolve().parents[3] / "k8s" / "base" / "grafana-dashboard.yaml"
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum", "_total")
 
 
