@@ -22,7 +22,7 @@ import enum
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["HeadSpan", "RequestSpan", "StepSpan", "TracingRole", "configure_tracing", "is_enabled",
+__all__ = ["HeadSpan", "RequestSpan", "StepSpan", "TracingRole", "TracingSetupError", "configure_tracing", "is_enabled",
            "shutdown_tracing", "start_head_span", "start_request_span", "start_step_span", "traces_url"]
 
 TRACES_PATH = "/v1/traces"
@@ -66,12 +66,14 @@ def configure_tracing(endpoint: str, role: TracingRole, exporter: Any = None) ->
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+        if exporter is None:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     except ImportError as exc:
-        raise TracingSetupError(f"otlp_traces_endpoint={endpoint!r} needs the OpenTelemetry SDK ({exc.name} is "
-                                f"missing): pip install 'nextserve[otel]', or leave the endpoint empty") from exc
+        raise TracingSetupError(f"otlp_traces_endpoint={endpoint!r} needs the OpenTelemetry SDK and its OTLP/HTTP "
+                                f"exporter ({exc.name} is missing): pip install 'nextserve[otel]', or leave the "
+                                f"endpoint empty") from exc
     shutdown_tracing()
     if exporter is None:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         processor: Any = BatchSpanProcessor(OTLPSpanExporter(endpoint=traces_url(endpoint)))
     else:
         processor = SimpleSpanProcessor(exporter)

@@ -1,7 +1,7 @@
 """Traces (cluster/tracing.py) through the in-process gateway and engine: configured by the same
 `configure_tracing` a deployment calls, with the SDK's in-memory exporter in place of OTLP/HTTP. The
-disabled case in a fresh interpreter (what it imports) is tests/process/test_tracing_off.py's; the OTLP/HTTP
-export to a real socket is tests/process/test_tracing_export.py's."""
+disabled case in a fresh interpreter (what it imports) and the OTLP/HTTP export to a real socket are
+tests/process/test_tracing_process.py's."""
 
 from __future__ import annotations
 
