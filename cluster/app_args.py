@@ -20,6 +20,7 @@ from nextserve.cluster.engine.scheduler import SchedulerConfig
 from nextserve.cluster.engine.speculative_config import SpeculativeConfig, SpeculativeMethod
 from nextserve.cluster.gateway.admission import GatewayLimits
 from nextserve.cluster.gateway.tenants import TenantDirectory, TenantLimits, load_api_keys
+from nextserve.cluster.tracing import traces_url
 from nextserve.model.cache.budget import CacheConfig, format_memory_size, parse_cache_memory
 from nextserve.model.config import Qwen3NextConfig
 
@@ -176,6 +177,11 @@ class AppArgs(BaseModel):
     """Name of an environment variable holding the admin token (Kubernetes: from the `nextserve-admin`
     Secret on every Ray pod), so that no token sits in the Serve config or on a command line; `build_app`
     (and `nextserve up`) read it."""
+    otlp_traces_endpoint: str = ""
+    """OTLP/HTTP collector URL (e.g. http://otel-collector:4318; /v1/traces is added when no path is given)
+    that gateways and heads send OpenTelemetry traces to: a span per API request, a child span per engine
+    request on its head, a span per engine step of traced requests. Needs `nextserve[otel]`. "": no
+    tracing (nothing of OpenTelemetry is imported)."""
 
     def scheduler_config(self, head_on_accelerator: bool = False, experts_on_accelerators: bool = False) -> SchedulerConfig:
         """The head engine's step shape (what every head replica builds); the devices resolve "auto"."""
@@ -247,6 +253,13 @@ class AppArgs(BaseModel):
     def _speculative_config_parses(cls, value: str | None) -> str | None:
         if value is not None:
             SpeculativeConfig.from_json(value)
+        return value
+
+    @field_validator("otlp_traces_endpoint")
+    @classmethod
+    def _traces_endpoint_is_url(cls, value: str) -> str:
+        if value:
+            traces_url(value)  # ValueError naming the field and the expected shape
         return value
 
     @field_validator("cache_memory")

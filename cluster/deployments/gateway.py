@@ -30,6 +30,7 @@ from nextserve.cluster.engine.contract import (EngineError, EngineOverloadedErro
                                                EngineUnavailableError, StepOutput, summed_load)
 from nextserve.cluster.deployments.output_channel import ChannelOpen, GatewayOutputChannels
 from nextserve.cluster.gateway.app import build_app
+from nextserve.cluster.tracing import TracingRole, configure_tracing
 from nextserve.cluster.gateway.generation import Readiness
 from nextserve.cluster.control.registry import MemberRecord, Registry
 from nextserve.cluster.control.scaling_status import ScalingStatus
@@ -160,6 +161,7 @@ def expert_readiness(record: PlacementRecord | None, workers: list[MemberRecord]
 @serve.ingress()
 class GatewayDeployment:
     def __init__(self, heads: DeploymentHandle, args: AppArgs) -> None:
+        configure_tracing(args.otlp_traces_endpoint, TracingRole.GATEWAY)  # "" (default): nothing
         self.client = HeadHandleClient(heads, args)
         self.args = args
 

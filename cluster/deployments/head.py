@@ -29,6 +29,7 @@ from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.deployments.controller import start_cluster
 from nextserve.cluster.engine.contract import EngineError, EngineRequest, EngineStats, StepOutput
 from nextserve.cluster.engine.engine import Engine
+from nextserve.cluster.tracing import TracingRole, configure_tracing
 from nextserve.cluster.deployments.output_channel import (ChannelItem, ChannelOpen, ChannelReady, HeadOutputChannels,
                                                           StreamStart)
 from nextserve.router.epoch_follower import EpochFollowingBackend
@@ -71,6 +72,7 @@ class HeadDeployment:
     def __init__(self, args: AppArgs) -> None:
         self.args = args
         use_assigned_cpus()
+        configure_tracing(args.otlp_traces_endpoint, TracingRole.HEAD)  # "" (default): nothing
         ray.get(start_cluster(args))  # `up` may have started it already: then this waits for it
         self.registry = Registry(args.redis_url, args.cluster)
         dtype = parse_dtype(args.dtype)

@@ -83,6 +83,9 @@ class EngineRequest:
     grammar: Grammar | None = None
     """What the output must parse as (structured outputs, forced tool calls); None: free text. Compiled at
     admission: a grammar the engine cannot enforce is refused (INVALID_REQUEST naming `grammar.param`)."""
+    trace_context: str = ""
+    """The W3C traceparent of the gateway's span of this request (cluster/tracing.py), when the server
+    traces (--otlp-traces-endpoint); the head's span continues that trace. "": not traced."""
 
     def __post_init__(self) -> None:
         if not self.tenant_weight > 0:

@@ -62,6 +62,7 @@ from nextserve.cluster.engine.scheduler import (ScheduledSeq, Scheduler, Schedul
 from nextserve.model.cache.budget import CacheConfig
 from nextserve.model.cache.pools import HybridCache
 from nextserve.model.expert_backend import ExpertBackend
+from nextserve.cluster.tracing import is_enabled as tracing_is_enabled, start_head_span, start_step_span
 from nextserve.model.qwen3_next import HeadModel
 from nextserve.model.sampling import (TokenLogprobs, allowed_next_tokens, make_generator, sample, token_logprobs,
                                       verify_draft)
@@ -181,14 +182,34 @@ class Engine:
         failed step EngineError (its code says why). Stopping early (aclose, cancel, a client gone) aborts
         the request."""
         request_id = request.request_id
-        stream = self._submit(self.admit(request), OutputStream(asyncio.get_running_loop()))
+        span = start_head_span(request_id, request.trace_context)  # None unless traced (cluster/tracing.py)
+        try:
+            admitted = self.admit(request)
+            if span is not None:  # the engine's steps link to the head's span (start_step_span)
+                admitted = dataclasses.replace(admitted, trace_context=span.traceparent)
+            stream = self._submit(admitted, OutputStream(asyncio.get_running_loop()))
+        except Exception as exc:
+            if span is not None:
+                span.end(exc)
+            raise
+        if span is not None:
+            span.admitted()
+        error: Exception | None = None
         is_finished = False
         try:
             while not is_finished:
                 out = await stream.get()
                 is_finished = out.finish_reason is not None
+                if span is not None:
+                    span.on_output(out.token_ids, None if out.finish_reason is None else out.finish_reason.value,
+                                   out.prompt_tokens, out.completion_tokens)
                 yield out
+        except Exception as exc:
+            error = exc
+            raise
         finally:
+            if span is not None:
+                span.end(error)
             if not is_finished:  # the consumer left (disconnect, cancel) or the step failed
                 self.abort(request_id)
 
@@ -345,11 +366,18 @@ class Engine:
             if self.drafter is not None:
                 self.drafter.release(seq.request_id)
         if not plan.is_empty:
+            span = None if not tracing_is_enabled() else start_step_span(
+                (item.seq.request.trace_context for item in plan.scheduled), len(plan.scheduled),
+                sum(item.num_scheduled_tokens for item in plan.scheduled))  # None: no traced request in it
             try:
                 self._positions = {item.seq.request_id: item.seq.num_computed_tokens for item in plan.scheduled}
                 self._postprocess(plan, self.runner.run(plan))
                 self._propose(plan)
+                if span is not None:
+                    span.end()
             except Exception as exc:  # a failed step (e.g. a lost expert worker) fails its sequences only
+                if span is not None:
+                    span.end(exc)
                 log.exception("step of %d sequences failed", len(plan.scheduled))
                 for item in plan.scheduled:
                     if not item.seq.is_finished:

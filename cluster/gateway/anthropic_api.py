@@ -43,7 +43,8 @@ class AnthropicApi:
         out = MessageReply(new_message_id(), self.model_name, spec)
         try:
             generation = await start_generation(self.engine, out.message_id, spec, self.metrics,
-                                                request.state.caller)
+                                                request.state.caller, endpoint=request.url.path,
+                                                model=self.model_name)
         except ChatTemplateError as e:
             raise template_error(e) from None
         except EngineError as e:

@@ -43,6 +43,7 @@ from nextserve.cluster.gateway.metrics import GatewayMetrics, RequestTracker
 from nextserve.cluster.gateway.output_grammar import output_grammar
 from nextserve.cluster.gateway.request_id import current_request_id
 from nextserve.cluster.gateway.tenants import Caller, TenantQuota
+from nextserve.cluster.tracing import RequestSpan, start_request_span
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class Choices:
 
 async def start_choices(engine: EngineClient, request_id: str, prompt_ids: Sequence[int],
                         params: Sequence[SamplingParams], metrics: GatewayMetrics, caller: Caller,
-                        grammar: Grammar | None = None, prompt_cache_key: str = "") -> Choices:
+                        grammar: Grammar | None = None, prompt_cache_key: str = "", trace_context: str = "") -> Choices:
     """Start every choice (each constrained by `grammar`, when given) and wait for each one's first output; on
     any failure close them all and raise. `prompt_cache_key`: the client's session key, for routing to a head
     (EngineRequest.prompt_cache_key)."""
@@ -164,7 +165,7 @@ async def start_choices(engine: EngineClient, request_id: str, prompt_ids: Seque
     streams = [engine.generate(EngineRequest(f"{request_id}-{i}" if len(params) > 1 else request_id,
                                              tuple(prompt_ids), p, tenant=tenant.name, tenant_weight=tenant.weight,
                                              cache_salt=caller.cache_salt, grammar=grammar,
-                                             prompt_cache_key=prompt_cache_key))
+                                             prompt_cache_key=prompt_cache_key, trace_context=trace_context))
                for i, p in enumerate(params)]
     trackers = [metrics.track(tenant.name, caller.quota) for _ in streams]
     try:
@@ -183,12 +184,13 @@ async def start_choices(engine: EngineClient, request_id: str, prompt_ids: Seque
 class Generation:
     """One API request running: its choices' engine outputs as the one event stream (events.py)."""
 
-    def __init__(self, prompt: ChatPrompt, choices: Choices) -> None:
-        self.prompt, self.choices = prompt, choices
+    def __init__(self, prompt: ChatPrompt, choices: Choices, span: RequestSpan | None = None) -> None:
+        self.prompt, self.choices, self.span = prompt, choices, span
         self.states = [ChoiceEvents(i, prompt) for i in range(choices.n)]
 
     async def events(self) -> AsyncIterator[Event]:
         """Started, every choice's updates in arrival order, Completed; closing it early aborts the rest."""
+        error: BaseException | None = None
         try:
             yield Started(self.choices.prompt_tokens, self.choices.cached_tokens, self.choices.n)
             async with aclosing(aiter(self.choices)) as outputs:
@@ -196,20 +198,39 @@ class Generation:
                     yield self.states[i].on_output(out)
             usage = TokenUsage(self.choices.prompt_tokens, sum(s.completion_tokens for s in self.states),
                                self.choices.cached_tokens)
-            yield Completed(tuple(s.result() for s in self.states), usage)
+            completed = Completed(tuple(s.result() for s in self.states), usage)
+            if self.span is not None:
+                self.span.completed(usage.completion_tokens, [c.finish.reason.value for c in completed.choices])
+            yield completed
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             await self.choices.aclose()  # closed before the outputs were read (after Started): abort them too
+            if self.span is not None:
+                self.span.end(error if isinstance(error, Exception) else None)
 
 
 async def start_generation(engine: EngineClient, request_id: str, spec: GenerationSpec,
-                           metrics: GatewayMetrics, caller: Caller) -> Generation:
+                           metrics: GatewayMetrics, caller: Caller, *, endpoint: str = "",
+                           model: str = "") -> Generation:
     """Render the prompt and start every choice; raises ChatTemplateError (a chat the template refuses) or
-    the engine's EngineError (a refusal, unavailability), before any response starts."""
-    prompt = prompt_of(spec.prompt, engine.tokenizer)
-    choices = await start_choices(engine, request_id, prompt.prompt_ids, choice_params(spec.params, spec.n), metrics,
-                                  dataclasses.replace(caller, cache_salt=spec.cache_salt),
-                                  output_grammar(spec.response_format, prompt), spec.prompt_cache_key)
-    return Generation(prompt, choices)
+    the engine's EngineError (a refusal, unavailability), before any response starts. `endpoint` (the
+    path) and `model` name the request's span when the server traces (cluster/tracing.py)."""
+    span = start_request_span(endpoint, request_id, model, current_request_id())
+    try:
+        prompt = prompt_of(spec.prompt, engine.tokenizer)
+        choices = await start_choices(engine, request_id, prompt.prompt_ids, choice_params(spec.params, spec.n),
+                                      metrics, dataclasses.replace(caller, cache_salt=spec.cache_salt),
+                                      output_grammar(spec.response_format, prompt), spec.prompt_cache_key,
+                                      "" if span is None else span.traceparent)
+    except BaseException as exc:
+        if span is not None:
+            span.end(exc)
+        raise
+    if span is not None:
+        span.started(choices.prompt_tokens, choices.cached_tokens)
+    return Generation(prompt, choices, span)
 
 
 async def reply(events: AsyncIterator[Event], is_disconnected: Callable[[], Awaitable[bool]]) -> Completed | None:

@@ -45,7 +45,8 @@ class OpenAIApi:
         out = Reply.of(endpoint, self.model_name, req, spec, self.engine.tokenizer, int(time.time()))
         try:
             generation: Generation = await start_generation(self.engine, out.header.id, spec, self.metrics,
-                                                            request.state.caller)
+                                                            request.state.caller, endpoint=request.url.path,
+                                                            model=self.model_name)
         except ChatTemplateError as e:
             raise template_error(e) from None
         except EngineError as e:

@@ -36,7 +36,8 @@ class ResponsesApi:
         out = ResponseReply.of(self.model_name, req, spec, int(time.time()))
         try:
             generation = await start_generation(self.engine, out.response_id, spec, self.metrics,
-                                                request.state.caller)
+                                                request.state.caller, endpoint=request.url.path,
+                                                model=self.model_name)
         except ChatTemplateError as e:
             raise template_error(e) from None
         except EngineError as e:
