@@ -10,11 +10,12 @@ pipeline (the same as the OpenAI API's). What Claude Code and the anthropic SDK 
 from __future__ import annotations
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from nextserve.cluster.engine.contract import EngineError, SamplingDefaults
+from nextserve.cluster.engine.contract import SamplingDefaults
 from nextserve.cluster.gateway.chat_template import ChatTemplateError
-from nextserve.cluster.gateway.generation import EngineClient, reply, start_generation
+from nextserve.cluster.gateway.generation import EngineClient
+from nextserve.cluster.gateway.generation_route import ApiErrors, respond
 from nextserve.cluster.gateway.metrics import GatewayMetrics
 from nextserve.cluster.gateway.protocols.anthropic import (AnthropicError, MessageReply, anthropic_error,
                                                            conversation, count_tokens_response, generation_spec,
@@ -41,21 +42,8 @@ class AnthropicApi:
         self._check_model(req.model)
         spec = generation_spec(req, self.defaults)
         out = MessageReply(new_message_id(), self.model_name, spec)
-        try:
-            generation = await start_generation(self.engine, out.message_id, spec, self.metrics,
-                                                request.state.caller, endpoint=request.url.path,
-                                                model=self.model_name)
-        except ChatTemplateError as e:
-            raise template_error(e) from None
-        except EngineError as e:
-            raise anthropic_error(e, spec) from None
-        if req.stream:
-            return StreamingResponse(out.sse(generation.events()), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        completed = await reply(generation.events(), request.is_disconnected)
-        if completed is None:
-            return Response(status_code=499)  # nobody reads it; the engine requests were aborted
-        return JSONResponse(out.body(completed))
+        return await respond(request, self.engine, self.metrics, self.model_name, out.message_id, spec, req.stream,
+                             ApiErrors(anthropic_error, template_error), out.sse, out.body)
 
     def _check_model(self, requested: str) -> None:
         if requested != self.model_name:

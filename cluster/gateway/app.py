@@ -37,7 +37,7 @@ from nextserve.cluster.gateway.admission import AdmittingClient, BodyLimit, Gate
 from nextserve.cluster.gateway.anthropic_api import AnthropicApi
 from nextserve.cluster.gateway.generation import EngineClient, Readiness
 from nextserve.cluster.gateway.metrics import GatewayMetrics, RequestCounter
-from nextserve.cluster.gateway.openai_api import OpenAIApi
+from nextserve.cluster.gateway.openai_api import OpenAIApi, check_model
 from nextserve.cluster.gateway.protocols import anthropic
 from nextserve.cluster.gateway.protocols.openai import SERVER_ERROR, RequestError, error_body, validation_error
 from nextserve.cluster.gateway.request_id import RequestIdMiddleware, current_request_id
@@ -146,7 +146,7 @@ class Gateway:
         return {"object": "list", "data": [self.card]}
 
     async def retrieve_model(self, model: str) -> dict[str, Any]:
-        self.openai.check_model(model)
+        check_model(model, self.card["id"])
         return self.card
 
     async def health(self) -> Response:

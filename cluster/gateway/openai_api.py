@@ -10,15 +10,25 @@ from __future__ import annotations
 import time
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
-from nextserve.cluster.engine.contract import EngineError, SamplingDefaults
-from nextserve.cluster.gateway.chat_template import ChatTemplateError
-from nextserve.cluster.gateway.generation import EngineClient, Generation, reply, start_generation
+from nextserve.cluster.engine.contract import SamplingDefaults
+from nextserve.cluster.gateway.generation import EngineClient
+from nextserve.cluster.gateway.generation_route import ApiErrors, respond
 from nextserve.cluster.gateway.metrics import GatewayMetrics
 from nextserve.cluster.gateway.protocols.openai import (ChatCompletionRequest, CompletionRequest, Endpoint,
                                                         GenerationRequest, Reply, RequestError, generation_spec,
                                                         openai_error, parse_request, template_error)
+
+OPENAI_ERRORS = ApiErrors(openai_error, template_error)
+"""OpenAI's shape for a refusal before the response starts (the Responses API's too)."""
+
+
+def check_model(requested: str, served: str) -> None:
+    """An OpenAI-API request (chat, completions, responses) names the served model, or it is a 404."""
+    if requested != served:
+        raise RequestError(404, f"The model '{requested}' does not exist; this server serves '{served}'.", "model",
+                           code="model_not_found")
 
 
 class OpenAIApi:
@@ -34,27 +44,9 @@ class OpenAIApi:
     async def chat_completions(self, request: Request) -> Response:
         return await self._serve(request, Endpoint.CHAT, parse_request(await request.body(), ChatCompletionRequest))
 
-    def check_model(self, requested: str) -> None:
-        if requested != self.model_name:
-            raise RequestError(404, f"The model '{requested}' does not exist; this server serves "
-                               f"'{self.model_name}'.", "model", code="model_not_found")
-
     async def _serve(self, request: Request, endpoint: Endpoint, req: GenerationRequest) -> Response:
-        self.check_model(req.model)
+        check_model(req.model, self.model_name)
         spec = generation_spec(req, self.defaults)
         out = Reply.of(endpoint, self.model_name, req, spec, self.engine.tokenizer, int(time.time()))
-        try:
-            generation: Generation = await start_generation(self.engine, out.header.id, spec, self.metrics,
-                                                            request.state.caller, endpoint=request.url.path,
-                                                            model=self.model_name)
-        except ChatTemplateError as e:
-            raise template_error(e) from None
-        except EngineError as e:
-            raise openai_error(e, spec) from None
-        if req.stream:
-            return StreamingResponse(out.chunks(generation.events()), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        completed = await reply(generation.events(), request.is_disconnected)
-        if completed is None:
-            return Response(status_code=499)  # nobody reads it; the engine requests were aborted
-        return JSONResponse(out.body(completed))
+        return await respond(request, self.engine, self.metrics, self.model_name, out.header.id, spec, req.stream,
+                             OPENAI_ERRORS, out.chunks, out.body)

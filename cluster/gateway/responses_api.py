@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
-from nextserve.cluster.engine.contract import EngineError, SamplingDefaults
-from nextserve.cluster.gateway.chat_template import ChatTemplateError
-from nextserve.cluster.gateway.generation import EngineClient, reply, start_generation
+from nextserve.cluster.engine.contract import SamplingDefaults
+from nextserve.cluster.gateway.generation import EngineClient
+from nextserve.cluster.gateway.generation_route import respond
 from nextserve.cluster.gateway.metrics import GatewayMetrics
-from nextserve.cluster.gateway.protocols.openai import RequestError, openai_error, template_error
+from nextserve.cluster.gateway.openai_api import OPENAI_ERRORS, check_model
 from nextserve.cluster.gateway.protocols.responses import ResponseReply, generation_spec, parse_responses_request
 
 
@@ -29,23 +29,8 @@ class ResponsesApi:
 
     async def responses(self, request: Request) -> Response:
         req = parse_responses_request(await request.body())
-        if req.model != self.model_name:
-            raise RequestError(404, f"The model '{req.model}' does not exist; this server serves "
-                               f"'{self.model_name}'.", "model", code="model_not_found")
+        check_model(req.model, self.model_name)
         spec = generation_spec(req, self.defaults)
         out = ResponseReply.of(self.model_name, req, spec, int(time.time()))
-        try:
-            generation = await start_generation(self.engine, out.response_id, spec, self.metrics,
-                                                request.state.caller, endpoint=request.url.path,
-                                                model=self.model_name)
-        except ChatTemplateError as e:
-            raise template_error(e) from None
-        except EngineError as e:
-            raise openai_error(e, spec) from None
-        if req.stream:
-            return StreamingResponse(out.sse(generation.events()), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        completed = await reply(generation.events(), request.is_disconnected)
-        if completed is None:
-            return Response(status_code=499)  # nobody reads it; the engine request was aborted
-        return JSONResponse(out.body(completed))
+        return await respond(request, self.engine, self.metrics, self.model_name, out.response_id, spec, req.stream,
+                             OPENAI_ERRORS, out.sse, out.body)
