@@ -138,7 +138,12 @@ def test_chaos_with_two_replicas_fails_no_request(replicated: UpProcess) -> None
         for _ in range(3):  # three kills over ~30 s
             time.sleep(4)
             workers = [w for w in replicated.status()["workers"] if w["alive"]]
-            os.kill(workers[0]["pid"], signal.SIGKILL)
+            victim = workers[0]["pid"]
+            os.kill(victim, signal.SIGKILL)
+            # Recovery is the killed worker seen gone (its heartbeat lapses, or a restart has a new pid), then
+            # every worker alive: status is read in-process, fast enough to see the dead one still listed.
+            wait_for(lambda: all(w["pid"] != victim or not w["alive"] for w in replicated.status()["workers"]),
+                     RESTORE_WITHIN_S, "the killed worker seen gone")
             wait_for(lambda: all(w["alive"] for w in replicated.status()["workers"]), RESTORE_WITHIN_S, "recovery")
     finally:  # the clients stop however the kills went, so a failure is reported, not a hang
         stop.set()
