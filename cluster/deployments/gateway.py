@@ -28,7 +28,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.engine.contract import (EngineError, EngineOverloadedError, EngineRequest, EngineStats,
                                                EngineUnavailableError, StepOutput, summed_load)
-from nextserve.cluster.deployments.output_channel import ChannelOpen, GatewayOutputChannels
+from nextserve.cluster.deployments.output_channel import HEAD_LOST, ChannelOpen, GatewayOutputChannels
 from nextserve.cluster.gateway.app import build_app
 from nextserve.cluster.tracing import TracingRole, configure_tracing
 from nextserve.cluster.gateway.generation import Readiness
@@ -80,8 +80,7 @@ class HeadHandleClient:
                                         "retry after the Retry-After delay") from None
         except RayActorError as exc:  # the head replica (or its node) died: its sequences are gone
             log.warning("request %s: its head replica was lost: %s", request_id, exc)
-            raise EngineUnavailableError("the head replica serving this request was lost (its process or node "
-                                         "died); retry it: new requests go to the remaining head replicas") from None
+            raise EngineUnavailableError(HEAD_LOST) from None
         except EngineError:
             raise
         except Exception:  # whatever else Ray raises: logged here, never its text (pids, addresses) to a client

@@ -78,9 +78,14 @@ class StreamStart:
     channel_id: str | None
 
 
+HEAD_LOST = ("the head replica serving this request was lost (its process, node or connection failed); retry it: "
+             "new requests go to the remaining head replicas")
+"""What a request whose head went away ends with, on its own call or on a channel (no replica id: internals)."""
+
+
 def channel_lost(head_id: str) -> EngineUnavailableError:
-    return EngineUnavailableError(f"the stream of outputs from head replica {head_id} to this gateway was lost "
-                                  f"(the head or the connection failed); retry the request")
+    log.warning("the output channel from head replica %s was lost", head_id)
+    return EngineUnavailableError(HEAD_LOST)
 
 
 async def guarded(request_id: str, outputs: AsyncGenerator[StepOutput, None]) -> AsyncGenerator[

@@ -21,6 +21,7 @@ four); the tests run in file order, each leaving a serving cluster:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -78,8 +79,9 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
 @pytest.fixture(scope="module")
 def capacity(tiny_dir: Path) -> CacheCapacity:
     """What the head makes of the budget: 3 state slots, 34 blocks (544 tokens) and 1 prefix-cache snapshot
-    on the tiny model."""
-    sizes = model_sizes(Qwen3NextConfig.from_json(tiny_dir), torch.float32)
+    on the tiny model, whose MTP layer a head without MTP drafts neither loads nor budgets a K/V pool for."""
+    config = dataclasses.replace(Qwen3NextConfig.from_json(tiny_dir), num_nextn_predict_layers=0)
+    sizes = model_sizes(config, torch.float32)
     return cache_capacity(sizes, CacheConfig(parse_memory_size(CACHE_MEMORY)), MAX_NUM_SEQS, MAX_MODEL_LEN)
 
 
