@@ -51,7 +51,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dir: Path) -> Model:
-    return load_head(tiny_dir), load_local_backend(tiny_dir)
+    return load_head(tiny_dir, mtp=False), load_local_backend(tiny_dir)  # as a head without MTP drafts loads it
 
 
 @pytest.fixture(scope="module")
