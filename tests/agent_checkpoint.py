@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -400,18 +400,24 @@ def _build(out: Path, work: Path) -> None:
 
 def ensure_agent_checkpoint(cache_root: Path) -> Path:
     """The agent checkpoint under `cache_root / f"tiny-agent-{agent_version()}"`, built on first use."""
-    path = Path(cache_root) / f"tiny-agent-{agent_version()}"
-    if (path / MARKER).exists():
+    return built_once(Path(cache_root) / f"tiny-agent-{agent_version()}", MARKER, _build)
+
+
+def built_once(path: Path, marker: str, build: Callable[[Path, Path], None]) -> Path:
+    """`path`, made by `build(out, work)` (on one torch thread) unless it is there already (its `marker` file
+    written last by `build`); built in a scratch folder beside it and moved in at once, so concurrent test
+    processes never see half a checkpoint."""
+    if (path / marker).exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
         with _one_thread():
-            _build(work / "out", work)
+            build(work / "out", work)
         try:
             os.replace(work / "out", path)
         except OSError:  # another process finished first (a non-empty directory is not replaced): keep its copy
-            if not (path / MARKER).exists():
+            if not (path / marker).exists():
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)

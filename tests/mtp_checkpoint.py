@@ -24,9 +24,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from agent_checkpoint import _one_thread, cache_root
+from agent_checkpoint import built_once, cache_root
 from engine_run import random_prompt
 from mtp_reference import mtp_rows
 from nextserve.cluster.engine.engine import Engine
@@ -179,22 +177,8 @@ def ensure_mtp_checkpoint(root: Path, recipe: MtpRecipe = DEFAULT_RECIPE, tiny: 
     """The trained-MTP tiny under `root / f"tiny-mtp-{mtp_version(recipe)}"`, built on first use from a copy
     of `tiny` (the tiny checkpoint of TINY_VERSION, e.g. the tests' session one; None: `ensure_tiny(root)`,
     the CLI's cached one), so its tokenizer is not trained again."""
-    path = Path(root) / f"tiny-mtp-{mtp_version(recipe)}"
-    if (path / MARKER).exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        with _one_thread():
-            _build(tiny or ensure_tiny(root), work / "out", recipe)
-        try:
-            os.replace(work / "out", path)
-        except OSError:  # another process finished first: keep its copy
-            if not (path / MARKER).exists():
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return path
+    return built_once(Path(root) / f"tiny-mtp-{mtp_version(recipe)}", MARKER,
+                      lambda out, work: _build(tiny or ensure_tiny(root), out, recipe))
 
 
 def measure(path: Path, k: int, num_prompts: int = 6, max_tokens: int = 64, seed: int = 7,
