@@ -277,7 +277,7 @@ def test_responses_forced_call_and_a_codex_style_replay(oai: openai.OpenAI) -> N
     answer = oai.responses.create(model="tiny", input=history, temperature=0, stream=False, store=False,
                                   tools=[*RESPONSES_TOOLS, {"type": "web_search"}], tool_choice="auto",
                                   extra_body={"prompt_cache_key": "session-1", "reasoning": {"summary": "auto"},
-                                              "include": ["reasoning.encrypted_content"], "client_metadata": {"a": "b"}})
+                                              "include": ["reasoning.encrypted_content"], "client_metadata": {}})
     assert answer.output_text == TURNS["after_tool_result"].content and answer.usage
     assert answer.usage.input_tokens_details.cached_tokens > 0  # the first turn's prefix, on the same head
 
