@@ -227,7 +227,7 @@ def _function_calls(response: Any) -> list[tuple[str, dict]]:
     return [(o.name, json.loads(o.arguments)) for o in response.output if o.type == "function_call"]
 
 
-@pytest.mark.parametrize("name", ["weather_call", "after_tool_result"])  # text + a call; text after a result
+@pytest.mark.parametrize("name", ["weather_call", "after_tool_result", "parallel_calls", "rome_without_tool"])
 def test_responses_text_and_calls_equal_chat_completions_and_the_stream_adds_up(oai: openai.OpenAI,
                                                                                  name: str) -> None:
     turn = TURNS[name]
