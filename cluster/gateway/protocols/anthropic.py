@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+from pydantic import (BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
                       field_validator)
 from pydantic_core import PydanticCustomError
 
@@ -43,7 +43,7 @@ from nextserve.cluster.engine.contract import EngineError, ErrorCode, FinishReas
 from nextserve.cluster.gateway.chat_template import ChatTemplateError, ToolChoice
 from nextserve.cluster.gateway.conversation import Conversation, GenerationSpec
 from nextserve.cluster.gateway.events import ChoiceUpdate, Completed, Event, Finish, Started
-from nextserve.cluster.gateway.protocols.json_body import BodyError, json_object
+from nextserve.cluster.gateway.protocols.json_body import BodyError, StrictModel, json_object
 from nextserve.cluster.gateway.tool_calls import (ParsedOutput, TextDelta, ToolArgumentsDelta, ToolCallEvent,
                                                   ToolCallStart)
 
@@ -83,8 +83,8 @@ class AnthropicError(Exception):
 
 # --- request models -----------------------------------------------------------------------------------------
 
-class _Model(BaseModel):
-    """Strict ("5" is not an int, 1 is not a bool), frozen, extra fields ignored."""
+class _Model(StrictModel):
+    """A StrictModel, frozen."""
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
 

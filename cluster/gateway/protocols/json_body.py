@@ -1,4 +1,5 @@
-"""A request body as a JSON object: the one decoding both APIs share (each maps the error to its shape).
+"""A request body as a JSON object: the one decoding every API shares (each maps the error to its shape), and
+StrictModel, the base of their request models.
 
 Every way a body can be wrong is a BodyError (the API's 400): not JSON, not UTF-8, an integer past Python's
 digit limit, nesting deeper than MAX_JSON_DEPTH (a 40,000-deep body would otherwise exhaust the parser's
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import json
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 MAX_JSON_DEPTH = 64
 """Nesting levels of arrays and objects a body may hold (the body itself is level 1): far more than any
@@ -48,3 +51,8 @@ def json_depth(value: Any) -> int:
         deepest = max(deepest, depth)
         stack.extend((child, depth + 1) for child in children)
     return deepest
+
+
+class StrictModel(BaseModel):
+    """A request model: strict ("5" is not an int, 1 is not a bool), extra fields ignored (clients send many)."""
+    model_config = ConfigDict(strict=True, extra="ignore")

@@ -41,7 +41,7 @@ from nextserve.cluster.gateway.chat_template import ChatTemplateError, ToolChoic
 from nextserve.cluster.gateway.conversation import Conversation, GenerationSpec, ResponseFormat
 from nextserve.cluster.gateway.events import (ChoiceResult, ChoiceUpdate, Completed, Event, Finish, TextDelta,
                                               TokenUsage, ToolCallEvent, ToolCallStart)
-from nextserve.cluster.gateway.protocols.json_body import BodyError, json_object
+from nextserve.cluster.gateway.protocols.json_body import BodyError, StrictModel, json_object
 from nextserve.cluster.gateway.tool_calls import ParsedToolCall
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,7 @@ Stop = Annotated[list[str], PlainValidator(_stop)]
 Content = Annotated[str | None, PlainValidator(_content)]
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
@@ -132,8 +131,7 @@ class JSONSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
-class ResponseFormatParam(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class ResponseFormatParam(StrictModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
@@ -150,9 +148,8 @@ class ResponseFormatParam(BaseModel):
         return ResponseFormat("json_schema", f.json_schema, f.name, bool(f.strict))
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(StrictModel):
     """Fields common to both endpoints; strict, so "5" is not an int and 1 is not a bool."""
-    model_config = ConfigDict(strict=True, extra="ignore")
     prompt_param: ClassVar[str]
     """The field that holds the prompt, for errors about it."""
     model: str
@@ -228,22 +225,19 @@ class CompletionRequest(GenerationRequest):
         return self.logprobs
 
 
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class FunctionCall(StrictModel):
     name: str
     arguments: str | dict[str, Any] = "{}"
     """A JSON string, as OpenAI clients send it (an object is accepted too); decoded before rendering."""
 
 
-class ToolCall(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class ToolCall(StrictModel):
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Content = None
     name: str | None = None
@@ -264,8 +258,7 @@ class ChatMessage(BaseModel):
         return out
 
 
-class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class FunctionDefinition(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -273,19 +266,16 @@ class FunctionDefinition(BaseModel):
     strict: bool | None = None
 
 
-class Tool(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class Tool(StrictModel):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class NamedFunction(StrictModel):
     name: str
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class NamedToolChoice(StrictModel):
     type: Literal["function"]
     function: NamedFunction
 

@@ -42,8 +42,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PlainValidator, Tag,
-                      ValidationError, field_validator, model_validator)
+from pydantic import (BeforeValidator, Discriminator, Field, PlainValidator, Tag, ValidationError, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from nextserve.cluster.engine.contract import EngineError, ErrorCode, FinishReason, SamplingDefaults, SamplingParams
@@ -52,8 +52,8 @@ from nextserve.cluster.gateway.conversation import Conversation, GenerationSpec,
 from nextserve.cluster.gateway.events import (ChoiceResult, ChoiceUpdate, Completed, Event, Finish, Started,
                                               TextDelta, TokenUsage, ToolArgumentsDelta, ToolCallEvent,
                                               ToolCallStart)
-from nextserve.cluster.gateway.protocols.json_body import BodyError, json_object
-from nextserve.cluster.gateway.protocols.openai import RequestError, openai_error
+from nextserve.cluster.gateway.protocols.json_body import BodyError, StrictModel, json_object
+from nextserve.cluster.gateway.protocols.openai import NamedFunction, RequestError, openai_error
 from nextserve.cluster.gateway.tool_calls import MAX_NAME, ParsedToolCall
 
 log = logging.getLogger(__name__)
@@ -64,28 +64,23 @@ MAX_PROMPT_CACHE_KEY_CHARS = 1024
 # --- request models -----------------------------------------------------------------------------------------
 
 
-class _Model(BaseModel):
-    """Strict ("5" is not an int, 1 is not a bool), extra fields ignored (clients send many)."""
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-
 def _unsupported(message: str, **ctx: Any) -> PydanticCustomError:
     return PydanticCustomError("unsupported", message, ctx)
 
 
-class TextPart(_Model):
+class TextPart(StrictModel):
     """input_text (user, system, developer), output_text (assistant history), or plain text."""
     type: Literal["input_text", "output_text", "text"]
     text: str
 
 
-class RefusalPart(_Model):
+class RefusalPart(StrictModel):
     """An assistant's refusal in the history: its text is what it said."""
     type: Literal["refusal"]
     refusal: str
 
 
-class _RefusedPart(_Model):
+class _RefusedPart(StrictModel):
     type: Literal["input_image", "input_file", "input_audio"]
 
     @field_validator("type")
@@ -112,14 +107,14 @@ def _text_of(parts: Iterable[TextPart | RefusalPart | _RefusedPart]) -> str:
                      if isinstance(p, (TextPart, RefusalPart)))
 
 
-class MessageItem(_Model):
+class MessageItem(StrictModel):
     """A message: `{"role", "content"}` (the easy form, no type) or `{"type": "message", ...}`."""
     type: Literal["message"]
     role: Literal["user", "assistant", "system", "developer"]
     content: Annotated[list[Part], BeforeValidator(_parts)]
 
 
-class FunctionCallItem(_Model):
+class FunctionCallItem(StrictModel):
     """A call the model made earlier (replayed history): arguments are a JSON string, as the API returns them."""
     type: Literal["function_call"]
     call_id: str
@@ -146,19 +141,19 @@ class FunctionCallItem(_Model):
         return json.loads(self.arguments) if self.arguments.strip() else {}
 
 
-class FunctionCallOutputItem(_Model):
+class FunctionCallOutputItem(StrictModel):
     """What the client's function returned."""
     type: Literal["function_call_output"]
     call_id: str
     output: Annotated[list[Part], BeforeValidator(_parts)]
 
 
-class ReasoningItem(_Model):
+class ReasoningItem(StrictModel):
     """A reasoning item of an earlier response (Codex replays them): accepted and dropped."""
     type: Literal["reasoning"]
 
 
-class _ItemReference(_Model):
+class _ItemReference(StrictModel):
     type: Literal["item_reference"]
 
     @field_validator("type")
@@ -190,7 +185,7 @@ _NAME_PATTERN = rf"^[^>\n]{{1,{MAX_NAME}}}$"
 """What the tool-call parser can read back as a function name (no `>` or newline)."""
 
 
-class FunctionTool(_Model):
+class FunctionTool(StrictModel):
     type: Literal["function"]
     name: str = Field(pattern=_NAME_PATTERN)
     description: str | None = None
@@ -199,7 +194,7 @@ class FunctionTool(_Model):
     strict: bool | None = None
 
 
-class NamespaceTool(_Model):
+class NamespaceTool(StrictModel):
     """A group of functions (Codex sends its sub-agent tools as one); flattened into the prompt's tools."""
     type: Literal["namespace"]
     name: str = Field(min_length=1)
@@ -207,7 +202,7 @@ class NamespaceTool(_Model):
     tools: list[FunctionTool]
 
 
-class CustomTool(_Model):
+class CustomTool(StrictModel):
     type: Literal["custom"]
 
     @field_validator("type")
@@ -217,7 +212,7 @@ class CustomTool(_Model):
                            "a function tool with a JSON schema")
 
 
-class BuiltinTool(_Model):
+class BuiltinTool(StrictModel):
     """A tool the API's own servers run (web_search, file_search, ...): this server cannot; left out of the
     prompt."""
     type: str
@@ -233,11 +228,6 @@ Tool = Annotated[Union[Annotated[FunctionTool, Tag("function")], Annotated[Names
                  Discriminator(_tool_kind)]
 
 
-@dataclass(frozen=True, slots=True)
-class NamedFunction:
-    name: str
-
-
 def _tool_choice(value: Any) -> str | NamedFunction | None:
     if value is None or value in ("auto", "none", "required"):
         return value
@@ -245,7 +235,7 @@ def _tool_choice(value: Any) -> str | NamedFunction | None:
         if not isinstance(value.get("name"), str) or not value["name"]:
             raise PydanticCustomError("tool_choice", "a tool_choice of type 'function' needs the 'name' of the "
                                       "function to call")
-        return NamedFunction(value["name"])
+        return NamedFunction(name=value["name"])
     if isinstance(value, dict) and isinstance(value.get("type"), str):
         raise _unsupported("tool_choice of type '{type}' is not supported by this server; use 'auto', 'none', "
                            "'required' or {{'type': 'function', 'name': ...}}", type=value["type"])
@@ -253,7 +243,7 @@ def _tool_choice(value: Any) -> str | NamedFunction | None:
                               "'name': ...}")
 
 
-class TextFormat(_Model):
+class TextFormat(StrictModel):
     type: Literal["text", "json_object", "json_schema"]
     name: str = ""
     json_schema: dict[str, Any] | None = Field(None, alias="schema")
@@ -266,11 +256,11 @@ class TextFormat(_Model):
         return self
 
 
-class TextConfig(_Model):
+class TextConfig(StrictModel):
     format: TextFormat | None = None
 
 
-class ResponsesRequest(_Model):
+class ResponsesRequest(StrictModel):
     """`POST /v1/responses`."""
     prompt_param: ClassVar[str] = "input"
     model: str
