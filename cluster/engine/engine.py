@@ -370,7 +370,8 @@ class Engine:
                 (item.seq.request.trace_context for item in plan.scheduled), len(plan.scheduled),
                 sum(item.num_scheduled_tokens for item in plan.scheduled))  # None: no traced request in it
             try:
-                self._positions = {item.seq.request_id: item.seq.num_computed_tokens for item in plan.scheduled}
+                if self.drafter is not None:  # where each sequence's step starts, for the drafter after it
+                    self._positions = {item.seq.request_id: item.seq.num_computed_tokens for item in plan.scheduled}
                 self._postprocess(plan, self.runner.run(plan))
                 self._propose(plan)
                 if span is not None:
