@@ -180,17 +180,27 @@ def _kill_workers(redis_url: str, cluster: str) -> None:
             pass
 
 
+def _stop_workers(redis_url: str, cluster: str, admin_token: str | None) -> None:
+    """Ask the cluster's controller to stop its expert workers, then kill it. A controller that cannot
+    (busy healing a lost node past 30 s, or itself lost with that node and not back) leaves the workers to
+    be killed here by name: they are detached and would outlive this `up`."""
+    controller = get_or_create_controller(redis_url, cluster, admin_token)
+    try:
+        ray.get(controller.shutdown.remote(), timeout=30)
+    except ray.exceptions.GetTimeoutError:
+        log.warning("the controller did not stop its expert workers within 30 s; killing them")
+        _kill_workers(redis_url, cluster)
+    except ray.exceptions.RayError as exc:
+        log.warning("the controller could not stop its expert workers (%s); killing them", type(exc).__name__)
+        _kill_workers(redis_url, cluster)
+    ray.kill(controller, no_restart=True)
+
+
 def stop(options: UpOptions, redis_url: str, local_redis: LocalRedis | None) -> None:
     try:
         if ray.is_initialized():
             serve.delete(APP_NAME)  # only ours: a shared cluster may serve other apps
-            controller = get_or_create_controller(redis_url, options.app.cluster, options.app.admin_token)
-            try:
-                ray.get(controller.shutdown.remote(), timeout=30)
-            except ray.exceptions.GetTimeoutError:  # busy healing a lost node: kill its workers here
-                log.warning("the controller did not stop its expert workers within 30 s; killing them")
-                _kill_workers(redis_url, options.app.cluster)
-            ray.kill(controller, no_restart=True)
+            _stop_workers(redis_url, options.app.cluster, options.app.admin_token)
     finally:
         ray.shutdown()
         if local_redis is not None:

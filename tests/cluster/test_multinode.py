@@ -187,7 +187,7 @@ class _OtherApp:
 
 def test_ctrl_c_removes_only_its_own_application(up: UpProcess) -> None:
     serve.run(_OtherApp.bind(), name="other", route_prefix="/other")  # someone else's app on the cluster
-    assert up.interrupt() == 0
+    assert up.interrupt() == 0, "".join(up.lines[-40:])
     apps = serve.status().applications
     assert "other" in apps and "nextserve" not in apps
     serve.delete("other")
