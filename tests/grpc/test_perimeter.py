@@ -21,6 +21,8 @@ import pytest
 import redis
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.cli.up import write_state
@@ -229,10 +231,13 @@ def test_local_redis_refuses_a_client_without_the_password(local_redis: LocalRed
         assert raw.recv(256).startswith(b"-NOAUTH")
         raw.sendall(b"HSET nextserve:default:placement epoch 1\r\n")
         assert raw.recv(256).startswith(b"-NOAUTH")
-    bare = redis.Redis(host=local_redis.host, port=local_redis.port, socket_timeout=5)
+    # No client-side retries: redis-py retries an AuthenticationError (a ConnectionError) with a backoff of
+    # seconds by default; the server's answer is the same on the first try.
+    once = Retry(NoBackoff(), 0)
+    bare = redis.Redis(host=local_redis.host, port=local_redis.port, socket_timeout=5, retry=once)
     with pytest.raises(redis.exceptions.AuthenticationError):
         bare.ping()
-    wrong = redis.Redis(host=local_redis.host, port=local_redis.port, password="guess", socket_timeout=5)
+    wrong = redis.Redis(host=local_redis.host, port=local_redis.port, password="guess", socket_timeout=5, retry=once)
     with pytest.raises(redis.exceptions.AuthenticationError):
         wrong.ping()
     client = redis.Redis.from_url(local_redis.url)
