@@ -57,7 +57,7 @@ def test_a_plan_that_sends_tokens_twice_fails_the_byte_check(monkeypatch: pytest
     try:
         addresses = [f"127.0.0.1:{workers.start(model_dir, placement.experts_of(w)).port}" for w in range(2)]
         with RemoteExpertBackend(addresses, placement, torch.float32, deadline_s=10.0, admin_token=TOKEN) as backend:
-            result = measure(backend, 16, config.num_experts_per_tok, config.num_experts, config.hidden_size, 20)
+            result = measure(backend, 16, config.num_experts_per_tok, config.num_experts, config.hidden_size, 10)
     finally:
         workers.close()
     assert result["bytes_ratio_to_min"] == pytest.approx(2.0)
