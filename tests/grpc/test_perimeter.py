@@ -70,7 +70,7 @@ def dispatch_request(num_tokens: int, epoch: int = 0, seed: int = 0) -> expert_p
     """A valid Dispatch of `num_tokens` tokens of the small model's layer 0 (H = 64, top-4 of 16 experts)."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(num_tokens, 64, generator=g)  # [t, H]
-    ids = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(num_tokens)])  # [t, 4]
+    ids = torch.rand(num_tokens, 16, generator=g).argsort(dim=1)[:, :4]  # [t, 4] distinct experts per token
     pairs = Assignments.from_topk(ids, torch.rand(num_tokens, 4, generator=g))
     batch = WorkerBatch(0, torch.arange(pairs.token.numel()), torch.arange(num_tokens), torch.full((num_tokens,), 4),
                         pairs.expert, pairs.weight)
