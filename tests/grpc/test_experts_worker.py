@@ -1,16 +1,14 @@
 """The expert worker over real gRPC: bad messages get INVALID_ARGUMENT naming the value and the worker
 keeps serving; Info counters; LoadExperts / DropExperts, which need the admin token (UNAUTHENTICATED
-naming what is missing or wrong, in-process and in a `python -m nextserve.experts.server` process);
-the health service. Every call here carries the token (`served.stub`) unless a test says otherwise
-(`served.bare`); tests/test_perimeter.py covers the data plane's refusals."""
+naming what is missing or wrong; the worker CLI's token flags); the health service. Every call here
+carries the token (`served.stub`) unless a test says otherwise (`served.bare`); tests/grpc/test_perimeter.py
+covers the data plane's refusals, tests/grpc/test_remote_failover.py a worker process's token."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,14 +19,12 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nextserve.bench.dispatch import REPO_ROOT, worker_processes
 from nextserve.cluster.control import reshard, worker_admin
-from nextserve.experts.server import BackgroundWorkers, Worker, parse_experts
+from nextserve.experts.server import BackgroundWorkers, Worker, main as server_main, parse_experts
 from nextserve.proto import expert_pb2, expert_pb2_grpc
 from nextserve.proto.admin_auth import ADMIN_METHODS, SERVICE, admin_metadata
 from nextserve.router.channels import WorkerChannels
 from nextserve.router.local_backend import load_local_backend
-from nextserve.router.placement import build_placement
 from nextserve.router.worker_stream import WorkerCallError, WorkerStream, reply_of
 
 pytestmark = pytest.mark.grpc
@@ -288,31 +284,21 @@ def test_a_worker_started_with_no_token_leaves_admin_open(served: Served) -> Non
         empty.close()
 
 
-def _server_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "nextserve.experts.server", *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_worker_process_requires_the_token_it_was_started_with(served: Served) -> None:
+def test_worker_cli_refuses_to_start_without_a_token_choice(served: Served,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m nextserve.experts.server` (its `main`, here in-process: argparse exits before anything
+    starts) needs --admin-token-env or --no-admin-token, and the named variable set. A worker process
+    started with its token refuses calls without it: tests/grpc/test_remote_failover.py, on its processes."""
     base = ["--model", str(served.path), "--experts", "0:0"]
-    refused = _server_cli(base)
-    assert refused.returncode == 2 and "one of the arguments --admin-token-env --no-admin-token" in refused.stderr
+    with pytest.raises(SystemExit) as refused:
+        server_main(base)
+    stderr = capsys.readouterr().err
+    assert refused.value.code == 2 and "one of the arguments --admin-token-env --no-admin-token" in stderr
     assert "NEXTSERVE_TEST_UNSET_TOKEN" not in os.environ
-    refused = _server_cli(base + ["--admin-token-env", "NEXTSERVE_TEST_UNSET_TOKEN"])
-    assert refused.returncode == 2
-    assert "NEXTSERVE_TEST_UNSET_TOKEN: that environment variable is not set" in refused.stderr
-    placement = build_placement((0,), 16, 1, 1)  # the small model's layer 0, on one worker
-    with worker_processes(served.path, placement, "float32", TOKEN) as (_, (address,)):
-        with grpc.insecure_channel(address) as channel:
-            stub = expert_pb2_grpc.ExpertServiceStub(channel)
-            with pytest.raises(grpc.RpcError) as err:
-                stub.DropExperts(_admin_request("DropExperts"), timeout=30)
-            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "admin token" in err.value.details()
-            assert stub.DropExperts(_admin_request("DropExperts"), timeout=30, metadata=ADMIN).epoch == 99
-            with pytest.raises(grpc.RpcError) as err:
-                stub.Echo(expert_pb2.EchoRequest(reply_bytes=3), timeout=30)
-            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # the data plane too
-            assert stub.Echo(expert_pb2.EchoRequest(reply_bytes=3), timeout=30, metadata=ADMIN).payload == bytes(3)
+    with pytest.raises(SystemExit) as refused:
+        server_main(base + ["--admin-token-env", "NEXTSERVE_TEST_UNSET_TOKEN"])
+    assert refused.value.code == 2
+    assert "NEXTSERVE_TEST_UNSET_TOKEN: that environment variable is not set" in capsys.readouterr().err
 
 
 def test_parse_experts() -> None:

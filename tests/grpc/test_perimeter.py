@@ -21,6 +21,8 @@ import pytest
 import redis
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.cli.up import write_state
@@ -68,7 +70,7 @@ def dispatch_request(num_tokens: int, epoch: int = 0, seed: int = 0) -> expert_p
     """A valid Dispatch of `num_tokens` tokens of the small model's layer 0 (H = 64, top-4 of 16 experts)."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(num_tokens, 64, generator=g)  # [t, H]
-    ids = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(num_tokens)])  # [t, 4]
+    ids = torch.rand(num_tokens, 16, generator=g).argsort(dim=1)[:, :4]  # [t, 4] distinct experts per token
     pairs = Assignments.from_topk(ids, torch.rand(num_tokens, 4, generator=g))
     batch = WorkerBatch(0, torch.arange(pairs.token.numel()), torch.arange(num_tokens), torch.full((num_tokens,), 4),
                         pairs.expert, pairs.weight)
@@ -229,10 +231,13 @@ def test_local_redis_refuses_a_client_without_the_password(local_redis: LocalRed
         assert raw.recv(256).startswith(b"-NOAUTH")
         raw.sendall(b"HSET nextserve:default:placement epoch 1\r\n")
         assert raw.recv(256).startswith(b"-NOAUTH")
-    bare = redis.Redis(host=local_redis.host, port=local_redis.port, socket_timeout=5)
+    # No client-side retries: redis-py retries an AuthenticationError (a ConnectionError) with a backoff of
+    # seconds by default; the server's answer is the same on the first try.
+    once = Retry(NoBackoff(), 0)
+    bare = redis.Redis(host=local_redis.host, port=local_redis.port, socket_timeout=5, retry=once)
     with pytest.raises(redis.exceptions.AuthenticationError):
         bare.ping()
-    wrong = redis.Redis(host=local_redis.host, port=local_redis.port, password="guess", socket_timeout=5)
+    wrong = redis.Redis(host=local_redis.host, port=local_redis.port, password="guess", socket_timeout=5, retry=once)
     with pytest.raises(redis.exceptions.AuthenticationError):
         wrong.ping()
     client = redis.Redis.from_url(local_redis.url)

@@ -1,5 +1,7 @@
-"""Failure handling against real worker processes: SIGKILL and SIGSTOP (a hung worker).
+"""Real worker processes (`python -m nextserve.experts.server`, one set for the module): the admin
+token each was started with, and failure handling: SIGKILL and SIGSTOP (a hung worker).
 
+A worker process refuses an admin or data-plane call without its token and serves it with the token.
 With R = 2 a dead or hung worker changes no result; with R = 1 `ExpertsUnavailableError` names the
 experts and arrives within the deadline (plus slack), never hangs.
 """
@@ -14,12 +16,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
 from nextserve.bench.dispatch import worker_processes
 from nextserve.cluster.control import worker_admin
 from nextserve.model.config import Qwen3NextConfig
+from nextserve.proto import expert_pb2, expert_pb2_grpc
+from nextserve.proto.admin_auth import admin_metadata
 from nextserve.router.local_backend import LocalExpertBackend, load_local_backend
 from nextserve.router.dispatcher import ExpertsUnavailableError, RemoteExpertBackend
 from nextserve.router.placement import Placement, build_placement
@@ -83,6 +88,27 @@ def assert_unavailable_names(procs: Procs, backend: RemoteExpertBackend, worker:
     lost = sorted(e for e in set(ids.reshape(-1).tolist()) if procs.placement.workers_of(layer, e)[0] == worker)
     assert err.value.pairs == [(layer, e) for e in lost]
     assert f"layer {layer} experts {lost}" in str(err.value)
+
+
+def test_a_worker_process_requires_the_token_it_was_started_with(procs: Procs) -> None:
+    """Worker 2 (the tests below restore what they change on it and never stop it): without the token an
+    admin call and a data-plane call are UNAUTHENTICATED; with it both are served (a LoadExperts of what
+    it holds, at the placement's epoch: nothing changes for the other tests)."""
+    held = procs.placement.experts_of(2)
+    load = expert_pb2.LoadExpertsRequest(experts=[expert_pb2.ExpertKey(layer=layer, expert=e) for layer, e in held],
+                                         epoch=procs.placement.epoch)
+    with grpc.insecure_channel(procs.addresses[2]) as channel:
+        stub = expert_pb2_grpc.ExpertServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.LoadExperts(load, timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "admin token" in err.value.details()
+        info = stub.LoadExperts(load, timeout=30, metadata=admin_metadata(ADMIN_TOKEN))
+        assert info.epoch == procs.placement.epoch and {(x.layer, x.expert) for x in info.experts} == set(held)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Echo(expert_pb2.EchoRequest(reply_bytes=3), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # the data plane too
+        reply = stub.Echo(expert_pb2.EchoRequest(reply_bytes=3), timeout=30, metadata=admin_metadata(ADMIN_TOKEN))
+        assert reply.payload == bytes(3)
 
 
 def test_a_worker_out_of_step_with_the_placement_is_failed_over(procs: Procs) -> None:
