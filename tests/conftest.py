@@ -34,9 +34,15 @@ TIERS = ("unit", "process", "grpc", "cluster")
 (pyproject.toml's markers say what each starts)."""
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the xdist_group marks set here
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test's tier marker is its folder's: tests/<tier>/test_*.py. A test module outside a tier folder,
-    or a tier marker in a file that disagrees with its folder, is a usage error naming the file."""
+    or a tier marker in a file that disagrees with its folder, is a usage error naming the file.
+
+    Under `pytest -n N --dist loadgroup` (`make test`) the cluster tier is one xdist group: its tests run
+    in one worker, one Ray cluster at a time and in file order (a cluster module's fixtures and the shared
+    cluster's ordering rely on it), while the other workers take the unit, process and grpc tests, which
+    mostly use one core each (torch on one thread, above) while a cluster mostly waits."""
     for item in items:
         parts = item.path.resolve().relative_to(TESTS).parts
         tier = parts[0] if len(parts) > 1 else None
@@ -48,6 +54,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             raise pytest.UsageError(f"{item.nodeid} is marked {sorted(marked)} but lives in tests/{tier}/: drop the"
                                     f" marker (the folder sets it) or move the file to tests/{sorted(marked)[0]}/")
         item.add_marker(getattr(pytest.mark, tier))
+        if tier == "cluster":
+            item.add_marker(pytest.mark.xdist_group("cluster"))
 
 
 @pytest.fixture(scope="session")

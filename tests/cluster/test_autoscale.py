@@ -18,7 +18,7 @@ import pytest
 
 from nextserve.cluster.control.registry import Registry
 
-from cluster_harness import UpProcess, hf_greedy_text, seeded_prompts, stream_completion, wait_for
+from cluster_harness import UpProcess, hf_greedy_text, prefetch_greedy, seeded_prompts, stream_completion, wait_for
 
 pytestmark = pytest.mark.cluster
 CONCURRENCY = 8
@@ -34,7 +34,8 @@ SERVE_ENV = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
 
 
 @pytest.fixture(scope="module")
-def up(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+def up(tiny_dir: Path, tiny_hf: tuple, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+    prefetch_greedy(tiny_hf, seeded_prompts(CONCURRENCY), MAX_TOKENS)  # the references, while it comes up
     proc = UpProcess(tiny_dir, tmp_path_factory.mktemp("nscache"), 2, FLAGS, env=SERVE_ENV)
     yield proc
     if proc.proc.poll() is None:

@@ -18,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster_harness import UpProcess, hf_greedy_text, run_streams, seeded_prompts, stream_completion, wait_for
+from cluster_harness import (UpProcess, hf_greedy_text, prefetch_greedy, run_streams, seeded_prompts,
+                             stream_completion, wait_for)
 
 pytestmark = pytest.mark.cluster
 STREAMS = 8
@@ -27,7 +28,9 @@ RESTORE_WITHIN_S = 30.0
 
 
 @pytest.fixture(scope="module")
-def replicated(tiny_fp8: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+def replicated(tiny_fp8: tuple[Path, Path], tiny_fp8_hf: tuple,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+    prefetch_greedy(tiny_fp8_hf, seeded_prompts(STREAMS), 160)  # the streams' references, while it comes up
     proc = UpProcess(tiny_fp8[0], tmp_path_factory.mktemp("r2"), 2, ["--expert-replicas", "2"])
     yield proc
     proc.interrupt()

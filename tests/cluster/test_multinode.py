@@ -18,12 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
-import torch
 from ray import serve
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
-from cluster_harness import UpProcess, wait_for
+from cluster_harness import UpProcess, hf_greedy_text, prefetch_greedy, wait_for
 from nextserve.cluster.control.redis_server import LocalRedis
 from nextserve.cluster.control.registry import Registry
 from nextserve.cluster.deployments.expert_worker import EXPERT_RESOURCE, HEAD_RESOURCE
@@ -60,7 +59,9 @@ def nodes() -> Iterator[Nodes]:
 
 
 @pytest.fixture(scope="module")
-def up(nodes: Nodes, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+def up(nodes: Nodes, tiny_dir: Path, tiny_hf: tuple, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+    _, tok = tiny_hf  # the references, computed while the cluster comes up
+    prefetch_greedy(tiny_hf, [tok(prompt)["input_ids"] for prompt in PROMPTS], LONG_MAX_TOKENS)
     redis = LocalRedis()  # external to `up`: it is given --redis-url and starts none
     proc = UpProcess(tiny_dir, tmp_path_factory.mktemp("nscache"), 2,
                      ["--redis-url", redis.url, "--expert-replicas", "2", "--head-replicas", "2"],
@@ -75,15 +76,14 @@ def up(nodes: Nodes, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="module")
 def expected(tiny_hf: tuple) -> dict[object, str]:
-    """transformers' greedy text of every prompt, LONG_MAX_TOKENS long (EOS not masked, as ignore_eos)."""
-    model, tok = tiny_hf
-    out = {}
+    """transformers' greedy text of every prompt, LONG_MAX_TOKENS long and MAX_TOKENS long (EOS not masked,
+    as ignore_eos; a text cut inside a UTF-8 sequence ends without its U+FFFD, as the server holds it back)."""
+    _, tok = tiny_hf
+    out: dict[object, str] = {}
     for prompt in PROMPTS:
         ids = tok(prompt)["input_ids"]
-        tokens = model.generate(torch.tensor([ids]), max_new_tokens=LONG_MAX_TOKENS, do_sample=False)[0, len(ids):]
-        # a text cut inside a UTF-8 sequence: decode ends it with U+FFFD, the server holds the bytes back
-        out[prompt] = tok.decode(tokens, skip_special_tokens=True).rstrip("\ufffd")
-        out[(prompt, MAX_TOKENS)] = tok.decode(tokens[:MAX_TOKENS], skip_special_tokens=True).rstrip("\ufffd")
+        out[prompt] = hf_greedy_text(tiny_hf, ids, LONG_MAX_TOKENS)
+        out[(prompt, MAX_TOKENS)] = hf_greedy_text(tiny_hf, ids, MAX_TOKENS)
     return out
 
 

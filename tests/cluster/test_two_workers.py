@@ -42,7 +42,7 @@ import redis
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster_harness import UpProcess, pids_alive, wait_for
+from cluster_harness import UpProcess, hf_greedy_tokens, pids_alive, prefetch_greedy, wait_for
 from nextserve.cluster.control import worker_admin
 from nextserve.cluster.control.registry import Registry
 from nextserve.model.cache.budget import CacheCapacity, CacheConfig, cache_capacity, parse_memory_size
@@ -61,13 +61,17 @@ RESTORE_WITHIN_S = 30.0
 MiB = 1024 * 1024
 PROMPTS = [[5] * 12, list(range(40, 70)), [1000, 3, 77, 512, 9]]
 CACHE_MEMORY, MAX_NUM_SEQS, MAX_MODEL_LEN, MAX_TOKENS = "2MiB", 8, 1024, 200
+PREEMPTION_PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "The quick brown fox", "class Tree:"]
 """The head's cache budget and limits; MAX_TOKENS: each preemption-test stream's length."""
 
 
 @pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+def up(tiny_hf: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
     """`--model tiny` (made in the empty cache on first use); a request with no live replica for an
-    expert waits 0.5 s for one before its 503; the cache holds 3 sequences, 544 tokens (`capacity`)."""
+    expert waits 0.5 s for one before its 503; the cache holds 3 sequences, 544 tokens (`capacity`).
+    transformers' references of the preemption streams (and of the outsider test's two prompts, their
+    prefixes) are computed while it comes up."""
+    prefetch_greedy(tiny_hf, [tiny_hf[1](prompt)["input_ids"] for prompt in PREEMPTION_PROMPTS], MAX_TOKENS)
     proc = UpProcess(Path("tiny"), tmp_path_factory.mktemp("two-workers"), 2,
                      ["--unavailable-wait-s", "0.5", "--cache-memory", CACHE_MEMORY, "--block-size", "16",
                       "--max-num-seqs", str(MAX_NUM_SEQS), "--max-model-len", str(MAX_MODEL_LEN)])
@@ -111,10 +115,10 @@ def _metrics(up: UpProcess) -> dict[str, float]:
 
 def test_streams_beyond_the_cache_finish_exactly_with_preemptions(up: UpProcess, tiny_hf: tuple,
                                                                   capacity: CacheCapacity) -> None:
-    model, tok = tiny_hf  # runs to max_new_tokens, as ignore_eos does
+    tok = tiny_hf[1]
     # One more stream than the cache has slots (one waits), half of them streamed: the running ones
     # outgrow the blocks, so the head preempts (asserted below on its counter).
-    prompts = ["def fibonacci(n):", "import os\nimport sys\n", "The quick brown fox", "class Tree:"]
+    prompts = PREEMPTION_PROMPTS
     max_tokens = MAX_TOKENS
     assert len(prompts) > capacity.num_slots
     assert capacity.num_slots * max_tokens > capacity.max_tokens  # the running sequences outgrow the blocks
@@ -135,8 +139,7 @@ def test_streams_beyond_the_cache_finish_exactly_with_preemptions(up: UpProcess,
     before = _metrics(up).get("nextserve_num_preemptions_total", 0.0)
     texts = asyncio.run(all_of())
     for prompt, text in zip(prompts, texts):
-        ids = tok(prompt)["input_ids"]
-        out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)[0, len(ids):]
+        out = hf_greedy_tokens(tiny_hf, tok(prompt)["input_ids"], max_tokens)
         assert text == tok.decode(out, skip_special_tokens=True), prompt
     # The load reaches /metrics and status with the head's heartbeat (every second): wait for one after the end.
     wait_for(lambda: up.status()["heads"][0]["num_running"] == 0, 30, "a heartbeat after the streams")
@@ -218,13 +221,12 @@ def test_an_outsider_is_refused_everywhere_and_the_cluster_serves_as_transformer
             if not other.startswith("127."):
                 assert s.connect_ex((other, int(port))) != 0
 
-    model, tok = tiny_hf
+    tok = tiny_hf[1]
     for prompt in ("def fibonacci(n):", "The quick brown fox"):
         r = httpx.post(f"{up.base_url}/v1/completions", timeout=120,
                        json={"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0})
         assert r.status_code == 200, r.text
-        ids = tok(prompt)["input_ids"]
-        want = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):]
+        want = hf_greedy_tokens(tiny_hf, tok(prompt)["input_ids"], 12)
         assert r.json()["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
 
 

@@ -36,10 +36,11 @@ def test_a_busy_cluster_process_outside_the_benchmark_tree_is_counted() -> None:
             time.sleep(0.05)
         assert procs.get(pid) == "experts"
         before = cpu_snapshot(procs)
-        time.sleep(1.0)
-        spent = cpu_by_role(procs, before, cpu_snapshot(procs))
+        deadline = time.time() + 20  # it spins: 0.3 s of CPU within a second idle, within several at load 8
+        while (spent := cpu_by_role(procs, before, cpu_snapshot(procs)))["experts"] < 0.3 and time.time() < deadline:
+            time.sleep(0.25)
         assert set(spent) == set(ROLES)
-        assert spent["experts"] >= 0.3  # it spins on a core for the whole second (2 cores, shared)
+        assert spent["experts"] >= 0.3
     finally:
         os.kill(pid, signal.SIGKILL)
 

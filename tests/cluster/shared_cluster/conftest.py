@@ -30,7 +30,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from agent_checkpoint import agent_checkpoint_dir
-from cluster_harness import UpProcess
+from cluster_harness import UpProcess, prefetch_greedy, seeded_prompts
 
 __all__ = ["agent_checkpoint_dir"]  # the session fixture, imported for pytest
 
@@ -56,7 +56,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="package")
-def shared_cluster(agent_checkpoint_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+def shared_cluster(agent_checkpoint_dir: Path, served_hf: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+    prompts = seeded_prompts(8)  # test_cluster_serving's streams: computed while the cluster comes up
+    prefetch_greedy(served_hf, prompts[:4], 120)
+    prefetch_greedy(served_hf, prompts[4:], 24)
     proc = UpProcess(agent_checkpoint_dir, tmp_path_factory.mktemp("shared-cluster"), SHARED_WORKERS, SHARED_FLAGS)
     owned: list[subprocess.Popen[bytes]] = proc.owned  # e.g. the redis-server a test restarted in place of its own
     yield proc
