@@ -18,7 +18,7 @@ from nextserve.cluster.control.autoscale_policy import ScaleRange, WorkerAutosca
 from nextserve.cluster.control.registry import redacted_url
 from nextserve.cluster.engine.scheduler import SchedulerConfig
 from nextserve.cluster.engine.speculative_config import SpeculativeConfig, SpeculativeMethod
-from nextserve.cluster.gateway.admission import GatewayLimits
+from nextserve.cluster.gateway.limits import GatewayLimits
 from nextserve.cluster.gateway.tenants import TenantDirectory, TenantLimits, load_api_keys
 from nextserve.cluster.tracing import traces_url
 from nextserve.model.cache.budget import CacheConfig, format_memory_size, parse_cache_memory

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import sys
@@ -24,31 +23,19 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import ValidationError
-from transformers import AutoTokenizer
 
-from nextserve.model.config import PUBLISHED_CONFIGS, ConfigError, Qwen3NextConfig
-from nextserve.model.checkpoint import CheckpointError, parse_dtype
-from nextserve.model.loader import load_head
-from nextserve.router.local_backend import load_local_backend
-from nextserve.model.sampling import SamplingError, SamplingParams
-from nextserve.cluster.cli.k8s_overlay import gpu_overlay_patch
-from nextserve.model.capacity import GPUS, plan_capacity
-from nextserve.model.sizes import model_sizes
-from nextserve.model.tiny import make_tiny
-from nextserve.model.fp8_checkpoint import DEFAULT_NOT_CONVERTED, dequantized_twin, quantize_checkpoint
-from nextserve.cluster.cli.cluster_commands import add_cluster_commands
+from nextserve.cluster.cli.cluster_parsers import add_cluster_commands
+from nextserve.cluster.cli.lazy_command import LazyCommand
+from nextserve.cluster.cli.model_paths import resolve_model
 from nextserve.cluster.cli.usage import UsageError
 from nextserve.cluster.control.registry import RegistryUnreachableError
-from nextserve.cluster.engine.contract import EngineRequestError
-from nextserve.cluster.engine.engine import Engine
-from nextserve.cluster.cli.model_paths import resolve_model
+from nextserve.model.capacity import GPUS
+from nextserve.model.checkpoint import CheckpointError
+from nextserve.model.config import PUBLISHED_CONFIGS, ConfigError
+from nextserve.model.fp8_checkpoint import DEFAULT_NOT_CONVERTED
+from nextserve.model.sampling import SamplingError
 
 log = logging.getLogger("nextserve")
-
-
-def cmd_make_tiny(args: argparse.Namespace) -> int:
-    print(make_tiny(args.dir, args.pad_vocab))
-    return 0
 
 
 def parse_block(text: str) -> tuple[int, int]:
@@ -57,78 +44,6 @@ def parse_block(text: str) -> tuple[int, int]:
     if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise argparse.ArgumentTypeError(f"--block {text!r}: give ROWS or ROWSxCOLS, positive integers (e.g. 128)")
     return int(parts[0]), int(parts[-1])
-
-
-def cmd_quantize_fp8(args: argparse.Namespace) -> int:
-    src = resolve_model(args.src)
-    out = quantize_checkpoint(src, args.dst, args.block, tuple(args.not_convert or DEFAULT_NOT_CONVERTED))
-    print(out)
-    if args.twin is not None:
-        print(dequantized_twin(out, args.twin, parse_dtype(args.twin_dtype)))
-    return 0
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    empty = [i for i, prompt in enumerate(args.prompts, 1) if not prompt]
-    if empty:
-        raise UsageError(f"PROMPT {empty[0]} is empty; pass the text to continue, e.g. "
-                         f"nextserve generate --model {args.model} 'def fibonacci(n):'")
-    path = resolve_model(args.model)
-    Qwen3NextConfig.from_json(path)  # another model's checkpoint fails here, naming model_type, not in its tokenizer
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    engine = Engine(load_head(path, args.dtype, mtp=False), load_local_backend(path, args.dtype), tokenizer)  # no drafts
-    try:
-        outputs = engine.generate_sync([tokenizer(p)["input_ids"] for p in args.prompts], params)
-    except EngineRequestError as e:
-        raise ConfigError(f"a prompt cannot be served: {e}") from None
-    finally:
-        engine.shutdown()
-    for prompt, out in zip(args.prompts, outputs):
-        ids = list(out.token_ids)
-        print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": ids}) if args.json else prompt + out.text)
-    return 0
-
-
-def load_plan_config(name: str) -> Qwen3NextConfig:
-    if name in PUBLISHED_CONFIGS:
-        return Qwen3NextConfig.from_dict(PUBLISHED_CONFIGS[name])
-    if Path(name).exists():
-        return Qwen3NextConfig.from_json(name)
-    raise ConfigError(f"--config {name!r} is neither a known config ({', '.join(PUBLISHED_CONFIGS)}) "
-                      f"nor a config.json path / checkpoint dir")
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    config = load_plan_config(args.config)
-    sizes = model_sizes(config, parse_dtype(args.dtype))
-    if args.gpu is None:
-        if args.emit_overlay:
-            raise ConfigError("--emit-overlay needs --gpu (the GPU type the overlay is for)")
-        rows: dict[str, int | str] = dict(sizes.as_dict())
-    else:
-        plan = plan_capacity(config, sizes, GPUS[args.gpu], concurrency=args.concurrency,
-                             context_tokens=args.context, expert_replicas=args.expert_replicas)
-        if args.emit_overlay:
-            command = (f"nextserve plan --config {args.config} --gpu {args.gpu} --dtype {args.dtype} "
-                       f"--concurrency {args.concurrency} --context {args.context} "
-                       f"--expert-replicas {args.expert_replicas} --emit-overlay")
-            name = args.config if args.config in PUBLISHED_CONFIGS else Path(args.config).resolve().name
-            name = Path(args.config).resolve().parent.name if name == "config.json" else name
-            print(gpu_overlay_patch(plan, config, sizes, gpu=GPUS[args.gpu], model_dir_name=name,
-                                    dtype=args.dtype, command=command), end="")
-            return 0
-        rows = {**sizes.as_dict(), **plan.as_dict()}
-    if args.json:
-        print(json.dumps(rows if args.gpu is None else {**sizes.as_dict(), "capacity": plan.as_dict()}))
-        return 0
-    for name, value in rows.items():
-        is_bytes = name.startswith(("bytes", "host_memory")) or name.endswith("_bytes_per_sequence") \
-            or name in ("gpu_total_bytes", "usable_bytes_per_gpu", "head_weight_bytes")
-        human = f"  ({value / 2**30:.2f} GiB)" if is_bytes and isinstance(value, int) else ""
-        print(f"{name:<36}{value:>20,}{human}" if isinstance(value, int) else f"{name:<36}{value:>20}")
-    return 0
 
 
 @dataclass(frozen=True)
@@ -164,10 +79,10 @@ BENCHES: dict[str, BenchCommand] = {
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Import the named bench and parse its own arguments. The one lazy import in the product, on purpose:
-    benches are a tool beside the product (they import the engine, the router, the workers, transformers
-    baselines), and the product must not import bench/ (tests/test_package_layout.py), so `nextserve up`
-    or a head never load them; only the bench being run is imported, when it runs."""
+    """Import the named bench and parse its own arguments. Benches are a tool beside the product (they
+    import the engine, the router, the workers, transformers baselines), and the product must not import
+    bench/ (tests/process/test_package_layout.py), so `nextserve up` or a head never load them; only the
+    bench being run is imported, when it runs (as every command's implementation: LazyCommand)."""
     bench = BENCHES[args.bench]
     module = importlib.import_module(bench.module)
     parser = argparse.ArgumentParser(prog="nextserve bench")
@@ -188,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path)
     p.add_argument("--pad-vocab", type=int, default=0, metavar="ROWS",
                    help="embedding rows past the tokenizer (Qwen3-Coder-Next has 267), for testing padded vocabularies")
-    p.set_defaults(func=cmd_make_tiny)
+    p.set_defaults(func=LazyCommand("nextserve.cluster.cli.checkpoint_commands", "cmd_make_tiny"))
     p = sub.add_parser("quantize-fp8", help="write SRC as a fine-grained FP8 checkpoint (the Qwen/DeepSeek FP8 "
                        "release layout) to DST")
     p.add_argument("src", help="an unquantized checkpoint dir, or 'tiny'")
@@ -201,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "block) to DIR: the unquantized checkpoint the FP8 one means")
     p.add_argument("--twin-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="the twin's dtype (float32 holds fp8 x scale exactly)")
-    p.set_defaults(func=cmd_quantize_fp8)
+    p.set_defaults(func=LazyCommand("nextserve.cluster.cli.checkpoint_commands", "cmd_quantize_fp8"))
     p = sub.add_parser("generate", help="generate in one process (head model + local experts)")
     p.add_argument("--model", default="tiny", help="checkpoint dir, or 'tiny' (made on first use)")
     p.add_argument("--max-tokens", type=int, default=32)
@@ -212,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--json", action="store_true", help="one JSON line per prompt")
     p.add_argument("prompts", nargs="+", metavar="PROMPT")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=LazyCommand("nextserve.cluster.cli.generate", "cmd_generate"))
     p = sub.add_parser("plan", help="parameter counts and bytes computed from a config")
     p.add_argument("--config", default="qwen3-coder-next", help=f"{' | '.join(PUBLISHED_CONFIGS)} | config.json | DIR")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
@@ -223,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emit-overlay", action="store_true",
                    help="print the k8s/overlays/gpu capacity patch (JSON 6902) for this plan")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=LazyCommand("nextserve.cluster.cli.plan", "cmd_plan"))
     p = sub.add_parser("bench", help="benchmarks (see bench/); `nextserve bench NAME --help` for a bench's options",
                        description="\n".join(f"{name:<10}{b.help}" for name, b in BENCHES.items()),
                        formatter_class=argparse.RawDescriptionHelpFormatter)

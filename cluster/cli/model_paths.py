@@ -1,6 +1,7 @@
 """Where checkpoints come from on the command line: a directory, or `tiny` made on first use.
 
-Read by the CLI entrypoints only (they are the one place that reads the environment).
+Read by the CLI entrypoints only (they are the one place that reads the environment). The parser reads
+TINY; model/tiny.py (transformers, to write the tiny) is imported when a command resolves `tiny`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import os
 from pathlib import Path
 
 from nextserve.model.checkpoint import CheckpointError
-from nextserve.model.tiny import ensure_tiny
 
 
 TINY = "tiny"
@@ -26,6 +26,8 @@ def cache_dir() -> Path:
 
 def resolve_model(name: str) -> Path:
     if name == TINY:
+        from nextserve.model.tiny import ensure_tiny  # transformers: only when `tiny` is asked for
+
         return ensure_tiny(cache_dir())
     path = Path(name)
     if not (path / "config.json").exists():

@@ -27,7 +27,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,6 +38,7 @@ from nextserve.cluster.app import build_app
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.deployments.controller import get_or_create_controller, start_cluster
 from nextserve.cluster.deployments.expert_worker import EXPERT_RESOURCE, HEAD_RESOURCE
+from nextserve.cluster.cli.up_options import UpOptions
 from nextserve.cluster.cli.usage import UsageError
 from nextserve.cluster.control.redis_server import LocalRedis, free_port
 from nextserve.cluster.control.registry import Registry, redacted_url
@@ -59,16 +59,6 @@ LOCAL_WORKER_HOST = "127.0.0.1"
 
 DIRECT_INGRESS_PORTS = 100
 """Ports tried for the gateway's direct-ingress HTTP server, from --port up (one per gateway replica)."""
-
-
-@dataclass(frozen=True)
-class UpOptions:
-    app: AppArgs
-    host: str
-    port: int
-    ray_address: str | None
-    state_file: Path
-    direct_ingress: bool = True
 
 
 def throughput_env(port: int) -> dict[str, str]:

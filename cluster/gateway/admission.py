@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -30,6 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from nextserve.cluster.engine.contract import (RETRY_AFTER_S, EngineError, EngineRequest, EngineStats, ErrorCode,
                                                StepOutput, check_prompt_fits)
 from nextserve.cluster.gateway.generation import EngineClient, Readiness
+from nextserve.cluster.gateway.limits import GatewayLimits
 from nextserve.cluster.gateway.protocols.openai import RequestError
 
 log = logging.getLogger(__name__)
@@ -39,22 +39,6 @@ STREAM_BUFFER_ITEMS = 4
 
 RETRYABLE_STATUSES = frozenset({429, 503, 529})
 """Error statuses a client may retry as sent: they carry `Retry-After`."""
-
-
-@dataclass(frozen=True, slots=True)
-class GatewayLimits:
-    """What one gateway replica allows a client (the head's queue bound is SchedulerConfig's)."""
-    max_request_body_bytes: int = 32 * 2**20
-    """Largest request body read, in bytes; past it: 413. 32 MiB is Anthropic's own Messages limit, room for
-    a long agent conversation with its tools (a 256k-token context is ~1 MiB of text)."""
-    stream_idle_timeout_s: float = 60.0
-    """Seconds a streaming client may read nothing while its output waits; then it is treated as gone (its
-    request aborted, slot and blocks freed). A minute outlasts any pause of a live client's reader."""
-
-    def __post_init__(self) -> None:
-        if self.max_request_body_bytes < 1 or self.stream_idle_timeout_s <= 0:
-            raise ValueError(f"max_request_body_bytes ({self.max_request_body_bytes}) and stream_idle_timeout_s "
-                             f"({self.stream_idle_timeout_s}) must be positive")
 
 
 class BodyLimit:

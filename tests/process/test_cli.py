@@ -1,11 +1,19 @@
-"""The CLI as a user runs it: make-tiny, generate, plan and bench model, in subprocesses; and the mistakes
-a user makes (replicas past workers, another model's checkpoint, Redis down or refusing the password,
-an empty prompt) as one line with exit status 2, without starting a cluster."""
+"""The CLI as a user runs it: make-tiny, generate, plan, quantize-fp8 and bench model; and the mistakes a
+user makes (replicas past workers, another model's checkpoint, Redis down or refusing the password, an
+empty prompt) as one line with exit status 2, without starting a cluster.
+
+Where the process boundary is the subject, a real `python -m nextserve.cluster.cli` runs: one generate
+end to end (a fresh cache, the tiny made on first use, the same bytes as this process's tiny, JSON on
+stdout), and one usage error's exit status through sys.exit. Everything else calls
+`main([...])` in this process (`run_main`: its return value is the exit status, stdout and stderr captured,
+with the WARNING log lines a process's `logging.basicConfig` would print on stderr), so a check of the
+CLI's logic does not pay a process's imports."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -13,16 +21,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.cli import up
+from nextserve.cluster.cli.main import main
 from nextserve.cluster.cli.up import check_redis_reaches_nodes, wait_port_free
 from nextserve.cluster.cli.usage import UsageError
 from nextserve.model.tiny import TINY_VERSION
@@ -31,23 +41,58 @@ from nextserve.model.tiny import TINY_CONFIG
 NEXTSERVE = [sys.executable, "-m", "nextserve.cluster.cli"]
 ROOT = Path(__file__).resolve().parents[2]
 
+Run = Callable[..., subprocess.CompletedProcess[str]]
+"""`_run`, or the `run_main` fixture: (args, env=None) -> CompletedProcess (returncode, stdout, stderr)."""
+
 
 def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m nextserve.cluster.cli ARGS` in a subprocess."""
     return subprocess.run(NEXTSERVE + args, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def run_main(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Run:
+    """`main(ARGS)` in this process, as `_run` reports a subprocess: the return value as the exit status,
+    what it printed as stdout and stderr (WARNING log records included, as `main`'s basicConfig prints
+    them in a process of its own), `env` set for the call."""
+    def run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        with monkeypatch.context() as patched:
+            for key, value in (env or {}).items():
+                patched.setenv(key, value)
+            handler = logging.StreamHandler(sys.stderr)  # sys.stderr is capsys' now
+            handler.setLevel(logging.WARNING)
+            logging.getLogger().addHandler(handler)
+            try:
+                returncode = main(args)
+            finally:
+                logging.getLogger().removeHandler(handler)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, returncode, out.out, out.err)
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_dir: Path) -> PreTrainedModel:
+    """transformers' own model on the tiny checkpoint, float32, loaded once for this module."""
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
 
 
 def _digest(path: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
 
 
-def test_make_tiny_is_deterministic_and_loads_in_transformers(tiny_dir: Path, tmp_path: Path) -> None:
-    result = _run(["make-tiny", str(tmp_path / "again")])
+def test_make_tiny_is_deterministic_and_loads_in_transformers(tiny_dir: Path, tiny_reference: PreTrainedModel,
+                                                              tmp_path: Path, run_main: Run) -> None:
+    """`make-tiny DIR` writes the session's (the API's) tiny byte for byte; another process writes the same
+    bytes too (test_generate_tiny_is_made_on_first_use)."""
+    result = run_main(["make-tiny", str(tmp_path / "again")])
     assert result.returncode == 0, result.stderr
     assert _digest(tmp_path / "again") == _digest(tiny_dir)
     assert (tiny_dir / "model.safetensors.index.json").exists()
     assert len(list(tiny_dir.glob("model-*.safetensors"))) > 1
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model = tiny_reference
     assert type(model).__name__ == "Qwen3NextForCausalLM"
     assert model.config.num_experts == 64 and model.config.num_hidden_layers == 8
     assert [t == "full_attention" for t in model.config.layer_types] == [False, False, False, True] * 2
@@ -55,16 +100,16 @@ def test_make_tiny_is_deterministic_and_loads_in_transformers(tiny_dir: Path, tm
     assert len(tok) == TINY_CONFIG["vocab_size"] and tok.eos_token_id == TINY_CONFIG["eos_token_id"]
 
 
-def test_make_tiny_pads_the_vocabulary_past_the_tokenizer_like_the_real_model(tmp_path: Path) -> None:
+def test_make_tiny_pads_the_vocabulary_past_the_tokenizer_like_the_real_model(tmp_path: Path, run_main: Run) -> None:
     """--pad-vocab 267: Qwen3-Coder-Next's 151,936 embedding rows for 151,669 tokens, at tiny size; the
     served greedy text equals transformers' on it (generate names nothing past the tokenizer)."""
-    result = _run(["make-tiny", "--pad-vocab", "267", str(tmp_path / "padded")])
+    result = run_main(["make-tiny", "--pad-vocab", "267", str(tmp_path / "padded")])
     assert result.returncode == 0, result.stderr
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "padded", dtype=torch.float32)
     assert model.config.vocab_size == TINY_CONFIG["vocab_size"] + 267
     assert model.get_input_embeddings().weight.shape[0] == model.lm_head.weight.shape[0] == 2048 + 267
     assert len(AutoTokenizer.from_pretrained(tmp_path / "padded")) == TINY_CONFIG["vocab_size"]
-    generated = _run(["generate", "--model", str(tmp_path / "padded"), "--max-tokens", "8", "--json", "def main"])
+    generated = run_main(["generate", "--model", str(tmp_path / "padded"), "--max-tokens", "8", "--json", "def main"])
     assert generated.returncode == 0, generated.stderr
     tok = AutoTokenizer.from_pretrained(tmp_path / "padded")
     ids = tok("def main", return_tensors="pt").input_ids
@@ -72,14 +117,14 @@ def test_make_tiny_pads_the_vocabulary_past_the_tokenizer_like_the_real_model(tm
     assert json.loads(generated.stdout.splitlines()[0])["token_ids"] == want
 
 
-def test_generate_json_matches_transformers(tiny_dir: Path) -> None:
+def test_generate_json_matches_transformers(tiny_dir: Path, tiny_reference: PreTrainedModel, run_main: Run) -> None:
     prompts = ["def fibonacci(n):", "The quick brown fox"]
-    result = _run(["generate", "--model", str(tiny_dir), "--max-tokens", "12", "--json", *prompts])
+    result = run_main(["generate", "--model", str(tiny_dir), "--max-tokens", "12", "--json", *prompts])
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["prompt"] for line in lines] == prompts
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    ref = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    ref = tiny_reference
     for line in lines:
         ids = tok(line["prompt"], return_tensors="pt")["input_ids"]
         want = ref.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
@@ -87,33 +132,37 @@ def test_generate_json_matches_transformers(tiny_dir: Path) -> None:
         assert line["text"] == tok.decode(want, skip_special_tokens=True)
 
 
-def test_generate_tiny_is_made_on_first_use(tmp_path: Path) -> None:
+def test_generate_tiny_is_made_on_first_use(tiny_dir: Path, tmp_path: Path) -> None:
+    """End to end in a process of its own: `python -m nextserve.cluster.cli generate` reads NEXTSERVE_CACHE,
+    makes the tiny there (the same bytes as this process's tiny: make_tiny is deterministic across
+    processes) and prints JSON."""
     result = _run(["generate", "--model", "tiny", "--max-tokens", "3", "--json", "hi"],
                   env={"NEXTSERVE_CACHE": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["token_ids"]) == 3
     assert (tmp_path / f"tiny-{TINY_VERSION}" / "config.json").exists()
+    assert _digest(tmp_path / f"tiny-{TINY_VERSION}") == _digest(tiny_dir)
 
 
-def test_generate_bad_input_is_a_clear_error(tmp_path: Path) -> None:
-    result = _run(["generate", "--model", str(tmp_path), "x"])
+def test_generate_bad_input_is_a_clear_error(tiny_dir: Path, tmp_path: Path, run_main: Run) -> None:
+    result = run_main(["generate", "--model", str(tmp_path), "x"])
     assert result.returncode == 2 and "no config.json" in result.stderr
-    result = _run(["generate", "--model", "tiny", "--top-p", "0", "x"], env={"NEXTSERVE_CACHE": str(tmp_path)})
+    result = run_main(["generate", "--model", str(tiny_dir), "--top-p", "0", "x"])
     assert result.returncode == 2 and "top_p" in result.stderr
 
 
-def test_plan_prints_the_published_counts() -> None:
-    result = _run(["plan", "--config", "qwen3-coder-next", "--json"])
+def test_plan_prints_the_published_counts(run_main: Run) -> None:
+    result = run_main(["plan", "--config", "qwen3-coder-next", "--json"])
     assert result.returncode == 0, result.stderr
     sizes = json.loads(result.stdout)
     assert sizes["total_params"] == 79_674_391_296 and sizes["active_params"] == 3_874_929_408
     assert sizes["mtp_params"] == 1_650_471_424  # the checkpoint's MTP layer, counted on its own
-    table = _run(["plan"]).stdout
+    table = run_main(["plan"]).stdout
     assert "79,674,391,296" in table
 
 
-def test_bench_model_reports_both_sides(tiny_dir: Path) -> None:
-    result = _run(["bench", "model", "--model", str(tiny_dir), "--batch", "2", "--prompt-len", "16",
+def test_bench_model_reports_both_sides(tiny_dir: Path, run_main: Run) -> None:
+    result = run_main(["bench", "model", "--model", str(tiny_dir), "--batch", "2", "--prompt-len", "16",
                    "--decode-tokens", "4", "--repeats", "1", "--json"])
     assert result.returncode == 0, result.stderr
     r = json.loads(result.stdout.splitlines()[-1])
@@ -136,6 +185,8 @@ NO_CLUSTER = {"RAY_ADDRESS": "127.0.0.1:1"}
 
 
 def test_up_with_more_replicas_than_workers_names_both(tiny_dir: Path) -> None:
+    """In a process of its own: the usage error's exit status 2 goes through sys.exit, and stderr holds
+    that one line (no log line, no traceback)."""
     result = _run(["up", "--model", str(tiny_dir), "--expert-workers", "2", "--expert-replicas", "3",
                    "--redis-url", f"redis://127.0.0.1:{_closed_port()}"], env=NO_CLUSTER)
     _one_line_error(result, "expert_replicas=3 exceeds expert_workers=2", "--expert-workers")
@@ -160,22 +211,22 @@ def llama_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("command", [["generate", "--model", "{dir}", "hi"], ["plan", "--config", "{dir}"],
                                      ["up", "--model", "{dir}", "--redis-url", "redis://127.0.0.1:{port}"]],
                          ids=lambda c: c[0])
-def test_a_checkpoint_of_another_model_is_named(llama_dir: Path, command: list[str]) -> None:
+def test_a_checkpoint_of_another_model_is_named(llama_dir: Path, command: list[str], run_main: Run) -> None:
     args = [a.format(dir=llama_dir, port=_closed_port()) for a in command]
-    _one_line_error(_run(args, env=NO_CLUSTER), f"{llama_dir}/config.json", "'model_type' is 'llama'",
+    _one_line_error(run_main(args, env=NO_CLUSTER), f"{llama_dir}/config.json", "'model_type' is 'llama'",
                     "'qwen3_next'", "pass a Qwen3-Next checkpoint")
 
 
 @pytest.mark.parametrize("command", [["status"], ["scale", "--expert-workers", "2"], ["rebalance"]],
                          ids=lambda c: c[0])
-def test_redis_down_is_one_line_naming_the_url_without_its_password(command: list[str]) -> None:
+def test_redis_down_is_one_line_naming_the_url_without_its_password(command: list[str], run_main: Run) -> None:
     url = f"redis://:s3cret-pw@127.0.0.1:{_closed_port()}/1"
-    line = _one_line_error(_run([*command, "--redis-url", url]), "is unreachable", "--redis-url",
+    line = _one_line_error(run_main([*command, "--redis-url", url]), "is unreachable", "--redis-url",
                            url.replace("s3cret-pw", "***"))
     assert "s3cret-pw" not in line
 
 
-def test_redis_refusing_the_password_says_so(tmp_path: Path) -> None:
+def test_redis_refusing_the_password_says_so(tmp_path: Path, run_main: Run) -> None:
     port = _closed_port()
     server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                "--dir", str(tmp_path), "--requirepass", "right-pw"], stdout=subprocess.DEVNULL)
@@ -187,7 +238,7 @@ def test_redis_refusing_the_password_says_so(tmp_path: Path) -> None:
                 break
             except redis.exceptions.ConnectionError:
                 time.sleep(0.05)
-        line = _one_line_error(_run(["status", "--redis-url", f"redis://:wrong-pw@127.0.0.1:{port}/1"]),
+        line = _one_line_error(run_main(["status", "--redis-url", f"redis://:wrong-pw@127.0.0.1:{port}/1"]),
                                "refused the credentials", "--redis-url")
         assert "wrong-pw" not in line
     finally:
@@ -195,15 +246,15 @@ def test_redis_refusing_the_password_says_so(tmp_path: Path) -> None:
         server.wait(timeout=10)
 
 
-def test_generate_refuses_an_empty_prompt_before_loading_anything(tmp_path: Path) -> None:
-    result = _run(["generate", "--model", str(tmp_path / "absent"), "hello", ""])
+def test_generate_refuses_an_empty_prompt_before_loading_anything(tmp_path: Path, run_main: Run) -> None:
+    result = run_main(["generate", "--model", str(tmp_path / "absent"), "hello", ""])
     _one_line_error(result, "PROMPT 2 is empty", "nextserve generate")
 
 
-def test_up_joining_a_ray_cluster_without_redis_url_refuses(tiny_dir: Path) -> None:
+def test_up_joining_a_ray_cluster_without_redis_url_refuses(tiny_dir: Path, run_main: Run) -> None:
     """A redis-server `up` starts listens on loopback: actors on the other nodes would time out on it."""
     started = time.monotonic()
-    result = _run(["up", "--model", str(tiny_dir)], env=NO_CLUSTER)
+    result = run_main(["up", "--model", str(tiny_dir)], env=NO_CLUSTER)
     _one_line_error(result, "RAY_ADDRESS=127.0.0.1:1", "--redis-url")
     assert time.monotonic() - started < 60  # refused before starting Redis or joining Ray
 
@@ -262,21 +313,21 @@ def test_local_up_starts_its_own_ray_and_ctrl_c_deletes_only_its_app(monkeypatch
 
 
 def test_quantize_fp8_writes_the_checkpoint_and_twin_the_fixture_holds(tiny_dir: Path, tiny_fp8: tuple[Path, Path],
-                                                                        tmp_path: Path) -> None:
+                                                                        tmp_path: Path, run_main: Run) -> None:
     """`nextserve quantize-fp8 TINY DST --block 128 --twin TWIN` gives, byte for byte, the session's tiny_fp8
     (made through the API)."""
-    result = _run(["quantize-fp8", str(tiny_dir), str(tmp_path / "fp8"), "--block", "128",
+    result = run_main(["quantize-fp8", str(tiny_dir), str(tmp_path / "fp8"), "--block", "128",
                    "--twin", str(tmp_path / "twin")])
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(tmp_path / "fp8"), str(tmp_path / "twin")]
     assert _digest(tmp_path / "fp8") == _digest(tiny_fp8[0]) and _digest(tmp_path / "twin") == _digest(tiny_fp8[1])
-    _one_line_error(_run(["quantize-fp8", str(tmp_path / "fp8"), str(tmp_path / "again")]), "already quantized")
+    _one_line_error(run_main(["quantize-fp8", str(tmp_path / "fp8"), str(tmp_path / "again")]), "already quantized")
 
 
-def test_generate_on_fp8_equals_transformers_on_its_twin(tiny_fp8: tuple[Path, Path]) -> None:
+def test_generate_on_fp8_equals_transformers_on_its_twin(tiny_fp8: tuple[Path, Path], run_main: Run) -> None:
     fp8, twin = tiny_fp8
     prompts = ["def fibonacci(n):", "The quick brown fox"]
-    result = _run(["generate", "--model", str(fp8), "--max-tokens", "12", "--json", *prompts])
+    result = run_main(["generate", "--model", str(fp8), "--max-tokens", "12", "--json", *prompts])
     assert result.returncode == 0, result.stderr
     tok = AutoTokenizer.from_pretrained(twin)
     ref = AutoModelForCausalLM.from_pretrained(twin, dtype=torch.float32)
@@ -286,7 +337,7 @@ def test_generate_on_fp8_equals_transformers_on_its_twin(tiny_fp8: tuple[Path, P
 
 
 def test_up_names_an_fp8_checkpoint_it_cannot_load_as_generate_does(tiny_fp8: tuple[Path, Path],
-                                                                   tmp_path: Path) -> None:
+                                                                   tmp_path: Path, run_main: Run) -> None:
     """A misshaped expert scale: `up` checks the checkpoint before deploying and prints generate's line."""
     bad = tmp_path / "bad"
     shutil.copytree(tiny_fp8[0], bad)
@@ -296,7 +347,7 @@ def test_up_names_an_fp8_checkpoint_it_cannot_load_as_generate_does(tiny_fp8: tu
     tensors = load_file(shard)
     tensors[key] = torch.ones(1, 1)
     save_file(tensors, shard, metadata={"format": "pt"})
-    line = _one_line_error(_run(["generate", "--model", str(bad), "hi"]), key, "(1, 1)", "needs (2, 1)")
-    up_line = _one_line_error(_run(["up", "--model", str(bad), "--redis-url", f"redis://127.0.0.1:{_closed_port()}"],
-                                   env=NO_CLUSTER))
+    line = _one_line_error(run_main(["generate", "--model", str(bad), "hi"]), key, "(1, 1)", "needs (2, 1)")
+    up_line = _one_line_error(run_main(["up", "--model", str(bad), "--redis-url",
+                                        f"redis://127.0.0.1:{_closed_port()}"], env=NO_CLUSTER))
     assert up_line == line

@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -17,20 +14,23 @@ from pydantic import BaseModel, ConfigDict
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.cli.cluster_commands import app_args_of
 from nextserve.cluster.cli.field_flags import add_field_flags, field_values
-from nextserve.cluster.cli.main import build_parser
+from nextserve.cluster.cli.main import build_parser, main
 from nextserve.cluster.cli.usage import UsageError
 from nextserve.model.cache.budget import CacheConfig, GiB
+from nextserve.model.tiny import TINY_VERSION
 
-ROOT = Path(__file__).resolve().parents[2]
 NOT_FLAGS = {"admin_token"}
 """AppArgs fields that are secrets, so not flags (a command line shows in `ps`)."""
 
 
-def _up_help() -> str:
-    result = subprocess.run([sys.executable, "-m", "nextserve.cluster.cli", "up", "--help"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "4000"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+def _up_help(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """`nextserve up --help` as the CLI prints it (main, in this process), one option per line (COLUMNS)."""
+    monkeypatch.setenv("COLUMNS", "4000")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["up", "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
 
 
 def _option_blocks(help_text: str) -> dict[str, str]:
@@ -48,8 +48,9 @@ def _shown(value: object) -> str:
     return "''" if value == "" else str(value)
 
 
-def test_up_help_has_every_app_args_field_as_a_flag_of_its_name_with_help_and_default() -> None:
-    help_text = _up_help()
+def test_up_help_has_every_app_args_field_as_a_flag_of_its_name_with_help_and_default(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    help_text = _up_help(capsys, monkeypatch)
     blocks = _option_blocks(help_text)
     for name, field in AppArgs.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -117,7 +118,11 @@ def test_secrets_come_from_the_environment(tiny_dir: Path) -> None:
         _up([*model, "--admin-token-env", "TOK"])
 
 
-def test_tiny_is_the_model_default_and_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiny_is_the_model_default_and_its_name(tiny_dir: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tiny` resolves in the cache (NEXTSERVE_CACHE), where the session's tiny stands (made on first use:
+    tests/process/test_cli.py's test_generate_tiny_is_made_on_first_use)."""
+    (tmp_path / f"tiny-{TINY_VERSION}").symlink_to(tiny_dir, target_is_directory=True)
     monkeypatch.setenv("NEXTSERVE_CACHE", str(tmp_path))
     app = _up([])
     assert app.served_model_name() == "tiny" and Path(app.model).parent == tmp_path

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import shutil
 import subprocess
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +93,16 @@ def render_lite(directory: Path, into: list[Resource] | None = None) -> list[Res
 
 
 def render_kubectl(directory: Path) -> list[Resource]:
+    """`kubectl kustomize DIR`, run once per directory in a session (k8s/ does not change during one);
+    each call gets its own copy of the objects to read or change."""
+    return _load_docs_text(_kustomize_output(directory.resolve()))
+
+
+@cache
+def _kustomize_output(directory: Path) -> str:
     result = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    return _load_docs_text(result.stdout)
+    return result.stdout
 
 
 def _load_docs_text(text: str) -> list[Resource]:
