@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from xdist.remote import Producer
+from xdist.scheduler import LoadScopeScheduling
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3NextForCausalLM
 
 from engine_run import EngineFactory
@@ -34,15 +36,9 @@ TIERS = ("unit", "process", "grpc", "cluster")
 (pyproject.toml's markers say what each starts)."""
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the xdist_group marks set here
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test's tier marker is its folder's: tests/<tier>/test_*.py. A test module outside a tier folder,
-    or a tier marker in a file that disagrees with its folder, is a usage error naming the file.
-
-    Under `pytest -n N --dist loadgroup` (`make test`) the cluster tier is one xdist group: its tests run
-    in one worker, one Ray cluster at a time and in file order (a cluster module's fixtures and the shared
-    cluster's ordering rely on it), while the other workers take the unit, process and grpc tests, which
-    mostly use one core each (torch on one thread, above) while a cluster mostly waits."""
+    or a tier marker in a file that disagrees with its folder, is a usage error naming the file."""
     for item in items:
         parts = item.path.resolve().relative_to(TESTS).parts
         tier = parts[0] if len(parts) > 1 else None
@@ -54,8 +50,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             raise pytest.UsageError(f"{item.nodeid} is marked {sorted(marked)} but lives in tests/{tier}/: drop the"
                                     f" marker (the folder sets it) or move the file to tests/{sorted(marked)[0]}/")
         item.add_marker(getattr(pytest.mark, tier))
-        if tier == "cluster":
-            item.add_marker(pytest.mark.xdist_group("cluster"))
+
+
+class TierScheduling(LoadScopeScheduling):
+    """`pytest -n N` (`make test`): the cluster tier is one unit of work, so its tests run in one worker,
+    one Ray cluster at a time and in collection order (a cluster module's fixtures and the shared cluster's
+    ordering rely on it), while the other workers take the unit, process and grpc tests one by one; those
+    mostly use one core each (torch on one thread, above) while a cluster mostly waits. (pytest-xdist's
+    own `--dist loadgroup` would do this from xdist_group marks, but it renames node ids in a way pytest 9.2
+    no longer sees.)"""
+
+    def _split_scope(self, nodeid: str) -> str:
+        return "tests/cluster" if nodeid.startswith("tests/cluster/") else nodeid
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> TierScheduling:
+    return TierScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
