@@ -15,8 +15,8 @@ from agent_checkpoint import (  # noqa: F401  (agent_checkpoint_dir is the sessi
     MARKER,
     agent_checkpoint_dir,
     agent_version,
+    checkpoint_completions,
     ensure_agent_checkpoint,
-    greedy_completions,
     prompt_text,
 )
 from nextserve.model.tiny import TINY_CONFIG
@@ -30,7 +30,8 @@ def agent_tokenizer(agent_checkpoint_dir: Path) -> PreTrainedTokenizerBase:
 
 @pytest.fixture(scope="module")
 def completions(agent_checkpoint_dir: Path) -> dict[str, list[int]]:
-    return greedy_completions(agent_checkpoint_dir)
+    """transformers' greedy completions on the checkpoint (computed once per session: by its build or here)."""
+    return checkpoint_completions(agent_checkpoint_dir)
 
 
 @pytest.mark.parametrize("turn", AGENT_TURNS, ids=lambda t: t.name)
