@@ -19,6 +19,7 @@ default); bfloat16 compute reproduces the turns too. The scenarios are data, imp
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -427,21 +428,26 @@ def ensure_agent_checkpoint(cache_root: Path, tiny: Callable[[], Path] | None = 
 def built_once(path: Path, marker: str, build: Callable[[Path, Path], None]) -> Path:
     """`path`, made by `build(out, work)` (on one torch thread) unless it is there already (its `marker` file
     written last by `build`); built in a scratch folder beside it and moved in at once, so concurrent test
-    processes never see half a checkpoint."""
+    processes never see half a checkpoint, and under an exclusive lock (`.NAME.lock` beside it), so a second
+    process (a pytest-xdist worker) waits for the first's build instead of training the same one again."""
     if (path / marker).exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        with _one_thread():
-            build(work / "out", work)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (path / marker).exists():  # built by the process that held the lock
+            return path
+        work = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
         try:
-            os.replace(work / "out", path)
-        except OSError:  # another process finished first (a non-empty directory is not replaced): keep its copy
-            if not (path / marker).exists():
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            with _one_thread():
+                build(work / "out", work)
+            try:
+                os.replace(work / "out", path)
+            except OSError:  # a process without the lock (an older checkout) finished first: keep its copy
+                if not (path / marker).exists():
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return path
 
 
