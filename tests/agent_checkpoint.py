@@ -19,6 +19,7 @@ default); bfloat16 compute reproduces the turns too. The scenarios are data, imp
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -368,8 +369,8 @@ def greedy_completions(path: Path, dtype: torch.dtype = torch.float32) -> dict[s
     return completions
 
 
-def check_agent_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> None:
-    """Raise unless greedy decoding reproduces every turn's completion token for token."""
+def check_agent_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> dict[str, list[int]]:
+    """Raise unless greedy decoding reproduces every turn's completion token for token; the completions."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     want = {s.turn.name: s.completion_ids for s in _samples(tokenizer)}
     got = greedy_completions(path, dtype)
@@ -378,11 +379,29 @@ def check_agent_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> No
     if bad:
         raise RuntimeError(f"the agent checkpoint at {path} ({dtype}) does not reproduce its turns:\n"
                            + "\n".join(bad))
+    return got
 
 
-def _build(out: Path, work: Path) -> None:
+_BUILT_COMPLETIONS: dict[str, dict[str, list[int]]] = {}
+"""agent_version() -> the float32 greedy completions `_build`'s check computed in this process, on the very
+files it then moved into the cache."""
+
+
+def checkpoint_completions(path: Path) -> dict[str, list[int]]:
+    """transformers' float32 greedy completions (greedy_completions) of the agent checkpoint at `path`: the
+    ones its build computed when this process built it (the same run on the same files: a fresh cache pays
+    the ~1,000-token batched `generate` once, not twice), else computed now."""
+    marker = path / MARKER
+    version = marker.read_text().splitlines()[0] if marker.exists() else None
+    if version in _BUILT_COMPLETIONS:
+        return _BUILT_COMPLETIONS[version]
+    return greedy_completions(path)
+
+
+def _build(out: Path, work: Path, tiny: Path | None = None) -> None:
+    """Train the agent turns into `tiny` (the tiny checkpoint of TINY_VERSION; None: one made under `work`)."""
     start = time.perf_counter()
-    base = make_tiny(work / "tiny")
+    base = tiny or make_tiny(work / "tiny")
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = Qwen3NextForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     torch.manual_seed(SEED)
@@ -392,35 +411,43 @@ def _build(out: Path, work: Path) -> None:
     model.to(torch.bfloat16).save_pretrained(out, max_shard_size=TINY_SHARD_SIZE)
     for name in COPIED_FILES:
         shutil.copyfile(base / name, out / name)
-    check_agent_checkpoint(out)
+    completions = check_agent_checkpoint(out)
     log.info("built the agent checkpoint in %.1f s (%d steps, %.1f s to train, %.1f s to check)",
              time.perf_counter() - start, steps, trained - start, time.perf_counter() - trained)
     (out / MARKER).write_text(f"{agent_version()}\nsteps={steps}\n")
+    _BUILT_COMPLETIONS[agent_version()] = completions
 
 
-def ensure_agent_checkpoint(cache_root: Path) -> Path:
-    """The agent checkpoint under `cache_root / f"tiny-agent-{agent_version()}"`, built on first use."""
-    return built_once(Path(cache_root) / f"tiny-agent-{agent_version()}", MARKER, _build)
+def ensure_agent_checkpoint(cache_root: Path, tiny: Callable[[], Path] | None = None) -> Path:
+    """The agent checkpoint under `cache_root / f"tiny-agent-{agent_version()}"`, built on first use from
+    `tiny()` (a tiny checkpoint of TINY_VERSION, asked for only when building; None: one made for it)."""
+    return built_once(Path(cache_root) / f"tiny-agent-{agent_version()}", MARKER,
+                      lambda out, work: _build(out, work, tiny() if tiny else None))
 
 
 def built_once(path: Path, marker: str, build: Callable[[Path, Path], None]) -> Path:
     """`path`, made by `build(out, work)` (on one torch thread) unless it is there already (its `marker` file
     written last by `build`); built in a scratch folder beside it and moved in at once, so concurrent test
-    processes never see half a checkpoint."""
+    processes never see half a checkpoint, and under an exclusive lock (`.NAME.lock` beside it), so a second
+    process (a pytest-xdist worker) waits for the first's build instead of training the same one again."""
     if (path / marker).exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        with _one_thread():
-            build(work / "out", work)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (path / marker).exists():  # built by the process that held the lock
+            return path
+        work = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
         try:
-            os.replace(work / "out", path)
-        except OSError:  # another process finished first (a non-empty directory is not replaced): keep its copy
-            if not (path / marker).exists():
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            with _one_thread():
+                build(work / "out", work)
+            try:
+                os.replace(work / "out", path)
+            except OSError:  # a process without the lock (an older checkout) finished first: keep its copy
+                if not (path / marker).exists():
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return path
 
 
@@ -432,6 +459,7 @@ def cache_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def agent_checkpoint_dir() -> Path:
-    """The agent checkpoint (built once per cache: ~30 s on 2 idle cores, up to ~3 min on busy ones)."""
-    return ensure_agent_checkpoint(cache_root())
+def agent_checkpoint_dir(request: pytest.FixtureRequest) -> Path:
+    """The agent checkpoint (built once per cache: ~30 s on 2 idle cores, up to ~3 min on busy ones), from the
+    session's tiny checkpoint (`tiny_dir`, made only if a build needs it)."""
+    return ensure_agent_checkpoint(cache_root(), lambda: Path(request.getfixturevalue("tiny_dir")))

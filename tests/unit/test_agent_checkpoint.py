@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -15,8 +18,9 @@ from agent_checkpoint import (  # noqa: F401  (agent_checkpoint_dir is the sessi
     MARKER,
     agent_checkpoint_dir,
     agent_version,
+    built_once,
+    checkpoint_completions,
     ensure_agent_checkpoint,
-    greedy_completions,
     prompt_text,
 )
 from nextserve.model.tiny import TINY_CONFIG
@@ -30,7 +34,8 @@ def agent_tokenizer(agent_checkpoint_dir: Path) -> PreTrainedTokenizerBase:
 
 @pytest.fixture(scope="module")
 def completions(agent_checkpoint_dir: Path) -> dict[str, list[int]]:
-    return greedy_completions(agent_checkpoint_dir)
+    """transformers' greedy completions on the checkpoint (computed once per session: by its build or here)."""
+    return checkpoint_completions(agent_checkpoint_dir)
 
 
 @pytest.mark.parametrize("turn", AGENT_TURNS, ids=lambda t: t.name)
@@ -71,3 +76,24 @@ def test_checkpoint_layout_and_cache(agent_checkpoint_dir: Path) -> None:
     assert (agent_checkpoint_dir / MARKER).read_text().splitlines()[0] == agent_version()
     assert agent_checkpoint_dir.name == f"tiny-agent-{agent_version()}"
     assert ensure_agent_checkpoint(agent_checkpoint_dir.parent) == agent_checkpoint_dir  # cached: no rebuild
+
+
+def test_built_once_builds_once_when_two_ask_at_the_same_time(tmp_path: Path) -> None:
+    """Two callers (two pytest-xdist workers on a fresh cache; threads here, each with its own lock file
+    handle): the second waits for the first's build and returns it instead of building again."""
+    builds: list[Path] = []
+    started = threading.Event()
+
+    def build(out: Path, work: Path) -> None:
+        builds.append(out)
+        started.set()
+        time.sleep(0.5)  # still building when the second caller arrives
+        out.mkdir()
+        (out / "MARK").write_text("done")
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(built_once, tmp_path / "ckpt", "MARK", build)
+        assert started.wait(10)
+        second = pool.submit(built_once, tmp_path / "ckpt", "MARK", build)
+        assert first.result() == second.result() == tmp_path / "ckpt"
+    assert len(builds) == 1 and (tmp_path / "ckpt" / "MARK").read_text() == "done"

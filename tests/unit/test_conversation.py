@@ -13,7 +13,7 @@ from typing import Any
 import anthropic
 import pytest
 from anthropic.types import Message
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from nextserve.cluster.engine.contract import (EngineUnavailableError, FinishReason, SamplingDefaults, StepOutput,
                                                TokenLogprobs)
@@ -23,7 +23,6 @@ from nextserve.cluster.gateway.events import (ChoiceEvents, Completed, Event, St
                                               ToolArgumentsDelta, ToolCallStart)
 from nextserve.cluster.gateway.protocols import anthropic as anthropic_api
 from nextserve.cluster.gateway.protocols import openai as openai_api
-from nextserve.model.tiny_tokenizer import train_tiny_tokenizer
 
 try:  # the HTTP client the SDK is built on: httpx2 in recent versions, httpx before
     import httpx2 as httpx
@@ -62,10 +61,9 @@ TOOL_CHOICES = [  # (OpenAI tool_choice, parallel_tool_calls; Anthropic tool_cho
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerBase:
-    out = tmp_path_factory.mktemp("tiny_tok")
-    train_tiny_tokenizer(out)
-    return AutoTokenizer.from_pretrained(out, local_files_only=True)
+def tok(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The tiny tokenizer (train_tiny_tokenizer's default vocabulary): the session's, trained once."""
+    return tokenizer
 
 
 def openai_spec(**fields: Any) -> GenerationSpec:

@@ -155,7 +155,9 @@ def test_streams_several_items_and_coalesces_when_behind(tiny: Model, make_engin
     async def slow() -> list[StepOutput]:
         gen, items = engine.generate(EngineRequest("slow", tuple(prompt), params)), []
         items.append(await anext(gen))
-        await asyncio.sleep(0.5)  # the engine keeps going; what it made meanwhile arrives as one item
+        deadline = time.monotonic() + 60  # the engine keeps going; what it made meanwhile arrives as one item
+        while engine.stats().num_running and time.monotonic() < deadline:  # (a fixed 0.5 s made only 1 token
+            await asyncio.sleep(0.02)                                     # at load 10 on 2 cores)
         return items + [out async for out in gen]
 
     behind = asyncio.run(slow())

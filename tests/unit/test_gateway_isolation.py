@@ -87,11 +87,22 @@ def _stream_text(path: str, r: httpx.Response) -> str:
                    for c in chunks if c["choices"] and c["choices"][0]["index"] == 0)  # choice 0 of n
 
 
+BYSTANDERS = [body_for(CMPL, prompt=p, max_tokens=GREEDY_TOKENS, ignore_eos=True, stream=True)
+              for p in ["def main(", "import os\n", "class Foo:", "x = [1, 2"]]
+"""The greedy streams that run beside a hostile request."""
+
+
+@pytest.fixture(scope="module")
+def bystanders_alone(http: httpx.Client) -> list[str]:
+    """Each bystander stream's text when it runs alone on the shared gateway (greedy: the same for every
+    hostile request below, so streamed once for all three)."""
+    return [_stream_text(CMPL, http.post(CMPL, json=b)) for b in BYSTANDERS]
+
+
 @pytest.mark.parametrize("path", [CMPL, CHAT, MSGS])
-def test_a_tiny_temperature_ends_no_other_stream(server: Server, http: httpx.Client, path: str) -> None:
-    prompts = ["def main(", "import os\n", "class Foo:", "x = [1, 2"]
-    streams = [body_for(CMPL, prompt=p, max_tokens=GREEDY_TOKENS, ignore_eos=True, stream=True) for p in prompts]
-    alone = [_stream_text(CMPL, http.post(CMPL, json=b)) for b in streams]
+def test_a_tiny_temperature_ends_no_other_stream(server: Server, http: httpx.Client, bystanders_alone: list[str],
+                                                 path: str) -> None:
+    streams, alone = BYSTANDERS, bystanders_alone
     hostile = _hostile(path)
     greedy_alone = _stream_text(path, http.post(path, json={**hostile, "temperature": 0}))
 

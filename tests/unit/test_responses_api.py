@@ -128,10 +128,19 @@ def test_a_codex_style_request_is_served(agent: openai.OpenAI) -> None:
     assert final.output_text == r.output_text and events[-1].sequence_number == len(events) - 1
 
 
-def test_function_tools_give_a_message_then_a_function_call_item(agent: openai.OpenAI) -> None:
-    request = dict(model=MODEL, instructions=SYSTEM["content"], input=[WEATHER_QUESTION], tools=RESPONSES_TOOLS,
-                   temperature=0)
-    r = agent.responses.create(**request)
+WEATHER_REQUEST: dict[str, Any] = dict(model=MODEL, instructions=SYSTEM["content"], input=[WEATHER_QUESTION],
+                                       tools=RESPONSES_TOOLS, temperature=0)
+"""Codex's first turn on the agent checkpoint: the Paris question with the function tools."""
+
+
+@pytest.fixture(scope="module")
+def weather_call(agent: openai.OpenAI) -> Any:
+    """WEATHER_REQUEST's response (greedy: one request serves the tests that read it)."""
+    return agent.responses.create(**WEATHER_REQUEST)
+
+
+def test_function_tools_give_a_message_then_a_function_call_item(agent: openai.OpenAI, weather_call: Any) -> None:
+    request, r = WEATHER_REQUEST, weather_call
     assert [o.type for o in r.output] == ["message", "function_call"] and r.status == "completed"
     assert r.output_text == TURNS["weather_call"].content.split("<tool_call>")[0] == "Let me check.\n"
     assert _calls(r) == [("get_weather", PARIS)] and r.output[1].call_id.startswith("call_")
@@ -156,12 +165,10 @@ def test_a_forced_call_is_a_function_call_item(agent: openai.OpenAI) -> None:
     assert none.output_text == TURNS["weather_call"].content and not _calls(none)  # markup left as text
 
 
-def test_a_replayed_codex_history_with_store_false_is_served(agent: openai.OpenAI) -> None:
+def test_a_replayed_codex_history_with_store_false_is_served(agent: openai.OpenAI, weather_call: Any) -> None:
     """Codex's second turn: the whole history again (developer message, the call it got, the call's output,
     a reasoning item), store false, its extra fields; the model answers from the tool's result."""
-    first = agent.responses.create(model=MODEL, instructions=SYSTEM["content"], input=[WEATHER_QUESTION],
-                                   tools=RESPONSES_TOOLS, temperature=0)
-    call = next(o for o in first.output if o.type == "function_call")
+    call = next(o for o in weather_call.output if o.type == "function_call")
     history = [{"type": "message", "role": "developer", "content": [{"type": "input_text", "text": SYSTEM["content"]}]},
                {"type": "message", "role": "user",
                 "content": [{"type": "input_text", "text": WEATHER_QUESTION["content"]}]},

@@ -6,7 +6,8 @@ cut by max_tokens is finish_reason "length"."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,10 @@ from nextserve.cluster.gateway.chat_template import ChatPrompt, ToolChoice
 from nextserve.cluster.gateway.conversation import ResponseFormat
 from nextserve.cluster.gateway.output_grammar import output_grammar
 from nextserve.cluster.gateway.protocols import openai as openai_api
+
+pytestmark = pytest.mark.xdist_group("structured_outputs")
+"""Under pytest-xdist's loadgroup, one worker runs this module: `answers` sends every generating request of
+the module at once, which a second worker holding some of its tests would send again."""
 
 CONTEXT = 2048
 """Room for the tools' system prompt (~400 tokens on the tiny tokenizer) and a JSON answer."""
@@ -64,35 +69,90 @@ def schema_format(schema: dict[str, Any], name: str = "answer") -> dict[str, Any
     return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 
-@pytest.mark.parametrize("seed", [None, 1])
-def test_chat_json_schema_answers_validate(client: openai.OpenAI, seed: int | None) -> None:
+def _chat_json_schema(client: openai.OpenAI, seed: int | None) -> Any:
     extra = {} if seed is None else {"seed": seed, "temperature": 1.0}
-    reply = client.chat.completions.create(
+    return client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": f"Describe a person as JSON ({seed})."}],
         response_format=schema_format(PERSON), max_tokens=300, **extra)  # type: ignore[arg-type]
-    choice = reply.choices[0]
+
+
+def _streamed_json_schema(client: openai.OpenAI, _: None) -> list[Any]:
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "A person, streamed."}],
+        response_format=schema_format(PERSON), max_tokens=300, stream=True)  # type: ignore[arg-type]
+    return list(stream)
+
+
+def _completions_json_schema(client: openai.OpenAI, _: None) -> Any:
+    return client.completions.create(model="tiny", prompt="A person:", max_tokens=300, n=2, seed=3, temperature=1.0,
+                                     extra_body={"response_format": schema_format(PERSON)})
+
+
+def _completions_json_object(client: openai.OpenAI, _: None) -> Any:
+    return client.completions.create(model="tiny", prompt="Some JSON:", max_tokens=120, n=6, seed=1,
+                                     temperature=1.0, extra_body={"response_format": {"type": "json_object"}})
+
+
+def _tool_choice_required(client: openai.OpenAI, seed: int | None) -> Any:
+    extra = {} if seed is None else {"seed": seed, "temperature": 1.0}
+    return client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER, SEARCH],
+        tool_choice="required", max_tokens=400, **extra)  # type: ignore[arg-type]
+
+
+def _named_tool_choice(client: openai.OpenAI, name: str) -> Any:
+    return client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Use the tool."}], tools=[WEATHER, SEARCH],
+        tool_choice={"type": "function", "function": {"name": name}}, parallel_tool_calls=False, seed=11,
+        temperature=1.0, max_tokens=400)
+
+
+def _anthropic_tool_choice_any(client: openai.OpenAI, _: None) -> Any:
+    tools = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in (WEATHER, SEARCH)]
+    body = {"model": "tiny", "max_tokens": 400, "messages": [{"role": "user", "content": "Go."}], "tools": tools,
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": True}}
+    return httpx.post(f"{client.base_url}messages", json=body, timeout=120).json()
+
+
+Request = tuple[Callable[[openai.OpenAI, Any], Any], Any]
+"""(a function sending one request with the module's client, its argument)."""
+GENERATING: list[Request] = [
+    (_chat_json_schema, None), (_chat_json_schema, 1), (_streamed_json_schema, None),
+    (_completions_json_schema, None), (_completions_json_object, None), (_tool_choice_required, None),
+    (_tool_choice_required, 7), (_named_tool_choice, "get_weather"), (_named_tool_choice, "search"),
+    (_anthropic_tool_choice_any, None)]
+"""Every request of this module that decodes a constrained answer of up to hundreds of tokens."""
+
+
+@pytest.fixture(scope="module")
+def answers(client: openai.OpenAI) -> Iterator[dict[Request, Future[Any]]]:
+    """GENERATING's requests, all sent at once when the module starts: the engine decodes them as one batch
+    (continuous batching; each answer is checked by its own test below, which waits for its future) instead
+    of one after another, each a few hundred steps of the tiny."""
+    with ThreadPoolExecutor(len(GENERATING)) as pool:
+        yield {request: pool.submit(request[0], client, request[1]) for request in GENERATING}
+
+
+@pytest.mark.parametrize("seed", [None, 1])
+def test_chat_json_schema_answers_validate(answers: dict[Request, Future[Any]], seed: int | None) -> None:
+    choice = answers[_chat_json_schema, seed].result().choices[0]
     assert choice.finish_reason == "stop", choice.message.content
     jsonschema.validate(json.loads(choice.message.content or ""), PERSON)
 
 
-def test_streamed_json_schema_answer_validates(client: openai.OpenAI) -> None:
-    stream = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "A person, streamed."}],
-        response_format=schema_format(PERSON), max_tokens=300, stream=True)  # type: ignore[arg-type]
-    chunks = list(stream)
+def test_streamed_json_schema_answer_validates(answers: dict[Request, Future[Any]]) -> None:
+    chunks = answers[_streamed_json_schema, None].result()
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     jsonschema.validate(json.loads(text), PERSON)
 
 
-def test_completions_json_schema_and_json_object(client: openai.OpenAI) -> None:
-    reply = client.completions.create(model="tiny", prompt="A person:", max_tokens=300, n=2, seed=3, temperature=1.0,
-                                      extra_body={"response_format": schema_format(PERSON)})
+def test_completions_json_schema_and_json_object(answers: dict[Request, Future[Any]]) -> None:
+    reply = answers[_completions_json_schema, None].result()
     for choice in reply.choices:
         assert choice.finish_reason == "stop"
         jsonschema.validate(json.loads(choice.text), PERSON)
-    objects = client.completions.create(model="tiny", prompt="Some JSON:", max_tokens=120, n=6, seed=1,
-                                        temperature=1.0, extra_body={"response_format": {"type": "json_object"}})
+    objects = answers[_completions_json_object, None].result()
     finished = [c for c in objects.choices if c.finish_reason == "stop"]
     assert len(finished) >= 3  # a random model may stay in a string value until max_tokens ("length")
     for choice in finished:
@@ -106,33 +166,22 @@ def _calls(reply: Any) -> list[tuple[str, dict[str, Any]]]:
 
 
 @pytest.mark.parametrize("seed", [None, 7])
-def test_tool_choice_required_arguments_validate(client: openai.OpenAI, seed: int | None) -> None:
-    extra = {} if seed is None else {"seed": seed, "temperature": 1.0}
-    reply = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER, SEARCH],
-        tool_choice="required", max_tokens=400, **extra)  # type: ignore[arg-type]
-    calls = _calls(reply)
+def test_tool_choice_required_arguments_validate(answers: dict[Request, Future[Any]], seed: int | None) -> None:
+    calls = _calls(answers[_tool_choice_required, seed].result())
     assert calls
     for name, arguments in calls:
         jsonschema.validate(arguments, SCHEMAS[name])
 
 
 @pytest.mark.parametrize("name", ["get_weather", "search"])
-def test_named_tool_choice_one_call_validates(client: openai.OpenAI, name: str) -> None:
-    reply = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "Use the tool."}], tools=[WEATHER, SEARCH],
-        tool_choice={"type": "function", "function": {"name": name}}, parallel_tool_calls=False, seed=11,
-        temperature=1.0, max_tokens=400)
-    calls = _calls(reply)
+def test_named_tool_choice_one_call_validates(answers: dict[Request, Future[Any]], name: str) -> None:
+    calls = _calls(answers[_named_tool_choice, name].result())
     assert [n for n, _ in calls] == [name]
     jsonschema.validate(calls[0][1], SCHEMAS[name])
 
 
-def test_anthropic_tool_choice_any_validates(gateway: Server) -> None:
-    tools = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in (WEATHER, SEARCH)]
-    body = {"model": "tiny", "max_tokens": 400, "messages": [{"role": "user", "content": "Go."}], "tools": tools,
-            "tool_choice": {"type": "any", "disable_parallel_tool_use": True}}
-    reply = httpx.post(f"{gateway.url}/v1/messages", json=body, timeout=120).json()
+def test_anthropic_tool_choice_any_validates(answers: dict[Request, Future[Any]]) -> None:
+    reply = answers[_anthropic_tool_choice_any, None].result()
     uses = [b for b in reply["content"] if b["type"] == "tool_use"]
     assert reply["stop_reason"] == "tool_use" and len(uses) == 1, reply
     jsonschema.validate(uses[0]["input"], SCHEMAS[uses[0]["name"]])

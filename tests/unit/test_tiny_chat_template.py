@@ -4,9 +4,9 @@ and `<tool_call>` / `<tool_response>` are single, non-special tokens."""
 from __future__ import annotations
 
 import pytest
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from nextserve.model.tiny_tokenizer import NON_SPECIAL_TOKENS, TOOL_INSTRUCTIONS, train_tiny_tokenizer
+from nextserve.model.tiny_tokenizer import NON_SPECIAL_TOKENS, TOOL_INSTRUCTIONS
 
 TOOLS = [
     {"type": "function", "function": {
@@ -42,10 +42,9 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerBase:
-    out = tmp_path_factory.mktemp("tiny_tok")
-    train_tiny_tokenizer(out)
-    return AutoTokenizer.from_pretrained(out, local_files_only=True)
+def tok(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The tiny tokenizer (train_tiny_tokenizer's default vocabulary): the session's, trained once."""
+    return tokenizer
 
 
 @pytest.fixture(scope="module")
