@@ -53,15 +53,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 class TierScheduling(LoadScopeScheduling):
-    """`pytest -n N` (`make test`): the cluster tier is one unit of work, so its tests run in one worker,
-    one Ray cluster at a time and in collection order (a cluster module's fixtures and the shared cluster's
-    ordering rely on it), while the other workers take the unit, process and grpc tests one by one; those
-    mostly use one core each (torch on one thread, above) while a cluster mostly waits. (pytest-xdist's
-    own `--dist loadgroup` would do this from xdist_group marks, but it renames node ids in a way pytest 9.2
-    no longer sees.)"""
+    """`pytest -n N` (`make test`, `make test-fast`): the cluster tier is one unit of work, so its tests run
+    in one worker, one Ray cluster at a time and in collection order (a cluster module's fixtures and the
+    shared cluster's ordering rely on it), while the other workers take the unit, process and grpc tests a
+    module at a time (a module's fixtures are made once: e.g. test_structured_outputs' `answers` sends all
+    of the module's requests as one batch). Those mostly use one core each (torch on one thread, above),
+    while a cluster mostly waits. (pytest-xdist's own `--dist loadgroup` would group by xdist_group marks,
+    but it renames node ids in a way pytest 9.2 no longer sees.)"""
 
     def _split_scope(self, nodeid: str) -> str:
-        return "tests/cluster" if nodeid.startswith("tests/cluster/") else nodeid
+        return "tests/cluster" if nodeid.startswith("tests/cluster/") else nodeid.split("::", 1)[0]
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> TierScheduling:

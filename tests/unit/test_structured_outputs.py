@@ -23,10 +23,6 @@ from nextserve.cluster.gateway.conversation import ResponseFormat
 from nextserve.cluster.gateway.output_grammar import output_grammar
 from nextserve.cluster.gateway.protocols import openai as openai_api
 
-pytestmark = pytest.mark.xdist_group("structured_outputs")
-"""Under pytest-xdist's loadgroup, one worker runs this module: `answers` sends every generating request of
-the module at once, which a second worker holding some of its tests would send again."""
-
 CONTEXT = 2048
 """Room for the tools' system prompt (~400 tokens on the tiny tokenizer) and a JSON answer."""
 
