@@ -61,6 +61,10 @@ class TierScheduling(LoadScopeScheduling):
     while a cluster mostly waits. (pytest-xdist's own `--dist loadgroup` would group by xdist_group marks,
     but it renames node ids in a way pytest 9.2 no longer sees.)"""
 
+    def __init__(self, config: pytest.Config, log: Producer | None = None) -> None:
+        super().__init__(config, log)
+        config.option.loadscopereorder = False  # in collection order: the cluster tier, the longest, first
+
     def _split_scope(self, nodeid: str) -> str:
         return "tests/cluster" if nodeid.startswith("tests/cluster/") else nodeid.split("::", 1)[0]
 
