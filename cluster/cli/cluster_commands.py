@@ -169,20 +169,28 @@ def _scale(registry: Registry, args: argparse.Namespace) -> int:
         raise ConfigError(f"--expert-workers {args.expert_workers} is below --expert-replicas "
                           f"{spec['expert_replicas']}; every expert needs that many distinct workers")
     record = registry.placement()
+    target = None  # the placement the controller reshards to (ControllerActor.scale builds the same one)
     if record is not None:  # refused here, in one line, rather than by the controller in its log
         config = Checkpoint(spec["model"]).config
-        new = build_placement(config.expert_layers, config.num_experts, args.expert_workers, int(spec["expert_replicas"]))
+        target = build_placement(config.expert_layers, config.num_experts, args.expert_workers,
+                                 int(spec["expert_replicas"]))
         try:
-            plan_waves(record.placement, new, spec.get("max_experts_per_worker"))
+            plan_waves(record.placement, target, spec.get("max_experts_per_worker"))
         except ReshardError as exc:
             raise ConfigError(f"--expert-workers {args.expert_workers}: {exc}") from None
+    if record is not None and record.placement.num_workers == args.expert_workers:
+        target = None  # nothing moves (the controller keeps a placement of N, a rebalanced one included)
     registry.save_spec({**spec, "expert_workers": args.expert_workers})
 
     def done() -> bool:
+        """The last wave published (every wave already has N workers: waiting for N alone returned after
+        the first, while the others still moved experts), and N workers alive."""
         record = registry.placement()
         alive = [w for w in registry.workers() if w.alive]
-        return record is not None and record.placement.num_workers == args.expert_workers \
-            and len(alive) == args.expert_workers
+        if record is None or record.placement.num_workers != args.expert_workers:
+            return False
+        reached = target is None or record.placement.layer_to_expert_workers == target.layer_to_expert_workers
+        return reached and len(alive) == args.expert_workers
     _wait(done, args.wait_s, f"scaling to {args.expert_workers} expert workers")
     print(f"serving on {args.expert_workers} expert workers, placement epoch {registry.epoch()}")
     return 0
