@@ -94,6 +94,10 @@ def test_load_scales_heads_and_workers_up_and_idle_back_to_the_minimum(up: UpPro
     assert [i for i, text in answers if text != want[i]] == []
     assert stream_completion(up.base_url, prompts[0], MAX_TOKENS) == want[0]  # after the changes too
 
+    def settled() -> bool:  # the controller's scaling record follows the sizes on its own loop (seconds)
+        s = registry.scaling_status()
+        return s is not None and (s.heads_current, s.heads_desired, s.workers_current, s.workers_desired) == (1, 1, 2, 2)
+    wait_for(settled, 30, "the scaling status at 1 head and 2 workers, current and desired")
     scaling = registry.scaling_status()
     assert scaling is not None and scaling.last_decision is not None and scaling.last_decision.reason
     assert scaling.decisions.get("workers:up", 0) >= 1 and scaling.decisions.get("workers:down", 0) >= 1
