@@ -27,12 +27,10 @@ from nextserve.cluster.cli.model_paths import TINY, cache_dir, resolve_model
 from nextserve.cluster.cli.usage import UsageError
 from nextserve.cluster.control.rebalance import measured_imbalance
 from nextserve.cluster.control.registry import Registry, RegistryUnreachableError, redacted_url
-from nextserve.cluster.control.reshard import ReshardError, plan_waves
+from nextserve.cluster.control.reshard import ReshardError, plan_waves, serving_placement
 from nextserve.cluster.cli.up import UpOptions, read_state, run_up
-from nextserve.model.checkpoint import Checkpoint
 from nextserve.model.config import ConfigError
 from nextserve.model.loader import validate_checkpoint
-from nextserve.router.placement import build_placement
 
 
 def state_file(cluster: str) -> Path:
@@ -169,11 +167,9 @@ def _scale(registry: Registry, args: argparse.Namespace) -> int:
         raise ConfigError(f"--expert-workers {args.expert_workers} is below --expert-replicas "
                           f"{spec['expert_replicas']}; every expert needs that many distinct workers")
     record = registry.placement()
-    target = None  # the placement the controller reshards to (ControllerActor.scale builds the same one)
+    target = None  # the placement the controller reshards to
     if record is not None:  # refused here, in one line, rather than by the controller in its log
-        config = Checkpoint(spec["model"]).config
-        target = build_placement(config.expert_layers, config.num_experts, args.expert_workers,
-                                 int(spec["expert_replicas"]))
+        target = serving_placement(spec["model"], args.expert_workers, int(spec["expert_replicas"]))
         try:
             plan_waves(record.placement, target, spec.get("max_experts_per_worker"))
         except ReshardError as exc:

@@ -28,7 +28,8 @@ import ray
 
 from nextserve.cluster.control import worker_admin
 from nextserve.cluster.control.registry import Registry
-from nextserve.router.placement import Placement
+from nextserve.model.checkpoint import Checkpoint
+from nextserve.router.placement import Placement, build_placement
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,14 @@ def check_fits(placement: Placement, max_experts_per_worker: int | None) -> None
         raise ReshardError(f"{placement.num_workers} workers would hold up to {max(counts)} (layer, expert) pairs "
                            f"each, more than max_experts_per_worker={max_experts_per_worker}; use more workers "
                            f"or raise max_experts_per_worker (nextserve plan computes what a GPU holds)")
+
+
+def serving_placement(model: str, num_workers: int, replication: int) -> Placement:
+    """The placement a cluster serving the checkpoint `model` on N workers (R replicas) starts with and
+    scales to: build_placement over its expert layers (its MTP layers included, counted from the tensors).
+    The controller places by it, and `nextserve scale` waits until it is published."""
+    config = Checkpoint(model).config
+    return build_placement(config.expert_layers, config.num_experts, num_workers, replication)
 
 
 def plan_waves(old: Placement, new: Placement, max_experts_per_worker: int | None) -> list[Placement]:

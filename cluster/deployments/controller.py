@@ -31,10 +31,9 @@ from nextserve.cluster.control.autoscaler import Autoscaler
 from nextserve.cluster.deployments.expert_worker import ExpertWorker, actor_options, experts_use_gpus
 from nextserve.cluster.control.rebalance import LoadCollector, measured_imbalance, plan_rebalance
 from nextserve.cluster.control.registry import Registry
-from nextserve.model.checkpoint import Checkpoint
 from nextserve.proto.codec import DEFAULT_MAX_DISPATCH_TOKENS
 from nextserve.router.eplb import movement
-from nextserve.router.placement import Placement, build_placement
+from nextserve.router.placement import Placement
 
 if TYPE_CHECKING:
     from nextserve.cluster.app_args import AppArgs
@@ -122,10 +121,8 @@ class ControllerActor:
                 if (wanted.model, wanted.dtype) != (self.spec.model, self.spec.dtype):
                     raise ValueError(f"the cluster serves {self.spec}; start another cluster for {wanted}")
                 return self.epoch
-            config = Checkpoint(wanted.model).config  # with its MTP layers, counted from the tensors
             if self.placement is None:
-                self.placement = build_placement(config.expert_layers, config.num_experts, wanted.expert_workers,
-                                                 wanted.expert_replicas)
+                self.placement = reshard.serving_placement(wanted.model, wanted.expert_workers, wanted.expert_replicas)
             reshard.check_fits(self.placement, wanted.max_experts_per_worker)
             self.spec = replace(wanted, expert_workers=self.placement.num_workers)
             reshard.grow(self.registry, self.workers, None, self.placement, self._create, self.epoch,
@@ -143,8 +140,7 @@ class ControllerActor:
             assert self.spec is not None and self.placement is not None
             if expert_workers == self.placement.num_workers:
                 return self.epoch
-            config = Checkpoint(self.spec.model).config
-            new = build_placement(config.expert_layers, config.num_experts, expert_workers, self.spec.expert_replicas)
+            new = reshard.serving_placement(self.spec.model, expert_workers, self.spec.expert_replicas)
             epoch = self._move(new)  # a ReshardError (does not fit) is raised before anything moves
             self.spec = replace(self.spec, expert_workers=expert_workers)
             self.registry.save_spec(asdict(self.spec))
