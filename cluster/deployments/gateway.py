@@ -168,3 +168,9 @@ class GatewayDeployment:
         return build_app(self.client, self.args.served_model_name(), None,
                          SamplingDefaults.from_checkpoint(self.args.model), self.args.gateway_limits(),
                          self.args.tenant_directory(), scaling=self.client.scaling)
+
+    async def __del__(self) -> None:
+        """Serve stops this replica (its requests drained; Serve awaits this on the replica's loop): its output
+        channels end now. A head replica counts each channel as an ongoing request, so without this a head
+        stopped with the app (Ctrl-C, `serve.delete`) would wait for them to go idle (CHANNEL_IDLE_CLOSE_S)."""
+        await self.client.channels.close()
