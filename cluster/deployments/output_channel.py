@@ -23,7 +23,8 @@ which aborts the request in its head (whatever the channel still carries for it 
 A channel lost (head or gateway gone, transport failure) ends every request on it with an
 EngineUnavailableError (503, retry) at both ends, as losing the head did before; a new request then
 streams on its own call and opens a new channel. A head ends a channel no request has used for
-`CHANNEL_IDLE_CLOSE_S` (so a draining replica's ongoing requests reach 0); a refused channel (the
+`CHANNEL_IDLE_CLOSE_S` (so a draining replica's ongoing requests reach 0), and a gateway replica being
+stopped ends its channels (`GatewayOutputChannels.close`, from its deployment's `__del__`); a refused channel (the
 replica it was routed to is not the one named) is retried after `CHANNEL_RETRY_S`.
 """
 
