@@ -331,3 +331,19 @@ def test_an_idle_channel_ends_and_a_refused_one_is_not_retried_at_once(server: S
         assert head.start_of("refused-1").channel_id is None and len(other.channel_calls) == 1  # not retried yet
 
     run(main)
+
+
+def test_a_gateway_closing_ends_its_channel_on_the_head_at_once(server: Server) -> None:
+    """What a gateway replica that Serve stops does (its deployment's `__del__`): the head's channel call ends
+    now, not after `idle_close_s` (30 s here; `until` gives up after 20 s), so the head can stop."""
+    async def main() -> None:
+        head = LoopbackHead(server)
+        gateway = GatewayOutputChannels(head.open_channel)
+        await collect(gateway, head, EngineRequest("bye-0", prompt(0), greedy(2)))
+        await until(lambda: gateway.num_open == 1, "channel open")
+        assert head.head.heartbeat_fields()["output_channels"] == 1
+        await gateway.close()
+        await until(lambda: head.channel_calls[0].task.done(), "the head's channel call ended")
+        assert head.head.heartbeat_fields()["output_channels"] == 0 and gateway.num_open == 0
+
+    run(main)
