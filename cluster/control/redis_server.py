@@ -10,6 +10,7 @@ which `ps` shows), is part of `url` (what the cluster's processes connect with),
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -26,16 +27,41 @@ from nextserve.cluster.control.registry import redacted_url
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 10.0
+PORT_ATTEMPTS = 3
+"""Ports a LocalRedis that picks its own tries: the port `free_port` found is free only when it looked, and
+another process may bind it before redis-server does (a client connection's ephemeral port, another test's
+or cluster's server); redis-server then exits, and the next attempt picks another port."""
+PING_TIMEOUT_S = 2.0
+"""The readiness ping's socket timeouts: something else listening on the port must not hang the start."""
 
 
 class RedisServerError(RuntimeError):
     pass
 
 
+class PortTakenError(RedisServerError):
+    """redis-server exited at start because another socket holds its port."""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing is bound to now; whoever binds it later may find it taken (see PORT_ATTEMPTS)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def port_is_taken(host: str, port: int) -> bool:
+    """Another socket is bound to `port` on `host` (as redis-server binds: SO_REUSEADDR, so a closed
+    connection's TIME_WAIT does not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
 
 
 class LocalRedis:
@@ -47,16 +73,29 @@ class LocalRedis:
                                    "apt-get) or pass --redis-url redis://HOST:PORT")
         self.binary = binary
         self.host, self.port = host, port or free_port(host)
+        self._picks_port = port is None
         self.password = password or secrets.token_urlsafe(32)
         if set(self.password) & set('"\\\n'):
             raise ValueError("the Redis password may not hold a quote, a backslash or a newline (it is written "
                              "into redis.conf); pick another, or leave it out for a generated one")
-        self._start()
+        self._start(may_repick=self._picks_port)
 
     def __repr__(self) -> str:
         return f"LocalRedis({self.public_url})"
 
-    def _start(self) -> None:
+    def _start(self, may_repick: bool) -> None:
+        """Start on self.port; when `may_repick` and another process took that port first, on a new free one."""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                self._launch()
+                return
+            except PortTakenError:
+                if not may_repick or attempt == PORT_ATTEMPTS:
+                    raise
+                taken, self.port = self.port, free_port(self.host)
+                log.info("port %d was taken before redis-server bound it; starting on port %d", taken, self.port)
+
+    def _launch(self) -> None:
         self.workdir = tempfile.mkdtemp(prefix="nextserve-redis-")  # mode 0700
         config = os.path.join(self.workdir, "redis.conf")
         with open(os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
@@ -84,19 +123,26 @@ class LocalRedis:
         return f"redis://{self.host}:{self.port}/0"
 
     def _wait_ready(self) -> None:
-        client = redis.Redis.from_url(self.url)
+        client = redis.Redis.from_url(self.url, socket_timeout=PING_TIMEOUT_S, socket_connect_timeout=PING_TIMEOUT_S)
         deadline = time.monotonic() + START_TIMEOUT_S
+        last_error: redis.RedisError | None = None
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()  # its work directory
+                if port_is_taken(self.host, self.port):
+                    raise PortTakenError(f"redis-server could not listen on {self.host}:{self.port}: another "
+                                         f"process holds that port; pick another one")
                 raise RedisServerError(f"redis-server exited with {self.process.returncode}: "
                                        f"{self.process.stderr.read().decode(errors='replace') if self.process.stderr else ''}")
             try:
-                client.ping()
+                client.ping()  # another server on the port (one that took it first) refuses the password
                 return
-            except redis.ConnectionError:
+            except redis.RedisError as exc:  # not up yet, or not ours: until ours answers or exits
+                last_error = exc
                 time.sleep(0.05)
         self.stop()
-        raise RedisServerError(f"redis-server did not answer on {self.public_url} within {START_TIMEOUT_S} s")
+        raise RedisServerError(f"redis-server did not answer on {self.public_url} within {START_TIMEOUT_S} s "
+                               f"({type(last_error).__name__}: {last_error})")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -111,7 +157,7 @@ class LocalRedis:
     def restart(self) -> None:
         """Stop and start again on the same port (state is lost: no persistence)."""
         self.stop()
-        self._start()
+        self._start(may_repick=False)  # its URL is what the clients hold
 
     def __enter__(self) -> "LocalRedis":
         return self

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import redis
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -35,6 +34,7 @@ from nextserve.cluster.cli import up
 from nextserve.cluster.cli.main import main
 from nextserve.cluster.cli.up import check_redis_reaches_nodes, wait_port_free
 from nextserve.cluster.cli.usage import UsageError
+from nextserve.cluster.control.redis_server import LocalRedis
 from nextserve.model.tiny import TINY_VERSION
 from nextserve.model.tiny import TINY_CONFIG
 
@@ -226,24 +226,11 @@ def test_redis_down_is_one_line_naming_the_url_without_its_password(command: lis
     assert "s3cret-pw" not in line
 
 
-def test_redis_refusing_the_password_says_so(tmp_path: Path, run_main: Run) -> None:
-    port = _closed_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--dir", str(tmp_path), "--requirepass", "right-pw"], stdout=subprocess.DEVNULL)
-    try:
-        client = redis.Redis(port=port, password="right-pw")
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.05)
-        line = _one_line_error(run_main(["status", "--redis-url", f"redis://:wrong-pw@127.0.0.1:{port}/1"]),
+def test_redis_refusing_the_password_says_so(run_main: Run) -> None:
+    with LocalRedis(password="right-pw") as server:  # answering before the CLI asks, on a port it holds
+        line = _one_line_error(run_main(["status", "--redis-url", f"redis://:wrong-pw@127.0.0.1:{server.port}/1"]),
                                "refused the credentials", "--redis-url")
         assert "wrong-pw" not in line
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def test_generate_refuses_an_empty_prompt_before_loading_anything(tmp_path: Path, run_main: Run) -> None:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import pytest
 import redis
 
 from nextserve.cluster.control.autoscale_policy import Direction, ScalingDecision
-from nextserve.cluster.control.redis_server import LocalRedis
+from nextserve.cluster.control import redis_server as redis_server_module
+from nextserve.cluster.control.redis_server import LocalRedis, PortTakenError
 from nextserve.cluster.control.registry import Registry
 from nextserve.cluster.control.scaling_status import ScalingStatus
 from nextserve.router.placement import build_placement
+
+MESSAGE_WAIT_S = 30.0
+"""How long a pub/sub read waits for a message that must come (it returns as soon as one arrives)."""
 
 
 @pytest.fixture()
@@ -24,7 +29,10 @@ def test_placement_epochs_are_monotonic_and_announced(redis_server: LocalRedis) 
     reg = Registry(redis_server.url, "t")
     sub = redis.Redis.from_url(redis_server.url, decode_responses=True).pubsub()
     sub.subscribe(reg.key("epochs"))
-    sub.get_message(timeout=1)  # the subscribe confirmation
+    # the subscribe confirmation: subscribed from here on (redis-py's wait returns as soon as it arrives; a
+    # loaded machine may take over a second, and a missed confirmation would be read as the first epoch)
+    confirmation = sub.get_message(timeout=MESSAGE_WAIT_S)
+    assert confirmation is not None and confirmation["type"] == "subscribe", confirmation
     placement = build_placement([0, 1], 8, 3, 2)
     assert reg.placement() is None and reg.epoch() == 0
     e1 = reg.publish_placement(placement, ["a:1", "b:2", "c:3"])
@@ -34,7 +42,8 @@ def test_placement_epochs_are_monotonic_and_announced(redis_server: LocalRedis) 
     assert record is not None and record.epoch == 2 and record.addresses == ("a:1", "b:9", "c:3")
     assert record.placement.layer_to_expert_workers == placement.layer_to_expert_workers
     assert record.placement.epoch == 2
-    assert [sub.get_message(timeout=1)["data"] for _ in range(2)] == ["1", "2"]
+    announced = [sub.get_message(timeout=MESSAGE_WAIT_S) for _ in range(2)]
+    assert [m and m["data"] for m in announced] == ["1", "2"], announced
 
 
 def test_epoch_stays_monotonic_when_redis_loses_its_data(redis_server: LocalRedis) -> None:
@@ -82,3 +91,21 @@ def test_scaling_status_round_trips_and_a_stopped_head_leaves(redis_server: Loca
     reg.register_head("b", {"pid": 2})
     reg.forget_head("a")
     assert [h.fields["id"] for h in reg.heads()] == ["b"]
+
+
+def test_a_local_redis_whose_free_port_was_taken_meanwhile_starts_on_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    """free_port's port is free only when it looked: another process that binds it first (here a socket
+    that listens and never answers, which also takes the readiness ping) makes redis-server exit; a
+    LocalRedis that picked its port picks another, one given a port names it."""
+    with socket.socket() as taker:
+        taker.bind(("127.0.0.1", 0))
+        taker.listen()
+        taken = taker.getsockname()[1]
+        with pytest.raises(PortTakenError, match=f"127.0.0.1:{taken}: another process holds that port"):
+            LocalRedis(port=taken)
+        picks = iter([taken])
+        found = redis_server_module.free_port
+        monkeypatch.setattr(redis_server_module, "free_port", lambda host="127.0.0.1": next(picks, None) or found(host))
+        with LocalRedis() as server:
+            assert server.port != taken
+            assert redis.Redis.from_url(server.url).ping()

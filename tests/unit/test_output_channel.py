@@ -152,7 +152,10 @@ def test_streams_on_a_channel_get_what_their_own_calls_get_and_a_step_goes_as_on
         check_stream(outs, want)
         check_stream(same, want)
     assert isinstance(head.channel_calls[0].items[0], ChannelReady)
-    assert all(head.start_of(r.request_id).channel_id is not None for r in requests)
+    # on the channel, unless its first output was already its last (a loop behind the engine gets a short
+    # request's tokens merged into one item: nothing is left for a channel, so the head sends none)
+    starts = [head.start_of(r.request_id) for r in requests]
+    assert [s.channel_id is None for s in starts] == [s.output.finish_reason is not None for s in starts]
     for r in requests:  # after StreamStart, a request's own call carried nothing
         assert len(head.calls[r.request_id].items) == 1
     batches = head.batches()
@@ -202,7 +205,7 @@ def test_closing_a_stream_aborts_only_its_request_and_drops_what_is_in_flight_fo
         await collect(gateway, head, EngineRequest("close-warm", prompt(0), greedy(2)))
         await until(lambda: gateway.num_open == 1, "channel open")
         kept = [asyncio.create_task(collect(gateway, head, r)) for r in others]
-        leaving = gateway.generate(EngineRequest("leaves-0", prompt(3), greedy(60)), head.start_call)
+        leaving = gateway.generate(EngineRequest("leaves-0", prompt(3), greedy(100)), head.start_call)
         seen = [await anext(leaving), await anext(leaving)]
         assert head.start_of("leaves-0").channel_id is not None and seen[-1].finish_reason is None
         await leaving.aclose()  # the client went away
@@ -261,7 +264,7 @@ def test_refusals_and_a_failed_step_reach_only_their_requests(server: Server) ->
         with pytest.raises(EngineRequestError) as refused:  # refused before any output, on its own call
             await collect(gateway, head, EngineRequest("fail-bad", (1, 10**6), greedy(4)))
         assert refused.value.param == "prompt" and "outside the vocabulary" in refused.value.message
-        streams = [gateway.generate(EngineRequest(f"fail-{i}", prompt(i), greedy(40)), head.start_call)
+        streams = [gateway.generate(EngineRequest(f"fail-{i}", prompt(i), greedy(100)), head.start_call)
                    for i in range(2)]
         firsts = [await anext(s) for s in streams]
         assert all(f.finish_reason is None for f in firsts)
@@ -288,7 +291,7 @@ def test_a_lost_channel_fails_its_requests_and_the_next_request_streams_on_its_o
         gateway = GatewayOutputChannels(head.open_channel)
         await collect(gateway, head, EngineRequest("lost-warm", prompt(0), greedy(2)))
         await until(lambda: gateway.num_open == 1, "channel open")
-        stream = gateway.generate(EngineRequest("lost-0", prompt(1), greedy(60)), head.start_call)
+        stream = gateway.generate(EngineRequest("lost-0", prompt(1), greedy(100)), head.start_call)
         await anext(stream)
         head.channel_calls[0].fail(ConnectionError("the transport broke"))
         with pytest.raises(EngineUnavailableError, match="lost"):
