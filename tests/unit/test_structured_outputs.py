@@ -156,10 +156,15 @@ def test_completions_json_schema_and_json_object(answers: dict[Request, Future[A
         assert isinstance(json.loads(choice.text), dict)
 
 
+def _parsed_calls(choice: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(name, arguments) of each call the choice's message carries."""
+    return [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls or []]
+
+
 def _calls(reply: Any) -> list[tuple[str, dict[str, Any]]]:
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls", choice
-    return [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls or []]
+    return _parsed_calls(choice)
 
 
 def test_tool_choice_required_one_call_validates(answers: dict[Request, Future[Any]]) -> None:
@@ -174,7 +179,7 @@ def test_tool_choice_required_parallel_calls_validate(answers: dict[Request, Fut
     it completed are the message's tool_calls, and each validates."""
     choice = answers[_tool_choice_required, 7].result().choices[0]
     assert choice.finish_reason in ("tool_calls", "length"), choice
-    calls = [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls or []]
+    calls = _parsed_calls(choice)
     assert calls, choice
     for name, arguments in calls:
         jsonschema.validate(arguments, SCHEMAS[name])
