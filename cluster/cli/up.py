@@ -18,11 +18,11 @@ A local cluster's expert workers listen on loopback only (AppArgs.expert_worker_
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.error
@@ -40,7 +40,7 @@ from nextserve.cluster.deployments.controller import get_or_create_controller, s
 from nextserve.cluster.deployments.expert_worker import EXPERT_RESOURCE, HEAD_RESOURCE
 from nextserve.cluster.cli.up_options import UpOptions
 from nextserve.cluster.cli.usage import UsageError
-from nextserve.cluster.control.redis_server import LocalRedis, free_port
+from nextserve.cluster.control.redis_server import LocalRedis, free_port, port_is_taken
 from nextserve.cluster.control.registry import Registry, redacted_url
 
 log = logging.getLogger(__name__)
@@ -99,18 +99,18 @@ def wait_port_free(host: str, port: int, timeout_s: float = PORT_FREE_WAIT_S) ->
     the gateway on the next free port, and `up` would wait for a URL nobody serves."""
     deadline, is_waiting = time.monotonic() + timeout_s, False
     while True:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
+        try:
+            if not port_is_taken(host, port):
                 return
-            except OSError as exc:
-                if not is_waiting:
-                    print(f"nextserve: --port {port} is in use; waiting up to {timeout_s:.0f} s for it", flush=True)
-                    is_waiting = True
-                if time.monotonic() >= deadline:
-                    raise UsageError(f"--port {port} on {host} is in use ({exc.strerror}); stop what listens "
-                                     f"there (another `nextserve up`?) or pass another --port") from None
+        except OSError as exc:  # not a port in use: an address this host cannot listen on
+            raise UsageError(f"--host {host}: cannot listen there ({exc.strerror}); pass an address of this "
+                             f"machine, or 0.0.0.0") from None
+        if not is_waiting:
+            print(f"nextserve: --port {port} is in use; waiting up to {timeout_s:.0f} s for it", flush=True)
+            is_waiting = True
+        if time.monotonic() >= deadline:
+            raise UsageError(f"--port {port} on {host} is in use ({os.strerror(errno.EADDRINUSE)}); stop what "
+                             f"listens there (another `nextserve up`?) or pass another --port")
         time.sleep(0.25)
 
 
