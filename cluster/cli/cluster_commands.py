@@ -167,15 +167,16 @@ def _scale(registry: Registry, args: argparse.Namespace) -> int:
         raise ConfigError(f"--expert-workers {args.expert_workers} is below --expert-replicas "
                           f"{spec['expert_replicas']}; every expert needs that many distinct workers")
     record = registry.placement()
-    target = None  # the placement the controller reshards to
+    target = None  # the placement the controller reshards to; None: nothing moves (it keeps a placement of N,
+    # a rebalanced one included)
     if record is not None:  # refused here, in one line, rather than by the controller in its log
-        target = serving_placement(spec["model"], args.expert_workers, int(spec["expert_replicas"]))
+        new = serving_placement(spec["model"], args.expert_workers, int(spec["expert_replicas"]))
         try:
-            plan_waves(record.placement, target, spec.get("max_experts_per_worker"))
+            plan_waves(record.placement, new, spec.get("max_experts_per_worker"))
         except ReshardError as exc:
             raise ConfigError(f"--expert-workers {args.expert_workers}: {exc}") from None
-    if record is not None and record.placement.num_workers == args.expert_workers:
-        target = None  # nothing moves (the controller keeps a placement of N, a rebalanced one included)
+        if record.placement.num_workers != args.expert_workers:
+            target = new
     registry.save_spec({**spec, "expert_workers": args.expert_workers})
 
     def done() -> bool:
