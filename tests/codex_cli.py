@@ -48,12 +48,19 @@ def ensure_codex(cache_root: Path) -> Path:
 
 
 def run_codex_exec(codex: Path, base_url: str, workdir: Path, prompt: str, model: str = "tiny",
-                   timeout_s: float = 480) -> subprocess.CompletedProcess[str]:
-    """One `codex exec` turn against the gateway at `base_url` (no /v1); its CODEX_HOME is workdir/codex-home."""
+                   instructions: str | None = None, timeout_s: float = 480) -> subprocess.CompletedProcess[str]:
+    """One `codex exec` turn against the gateway at `base_url` (no /v1); its CODEX_HOME is workdir/codex-home.
+    `instructions`: the model's base instructions in place of Codex's own (config key `model_instructions_file`),
+    e.g. to keep the prompt short on a CPU cluster; None keeps Codex's."""
     home = workdir / "codex-home"
     home.mkdir(parents=True, exist_ok=True)
+    instructions_line = ""
+    if instructions is not None:
+        (home / "instructions.md").write_text(instructions)
+        instructions_line = f'model_instructions_file = "{home / "instructions.md"}"\n'
     (home / "config.toml").write_text(
         f'model = "{model}"\n'
+        + instructions_line +
         'model_provider = "nextserve"\n'
         "[model_providers.nextserve]\n"
         'name = "nextserve"\n'

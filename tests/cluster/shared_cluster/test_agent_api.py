@@ -274,13 +274,21 @@ def test_responses_forced_call_and_a_codex_style_replay(oai: openai.OpenAI) -> N
     assert answer.usage.input_tokens_details.cached_tokens > 0  # the first turn's prefix, on the same head
 
 
+CODEX_INSTRUCTIONS = "You are Codex, a coding agent. Use the tools when they help.\n"
+
+
 def test_codex_exec_completes_a_turn(shared_cluster: UpProcess, tmp_path: Path) -> None:
     """The real Codex CLI (npm @openai/codex) with a custom model provider (wire_api "responses") runs one
-    `codex exec` turn against the cluster: ~16,000 prompt tokens (its instructions and tools), streamed."""
+    `codex exec` turn against the cluster, streamed: its tools, environment context and permissions, with one
+    line of base instructions in place of Codex's own (CODEX_INSTRUCTIONS: ~16,000 prompt tokens with them,
+    a minute of prefill on these CPUs, which tests nothing more of the API)."""
     codex = ensure_codex(cache_root())
     with httpx.Client(base_url=shared_cluster.base_url, timeout=30) as http:
         before = scrape(http).get(RESPONSES_SERVED, 0.0)
-        result = run_codex_exec(codex, shared_cluster.base_url, tmp_path, "Say hello.")
+        result = run_codex_exec(codex, shared_cluster.base_url, tmp_path, "Say hello.",
+                                instructions=CODEX_INSTRUCTIONS)
         assert result.returncode == 0, f"codex exec failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         assert scrape(http).get(RESPONSES_SERVED, 0.0) >= before + 1  # the turn went through /v1/responses
-    assert "tokens used" in result.stderr + result.stdout
+    output = result.stderr + result.stdout
+    assert "tokens used" in output
+    print(output[output.index("tokens used"):][:80])
