@@ -41,9 +41,10 @@ serve: install
 
 # Everything (tests/unit, process, grpc, cluster: what each tier starts is in pyproject.toml's markers), then
 # the 25 slowest tests. test-fast: tests/unit only (no process, no server, no cluster), the one to run often.
-# TEST_WORKERS pytest-xdist workers (tests/conftest.py's TierScheduling): the cluster tier runs in one of
-# them, a Ray cluster at a time, while the others take the rest; torch computes on one thread per test
-# process, so two suit 2 cores (TEST_WORKERS=0 runs everything in one process, in file order).
+# TEST_WORKERS pytest-xdist workers (tests/conftest.py's TierScheduling): the cluster tier is two chains of
+# Ray clusters, one per worker, side by side; the other tiers go a module at a time to whichever worker is
+# free; torch computes on one thread per test process, so two suit 2 cores (TEST_WORKERS=0 runs everything
+# in one process, in file order).
 TEST_WORKERS ?= 2
 test: install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=25 tests

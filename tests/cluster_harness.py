@@ -86,9 +86,14 @@ class UpProcess:
         return json.loads((self.cache / "cluster-default.json").read_text())
 
     def python_in_cluster(self, code: str) -> subprocess.CompletedProcess[str]:
-        """Run `code` in a driver connected to this Ray cluster (namespace nextserve)."""
-        prelude = "import ray\nray.init(address='auto', namespace='nextserve', logging_level='ERROR')\n"
-        return subprocess.run([sys.executable, "-c", prelude + code], cwd=ROOT, env=self.env, capture_output=True,
+        """Run `code` in a driver connected to this Ray cluster (namespace nextserve): its address from the state
+        file, not "auto" (the newest Ray on this host, which may be another test worker's). A local Ray uses
+        token authentication (its token in ~/.ray), which Ray turns on for an explicit address only when
+        RAY_AUTH_MODE says so."""
+        prelude = (f"import ray\nray.init(address={self.state()['ray_address']!r}, namespace='nextserve', "
+                   f"logging_level='ERROR')\n")
+        env = {**self.env, "RAY_AUTH_MODE": "token"}
+        return subprocess.run([sys.executable, "-c", prelude + code], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=120)
 
     def interrupt(self, timeout_s: float = 90.0) -> int:

@@ -52,21 +52,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(getattr(pytest.mark, tier))
 
 
+CLUSTER_CHAINS = {"tests/cluster/shared_cluster/": "a", "tests/cluster/test_two_workers.py": "a"}
+"""The cluster tier in two units of work (the rest of tests/cluster/ is chain "b"), each one Ray cluster at a
+time, so that `pytest -n 2` runs two clusters side by side. Measured alone on 2 cores: a (the shared cluster,
+the two-worker cluster) ~330 s, b (elastic, multinode, autoscale) ~330 s; a module's place in its chain is
+its collection order."""
+
+
 class TierScheduling(LoadScopeScheduling):
-    """`pytest -n N` (`make test`, `make test-fast`): the cluster tier is one unit of work, so its tests run
-    in one worker, one Ray cluster at a time and in collection order (a cluster module's fixtures and the
-    shared cluster's ordering rely on it), while the other workers take the unit, process and grpc tests a
-    module at a time (a module's fixtures are made once: e.g. test_structured_outputs' `answers` sends all
-    of the module's requests as one batch). Those mostly use one core each (torch on one thread, above),
-    while a cluster mostly waits. (pytest-xdist's own `--dist loadgroup` would group by xdist_group marks,
-    but it renames node ids in a way pytest 9.2 no longer sees.)"""
+    """`pytest -n N` (`make test`, `make test-fast`): the cluster tier is two units of work (CLUSTER_CHAINS),
+    each run by one worker, one Ray cluster at a time and in collection order (a cluster module's fixtures
+    and the shared cluster's ordering rely on it), while the unit, process and grpc tests go a module at a
+    time to whichever worker is free (a module's fixtures are made once: e.g. test_structured_outputs'
+    `answers` sends all of the module's requests as one batch). The suite is bound by CPU (both cores busy
+    from start to end): two clusters side by side fill the cores a single one left idle while it waited.
+    (pytest-xdist's own `--dist loadgroup` would group by xdist_group marks, but it renames node ids in a way
+    pytest 9.2 no longer sees.)"""
 
     def __init__(self, config: pytest.Config, log: Producer | None = None) -> None:
         super().__init__(config, log)
-        config.option.loadscopereorder = False  # in collection order: the cluster tier, the longest, first
+        config.option.loadscopereorder = False  # in collection order: the cluster chains, the longest, first
 
     def _split_scope(self, nodeid: str) -> str:
-        return "tests/cluster" if nodeid.startswith("tests/cluster/") else nodeid.split("::", 1)[0]
+        if not nodeid.startswith("tests/cluster/"):
+            return nodeid.split("::", 1)[0]
+        chain = next((c for prefix, c in CLUSTER_CHAINS.items() if nodeid.startswith(prefix)), "b")
+        return f"tests/cluster[{chain}]"
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> TierScheduling:

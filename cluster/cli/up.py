@@ -146,14 +146,17 @@ def start(options: UpOptions, app_args: AppArgs, redis_url: str) -> str:
     base = f"http://{'127.0.0.1' if options.host in ('0.0.0.0', '') else options.host}:{options.port}"
     wait_healthy(base, READY_TIMEOUT_S, app_args.api_key)
     write_state(options.state_file, {"url": base, "redis_url": redis_url, "cluster": app_args.cluster,
-                                     "admin_token": app_args.admin_token})
+                                     "admin_token": app_args.admin_token,
+                                     "ray_address": ray.get_runtime_context().gcs_address})
     return base
 
 
 def write_state(state_file: Path, state: dict[str, Any]) -> None:
     """The state file `status`, `scale` and `rebalance` read: it holds the Redis password (in
     `redis_url`) and the cluster token (`admin_token`, what a tool calling the expert workers needs), so
-    only its owner may read it (0600, set before anything is written)."""
+    only its owner may read it (0600, set before anything is written). `ray_address` is the GCS address of
+    the Ray cluster the app runs on (a driver attaches with `ray.init(address=...)`; with several Ray
+    clusters on one host, "auto" finds only the newest)."""
     state_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)  # a file left by an older `up` keeps its mode through O_CREAT

@@ -27,7 +27,6 @@ import os
 import signal
 import socket
 import stat
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ from urllib.parse import urlsplit
 import grpc
 import httpx
 import openai
+import psutil
 import pytest
 import redis
 import torch
@@ -297,14 +297,17 @@ def test_flushed_redis_and_a_killed_worker_recover_the_current_assignment(up: Up
 
 
 def test_sigint_leaves_nothing(up: UpProcess) -> None:
-    """Last: Ctrl-C stops every worker and head, Ray and the redis-server `up` started, and removes its state."""
+    """Last: Ctrl-C stops every process `up` started (its redis-server, Ray's GCS, raylet and worker processes:
+    the heads and the expert workers among them) and removes its state. Its own processes, not every Ray on
+    the host: another test worker may run a cluster beside this one."""
     status = up.status()
     pids = [w["pid"] for w in status["workers"]] + [h["pid"] for h in status["heads"]]
-    port = urlsplit(up.state()["redis_url"]).port  # the URL carries the password
+    tree = psutil.Process(up.proc.pid).children(recursive=True)
+    names = {process.name() for process in tree}
+    assert {"redis-server", "raylet", "gcs_server"} <= names and set(pids) <= {p.pid for p in tree}, names
     code = up.interrupt()
     assert code == 0, "".join(up.lines[-30:])
     assert pids_alive(pids) == []
-    leftovers = subprocess.run(["pgrep", "-f", f"redis-server 127.0.0.1:{port}|raylet|gcs_server"],
-                               capture_output=True, text=True).stdout.split()
+    leftovers = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert leftovers == [], leftovers
     assert not (up.cache / "cluster-default.json").exists()

@@ -10,6 +10,9 @@ adding up to them, a forced call, a Codex-style replayed history; and the real C
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,17 +69,26 @@ def _streamed_chat(oai: openai.OpenAI, messages: list[dict], **kwargs: Any) -> t
     return content, [calls[i] for i in sorted(calls)], finish
 
 
+def _together(*requests: Callable[[], Any]) -> list[Any]:
+    """Independent requests sent at once, their results in order: the head decodes them as one batch (the
+    shared cluster runs MAX_NUM_SEQS = 4 and queues 8 more), which on these CPUs costs little more than one
+    of them alone. Greedy decoding gives the same tokens in any batch."""
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return [f.result() for f in [pool.submit(request) for request in requests]]
+
+
 def _calls(message: Any) -> list[tuple[str, dict]]:
     return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
 
 
 def test_call_with_text_before_it_typed_by_schema(oai: openai.OpenAI) -> None:
-    choice = _chat(oai, TURNS["weather_call"]).choices[0]
+    reply, (content, calls, finish) = _together(partial(_chat, oai, TURNS["weather_call"]),
+                                                partial(_streamed_chat, oai, TURNS["weather_call"].messages))
+    choice = reply.choices[0]
     assert "<tool_call>" not in choice.message.content
     assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check.\n"
     assert _calls(choice.message) == [("get_weather", PARIS)]
     assert choice.message.tool_calls[0].id.startswith("call_")
-    content, calls, finish = _streamed_chat(oai, TURNS["weather_call"].messages)
     assert (content, finish) == ("Let me check.\n", "tool_calls")  # no markup reached the streamed content
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", PARIS)]
 
@@ -85,19 +97,22 @@ def test_parallel_calls_and_parallel_tool_calls_false(oai: openai.OpenAI) -> Non
     turn = TURNS["parallel_calls"]
     want = [("get_weather", {"city": "Tokyo", "days": 1, "metric": True}),
             ("get_weather", {"city": "Oslo", "days": 1, "metric": True})]
-    message = _chat(oai, turn).choices[0].message
+    reply, (_, calls, _), single = _together(partial(_chat, oai, turn), partial(_streamed_chat, oai, turn.messages),
+                                             partial(_chat, oai, turn, parallel_tool_calls=False))
+    message = reply.choices[0].message
     assert message.content is None and _calls(message) == want
-    _, calls, _ = _streamed_chat(oai, turn.messages)
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == want and calls[0]["id"] != calls[1]["id"]
-    assert _calls(_chat(oai, turn, parallel_tool_calls=False).choices[0].message) == want[:1]
+    assert _calls(single.choices[0].message) == want[:1]
 
 
 def test_code_value_with_closing_tag_and_array_and_null(oai: openai.OpenAI) -> None:
-    assert _calls(_chat(oai, TURNS["code_value"]).choices[0].message) == [("run_python", {"code": CODE})]
-    _, calls, _ = _streamed_chat(oai, TURNS["code_value"].messages)
+    code, (_, calls, _), search = _together(partial(_chat, oai, TURNS["code_value"]),
+                                            partial(_streamed_chat, oai, TURNS["code_value"].messages),
+                                            partial(_chat, oai, TURNS["search_call"]))
+    assert _calls(code.choices[0].message) == [("run_python", {"code": CODE})]
     assert json.loads(calls[0]["arguments"]) == {"code": CODE}
     want = [("search_files", {"pattern": "TODO", "paths": ["src", "tests"], "max_results": None})]
-    assert _calls(_chat(oai, TURNS["search_call"]).choices[0].message) == want
+    assert _calls(search.choices[0].message) == want
 
 
 def test_agent_loop_tool_result_with_arguments_as_a_json_string(oai: openai.OpenAI) -> None:
@@ -116,34 +131,36 @@ def test_agent_loop_tool_result_with_arguments_as_a_json_string(oai: openai.Open
 
 
 def test_tool_choice_none_named_required(oai: openai.OpenAI) -> None:
-    rome = [SYSTEM, ROME_QUESTION]
-    plain = oai.chat.completions.create(model="tiny", messages=rome, tools=TOOLS, temperature=0, max_tokens=200)
-    assert plain.choices[0].message.content == TURNS["rome_without_tool"].content  # unforced: no call
+    rome = TURNS["rome_without_tool"]  # [SYSTEM, ROME_QUESTION]: unforced, a plain answer
     want = [("get_weather", {"city": "Rome", "days": 7, "metric": True})]
     named = {"type": "function", "function": {"name": "get_weather"}}
-    for choice in (named, "required"):
-        message = oai.chat.completions.create(model="tiny", messages=rome, tools=TOOLS, temperature=0,
-                                              max_tokens=200, tool_choice=choice).choices[0].message
-        assert _calls(message) == want, choice
-        _, calls, finish = _streamed_chat(oai, rome, tool_choice=choice)
-        assert [(c["name"], json.loads(c["arguments"])) for c in calls] == want and finish == "tool_calls"
-    raw = _chat(oai, TURNS["weather_call"], tool_choice="none").choices[0]
+    forced = [partial(f, oai, arg, tool_choice=choice) for choice in (named, "required")
+              for f, arg in ((_chat, rome), (_streamed_chat, rome.messages))]
+    plain, *replies, raw = _together(partial(_chat, oai, rome), *forced,
+                                     partial(_chat, oai, TURNS["weather_call"], tool_choice="none"))
+    assert plain.choices[0].message.content == rome.content  # unforced: no call
+    for choice, reply, (_, calls, finish) in zip((named, "required"), replies[::2], replies[1::2]):
+        assert _calls(reply.choices[0].message) == want, choice
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls] == want and finish == "tool_calls", choice
+    raw = raw.choices[0]
     assert raw.message.tool_calls is None and raw.message.content == TURNS["weather_call"].content
 
 
 def test_call_cut_at_max_tokens(oai: openai.OpenAI) -> None:
     """12 tokens end inside the call's opening: the unclosed block is plain content, streamed or not."""
-    cut = _chat(oai, TURNS["weather_call"], max_tokens=12).choices[0]
+    weather = TURNS["weather_call"]
+    cut, (content, calls, finish), longer, (_, longer_calls, longer_finish) = _together(
+        partial(_chat, oai, weather, max_tokens=12), partial(_streamed_chat, oai, weather.messages, max_tokens=12),
+        partial(_chat, oai, weather, max_tokens=30), partial(_streamed_chat, oai, weather.messages, max_tokens=30))
+    cut = cut.choices[0]
     assert cut.finish_reason == "length" and not cut.message.tool_calls
     assert cut.message.content.startswith("Let me check.\n<tool_call>")
-    content, calls, finish = _streamed_chat(oai, TURNS["weather_call"].messages, max_tokens=12)
     assert (content, calls, finish) == (cut.message.content, [], "length")
     # Cut after the name: the streamed call is closed as valid JSON, the plain reply has it as content.
-    longer = _chat(oai, TURNS["weather_call"], max_tokens=30).choices[0]
+    longer = longer.choices[0]
     assert longer.finish_reason == "length" and "<function=get_weather>" in longer.message.content
-    _, calls, finish = _streamed_chat(oai, TURNS["weather_call"].messages, max_tokens=30)
-    assert finish == "length" and [c["name"] for c in calls] == ["get_weather"]
-    assert json.loads(calls[0]["arguments"])["city"] == "Paris"
+    assert longer_finish == "length" and [c["name"] for c in longer_calls] == ["get_weather"]
+    assert json.loads(longer_calls[0]["arguments"])["city"] == "Paris"
 
 
 def test_logprobs_and_n(oai: openai.OpenAI) -> None:
@@ -160,17 +177,18 @@ def test_logprobs_and_n(oai: openai.OpenAI) -> None:
 
 def test_anthropic_tool_use_plain_and_streamed(claude: anthropic.Anthropic) -> None:
     turn = TURNS["weather_call"]
-    reply = claude.messages.create(model="tiny", max_tokens=32000, system=SYSTEM["content"],
-                                   messages=[WEATHER_QUESTION], tools=ANTHROPIC_TOOLS,
-                                   extra_body={"temperature": 0})
+    request = dict(model="tiny", max_tokens=32000, system=SYSTEM["content"], messages=[WEATHER_QUESTION],
+                   tools=ANTHROPIC_TOOLS, extra_body={"temperature": 0})
+
+    def streamed() -> anthropic.types.Message:
+        with claude.messages.stream(**request) as stream:
+            return stream.get_final_message()
+
+    reply, final = _together(partial(claude.messages.create, **request), streamed)
     assert reply.stop_reason == "tool_use"
     assert [b.type for b in reply.content] == ["text", "tool_use"] and reply.content[0].text == "Let me check.\n"
     use = reply.content[1]
     assert use.id.startswith("toolu_") and (use.name, use.input) == ("get_weather", PARIS)
-    with claude.messages.stream(model="tiny", max_tokens=32000, system=SYSTEM["content"],
-                                messages=[WEATHER_QUESTION], tools=ANTHROPIC_TOOLS,
-                                extra_body={"temperature": 0}) as stream:
-        final = stream.get_final_message()
     assert final.stop_reason == "tool_use" and final.content[1].input == PARIS
     # The loop: the tool result goes back as a tool_result block, the model answers.
     answer = claude.messages.create(
@@ -193,8 +211,9 @@ def test_anthropic_tool_use_plain_and_streamed(claude: anthropic.Anthropic) -> N
 def test_anthropic_tool_choice_and_errors(claude: anthropic.Anthropic) -> None:
     rome = dict(model="tiny", max_tokens=200, system=SYSTEM["content"], messages=[ROME_QUESTION],
                 tools=ANTHROPIC_TOOLS, extra_body={"temperature": 0})
-    for choice in ({"type": "any"}, {"type": "tool", "name": "get_weather"}):
-        reply = claude.messages.create(**rome, tool_choice=choice)
+    choices = ({"type": "any"}, {"type": "tool", "name": "get_weather"})
+    replies = _together(*[partial(claude.messages.create, **rome, tool_choice=choice) for choice in choices])
+    for choice, reply in zip(choices, replies):
         assert [(b.name, b.input) for b in reply.content if b.type == "tool_use"] == [
             ("get_weather", {"city": "Rome", "days": 7, "metric": True})], choice
     with pytest.raises(anthropic.BadRequestError) as e:
@@ -231,14 +250,14 @@ def _function_calls(response: Any) -> list[tuple[str, dict]]:
 def test_responses_text_and_calls_equal_chat_completions_and_the_stream_adds_up(oai: openai.OpenAI,
                                                                                  name: str) -> None:
     turn = TURNS[name]
-    chat = _chat(oai, turn).choices[0]
     instructions, items = _responses_input(turn.messages)
     request = dict(model="tiny", instructions=instructions, input=items, tools=RESPONSES_TOOLS, temperature=0,
                    max_output_tokens=200)
-    plain = oai.responses.create(**request)
+    chat, plain, events = _together(partial(_chat, oai, turn), partial(oai.responses.create, **request),
+                                    lambda: list(oai.responses.create(**request, stream=True)))
+    chat = chat.choices[0]
     assert plain.status == "completed" and plain.output_text == (chat.message.content or "")
     assert _function_calls(plain) == _calls(chat.message)
-    events = list(oai.responses.create(**request, stream=True))
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert [e.type for e in events[:2]] == ["response.created", "response.in_progress"]
     assert events[-1].type == "response.completed"
@@ -252,11 +271,12 @@ def test_responses_text_and_calls_equal_chat_completions_and_the_stream_adds_up(
 def test_responses_forced_call_and_a_codex_style_replay(oai: openai.OpenAI) -> None:
     rome = dict(model="tiny", instructions=SYSTEM["content"], input=[ROME_QUESTION], tools=RESPONSES_TOOLS,
                 temperature=0, max_output_tokens=200)
-    forced = oai.responses.create(**rome, tool_choice={"type": "function", "name": "get_weather"})
+    forced, first = _together(
+        partial(oai.responses.create, **rome, tool_choice={"type": "function", "name": "get_weather"}),
+        partial(oai.responses.create, **{**rome, "input": [WEATHER_QUESTION]}))
     assert [o.type for o in forced.output] == ["function_call"]
     assert _function_calls(forced) == [("get_weather", {"city": "Rome", "days": 7, "metric": True})]
     # Codex's next turn: the whole history again, store false, a reasoning item, its extra fields
-    first = oai.responses.create(**{**rome, "input": [WEATHER_QUESTION]})
     call = next(o for o in first.output if o.type == "function_call")
     history = [{"type": "message", "role": "developer",
                 "content": [{"type": "input_text", "text": SYSTEM["content"]}]},
