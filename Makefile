@@ -13,14 +13,18 @@ install: $(STAMP)
 # The installer is uv when the package registry has it (the same packages, several times faster: ~1.5 min
 # instead of 2-5 on 2 cores), pip otherwise. uv does not read pip's configuration, so pip's find-links,
 # index URLs and constraints (pip.conf, PIP_* variables: where a machine keeps its local wheels) are
-# handed to it as UV_* variables (UV_PIP_ENV), and it weighs every index as pip does.
+# handed to it as UV_* variables (UV_PIP_ENV), and it weighs every index as pip does. uv compiles the
+# packages' bytecode only when asked (pip always does): without it, where PYTHONDONTWRITEBYTECODE is set (as
+# on the 2-core machine) every process compiles torch, transformers and Ray from source again, measured
+# there: `import torch` 5.0 s of CPU instead of 1.7, transformers' qwen3_next 16.9 s instead of 5.5, in each
+# of the suite's hundreds of processes (Ray workers, `up`, the CLI); compiling costs ~13 s of the install.
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	if $(BIN)/pip install -q uv; then \
 		eval "$$($(UV_PIP_ENV))"; export UV_INDEX_STRATEGY=unsafe-best-match; \
-		$(BIN)/uv pip install -q --python $(BIN)/python torch==$(TORCH_VERSION) && \
-		$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]'; \
+		$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python torch==$(TORCH_VERSION) && \
+		$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[dev]'; \
 	else \
 		$(BIN)/pip install -q torch==$(TORCH_VERSION) && $(BIN)/pip install -q -e '.[dev]'; \
 	fi
