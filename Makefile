@@ -17,7 +17,7 @@ install: $(STAMP)
 # packages' bytecode only when asked (pip always does): without it, where PYTHONDONTWRITEBYTECODE is set (as
 # on the 2-core machine) every process compiles torch, transformers and Ray from source again, measured
 # there: `import torch` 5.0 s of CPU instead of 1.7, transformers' qwen3_next 16.9 s instead of 5.5, in each
-# of the suite's hundreds of processes (Ray workers, `up`, the CLI); compiling costs ~13 s of the install.
+# of the suite's hundreds of processes (Ray workers, `up`, the CLI); compiling adds 15-25 s to the install.
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

@@ -55,7 +55,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 CLUSTER_CHAINS = {"tests/cluster/shared_cluster/": "a", "tests/cluster/test_two_workers.py": "a"}
 """The cluster tier in two units of work (the rest of tests/cluster/ is chain "b"), each one Ray cluster at a
 time, so that `pytest -n 2` runs two clusters side by side. Measured alone on 2 cores: a (the shared cluster,
-the two-worker cluster) ~330 s, b (elastic, multinode, autoscale) ~330 s; a module's place in its chain is
+the two-worker cluster) ~290 s, b (autoscale, elastic, multinode) ~330 s; a module's place in its chain is
 its collection order."""
 
 
