@@ -22,6 +22,7 @@ from nextserve.cluster.gateway.chat_template import ChatPrompt, ToolChoice
 from nextserve.cluster.gateway.conversation import ResponseFormat
 from nextserve.cluster.gateway.output_grammar import output_grammar
 from nextserve.cluster.gateway.protocols import openai as openai_api
+from openai_replies import tool_calls
 
 CONTEXT = 2048
 """Room for the tools' system prompt (~400 tokens on the tiny tokenizer) and a JSON answer."""
@@ -156,15 +157,10 @@ def test_completions_json_schema_and_json_object(answers: dict[Request, Future[A
         assert isinstance(json.loads(choice.text), dict)
 
 
-def _parsed_calls(choice: Any) -> list[tuple[str, dict[str, Any]]]:
-    """(name, arguments) of each call the choice's message carries."""
-    return [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls or []]
-
-
 def _calls(reply: Any) -> list[tuple[str, dict[str, Any]]]:
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls", choice
-    return _parsed_calls(choice)
+    return tool_calls(choice.message)
 
 
 def test_tool_choice_required_one_call_validates(answers: dict[Request, Future[Any]]) -> None:
@@ -179,7 +175,7 @@ def test_tool_choice_required_parallel_calls_validate(answers: dict[Request, Fut
     it completed are the message's tool_calls, and each validates."""
     choice = answers[_tool_choice_required, 7].result().choices[0]
     assert choice.finish_reason in ("tool_calls", "length"), choice
-    calls = _parsed_calls(choice)
+    calls = tool_calls(choice.message)
     assert calls, choice
     for name, arguments in calls:
         jsonschema.validate(arguments, SCHEMAS[name])

@@ -25,6 +25,7 @@ from agent_checkpoint import (AGENT_TURNS, CODE, END_OF_TURN, ROME_QUESTION, SYS
                               WEATHER_RESULT, AgentTurn, cache_root)
 from cluster_harness import UpProcess
 from codex_cli import ensure_codex, run_codex_exec
+from openai_replies import tool_calls
 from gateway_local_engine import scrape
 
 pytestmark = pytest.mark.cluster
@@ -77,17 +78,13 @@ def _together(*requests: Callable[[], Any]) -> list[Any]:
         return [f.result() for f in [pool.submit(request) for request in requests]]
 
 
-def _calls(message: Any) -> list[tuple[str, dict]]:
-    return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
-
-
 def test_call_with_text_before_it_typed_by_schema(oai: openai.OpenAI) -> None:
     reply, (content, calls, finish) = _together(partial(_chat, oai, TURNS["weather_call"]),
                                                 partial(_streamed_chat, oai, TURNS["weather_call"].messages))
     choice = reply.choices[0]
     assert "<tool_call>" not in choice.message.content
     assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check.\n"
-    assert _calls(choice.message) == [("get_weather", PARIS)]
+    assert tool_calls(choice.message) == [("get_weather", PARIS)]
     assert choice.message.tool_calls[0].id.startswith("call_")
     assert (content, finish) == ("Let me check.\n", "tool_calls")  # no markup reached the streamed content
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", PARIS)]
@@ -100,19 +97,19 @@ def test_parallel_calls_and_parallel_tool_calls_false(oai: openai.OpenAI) -> Non
     reply, (_, calls, _), single = _together(partial(_chat, oai, turn), partial(_streamed_chat, oai, turn.messages),
                                              partial(_chat, oai, turn, parallel_tool_calls=False))
     message = reply.choices[0].message
-    assert message.content is None and _calls(message) == want
+    assert message.content is None and tool_calls(message) == want
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == want and calls[0]["id"] != calls[1]["id"]
-    assert _calls(single.choices[0].message) == want[:1]
+    assert tool_calls(single.choices[0].message) == want[:1]
 
 
 def test_code_value_with_closing_tag_and_array_and_null(oai: openai.OpenAI) -> None:
     code, (_, calls, _), search = _together(partial(_chat, oai, TURNS["code_value"]),
                                             partial(_streamed_chat, oai, TURNS["code_value"].messages),
                                             partial(_chat, oai, TURNS["search_call"]))
-    assert _calls(code.choices[0].message) == [("run_python", {"code": CODE})]
+    assert tool_calls(code.choices[0].message) == [("run_python", {"code": CODE})]
     assert json.loads(calls[0]["arguments"]) == {"code": CODE}
     want = [("search_files", {"pattern": "TODO", "paths": ["src", "tests"], "max_results": None})]
-    assert _calls(search.choices[0].message) == want
+    assert tool_calls(search.choices[0].message) == want
 
 
 def test_agent_loop_tool_result_with_arguments_as_a_json_string(oai: openai.OpenAI) -> None:
@@ -140,7 +137,7 @@ def test_tool_choice_none_named_required(oai: openai.OpenAI) -> None:
                                      partial(_chat, oai, TURNS["weather_call"], tool_choice="none"))
     assert plain.choices[0].message.content == rome.content  # unforced: no call
     for choice, reply, (_, calls, finish) in zip((named, "required"), replies[::2], replies[1::2]):
-        assert _calls(reply.choices[0].message) == want, choice
+        assert tool_calls(reply.choices[0].message) == want, choice
         assert [(c["name"], json.loads(c["arguments"])) for c in calls] == want and finish == "tool_calls", choice
     raw = raw.choices[0]
     assert raw.message.tool_calls is None and raw.message.content == TURNS["weather_call"].content
@@ -257,13 +254,13 @@ def test_responses_text_and_calls_equal_chat_completions_and_the_stream_adds_up(
                                     lambda: list(oai.responses.create(**request, stream=True)))
     chat = chat.choices[0]
     assert plain.status == "completed" and plain.output_text == (chat.message.content or "")
-    assert _function_calls(plain) == _calls(chat.message)
+    assert _function_calls(plain) == tool_calls(chat.message)
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert [e.type for e in events[:2]] == ["response.created", "response.in_progress"]
     assert events[-1].type == "response.completed"
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == plain.output_text
     arguments = [e.arguments for e in events if e.type == "response.function_call_arguments.done"]
-    assert [json.loads(a) for a in arguments] == [args for _, args in _calls(chat.message)]
+    assert [json.loads(a) for a in arguments] == [args for _, args in tool_calls(chat.message)]
     final = events[-1].response
     assert final.output_text == plain.output_text and _function_calls(final) == _function_calls(plain)
 
