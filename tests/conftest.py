@@ -52,15 +52,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(getattr(pytest.mark, tier))
 
 
-CLUSTER_CHAINS = {"tests/cluster/shared_cluster/": "a", "tests/cluster/test_two_workers.py": "a"}
-"""The cluster tier in two units of work (the rest of tests/cluster/ is chain "b"), each one Ray cluster at a
-time, so that `pytest -n 2` runs two clusters side by side. Measured alone on 2 cores: a (the shared cluster,
-the two-worker cluster) ~290 s, b (autoscale, elastic, multinode) ~330 s; a module's place in its chain is
-its collection order."""
+CLUSTER_CHAIN_A = ("tests/cluster/shared_cluster/", "tests/cluster/test_two_workers.py")
+"""The cluster tier in two units of work, chain "a" (these) and chain "b" (the rest of tests/cluster/), each
+one Ray cluster at a time, so that `pytest -n 2` runs two clusters side by side. Measured alone on 2 cores: a
+(the shared cluster, the two-worker cluster) ~290 s, b (autoscale, elastic, multinode) ~330 s; a module's
+place in its chain is its collection order."""
 
 
 class TierScheduling(LoadScopeScheduling):
-    """`pytest -n N` (`make test`, `make test-fast`): the cluster tier is two units of work (CLUSTER_CHAINS),
+    """`pytest -n N` (`make test`, `make test-fast`): the cluster tier is two units of work (CLUSTER_CHAIN_A),
     each run by one worker, one Ray cluster at a time and in collection order (a cluster module's fixtures
     and the shared cluster's ordering rely on it), while the unit, process and grpc tests go a module at a
     time to whichever worker is free (a module's fixtures are made once: e.g. test_structured_outputs'
@@ -76,8 +76,7 @@ class TierScheduling(LoadScopeScheduling):
     def _split_scope(self, nodeid: str) -> str:
         if not nodeid.startswith("tests/cluster/"):
             return nodeid.split("::", 1)[0]
-        chain = next((c for prefix, c in CLUSTER_CHAINS.items() if nodeid.startswith(prefix)), "b")
-        return f"tests/cluster[{chain}]"
+        return f"tests/cluster[{'a' if nodeid.startswith(CLUSTER_CHAIN_A) else 'b'}]"
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> TierScheduling:
