@@ -1,9 +1,10 @@
-"""The cluster commands of the `nextserve` CLI: up, status, scale, rebalance (their parsers:
-cluster/cli/cluster_parsers.py; this module is imported when one of them runs).
+"""The registry commands of the `nextserve` CLI: status, scale, rebalance (their parsers:
+cluster/cli/cluster_parsers.py; this module is imported when one of them runs; `up` is cluster/cli/up.py).
 
-`up` runs the cluster (cluster/cli/up.py); the others talk to its Redis registry, found through the
-state file `up` writes (or --redis-url). `scale` and `rebalance` write the desired state to Redis and
-wait for the controller to publish the placement that serves it. A Redis that is down, unreachable or
+They talk to the cluster's Redis registry, found through the state file `up` writes
+(cluster/cli/state_file.py) or --redis-url; this module imports neither Serve nor transformers. `scale` and
+`rebalance` write the desired state to Redis and wait for the controller to publish the placement that
+serves it. A Redis that is down, unreachable or
 refuses the password is one RegistryUnreachableError (exit 2), not a traceback.
 """
 
@@ -11,59 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import redis
 
-from nextserve.cluster.app_args import AppArgs
-from nextserve.cluster.cli.field_flags import field_values
-from nextserve.cluster.cli.model_paths import TINY, cache_dir, resolve_model
-from nextserve.cluster.cli.usage import UsageError
+from nextserve.cluster.cli.state_file import read_state, state_file
 from nextserve.cluster.control.rebalance import measured_imbalance
 from nextserve.cluster.control.registry import Registry, RegistryUnreachableError, redacted_url
 from nextserve.cluster.control.reshard import ReshardError, plan_waves, serving_placement
-from nextserve.cluster.cli.up import UpOptions, read_state, run_up
 from nextserve.model.config import ConfigError
-from nextserve.model.loader import validate_checkpoint
-
-
-def state_file(cluster: str) -> Path:
-    return cache_dir() / f"cluster-{cluster}.json"
-
-
-def app_args_of(args: argparse.Namespace, environ: Mapping[str, str]) -> AppArgs:
-    """`up`'s AppArgs: the fields given as flags, then what `up` fills in itself: the checkpoint `tiny`
-    resolved (and named `tiny`), the API key from NEXTSERVE_API_KEY, the Redis password and the admin
-    token from the variables named by --redis-password-env / --admin-token-env, else a fresh admin token."""
-    values = field_values(args, AppArgs)
-    if values["model"] == TINY:
-        values.setdefault("model_name", TINY)
-    values["model"] = str(resolve_model(values["model"]))
-    if "api_key" not in values and environ.get("NEXTSERVE_API_KEY"):
-        values["api_key"] = environ["NEXTSERVE_API_KEY"]
-    if not values.get("admin_token_env"):
-        values["admin_token"] = secrets.token_urlsafe(32)  # fresh per `up`: what LoadExperts/DropExperts need
-    app = AppArgs(**values)
-    try:
-        app.tenant_directory()  # a keys file that does not parse fails here, naming its line, before Ray starts
-        return app.with_redis_password(environ).with_admin_token(environ)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    app = app_args_of(args, os.environ)
-    # A checkpoint the heads or workers cannot load fails here, with the line `generate` prints, not as
-    # Serve's "Failed to update the deployments" with the reason in a replica's log.
-    validate_checkpoint(app.model, app.dtype)
-    return run_up(UpOptions(app=app, host=args.host, port=args.port, ray_address=os.environ.get("RAY_ADDRESS"),
-                            state_file=state_file(app.cluster), direct_ingress=args.direct_ingress))
 
 
 @contextmanager

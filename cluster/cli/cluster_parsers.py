@@ -1,6 +1,7 @@
 """The parsers of the cluster commands of the `nextserve` CLI: up, status, scale, rebalance. Their
-implementations (cluster/cli/cluster_commands.py, which imports Ray through up.py) are imported only
-when one of them runs; `up`'s flags are AppArgs' fields (cluster/cli/field_flags.py).
+implementations are imported only when one of them runs: `up`'s (cluster/cli/up.py: Ray, Serve, the app)
+and the registry commands' (cluster/cli/cluster_commands.py: Redis, no Serve and no transformers, so that
+`status` answers in about half the time); `up`'s flags are AppArgs' fields (cluster/cli/field_flags.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from nextserve.cluster.cli.model_paths import TINY
 from nextserve.cluster.cli.up_options import UpOptions
 
 COMMANDS = "nextserve.cluster.cli.cluster_commands"
-"""The module of the commands' implementations."""
+"""The module of status, scale and rebalance."""
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
@@ -38,7 +39,7 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
                    default=default_of(UpOptions, "direct_ingress"),
                    help="a local Ray runs in Serve's throughput-optimized mode, the gateway replica serving HTTP "
                         "itself; --no-direct-ingress puts Serve's proxy in front (default: %(default)s)")
-    p.set_defaults(func=LazyCommand(COMMANDS, "cmd_up"))
+    p.set_defaults(func=LazyCommand("nextserve.cluster.cli.up", "cmd_up"))
     p = sub.add_parser("status", help="workers, heads, load and the placement epoch, from the Redis registry")
     _cluster_args(p)
     p.add_argument("--json", action="store_true")

@@ -18,17 +18,17 @@ A local cluster's expert workers listen on loopback only (AppArgs.expert_worker_
 
 from __future__ import annotations
 
+import argparse
 import errno
-import json
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 import ray
@@ -38,10 +38,14 @@ from nextserve.cluster.app import build_app
 from nextserve.cluster.app_args import AppArgs
 from nextserve.cluster.deployments.controller import get_or_create_controller, start_cluster
 from nextserve.cluster.deployments.expert_worker import EXPERT_RESOURCE, HEAD_RESOURCE
+from nextserve.cluster.cli.field_flags import field_values
+from nextserve.cluster.cli.model_paths import TINY, resolve_model
+from nextserve.cluster.cli.state_file import state_file, write_state
 from nextserve.cluster.cli.up_options import UpOptions
 from nextserve.cluster.cli.usage import UsageError
 from nextserve.cluster.control.redis_server import LocalRedis, free_port, port_is_taken
 from nextserve.cluster.control.registry import Registry, redacted_url
+from nextserve.model.loader import validate_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -151,19 +155,6 @@ def start(options: UpOptions, app_args: AppArgs, redis_url: str) -> str:
     return base
 
 
-def write_state(state_file: Path, state: dict[str, Any]) -> None:
-    """The state file `status`, `scale` and `rebalance` read: it holds the Redis password (in
-    `redis_url`) and the cluster token (`admin_token`, what a tool calling the expert workers needs), so
-    only its owner may read it (0600, set before anything is written). `ray_address` is the GCS address of
-    the Ray cluster the app runs on (a driver attaches with `ray.init(address=...)`; with several Ray
-    clusters on one host, "auto" finds only the newest)."""
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # a file left by an older `up` keeps its mode through O_CREAT
-    with open(fd, "w") as f:
-        f.write(json.dumps(state) + "\n")
-
-
 def _kill_workers(redis_url: str, cluster: str) -> None:
     """Kill the cluster's named expert worker actors (detached: they would outlive this `up`)."""
     for worker in Registry(redis_url, cluster).workers():
@@ -245,8 +236,31 @@ def run_up(options: UpOptions) -> int:
     return 0
 
 
-def read_state(state_file: Path) -> dict[str, Any]:
-    if not state_file.exists():
-        raise FileNotFoundError(f"no running cluster found ({state_file} is missing); start one with "
-                                f"`nextserve up` or pass --redis-url")
-    return json.loads(state_file.read_text())
+def app_args_of(args: argparse.Namespace, environ: Mapping[str, str]) -> AppArgs:
+    """`up`'s AppArgs: the fields given as flags, then what `up` fills in itself: the checkpoint `tiny`
+    resolved (and named `tiny`), the API key from NEXTSERVE_API_KEY, the Redis password and the admin
+    token from the variables named by --redis-password-env / --admin-token-env, else a fresh admin token."""
+    values = field_values(args, AppArgs)
+    if values["model"] == TINY:
+        values.setdefault("model_name", TINY)
+    values["model"] = str(resolve_model(values["model"]))
+    if "api_key" not in values and environ.get("NEXTSERVE_API_KEY"):
+        values["api_key"] = environ["NEXTSERVE_API_KEY"]
+    if not values.get("admin_token_env"):
+        values["admin_token"] = secrets.token_urlsafe(32)  # fresh per `up`: what LoadExperts/DropExperts need
+    app = AppArgs(**values)
+    try:
+        app.tenant_directory()  # a keys file that does not parse fails here, naming its line, before Ray starts
+        return app.with_redis_password(environ).with_admin_token(environ)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """`nextserve up` (its parser: cluster/cli/cluster_parsers.py)."""
+    app = app_args_of(args, os.environ)
+    # A checkpoint the heads or workers cannot load fails here, with the line `generate` prints, not as
+    # Serve's "Failed to update the deployments" with the reason in a replica's log.
+    validate_checkpoint(app.model, app.dtype)
+    return run_up(UpOptions(app=app, host=args.host, port=args.port, ray_address=os.environ.get("RAY_ADDRESS"),
+                            state_file=state_file(app.cluster), direct_ingress=args.direct_ingress))

@@ -25,7 +25,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from nextserve.cluster.app_args import AppArgs
-from nextserve.cluster.cli.up import write_state
+from nextserve.cluster.cli.state_file import write_state
 from nextserve.router.epoch_follower import EpochFollowingBackend
 from nextserve.cluster.control.redis_server import LocalRedis
 from nextserve.cluster.control.registry import Registry

@@ -12,7 +12,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from nextserve.cluster.app_args import AppArgs
-from nextserve.cluster.cli.cluster_commands import app_args_of
+from nextserve.cluster.cli.up import app_args_of
 from nextserve.cluster.cli.field_flags import add_field_flags, field_values
 from nextserve.cluster.cli.main import build_parser, main
 from nextserve.cluster.cli.usage import UsageError
