@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 import openai
 import pytest
+import redis
 import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -244,8 +245,14 @@ def test_restarting_redis_does_not_stop_serving(up: UpProcess) -> None:
                                       "--requirepass", url.password or ""],
                                      stdout=subprocess.DEVNULL, start_new_session=True))
     assert _complete(up) == want
-    wait_for(lambda: len(up.status()["workers"]) == SHARED_WORKERS and up.status()["epoch"] >= 1, 30,
-             "workers and placement to be written back to the new Redis")
+
+    def written_back() -> bool:
+        try:
+            status = up.status()
+        except redis.exceptions.ConnectionError:  # the new redis-server is not listening yet (a busy machine)
+            return False
+        return len(status["workers"]) == SHARED_WORKERS and status["epoch"] >= 1
+    wait_for(written_back, 30, "workers and placement to be written back to the new Redis")
     assert up.status()["spec"]["expert_workers"] == SHARED_WORKERS
     assert _complete(up) == want
 
