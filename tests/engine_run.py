@@ -1,6 +1,6 @@
 """Run prompts through the serving engine in this process (the one decode loop; the CLI's `generate`
 uses it too) and return each prompt's output token ids; `EngineFactory`, the one way tests make engines
-(the `make_engine` fixture in tests/conftest.py)."""
+(the `make_engine` fixture in tests/shared_fixtures.py)."""
 
 from __future__ import annotations
 
