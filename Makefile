@@ -46,17 +46,15 @@ serve: install
 # Everything (tests/unit, process, grpc, cluster: what each tier starts is in pyproject.toml's markers), then
 # the 25 slowest tests. test-fast: tests/unit only (no process, no server, no cluster), the one to run often.
 # TEST_WORKERS pytest-xdist workers (tests/conftest.py's TierScheduling): the cluster tier is two chains of
-# Ray clusters, one per worker, side by side, and the third worker takes the other tiers a module at a time
-# from the start (then any worker that is free). Three on 2 cores, measured on one tree (2026-12-06): 8 min
-# 58 s of pytest against 10 min 15 s with two, whose cores idled in the clusters' waits; test-fast, one
-# tier whose collection each worker repeats, keeps two (FAST_TEST_WORKERS). 0 runs all in one process.
-TEST_WORKERS ?= 3
-FAST_TEST_WORKERS ?= 2
+# Ray clusters, one per worker, side by side; the other tiers go a module at a time to whichever worker is
+# free; torch computes on one thread per test process, so two suit 2 cores (TEST_WORKERS=0 runs everything
+# in one process, in file order).
+TEST_WORKERS ?= 2
 test: install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=25 tests
 
 test-fast: install
-	$(BIN)/python -m pytest -q -n $(FAST_TEST_WORKERS) tests/unit
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests/unit
 
 # The checked-in gRPC modules of proto/expert.proto, made as the package `nextserve.proto` imports them
 # (tests/process/test_proto_generated.py fails, naming this target, when they are stale).
