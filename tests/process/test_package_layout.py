@@ -100,6 +100,18 @@ def test_cli_module_does_not_load_bench() -> None:
     assert done.returncode == 0, f"importing the CLI imported what only a command needs:\n{done.stderr[-2000:]}"
 
 
+def test_registry_commands_load_no_serve_and_no_transformers() -> None:
+    """`status`, `scale` and `rebalance` (cluster/cli/cluster_commands.py) talk to Redis only: their module
+    imports neither Ray Serve, the app, nor transformers (what `up`'s module imports), so a status call is not
+    seconds of imports."""
+    code = ("import sys\nimport nextserve.cluster.cli.cluster_commands\n"
+            "bad = ('ray.serve', 'transformers', 'nextserve.cluster.app', 'nextserve.cluster.cli.up')\n"
+            "loaded = sorted(m for m in sys.modules if m in bad or m.startswith(tuple(b + '.' for b in bad)))\n"
+            "assert not loaded, loaded\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"the registry commands imported what only `up` needs:\n{done.stderr[-2000:]}"
+
+
 def test_every_bench_the_cli_names_defines_that_sub_command() -> None:
     """The CLI's registry of benches (name -> module) and the modules agree: each module adds a parser
     under its registry name and has a `run`."""
