@@ -19,7 +19,7 @@ import httpx
 import torch
 
 from nextserve.cluster.cli.cluster_commands import cluster_status
-from nextserve.cluster.control.redis_server import free_port
+from nextserve.cluster.control.redis_server import LocalRedis, free_port
 from nextserve.cluster.control.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,8 @@ class UpProcess:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.lines: list[str] = []
-        self.owned: list[subprocess.Popen[bytes]] = []
+        self.owned: list[LocalRedis] = []
+        """What a test started in place of the cluster's own (a restarted redis-server), stopped with the cluster."""
         self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
         deadline = time.monotonic() + UP_TIMEOUT_S

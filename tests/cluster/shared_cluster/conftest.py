@@ -21,7 +21,6 @@ serving, and must not rely on the worker count (the waves test leaves 4 workers)
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,15 +61,14 @@ def shared_cluster(agent_checkpoint_dir: Path, served_hf: tuple[PreTrainedModel,
     prefetch_greedy(served_hf, prompts[:4], 120)
     prefetch_greedy(served_hf, prompts[4:], 24)
     proc = UpProcess(agent_checkpoint_dir, tmp_path_factory.mktemp("shared-cluster"), SHARED_WORKERS, SHARED_FLAGS)
-    owned: list[subprocess.Popen[bytes]] = proc.owned  # e.g. the redis-server a test restarted in place of its own
+    owned = proc.owned  # e.g. the redis-server a test restarted in place of its own
     yield proc
     try:
         assert proc.proc.poll() is None, "a test stopped the shared cluster:\n" + "".join(proc.lines[-30:])
         assert proc.interrupt() == 0, "".join(proc.lines[-30:])
     finally:
         for extra in owned:
-            extra.terminate()
-            extra.wait(10)
+            extra.stop()
 
 
 @pytest.fixture(scope="package")

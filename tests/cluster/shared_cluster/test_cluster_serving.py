@@ -11,18 +11,19 @@ import re
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import openai
 import pytest
-import redis
 import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster_harness import UpProcess, hf_greedy_text, run_streams, seeded_prompts, stream_completion, wait_for
+from nextserve.cluster.control.redis_server import LocalRedis
 from shared_cluster.conftest import MAX_EXPERTS_PER_WORKER, SHARED_WORKERS
 
 pytestmark = pytest.mark.cluster
@@ -241,18 +242,14 @@ def test_restarting_redis_does_not_stop_serving(up: UpProcess) -> None:
     want = _complete(up)
     url = urlsplit(up.state()["redis_url"])  # with the password `up` generated
     subprocess.run(["pkill", "-9", "-f", f"redis-server 127.0.0.1:{url.port}"], check=True)
-    up.owned.append(subprocess.Popen(["redis-server", "--port", str(url.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--requirepass", url.password or ""],
-                                     stdout=subprocess.DEVNULL, start_new_session=True))
-    assert _complete(up) == want
-
-    def written_back() -> bool:
+    with ThreadPoolExecutor(1) as pool:  # a new one on the same port and password, while a request is served
+        restarted = pool.submit(LocalRedis, url.port, "127.0.0.1", url.password)
         try:
-            status = up.status()
-        except redis.exceptions.ConnectionError:  # the new redis-server is not listening yet (a busy machine)
-            return False
-        return len(status["workers"]) == SHARED_WORKERS and status["epoch"] >= 1
-    wait_for(written_back, 30, "workers and placement to be written back to the new Redis")
+            assert _complete(up) == want
+        finally:
+            up.owned.append(restarted.result())  # answering PING: stopped with the cluster
+    wait_for(lambda: len(up.status()["workers"]) == SHARED_WORKERS and up.status()["epoch"] >= 1, 30,
+             "workers and placement to be written back to the new Redis")
     assert up.status()["spec"]["expert_workers"] == SHARED_WORKERS
     assert _complete(up) == want
 
